@@ -1,0 +1,170 @@
+"""Sequential learning tasks (SLTs): class splits and pixel permutations -> list[Task].
+
+Spec grammar (PAPER.md section 1 and its generalisations)::
+
+    D<a>-<b>[-<c>...]            class splits: consecutive blocks of a, b, c... classes
+                                 in the order 0, 1, ..., summing to the number of classes
+    D<a>-<b>[...]:<c0>,<c1>,...  the same blocks taken over an explicit class order
+    DP<n>-<n>[-<n>...]           permuted tasks over all n classes: task 1 unpermuted,
+                                 every later task its own seeded pixel permutation
+
+The paper's SLTs are ``D5-5``, ``D9-1`` and ``DP10-10``. Permutations come from a
+``torch.Generator`` seeded by ``seed``; the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from masq import data as masq_data
+from masq.data import Dataset, Split
+from masq.errors import ConfigError
+
+PAPER_SLTS: tuple[str, ...] = ("D5-5", "D9-1", "DP10-10")
+
+SPEC_HELP = (
+    "accepted forms: D<a>-<b>[-<c>...] (class blocks summing to the number of classes, "
+    "e.g. D5-5, D9-1, D2-2-2-2-2), D<a>-<b>:<class order> (e.g. D5-5:3,7,0,1,2,4,5,6,8,9), "
+    "DP<n>-<n>[-<n>...] (permuted tasks, e.g. DP10-10)"
+)
+
+_SPLIT_RE = re.compile(r"^D(\d+(?:-\d+)+)(?::([\d,\s]+))?$")
+_PERM_RE = re.compile(r"^DP(\d+(?:-\d+)+)$")
+
+XY = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """One sub-task of an SLT.
+
+    ``train``, ``val`` and ``test`` are pairs ``(x float32 [N, 784] in [0, 1], y int64 [N])``.
+    ``permutation`` is the pixel permutation applied to every part (``x_perm = x[:, perm]``)
+    or ``None`` for unpermuted images.
+    """
+
+    name: str
+    classes: tuple[int, ...]
+    permutation: Tensor | None
+    train: XY = field(repr=False)
+    val: XY = field(repr=False)
+    test: XY = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SltSpec:
+    """A parsed SLT spec: per task, its classes and whether it is permuted."""
+
+    text: str
+    task_classes: tuple[tuple[int, ...], ...]
+    permuted: bool
+
+
+def parse_spec(spec: str, num_classes: int = 10) -> SltSpec:
+    """Parse an SLT spec into the classes of each task; a malformed one is a ConfigError."""
+    text = spec.strip().upper().replace(" ", "")
+    perm_match = _PERM_RE.match(text)
+    if perm_match:
+        sizes = [int(s) for s in perm_match.group(1).split("-")]
+        if any(s != num_classes for s in sizes):
+            raise ConfigError(
+                f"SLT spec {spec!r}: permuted tasks use all {num_classes} classes each "
+                f"(e.g. DP{num_classes}-{num_classes}); {SPEC_HELP}"
+            )
+        all_classes = tuple(range(num_classes))
+        return SltSpec(text, tuple(all_classes for _ in sizes), permuted=True)
+    split_match = _SPLIT_RE.match(text)
+    if not split_match:
+        raise ConfigError(f"unknown SLT spec {spec!r}; {SPEC_HELP}")
+    sizes = [int(s) for s in split_match.group(1).split("-")]
+    order = _parse_order(spec, split_match.group(2), num_classes)
+    if any(s == 0 for s in sizes) or sum(sizes) != num_classes:
+        raise ConfigError(
+            f"SLT spec {spec!r}: block sizes {sizes} must be positive and sum to "
+            f"{num_classes}; {SPEC_HELP}"
+        )
+    bounds = np.cumsum([0, *sizes])
+    blocks = tuple(tuple(order[a:b]) for a, b in itertools.pairwise(bounds))
+    return SltSpec(text, blocks, permuted=False)
+
+
+def _parse_order(spec: str, order_text: str | None, num_classes: int) -> list[int]:
+    if order_text is None:
+        return list(range(num_classes))
+    try:
+        order = [int(c) for c in order_text.split(",") if c != ""]
+    except ValueError:  # pragma: no cover - the regex admits digits and commas only
+        raise ConfigError(f"SLT spec {spec!r}: bad class order; {SPEC_HELP}") from None
+    if sorted(order) != list(range(num_classes)):
+        raise ConfigError(
+            f"SLT spec {spec!r}: the class order must list each of 0..{num_classes - 1} "
+            f"exactly once; {SPEC_HELP}"
+        )
+    return order
+
+
+def permutations(n_tasks: int, pixels: int, seed: int) -> list[Tensor | None]:
+    """Per task its pixel permutation: None for task 1, then seeded ``randperm(pixels)``."""
+    generator = torch.Generator().manual_seed(seed)
+    perms: list[Tensor | None] = [None]
+    perms += [torch.randperm(pixels, generator=generator) for _ in range(n_tasks - 1)]
+    return perms
+
+
+def to_xy(split: Split) -> XY:
+    """uint8 images [N, 28, 28] -> (x float32 [N, 784] = pixel / 255, y int64 [N])."""
+    images = torch.from_numpy(np.ascontiguousarray(split.images))
+    x = images.reshape(images.shape[0], -1).to(torch.float32).div_(255.0)
+    y = torch.from_numpy(np.ascontiguousarray(split.labels)).to(torch.int64)
+    return x, y
+
+
+def select(xy: XY, classes: Sequence[int], permutation: Tensor | None) -> XY:
+    """The samples of ``xy`` whose label is in ``classes``, in order, pixels permuted."""
+    x, y = xy
+    mask = torch.isin(y, torch.as_tensor(list(classes), dtype=torch.int64))
+    x_sel, y_sel = x[mask], y[mask]
+    if permutation is not None:
+        x_sel = x_sel[:, permutation]
+    return x_sel.contiguous(), y_sel.contiguous()
+
+
+def make(
+    spec: str, *, dataset: str | Dataset = "mnist", seed: int = 0, data_dir: str | None = None
+) -> list[Task]:
+    """Build the tasks of SLT ``spec`` from ``dataset`` (a name for masq.data.load, or a Dataset).
+
+    Every construction applies to the train, validation and test parts alike.
+    """
+    data = masq_data.load(dataset, data_dir=data_dir) if isinstance(dataset, str) else dataset
+    parsed = parse_spec(spec, num_classes=data.num_classes)
+    parts = {name: to_xy(getattr(data, name)) for name in ("train", "val", "test")}
+    pixels = parts["train"][0].shape[1]
+    n_tasks = len(parsed.task_classes)
+    perms = permutations(n_tasks, pixels, seed) if parsed.permuted else [None] * n_tasks
+    return [
+        Task(
+            name=f"D{i + 1}",
+            classes=classes,
+            permutation=perm,
+            train=select(parts["train"], classes, perm),
+            val=select(parts["val"], classes, perm),
+            test=select(parts["test"], classes, perm),
+        )
+        for i, (classes, perm) in enumerate(zip(parsed.task_classes, perms, strict=True))
+    ]
+
+
+def union_test(tasks: Sequence[Task], part: str = "test") -> XY:
+    """D1 ∪ D2 ∪ ...: the concatenation of the tasks' ``part`` sets ("test" or "val")."""
+    if part not in ("test", "val", "train"):
+        raise ConfigError(f"unknown part {part!r}; use 'train', 'val' or 'test'")
+    xs, ys = zip(*(getattr(t, part) for t in tasks), strict=True)
+    return torch.cat(xs), torch.cat(ys)

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from masq.errors import ConfigError
+from masq.tasks import PAPER_SLTS, make, parse_spec, union_test
+from tests.synthetic import synthetic_dataset
+
+DATA = synthetic_dataset()
+PARTS = ("train", "val", "test")
+
+
+def test_paper_specs_match_the_paper() -> None:
+    assert parse_spec("D5-5").task_classes == ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
+    assert parse_spec("D9-1").task_classes == (tuple(range(9)), (9,))
+    dp = parse_spec("DP10-10")
+    assert dp.permuted and dp.task_classes == (tuple(range(10)), tuple(range(10)))
+    assert set(PAPER_SLTS) == {"D5-5", "D9-1", "DP10-10"}
+
+
+def test_explicit_class_order() -> None:
+    spec = parse_spec("D5-5:3,7,0,1,2,4,5,6,8,9")
+    assert spec.task_classes == ((3, 7, 0, 1, 2), (4, 5, 6, 8, 9))
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "X5-5", "D5-4", "D5", "D0-10", "DP10-5", "D5-5:1,2,3", "D5-5:0,0,1,2,3,4,5,6,7,8"]
+)
+def test_malformed_specs_show_accepted_forms(bad: str) -> None:
+    with pytest.raises(ConfigError, match="accepted forms"):
+        parse_spec(bad)
+
+
+@st.composite
+def class_splits(draw: st.DrawFn) -> tuple[str, list[int]]:
+    order = draw(st.permutations(list(range(10))))
+    cuts = sorted(draw(st.sets(st.integers(1, 9), min_size=1, max_size=9)))
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, 10], strict=True)]
+    use_order = draw(st.booleans())
+    spec = "D" + "-".join(map(str, sizes))
+    if use_order:
+        spec += ":" + ",".join(map(str, order))
+    return spec, (order if use_order else list(range(10)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(class_splits())
+def test_class_splits_partition_the_labels(case: tuple[str, list[int]]) -> None:
+    spec, order = case
+    tasks = make(spec, dataset=DATA)
+    assert [c for t in tasks for c in t.classes] == order
+    for part in PARTS:
+        total = sum(getattr(t, part)[1].numel() for t in tasks)
+        assert total == len(getattr(DATA, part))  # disjoint and covering
+        for t in tasks:
+            y = getattr(t, part)[1]
+            assert set(y.tolist()) <= set(t.classes)
+            assert t.permutation is None
+
+
+def test_tasks_keep_original_order_and_scale() -> None:
+    d1 = make("D5-5", dataset=DATA)[0]
+    for part in PARTS:
+        split = getattr(DATA, part)
+        mask = split.labels < 5
+        x, y = getattr(d1, part)
+        assert torch.equal(y, torch.from_numpy(split.labels[mask]))
+        expected = torch.from_numpy(split.images[mask].reshape(-1, 784)).float() / 255.0
+        assert torch.equal(x, expected)
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_tasks=st.integers(2, 4))
+def test_permutations_are_bijections_applied_alike(seed: int, n_tasks: int) -> None:
+    tasks = make("DP" + "-".join(["10"] * n_tasks), dataset=DATA, seed=seed)
+    assert tasks[0].permutation is None
+    base = tasks[0]
+    for t in tasks[1:]:
+        perm = t.permutation
+        assert perm is not None
+        assert torch.equal(torch.sort(perm).values, torch.arange(784))
+        for part in PARTS:
+            x0, y0 = getattr(base, part)
+            x, y = getattr(t, part)
+            assert torch.equal(y, y0)
+            assert torch.equal(x, x0[:, perm])
+    perms = [t.permutation for t in tasks[1:]]
+    if len(perms) > 1:
+        assert not torch.equal(perms[0], perms[1])
+
+
+def test_same_seed_same_tasks_and_global_rng_untouched() -> None:
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = make("DP10-10", dataset=DATA, seed=7)
+    b = make("DP10-10", dataset=DATA, seed=7)
+    c = make("DP10-10", dataset=DATA, seed=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a[1].permutation, b[1].permutation)
+    assert not torch.equal(a[1].permutation, c[1].permutation)
+    assert torch.equal(a[1].train[0], b[1].train[0])
+
+
+def test_union_test_concatenates_every_task() -> None:
+    tasks = make("D2-3-5", dataset=DATA)
+    x, y = union_test(tasks)
+    assert x.shape[0] == len(DATA.test)
+    assert torch.equal(y, torch.cat([t.test[1] for t in tasks]))
+    dp = make("DP10-10", dataset=DATA)
+    assert union_test(dp)[0].shape[0] == 2 * len(DATA.test)
+    with pytest.raises(ConfigError):
+        union_test(tasks, part="nope")
