@@ -1,0 +1,432 @@
+"""masq.importance against the naive references of tests/reference.py (float64) and identities."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from masq import importance
+from masq.errors import ConfigError
+from masq.importance import (
+    MEASURES,
+    BlockStats,
+    batches,
+    fisher,
+    fisher_block_stats,
+    masq,
+    summary,
+)
+from tests.reference import (
+    block_stats_reference,
+    fisher_reference,
+    masq_reference,
+    per_sample_gradients,
+)
+
+RTOL = 1e-10
+
+
+def seeded(model: nn.Module, seed: int) -> nn.Module:
+    """The model in float64 with N(0, 0.6^2) parameters from an explicit generator."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.6 * torch.randn(p.shape, generator=g))
+    return model.double()
+
+
+def mlp(sizes: list[int], bias: bool = True, act: type[nn.Module] = nn.Tanh, seed: int = 0):
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU(inplace=True) if act is nn.ReLU else act())
+    return seeded(nn.Sequential(*layers), seed)
+
+
+def convnet(seed: int = 0) -> nn.Module:
+    layers = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    return seeded(layers, seed)
+
+
+class Reused(nn.Module):
+    """One linear layer called twice and a frozen one: both leave the closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 4)
+        self.hidden = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+        self.out.bias.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.hidden(h))
+        h = torch.tanh(self.hidden(h))
+        return self.out(h)
+
+
+MODELS = {
+    "mlp-5-4-3": lambda: mlp([5, 4, 3]),
+    "mlp-5-6-7-4-nobias-relu": lambda: mlp([5, 6, 7, 4], bias=False, act=nn.ReLU),
+    "mlp-5-3": lambda: mlp([5, 3], seed=2),
+    "mlp-5-8-2-3-relu": lambda: mlp([5, 8, 2, 3], act=nn.ReLU, seed=3),
+    "conv": convnet,
+    "reused": lambda: seeded(Reused(), 1),
+    # a linear layer on a [B, 3, 5] input: rows are not samples, so it leaves the closed form
+    "sequence": lambda: seeded(
+        nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)), 5
+    ),
+}
+
+
+def data(model_name: str, n: int = 23, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = {"conv": (n, 1, 6, 6), "sequence": (n, 3, 5)}.get(model_name, (n, 5))
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3 if model_name != "mlp-5-6-7-4-nobias-relu" else 4, (n,), generator=g)
+    return x, y
+
+
+def assert_importance_close(got: dict[str, Tensor], want: dict[str, Tensor], rtol=RTOL) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = float(want[name].abs().max())
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=rtol * scale, msg=name)
+
+
+def gen(seed: int = 7) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------- fisher
+
+
+@pytest.mark.parametrize("labels", ["true", "sampled", "exact"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fisher_matches_reference(name: str, labels: str) -> None:
+    model = MODELS[name]()
+    x, y = data(name)
+    got = fisher(model, batches(x, y, 5), labels=labels, generator=gen())
+    want = fisher_reference(model, batches(x, y, 5), labels=labels, generator=gen())
+    assert_importance_close(got, want)
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "sizes"),
+    [
+        ("mlp-5-8-2-3-relu", "true", (1, 4, 23)),
+        ("mlp-5-8-2-3-relu", "exact", (1, 4, 23)),
+        ("conv", "true", (2, 23)),
+        ("conv", "exact", (4, 23)),
+    ],
+)
+def test_fisher_independent_of_batch_size(name: str, labels: str, sizes: tuple[int, ...]) -> None:
+    model = MODELS[name]()
+    x, y = data(name)
+    results = [fisher(model, batches(x, y, b), labels=labels) for b in sizes]
+    for other in results[1:]:
+        assert_importance_close(other, results[0])
+
+
+def test_fisher_keys_are_trainable_parameters_only() -> None:
+    model = MODELS["reused"]()
+    x, y = data("reused")
+    imp = fisher(model, batches(x, y, 7))
+    assert list(imp) == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(imp[n].shape == p.shape for n, p in model.named_parameters() if n in imp)
+
+
+def test_fisher_explicit_device_matches_default() -> None:
+    model = MODELS["mlp-5-4-3"]()
+    x, y = data("mlp-5-4-3")
+    assert_importance_close(
+        fisher(model, batches(x, y, 5), device="cpu"), fisher(model, batches(x, y, 5))
+    )
+
+
+def test_fisher_custom_loss() -> None:
+    """A per-sample loss other than cross-entropy: half the squared error to a one-hot target."""
+
+    def mse(logits: Tensor, y: Tensor) -> Tensor:
+        target = torch.zeros_like(logits).scatter(1, y[:, None], 1.0)  # one-hot, vmap-safe
+        return 0.5 * (logits - target).square().sum(1)
+
+    model = MODELS["conv"]()
+    x, y = data("conv")
+    got = fisher(model, batches(x, y, 6), loss=mse)
+    assert_importance_close(got, fisher_reference(model, batches(x, y, 6), loss=mse))
+
+
+# --------------------------------------------------------------------------------- masq
+
+
+@pytest.mark.parametrize("scale", ["mean", "sum"])
+@pytest.mark.parametrize("name", ["mlp-5-6-7-4-nobias-relu", "conv", "reused"])
+def test_masq_matches_reference(name: str, scale: str) -> None:
+    model = MODELS[name]()
+    x, y = data(name)
+    got = masq(model, batches(x, y, 5), scale=scale)
+    assert_importance_close(got, masq_reference(model, batches(x, y, 5), scale=scale))
+
+
+@pytest.mark.parametrize("scale", ["mean", "sum"])
+def test_masq_with_batch_size_one_is_fisher(scale: str) -> None:
+    model = MODELS["mlp-5-8-2-3-relu"]()
+    x, y = data("mlp-5-8-2-3-relu")
+    assert_importance_close(masq(model, batches(x, y, 1), scale=scale), fisher(model, [(x, y)]))
+
+
+@pytest.mark.parametrize(("name", "sizes"), [("mlp-5-8-2-3-relu", (2, 3, 5, 23)), ("conv", (5,))])
+def test_masq_at_most_fisher(name: str, sizes: tuple[int, ...]) -> None:
+    model = MODELS[name]()
+    x, y = data(name)
+    for size in sizes:
+        low, high = masq(model, batches(x, y, size)), fisher(model, batches(x, y, size))
+        for k in high:
+            assert bool((low[k] <= high[k] * (1 + 1e-12)).all()), k
+
+
+def test_masq_sum_is_batch_size_times_mean() -> None:
+    model = MODELS["mlp-5-4-3"]()
+    x, y = data("mlp-5-4-3", n=24)
+    mean = masq(model, batches(x, y, 6), scale="mean")
+    assert_importance_close(
+        masq(model, batches(x, y, 6), scale="sum"), {k: 6 * v for k, v in mean.items()}
+    )
+
+
+def test_masq_full_batch_is_squared_gradient() -> None:
+    model = MODELS["mlp-5-4-3"]()
+    x, y = data("mlp-5-4-3")
+    rows = per_sample_gradients(model, x, y)
+    want = {k: g.mean(0) ** 2 for k, g in rows.items()}
+    assert_importance_close(masq(model, [(x, y)]), want)
+
+
+# ------------------------------------------------------------------------ block statistics
+
+EXACT_FIELDS = [
+    "diag_sum",
+    "diag_mean",
+    "offdiag_sum",
+    "offdiag_mean",
+    "offdiag_abs_sum",
+    "offdiag_abs_mean",
+]
+
+
+@pytest.mark.parametrize(
+    ("model_name", "tensor"),
+    [
+        ("mlp-5-4-3", "0.weight"),
+        ("mlp-5-4-3", "0.bias"),
+        ("mlp-5-4-3", "2.weight"),
+        ("mlp-5-6-7-4-nobias-relu", "2.weight"),
+        ("conv", "0.weight"),
+        ("conv", "3.weight"),
+        ("reused", "hidden.weight"),
+        ("reused", "out.weight"),
+        ("sequence", "0.weight"),
+    ],
+)
+def test_block_stats_exact_matches_reference(model_name: str, tensor: str) -> None:
+    model = MODELS[model_name]()
+    x, y = data(model_name)
+    got = fisher_block_stats(model, batches(x, y, 5), tensor)
+    want = block_stats_reference(model, batches(x, y, 5), tensor)
+    assert isinstance(got, BlockStats) and not got.estimated
+    assert got.offdiag_abs_sum_ci is None and got.offdiag_abs_mean_ci is None
+    size = dict(model.named_parameters())[tensor].numel()
+    assert (got.num_params, got.num_samples) == (size, len(x))
+    assert (got.diag_count, got.offdiag_count) == (size, size * size - size)
+    for field in EXACT_FIELDS:
+        assert math.isclose(getattr(got, field), want[field], rel_tol=1e-9, abs_tol=1e-15), field
+
+
+def test_block_stats_diagonal_is_fisher_sum() -> None:
+    model = MODELS["mlp-5-8-2-3-relu"]()
+    x, y = data("mlp-5-8-2-3-relu")
+    imp = fisher(model, batches(x, y, 4))
+    for name, values in imp.items():
+        stats = fisher_block_stats(model, batches(x, y, 6), name)
+        assert math.isclose(stats.diag_sum, float(values.sum()), rel_tol=1e-12), name
+
+
+def test_block_stats_estimate_covers_exact() -> None:
+    model = mlp([12, 10, 3], seed=4)
+    g = torch.Generator().manual_seed(3)
+    x, y = (
+        torch.randn(40, 12, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (40,), generator=g),
+    )
+    exact = fisher_block_stats(model, batches(x, y, 16), "0.weight")
+    covered = 0
+    for seed in range(12):
+        est = fisher_block_stats(
+            model,
+            batches(x, y, 16),
+            "0.weight",
+            max_exact_params=50,
+            samples=3000,
+            generator=gen(seed),
+        )
+        assert est.estimated and est.sampled_entries == 3000 and est.confidence == 0.95
+        assert est.diag_sum == pytest.approx(exact.diag_sum, rel=1e-12)
+        assert est.offdiag_sum == pytest.approx(exact.offdiag_sum, rel=1e-9, abs=1e-15)
+        low, high = est.offdiag_abs_mean_ci
+        assert low <= est.offdiag_abs_mean <= high
+        assert est.offdiag_abs_sum == pytest.approx(est.offdiag_abs_mean * exact.offdiag_count)
+        assert est.offdiag_abs_mean == pytest.approx(exact.offdiag_abs_mean, rel=0.1)
+        covered += low <= exact.offdiag_abs_mean <= high
+    assert covered >= 9  # nominal 95 %: expect 11 or 12 of 12
+
+
+def test_block_stats_estimate_is_reproducible() -> None:
+    model = MODELS["conv"]()
+    x, y = data("conv")
+    runs = [
+        fisher_block_stats(
+            model, batches(x, y, 5), "0.weight", max_exact_params=4, generator=gen(1)
+        )
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_block_stats_independent_of_buffer_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny buffers force many feature blocks, flushes and pair steps: same statistics."""
+    model = MODELS["mlp-5-8-2-3-relu"]()
+    x, y = data("mlp-5-8-2-3-relu")
+    names = ["0.weight", "2.weight", "2.bias"]
+
+    def run() -> list[BlockStats]:
+        exact = [fisher_block_stats(model, batches(x, y, 5), n) for n in names]
+        estimated = fisher_block_stats(
+            model, batches(x, y, 5), "0.weight", max_exact_params=0, samples=40, generator=gen(2)
+        )
+        return [*exact, estimated]
+
+    normal = run()
+    monkeypatch.setattr(importance, "_BUFFER_BYTES", 64)
+    monkeypatch.setattr(importance, "_SMALL_BYTES", 64)
+    monkeypatch.setattr(importance._KronBlock, "_ROWS", 3)
+    for got, want in zip(run(), normal, strict=True):
+        for field in EXACT_FIELDS:
+            assert math.isclose(getattr(got, field), getattr(want, field), rel_tol=1e-12), field
+
+
+# ------------------------------------------------------------------------- model untouched
+
+
+def snapshot(model: nn.Module) -> tuple:
+    return (
+        {n: p.detach().clone() for n, p in model.named_parameters()},
+        {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def assert_same(before: tuple, after: tuple) -> None:
+    params, grads, modes, flags = before
+    params2, grads2, modes2, flags2 = after
+    assert all(torch.equal(params[n], params2[n]) for n in params)
+    assert [g is None for g in grads.values()] == [g is None for g in grads2.values()]
+    assert all(g is None or torch.equal(g, grads2[n]) for n, g in grads.items())
+    assert modes == modes2 and flags == flags2
+
+
+@pytest.mark.parametrize("name", ["conv", "reused", "mlp-5-6-7-4-nobias-relu"])
+def test_model_left_as_found(name: str) -> None:
+    model = MODELS[name]()
+    model.train()
+    next(iter(model.children())).eval()
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 3.0)
+    x, y = data(name)
+    before = snapshot(model)
+    fisher(model, batches(x, y, 5))
+    fisher(model, batches(x, y, 5), labels="exact")
+    fisher(model, batches(x, y, 5), labels="sampled", generator=gen())
+    masq(model, batches(x, y, 5), scale="sum")
+    tensor = next(n for n, p in model.named_parameters() if p.requires_grad)
+    fisher_block_stats(model, batches(x, y, 5), tensor)
+    fisher_block_stats(model, batches(x, y, 5), tensor, max_exact_params=1, samples=50)
+    assert_same(before, snapshot(model))
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    n=st.integers(1, 13),
+    batch_size=st.integers(1, 8),
+    bias=st.booleans(),
+)
+def test_property_fisher_and_masq_one(
+    widths: list[int], n: int, batch_size: int, bias: bool
+) -> None:
+    model = mlp([4, *widths, 3], bias=bias, act=nn.ReLU, seed=n)
+    g = torch.Generator().manual_seed(n)
+    x, y = (
+        torch.randn(n, 4, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (n,), generator=g),
+    )
+    imp = fisher(model, batches(x, y, batch_size))
+    assert_importance_close(imp, fisher_reference(model, batches(x, y, batch_size)))
+    assert_importance_close(masq(model, batches(x, y, 1)), imp)
+
+
+# ---------------------------------------------------------------------------- small API
+
+
+def test_batches_in_order_with_short_last_batch() -> None:
+    x, y = torch.arange(7.0), torch.arange(7)
+    parts = list(batches(x, y, 3))
+    assert [len(p[0]) for p in parts] == [3, 3, 1]
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+def test_measures_and_summary() -> None:
+    assert MEASURES == {"fisher": fisher, "masq": masq}
+    imp = {"w": torch.tensor([[1.0, 2.0], [3.0, 6.0]])}
+    assert summary(imp) == {"w": {"max": 6.0, "mean": 3.0, "sum": 12.0}}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, b: fisher(m, b, labels="model"),
+        lambda m, b: fisher(m, b, labels="sampled"),
+        lambda m, b: masq(m, b, scale="total"),
+        lambda m, b: fisher_block_stats(m, b, "nope"),
+        lambda m, b: fisher_block_stats(m, b, "0.weight", confidence=1.0),
+        lambda m, b: fisher(m, b, loss=nn.functional.cross_entropy),
+        lambda m, b: masq(m, b, loss=nn.functional.cross_entropy),
+        lambda m, b: fisher(m, []),
+        lambda m, b: batches(torch.zeros(3), torch.zeros(2), 1),
+        lambda m, b: batches(torch.zeros(3), torch.zeros(3), 0),
+    ],
+)
+def test_user_errors_raise_config_error(call) -> None:
+    model = MODELS["mlp-5-4-3"]()
+    x, y = data("mlp-5-4-3")
+    with pytest.raises(ConfigError) as info:
+        call(model, batches(x, y, 5))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_tensor_lists_valid_names() -> None:
+    model = MODELS["mlp-5-4-3"]()
+    x, y = data("mlp-5-4-3")
+    with pytest.raises(ConfigError, match=r"0\.weight, 0\.bias, 2\.weight, 2\.bias"):
+        fisher_block_stats(model, batches(x, y, 5), "1.weight")
