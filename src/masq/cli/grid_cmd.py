@@ -1,9 +1,350 @@
-"""Sub-commands (placeholder: filled in by its issue)."""
+"""``masq grid``, ``masq table`` and ``masq consistency``: the paper's grid search and its tables.
+
+masq grid --preset paper --results runs/paper            # the whole paper grid
+masq grid --preset paper --results runs/paper --dry-run  # counts and a time estimate
+masq grid --slt D5-5 --hidden 200-200 --lam-per-lr2 0 0.1 1 10 --seeds 3 --results r
+masq table --results runs/paper [--select-on val] [--group-by importance scale]
+masq consistency --results runs/paper                    # PAPER.md section 5.2 figures
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+from masq.errors import ConfigError
+
+GRID_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    # (flag, grid key, element type, help)
+    ("--slt", "slt", str, "SLTs, e.g. D5-5 D9-1 DP10-10"),
+    ("--dataset", "dataset", str, "datasets (mnist, fashion-mnist)"),
+    ("--hidden", "hidden", str, "architectures as hidden sizes, e.g. 800-800 800-400-400"),
+    ("--layers", "layers", int, "hidden-layer counts (with --sizes: every combination)"),
+    ("--sizes", "sizes", int, "hidden-layer sizes (with --layers)"),
+    ("--init", "init", str, "initializations: torch, tf"),
+    ("--lr1", "lr1", float, "learning rates on D1 (ε1)"),
+    ("--lr2", "lr2", float, "re-training learning rates (ε2)"),
+    ("--lam", "lam", float, "absolute EWC weights λ"),
+    ("--lam-per-lr2", "lam_per_lr2", float, "EWC weights relative to ε2: λ = c / ε2"),
+    ("--importance", "importance", str, "importance kinds: masq, fisher, none"),
+    ("--masq-batch", "masq_batch", int, "MaSQ batch sizes B_MaSQ"),
+    ("--scale", "scale", str, "MaSQ scale conventions: mean (the paper's), sum"),
+    ("--fisher-labels", "fisher_labels", str, "FIM label sources: true, sampled, exact"),
+    ("--iters1", "iters1", int, "iterations on D1"),
+    ("--iters2", "iters2", int, "iterations on D2"),
+    ("--batch-size", "batch_size", int, "mini-batch sizes"),
+    ("--eval-every", "eval_every", int, "evaluate every this many iterations"),
+    ("--seed-list", "seed", int, "explicit seeds (instead of --seeds N)"),
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's sub-commands to ``sub``."""
+    """Add ``grid``, ``table`` and ``consistency`` to ``sub``."""
+    _register_grid(sub)
+    _register_table(sub)
+    _register_consistency(sub)
+
+
+def _add_execution(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument(
+        "--workers", type=int, default=None, help="local worker processes (default: one per core)"
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per local worker (default: cores // workers), CPUs per Ray task "
+        "(default: 1)",
+    )
+    g.add_argument(
+        "--stack",
+        type=int,
+        default=16,
+        help="D2 runs trained at once as one stacked model (1: one by one)",
+    )
+    g.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local processes or a Ray cluster",
+    )
+    g.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (auto or HOST:PORT; default: start a local Ray)",
+    )
+    g.add_argument("--data-dir", default=None, help="directory with the dataset's IDX files")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _register_grid(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "grid",
+        help="run an exhaustive grid of experiments (resumable)",
+        description="Run every configuration of a grid into a results directory; re-running "
+        "skips what is stored. Axes: a preset (default: paper), then a TOML grid file, then flags.",
+    )
+    p.add_argument(
+        "--preset", default="paper", help="grid preset (default: paper; 'none': one run)"
+    )
+    p.add_argument(
+        "--grid", dest="grid_file", default=None, help="TOML grid file (overrides preset)"
+    )
+    axes = p.add_argument_group("axes (each takes one or more values; overrides preset and file)")
+    for flag, _key, kind, text in GRID_FLAGS:
+        axes.add_argument(flag, nargs="+", type=kind, default=None, help=text, metavar="V")
+    axes.add_argument(
+        "--seeds", type=int, default=None, metavar="N", help="repeat every run with seeds 0..N-1"
+    )
+    axes.add_argument(
+        "--eval-val",
+        action="store_true",
+        default=None,
+        help="also evaluate on the validation sets (for masq table --select-on val)",
+    )
+    axes.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--results", default=None, help="results directory (created; resumable)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the counts, shared work and a measured time estimate; run nothing",
+    )
+    _add_execution(p)
+    p.set_defaults(func=run_grid)
+
+
+def _register_table(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "table",
+        help="the paper's Table 1 from stored results",
+        description="Print and write (Markdown, CSV) Table 1 per SLT.",
+    )
+    p.add_argument("--results", required=True, help="results directory")
+    p.add_argument(
+        "--select-on",
+        choices=("test", "val"),
+        default="test",
+        help="select on the test curves (the paper) or the validation curves",
+    )
+    p.add_argument(
+        "--group-by",
+        nargs="+",
+        default=[],
+        help="one winner per value of these fields, e.g. importance scale init",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: the results dir)")
+    p.set_defaults(func=run_table)
+
+
+def _register_consistency(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "consistency",
+        help="re-run each SLT's best configuration with FIM and without EWC; figures",
+        description="PAPER.md section 5.2: for each SLT's best configuration, run it with "
+        "λ = 0 and with FIM at λ = 1/ε2 (stored in the same results dir) and draw D1, D2 and "
+        "D1∪D2 over training and re-training.",
+    )
+    p.add_argument("--results", required=True, help="results directory of a finished grid")
+    p.add_argument("--criterion", choices=("best", "last"), default="best")
+    p.add_argument("--select-on", choices=("test", "val"), default="test")
+    p.add_argument("--out", default=None, help="figure directory (default: RESULTS/figures)")
+    _add_execution(p)
+    p.set_defaults(func=run_consistency)
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+def grid_from_args(args: argparse.Namespace) -> Any:
+    """The Grid of the command line: preset, then grid file, then flags."""
+    from masq import search
+
+    base = search.Grid() if args.preset == "none" else search.load_preset(args.preset)
+    if args.grid_file is not None:
+        base = search.load_grid_file(args.grid_file, base)
+    values: dict[str, Any] = {}
+    for flag, key, _kind, _text in GRID_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            values[key] = value
+    if args.seeds is not None:
+        if "seed" in values:
+            raise ConfigError("give either --seeds N or --seed-list, not both")
+        values["seeds"] = args.seeds
+    if args.eval_val:
+        values["eval_val"] = True
+    if args.device is not None:
+        values["device"] = args.device
+    return search.grid_from_mapping(values, base, where="command line")
+
+
+def _workers(args: argparse.Namespace) -> int:
+    from masq.search import cpu_count
+
+    workers = cpu_count() if args.workers is None else args.workers
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    return workers
+
+
+def _tasks_fn(args: argparse.Namespace) -> Any:
+    from masq import experiment
+
+    if args.data_dir is None:
+        return None
+    return functools.partial(experiment.make_tasks, data_dir=args.data_dir)
+
+
+def _hours(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def describe_axes(grid: Any) -> str:
+    """ "3 slt × 36 hidden × ..." for the axes with more than one value."""
+    parts = []
+    for name, values in grid.axes().items():
+        if name in ("lam", "lam_per_lr2"):
+            continue
+        if len(values) > 1:
+            parts.append(f"{len(values)} {name}")
+    n_lam = len(grid.lam) + len(grid.lam_per_lr2)
+    if n_lam > 1:
+        parts.append(f"{n_lam} λ")
+    return " × ".join(parts) if parts else "1 configuration"
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    """``masq grid``."""
+    from masq import search
+    from masq.results import Store, run_id
+
+    grid = grid_from_args(args)
+    configs = search.expand(grid)
+    workers = _workers(args)
+    threads = args.threads or max(1, search.cpu_count() // workers)
+    if args.stack < 1:
+        raise ConfigError(f"--stack must be >= 1, got {args.stack}")
+    print(
+        f"grid: {len(configs)} runs ({describe_axes(grid)}; {grid.size()} before merging "
+        "the λ = 0 runs that do not depend on the importance)"
+    )
+    stored: set[str] = set()
+    if args.results is not None and (not args.dry_run or Path(args.results).exists()):
+        stored = Store(args.results, create=not args.dry_run).stored_ids()
+    todo = [c for c in configs if run_id(c) not in stored]
+    if args.dry_run:
+        groups = search.plan(todo)
+        w = search.work(groups, args.stack)
+        print(f"stored already: {len(configs) - len(todo)}; to run: {len(todo)}")
+        print(
+            f"shared work: {w.d1_trainings} D1 trainings, {w.importance_passes} importance "
+            f"passes, {w.d2_runs} D2 runs in {w.stacks} stacks of <= {args.stack}"
+        )
+        if todo:
+            est = search.estimate(groups, args.stack, workers=workers, threads=threads)
+            measured = ", ".join("784-" + "-".join(map(str, h)) + "-10" for h in est.measured)
+            print(
+                f"calibration: a few iterations of {measured} on this machine "
+                f"({len(est.measured)} of {est.architectures} architectures measured, others "
+                "interpolated by parameter count)"
+            )
+            share = est.evaluation / est.total if est.total > 0 else 0.0
+            print(
+                f"estimated time with {workers} worker(s) x {threads} thread(s): "
+                f"{_hours(est.total)} (D1 training {_hours(est.d1)}, importance "
+                f"{_hours(est.importance)}, D2 re-training {_hours(est.d2)}; evaluation "
+                f"{100 * share:.0f}% of it)"
+            )
+        return 0
+    if args.results is None:
+        raise ConfigError("masq grid: give --results DIR (or --dry-run)")
+    summary = search.execute(
+        configs,
+        args.results,
+        workers=workers,
+        stack=args.stack,
+        executor=args.executor,
+        address=args.address,
+        threads=threads if args.executor == "local" else args.threads,
+        progress=not args.no_progress,
+        tasks_fn=_tasks_fn(args),
+    )
+    print(
+        f"done: {summary.done} runs now, {summary.skipped} were stored, "
+        f"{len(summary.failed)} failed; {summary.d1_trained} D1 trainings and "
+        f"{summary.importance_computed} importance passes computed; {_hours(summary.seconds)}"
+    )
+    if summary.failed:
+        print(f"failed runs (details in {Path(args.results) / 'errors'}):", file=sys.stderr)
+        for rid, message in list(summary.failed.items())[:10]:
+            print(f"  {rid}: {message}", file=sys.stderr)
+        if len(summary.failed) > 10:
+            print(f"  ... and {len(summary.failed) - 10} more", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def run_table(args: argparse.Namespace) -> int:
+    """``masq table``."""
+    from masq import report
+
+    table = report.load_table(args.results, select_on=args.select_on, group_by=args.group_by)
+    print(report.to_markdown(table, args.group_by), end="")
+    md, csv = report.write_table(table, args.out or args.results, args.group_by)
+    print(f"written: {md}, {csv}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+def run_consistency(args: argparse.Namespace) -> int:
+    """``masq consistency``."""
+    from masq import report, search
+    from masq.experiment import ExperimentConfig
+    from masq.results import load, run_id
+
+    df = load(args.results)
+    if df.empty:
+        raise ConfigError(f"no stored runs in {args.results!r}; run `masq grid` first")
+    plan = report.consistency_plan(df, select_on=args.select_on, criterion=args.criterion)
+    runs: dict[str, dict[str, str]] = {}
+    configs = []
+    for slt, labelled in plan.items():
+        runs[slt] = {}
+        for label, d in labelled.items():
+            config = search.canonical(ExperimentConfig.from_dict(d)).validate()
+            runs[slt][label] = run_id(config)
+            configs.append(config)
+    workers = _workers(args)
+    summary = search.execute(
+        configs,
+        args.results,
+        workers=workers,
+        stack=args.stack,
+        executor=args.executor,
+        address=args.address,
+        threads=args.threads,
+        progress=not args.no_progress,
+        tasks_fn=_tasks_fn(args),
+    )
+    if summary.failed:
+        for rid, message in summary.failed.items():
+            print(f"  {rid}: {message}", file=sys.stderr)
+        return 1
+    print(report.consistency_summary(args.results, runs), end="")
+    out = args.out or str(Path(args.results) / "figures")
+    for path in report.consistency_figures(args.results, runs, out):
+        print(f"written: {path}")
+    return 0

@@ -1,0 +1,103 @@
+"""The EWC penalty (PAPER.md section 3, step 4), pure: state goes in, a scalar comes out.
+
+An :class:`Anchor` holds the "lagged" parameters theta* (detached copies taken after
+training on a task) and their importance F (FIM or MaSQ), keyed like
+``model.named_parameters()``. The penalty of re-training is
+
+    penalty(theta) = (lambda / 2) * sum_i sum_k F_ik * (theta_ik - theta*_ik)^2
+
+over every weight matrix and bias vector i; a list of anchors (one per earlier task)
+sums their terms. Its gradient is ``lambda * F * (theta - theta*)``. Nothing is stored
+on the model; add the penalty visibly: ``loss = task_loss + penalty(model, anchors, lam)``.
+
+Mismatched keys or shapes are an error, never a silently zero penalty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+from torch import Tensor, nn
+
+from masq.errors import ConfigError
+
+
+@dataclass(frozen=True, eq=False)
+class Anchor:
+    """theta* (``params``) and F (``importance``): detached tensors with the same keys."""
+
+    params: Mapping[str, Tensor]
+    importance: Mapping[str, Tensor]
+
+    def __post_init__(self) -> None:
+        if set(self.params) != set(self.importance):
+            raise ConfigError(
+                "anchor: parameter and importance keys differ "
+                f"({_diff(self.params, self.importance, 'params', 'importance')}); "
+                "pass importance for every named parameter"
+            )
+        for name, p in self.params.items():
+            if p.shape != self.importance[name].shape:
+                raise ConfigError(
+                    f"anchor: importance of {name!r} has shape {tuple(self.importance[name].shape)}"
+                    f", the parameter {tuple(p.shape)}"
+                )
+
+    def to(self, device: torch.device | str) -> Anchor:
+        """The same anchor with its tensors on ``device``."""
+        return Anchor(
+            MappingProxyType({k: v.to(device) for k, v in self.params.items()}),
+            MappingProxyType({k: v.to(device) for k, v in self.importance.items()}),
+        )
+
+
+def anchor(model: nn.Module, importance: Mapping[str, Tensor]) -> Anchor:
+    """Anchor ``model``'s current parameters with ``importance`` (same keys, same shapes).
+
+    Both are copied (detached, cloned), so later training of ``model`` leaves the anchor fixed.
+    """
+    named = dict(model.named_parameters())
+    if set(named) != set(importance):
+        raise ConfigError(
+            f"anchor: importance keys do not match the model's parameters "
+            f"({_diff(named, importance, 'model', 'importance')}); compute importance on this model"
+        )
+    params = {k: p.detach().clone() for k, p in named.items()}
+    imp = {
+        k: importance[k].detach().to(device=params[k].device, dtype=params[k].dtype).clone()
+        for k in named
+    }
+    return Anchor(MappingProxyType(params), MappingProxyType(imp))
+
+
+def penalty(model: nn.Module, anchors: Anchor | Sequence[Anchor], lam: float) -> Tensor:
+    """(lambda / 2) * sum over anchors a, tensors i, entries k of F^a_ik (theta_ik - theta*^a_ik)^2.
+
+    A scalar tensor on the model's device, differentiable with respect to the parameters.
+    """
+    if lam < 0:
+        raise ConfigError(f"lam: the EWC weight must be >= 0, got {lam}")
+    anchor_list = [anchors] if isinstance(anchors, Anchor) else list(anchors)
+    if not anchor_list:
+        raise ConfigError("penalty: no anchors given; pass at least one Anchor")
+    named = dict(model.named_parameters())
+    terms: list[Tensor] = []
+    for a in anchor_list:
+        if set(named) != set(a.params):
+            raise ConfigError(
+                "penalty: anchor keys do not match the model's parameters "
+                f"({_diff(named, a.params, 'model', 'anchor')}); anchor this model's parameters"
+            )
+        for name, theta in named.items():
+            diff = theta - a.params[name]
+            terms.append((a.importance[name] * diff * diff).sum())
+    return (0.5 * lam) * torch.stack(terms).sum()
+
+
+def _diff(a: Mapping[str, object], b: Mapping[str, object], name_a: str, name_b: str) -> str:
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    return f"only in {name_a}: {only_a}, only in {name_b}: {only_b}"

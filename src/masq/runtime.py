@@ -1,0 +1,83 @@
+"""Where and how computations run: device resolution, thread setup, atomic file writes.
+
+``resolve_device("auto")`` is CUDA when a GPU is visible and the CPU otherwise;
+``"cuda"`` (or ``"cuda:N"``) without a GPU is a one-line :class:`ConfigError`.
+Writes of records and figures go through :func:`atomic_write`: a temporary file in the
+same directory, then ``os.replace``, so an interrupted run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from masq.errors import ConfigError
+
+DEVICE_HELP = "use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+_DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device name masq accepts, else a ConfigError."""
+    if not isinstance(name, str) or not _DEVICE_RE.match(name):
+        raise ConfigError(f"device: unknown device {name!r}; {DEVICE_HELP}")
+    return name
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """ "cpu" | "cuda" | "cuda:N" | "auto" -> a torch.device that exists on this machine."""
+    check_device_name(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    has_cuda = torch.cuda.is_available()
+    if name == "auto":
+        return torch.device("cuda" if has_cuda else "cpu")
+    if not has_cuda:
+        raise ConfigError(f"device {name!r}: no CUDA GPU is visible here; use --device cpu or auto")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible; "
+            "pick an index below that"
+        )
+    return device
+
+
+def setup_threads(threads: int | None = None) -> int:
+    """Set PyTorch's intra-op thread count (``None`` keeps the default); returns the count."""
+    if threads is not None:
+        if threads <= 0:
+            raise ConfigError(f"threads: must be a positive integer, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, then rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def check_out_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as an output directory (created); an existing non-directory is a ConfigError."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is an existing file; give a directory path")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from masq.errors import ConfigError
+from masq.models import mlp
+from masq.train import (
+    TrainConfig,
+    accuracies,
+    eval_counts,
+    eval_iterations,
+    minibatch_indices,
+    train_task,
+)
+
+
+def blobs(n: int, seed: int, classes: int = 3, features: int = 784) -> tuple[Tensor, Tensor]:
+    """A learnable task: ``classes`` Gaussian blobs around fixed random centres."""
+    centres = torch.randn(classes, features, generator=torch.Generator().manual_seed(99))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = centres[y] + 0.5 * torch.randn(n, features, generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize(("n", "batch", "iters"), [(10, 3, 17), (12, 4, 9), (7, 10, 5), (5, 5, 4)])
+def test_minibatches_cover_every_index_once_per_epoch(n: int, batch: int, iters: int) -> None:
+    batches = list(minibatch_indices(n, batch, iters, torch.Generator().manual_seed(0)))
+    assert len(batches) == iters
+    assert all(b.shape == (batch,) and b.dtype == torch.int64 for b in batches)
+    stream = torch.cat(batches)
+    for start in range(0, len(stream) - n + 1, n):  # every complete epoch is a permutation
+        assert sorted(stream[start : start + n].tolist()) == list(range(n))
+    tail = stream[len(stream) - len(stream) % n :].tolist()
+    assert len(set(tail)) == len(tail)  # the started epoch repeats nothing
+
+
+def test_minibatches_reshuffle_each_epoch_and_are_seeded() -> None:
+    def stream(seed: int) -> list[int]:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.cat(list(minibatch_indices(20, 5, 8, gen))).tolist()
+
+    assert stream(1) == stream(1)
+    assert stream(1) != stream(2)
+    first = stream(1)
+    assert first[:20] != first[20:]  # two epochs, two permutations
+
+
+def test_minibatch_bad_arguments() -> None:
+    with pytest.raises(ConfigError):
+        list(minibatch_indices(0, 5, 1, torch.Generator()))
+    with pytest.raises(ConfigError):
+        list(minibatch_indices(5, 0, 1, torch.Generator()))
+
+
+def test_eval_iterations() -> None:
+    assert eval_iterations(10, 5) == [0, 5, 10]
+    assert eval_iterations(12, 5) == [0, 5, 10, 12]
+    assert eval_iterations(3, 1) == [0, 1, 2, 3]
+    assert eval_iterations(3, 50) == [0, 3]
+
+
+def test_eval_counts_match_a_direct_count_and_restore_the_mode() -> None:
+    model = mlp((8,), seed=0)
+    x, y = blobs(37, seed=1, classes=10)
+    expected = int((model(x).argmax(1) == y).sum())
+    model.train()
+    assert eval_counts(model, {"a": (x, y)}, batch_size=10) == {"a": (expected, 37)}
+    assert model.training
+    model.eval()
+    eval_counts(model, {"a": (x, y)})
+    assert not model.training
+
+
+def test_union_accuracy_comes_from_the_counts() -> None:
+    model = mlp((8,), seed=0)
+    a, b = blobs(30, seed=1, classes=10), blobs(50, seed=2, classes=10)
+    counts = eval_counts(model, {"A": a, "B": b})
+    acc = accuracies(counts, {"A∪B": ("A", "B")})
+    union = (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
+    ((correct, total),) = eval_counts(model, {"U": union}).values()
+    assert acc["A∪B"] == correct / total
+    assert acc["A"] == counts["A"][0] / 30
+    with pytest.raises(ConfigError, match="unknown sets"):
+        accuracies(counts, {"X": ("A", "C")})
+    assert accuracies({"E": (0, 0)}, {})["E"] != accuracies({"E": (0, 0)}, {})["E"]  # NaN
+
+
+def test_training_reduces_the_loss_and_learns() -> None:
+    x, y = blobs(300, seed=0)
+    xt, yt = blobs(150, seed=1)
+    model = mlp((32,), classes=3, seed=0)
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), y).item()
+    curve = train_task(
+        model,
+        (x, y),
+        TrainConfig(lr=1e-3, iters=60, batch_size=20, eval_every=20, seed=0),
+        eval_sets={"test": (xt, yt)},
+    )
+    with torch.no_grad():
+        after = F.cross_entropy(model(x), y).item()
+    assert after < 0.5 * before
+    assert curve["iteration"] == [0, 20, 40, 60]
+    assert curve["test"][-1] > 0.95 > curve["test"][0]
+
+
+def test_eval_every_one_and_unions_in_the_curve() -> None:
+    x, y = blobs(40, seed=0)
+    curve = train_task(
+        mlp((4,), classes=3),
+        (x, y),
+        TrainConfig(iters=5, batch_size=8, eval_every=1),
+        eval_sets={"A": (x[:20], y[:20]), "B": (x[20:], y[20:])},
+        unions={"A∪B": ("A", "B")},
+    )
+    assert curve["iteration"] == [0, 1, 2, 3, 4, 5]
+    assert set(curve) == {"iteration", "A", "B", "A∪B"}
+    assert all(len(v) == 6 for v in curve.values())
+    for i in range(6):
+        assert curve["A∪B"][i] == pytest.approx((curve["A"][i] + curve["B"][i]) / 2)
+
+
+def test_training_is_deterministic_and_leaves_the_global_rng_alone() -> None:
+    x, y = blobs(100, seed=0)
+    config = TrainConfig(lr=1e-2, iters=25, batch_size=10, seed=5)
+    state = torch.random.get_rng_state()
+    a, b = mlp((16,), classes=3, seed=1), mlp((16,), classes=3, seed=1)
+    train_task(a, (x, y), config)
+    train_task(b, (x, y), config)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_penalty_is_added_to_the_loss() -> None:
+    x, y = blobs(100, seed=0)
+    config = TrainConfig(lr=1e-2, iters=20, batch_size=10)
+    free, held = mlp((16,), classes=3, seed=1), mlp((16,), classes=3, seed=1)
+    start = [p.detach().clone() for p in held.parameters()]
+
+    def pull(m: torch.nn.Module) -> Tensor:  # a strong pull back to the start
+        return 1e6 * sum(((p - s) ** 2).sum() for p, s in zip(m.parameters(), start, strict=True))
+
+    train_task(free, (x, y), config)
+    train_task(held, (x, y), config, penalty=pull)
+    moved_free = sum(
+        (p - s).abs().sum().item() for p, s in zip(free.parameters(), start, strict=True)
+    )
+    moved_held = sum(
+        (p - s).abs().sum().item() for p, s in zip(held.parameters(), start, strict=True)
+    )
+    assert moved_held < 0.5 * moved_free
+
+
+def test_progress_bar_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    x, y = blobs(30, seed=0)
+    train_task(
+        mlp((4,), classes=3),
+        (x, y),
+        TrainConfig(iters=3, batch_size=10, eval_every=1),
+        eval_sets={"A": (x, y)},
+        progress=True,
+        desc="demo",
+    )
+    captured = capsys.readouterr()
+    assert "demo" in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "bad", [{"lr": 0.0}, {"lr": -1e-3}, {"iters": 0}, {"batch_size": 0}, {"eval_every": 0}]
+)
+def test_bad_train_config(bad: dict) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        TrainConfig(**bad)
