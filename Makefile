@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/masq data fetch
-	$(BIN)/masq compare --slt D5-5 --hidden 400 400 --iters 2000 --out results/demo
+	$(BIN)/masq compare --slt D5-5 --out results/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
