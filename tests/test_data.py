@@ -292,20 +292,6 @@ def test_corrupted_cache_with_no_other_source_reports_it(data_fake, data_offline
     assert not (data_offline / "mnist.json").exists()
 
 
-def test_atomic_write_leaves_old_file_and_no_temp_on_interrupt(tmp_path: Path, monkeypatch):
-    target = tmp_path / "mnist.npz"
-    data._atomic_write(target, b"old")
-
-    def interrupted(fd: int) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "fsync", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        data._atomic_write(target, b"new and half-written")
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["mnist.npz"]
-
-
 def test_failed_cache_write_keeps_no_half_written_entry(
     data_fake, data_offline, tmp_path, monkeypatch
 ):

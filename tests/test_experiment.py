@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -242,22 +241,6 @@ def test_device_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
         runtime.resolve_device("cuda")
     with pytest.raises(ConfigError, match="unknown device"):
         runtime.resolve_device("tpu")
-
-
-def test_atomic_write_leaves_nothing_half_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    target = tmp_path / "record.json"
-    runtime.atomic_write(target, "old")
-
-    def interrupted(src: str, dst: str) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        runtime.atomic_write(target, "new " * 1000)
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
 
 
 def test_out_dir_checks(tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ from typing import NamedTuple
 import numpy as np
 
 from masq.errors import ChecksumError, ConfigError, DataError
+from masq.fileio import atomic_write
 
 __all__ = [
     "DATASETS",
@@ -428,23 +429,6 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _sweep_stale_temps(root: Path, name: str, older_than_s: float = 600.0) -> None:
     """Remove temp files of ``name`` left by a killed writer (never read as cache)."""
     now = time.time()
@@ -480,8 +464,8 @@ def _write_cache(spec: DatasetSpec, parts: tuple[Split, Split, Split], origin: s
     }
     try:
         _sweep_stale_temps(npz_path.parent, spec.name)
-        _atomic_write(npz_path, data)
-        _atomic_write(json_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+        atomic_write(npz_path, data)
+        atomic_write(json_path, (json.dumps(sidecar, indent=2) + "\n").encode())
     except OSError as err:
         raise DataError(
             f"cannot write the cache {npz_path} ({err.strerror or err}); "

@@ -40,8 +40,9 @@ from masq import ewc as masq_ewc
 from masq import importance as masq_importance
 from masq import tasks as masq_tasks
 from masq.errors import ConfigError
+from masq.fileio import atomic_write
 from masq.models import INITS, check_hidden, mlp
-from masq.runtime import atomic_write, check_device_name, resolve_device
+from masq.runtime import check_device_name, resolve_device
 from masq.tasks import Task
 from masq.train import DEFAULT_EVAL_EVERY, TrainConfig, train_task
 

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from masq.experiment import UNION, Result, method_label
-from masq.runtime import atomic_write
+from masq.fileio import atomic_write
 
 PANELS: tuple[str, ...] = ("D1", "D2", UNION)
 # (colour, line style) per method, in order of appearance.

@@ -30,8 +30,8 @@ from typing import Any
 import pandas as pd
 
 from masq.errors import ConfigError
+from masq.fileio import atomic_write
 from masq.results import UNION, VAL_UNION, load, load_record
-from masq.runtime import atomic_write
 
 # Fields that define a configuration (all but the seed and the device).
 CONFIG_FIELDS: tuple[str, ...] = (

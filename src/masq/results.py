@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from masq.errors import ConfigError
-from masq.runtime import atomic_write
+from masq.fileio import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from masq.experiment import Result

@@ -16,7 +16,8 @@ from typing import Any
 from masq import experiment as ex
 from masq import figures
 from masq.errors import ConfigError
-from masq.runtime import atomic_write, check_out_dir, resolve_device, setup_threads
+from masq.fileio import atomic_write
+from masq.runtime import check_out_dir, resolve_device, setup_threads
 from masq.tasks import parse_spec
 
 # Per-SLT defaults when --hidden / --lr2 are not given (PAPER.md section 5's best
