@@ -71,6 +71,9 @@ def test_best_last_and_lambda_zero(tmp_path: Path) -> None:
     assert best["d1_mean"] == pytest.approx(0.80) and best["d2_mean"] == pytest.approx(1.0)
     md = report.to_markdown(t)
     assert "selected on the TEST curves" in md and "784-400-400-10" in md and "60.00" in md
+    assert "| architecture | init |" in md and "| 784-400-400-10 | torch |" in md
+    grouped = report.to_markdown(table(tmp_path, group_by=["init"]), ["init"])
+    assert "| SLT | init | criterion | architecture | ε2 |" in grouped  # init shown once
 
 
 def test_ties_prefer_smaller_lambda_then_fewer_parameters(tmp_path: Path) -> None:
