@@ -9,7 +9,7 @@ STAMP := $(VENV)/.masq-installed
 TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test format bench repro clean
 
 install: $(STAMP)
 
@@ -30,6 +30,20 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# The first reproduction (README): per SLT its paper-best architecture and eps2, both
+# readings of lambda, MaSQ mean/sum and FIM, both inits; one seed, 90 runs (~58 min on 2 cores).
+REPRO ?= results/repro
+REPRO_AXES := --lam 0 100 1000 10000 --lam-per-lr2 0.1 1 10 --importance masq fisher \
+  --scale mean sum --init torch tf --eval-val --results $(REPRO)
+repro: $(STAMP)
+	$(BIN)/masq grid --slt D5-5 --hidden 800-800 --lr2 1e-5 $(REPRO_AXES)
+	$(BIN)/masq grid --slt D9-1 --hidden 800-400-400 --lr2 1e-4 $(REPRO_AXES)
+	$(BIN)/masq grid --slt DP10-10 --hidden 800-800-200 --lr2 1e-5 $(REPRO_AXES)
+	$(BIN)/masq table --results $(REPRO)
+	$(BIN)/masq table --results $(REPRO) --group-by init importance scale
+	$(BIN)/masq table --results $(REPRO) --select-on val
+	$(BIN)/masq consistency --results $(REPRO)
 
 format: $(STAMP)
 	$(BIN)/ruff format .
