@@ -284,32 +284,55 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _train_phase(
+    config: ExperimentConfig,
+    tasks: list[Task],
+    model: nn.Module,
+    *,
+    phase: int,
+    penalty: Callable[[nn.Module], Tensor] | None,
+    device: torch.device,
+    progress: bool,
+) -> tuple[Curve, float]:
+    """Train ``model`` on ``tasks[phase]`` (0: D1 at lr1 for iters1, 1: D2 at lr2 for iters2),
+    evaluating on :func:`eval_sets`; returns (curve, seconds)."""
+    lr, iters, stream, desc = (
+        (config.lr1, config.iters1, "d1-batches", "train D1")
+        if phase == 0
+        else (config.lr2, config.iters2, "d2-batches", f"re-train D2 ({method_label(config)})")
+    )
+    sets, unions = eval_sets(config, tasks)
+    train_config = TrainConfig(
+        lr=lr,
+        iters=iters,
+        batch_size=config.batch_size,
+        eval_every=config.eval_every,
+        seed=stream_seed(config.seed, stream),
+    )
+    start = time.perf_counter()
+    curve = train_task(
+        model,
+        tasks[phase].train,
+        train_config,
+        penalty=penalty,
+        eval_sets=sets,
+        unions=unions,
+        device=device,
+        progress=progress,
+        desc=desc,
+    )
+    _synchronize(device)
+    return curve, time.perf_counter() - start
+
+
 def train_d1(config: ExperimentConfig, tasks: list[Task], *, progress: bool = False) -> D1State:
     """Step 1: train a fresh network on D1 (no penalty) at lr1 for iters1 iterations."""
     config.validate()
     device = resolve_device(config.device)
     model = build_model(config, tasks)
-    sets, unions = eval_sets(config, tasks)
-    train_config = TrainConfig(
-        lr=config.lr1,
-        iters=config.iters1,
-        batch_size=config.batch_size,
-        eval_every=config.eval_every,
-        seed=stream_seed(config.seed, "d1-batches"),
+    curve, seconds = _train_phase(
+        config, tasks, model, phase=0, penalty=None, device=device, progress=progress
     )
-    start = time.perf_counter()
-    curve = train_task(
-        model,
-        tasks[0].train,
-        train_config,
-        eval_sets=sets,
-        unions=unions,
-        device=device,
-        progress=progress,
-        desc="train D1",
-    )
-    _synchronize(device)
-    seconds = time.perf_counter() - start
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return D1State(config=config, state_dict=state, curve=curve, seconds=seconds)
 
@@ -396,28 +419,9 @@ def retrain_d2(
             def penalty(m: nn.Module) -> Tensor:
                 return masq_ewc.penalty(m, anchor, lam)
 
-    sets, unions = eval_sets(config, tasks)
-    train_config = TrainConfig(
-        lr=config.lr2,
-        iters=config.iters2,
-        batch_size=config.batch_size,
-        eval_every=config.eval_every,
-        seed=stream_seed(config.seed, "d2-batches"),
+    curve, seconds = _train_phase(
+        config, tasks, model, phase=1, penalty=penalty, device=device, progress=progress
     )
-    start = time.perf_counter()
-    curve = train_task(
-        model,
-        tasks[1].train,
-        train_config,
-        penalty=penalty,
-        eval_sets=sets,
-        unions=unions,
-        device=device,
-        progress=progress,
-        desc=f"re-train D2 ({method_label(config)})",
-    )
-    _synchronize(device)
-    seconds = time.perf_counter() - start
     best, last = best_and_last(curve)
     return Result(
         config=config,
