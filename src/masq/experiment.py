@@ -39,6 +39,7 @@ from masq import __version__
 from masq import ewc as masq_ewc
 from masq import importance as masq_importance
 from masq import tasks as masq_tasks
+from masq.curves import best_and_last_indices
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
 from masq.models import INITS, check_hidden, mlp
@@ -337,11 +338,13 @@ def train_d1(config: ExperimentConfig, tasks: list[Task], *, progress: bool = Fa
     return D1State(config=config, state_dict=state, curve=curve, seconds=seconds)
 
 
-def _check_same_d1(config: ExperimentConfig, d1: D1State) -> None:
+def check_same_d1(config: ExperimentConfig, d1: D1State) -> None:
+    """ConfigError unless ``config`` agrees with the config ``d1`` was trained with on every
+    field of :data:`D1_FIELDS` (a D2 run must start from its own D1 state)."""
     differ = [f for f in D1_FIELDS if getattr(config, f) != getattr(d1.config, f)]
     if differ:
         raise ConfigError(
-            f"this D1 state was trained with other values of {differ}; train D1 with this config"
+            f"this config differs from the D1 state in {differ}; train D1 with this config"
         )
 
 
@@ -361,7 +364,7 @@ def compute_importance(
     batch size (labels from ``fisher_labels``; "sampled" uses the "fisher-labels" stream).
     """
     config.validate()
-    _check_same_d1(config, d1)
+    check_same_d1(config, d1)
     if config.importance == "none":
         return {}, 0.0
     device = resolve_device(config.device)
@@ -407,7 +410,7 @@ def retrain_d2(
     bitwise the same training as adding the zero penalty, see tests/test_ewc.py).
     """
     config.validate()
-    _check_same_d1(config, d1)
+    check_same_d1(config, d1)
     device = resolve_device(config.device)
     model = _model_from(config, d1, tasks).to(device)
     penalty: Callable[[nn.Module], Tensor] | None = None
@@ -449,15 +452,12 @@ def best_and_last(curve: Curve, key: str = UNION) -> tuple[dict[str, float], dic
     """
     if key not in curve or not curve["iteration"]:
         raise ConfigError(f"curve has no {key!r} values; evaluate on D1 and D2 while training")
-    its = curve["iteration"]
-    candidates = [i for i, it in enumerate(its) if it > 0] or list(range(len(its)))
-    finite = [i for i in candidates if not math.isnan(curve[key][i])] or candidates
-    best_i = max(finite, key=lambda i: (curve[key][i], -i))
+    best_i, last_i = best_and_last_indices(curve, key)
 
     def point(i: int) -> dict[str, float]:
         return {name: values[i] for name, values in curve.items()}
 
-    return point(best_i), point(len(its) - 1)
+    return point(best_i), point(last_i)
 
 
 def method_label(config: ExperimentConfig) -> str:

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import traceback as tb
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from masq.curves import best_and_last_indices
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
 
@@ -230,14 +230,9 @@ def open_store(root: str | os.PathLike[str]) -> Store:
 def curve_points(curve: Mapping[str, list[float]], key: str) -> tuple[int, int]:
     """(index of the "best" point, index of the "last" point) of a re-training curve by ``key``.
 
-    As ``masq.experiment.best_and_last``: best = the highest ``key`` after at least one
-    re-training step (iteration > 0), NaNs ignored, the earliest on ties; last = the end.
+    The rule of :func:`masq.curves.best_and_last_indices` (as ``experiment.best_and_last``).
     """
-    its, values = curve["iteration"], curve[key]
-    candidates = [i for i, it in enumerate(its) if it > 0] or list(range(len(its)))
-    finite = [i for i in candidates if not math.isnan(values[i])] or candidates
-    best = max(finite, key=lambda i: (values[i], -i))
-    return best, len(its) - 1
+    return best_and_last_indices(curve, key)
 
 
 def point(curve: Mapping[str, list[float]], index: int) -> dict[str, float]:

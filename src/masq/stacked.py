@@ -425,9 +425,7 @@ def retrain_d2_stacked(
         return []
     first = configs[0]
     for c in configs:
-        differ = [f for f in experiment.D1_FIELDS if getattr(c, f) != getattr(d1.config, f)]
-        if differ:
-            raise ConfigError(f"stacked: run differs from the D1 state in {differ}")
+        experiment.check_same_d1(c, d1)
         if c.iters2 != first.iters2 or c.device != first.device:
             raise ConfigError("stacked: the runs of one stack need the same iters2 and device")
     seconds_imp = list(importance_seconds or [0.0] * len(configs))
