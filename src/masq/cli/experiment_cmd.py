@@ -1,27 +1,30 @@
-"""``masq run`` (one two-task EWC run) and ``masq compare`` (the headline: one D1 state,
-re-trained on D2 without EWC, with EWC+FIM and with EWC+MaSQ in both scales)."""
+"""``masq run`` (one run of T tasks) and ``masq compare`` (the headline: one task-1 state,
+every later phase run without EWC, with EWC+FIM and with EWC+MaSQ in both scales)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import io
-import math
 import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from masq import experiment as ex
-from masq import figures
+from masq import protocol
+from masq.cli.options import add_run_flags, given, hidden_from_tokens
+from masq.config import RunConfig, hidden_text, lam_per_lr2, method_label
+from masq.curves import task_name, union_name
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
+from masq.protocol import Result
+from masq.report import figures
 from masq.runtime import check_out_dir, resolve_device, setup_threads
-from masq.tasks import parse_spec
+from masq.slt import parse_spec
 
 # Per-SLT defaults when --hidden / --lr2 are not given (PAPER.md section 5's best
-# configurations as the lead chose them); lambda defaults to 1 / lr2.
+# configurations); lambda defaults to 1 / lr2.
 SLT_DEFAULTS: dict[str, tuple[tuple[int, ...], float]] = {
     "D5-5": ((800, 800), 1e-5),
     "D9-1": ((800, 400, 400), 1e-4),
@@ -29,86 +32,58 @@ SLT_DEFAULTS: dict[str, tuple[tuple[int, ...], float]] = {
 }
 FALLBACK_DEFAULTS = SLT_DEFAULTS["D5-5"]
 TENSORBOARD_HINT = "--tensorboard needs the tensorboard package: pip install masq-ewc[tensorboard]"
+_PER_SLT = ", ".join(
+    f"{slt}: {hidden_text(h)}, lr2 {lr:g}" for slt, (h, lr) in SLT_DEFAULTS.items()
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``run`` and ``compare`` to ``sub``."""
     run = sub.add_parser(
         "run",
-        help="one two-task EWC run: train D1, consolidate (FIM or MaSQ), re-train D2",
+        help="one run: train task 1, then each later task with EWC (FIM, MaSQ or none)",
         description=(
-            "Train on D1, compute the importance (FIM, MaSQ or none) on D1's training data, "
-            "re-train on D2 with the EWC penalty; print a one-line summary and write the "
-            "JSON record and a figure of the curves into --out."
+            "Train on task 1, compute its importance (FIM, MaSQ or none) on its training data, "
+            "train each later task with the EWC penalty of the tasks before it; print a "
+            "summary and write the JSON record, a figure of the curves and (T > 2) a heat map "
+            "of the accuracy matrix into --out."
         ),
     )
     _knobs(run)
     run.add_argument(
-        "--importance",
-        default="masq",
-        metavar="KIND",
-        help="fisher | masq | none (default: masq)",
-    )
-    run.add_argument(
-        "--scale", default="mean", metavar="S", help="MaSQ scale: mean (the paper) | sum"
+        "--save-weights",
+        action="store_true",
+        help="also write the weights at the end of every phase (safetensors) into --out",
     )
     run.set_defaults(func=_run)
 
     compare = sub.add_parser(
         "compare",
-        help="the headline: one D1 state re-trained four ways (no EWC, FIM, MaSQ mean/sum)",
+        help="the headline: one task-1 state continued four ways (no EWC, FIM, MaSQ mean/sum)",
         description=(
-            "Train D1 once, compute FIM and MaSQ (scale mean and sum) from that one state and "
-            "re-train on D2 from it four ways: no EWC, EWC+FIM, EWC+MaSQ (mean), EWC+MaSQ (sum). "
-            "Prints a side-by-side table and writes compare.md, compare.csv, compare.png and "
-            "the four JSON records into --out."
+            "Train task 1 once, compute FIM and MaSQ (scale mean and sum) from that one state "
+            "and run the later tasks from it four ways: no EWC, EWC+FIM, EWC+MaSQ (mean), "
+            "EWC+MaSQ (sum). Prints a side-by-side table and writes compare.md, compare.csv, "
+            "compare.png and the four JSON records into --out."
         ),
     )
-    _knobs(compare)
+    _knobs(compare, skip=("importance", "scale"))
     compare.set_defaults(func=_compare)
 
 
-def _knobs(p: argparse.ArgumentParser) -> None:
-    defaults = ", ".join(
-        f"{slt}: {'-'.join(map(str, h))}, lr2 {lr:g}" for slt, (h, lr) in SLT_DEFAULTS.items()
+def _knobs(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    add_run_flags(
+        p,
+        skip=skip,
+        defaults={
+            "hidden": f"per SLT; {_PER_SLT}",
+            "lr2": "per SLT",
+            "lam": "1 / lr2",
+            "device": "auto",
+        },
     )
-    p.add_argument("--slt", default="D5-5", help="sequential learning task (default: D5-5)")
-    p.add_argument(
-        "--hidden",
-        type=int,
-        nargs="*",
-        default=None,
-        metavar="N",
-        help=f"hidden layer sizes (default per SLT: {defaults})",
-    )
-    p.add_argument("--init", default="torch", metavar="I", help="torch (default) | tf")
-    p.add_argument("--lr1", type=float, default=1e-3, help="Adam learning rate on D1 (1e-3)")
-    p.add_argument("--lr2", type=float, default=None, help="Adam learning rate on D2 (per SLT)")
-    p.add_argument("--lam", type=float, default=None, help="EWC weight λ (default: 1 / lr2)")
-    p.add_argument(
-        "--masq-batch", type=int, default=1000, metavar="B", help="B_MaSQ (default: 1000)"
-    )
-    p.add_argument(
-        "--fisher-labels",
-        default="true",
-        metavar="L",
-        help="FIM labels: true (the paper) | sampled | exact",
-    )
-    p.add_argument("--iters", type=int, default=5000, help="iterations of each phase (5000)")
-    p.add_argument("--iters1", type=int, default=None, help="iterations on D1 (overrides --iters)")
-    p.add_argument("--iters2", type=int, default=None, help="iterations on D2 (overrides --iters)")
-    p.add_argument("--batch-size", type=int, default=100, help="mini-batch size B (100)")
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=ex.ExperimentConfig.eval_every,
-        metavar="N",
-        help=f"evaluate every N iterations (default: {ex.ExperimentConfig.eval_every})",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of every random stream (0)")
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
+    p.add_argument("--iters", type=int, default=None, help="iterations of every phase")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--dataset", default="mnist", help="dataset name (default: mnist)")
     p.add_argument("--data-dir", metavar="DIR", default=None, help="directory with the IDX files")
     p.add_argument("--out", metavar="DIR", default=None, help="output directory")
     p.add_argument("--csv", action="store_true", help="also write the curves as CSV")
@@ -116,39 +91,28 @@ def _knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def config_from_args(args: argparse.Namespace, **changes: Any) -> ex.ExperimentConfig:
-    """The validated ExperimentConfig of the parsed knobs (per-SLT defaults filled in)."""
-    slt = parse_spec(args.slt).text
+def config_from_args(args: argparse.Namespace, **changes: Any) -> RunConfig:
+    """The validated RunConfig of the parsed flags (per-SLT defaults filled in)."""
+    values = given(args)
+    slt = parse_spec(values.get("slt", RunConfig().slt)).text
     default_hidden, default_lr2 = SLT_DEFAULTS.get(slt, FALLBACK_DEFAULTS)
-    hidden = default_hidden if args.hidden is None else tuple(args.hidden)
-    lr2 = default_lr2 if args.lr2 is None else args.lr2
-    if args.lam is not None:
-        lam = args.lam
-    elif lr2 > 0 and math.isfinite(lr2):
-        lam = float(f"{1.0 / lr2:.12g}")  # 1 / 1e-5 = 100000.0, not 99999.99999999999
-    else:
-        lam = 0.0  # lr2 itself is reported as the error below
-    config = ex.ExperimentConfig(
-        slt=slt,
-        dataset=args.dataset,
-        hidden=hidden,
-        init=args.init,
-        lr1=args.lr1,
-        lr2=lr2,
-        lam=lam,
-        masq_batch=args.masq_batch,
-        fisher_labels=args.fisher_labels,
-        iters1=args.iters if args.iters1 is None else args.iters1,
-        iters2=args.iters if args.iters2 is None else args.iters2,
-        batch_size=args.batch_size,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        device=args.device,
+    values["slt"] = slt
+    values["hidden"] = (
+        hidden_from_tokens(values["hidden"]) if "hidden" in values else default_hidden
     )
-    return config.with_(**changes).validate()
+    values.setdefault("lr2", default_lr2)
+    values.setdefault("device", "auto")
+    if args.iters is not None:
+        values.setdefault("iters1", args.iters)
+        values.setdefault("iters2", args.iters)
+    if "lam" not in values:
+        lr2 = values["lr2"]
+        ok = isinstance(lr2, float) and lr2 > 0 and lr2 != float("inf")
+        values["lam"] = lam_per_lr2(1.0, lr2) if ok else 0.0  # a bad lr2 is reported below
+    return RunConfig().with_(**values).with_(**changes).validate()
 
 
-def _prepare(args: argparse.Namespace, config: ex.ExperimentConfig, default_out: str) -> Path:
+def _prepare(args: argparse.Namespace, config: RunConfig, default_out: str) -> Path:
     """Everything that can fail on input, before any training: threads, device, out, extras."""
     setup_threads(args.threads)
     resolve_device(config.device)
@@ -158,36 +122,61 @@ def _prepare(args: argparse.Namespace, config: ex.ExperimentConfig, default_out:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = config_from_args(args, importance=args.importance, scale=args.scale)
+    config = config_from_args(args)
     out = _prepare(args, config, "results/run")
     start = time.perf_counter()
-    result = ex.run(config, progress=not args.quiet, data_dir=args.data_dir)
+    result = protocol.run(config, progress=not args.quiet, data_dir=args.data_dir)
     seconds = time.perf_counter() - start
     stem = run_stem(config)
-    label = ex.method_label(config)
+    label = method_label(config)
     written = [result.save(out / f"{stem}.json")]
     written.append(figures.plot_results({label: result}, out / f"{stem}.png"))
+    if config.n_tasks > 2:
+        fig = figures.accuracy_figure(result)
+        written.append(figures.save_figure(fig, out / f"{stem}_accuracy.png"))
+    if args.save_weights:
+        written += result.save_weights(out, stem)
     if args.csv:
         written.append(atomic_write(out / f"{stem}.csv", curves_csv({stem: result})))
     if args.tensorboard is not None:
         write_tensorboard({stem: result}, Path(args.tensorboard))
+    union = union_name(config.n_tasks)
     b, last = result.best, result.last
+    tasks = ", ".join(f"{task_name(j)} {last[task_name(j)]:.4f}" for j in range(config.n_tasks))
     print(
         f"{config.slt} {label} λ={config.lam:g} lr2={config.lr2:g}: "
-        f"best D1∪D2 {b[ex.UNION]:.4f} (it {b['iteration']}), last {last[ex.UNION]:.4f} "
-        f"(D1 {last['D1']:.4f}, D2 {last['D2']:.4f}) in {seconds:.0f} s; "
-        f"wrote {', '.join(str(p) for p in written)}"
+        f"best {union} {b[union]:.4f} (it {b['iteration']}), last {last[union]:.4f} "
+        f"({tasks}) in {seconds:.0f} s"
     )
+    if config.n_tasks > 2:
+        print(accuracy_text(result))
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def accuracy_text(result: Result) -> str:
+    """The accuracy matrix R[i][j] (in %) and ACC, BWT and forgetting as text."""
+    n = len(result.accuracy)
+    head = "R[i][j] %     " + " ".join(f"{task_name(j):>6}" for j in range(n))
+    lines = [head]
+    for i, row in enumerate(result.accuracy):
+        cells = " ".join(f"{100 * v:6.1f}" for v in row)
+        lines.append(f"after {task_name(i):<7} {cells}")
+    m = result.metrics
+    lines.append(
+        f"ACC {100 * m['average_accuracy']:.2f} %, BWT {100 * m['bwt']:.2f} %, "
+        f"forgetting {100 * m['forgetting']:.2f} %"
+    )
+    return "\n".join(lines)
 
 
 def _compare(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     out = _prepare(args, base, f"results/compare-{_safe(base.slt)}")
     start = time.perf_counter()
-    results = ex.compare(base, progress=not args.quiet, data_dir=args.data_dir)
+    results = protocol.compare(base, progress=not args.quiet, data_dir=args.data_dir)
     seconds = time.perf_counter() - start
-    labelled = {ex.method_label(r.config): r for r in results.values()}
+    labelled = {method_label(r.config): r for r in results.values()}
     rows = compare_rows(labelled)
     for key, result in results.items():
         result.save(out / f"{key}.json")
@@ -199,33 +188,36 @@ def _compare(args: argparse.Namespace) -> int:
         atomic_write(out / "curves.csv", curves_csv(results))
     if args.tensorboard is not None:
         write_tensorboard(results, Path(args.tensorboard))
-    d1 = next(iter(results.values()))
+    first = next(iter(results.values()))
     print(
-        f"{base.slt}, hidden {'-'.join(map(str, base.hidden))}, lr1 {base.lr1:g}, "
+        f"{base.slt}, hidden {hidden_text(base.hidden)}, lr1 {base.lr1:g}, "
         f"lr2 {base.lr2:g}, λ {base.lam:g}, {base.iters1}+{base.iters2} iterations, "
-        f"seed {base.seed}; D1 accuracy after training {d1.curve_d1['D1'][-1]:.4f}"
+        f"seed {base.seed}; D1 accuracy after training {first.curves[0]['D1'][-1]:.4f}"
     )
     print(text_table(rows))
     print(f"{seconds:.0f} s in all; wrote {out}/compare.md, compare.csv, compare.png, *.json")
     return 0
 
 
-def compare_rows(results: Mapping[str, ex.Result]) -> list[dict[str, Any]]:
-    """One row per method: best/last D1∪D2, D1 and D2 at the end, seconds."""
+def compare_rows(results: Mapping[str, Result]) -> list[dict[str, Any]]:
+    """One row per method: best/last on the union of all tasks, each task at the end, and
+    (T > 2) ACC, BWT and forgetting, seconds."""
     rows = []
     for label, r in results.items():
-        rows.append(
-            {
-                "method": label,
-                "best D1∪D2": r.best[ex.UNION],
-                "best at it": r.best["iteration"],
-                "last D1∪D2": r.last[ex.UNION],
-                "last D1": r.last["D1"],
-                "last D2": r.last["D2"],
-                "importance s": r.timings.get("importance", 0.0),
-                "re-train s": r.timings.get("d2_train", 0.0),
-            }
-        )
+        n = len(r.curves)
+        union = union_name(n)
+        row: dict[str, Any] = {
+            "method": label,
+            f"best {union}": r.best[union],
+            "best at it": r.best["iteration"],
+            f"last {union}": r.last[union],
+        }
+        row |= {f"last {task_name(j)}": r.last[task_name(j)] for j in range(n)}
+        if n > 2:
+            row |= {name: r.metrics[name] for name in ("average_accuracy", "bwt", "forgetting")}
+        row["importance s"] = float(sum(r.timings.get("importance", [])))
+        row["re-train s"] = float(sum(r.timings.get("train", [0.0])[1:]))
+        rows.append(row)
     return rows
 
 
@@ -279,18 +271,22 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def curves_csv(results: Mapping[str, ex.Result]) -> str:
-    """Long CSV of the curves: run, phase (D1 | D2), iteration (from the phase's start),
-    step (from the start of training on D1), then one column per evaluated set."""
-    first = next(iter(results.values()))
-    sets = [k for k in first.curve_d2 if k != "iteration"]
+def curves_csv(results: Mapping[str, Result]) -> str:
+    """Long CSV of the curves: run, phase (the task trained: D1, D2, ...), iteration (from the
+    phase's start), step (from the start of training on D1), then one column per set (empty
+    where a phase did not evaluate it, e.g. the union of the tasks seen so far)."""
+    sets: list[str] = []
+    for r in results.values():
+        for curve in r.curves:
+            sets += [k for k in curve if k != "iteration" and k not in sets]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", "phase", "iteration", "step", *sets])
     for name, r in results.items():
-        for phase, curve, offset in (("D1", r.curve_d1, 0), ("D2", r.curve_d2, r.config.iters1)):
+        for t, (curve, offset) in enumerate(zip(r.curves, figures.phase_offsets(r), strict=True)):
             for i, it in enumerate(curve["iteration"]):
-                writer.writerow([name, phase, it, offset + it, *(curve[s][i] for s in sets)])
+                values = [curve[s][i] if s in curve else "" for s in sets]
+                writer.writerow([name, task_name(t), it, offset + it, *values])
     return buffer.getvalue()
 
 
@@ -303,13 +299,13 @@ def summary_writer() -> type:
     return SummaryWriter
 
 
-def write_tensorboard(results: Mapping[str, ex.Result], directory: Path) -> None:
+def write_tensorboard(results: Mapping[str, Result], directory: Path) -> None:
     """Scalars ``accuracy/<set>`` per run under ``directory/<run>``, step from D1's start."""
     writer_cls = summary_writer()
     for name, r in results.items():
         writer = writer_cls(log_dir=str(directory / _safe(name)))
         try:
-            for curve, offset in ((r.curve_d1, 0), (r.curve_d2, r.config.iters1)):
+            for curve, offset in zip(r.curves, figures.phase_offsets(r), strict=True):
                 sets = [k for k in curve if k != "iteration"]
                 for i, it in enumerate(curve["iteration"]):
                     for s in sets:
@@ -318,14 +314,16 @@ def write_tensorboard(results: Mapping[str, ex.Result], directory: Path) -> None
             writer.close()
 
 
-def run_stem(config: ex.ExperimentConfig) -> str:
+def run_stem(config: RunConfig) -> str:
     """A file-name stem naming a run, e.g. D5-5_800-800_masq-mean_lr2-1e-05_lam-100000_seed0."""
-    method = config.importance
+    method = config.importance.value
     if method == "masq":
         method = f"masq-{config.scale}"
     elif method == "fisher" and config.fisher_labels != "true":
         method = f"fisher-{config.fisher_labels}"
-    hidden = "-".join(map(str, config.hidden))
+    if config.consolidation == "online-ewc" and method != "none":
+        method = f"online-{method}-g{config.gamma:g}"
+    hidden = hidden_text(config.hidden)
     return _safe(
         f"{config.slt}_{hidden}_{method}_lr2-{config.lr2:g}_lam-{config.lam:g}_seed{config.seed}"
     )

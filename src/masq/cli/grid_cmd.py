@@ -1,10 +1,12 @@
-"""``masq grid``, ``masq table`` and ``masq consistency``: the paper's grid search and its tables.
+"""``masq grid``, ``masq table``, ``masq consistency`` and ``masq migrate``: the paper's grid
+search, its tables, and the conversion of results directories of masq 0.1.
 
 masq grid --preset paper --results runs/paper            # the whole paper grid
 masq grid --preset paper --results runs/paper --dry-run  # counts and a time estimate
 masq grid --slt D5-5 --hidden 200-200 --lam-per-lr2 0 0.1 1 10 --seeds 3 --results r
 masq table --results runs/paper [--select-on val] [--group-by importance scale]
 masq consistency --results runs/paper                    # PAPER.md section 5.2 figures
+masq migrate runs/old                                    # a masq 0.1 results dir, in place
 """
 
 from __future__ import annotations
@@ -15,30 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from masq.cli.options import add_grid_flags, dest
+from masq.config import FIELDS, Executor, Stage
 from masq.errors import ConfigError
-
-GRID_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
-    # (flag, grid key, element type, help)
-    ("--slt", "slt", str, "SLTs, e.g. D5-5 D9-1 DP10-10"),
-    ("--dataset", "dataset", str, "datasets (mnist, fashion-mnist)"),
-    ("--hidden", "hidden", str, "architectures as hidden sizes, e.g. 800-800 800-400-400"),
-    ("--layers", "layers", int, "hidden-layer counts (with --sizes: every combination)"),
-    ("--sizes", "sizes", int, "hidden-layer sizes (with --layers)"),
-    ("--init", "init", str, "initializations: torch, tf"),
-    ("--lr1", "lr1", float, "learning rates on D1 (ε1)"),
-    ("--lr2", "lr2", float, "re-training learning rates (ε2)"),
-    ("--lam", "lam", float, "absolute EWC weights λ"),
-    ("--lam-per-lr2", "lam_per_lr2", float, "EWC weights relative to ε2: λ = c / ε2"),
-    ("--importance", "importance", str, "importance kinds: masq, fisher, none"),
-    ("--masq-batch", "masq_batch", int, "MaSQ batch sizes B_MaSQ"),
-    ("--scale", "scale", str, "MaSQ scale conventions: mean (the paper's), sum"),
-    ("--fisher-labels", "fisher_labels", str, "FIM label sources: true, sampled, exact"),
-    ("--iters1", "iters1", int, "iterations on D1"),
-    ("--iters2", "iters2", int, "iterations on D2"),
-    ("--batch-size", "batch_size", int, "mini-batch sizes"),
-    ("--eval-every", "eval_every", int, "evaluate every this many iterations"),
-    ("--seed-list", "seed", int, "explicit seeds (instead of --seeds N)"),
-)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_grid(sub)
     _register_table(sub)
     _register_consistency(sub)
+    _register_migrate(sub)
 
 
 def _add_execution(p: argparse.ArgumentParser) -> None:
@@ -68,8 +50,8 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--executor",
-        choices=("local", "ray"),
-        default="local",
+        choices=Executor.values(),
+        default=Executor.LOCAL.value,
         help="local processes or a Ray cluster",
     )
     g.add_argument(
@@ -94,17 +76,22 @@ def _register_grid(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--grid", dest="grid_file", default=None, help="TOML grid file (overrides preset)"
     )
-    axes = p.add_argument_group("axes (each takes one or more values; overrides preset and file)")
-    for flag, _key, kind, text in GRID_FLAGS:
-        axes.add_argument(flag, nargs="+", type=kind, default=None, help=text, metavar="V")
+    add_grid_flags(p)
+    axes = p.add_argument_group("more axes")
+    axes.add_argument(
+        "--lam-per-lr2",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="C",
+        help="EWC weights relative to ε2: λ = c / ε2",
+    )
+    axes.add_argument("--layers", nargs="+", type=int, default=None, metavar="L",
+                      help="hidden-layer counts (with --sizes: every combination)")  # fmt: skip
+    axes.add_argument("--sizes", nargs="+", type=int, default=None, metavar="N",
+                      help="hidden-layer sizes (with --layers)")  # fmt: skip
     axes.add_argument(
         "--seeds", type=int, default=None, metavar="N", help="repeat every run with seeds 0..N-1"
-    )
-    axes.add_argument(
-        "--eval-val",
-        action="store_true",
-        default=None,
-        help="also evaluate on the validation sets (for masq table --select-on val)",
     )
     axes.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--results", default=None, help="results directory (created; resumable)")
@@ -161,29 +148,32 @@ def _register_consistency(sub: argparse._SubParsersAction) -> None:
 
 def grid_from_args(args: argparse.Namespace) -> Any:
     """The Grid of the command line: preset, then grid file, then flags."""
-    from masq import search
+    from masq import grid as masq_grid
 
-    base = search.Grid() if args.preset == "none" else search.load_preset(args.preset)
+    base = masq_grid.Grid() if args.preset == "none" else masq_grid.load_preset(args.preset)
     if args.grid_file is not None:
-        base = search.load_grid_file(args.grid_file, base)
+        base = masq_grid.load_grid_file(args.grid_file, base)
     values: dict[str, Any] = {}
-    for flag, key, _kind, _text in GRID_FLAGS:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    for spec in FIELDS:
+        if spec.stage == Stage.RUN:
+            continue
+        value = getattr(args, dest(spec))
         if value is not None:
-            values[key] = value
+            values[spec.name] = value
+    for key in ("lam_per_lr2", "layers", "sizes"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
     if args.seeds is not None:
         if "seed" in values:
-            raise ConfigError("give either --seeds N or --seed-list, not both")
+            raise ConfigError("give either --seeds N or --seed (a list), not both")
         values["seeds"] = args.seeds
-    if args.eval_val:
-        values["eval_val"] = True
     if args.device is not None:
         values["device"] = args.device
-    return search.grid_from_mapping(values, base, where="command line")
+    return masq_grid.grid_from_mapping(values, base, where="command line")
 
 
 def _workers(args: argparse.Namespace) -> int:
-    from masq.search import cpu_count
+    from masq.grid import cpu_count
 
     workers = cpu_count() if args.workers is None else args.workers
     if workers < 1:
@@ -192,11 +182,11 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def _tasks_fn(args: argparse.Namespace) -> Any:
-    from masq import experiment
+    from masq import protocol
 
     if args.data_dir is None:
         return None
-    return functools.partial(experiment.make_tasks, data_dir=args.data_dir)
+    return functools.partial(protocol.make_tasks, data_dir=args.data_dir)
 
 
 def _hours(seconds: float) -> str:
@@ -223,8 +213,8 @@ def describe_axes(grid: Any) -> str:
 
 def run_grid(args: argparse.Namespace) -> int:
     """``masq grid``."""
-    from masq import search
-    from masq.results import Store, run_id
+    from masq import grid as search
+    from masq.store import Store, run_id
 
     grid = grid_from_args(args)
     configs = search.expand(grid)
@@ -246,7 +236,7 @@ def run_grid(args: argparse.Namespace) -> int:
         print(f"stored already: {len(configs) - len(todo)}; to run: {len(todo)}")
         print(
             f"shared work: {w.d1_trainings} D1 trainings, {w.importance_passes} importance "
-            f"passes, {w.d2_runs} D2 runs in {w.stacks} stacks of <= {args.stack}"
+            f"passes, {w.later_runs} runs in {w.stacks} stacks of <= {args.stack}"
         )
         if todo:
             est = search.estimate(groups, args.stack, workers=workers, threads=threads)
@@ -266,7 +256,8 @@ def run_grid(args: argparse.Namespace) -> int:
         return 0
     if args.results is None:
         raise ConfigError("masq grid: give --results DIR (or --dry-run)")
-    summary = search.execute(
+    summary = _execute(
+        search,
         configs,
         args.results,
         workers=workers,
@@ -277,6 +268,8 @@ def run_grid(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         tasks_fn=_tasks_fn(args),
     )
+    if summary is None:
+        return 1
     print(
         f"done: {summary.done} runs now, {summary.skipped} were stored, "
         f"{len(summary.failed)} failed; {summary.d1_trained} D1 trainings and "
@@ -311,9 +304,10 @@ def run_table(args: argparse.Namespace) -> int:
 
 def run_consistency(args: argparse.Namespace) -> int:
     """``masq consistency``."""
-    from masq import report, search
-    from masq.experiment import ExperimentConfig
-    from masq.results import load, run_id
+    from masq import grid as search
+    from masq import report
+    from masq.config import RunConfig
+    from masq.store import load, run_id
 
     df = load(args.results)
     if df.empty:
@@ -324,11 +318,12 @@ def run_consistency(args: argparse.Namespace) -> int:
     for slt, labelled in plan.items():
         runs[slt] = {}
         for label, d in labelled.items():
-            config = search.canonical(ExperimentConfig.from_dict(d)).validate()
+            config = search.canonical(RunConfig.from_dict(d)).validate()
             runs[slt][label] = run_id(config)
             configs.append(config)
     workers = _workers(args)
-    summary = search.execute(
+    summary = _execute(
+        search,
         configs,
         args.results,
         workers=workers,
@@ -339,6 +334,8 @@ def run_consistency(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         tasks_fn=_tasks_fn(args),
     )
+    if summary is None:
+        return 1
     if summary.failed:
         for rid, message in summary.failed.items():
             print(f"  {rid}: {message}", file=sys.stderr)
@@ -347,4 +344,40 @@ def run_consistency(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.results) / "figures")
     for path in report.consistency_figures(args.results, runs, out):
         print(f"written: {path}")
+    return 0
+
+
+def _execute(search: Any, *args: Any, **kwargs: Any) -> Any:
+    """``search.execute``; a grid stopped by a systematic failure prints its traceback and
+    returns None (exit status 1)."""
+    try:
+        return search.execute(*args, **kwargs)
+    except search.GridAborted as err:
+        print(err.traceback, file=sys.stderr, end="")
+        print(f"masq grid: {err}", file=sys.stderr)
+        return None
+
+
+# ----------------------------------------------------------------------------- migrate
+
+
+def _register_migrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "migrate",
+        help="convert a results directory of masq 0.1 (two-task records) in place",
+        description="Rewrite every record of a format-1 results directory in format 2 (per-phase "
+        "curves, accuracy matrix, ACC/BWT/forgetting); run ids and cached states stay. Safe to "
+        "re-run after an interruption.",
+    )
+    p.add_argument("results", help="results directory")
+    p.set_defaults(func=run_migrate)
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """``masq migrate``."""
+    from masq.store import migrate
+
+    count = migrate(args.results)
+    print(f"{args.results}: {count} record(s) converted to format 2" if count else
+          f"{args.results}: already format 2; nothing to do")  # fmt: skip
     return 0

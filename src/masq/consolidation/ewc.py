@@ -1,5 +1,8 @@
 """The EWC penalty (PAPER.md section 3, step 4), pure: state goes in, a scalar comes out.
 
+Online EWC (Schwarz et al. 2018) keeps one running importance F <- γF + F_t and anchors
+only the latest task's weights (:func:`online_importance`); with two tasks it is plain EWC.
+
 An :class:`Anchor` holds the "lagged" parameters theta* (detached copies taken after
 training on a task) and their importance F (FIM or MaSQ), keyed like
 ``model.named_parameters()``. The penalty of re-training is
@@ -101,3 +104,21 @@ def _diff(a: Mapping[str, object], b: Mapping[str, object], name_a: str, name_b:
     only_a = sorted(set(a) - set(b))
     only_b = sorted(set(b) - set(a))
     return f"only in {name_a}: {only_a}, only in {name_b}: {only_b}"
+
+
+def online_importance(
+    running: Mapping[str, Tensor] | None, new: Mapping[str, Tensor], gamma: float
+) -> dict[str, Tensor]:
+    """Online EWC's running importance (Schwarz et al. 2018): F <- γ F + F_t.
+
+    ``running`` is None before the first consolidated task (then F = F_t). Keys must match.
+    """
+    if not 0 <= gamma <= 1:
+        raise ConfigError(f"gamma: the online EWC decay must be in [0, 1], got {gamma}")
+    if running is None:
+        return {k: v.detach().clone() for k, v in new.items()}
+    if set(running) != set(new):
+        raise ConfigError(
+            f"online EWC: importance keys changed ({_diff(running, new, 'running', 'new')})"
+        )
+    return {k: gamma * running[k] + new[k].detach() for k in new}

@@ -1,7 +1,7 @@
-"""The paper's tables and figures from stored results (PAPER.md section 5).
+"""The paper's Table 1 from stored results (PAPER.md section 5), for runs of any T.
 
-Reads a results directory through :mod:`masq.results` (JSON only; this module never imports
-:mod:`masq.train`). Table 1 of the paper, per SLT:
+Reads a results directory through :mod:`masq.store` (JSON only; no torch). Table 1 of the
+paper, per SLT (accuracy on the union of all tasks during the final phase):
 
 - "best" criterion: the configuration with the highest D1∪D2 accuracy reached during
   re-training on D2, and that accuracy;
@@ -16,77 +16,58 @@ curves (what the paper did); ``select_on="val"`` selects on the validation curve
 ``eval_val``) and reports test accuracy at the selected point. ``group_by`` gives one winner
 per value of some fields (e.g. importance, scale, init) so one table compares conventions;
 λ = 0 runs (importance "none") take part in every importance group.
+For runs of more than two tasks the table adds, for the winner, the average accuracy, the
+backward transfer and the forgetting at the end of the run (:mod:`masq.protocol.result`).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from masq.config import (
+    ID_FIELDS,
+    IMPORTANCE_FIELDS,
+    Criterion,
+    SelectOn,
+    choice,
+    method_label,
+    n_params,
+)
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
-from masq.results import UNION, VAL_UNION, load, load_record
+from masq.store import load
 
-# Fields that define a configuration (all but the seed and the device).
-CONFIG_FIELDS: tuple[str, ...] = (
-    "slt",
-    "dataset",
-    "hidden",
-    "init",
-    "lr1",
-    "lr2",
-    "lam",
-    "importance",
-    "masq_batch",
-    "scale",
-    "fisher_labels",
-    "iters1",
-    "iters2",
-    "batch_size",
-    "eval_every",
-    "eval_val",
+# Fields that define a configuration (all but the seed and the RUN fields).
+CONFIG_FIELDS: tuple[str, ...] = tuple(f for f in ID_FIELDS if f != "seed")
+# Fields a λ = 0 run does not depend on (stored once, with their defaults).
+LAM0_FREE_FIELDS: tuple[str, ...] = (*IMPORTANCE_FIELDS, "consolidation", "gamma")
+# One winner per value of these (``--group-by``): every field but those selected over.
+GROUPABLE: tuple[str, ...] = tuple(
+    f for f in CONFIG_FIELDS if f not in ("slt", "hidden", "lr2", "lam")
 )
-IMPORTANCE_GROUP_FIELDS: tuple[str, ...] = ("importance", "masq_batch", "scale", "fisher_labels")
-GROUPABLE: tuple[str, ...] = (
-    "importance",
-    "masq_batch",
-    "scale",
-    "fisher_labels",
-    "init",
-    "dataset",
-    "lr1",
-    "iters1",
-    "iters2",
-    "eval_every",
-)
-CRITERIA: tuple[str, ...] = ("best", "last")
-SELECT_ON: tuple[str, ...] = ("test", "val")
-
-
-def _n_params(hidden: str) -> int:
-    widths = [784, *(int(h) for h in hidden.split("-") if h), 10]
-    return sum(a * b + b for a, b in itertools.pairwise(widths))
+CRITERIA: tuple[str, ...] = Criterion.values()
+SELECT_ON: tuple[str, ...] = SelectOn.values()
+TRANSFER: tuple[str, ...] = ("average_accuracy", "bwt", "forgetting")
 
 
 def _columns(select_on: str, criterion: str) -> tuple[str, str]:
     """(column selected on, column prefix reported) for a criterion."""
-    if select_on == "test":
-        return f"{criterion}.{UNION}", criterion
-    return f"{criterion}_val.{VAL_UNION}", f"{criterion}_val"
+    if select_on == SelectOn.TEST:
+        return f"{criterion}.union", criterion
+    return f"{criterion}_val.val_union", f"{criterion}_val"
 
 
 def check_select_on(df: pd.DataFrame, select_on: str) -> None:
     """ConfigError unless ``df`` can be selected on ``select_on``."""
-    if select_on not in SELECT_ON:
-        raise ConfigError(f"--select-on: unknown value {select_on!r}; use 'test' or 'val'")
-    if select_on == "val":
-        col = f"best_val.{VAL_UNION}"
+    select_on = choice(SelectOn, select_on, "--select-on")
+    if select_on == SelectOn.VAL:
+        col = "best_val.val_union"
         if col not in df.columns or df[col].isna().any():
             raise ConfigError(
                 "--select-on val: some runs have no validation curves; re-run the grid with "
@@ -100,7 +81,7 @@ def with_wildcards(df: pd.DataFrame, group_by: Sequence[str]) -> pd.DataFrame:
     λ = 0 runs do not depend on the importance settings (they are stored once, with
     importance "none"), so when grouping by importance fields they compete in every group.
     """
-    keys = [k for k in group_by if k in IMPORTANCE_GROUP_FIELDS]
+    keys = [k for k in group_by if k in LAM0_FREE_FIELDS]
     if not keys or df.empty:
         return df
     ewc, zero = df[df["lam"] > 0], df[df["lam"] == 0]
@@ -120,11 +101,12 @@ def aggregate(df: pd.DataFrame, select_on: str = "test") -> pd.DataFrame:
         select, prefix = _columns(select_on, criterion)
         metrics += [
             select,
-            f"{prefix}.{UNION}",
+            f"{prefix}.union",
             f"{prefix}.D1",
             f"{prefix}.D2",
             f"{prefix}.iteration",
         ]
+    metrics += list(TRANSFER)
     metrics = list(dict.fromkeys(m for m in metrics if m in df.columns))
     grouped = df.groupby(fields, dropna=False, sort=True)
     out = grouped[metrics].mean()
@@ -134,7 +116,7 @@ def aggregate(df: pd.DataFrame, select_on: str = "test") -> pd.DataFrame:
     out["run_ids"] = grouped["run_id"].agg(lambda s: ",".join(sorted(s)))
     out["seed_list"] = grouped["seed"].agg(lambda s: ",".join(str(v) for v in sorted(s)))
     out = out.reset_index()
-    out["params"] = out["hidden"].map(_n_params)
+    out["params"] = out["hidden"].map(n_params)
     out["config_text"] = out[fields].astype(str).agg("|".join, axis=1)
     return out
 
@@ -156,7 +138,7 @@ def _same_except_lam(candidates: pd.DataFrame, winner: pd.Series) -> pd.DataFram
     keep = [
         f
         for f in CONFIG_FIELDS
-        if f in candidates.columns and f != "lam" and f not in IMPORTANCE_GROUP_FIELDS
+        if f in candidates.columns and f != "lam" and f not in LAM0_FREE_FIELDS
     ]
     mask = candidates["lam"] == 0
     for f in keep:
@@ -192,10 +174,11 @@ def table1(
                 hidden=win["hidden"],
                 lr2=win["lr2"],
                 lam=win["lam"],
-                method=method(win),
+                method=method_label(win, detailed=True),
+                tasks=int(win["tasks"]),
                 seed_list=win["seed_list"],
-                acc_mean=win[f"{prefix}.{UNION}"],
-                acc_std=win[f"{prefix}.{UNION}:std"],
+                acc_mean=win[f"{prefix}.union"],
+                acc_std=win[f"{prefix}.union:std"],
                 d1_mean=win.get(f"{prefix}.D1", math.nan),
                 d2_mean=win.get(f"{prefix}.D2", math.nan),
                 iteration=win.get(f"{prefix}.iteration", math.nan),
@@ -203,6 +186,7 @@ def table1(
                 run_ids=win["run_ids"],
                 lam0_mean=math.nan,
                 lam0_std=math.nan,
+                **{name: win.get(name, math.nan) for name in TRANSFER},
             )
             for name in ("init", "dataset", "iters1", "iters2", "eval_every"):
                 row.setdefault(name, win[name])
@@ -212,19 +196,10 @@ def table1(
                 zero = _same_except_lam(candidates, win)
                 if not zero.empty:
                     z = zero.iloc[0]
-                    row["lam0_mean"] = z[f"{prefix}.{UNION}"]
-                    row["lam0_std"] = z[f"{prefix}.{UNION}:std"]
+                    row["lam0_mean"] = z[f"{prefix}.union"]
+                    row["lam0_std"] = z[f"{prefix}.union:std"]
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def method(row: Mapping[str, Any]) -> str:
-    """The consolidation of a run: "none" (λ = 0), "masq (mean, B=1000)", "fisher (true)"."""
-    if row["lam"] == 0 or row["importance"] == "none":
-        return "none"
-    if row["importance"] == "masq":
-        return f"masq ({row['scale']}, B={int(row['masq_batch'])})"
-    return f"fisher ({row['fisher_labels']})"
 
 
 def _pct(mean: float, std: float) -> str:
@@ -250,6 +225,8 @@ def to_markdown(table: pd.DataFrame, group_by: Sequence[str] = ()) -> str:
         if select_on == "test"
         else "selected on the VALIDATION curves; test accuracy reported"
     )
+    many = bool((table["tasks"] > 2).any()) if "tasks" in table else False
+    union = "all tasks" if many else "D1∪D2"
     header = [
         "SLT",
         *group_by,
@@ -259,15 +236,21 @@ def to_markdown(table: pd.DataFrame, group_by: Sequence[str] = ()) -> str:
         "ε2",
         "λ",
         "method",
-        "D1∪D2 %",
+        f"{union} %",
         "D1 %",
         "D2 %",
         "iteration",
-        "D1∪D2 % with λ = 0",
+        f"{union} % with λ = 0",
+        *(["ACC %", "BWT %", "forgetting %"] if many else []),
         "seeds",
     ]
     lines = [
-        f"Table 1: best configuration per SLT, {label}; accuracy in % (mean ± std over seeds).",
+        f"Table 1: best configuration per SLT, {label}; accuracy in % (mean ± std over seeds)"
+        + (
+            "; ACC, BWT, forgetting at the end of the winner's runs (mean over seeds)."
+            if many
+            else "."
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -287,6 +270,7 @@ def to_markdown(table: pd.DataFrame, group_by: Sequence[str] = ()) -> str:
             _pct(r["d2_mean"], math.nan),
             _num(r["iteration"]),
             _pct(r["lam0_mean"], r["lam0_std"]) if r["criterion"] == "last" else "",
+            *([_pct(r[name], math.nan) for name in TRANSFER] if many else []),
             str(r["seeds"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -303,92 +287,6 @@ def write_table(
     md = atomic_write(out_dir / f"table1_{suffix}.md", to_markdown(table, group_by))
     csv = atomic_write(out_dir / f"table1_{suffix}.csv", table.to_csv(index=False))
     return md, csv
-
-
-# ----------------------------------------------------------------------------- consistency
-
-
-def consistency_plan(
-    df: pd.DataFrame, *, select_on: str = "test", criterion: str = "best"
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per SLT, the configurations of the consistency check (PAPER.md section 5.2), as
-    config dicts (seed: the lowest seed of the winner):
-
-    - "EWC+MaSQ": the SLT's best MaSQ configuration with λ > 0 by ``criterion`` (as stored;
-      when there is none, the best with λ > 0, else the best of all);
-    - "EWC+FIM": the same with importance "fisher" (true labels) and λ = 1/ε2;
-    - "no EWC": the same with λ = 0 (importance "none").
-
-    The caller canonicalizes them (``masq.search.canonical``) and runs the missing ones.
-    """
-    if criterion not in CRITERIA:
-        raise ConfigError(f"--criterion: unknown value {criterion!r}; use 'best' or 'last'")
-    pools = (df[(df["lam"] > 0) & (df["importance"] == "masq")], df[df["lam"] > 0], df)
-    pool = next(p for p in pools if not p.empty)
-    table = table1(pool, select_on=select_on)
-    plan: dict[str, dict[str, dict[str, Any]]] = {}
-    for _, row in table[table["criterion"] == criterion].iterrows():
-        ids = row["run_ids"].split(",")
-        rid = df[df["run_id"].isin(ids)].sort_values(["seed", "run_id"])["run_id"].iloc[0]
-        base = _config_of(df, rid)
-        lr2 = float(base["lr2"])
-        fim = {
-            **base,
-            "importance": "fisher",
-            "fisher_labels": "true",
-            "lam": float(f"{1 / lr2:.12g}"),
-        }
-        none = {**base, "importance": "none", "lam": 0.0}
-        plan[str(row["slt"])] = {"EWC+MaSQ": base, "EWC+FIM": fim, "no EWC": none}
-    return plan
-
-
-def _config_of(df: pd.DataFrame, rid: str) -> dict[str, Any]:
-    row = df[df["run_id"] == rid].iloc[0]
-    config = {f: row[f] for f in (*CONFIG_FIELDS, "seed", "device") if f in row.index}
-    config["hidden"] = [int(h) for h in str(config["hidden"]).split("-") if h]
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in config.items()}
-
-
-def consistency_figures(
-    root: str | os.PathLike[str],
-    runs: Mapping[str, Mapping[str, str]],
-    out: str | os.PathLike[str],
-) -> list[Path]:
-    """One three-panel figure per SLT (D1, D2, D1∪D2 over training and re-training) of the
-    runs ``{slt: {label: run id}}``, drawn with :mod:`masq.figures`; PNG paths written."""
-    from masq import figures  # the curve style of `masq compare`
-    from masq.results import load_result
-
-    paths = []
-    for slt, labelled in runs.items():
-        results = {label: load_result(root, rid) for label, rid in labelled.items()}
-        first = next(iter(results.values())).config
-        title = (
-            f"{slt}: consistency check, 784-{'-'.join(map(str, first.hidden))}-10, "
-            f"ε2 = {first.lr2:g} (MaSQ λ = {first.lam:g}, FIM λ = 1/ε2)"
-        )
-        fig = figures.curves_figure(results, title=title)
-        name = f"consistency_{slt.replace('/', '_')}.png"
-        paths.append(figures.save_figure(fig, Path(out) / name))
-    return paths
-
-
-def consistency_summary(root: str | os.PathLike[str], runs: Mapping[str, Mapping[str, str]]) -> str:
-    """A Markdown table of the consistency runs: best and last D1∪D2 accuracy per method."""
-    lines = [
-        "| SLT | method | λ | best D1∪D2 % | last D1∪D2 % | run id |",
-        "|---|---|---|---|---|---|",
-    ]
-    for slt, labelled in runs.items():
-        for label, rid in labelled.items():
-            result = load_record(root, rid)["result"]
-            lam = result["config"]["lam"]
-            lines.append(
-                f"| {slt} | {label} | {lam:g} | {100 * result['best'][UNION]:.2f} | "
-                f"{100 * result['last'][UNION]:.2f} | {rid} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def load_table(

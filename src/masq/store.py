@@ -3,25 +3,26 @@
 Layout of a results directory ``DIR``::
 
     DIR/meta.json              {"format": "masq-results", "version": FORMAT_VERSION}
-    DIR/runs/<id>.json         one finished run: {"run_id", "version", "result": Result JSON}
+    DIR/runs/<id>.json         one finished run: {"run_id", "version", "result": record}
     DIR/errors/<id>.json       one failed run: {"run_id", "config", "error", "traceback"}
-    DIR/d1/<key>.pt            cached D1 states (shared by every run that starts from them)
-    DIR/importance/<key>.pt    cached importance passes
+    DIR/d1/<key>.pt            cached task-1 states (shared by every run that starts there)
+    DIR/importance/<key>.pt    cached importance passes of task 1
 
-A run's id is ``sha256`` of the canonical JSON of its configuration (keys sorted, the
-``device`` left out, floats as floats), cut to :data:`ID_LENGTH` hex digits, so the same
-configuration always maps to the same file whatever the order of its keys. Every write goes
-through a temporary file in the same directory and ``os.replace``: a run killed at any point
-(even ``kill -9``) leaves either the whole record or none. Re-running a grid skips the ids
-already stored.
+A run's id is ``sha256`` of the canonical JSON of its configuration (keys sorted, the RUN
+fields such as ``device`` left out, fields added since format 1 left out while at their
+default), cut to :data:`ID_LENGTH` hex digits: the same configuration always maps to the same
+file whatever the order of its keys, and the ids of masq 0.1's runs are unchanged. Every write
+goes through a temporary file and ``os.replace``: a run killed at any point leaves either the
+whole record or none. Re-running a grid skips the ids already stored.
 
-This module reads and writes JSON and tensors only; it never imports :mod:`masq.train`
-(``masq.report`` builds on it). ``load_result`` imports :mod:`masq.experiment` lazily.
+Format 2 (this masq) holds T-task records (per-phase curves, accuracy matrix); a directory
+of format 1 (masq 0.1, two-task records) is refused with a message naming ``masq migrate``,
+which converts it in place (:func:`migrate`). This module is torch-free except for the
+tensor caches (imported lazily).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -33,46 +34,60 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from masq.curves import best_and_last_indices
+from masq.config import FIELD, FIELDS, Choice, Stage, hidden_text
+from masq.curves import VAL, best_and_last_indices, point, union_name
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
-    from masq.experiment import Result
+    from masq.protocol.result import Result
 
 FORMAT = "masq-results"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ID_LENGTH = 20
-NOT_IN_ID: tuple[str, ...] = ("device",)
-UNION = "D1∪D2"
-VAL_UNION = "val:D1∪D2"
 
 
 # ----------------------------------------------------------------------------- run ids
 
 
 def config_dict(config: Any) -> dict[str, Any]:
-    """The JSON-ready dict of ``config`` (an ExperimentConfig or a mapping), floats coerced.
+    """The JSON-ready dict of ``config`` (a RunConfig or a mapping of its fields): Enum members
+    as values, floats as floats (``lam=1000`` and ``lam=1000.0`` are one run), tuples as
+    lists."""
+    d = dict(config.to_dict()) if hasattr(config, "to_dict") else dict(config)
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Choice):
+            v = v.value
+        elif isinstance(v, tuple):
+            v = list(v)
+        spec = FIELD.get(k)
+        if spec is not None and spec.kind is float and isinstance(v, int | float):
+            v = float(v)
+        out[k] = v
+    return out
 
-    Fields annotated ``float`` become Python floats (so ``lam=1000`` and ``lam=1000.0`` are the
-    same run); tuples become lists.
-    """
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        d = dict(config.to_dict()) if hasattr(config, "to_dict") else dataclasses.asdict(config)
-        for f in dataclasses.fields(config):
-            if f.type in ("float", float) and isinstance(d.get(f.name), int | float):
-                d[f.name] = float(d[f.name])
-    elif isinstance(config, Mapping):
-        d = dict(config)
-    else:
-        raise TypeError(f"run_id: expected an ExperimentConfig or a mapping, got {type(config)}")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+def id_dict(config: Any) -> dict[str, Any]:
+    """The fields that make a run's id: all but RUN fields, and fields added since format 1
+    only where they differ from their default."""
+    d = config_dict(config)
+    out = {}
+    for k, v in d.items():
+        spec = FIELD.get(k)
+        if spec is not None and spec.stage == Stage.RUN:
+            continue
+        if spec is not None and spec.since_v1 and v == config_dict({k: spec.default})[k]:
+            continue
+        out[k] = v
+    return out
 
 
 def canonical_json(config: Any) -> str:
-    """Canonical JSON of a configuration: sorted keys, no spaces, ``device`` left out."""
-    d = {k: v for k, v in config_dict(config).items() if k not in NOT_IN_ID}
-    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    """Canonical JSON of a configuration (:func:`id_dict`): sorted keys, no spaces."""
+    return json.dumps(
+        id_dict(config), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 def run_id(config: Any) -> str:
@@ -81,7 +96,7 @@ def run_id(config: Any) -> str:
 
 
 def key_of(values: Mapping[str, Any]) -> str:
-    """A stable short hash of any JSON-ready mapping (used for D1 and importance cache keys)."""
+    """A stable short hash of any JSON-ready mapping (the task-1 and importance cache keys)."""
     text = json.dumps(dict(values), sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:ID_LENGTH]
 
@@ -89,11 +104,15 @@ def key_of(values: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the store
 
 
+def _meta_text(version: int = FORMAT_VERSION) -> str:
+    return json.dumps({"format": FORMAT, "version": version}, indent=1) + "\n"
+
+
 class Store:
     """A results directory (see the module docstring); ``create`` makes a fresh one.
 
-    Opening a directory written by another format version, or a non-empty directory that
-    is not a results directory, is a one-line :class:`ConfigError`.
+    Opening a directory of another format version, or a non-empty directory that is not a
+    results directory, is a one-line :class:`ConfigError`.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
@@ -106,12 +125,11 @@ class Store:
         elif (self.root / "runs").exists():
             raise ConfigError(
                 f"results dir {str(self.root)!r} has runs/ but no meta.json: it was not written "
-                "by this masq; use a new --results directory"
+                "by masq; use a new --results directory"
             )
         elif create:
             self.root.mkdir(parents=True, exist_ok=True)
-            meta_text = json.dumps({"format": FORMAT, "version": FORMAT_VERSION}, indent=1)
-            atomic_write(meta, meta_text + "\n")
+            atomic_write(meta, _meta_text())
         else:
             raise ConfigError(
                 f"no results at {str(self.root)!r}; run `masq grid --results {self.root}` first"
@@ -123,6 +141,7 @@ class Store:
 
     # --- runs
     def run_path(self, rid: str) -> Path:
+        """Where run ``rid``'s record lives."""
         return self.runs / f"{rid}.json"
 
     def has(self, rid: str) -> bool:
@@ -138,7 +157,7 @@ class Store:
     def write_result(self, result: Result) -> str:
         """Store ``result`` as runs/<id>.json (atomically); clears an earlier error; its id."""
         rid = run_id(result.config)
-        record = {"run_id": rid, "version": FORMAT_VERSION, "result": json.loads(result.to_json())}
+        record = {"run_id": rid, "version": FORMAT_VERSION, "result": result.to_dict()}
         atomic_write(self.run_path(rid), json.dumps(record, ensure_ascii=False) + "\n")
         (self.errors / f"{rid}.json").unlink(missing_ok=True)
         return rid
@@ -177,7 +196,7 @@ class Store:
             return []
         return [read_json(p) for p in sorted(self.errors.glob("*.json")) if not self.has(p.stem)]
 
-    # --- tensors (D1 states, importance)
+    # --- tensors (task-1 states, importance)
     def save_tensors(self, path: Path, obj: Any) -> None:
         """``torch.save(obj)`` to ``path`` atomically."""
         import torch
@@ -195,15 +214,25 @@ class Store:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def check_meta(meta: Path) -> None:
-    """Raise ConfigError unless ``meta`` describes a results dir of this format version."""
+def read_meta(meta: Path) -> dict[str, Any]:
+    """The metadata of a results dir; unreadable or foreign: a one-line ConfigError."""
     try:
         info = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"{meta}: unreadable results metadata ({err}); use a new dir") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ConfigError(f"{meta}: not a masq results directory; use a new --results directory")
-    version = info.get("version")
+    return info
+
+
+def check_meta(meta: Path) -> None:
+    """Raise ConfigError unless ``meta`` describes a results dir of this format version."""
+    version = read_meta(meta).get("version")
+    if version == 1:
+        raise ConfigError(
+            f"results dir {str(meta.parent)!r} was written by masq 0.1 (format 1); convert it "
+            f"in place with `masq migrate {meta.parent}` (run ids stay the same)"
+        )
     if version != FORMAT_VERSION:
         raise ConfigError(
             f"results dir {str(meta.parent)!r} has format version {version}, this masq reads "
@@ -219,6 +248,34 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: corrupt record ({err}); delete it and re-run") from None
 
 
+def migrate(root: str | os.PathLike[str]) -> int:
+    """Convert results dir ``root`` from format 1 to format 2 in place; the number of records
+    converted (0 when it is already format 2). Each record is rewritten atomically and
+    meta.json last, so an interrupted migration can simply be run again."""
+    from masq.protocol.result import result_from_v1
+
+    root = Path(root)
+    meta = root / "meta.json"
+    if not meta.exists():
+        raise ConfigError(f"{str(root)!r} is not a results directory (no meta.json)")
+    version = read_meta(meta).get("version")
+    if version == FORMAT_VERSION:
+        return 0
+    if version != 1:
+        raise ConfigError(f"results dir {str(root)!r} has unknown format version {version}")
+    count = 0
+    for path in sorted((root / "runs").glob("*.json")):
+        record = read_json(path)
+        if record.get("version") == FORMAT_VERSION:
+            continue
+        result = result_from_v1(record["result"])
+        new = {"run_id": record["run_id"], "version": FORMAT_VERSION, "result": result}
+        atomic_write(path, json.dumps(new, ensure_ascii=False) + "\n")
+        count += 1
+    atomic_write(meta, _meta_text())
+    return count
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -227,54 +284,52 @@ def open_store(root: str | os.PathLike[str]) -> Store:
     return Store(root, create=False)
 
 
-def curve_points(curve: Mapping[str, list[float]], key: str) -> tuple[int, int]:
-    """(index of the "best" point, index of the "last" point) of a re-training curve by ``key``.
-
-    The rule of :func:`masq.curves.best_and_last_indices` (as ``experiment.best_and_last``).
-    """
-    return best_and_last_indices(curve, key)
-
-
-def point(curve: Mapping[str, list[float]], index: int) -> dict[str, float]:
-    """Every series of ``curve`` at position ``index``."""
-    return {k: float(v[index]) for k, v in curve.items() if len(v) > index}
-
-
 def flat_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    """One DataFrame row of a stored record: config columns, best./last. metrics, timings.
+    """One DataFrame row of a stored record: config columns, best./last. metrics (on the
+    union of all tasks during the final phase), ACC/BWT/forgetting, timings.
 
-    ``hidden`` becomes a string "800-400-400" (with ``layers`` its length). With validation
-    curves, ``best_val.*``/``last_val.*`` hold every set at the first maximum / the end of
-    ``val:D1∪D2`` during re-training (selection on validation data).
+    ``hidden`` becomes a string "800-400-400" (with ``layers`` its length), ``tasks`` is T;
+    ``best.union`` / ``last.union`` are the accuracy on the union of all tasks whatever T.
+    With validation curves, ``best_val.*``/``last_val.*`` hold every set at the first maximum
+    / the end of the validation union (selection on validation data).
     """
     result = record["result"]
-    config = dict(result["config"])
-    hidden = list(config.get("hidden", []))
+    config = {f.name: f.default for f in FIELDS} | dict(result["config"])
+    config = config_dict(config)
     row: dict[str, Any] = {"run_id": record["run_id"]}
     row.update({k: v for k, v in config.items() if k != "hidden"})
-    row["hidden"] = "-".join(str(h) for h in hidden)
-    row["layers"] = len(hidden)
+    row["hidden"] = hidden_text(config["hidden"])
+    row["layers"] = len(config["hidden"])
+    curves = result["curves"]
+    row["tasks"] = len(curves)
+    union = union_name(len(curves))
     for crit in ("best", "last"):
         for k, v in result.get(crit, {}).items():
             row[f"{crit}.{k}"] = v
-    curve = result.get("curve_d2", {})
-    if curve.get(VAL_UNION):
-        best_i, last_i = curve_points(curve, VAL_UNION)
+        row[f"{crit}.union"] = result[crit][union]
+    final = curves[-1]
+    if final.get(VAL + union):
+        best_i, last_i = best_and_last_indices(final, VAL + union)
         for crit, i in (("best_val", best_i), ("last_val", last_i)):
-            for k, v in point(curve, i).items():
+            for k, v in point(final, i).items():
                 row[f"{crit}.{k}"] = v
-    for k, v in result.get("timings", {}).items():
-        row[f"time.{k}"] = v
+            row[f"{crit}.union"] = final[union][i]  # test accuracy at the selected point
+            row[f"{crit}.val_union"] = final[VAL + union][i]  # what selects it
+    for k, v in result.get("metrics", {}).items():
+        row[k] = v
+    for k, values in result.get("timings", {}).items():
+        row[f"time.{k}"] = float(sum(values))
     return row
 
 
 def load(root: str | os.PathLike[str]) -> pd.DataFrame:
     """Every stored run of results dir ``root`` as a DataFrame, one row per run.
 
-    Columns: ``run_id``, the configuration fields (``hidden`` as "800-800", plus ``layers``),
-    ``best.<set>`` / ``last.<set>`` (accuracy at the highest / the final D1∪D2 point of
-    re-training; ``best.iteration`` is where), ``best_val.*`` / ``last_val.*`` when runs
-    evaluated the validation sets, and ``time.*`` in seconds. Curves: :func:`load_result`.
+    Columns: ``run_id``, the configuration fields (``hidden`` as "800-800", plus ``layers``
+    and ``tasks``), ``best.<set>`` / ``last.<set>`` (at the highest / the final accuracy on the
+    union of all tasks during the final phase; ``best.iteration`` is where), ``best_val.*`` /
+    ``last_val.*`` when runs evaluated the validation sets, ``average_accuracy``, ``bwt``,
+    ``forgetting``, and ``time.*`` in seconds. Curves: :func:`load_result`.
     """
     store = open_store(root)
     rows = [flat_row(store.read_record(rid)) for rid in sorted(store.stored_ids())]
@@ -290,10 +345,10 @@ def load_record(root: str | os.PathLike[str], rid: str) -> dict[str, Any]:
 
 
 def load_result(root: str | os.PathLike[str], rid: str) -> Result:
-    """Run ``rid`` as a :class:`masq.experiment.Result` (curves included)."""
-    from masq.experiment import Result
+    """Run ``rid`` as a :class:`masq.protocol.Result` (curves included)."""
+    from masq.protocol.result import Result
 
-    return Result.from_json(json.dumps(load_record(root, rid)["result"]))
+    return Result.from_dict(load_record(root, rid)["result"])
 
 
 def errors(root: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -1,0 +1,414 @@
+"""One source of truth for configuration: the choices (``str`` Enums) and the config fields.
+
+This part holds the Enums; every module that takes a choice imports its Enum from here.
+Each is a ``str`` Enum: ``ImportanceKind.NONE == "none"``, it serializes to JSON as its
+value, and a bad value is a one-line :class:`~masq.errors.ConfigError` via :func:`choice`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from typing import Any, TypeVar
+
+from masq.errors import ConfigError
+
+
+class Choice(str, Enum):
+    """Base of every choice: a ``str`` whose ``str()`` and format are its value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The accepted spellings, in definition order."""
+        return tuple(m.value for m in cls)
+
+
+class ImportanceKind(Choice):
+    """Which parameter importance consolidates a task (PAPER.md section 4)."""
+
+    FISHER = "fisher"  # the diagonal empirical Fisher (FIM)
+    MASQ = "masq"  # the Matrix of SQuares
+    NONE = "none"  # no importance: plain fine-tuning (λ has no effect)
+
+
+class Scale(Choice):
+    """Scale convention of MaSQ."""
+
+    MEAN = "mean"  # the paper: squared gradient of the batch-MEAN loss
+    SUM = "sum"  # the authors' group code: squared gradient of the SUMMED loss / batch size
+
+
+class FisherLabels(Choice):
+    """Where the labels of the FIM's per-sample gradients come from."""
+
+    TRUE = "true"  # the data's labels: the empirical Fisher of the paper
+    SAMPLED = "sampled"  # one label per sample drawn from the model's softmax
+    EXACT = "exact"  # every class c, weighted by the softmax probability p_c(x_n)
+
+
+class Init(Choice):
+    """Initialization of the MLP (see :mod:`masq.models`)."""
+
+    TORCH = "torch"  # PyTorch's nn.Linear default
+    TF = "tf"  # truncated normal(0, 0.1), bias 0.1 (the authors' TensorFlow tutorial)
+
+
+class Consolidation(Choice):
+    """How the tasks before task t constrain its training."""
+
+    EWC = "ewc"  # one anchor per earlier task, penalties summed (Kirkpatrick et al. 2017)
+    ONLINE_EWC = "online-ewc"  # one running importance F <- γF + F_t, the latest anchor
+
+
+class Executor(Choice):
+    """Where a grid's groups run."""
+
+    LOCAL = "local"  # a pool of local worker processes
+    RAY = "ray"  # tasks on a Ray cluster
+
+
+class Criterion(Choice):
+    """The paper's two selection criteria (PAPER.md section 3)."""
+
+    BEST = "best"  # the highest union accuracy reached during the final phase
+    LAST = "last"  # the union accuracy at the end of the final phase
+
+
+class SelectOn(Choice):
+    """Which curves select a winner."""
+
+    TEST = "test"  # the test curves (what the paper did)
+    VAL = "val"  # the validation curves (the honest choice)
+
+
+class DeviceKind(Choice):
+    """Device kinds (``cuda:N`` names a CUDA device by index)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"
+
+
+E = TypeVar("E", bound=Choice)
+
+DEVICE_HELP = "use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+_DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+
+def check_device_name(name: object) -> str:
+    """``name`` if it is a device name masq accepts, else a one-line ConfigError."""
+    if not isinstance(name, str) or not _DEVICE_RE.match(name):
+        raise ConfigError(f"device: unknown device {name!r}; {DEVICE_HELP}")
+    return name
+
+
+def choice(kind: type[E], value: object, what: str) -> E:
+    """``value`` as a member of ``kind``, else a one-line ConfigError naming ``what``."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(
+            f"{what}: unknown value {value!r}; use one of {', '.join(kind.values())}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+class Stage(Choice):
+    """Which part of a run a field determines (and so which work runs can share)."""
+
+    DATA = "data"  # the tasks: SLT, dataset, seed
+    FIRST = "first"  # training on task 1 (the "D1 state" a grid shares)
+    IMPORTANCE = "importance"  # the importance pass on a trained task
+    LATER = "later"  # training on tasks 2..T with the consolidation of the earlier ones
+    RUN = "run"  # where it runs; not part of the run id
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """One configuration field: its name, element type, default, stage and help.
+
+    ``since_v1`` fields were added after the first store format: they are left out of the run
+    id while at their default, so the ids of runs stored before them stay what they were.
+    """
+
+    name: str
+    kind: type
+    default: Any
+    stage: Stage
+    help: str
+    check: str = ""  # "positive", "nonneg", "unit" (0 <= x <= 1) or "" (type only)
+    since_v1: bool = False
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag: ``--lr2``, ``--masq-batch``, ..."""
+        return "--" + self.name.replace("_", "-")
+
+
+def _f(name: str, kind: type, default: Any, stage: Stage, help: str, **kw: Any) -> FieldSpec:
+    return FieldSpec(name, kind, default, stage, help, **kw)
+
+
+D, F, IMP, L, R = Stage.DATA, Stage.FIRST, Stage.IMPORTANCE, Stage.LATER, Stage.RUN
+Hidden = tuple  # the element type of ``hidden``: a tuple of positive ints
+
+# Adding a configuration field is one line here: it then reaches RunConfig, its validation,
+# the CLI flags of `masq run` and `masq grid`, the grid's axes and TOML keys, the run id,
+# the shared-work keys of its stage and the report's columns (tests/test_config.py checks).
+FIELDS: tuple[FieldSpec, ...] = (
+    _f("slt", str, "D5-5", D, "sequential learning task, e.g. D5-5, D9-1, DP10-10, D2-2-2-2-2"),
+    _f("dataset", str, "mnist", D, "dataset name (mnist, fashion-mnist)"),
+    _f("seed", int, 0, D, "seed of every random stream of the run", check="nonneg"),
+    _f("hidden", Hidden, (800, 800), F, "hidden layer sizes, e.g. 800-400-400"),
+    _f("init", Init, Init.TORCH, F, "initialization: torch | tf"),
+    _f("lr1", float, 1e-3, F, "Adam learning rate on task 1 (ε1)", check="positive"),
+    _f("iters1", int, 5000, F, "iterations on task 1", check="positive"),
+    _f("batch_size", int, 100, F, "mini-batch size B of every phase", check="positive"),
+    _f("eval_every", int, 250, F, "evaluate every N iterations (and at 0 and the end)",
+       check="positive"),
+    _f("eval_val", bool, False, F, "also evaluate on the validation sets (--select-on val)"),
+    _f("importance", ImportanceKind, ImportanceKind.MASQ, IMP, "importance: fisher | masq | none"),
+    _f("masq_batch", int, 1000, IMP, "MaSQ batch size B_MaSQ", check="positive"),
+    _f("scale", Scale, Scale.MEAN, IMP, "MaSQ scale: mean (the paper) | sum"),
+    _f("fisher_labels", FisherLabels, FisherLabels.TRUE, IMP,
+       "FIM labels: true (the paper) | sampled | exact"),
+    _f("consolidation", Consolidation, Consolidation.EWC, L,
+       "ewc (one anchor per earlier task) | online-ewc (running importance)", since_v1=True),
+    _f("gamma", float, 1.0, L, "online EWC decay γ: F <- γF + F_t", check="unit", since_v1=True),
+    _f("lr2", float, 1e-5, L, "Adam learning rate on tasks 2..T (ε2)", check="positive"),
+    _f("lam", float, 1000.0, L, "EWC weight λ", check="nonneg"),
+    _f("iters2", int, 5000, L, "iterations on each of tasks 2..T", check="positive"),
+    _f("device", str, "cpu", R, "cpu | cuda | cuda:N | auto"),
+)  # fmt: skip
+del D, F, IMP, L, R
+
+FIELD: dict[str, FieldSpec] = {f.name: f for f in FIELDS}
+
+
+def fields_of(*stages: Stage) -> tuple[str, ...]:
+    """The names of the fields of ``stages``, in registry order."""
+    return tuple(f.name for f in FIELDS if f.stage in stages)
+
+
+# The fields that determine the state after task 1 (what a grid's runs share), those that in
+# addition determine task 1's importance, and those of the run id (all but RUN).
+FIRST_FIELDS: tuple[str, ...] = fields_of(Stage.DATA, Stage.FIRST)
+IMPORTANCE_FIELDS: tuple[str, ...] = fields_of(Stage.IMPORTANCE)
+ID_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.stage != Stage.RUN)
+# Which importance fields matter for each importance kind (the others cannot change a result).
+RELEVANT_IMPORTANCE_FIELDS: dict[ImportanceKind, tuple[str, ...]] = {
+    ImportanceKind.NONE: (),
+    ImportanceKind.MASQ: ("masq_batch", "scale"),
+    ImportanceKind.FISHER: ("fisher_labels",),
+}
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def coerce(spec: FieldSpec, value: Any, where: str = "") -> Any:
+    """``value`` as ``spec``'s type (Enum members from strings, floats from ints, hidden sizes
+    from "800-400" or a list); a wrong type is a one-line ConfigError."""
+    name = f"{where}{spec.name}"
+    if spec.kind is Hidden:
+        return parse_hidden(value, name)
+    if isinstance(spec.kind, type) and issubclass(spec.kind, Choice):
+        return choice(spec.kind, value, name)
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false, got {value!r}")
+        return value
+    if spec.kind is float:
+        if not _is_real(value):
+            raise ConfigError(f"{name}: must be a number, got {value!r}")
+        return float(value)
+    if spec.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        return value
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_value(spec: FieldSpec, value: Any, where: str = "") -> None:
+    """ConfigError (one line) unless ``value`` passes ``spec.check``."""
+    name = f"{where}{spec.name}"
+    if spec.kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+    if spec.check == "positive" and not value > 0:
+        raise ConfigError(f"{name}: must be > 0, got {value!r}")
+    if spec.check == "nonneg" and not value >= 0:
+        raise ConfigError(f"{name}: must be >= 0, got {value!r}")
+    if spec.check == "unit" and not 0 <= value <= 1:
+        raise ConfigError(f"{name}: must be between 0 and 1, got {value!r}")
+
+
+def parse_hidden(value: Any, where: str = "hidden") -> tuple[int, ...]:
+    """One architecture from (800, 400), [800, 400] or "800-400" (or "800x400"), else a
+    one-line ConfigError."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace("x", "-").replace(",", "-").split("-") if p.strip()]
+        try:
+            sizes = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: bad architecture {value!r}; write hidden sizes like 800-400-400"
+            ) from None
+    elif isinstance(value, list | tuple):
+        sizes = tuple(value)
+    else:
+        raise ConfigError(f"{where}: bad architecture {value!r}; write e.g. [800, 400] or 800-400")
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
+        raise ConfigError(
+            f"{where}: bad architecture {value!r}; give at least one positive layer size"
+        )
+    return sizes
+
+
+def hidden_text(hidden: Sequence[int]) -> str:
+    """``(800, 400)`` -> ``"800-400"`` (the one spelling of an architecture in tables)."""
+    return "-".join(str(int(h)) for h in hidden)
+
+
+def _dataclass_fields() -> list[tuple[str, Any, Any]]:
+    return [(f.name, f.kind, dataclasses.field(default=f.default)) for f in FIELDS]
+
+
+class _RunConfigMethods:
+    """Methods of :class:`RunConfig` (its fields come from :data:`FIELDS`)."""
+
+    def validate(self) -> RunConfig:
+        """Coerce and check every field; the SLT must parse and have at least two tasks.
+        Raises a one-line ConfigError naming the field and the fix; returns the config."""
+        from masq.slt import parse_spec
+
+        for spec in FIELDS:
+            value = coerce(spec, getattr(self, spec.name))
+            if spec.kind in (int, float):
+                check_value(spec, value)
+        spec = parse_spec(self.slt)  # type: ignore[attr-defined]
+        if len(spec.task_classes) < 2:
+            raise ConfigError(
+                f"slt: a continual-learning run needs at least two tasks, got {self.slt!r}"  # type: ignore[attr-defined]
+            )
+        check_device_name(self.device)  # type: ignore[attr-defined]
+        return self  # type: ignore[return-value]
+
+    @property
+    def n_tasks(self) -> int:
+        """T, the number of tasks of the SLT."""
+        from masq.slt import parse_spec
+
+        return len(parse_spec(self.slt).task_classes)  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: Enum members as their values, tuples as lists."""
+        out: dict[str, Any] = {}
+        for spec in FIELDS:
+            value = getattr(self, spec.name)
+            if isinstance(value, Choice):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[spec.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; missing keys take their defaults; unknown keys and
+        values of the wrong type are a ConfigError."""
+        unknown = sorted(set(d) - set(FIELD))
+        if unknown:
+            raise ConfigError(f"config: unknown keys {unknown}; known keys: {sorted(FIELD)}")
+        return cls(**{k: coerce(FIELD[k], v) for k, v in d.items()})  # type: ignore[return-value]
+
+    def with_(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied (values coerced to the fields' types)."""
+        unknown = sorted(set(changes) - set(FIELD))
+        if unknown:
+            raise ConfigError(f"config: unknown fields {unknown}; known: {sorted(FIELD)}")
+        coerced = {k: coerce(FIELD[k], v) for k, v in changes.items()}
+        return dataclasses.replace(self, **coerced)  # type: ignore[type-var]
+
+    def __post_init__(self) -> None:
+        for spec in FIELDS:  # Enum members and floats whatever was passed in
+            value = getattr(self, spec.name)
+            try:
+                value = coerce(spec, value)
+            except ConfigError:
+                continue  # reported by validate()
+            object.__setattr__(self, spec.name, value)
+
+
+RunConfig = dataclasses.make_dataclass(
+    "RunConfig",
+    _dataclass_fields(),
+    bases=(_RunConfigMethods,),
+    frozen=True,
+)
+RunConfig.__module__ = __name__  # so that pickling (worker processes, Ray) finds it
+RunConfig.__doc__ = (
+    "Everything that defines one run: T tasks of an SLT, task 1 at lr1 for iters1, every "
+    "later task at lr2 for iters2 with the consolidation of the tasks before it. One field per "
+    "entry of :data:`FIELDS` (name, type, default, help)."
+)
+
+
+# ----------------------------------------------------------------------------- one definition each
+
+LAM_DIGITS = 12  # λ = c / ε2 is rounded to this many significant digits (0.1 / 1e-3 -> 100.0)
+
+
+def round_sig(x: float, digits: int = LAM_DIGITS) -> float:
+    """``x`` rounded to ``digits`` significant digits (so 1 / 1e-5 gives exactly 100000.0)."""
+    return float(f"{x:.{digits}g}")
+
+
+def lam_per_lr2(c: float, lr2: float) -> float:
+    """The λ of the reading "λ = c / ε2" (PAPER.md section 2), rounded by :func:`round_sig`."""
+    return round_sig(c / lr2)
+
+
+def mlp_widths(
+    hidden: Sequence[int] | str, in_features: int = 784, classes: int = 10
+) -> tuple[int, ...]:
+    """The layer widths of an MLP: (in_features, *hidden, classes)."""
+    sizes = parse_hidden(hidden) if isinstance(hidden, str) else tuple(hidden)
+    return (in_features, *sizes, classes)
+
+
+def n_params(hidden: Sequence[int] | str, in_features: int = 784, classes: int = 10) -> int:
+    """The number of weights and biases of the MLP: Σ_l (w_l w_{l+1} + w_{l+1})."""
+    widths = mlp_widths(hidden, in_features, classes)
+    return sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
+def method_label(values: Any, *, detailed: bool = False) -> str:
+    """A short human name of a run's consolidation, from a RunConfig or a mapping with its
+    fields: "no EWC" (λ = 0 or no importance), "EWC+FIM", "EWC+FIM (sampled)",
+    "EWC+MaSQ (mean)", "online EWC+MaSQ (sum)"; ``detailed`` adds B_MaSQ: "EWC+MaSQ (mean,
+    B=1000)"."""
+    get = values.get if isinstance(values, Mapping) else lambda k, d=None: getattr(values, k, d)
+    kind = str(get("importance"))
+    if kind == ImportanceKind.NONE or float(get("lam", 1.0)) == 0:
+        return "no EWC"
+    prefix = "online EWC" if str(get("consolidation", "ewc")) == Consolidation.ONLINE_EWC else "EWC"
+    if kind == ImportanceKind.FISHER:
+        labels = str(get("fisher_labels", "true"))
+        return f"{prefix}+FIM" + ("" if labels == FisherLabels.TRUE else f" ({labels})")
+    extra = f", B={int(get('masq_batch'))}" if detailed else ""
+    return f"{prefix}+MaSQ ({get('scale')}{extra})"

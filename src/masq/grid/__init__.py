@@ -1,0 +1,67 @@
+"""Exhaustive grid search (PAPER.md section 5.1): grids, shared work, executors, estimates.
+
+Rooms: :mod:`~masq.grid.spec` (Grid, TOML files, presets), :mod:`~masq.grid.expand` (the
+product of the axes, canonical configs), :mod:`~masq.grid.plan` (groups that share task 1's
+state and importance), :mod:`~masq.grid.group` (one group's work, cached and resumable),
+:mod:`~masq.grid.executors` (local pool, Ray, progress, fail-fast), :mod:`~masq.grid.estimate`
+(the ``--dry-run`` time estimate).
+"""
+
+from masq.grid.estimate import Estimate, calibrate, estimate, measure, task_sizes
+from masq.grid.executors import GridAborted, Summary, cpu_count, execute
+from masq.grid.expand import canonical, expand, lam_values
+from masq.grid.group import (
+    GroupJob,
+    GroupOutcome,
+    load_or_compute_importance,
+    load_or_train_d1,
+    run_group,
+    tasks_for,
+)
+from masq.grid.plan import Group, Work, chunks, d1_key, importance_key, plan, work
+from masq.grid.spec import (
+    GRID_KEYS,
+    Grid,
+    architectures,
+    grid_from_mapping,
+    list_presets,
+    load_grid_file,
+    load_preset,
+    read_toml,
+)
+
+__all__ = [
+    "GRID_KEYS",
+    "Estimate",
+    "Grid",
+    "GridAborted",
+    "Group",
+    "GroupJob",
+    "GroupOutcome",
+    "Summary",
+    "Work",
+    "architectures",
+    "calibrate",
+    "canonical",
+    "chunks",
+    "cpu_count",
+    "d1_key",
+    "estimate",
+    "execute",
+    "expand",
+    "grid_from_mapping",
+    "importance_key",
+    "lam_values",
+    "list_presets",
+    "load_grid_file",
+    "load_or_compute_importance",
+    "load_or_train_d1",
+    "load_preset",
+    "measure",
+    "plan",
+    "read_toml",
+    "run_group",
+    "task_sizes",
+    "tasks_for",
+    "work",
+]

@@ -1,0 +1,220 @@
+"""A grid's time, estimated from a short calibration on this machine (``--dry-run``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from masq import stacked
+from masq.config import n_params
+from masq.grid.executors import cpu_count
+from masq.grid.plan import Group, chunks
+from masq.slt import parse_spec
+from masq.training import eval_iterations
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A time estimate of a grid from a short calibration on this machine (seconds)."""
+
+    total: float
+    d1: float
+    importance: float
+    d2: float
+    evaluation: float
+    workers: int
+    threads: int
+    measured: tuple[tuple[int, ...], ...]
+    architectures: int
+
+
+def task_sizes(slt: str, eval_val: bool) -> tuple[int, int]:
+    """(D1 training samples, evaluated samples per evaluation) of an MNIST SLT, approximated
+    from the class fractions: train 55,000, test 10,000 and validation 5,000 images."""
+    spec = parse_spec(slt)
+    n_tasks = len(spec.task_classes)
+    frac1 = len(spec.task_classes[0]) / 10
+    n_eval = 10_000 * (n_tasks if spec.permuted else 1)
+    if eval_val:
+        n_eval += 5_000 * (n_tasks if spec.permuted else 1)
+    return int(55_000 * frac1), n_eval
+
+
+def _timeit(fn: Callable[[], Any], repeat: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def _per_iteration(run: Callable[[int], Any], short: int, long: int) -> float:
+    """Seconds per iteration of ``run(iters)``: (t(long) − t(short)) / (long − short), so the
+    fixed cost of a call (setup, the evaluation at 0 and the end) cancels out."""
+    run(short)  # warm-up
+    t0 = time.perf_counter()
+    run(short)
+    t1 = time.perf_counter()
+    run(long)
+    t2 = time.perf_counter()
+    return max((t2 - t1) - (t1 - t0), 1e-9) / (long - short)
+
+
+def measure(hidden: tuple[int, ...], stack: int, short: int = 2, long: int = 8) -> dict[str, float]:
+    """Seconds per: D1 training iteration (B = 100, Adam), D2 iteration of a stack of
+    ``stack`` runs with the EWC penalty ("d2_iter"; ``stack=1``: one run, ``train_task``) and
+    of one run ("d2_iter_one"), evaluated sample
+    (one model / a stack), and importance sample (batches of 1000, forward and backward),
+    timed on random MNIST-shaped data (``long - short`` iterations)."""
+    from masq import training
+    from masq.consolidation import ewc
+    from masq.models import mlp
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2000, 784, generator=gen)
+    y = torch.randint(0, 10, (2000,), generator=gen)
+    model = mlp(hidden, seed=0)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    importance = {k: torch.rand_like(v) for k, v in state.items()}
+    anchor = ewc.anchor(model, importance)
+
+    def d1(iters: int) -> None:
+        cfg = training.TrainConfig(lr=1e-3, iters=iters, batch_size=100, seed=0)
+        training.train_task(model, (x, y), cfg)
+
+    def one(iters: int) -> None:
+        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, seed=0)
+        training.train_task(model, (x, y), cfg, penalty=lambda m: ewc.penalty(m, anchor, 1000.0))
+
+    def stacked_runs(iters: int) -> None:
+        stacked.train_stacked(
+            state,
+            (x, y),
+            lrs=[1e-5] * stack,
+            lams=[1000.0] * stack,
+            importances=[importance] * stack,
+            iters=iters,
+            batch_size=100,
+            eval_every=iters,
+            seed=0,
+        )
+
+    t_d1 = _per_iteration(d1, short, long)
+    t_one = _per_iteration(one, short, long)
+    t_d2 = t_one if stack <= 1 else _per_iteration(stacked_runs, short, long)
+    s = stacked.stack_state(state, max(1, stack))
+    t_eval_stack = _timeit(lambda: stacked.stacked_correct(s, x, y), 2) / x.shape[0]
+    t_eval_one = _timeit(lambda: training.eval_counts(model, {"x": (x, y)}), 2) / x.shape[0]
+    xb, yb = x[:1000], y[:1000]
+
+    def fwd_bwd() -> None:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+
+    t_imp = _timeit(fwd_bwd, 2) / 1000
+    return {
+        "d1_iter": t_d1,
+        "d2_iter": t_d2,
+        "d2_iter_one": t_one,
+        "eval_sample_one": t_eval_one,
+        "eval_sample_stack": t_eval_stack,
+        "importance_sample": t_imp,
+    }
+
+
+def calibrate(
+    archs: Sequence[tuple[int, ...]], stack: int, *, threads: int, max_measured: int = 3
+) -> tuple[dict[tuple[int, ...], dict[str, float]], tuple[tuple[int, ...], ...]]:
+    """Per architecture the costs of :func:`measure`, measured with ``threads`` torch threads
+    for up to ``max_measured`` architectures (smallest, largest, middle by parameter count)
+    and interpolated linearly in the parameter count for the others."""
+    distinct = sorted(set(archs), key=n_params)
+    if len(distinct) <= max_measured:
+        picked = distinct
+    else:
+        idx = sorted(
+            {round(i * (len(distinct) - 1) / (max_measured - 1)) for i in range(max_measured)}
+        )
+        picked = [distinct[i] for i in idx]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        measured = {h: measure(h, stack) for h in picked}
+    finally:
+        torch.set_num_threads(before)
+    xs = [n_params(h) for h in picked]
+    out: dict[tuple[int, ...], dict[str, float]] = {}
+    for h in distinct:
+        if h in measured:
+            out[h] = measured[h]
+            continue
+        p = n_params(h)
+        out[h] = {
+            key: _interp(p, xs, [measured[m][key] for m in picked]) for key in measured[picked[0]]
+        }
+    return out, tuple(picked)
+
+
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear through the points, extended linearly beyond them, at least 0."""
+    if len(xs) == 1:
+        return ys[0] * x / xs[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i] or i == len(xs) - 1:
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    raise AssertionError  # pragma: no cover
+
+
+def estimate(
+    groups: Sequence[Group], stack: int, *, workers: int, threads: int | None = None
+) -> Estimate:
+    """Time to run ``groups`` with ``workers`` workers of ``threads`` threads, extrapolated
+    from :func:`calibrate` (assumes perfect parallel efficiency across workers)."""
+    threads = max(1, cpu_count() // workers) if threads is None else threads
+    archs = [c.hidden for g in groups for c in g.configs[:1]]
+    if not archs:
+        return Estimate(0.0, 0.0, 0.0, 0.0, 0.0, workers, threads, (), 0)
+    costs, picked = calibrate(archs, stack, threads=threads)
+    d1 = imp = d2 = ev = 0.0
+    for g in groups:
+        first = g.configs[0]
+        c = costs[first.hidden]
+        n_train, n_eval = task_sizes(first.slt, first.eval_val)
+        evals1 = len(eval_iterations(first.iters1, first.eval_every))
+        e1 = evals1 * n_eval * c["eval_sample_one"]
+        d1 += first.iters1 * c["d1_iter"] + e1
+        imp += len(g.importance_keys) * n_train * c["importance_sample"]
+        for chunk in chunks(g.configs, stack):
+            k = len(chunk)
+            phases = chunk[0].n_tasks - 1
+            if phases > 1:  # runs of T > 2 tasks go one by one, an importance pass per phase
+                evals = len(eval_iterations(chunk[0].iters2, chunk[0].eval_every))
+                e_run = phases * evals * n_eval * c["eval_sample_one"]
+                d2 += phases * chunk[0].iters2 * c["d2_iter_one"] + e_run
+                ev += e_run
+                if chunk[0].lam > 0:
+                    imp += (phases - 1) * n_train * c["importance_sample"]
+                continue
+            evals2 = len(eval_iterations(chunk[0].iters2, chunk[0].eval_every))
+            scale = k / max(1, stack)  # a short stack costs about its share
+            e2 = evals2 * n_eval * (c["eval_sample_stack"] if stack > 1 else c["eval_sample_one"])
+            d2 += (chunk[0].iters2 * c["d2_iter"] + e2) * (scale if stack > 1 else k)
+            ev += e2 * (scale if stack > 1 else k)
+        ev += e1
+    total = (d1 + imp + d2) / workers
+    return Estimate(
+        total,
+        d1 / workers,
+        imp / workers,
+        d2 / workers,
+        ev / workers,
+        workers,
+        threads,
+        picked,
+        len(set(archs)),
+    )

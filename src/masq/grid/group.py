@@ -1,0 +1,209 @@
+"""One group of a grid: its task-1 state (cached), its importance passes (cached), its runs.
+
+Two-task runs are continued K at a time as one stacked model
+(:func:`masq.protocol.continue_stacked`); runs of more than two tasks go one by one
+(:func:`masq.protocol.continue_run`; README, "T-task grids", says why). A CUDA out-of-memory
+error in a stack retries it as two stacks of half the size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback as tb
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from masq import protocol
+from masq.config import ImportanceKind, RunConfig
+from masq.grid.plan import chunks, d1_key, importance_key
+from masq.protocol import D1State
+from masq.store import Store, run_id
+from masq.tasks import Task
+
+TasksFn = Callable[[RunConfig], list[Task]]
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """One unit of work for an executor: a group's runs and how to run them (picklable)."""
+
+    root: str
+    configs: tuple[RunConfig, ...]
+    stack: int = 16
+    threads: int | None = None
+    tasks_fn: TasksFn | None = None  # default: masq.protocol.make_tasks
+    return_records: bool = False  # send finished records back (Ray without a shared disk)
+
+
+@dataclass
+class GroupOutcome:
+    """What a group's job did: ids finished, ids failed (messages and tracebacks), work done."""
+
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    traces: dict[str, str] = field(default_factory=dict)
+    records: dict[str, str] = field(default_factory=dict)
+    d1_trained: int = 0
+    importance_computed: int = 0
+    retried_stacks: int = 0
+    seconds: float = 0.0
+
+
+_TASKS_CACHE: dict[tuple[Any, ...], list[Task]] = {}
+
+
+def tasks_for(config: RunConfig, tasks_fn: TasksFn | None) -> list[Task]:
+    """The tasks of ``config`` (SLT, dataset, seed), cached per process (last one only)."""
+    fn = protocol.make_tasks if tasks_fn is None else tasks_fn
+    key = (
+        getattr(fn, "__module__", None),
+        getattr(fn, "__qualname__", repr(fn)),
+        config.slt,
+        config.dataset,
+        config.seed,
+    )
+    if key not in _TASKS_CACHE:
+        _TASKS_CACHE.clear()
+        _TASKS_CACHE[key] = fn(config)
+    return _TASKS_CACHE[key]
+
+
+def load_or_train_d1(store: Store, config: RunConfig, tasks: list[Task]) -> tuple[D1State, bool]:
+    """The task-1 state of ``config`` from the store's cache, else trained (and cached)."""
+    path = store.d1 / f"{d1_key(config)}.pt"
+    saved = store.load_tensors(path)
+    if saved is not None:
+        state = D1State(
+            config=RunConfig.from_dict(saved["config"]),
+            state_dict=saved["state_dict"],
+            curve=saved["curve"],
+            seconds=float(saved["seconds"]),
+        )
+        return state, False
+    state = protocol.train_first(config, tasks)
+    payload = {
+        "config": state.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in state.state_dict.items()},
+        "curve": state.curve,
+        "seconds": float(state.seconds),
+    }
+    store.save_tensors(path, payload)
+    return state, True
+
+
+def load_or_compute_importance(
+    store: Store, config: RunConfig, d1: D1State, tasks: list[Task]
+) -> tuple[dict[str, torch.Tensor], float, bool]:
+    """(importance, seconds, computed now?) of task 1 for ``config``, cached."""
+    if config.importance == ImportanceKind.NONE:
+        return {}, 0.0, False
+    path = store.importance / f"{importance_key(config)}.pt"
+    saved = store.load_tensors(path)
+    if saved is not None:
+        return saved["importance"], float(saved["seconds"]), False
+    importance, seconds = protocol.compute_importance(config, d1, tasks)
+    payload = {
+        "config": config.to_dict(),
+        "importance": {k: v.detach().cpu() for k, v in importance.items()},
+        "seconds": float(seconds),
+    }
+    store.save_tensors(path, payload)
+    return importance, float(seconds), True
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a CUDA out-of-memory error (a stack too large for the GPU)."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(err, oom)) or "CUDA out of memory" in str(err)
+
+
+def run_group(job: GroupJob, on_done: Callable[[int], None] | None = None) -> GroupOutcome:
+    """Run one group: task 1 (cached), its importance passes (cached), the runs in stacks.
+
+    Runs already stored are skipped. Every finished run is written to the store as soon as
+    its stack ends; a failure is recorded in DIR/errors for the runs it concerns (a failed
+    task-1 training or importance pass fails every run that needs it) and never raised.
+    ``on_done(n)`` is called after each stack with the number of runs it stored.
+    """
+    start = time.perf_counter()
+    outcome = GroupOutcome()
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    store = Store(job.root)
+    todo = [c for c in job.configs if not store.has(run_id(c))]
+    if not todo:
+        return outcome
+
+    def fail(configs: Iterable[RunConfig], err: BaseException) -> None:
+        trace = "".join(tb.format_exception(type(err), err, err.__traceback__))
+        for c in configs:
+            rid = store.write_error(c, err)
+            outcome.failed[rid] = f"{type(err).__name__}: {err}"
+            outcome.traces[rid] = trace
+
+    try:
+        tasks = tasks_for(todo[0], job.tasks_fn)
+        d1, trained = load_or_train_d1(store, todo[0], tasks)
+        outcome.d1_trained += int(trained)
+    except Exception as err:  # recorded per run, reported at the end of the grid
+        fail(todo, err)
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+    importances: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
+
+    def key_of(c: RunConfig) -> str:
+        return importance_key(c) if c.importance != ImportanceKind.NONE else "none"
+
+    runnable: list[RunConfig] = []
+    for config in todo:
+        key = key_of(config)
+        if key not in importances:
+            try:
+                imp, seconds, computed = load_or_compute_importance(store, config, d1, tasks)
+            except Exception as err:
+                fail([c for c in todo if key_of(c) == key], err)
+                importances[key] = ({}, math.nan)
+                continue
+            outcome.importance_computed += int(computed)
+            importances[key] = (imp, seconds)
+        if not math.isnan(importances[key][1]):
+            runnable.append(config)
+
+    queue = deque(chunks(runnable, max(1, job.stack)))
+    while queue:
+        chunk = queue.popleft()
+        imps = [importances[key_of(c)] for c in chunk]
+        try:
+            if job.stack <= 1 or chunk[0].n_tasks > 2:
+                results = [
+                    protocol.continue_run(c, d1, imp, tasks, s, keep_weights=False)
+                    for c, (imp, s) in zip(chunk, imps, strict=True)
+                ]
+            else:
+                results = protocol.continue_stacked(
+                    chunk, d1, [i for i, _ in imps], tasks, [s for _, s in imps]
+                )
+        except Exception as err:
+            if is_out_of_memory(err) and len(chunk) > 1:
+                torch.cuda.empty_cache()
+                half = (len(chunk) + 1) // 2
+                queue.extendleft([chunk[half:], chunk[:half]])
+                outcome.retried_stacks += 1
+                continue
+            fail(chunk, err)
+            continue
+        for result in results:
+            rid = store.write_result(result)
+            outcome.done.append(rid)
+            if job.return_records:
+                outcome.records[rid] = store.run_path(rid).read_text(encoding="utf-8")
+        if on_done is not None:
+            on_done(len(results))
+    outcome.seconds = time.perf_counter() - start
+    return outcome

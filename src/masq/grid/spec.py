@@ -1,0 +1,220 @@
+"""Grids (PAPER.md section 5.1): values per axis, from presets, TOML files and flags.
+
+Every configuration field except the RUN ones (:data:`masq.config.FIELDS`) is an axis of the
+same name; in addition ``lam_per_lr2`` (values c giving λ = c / ε2, the other reading of λ,
+PAPER.md section 2) and ``device`` (one value, not an axis). TOML keys are the axis names
+plus ``seeds`` (a count N: seeds 0..N-1), ``layers`` and ``sizes`` (every architecture with
+that many hidden layers of those sizes, instead of ``hidden``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from masq.config import FIELDS, Choice, FieldSpec, Stage, coerce, parse_hidden
+from masq.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+AXIS_FIELDS: tuple[FieldSpec, ...] = tuple(f for f in FIELDS if f.stage != Stage.RUN)
+LAM_AXES: tuple[str, ...] = ("lam", "lam_per_lr2")
+
+
+def architectures(layers: Iterable[int], sizes: Iterable[int]) -> tuple[tuple[int, ...], ...]:
+    """Every net with L in ``layers`` hidden layers, each of a size in ``sizes`` independently.
+
+    ``architectures((2, 3), (200, 400, 800))`` has 3^2 + 3^3 = 36 entries.
+    """
+    sizes = tuple(sizes)
+    return tuple(arch for n in layers for arch in itertools.product(sizes, repeat=int(n)))
+
+
+class _GridMethods:
+    """Methods of :class:`Grid` (its axes come from the configuration registry)."""
+
+    def axes(self) -> dict[str, tuple[Any, ...]]:
+        """{axis name: values} for every axis (``device`` is not an axis)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.name != "device"
+        }
+
+    def check(self) -> Grid:
+        """Raise ConfigError for an empty axis (λ: both readings empty); else self."""
+        for name, values in self.axes().items():
+            if name not in LAM_AXES and len(values) == 0:
+                raise ConfigError(f"grid axis {name!r} is empty; give at least one value")
+        if not self.lam and not self.lam_per_lr2:  # type: ignore[attr-defined]
+            raise ConfigError("grid axis 'lam' is empty; give --lam and/or --lam-per-lr2 values")
+        return self  # type: ignore[return-value]
+
+    def size(self) -> int:
+        """The number of combinations before de-duplication: the product of the axes' lengths
+        (the λ axis counts ``len(lam) + len(lam_per_lr2)``)."""
+        axes = self.axes()
+        n_lam = len(axes.pop("lam")) + len(axes.pop("lam_per_lr2"))
+        return n_lam * math.prod(len(v) for v in axes.values())
+
+
+Grid = dataclasses.make_dataclass(
+    "Grid",
+    [
+        *((f.name, tuple, dataclasses.field(default=(f.default,))) for f in AXIS_FIELDS),
+        ("lam_per_lr2", tuple, dataclasses.field(default=())),
+        ("device", str, dataclasses.field(default="cpu")),
+    ],
+    bases=(_GridMethods,),
+    frozen=True,
+)
+Grid.__module__ = __name__
+Grid.__doc__ = (
+    "Values per axis; the grid is their product (:func:`masq.grid.expand`). One axis per "
+    "configuration field (named like it), plus ``lam_per_lr2`` and ``device``. The defaults "
+    "are one run with RunConfig's defaults; the paper's grid is the preset ``paper``."
+)
+
+GRID_KEYS: tuple[str, ...] = (*(f.name for f in dataclasses.fields(Grid)), "seeds", "layers",
+                              "sizes")  # fmt: skip
+_SPEC = {f.name: f for f in AXIS_FIELDS}
+
+
+def _element(spec: FieldSpec | None, value: Any, key: str, where: str) -> Any:
+    if spec is None:  # lam_per_lr2: numbers
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: grid key {key!r} takes numbers, got {value!r}")
+        return float(value)
+    if spec.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: grid key {key!r} takes int values, got {value!r}")
+    if spec.kind is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: grid key {key!r} takes str values, got {value!r}")
+    if spec.kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ConfigError(f"{where}: grid key {key!r} takes float values, got {value!r}")
+    if spec.kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: grid key {key!r} takes bool values, got {value!r}")
+    return coerce(spec, value, f"{where}: ")
+
+
+def _values(value: Any, key: str, where: str) -> list[Any]:
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if len(values) == 0 and key not in LAM_AXES:
+        raise ConfigError(f"{where}: grid axis {key!r} is empty; give at least one value")
+    return values
+
+
+def grid_from_mapping(values: Mapping[str, Any], base: Any = None, where: str = "grid") -> Any:
+    """``base`` (default ``Grid()``) with the axes named in ``values`` replaced.
+
+    Keys: every Grid field, plus ``seeds`` (an int N: seeds 0..N-1, or a list), ``layers`` and
+    ``sizes``. A scalar is a one-value axis. Giving ``lam`` or ``lam_per_lr2`` replaces both λ
+    readings of ``base``. Unknown keys, empty axes and values of the wrong type are
+    ConfigErrors.
+    """
+    base = Grid() if base is None else base
+    unknown = sorted(set(values) - set(GRID_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown grid key {unknown[0]!r}; known keys: {', '.join(GRID_KEYS)}"
+        )
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in ("hidden", "layers", "sizes", "seeds", "device"):
+            continue
+        spec = _SPEC.get(key)
+        changes[key] = tuple(_element(spec, v, key, where) for v in _values(value, key, where))
+    if "seeds" in values:
+        if "seed" in values:
+            raise ConfigError(
+                f"{where}: give either 'seeds' (a count) or 'seed' (a list), not both"
+            )
+        seeds = values["seeds"]
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            if seeds <= 0:
+                raise ConfigError(f"{where}: 'seeds' must be a positive count, got {seeds}")
+            changes["seed"] = tuple(range(seeds))
+        else:
+            vals = _values(seeds, "seeds", where)
+            changes["seed"] = tuple(_element(_SPEC["seed"], v, "seeds", where) for v in vals)
+    if "hidden" in values and ("layers" in values or "sizes" in values):
+        raise ConfigError(f"{where}: give either 'hidden' or 'layers' + 'sizes', not both")
+    if "hidden" in values:
+        archs = _values(values["hidden"], "hidden", where)
+        if archs and all(isinstance(a, int) for a in archs):
+            archs = [archs]  # hidden = [800, 800]: one architecture
+        changes["hidden"] = tuple(parse_hidden(a, f"{where}: 'hidden'") for a in archs)
+    elif "layers" in values or "sizes" in values:
+        layers = _values(
+            values.get("layers", sorted({len(h) for h in base.hidden})), "layers", where
+        )
+        sizes = _values(
+            values.get("sizes", sorted({s for h in base.hidden for s in h})), "sizes", where
+        )
+        for name, vals in (("layers", layers), ("sizes", sizes)):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in vals):
+                raise ConfigError(f"{where}: '{name}' must be positive integers, got {vals}")
+        changes["hidden"] = architectures(layers, sizes)
+    if "device" in values:
+        if not isinstance(values["device"], str):
+            raise ConfigError(f"{where}: 'device' takes one string, e.g. \"cpu\"")
+        changes["device"] = values["device"]
+    if ("lam" in changes) != ("lam_per_lr2" in changes):
+        other = "lam_per_lr2" if "lam" in changes else "lam"
+        changes[other] = ()
+    return dataclasses.replace(base, **changes).check()
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a one-line ConfigError."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"grid file {str(p)!r}: cannot read it ({err.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"grid file {str(p)!r}: malformed TOML: {err}") from None
+
+
+def load_grid_file(path: str | os.PathLike[str], base: Any = None) -> Any:
+    """``base`` with the axes of TOML grid file ``path`` (keys as :func:`grid_from_mapping`)."""
+    return grid_from_mapping(read_toml(path), base, where=str(path))
+
+
+def list_presets() -> list[str]:
+    """The names of the grid presets shipped with masq (``masq grid --preset NAME``)."""
+    folder = resources.files("masq").joinpath("presets")
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> Any:
+    """The grid of preset ``name`` (e.g. "paper": PAPER.md section 5.1); unknown: ConfigError."""
+    names = list_presets()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(names)}")
+    resource = resources.files("masq").joinpath("presets", f"{name}.toml")
+    try:
+        values = tomllib.loads(resource.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:  # pragma: no cover - shipped files are tested
+        raise ConfigError(f"preset {name!r}: malformed TOML: {err}") from None
+    return grid_from_mapping(values, Grid(), where=f"preset {name}")
+
+
+def axis_text(value: Any) -> str:
+    """One axis value as text (Enum members as their values, architectures as 800-400)."""
+    if isinstance(value, Choice):
+        return value.value
+    if isinstance(value, tuple):
+        return "-".join(map(str, value))
+    return str(value)

@@ -1,0 +1,180 @@
+"""Naive reference implementations: one backward pass per sample, in float64, no tricks.
+
+Each function computes the same quantity as its fast twin in :mod:`masq.importance`, by the
+shortest route: the gradient of every sample's own loss from its own backward pass. They are slow
+(N backward passes, C N for ``labels="exact"``) and meant for tiny models: to test the fast code,
+and to check a layer of your own against it::
+
+    from masq import importance
+    from masq.importance import reference
+
+    fast = importance.fisher(model, importance.batches(x, y, 50))
+    slow = reference.fisher(model, importance.batches(x, y, 50))
+    for name in fast:
+        torch.testing.assert_close(fast[name].double(), slow[name], rtol=1e-4, atol=1e-6)
+
+Every function works on a float64 copy of the model (``copy.deepcopy(model).double()``) in eval
+mode, with floating inputs cast to float64, so the caller's model is never touched and the result
+is the float64 value of the model's own (rounded) parameters, whatever their dtype. Results are
+float64 tensors (or a :class:`~masq.importance.BlockStats`) on the model's device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from masq.config import FisherLabels, Scale, choice
+from masq.errors import ConfigError
+from masq.importance.blocks import BlockStats
+from masq.importance.diagonal import cross_entropy
+from masq.importance.persample import Importance, LossFn, _trainable
+
+__all__ = ["fisher", "fisher_block_stats", "masq", "per_sample_gradients", "sample_gradient"]
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` in eval mode."""
+    return copy.deepcopy(model).double().eval()
+
+
+def _wide(x: Tensor) -> Tensor:
+    """Floating inputs in float64; integer inputs (indices) as they are."""
+    return x.double() if x.is_floating_point() else x
+
+
+def sample_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn) -> dict[str, Tensor]:
+    """g = d loss(model(x), y) / d theta for ONE sample ``x`` (no batch dim), label ``y`` (0-dim).
+
+    One forward and one backward pass on ``model`` as it is (no copy, no dtype change); zeros
+    for trainable parameters the loss does not reach.
+    """
+    params = _trainable(model)
+    value = loss(model(x.unsqueeze(0)), y.reshape(1)).sum()
+    grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+    return {
+        n: torch.zeros_like(p) if g is None else g
+        for (n, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def per_sample_gradients(
+    model: nn.Module, x: Tensor, y: Tensor, loss: LossFn = cross_entropy
+) -> dict[str, Tensor]:
+    """{name: [N, *shape]}: row n is g_n = d loss(model(x_n), y_n) / d theta, in float64."""
+    work = _float64_copy(model)
+    x = _wide(x)
+    rows = [sample_gradient(work, x[n], y[n], loss) for n in range(len(x))]
+    return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
+
+
+def _label_terms(
+    probs: Tensor, y: Tensor, n: int, labels: FisherLabels
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """(label, weight) pairs of sample n: its label with weight 1, or every class c with p_c."""
+    if labels is FisherLabels.EXACT:
+        for c in range(probs.shape[1]):
+            yield torch.tensor(c, device=probs.device), probs[n, c]
+    else:
+        yield y[n], None
+
+
+def fisher(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    labels: FisherLabels | str = FisherLabels.TRUE,
+    generator: torch.Generator | None = None,
+    loss: LossFn = cross_entropy,
+) -> Importance:
+    """F_k = (1/N) sum_n g_nk^2, or (1/N) sum_n sum_c p_c(x_n) g_nk(c)^2 for ``labels="exact"``.
+
+    ``labels="sampled"`` replaces y by the draws of one ``torch.multinomial(softmax(logits), 1,
+    generator=generator)`` per batch (the fast code draws the same labels from the same
+    probabilities, so a float64 model with the same seed gives the same labels).
+    """
+    mode = choice(FisherLabels, labels, "labels")
+    if mode is FisherLabels.SAMPLED and generator is None:
+        raise ConfigError("labels='sampled' needs generator=torch.Generator().manual_seed(SEED)")
+    work = _float64_copy(model)
+    sums = {n: torch.zeros_like(p) for n, p in _trainable(work).items()}
+    count = 0
+    for x, y in batches:
+        x = _wide(x)
+        with torch.no_grad():
+            probs = torch.softmax(work(x), dim=1)
+        if mode is FisherLabels.SAMPLED:
+            drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
+            y = drawn.squeeze(1).to(probs.device)
+        for n in range(len(x)):
+            for label, weight in _label_terms(probs, y, n, mode):
+                g = sample_gradient(work, x[n], label, loss)
+                for k in sums:
+                    sums[k] += g[k] ** 2 if weight is None else weight * g[k] ** 2
+        count += len(x)
+    return {k: s / count for k, s in sums.items()}
+
+
+def masq(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    scale: Scale | str = Scale.MEAN,
+    loss: LossFn = cross_entropy,
+) -> Importance:
+    """F_k = (1/K) sum_b gbar_bk^2 with gbar_b = (1/|b|) sum_{n in b} g_n; x |b| per batch for
+    ``scale="sum"``.
+
+    The batch gradient gbar_b is built from per-sample gradients, not from a batch backward.
+    """
+    mode = choice(Scale, scale, "scale")
+    work = _float64_copy(model)
+    sums = {n: torch.zeros_like(p) for n, p in _trainable(work).items()}
+    count = 0
+    for x, y in batches:
+        x = _wide(x)
+        rows = [sample_gradient(work, x[n], y[n], loss) for n in range(len(x))]
+        for k in sums:
+            mean = sum(r[k] for r in rows) / len(x)
+            sums[k] += mean**2 * (len(x) if mode is Scale.SUM else 1)
+        count += 1
+    return {k: s / count for k, s in sums.items()}
+
+
+def fisher_block_stats(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    name: str,
+    *,
+    loss: LossFn = cross_entropy,
+) -> BlockStats:
+    """Exact statistics of F = G^T G / N, G the explicit N x P matrix of per-sample gradients.
+
+    Diagonal: the P entries F_ii; off-diagonal: the P^2 - P entries F_ij, i != j; their sums,
+    means and (off-diagonal) sums and means of |F_ij|. Means over zero entries are NaN.
+    """
+    names = _trainable(model)
+    if name not in names:
+        raise ConfigError(f"unknown parameter {name!r}; valid names: {', '.join(names)}")
+    parts = [per_sample_gradients(model, x, y, loss)[name].flatten(1) for x, y in batches]
+    g = torch.cat(parts)
+    f = g.T @ g / len(g)
+    size = f.shape[0]
+    off = f[~torch.eye(size, dtype=torch.bool, device=f.device)]
+    return BlockStats(
+        name=name,
+        num_params=size,
+        num_samples=len(g),
+        diag_count=size,
+        offdiag_count=size * size - size,
+        diag_sum=float(f.diagonal().sum()),
+        diag_mean=float(f.diagonal().mean()),
+        offdiag_sum=float(off.sum()),
+        offdiag_mean=float(off.mean()),
+        offdiag_abs_sum=float(off.abs().sum()),
+        offdiag_abs_mean=float(off.abs().mean()),
+        estimated=False,
+    )

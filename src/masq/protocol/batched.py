@@ -1,0 +1,89 @@
+"""Phases 2..T of K runs that share task 1's state, trained at once (:mod:`masq.stacked`).
+
+For two-task runs (the paper's protocol) the K re-trainings of a grid group run as one
+stacked model: the same mini-batch stream (the "d2-batches" stream of the shared seed),
+evaluation sets and points as K :func:`~masq.protocol.run.continue_run` calls, and records
+of the same format built by the same :func:`~masq.protocol.result.build_result`
+(``timings["train"][1]`` is the stack's time / K; ``meta["stack"]`` = K).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor
+
+from masq.config import ImportanceKind, RunConfig
+from masq.errors import ConfigError
+from masq.protocol.result import Result, build_result, run_meta
+from masq.protocol.run import D1State, check_same_d1, eval_sets, synchronize
+from masq.protocol.streams import batches_stream, stream_seed
+from masq.runtime import resolve_device
+from masq.stacked import train_stacked
+from masq.tasks import Task
+
+
+def continue_stacked(
+    configs: Sequence[RunConfig],
+    d1: D1State,
+    importances: Sequence[Mapping[str, Tensor]],
+    tasks: list[Task],
+    importance_seconds: Sequence[float] | None = None,
+    *,
+    keep_weights: bool = False,
+) -> list[Result]:
+    """:func:`~masq.protocol.run.continue_run` for K two-task configs sharing ``d1``."""
+    configs = [c.validate() for c in configs]
+    if not configs:
+        return []
+    first = configs[0]
+    for c in configs:
+        check_same_d1(c, d1)
+        if c.n_tasks != 2:
+            raise ConfigError(f"stacked: only two-task runs are stacked, got slt {c.slt!r}")
+        if c.iters2 != first.iters2 or c.device != first.device:
+            raise ConfigError("stacked: the runs of one stack need the same iters2 and device")
+    seconds_imp = list(importance_seconds or [0.0] * len(configs))
+    device = resolve_device(first.device)
+    sets, unions = eval_sets(first, tasks, 1)
+    consolidated = [c.importance != ImportanceKind.NONE for c in configs]
+    imps = [dict(imp) if on else {} for on, imp in zip(consolidated, importances, strict=True)]
+    for on, imp in zip(consolidated, imps, strict=True):
+        if on and set(imp) != set(d1.state_dict):
+            raise ConfigError(
+                f"stacked: importance keys {sorted(imp)} do not match the model's "
+                f"{sorted(d1.state_dict)}; compute the importance on this task-1 state"
+            )
+    start = time.perf_counter()
+    curves, finals = train_stacked(
+        d1.state_dict,
+        tasks[1].train,
+        lrs=[c.lr2 for c in configs],
+        lams=[c.lam if on else 0.0 for c, on in zip(configs, consolidated, strict=True)],
+        importances=imps,
+        iters=first.iters2,
+        batch_size=first.batch_size,
+        eval_every=first.eval_every,
+        seed=stream_seed(first.seed, batches_stream(1)),
+        eval_sets=sets,
+        unions=unions,
+        device=device,
+    )
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    k = len(configs)
+    meta = run_meta(device, stack=k, stack_seconds=seconds)
+    rows = zip(configs, curves, imps, seconds_imp, finals, strict=True)
+    return [
+        build_result(
+            c,
+            [d1.curve, curve],
+            importance=imp,
+            train_seconds=[d1.seconds, seconds / k],
+            importance_seconds=[s_imp],
+            meta=meta,
+            weights=[dict(d1.state_dict), final] if keep_weights else None,
+        )
+        for c, curve, imp, s_imp, final in rows
+    ]

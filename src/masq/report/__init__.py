@@ -1,0 +1,29 @@
+"""Tables and figures from stored results: :mod:`~masq.report.tables` (the paper's Table 1
+for runs of any T), :mod:`~masq.report.consistency` (PAPER.md section 5.2) and
+:mod:`~masq.report.figures` (curves over the phases, accuracy-matrix heat maps)."""
+
+from masq.report.consistency import consistency_figures, consistency_plan, consistency_summary
+from masq.report.tables import (
+    CONFIG_FIELDS,
+    GROUPABLE,
+    aggregate,
+    load_table,
+    select,
+    table1,
+    to_markdown,
+    write_table,
+)
+
+__all__ = [
+    "CONFIG_FIELDS",
+    "GROUPABLE",
+    "aggregate",
+    "consistency_figures",
+    "consistency_plan",
+    "consistency_summary",
+    "load_table",
+    "select",
+    "table1",
+    "to_markdown",
+    "write_table",
+]

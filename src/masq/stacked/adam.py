@@ -1,0 +1,110 @@
+"""Adam on stacked tensors: ``torch.optim.Adam``'s update for K runs with one learning rate
+each, the EWC gradient λ_k F_k (θ_k − θ*) added first (:mod:`masq.stacked`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from masq.stacked.model import StackedMLP
+from masq.training import fused_adam_available
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+@dataclass
+class StackedAdam:
+    """torch.optim.Adam (betas 0.9, 0.999, eps 1e-8, no weight decay) on stacked tensors with
+    one learning rate per run; ``step`` first adds the EWC gradient λ_k F_k (θ_k − θ*) where
+    ``lam_f`` (λ_k F_k, stacked) and ``anchors`` (θ*, leading dimension 1) are given."""
+
+    lrs: list[float]
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+    fused: bool
+    steps: list[list[Tensor]] = field(default_factory=list)  # per run, per tensor (fused)
+    scratch: list[Tensor] = field(default_factory=list)
+    t: int = 0
+
+    @classmethod
+    def create(
+        cls, model: StackedMLP, lrs: Sequence[float], fused: bool | None = None
+    ) -> StackedAdam:
+        device = model.params[0].device
+        fused = fused_adam_available(device) if fused is None else fused
+        steps = [
+            [torch.zeros((), dtype=torch.float32, device=device) for _ in model.params]
+            for _ in range(model.k)
+        ]
+        return cls(
+            [float(lr) for lr in lrs],
+            [torch.zeros_like(p) for p in model.params],
+            [torch.zeros_like(p) for p in model.params],
+            fused,
+            steps,
+        )
+
+    @torch.no_grad()
+    def step(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        lam_f: Sequence[Tensor] | None = None,
+        anchors: Sequence[Tensor] | None = None,
+        penalized: Sequence[bool] | None = None,
+    ) -> None:
+        """One Adam step of every run; the EWC gradient is added for the runs flagged in
+        ``penalized`` (default: all) when ``lam_f`` and ``anchors`` are given."""
+        self.t += 1
+        penalty = lam_f is not None and anchors is not None
+        if penalty and not self.scratch:
+            self.scratch = [torch.empty_like(p[0]) for p in params]
+        for run in range(len(self.lrs)):  # run by run: its tensors stay in cache
+            p_run, g_run = [p[run] for p in params], [g[run] for g in grads]
+            if penalty and (penalized is None or penalized[run]):
+                for p, g, lf, a, tmp in zip(
+                    p_run, g_run, lam_f, anchors, self.scratch, strict=True
+                ):
+                    torch.sub(p, a[0], out=tmp)
+                    g.addcmul_(lf[run], tmp)
+            if self.fused:
+                self._fused_step(run, p_run, g_run)
+            else:
+                self._plain_step(run, p_run, g_run)
+
+    def _fused_step(self, run: int, params: list[Tensor], grads: list[Tensor]) -> None:
+        steps = self.steps[run]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            params,
+            grads,
+            [m[run] for m in self.exp_avg],
+            [v[run] for v in self.exp_avg_sq],
+            [],
+            steps,
+            lr=self.lrs[run],
+            beta1=BETAS[0],
+            beta2=BETAS[1],
+            weight_decay=0.0,
+            eps=EPS,
+            amsgrad=False,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+    def _plain_step(self, run: int, params: list[Tensor], grads: list[Tensor]) -> None:
+        beta1, beta2 = BETAS
+        bias1 = 1 - beta1**self.t
+        bias2_sqrt = math.sqrt(1 - beta2**self.t)
+        for p, g, m, v in zip(params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
+            mr, vr = m[run], v[run]
+            mr.lerp_(g, 1 - beta1)
+            vr.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = vr.sqrt().div_(bias2_sqrt).add_(EPS)
+            p.addcdiv_(mr, denom, value=-self.lrs[run] / bias1)

@@ -1,0 +1,109 @@
+"""K re-training runs from one state, trained at once (:mod:`masq.stacked`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from masq.curves import Curve
+from masq.errors import ConfigError
+from masq.stacked.adam import StackedAdam
+from masq.stacked.model import (
+    StackedMLP,
+    Workspace,
+    loss_grads,
+    stack_state,
+    stacked_accuracies,
+    stored_layout,
+    unstack,
+)
+from masq.tasks import XY
+from masq.training import eval_iterations, minibatch_indices
+
+
+def lam_importance(
+    model: StackedMLP, lams: Sequence[float], importances: Sequence[Mapping[str, Tensor]]
+) -> list[Tensor] | None:
+    """λ_k F_k per parameter in the stacked layout (zeros for λ_k = 0 or no importance);
+    None when every λ_k F_k is zero. Keys of a non-empty F must match the model's."""
+    if not any(lam > 0 and imp for lam, imp in zip(lams, importances, strict=True)):
+        return None
+    out = [torch.zeros_like(p) for p in model.params]
+    for run, (lam, imp) in enumerate(zip(lams, importances, strict=True)):
+        if not imp or lam == 0:
+            continue
+        if set(imp) != set(model.keys):
+            raise ConfigError(
+                f"stacked: importance keys {sorted(imp)} do not match the model's {model.keys}; "
+                "compute the importance on this D1 state"
+            )
+        for i, key in enumerate(model.keys):
+            f = stored_layout(imp[key].to(device=out[i].device, dtype=torch.float32))
+            if f.shape != out[i][run].shape:
+                raise ConfigError(
+                    f"stacked: importance of {key!r} has shape {tuple(imp[key].shape)}, "
+                    "not that of the parameter"
+                )
+            out[i][run] = lam * f
+    return out
+
+
+def train_stacked(
+    state_dict: Mapping[str, Tensor],
+    train: XY,
+    *,
+    lrs: Sequence[float],
+    lams: Sequence[float],
+    importances: Sequence[Mapping[str, Tensor]],
+    iters: int,
+    batch_size: int,
+    eval_every: int,
+    seed: int,
+    eval_sets: Mapping[str, XY] | None = None,
+    unions: Mapping[str, Sequence[str]] | None = None,
+    device: torch.device | None = None,
+) -> tuple[list[Curve], list[dict[str, Tensor]]]:
+    """Re-train K = len(lrs) copies of ``state_dict`` on ``train`` at once (module docstring).
+
+    Run k: Adam at ``lrs[k]``, penalty (λ_k/2) Σ F_k (θ − θ*)² with θ* = ``state_dict`` and
+    F_k = ``importances[k]`` ({} for none); mini-batches from ``Generator().manual_seed(seed)``
+    as ``train.train_task``. Returns (K curves as train_task's, K final state dicts).
+    """
+    k = len(lrs)
+    if not (len(lams) == len(importances) == k) or k == 0:
+        raise ConfigError("stacked: give one lr, one lam and one importance per run (K >= 1)")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    model = stack_state(state_dict, k, device)
+    anchors = [
+        stored_layout(state_dict[key].detach().to(device, torch.float32)).unsqueeze(0).contiguous()
+        for key in model.keys
+    ]
+    lam_f = lam_importance(model, lams, importances)
+    penalized = [lam > 0 and bool(imp) for lam, imp in zip(lams, importances, strict=True)]
+    optimizer = StackedAdam.create(model, lrs)
+    x, y = train[0].to(device), train[1].to(device)
+    sets = {name: (a.to(device), b.to(device)) for name, (a, b) in (eval_sets or {}).items()}
+    unions = dict(unions or {})
+    names = [*sets, *unions]
+    curves: list[Curve] = [{"iteration": [], **{n: [] for n in names}} for _ in range(k)]
+    record_at = set(eval_iterations(iters, eval_every)) if sets else set()
+
+    def record(it: int) -> None:
+        for curve, acc in zip(curves, stacked_accuracies(model, sets, unions), strict=True):
+            curve["iteration"].append(it)
+            for n in names:
+                curve[n].append(acc[n])
+
+    if 0 in record_at:
+        record(0)
+    generator = torch.Generator().manual_seed(seed)
+    workspace = Workspace.create(model, batch_size)
+    for it, idx in enumerate(minibatch_indices(x.shape[0], batch_size, iters, generator), start=1):
+        idx = idx.to(device)
+        grads = loss_grads(model, workspace, x[idx], y[idx])
+        optimizer.step(model.params, grads, lam_f, anchors, penalized)
+        if it in record_at:
+            record(it)
+    return curves, [unstack(model, run) for run in range(k)]
