@@ -20,7 +20,10 @@ import time
 
 import torch
 
-from masq import ewc, search, stacked, train
+from masq import grid as search
+from masq import stacked
+from masq import training as train
+from masq.consolidation import ewc
 from masq.models import mlp
 
 ITERS = 5000

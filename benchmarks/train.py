@@ -1,9 +1,10 @@
-"""Milliseconds per iteration of ``masq.train.train_task`` against a bare PyTorch loop.
+"""Milliseconds per iteration of ``masq.training.train_task`` against a bare PyTorch loop.
 
 Both do the same work: the same net and initial weights, mini-batches of B = 100 gathered
 from the same 28,000 x 784 training tensor (the size of D5-5's D1), cross-entropy, the same
-Adam (``masq.train.make_adam``: fused where available), and optionally the EWC penalty
-(λ/2) Σ F (θ − θ*)² -- ``masq.ewc.penalty`` in train_task, an inline sum in the bare loop.
+Adam (``masq.training.make_adam``: fused where available), and optionally the EWC penalty
+(λ/2) Σ F (θ − θ*)² -- ``masq.consolidation.ewc.penalty`` in train_task, an inline sum in
+the bare loop.
 train_task runs without evaluation sets here (pure loop overhead); the second table gives the
 cost of one evaluation of a 10,000-image test set and the share of time evaluation takes at
 the default ``eval_every``. Variants are interleaved and repeated; medians are reported.
@@ -32,9 +33,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import pin_threads, print_table
-from masq import ewc
+from masq.consolidation import ewc
 from masq.models import mlp
-from masq.train import (
+from masq.training import (
     DEFAULT_EVAL_EVERY,
     TrainConfig,
     eval_counts,
@@ -86,7 +87,7 @@ def bare_loop(
 def masq_loop(
     model: nn.Module, train: tuple[Tensor, Tensor], iters: int, anchor: ewc.Anchor | None
 ) -> None:
-    """masq.train.train_task, no evaluation sets."""
+    """masq.training.train_task, no evaluation sets."""
     penalty = None if anchor is None else (lambda m: ewc.penalty(m, anchor, LAM))
     train_task(model, train, TrainConfig(lr=1e-3, iters=iters, seed=0), penalty=penalty)
 

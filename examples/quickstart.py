@@ -6,7 +6,8 @@ Run: .venv/bin/python examples/quickstart.py   (about half a minute on 2 cores)
 import torch
 import torch.nn.functional as F
 
-from masq import ewc, importance, models, tasks
+from masq import importance, models, tasks
+from masq.consolidation import ewc
 
 d1, d2 = tasks.make("D5-5", dataset="mnist", seed=0)  # classes 0-4, then 5-9
 model = models.mlp(hidden=(200, 200), seed=0)

@@ -24,3 +24,29 @@ def synthetic_dataset(n_train: int = 300, n_val: int = 50, n_test: int = 100) ->
         test=synthetic_split(n_test, 3),
         source="synthetic",
     )
+
+
+def learnable_split(n: int, seed: int, num_classes: int = 10) -> Split:
+    """``n`` uint8 images, each 0.35 x its class's fixed random prototype + 0.65 x noise.
+
+    The prototypes come from a fixed seed (12345) shared by every split, so a net can learn
+    the classes; labels cycle through the classes in an order seeded by ``seed``.
+    """
+    protos = np.random.default_rng(12345).integers(0, 256, size=(num_classes, 28, 28))
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    noise = rng.integers(0, 256, size=(n, 28, 28))
+    images = (0.35 * protos[labels] + 0.65 * noise).astype(np.uint8)
+    return Split(images=images, labels=labels)
+
+
+def learnable_dataset(n_train: int = 600, n_val: int = 100, n_test: int = 200) -> Dataset:
+    """A tiny MNIST-shaped dataset whose classes can be learnt (curves that move); the
+    dataset of the golden records in tests/data/golden_t2_v1.json."""
+    return Dataset(
+        name="learnable",
+        train=learnable_split(n_train, 11),
+        val=learnable_split(n_val, 12),
+        test=learnable_split(n_test, 13),
+        source="synthetic",
+    )

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from masq.errors import ConfigError
-from masq.tasks import PAPER_SLTS, make, parse_spec, union_test
+from masq.slt import PAPER_SLTS, parse_spec
+from masq.tasks import make, union_test
 from tests.synthetic import synthetic_dataset
 
 DATA = synthetic_dataset()

@@ -261,9 +261,9 @@ def parse_hidden(value: Any, where: str = "hidden") -> tuple[int, ...]:
     """One architecture from (800, 400), [800, 400] or "800-400" (or "800x400"), else a
     one-line ConfigError."""
     if isinstance(value, str):
-        parts = [p for p in value.replace("x", "-").replace(",", "-").split("-") if p.strip()]
-        try:
-            sizes = tuple(int(p) for p in parts)
+        parts = value.replace("x", "-").replace(",", "-").split("-")
+        try:  # an empty part ("800-", "800--400") is a typo, not a layer less
+            sizes = tuple(int(p) for p in parts) if value.strip() else ()
         except ValueError:
             raise ConfigError(
                 f"{where}: bad architecture {value!r}; write hidden sizes like 800-400-400"

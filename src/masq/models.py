@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from masq.config import Init, choice
 from masq.errors import ConfigError
 
-INITS: tuple[str, ...] = ("torch", "tf")
 TF_STD = 0.1
 TF_BIAS = 0.1
 
@@ -41,15 +41,14 @@ def mlp(
     *,
     in_features: int = 784,
     classes: int = 10,
-    init: str = "torch",
+    init: Init | str = Init.TORCH,
     seed: int = 0,
 ) -> nn.Sequential:
     """``in_features -> hidden[0] -> ReLU -> ... -> hidden[-1] -> ReLU -> classes`` (logits)."""
     sizes = check_hidden(hidden)
     if in_features <= 0 or classes <= 0:
         raise ConfigError(f"in_features and classes must be positive, got {in_features}, {classes}")
-    if init not in INITS:
-        raise ConfigError(f"init: unknown init {init!r}; use one of {', '.join(INITS)}")
+    choice(Init, init, "init")
     widths = (in_features, *sizes, classes)
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
@@ -63,15 +62,14 @@ def mlp(
 
 
 @torch.no_grad()
-def initialize(model: nn.Module, *, init: str = "torch", seed: int = 0) -> nn.Module:
+def initialize(model: nn.Module, *, init: Init | str = Init.TORCH, seed: int = 0) -> nn.Module:
     """Re-initialize every ``nn.Linear`` of ``model`` in place from ``Generator(seed)``."""
-    if init not in INITS:
-        raise ConfigError(f"init: unknown init {init!r}; use one of {', '.join(INITS)}")
+    init = choice(Init, init, "init")
     generator = torch.Generator().manual_seed(seed)
     for layer in model.modules():
         if not isinstance(layer, nn.Linear):
             continue
-        if init == "torch":
+        if init == Init.TORCH:
             bound = 1.0 / math.sqrt(layer.in_features)
             nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
             if layer.bias is not None:

@@ -61,8 +61,8 @@ def add_run_flags(
         kw: dict[str, Any] = {"dest": dest(spec), "default": None, "help": text}
         if spec.kind is bool:
             group.add_argument(*names, action="store_true", **kw)
-        elif spec.kind is Hidden:
-            group.add_argument(*names, nargs="+", metavar="N", **kw)
+        elif spec.kind is Hidden:  # "*": a bare --hidden is a one-line error of parse_hidden
+            group.add_argument(*names, nargs="*", metavar="N", **kw)
         elif isinstance(spec.kind, type) and issubclass(spec.kind, Choice):
             group.add_argument(*names, type=_choice_type(spec.kind), metavar="V", **kw)
         else:

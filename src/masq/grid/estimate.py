@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from masq import stacked
-from masq.config import n_params
+from masq.config import ImportanceKind, n_params
 from masq.grid.executors import cpu_count
 from masq.grid.plan import Group, chunks
 from masq.slt import parse_spec
@@ -197,7 +197,8 @@ def estimate(
                 e_run = phases * evals * n_eval * c["eval_sample_one"]
                 d2 += phases * chunk[0].iters2 * c["d2_iter_one"] + e_run
                 ev += e_run
-                if chunk[0].lam > 0:
+                if chunk[0].lam > 0 and chunk[0].importance != ImportanceKind.NONE:
+                    # as continue_run: a pass after every phase but the last
                     imp += (phases - 1) * n_train * c["importance_sample"]
                 continue
             evals2 = len(eval_iterations(chunk[0].iters2, chunk[0].eval_every))

@@ -94,7 +94,8 @@ def with_wildcards(df: pd.DataFrame, group_by: Sequence[str]) -> pd.DataFrame:
 
 def aggregate(df: pd.DataFrame, select_on: str = "test") -> pd.DataFrame:
     """One row per configuration (seeds pooled): mean, std and count of the selection
-    columns and the reported accuracies of both criteria, plus the run ids."""
+    columns and the reported accuracies of both criteria, the number of tasks T, plus the
+    run ids."""
     fields = [f for f in CONFIG_FIELDS if f in df.columns]
     metrics: list[str] = []
     for criterion in CRITERIA:
@@ -113,6 +114,7 @@ def aggregate(df: pd.DataFrame, select_on: str = "test") -> pd.DataFrame:
     std = grouped[metrics].std(ddof=1)
     out = out.join(std.add_suffix(":std"))
     out["seeds"] = grouped.size()
+    out["tasks"] = grouped["tasks"].max()  # T, fixed by the SLT
     out["run_ids"] = grouped["run_id"].agg(lambda s: ",".join(sorted(s)))
     out["seed_list"] = grouped["seed"].agg(lambda s: ",".join(str(v) for v in sorted(s)))
     out = out.reset_index()

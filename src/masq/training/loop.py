@@ -1,8 +1,8 @@
 """Training on one task: a curve out.
 
-``masq.search``'s batched (stacked) re-training reuses :func:`minibatch_indices`,
-:func:`eval_iterations`, :func:`eval_counts` and :func:`accuracies`, so K stacked runs see
-exactly the mini-batches and evaluation points of K separate :func:`train_task` calls.
+The batched (stacked) re-training of :mod:`masq.stacked` reuses :func:`minibatch_indices`
+and :mod:`masq.training.evaluate`, so K stacked runs see exactly the mini-batches and
+evaluation points of K separate :func:`train_task` calls.
 
 The loop, written out (PAPER.md section 2-3)::
 
@@ -14,13 +14,9 @@ The loop, written out (PAPER.md section 2-3)::
         loss.backward(); optimizer.step()
         if it in eval_iterations(...): record accuracies on the evaluation sets
 
-Evaluation cost: one evaluation of the D5-5 test sets (10,000 images, forward only, large
-batches) costs as much as 18-30 training iterations of the same net at B = 100 (measured for
-784-800-800-10 on 2 busy CPU cores, torch 2.13: 161 ms against 8.8 ms per iteration in
-benchmarks/train.py, 25-30 iterations' worth in other runs). The default ``eval_every = 250``
-thus keeps evaluation at 7-11 % of the training time (21 points per 5,000-iteration phase).
-Pass a smaller ``eval_every`` (down to 1, the paper's "after every mini-batch") for finer
-curves, at that cost: 50 -> about a third of the time, 1 -> 20-30 x slower.
+Evaluation costs as much as 18-30 training iterations per 10,000 images
+(:mod:`masq.training.evaluate`); pass a smaller ``eval_every`` (down to 1, the paper's
+"after every mini-batch") for finer curves, at that cost.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from masq.errors import ConfigError
 from masq.models import mlp
-from masq.train import (
+from masq.training import (
     TrainConfig,
     accuracies,
     eval_counts,

@@ -1,13 +1,15 @@
+"""masq.consolidation.ewc: anchors, the EWC penalty and online EWC's running importance."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from masq import ewc
+from masq.consolidation import ewc
 from masq.errors import ConfigError
 from masq.models import mlp
-from masq.train import TrainConfig, train_task
+from masq.training import TrainConfig, train_task
 
 
 def tiny(seed: int = 0) -> nn.Sequential:
@@ -143,3 +145,54 @@ def test_lambda_zero_is_bitwise_plain_training() -> None:
 
     for (n, p), (_, q) in zip(plain.named_parameters(), penalised.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+# ----------------------------------------------------------------------------- online EWC
+
+
+def test_online_importance_starts_from_the_first_task() -> None:
+    new = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, 0.25])}
+    running = ewc.online_importance(None, new, 0.3)
+    assert running["w"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert running["b"].tolist() == [0.5, 0.25]
+    new["w"][0, 0] = 100.0  # a copy: later changes of F_t leave F alone
+    assert running["w"][0, 0].item() == 1.0
+
+
+def test_online_importance_decays_and_adds_against_hand_values() -> None:
+    f1 = {"w": torch.tensor([2.0, 4.0, 8.0]), "b": torch.tensor([1.0])}
+    f2 = {"w": torch.tensor([1.0, 0.0, 3.0]), "b": torch.tensor([10.0])}
+    f3 = {"w": torch.tensor([0.5, 0.5, 0.5]), "b": torch.tensor([0.0])}
+    running = ewc.online_importance(None, f1, 0.5)
+    running = ewc.online_importance(running, f2, 0.5)
+    # F = 0.5 * F1 + F2
+    assert running["w"].tolist() == [2.0, 2.0, 7.0] and running["b"].tolist() == [10.5]
+    running = ewc.online_importance(running, f3, 0.5)
+    # F = 0.5 * (0.5 * F1 + F2) + F3 = 0.25 F1 + 0.5 F2 + F3
+    assert running["w"].tolist() == [1.5, 1.5, 4.0] and running["b"].tolist() == [5.25]
+    assert f1["w"].tolist() == [2.0, 4.0, 8.0]  # the inputs are not changed
+
+
+@pytest.mark.parametrize(("gamma", "expected"), [(0.0, [1.0, 0.0]), (1.0, [3.0, 5.0])])
+def test_online_importance_at_the_ends_of_gamma(gamma: float, expected: list[float]) -> None:
+    running = {"w": torch.tensor([2.0, 5.0])}
+    new = {"w": torch.tensor([1.0, 0.0])}
+    # γ = 0 keeps only the latest task's importance, γ = 1 sums them (plain EWC's total)
+    assert ewc.online_importance(running, new, gamma)["w"].tolist() == expected
+
+
+def test_online_importance_key_mismatch_is_an_error() -> None:
+    running = {"w": torch.ones(2), "b": torch.ones(1)}
+    with pytest.raises(ConfigError, match="keys"):
+        ewc.online_importance(running, {"w": torch.ones(2)}, 0.5)
+    with pytest.raises(ConfigError, match="keys"):
+        ewc.online_importance(running, {"w": torch.ones(2), "c": torch.ones(1)}, 0.5)
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan")])
+def test_online_importance_gamma_outside_the_unit_interval_is_an_error(gamma: float) -> None:
+    f = {"w": torch.ones(2)}
+    with pytest.raises(ConfigError, match="gamma"):
+        ewc.online_importance(None, f, gamma)
+    with pytest.raises(ConfigError, match="gamma"):
+        ewc.online_importance(f, f, gamma)
