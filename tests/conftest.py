@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -77,3 +77,14 @@ def data_fake(data_offline: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[.
         return DataFake(raw=raw, spec=spec)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored() -> Iterator[None]:
+    """Every test starts with the process's torch thread count: a command run in-process with
+    ``--threads N`` must not change the float rounding of the tests after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -1,13 +1,26 @@
-"""The ``masq grid`` / ``masq table`` / ``masq consistency`` commands, end to end (tiny)."""
+"""The ``masq grid`` / ``masq table`` / ``masq consistency`` / ``masq migrate`` commands, end
+to end (tiny)."""
 
 from __future__ import annotations
 
+import importlib
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
 
-from masq.cli import main
+import masq.data
+from masq import protocol
+from masq.cli import build_parser, main
+from masq.cli.grid_cmd import grid_from_args
+from tests.synthetic import learnable_dataset
+from tests.test_store import write_v1_dir
+
+group_module = importlib.import_module("masq.grid.group")
+estimate_module = importlib.import_module("masq.grid.estimate")
 
 TINY = [
     "--preset",
@@ -37,10 +50,32 @@ TINY = [
 FAST = ["--workers", "1", "--threads", "1", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_tasks_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(group_module, "_TASKS_CACHE", {})
+
+
 @pytest.fixture
 def idx_dir(tmp_path: Path, data_fake: Callable) -> Path:
     """A tiny synthetic "mnist" (IDX files) accepted by masq.data for this test."""
     return data_fake("mnist", n_train=5200, n_test=200).write(tmp_path / "idx")
+
+
+def _fake_measure(weights: dict[tuple[int, ...], float]) -> Callable[..., dict[str, float]]:
+    """Costs per unit (seconds) of an architecture: these numbers times its weight."""
+    unit = {
+        "d1_iter": 0.3,
+        "d2_iter": 1.6,
+        "d2_iter_one": 0.7,
+        "eval_sample_one": 1e-4,
+        "eval_sample_stack": 2e-4,
+        "importance_sample": 1e-4,
+    }
+
+    def measure(hidden: tuple[int, ...], stack: int, *a: Any, **kw: Any) -> dict[str, float]:
+        return {k: v * weights[hidden] for k, v in unit.items()}
+
+    return measure
 
 
 def test_grid_table_consistency_end_to_end(
@@ -50,14 +85,16 @@ def test_grid_table_consistency_end_to_end(
     args = ["grid", *TINY, "--results", res, "--data-dir", str(idx_dir), *FAST, "--stack", "3"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "grid: 8 runs" in out and "done: 8 runs now, 0 were stored, 0 failed" in out
-    assert "2 D1 trainings and 2 importance passes" in out
+    assert "grid: 8 runs (2 hidden × 2 lr2 × 2 λ; 8 before merging" in out
+    assert "done: 8 runs now, 0 were stored, 0 failed; 2 D1 trainings and 2 importance " in out
     assert main(args) == 0  # resumed: nothing to do
-    assert "done: 0 runs now, 8 were stored" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "done: 0 runs now, 8 were stored, 0 failed; 0 D1 trainings and 0 importance" in out
 
     assert main(["table", "--results", res]) == 0
     out = capsys.readouterr().out
     assert "Table 1" in out and "| D5-5 |" in out and "selected on the TEST curves" in out
+    assert "D1∪D2 %" in out and "ACC %" not in out  # two tasks: the paper's columns
     assert (Path(res) / "table1_test.md").exists() and (Path(res) / "table1_test.csv").exists()
 
     out_dir = tmp_path / "figs"
@@ -68,35 +105,107 @@ def test_grid_table_consistency_end_to_end(
     assert (out_dir / "consistency_D5-5.png").stat().st_size > 1000
 
 
-def test_dry_run_prints_counts_and_an_estimate(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_dry_run_prints_counts_and_the_estimate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(estimate_module, "measure", _fake_measure({(8,): 1.0, (6, 4): 3.0}))
     grid_file = tmp_path / "g.toml"
     grid_file.write_text('importance = ["masq", "fisher"]\nseeds = 2\n', encoding="utf-8")
     args = ["grid", *TINY, "--grid", str(grid_file), "--dry-run", "--workers", "2"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
+    assert main([*args, "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     # 2 seeds x 2 archs x 2 lr2 x (λ = 0 once + λ = 10 for masq and fisher)
-    assert "grid: 24 runs" in out and "32 before merging" in out
-    assert "4 D1 trainings, 8 importance passes, 24 D2 runs" in out
-    assert "estimated time with 2 worker(s)" in out
+    assert lines[0] == (
+        "grid: 24 runs (2 seed × 2 hidden × 2 importance × 2 lr2 × 2 λ; 32 before merging the "
+        "λ = 0 runs that do not depend on the importance)"
+    )
+    assert lines[1] == "stored already: 0; to run: 24"
+    assert lines[2] == (
+        "shared work: 4 D1 trainings, 8 importance passes, 24 runs in 4 stacks of <= 16"
+    )
+    assert lines[3] == (
+        "calibration: a few iterations of 784-6-4-10, 784-8-10 on this machine (2 of 2 "
+        "architectures measured, others interpolated by parameter count)"
+    )
+    # Per group of weight w (4 groups: w = 1, 3 for each seed; sum of w = 8), D5-5:
+    # task 1: 10 iterations x 0.3w + 3 evaluations (0, 5, 10) x 10,000 images x 1e-4w = 6w;
+    # importance: 2 passes x 27,500 images x 1e-4w = 5.5w;
+    # later phase: one stack of 6 of 16 (its share 6/16) x (10 x 1.6w + 3 x 10,000 x 2e-4w)
+    # = 8.25w, of which evaluation 6w x 6/16 = 2.25w; with task 1's 3w evaluation 5.25w.
+    # Two workers halve it: 24 + 22 + 33 = 79 s, evaluation 21 s = 27 %.
+    assert lines[4] == (
+        "estimated time with 2 worker(s) x 1 thread(s): 79 s (D1 training 24 s, importance "
+        "22 s, D2 re-training 33 s; evaluation 27% of it)"
+    )
+    assert len(lines) == 5
 
 
 def test_paper_preset_dry_run_counts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from masq import search
+    from masq import grid
 
     monkeypatch.setattr(
-        search,
+        grid,
         "estimate",
-        lambda *a, **k: search.Estimate(3600.0, 60.0, 6.0, 3534.0, 300.0, 2, 1, ((200, 200),), 36),
+        lambda *a, **k: grid.Estimate(3600.0, 60.0, 6.0, 3534.0, 300.0, 2, 1, ((200, 200),), 36),
     )
     assert main(["grid", "--preset", "paper", "--dry-run", "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert "grid: 1728 runs (3 slt × 36 hidden × 4 lr2 × 4 λ" in out
-    assert "108 D1 trainings, 108 importance passes, 1728 D2 runs in 108 stacks" in out
-    assert "1.0 h" not in out and "60.0 min" in out
+    assert "grid: 1728 runs (3 slt × 36 hidden × 4 lr2 × 4 λ; 1728 before merging" in out
+    assert "108 D1 trainings, 108 importance passes, 1728 runs in 108 stacks of <= 16" in out
+    assert "calibration: a few iterations of 784-200-200-10 on this machine (1 of 36" in out
+    assert "60.0 min (D1 training 60 s, importance 6 s, D2 re-training 58.9 min" in out
+    assert "evaluation 8% of it" in out and "1.0 h" not in out
+
+
+def _grid(*flags: str) -> Any:
+    return grid_from_args(build_parser().parse_args(["grid", "--preset", "none", *flags]))
+
+
+def test_grid_axes_come_from_the_registry() -> None:
+    g = _grid(
+        "--slt", "D3-3-4", "D5-5", "--seed-list", "3", "5", "--layers", "1", "2",
+        "--sizes", "8", "16", "--lr2", "1e-2", "1e-3", "--lam-per-lr2", "0", "0.1",
+        "--consolidation", "ewc", "online", "--gamma", "1", "0.5",
+        "--importance", "masq", "fisher", "--eval-val", "--init", "tf", "--masq-batch", "7",
+        "--device", "cuda",
+    )  # fmt: skip
+    assert g.slt == ("D3-3-4", "D5-5") and g.seed == (3, 5)
+    assert g.hidden == ((8,), (16,), (8, 8), (8, 16), (16, 8), (16, 16))
+    assert g.lr2 == (1e-2, 1e-3) and g.lam == () and g.lam_per_lr2 == (0.0, 0.1)
+    assert g.consolidation == ("ewc", "online-ewc") and g.gamma == (1.0, 0.5)
+    assert g.importance == ("masq", "fisher") and g.masq_batch == (7,)
+    assert g.eval_val == (True,) and g.init == ("tf",) and g.device == "cuda"
+    assert g.iters1 == (5000,)  # not given: RunConfig's default
+    assert _grid("--seed", "3", "5").seed == (3, 5)  # --seed-list is an alias of --seed
+    assert _grid("--seeds", "3").seed == (0, 1, 2)
+    assert _grid("--hidden", "800-400", "200").hidden == ((800, 400), (200,))
+    assert _grid("--lam", "0", "10").lam == (0.0, 10.0)
+    assert _grid("--lam", "5", "--lam-per-lr2", "1").lam == (5.0,)
+
+
+def test_dry_run_of_a_three_task_grid(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(estimate_module, "measure", _fake_measure({(8,): 1.0, (16,): 2.0}))
+    args = [
+        "grid", "--preset", "none", "--slt", "D3-3-4", "--layers", "1", "--sizes", "8", "16",
+        "--lr2", "1e-2", "--lam-per-lr2", "0", "0.1", "--consolidation", "ewc", "online-ewc",
+        "--gamma", "1", "0.5", "--seeds", "2", "--dry-run", "--workers", "1", "--threads", "1",
+    ]  # fmt: skip
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # per architecture and seed: λ = 0 once, λ = 0.1 / 1e-2 = 10 with EWC and online EWC at
+    # γ = 1 and 0.5: 4 runs; 2 x 2 x 4 = 16 runs, 2 x 2 x 2 x 2 x 2 = 32 combinations
+    assert lines[0] == (
+        "grid: 16 runs (2 seed × 2 hidden × 2 consolidation × 2 gamma × 2 λ; 32 before merging "
+        "the λ = 0 runs that do not depend on the importance)"
+    )
+    assert (
+        lines[2]
+        == "shared work: 4 D1 trainings, 4 importance passes, 16 runs in 16 stacks of <= 16"
+    )
 
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -123,16 +232,120 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "cannot read" in _error(capsys, ["grid", "--grid", missing, "--dry-run"])
     future = tmp_path / "future"
     future.mkdir()
-    (future / "meta.json").write_text('{"format": "masq-results", "version": 2}')
+    (future / "meta.json").write_text('{"format": "masq-results", "version": 99}')
     err = _error(capsys, ["grid", *TINY, "--results", str(future), *FAST])
-    assert "format version 2" in err
-    assert "format version 2" in _error(capsys, ["table", "--results", str(future)])
+    assert "format version 99" in err
+    assert "format version 99" in _error(capsys, ["table", "--results", str(future)])
     assert "give --results" in _error(capsys, ["grid", *TINY, *FAST])
     assert "--stack" in _error(capsys, ["grid", *TINY, "--stack", "0", "--dry-run"])
     assert "no results at" in _error(capsys, ["table", "--results", str(tmp_path / "nothing")])
     assert "unknown value 'adam'" in _error(
         capsys, ["grid", *TINY, "--importance", "adam", "--dry-run"]
     )
+    assert "must be between 0 and 1" in _error(
+        capsys, ["grid", *TINY, "--slt", "D3-3-4", "--consolidation", "online-ewc", "--gamma",
+                 "2", "--dry-run"]
+    )  # fmt: skip
     assert "either --seeds" in _error(
         capsys, ["grid", *TINY, "--seeds", "2", "--seed-list", "3", "--dry-run"]
     )
+    assert "either 'hidden' or 'layers'" in _error(
+        capsys, ["grid", *TINY, "--layers", "2", "--dry-run"]
+    )
+
+
+def test_a_format_1_results_dir_is_refused_and_migrated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = tmp_path / "old"
+    write_v1_dir(old)
+    before = {p.name: p.read_bytes() for p in (old / "runs").glob("*.json")}
+    for argv in (
+        ["grid", *TINY, "--results", str(old), *FAST],
+        ["grid", *TINY, "--results", str(old), "--dry-run"],
+        ["table", "--results", str(old)],
+    ):
+        err = _error(capsys, argv)
+        assert f"`masq migrate {old}`" in err and "format 1" in err
+    assert {p.name: p.read_bytes() for p in (old / "runs").glob("*.json")} == before
+    assert main(["migrate", str(old)]) == 0
+    assert capsys.readouterr().out == f"{old}: 6 record(s) converted to format 2\n"
+    assert json.loads((old / "meta.json").read_text())["version"] == 2
+    assert main(["migrate", str(old)]) == 0
+    assert capsys.readouterr().out == f"{old}: already format 2; nothing to do\n"
+    assert main(["table", "--results", str(old), "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "| D5-5 |" in out and "Table 1" in out
+    assert "no meta.json" in _error(capsys, ["migrate", str(tmp_path / "nothing")])
+
+
+def test_a_systematic_failure_exits_1_with_the_traceback(
+    tmp_path: Path,
+    idx_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*a: Any, **kw: Any) -> list:
+        raise RuntimeError("stacked kernel broke")
+
+    monkeypatch.setattr(protocol, "continue_stacked", broken)
+    res = tmp_path / "res"
+    argv = ["grid", *TINY, "--results", str(res), "--data-dir", str(idx_dir), *FAST]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "Traceback (most recent call last)" in captured.err
+    assert "in broken" in captured.err and "RuntimeError: stacked kernel broke" in captured.err
+    assert (
+        captured.err.rstrip()
+        .splitlines()[-1]
+        .startswith("masq grid: every run of the first group failed with the same error")
+    )
+    assert "done:" not in captured.out
+    assert len(list((res / "d1").glob("*.pt"))) == 1  # the grid stopped after the first group
+    assert len(list((res / "errors").glob("*.json"))) == 4
+
+
+def test_table_of_three_task_runs_has_transfer_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = learnable_dataset(300, 60, 120)  # curves that move: BWT and forgetting are not 0
+    monkeypatch.setattr(masq.data, "load", lambda name="mnist", **kw: data)
+    res = tmp_path / "res"
+    argv = [
+        "grid", "--preset", "none", "--slt", "D3-3-4", "--hidden", "16", "--iters1", "30",
+        "--iters2", "20", "--eval-every", "5", "--batch-size", "20", "--masq-batch", "50",
+        "--lr1", "1e-2", "--lr2", "1e-2", "--lam", "0", "10000", "--consolidation", "ewc",
+        "online-ewc", "--gamma", "0.5", "--results", str(res), *FAST,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "done: 3 runs now" in capsys.readouterr().out
+    assert main(["table", "--results", str(res)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| SLT |"))
+    assert "| D1∪D2∪D3 % |" not in header and "| all tasks % |" in header
+    assert header.endswith("| ACC % | BWT % | forgetting % | seeds |")
+    records = {
+        p.stem: json.loads(p.read_text(encoding="utf-8"))["result"]
+        for p in (res / "runs").glob("*.json")
+    }
+    assert len(records) == 3 and all(len(r["curves"]) == 3 for r in records.values())
+    table = pd.read_csv(res / "table1_test.csv")
+    assert list(table["criterion"]) == ["best", "last"]
+    rows = [line for line in lines if line.startswith("| D3-3-4 |")]
+    assert len(rows) == 2
+    for (_, entry), line in zip(table.iterrows(), rows, strict=True):
+        (rid,) = entry["run_ids"].split(",")
+        curves = records[rid]["curves"]
+        # by hand from the curves: R[i][j] = task j's last accuracy in phase i
+        r = [[c[f"D{j}"][-1] for j in (1, 2, 3)] for c in curves]
+        acc = sum(r[2]) / 3
+        bwt = ((r[2][0] - r[0][0]) + (r[2][1] - r[1][1])) / 2
+        forgetting = ((max(r[0][0], r[1][0]) - r[2][0]) + (max(r[0][1], r[1][1]) - r[2][1])) / 2
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[-4:] == [f"{100 * acc:.2f}", f"{100 * bwt:.2f}",
+                              f"{100 * forgetting:.2f}", "1"]  # fmt: skip
+        final = [rec["curves"][2]["D1∪D2∪D3"] for rec in records.values()]
+        if entry["criterion"] == "last":  # the winner has the highest final union accuracy
+            assert cells[1] == "last" and f"{100 * max(f[-1] for f in final):.2f}" == cells[7]
+        else:
+            assert cells[1] == "best" and f"{100 * max(max(f[1:]) for f in final):.2f}" == cells[7]

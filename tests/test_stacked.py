@@ -1,20 +1,30 @@
-"""masq.stacked: K stacked runs equal K separate runs (Adam, penalty, batches, evaluation)."""
+"""masq.stacked and masq.protocol.continue_stacked: K stacked runs equal K separate runs
+(Adam, penalty, batches, evaluation, records)."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from masq import ewc, experiment, stacked, train
+from masq import protocol, stacked, training
 from masq import tasks as masq_tasks
+from masq.config import RunConfig
+from masq.consolidation import ewc
 from masq.errors import ConfigError
-from masq.experiment import ExperimentConfig, stream_seed
 from masq.models import mlp
-from tests.synthetic import synthetic_dataset
+from masq.protocol import D1State, Result, stream_seed
+from masq.stacked.model import stored_layout
+from tests.synthetic import learnable_dataset, synthetic_dataset
+
+GOLDEN = Path(__file__).parent / "data" / "golden_t2_v1.json"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
+def _one_thread() -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -25,14 +35,26 @@ def _states(hidden: tuple[int, ...], k: int) -> list[dict[str, torch.Tensor]]:
     return [dict(mlp(hidden, in_features=12, classes=5, seed=s).state_dict()) for s in range(k)]
 
 
+def test_stored_layout_transposes_weights_only() -> None:
+    w = torch.arange(6.0).reshape(2, 3)  # [out, in]
+    b = torch.arange(2.0)
+    assert stored_layout(w).shape == (3, 2)
+    assert stored_layout(w)[2, 1] == w[1, 2] == 5.0
+    assert stored_layout(b) is b
+
+
 def test_stack_and_unstack_round_trip() -> None:
     states = _states((7, 5), 3)
     model = stacked.stack_states(states)
+    assert model.k == 3 and model.layers == 3
     assert model.params[0].shape == (3, 12, 7) and model.params[2].shape == (3, 7, 5)
+    assert model.keys == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
     for run, state in enumerate(states):
         back = stacked.unstack(model, run)
         assert back.keys() == state.keys()
         assert all(torch.equal(back[k], state[k]) for k in state)
+    with pytest.raises(ConfigError, match="unexpected parameter"):
+        stacked.stack_states([{"weight": torch.zeros(2, 2)}])
 
 
 def test_forward_equals_each_model() -> None:
@@ -41,10 +63,14 @@ def test_forward_equals_each_model() -> None:
     model = stacked.stack_states(states)
     x = torch.randn(9, 12, generator=torch.Generator().manual_seed(0))
     logits = stacked.forward(model, x)
+    y = torch.arange(9) % 5
+    correct = stacked.stacked_correct(model, x, y)
     for run, state in enumerate(states):
         net = mlp(hidden, in_features=12, classes=5)
         net.load_state_dict(state)
-        torch.testing.assert_close(logits[run], net(x), rtol=1e-5, atol=1e-6)
+        ref = net(x)
+        torch.testing.assert_close(logits[run], ref, rtol=1e-5, atol=1e-6)
+        assert int(correct[run]) == int((ref.argmax(dim=1) == y).sum())
 
 
 def test_gradients_equal_separate_autograd() -> None:
@@ -74,6 +100,8 @@ def test_gradients_equal_separate_autograd() -> None:
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_stacked_adam_equals_torch_adam_per_run(fused: bool) -> None:
+    if fused and not training.fused_adam_available(torch.device("cpu")):
+        pytest.skip("this torch has no fused Adam on the CPU")
     hidden = (6, 4)
     lrs = [1e-2, 1e-3, 3e-4]
     states = _states(hidden, 3)
@@ -102,11 +130,42 @@ def test_stacked_adam_equals_torch_adam_per_run(fused: bool) -> None:
             torch.testing.assert_close(got[k], p.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_stacked_adam_adds_the_ewc_gradient_only_where_penalized() -> None:
+    """step(lam_f, anchors, penalized) == Adam on g + λF(θ − θ*) for the flagged runs only."""
+    hidden = (5,)
+    states = _states(hidden, 2)
+    model = stacked.stack_states(states)
+    anchor_state = _states(hidden, 3)[2]
+    anchors = stacked.stack_states([anchor_state]).params  # leading dimension 1
+    gen = torch.Generator().manual_seed(3)
+    lam_f = [torch.rand(p.shape, generator=gen) for p in model.params]
+    grads = [torch.randn(p.shape, generator=gen) for p in model.params]
+    expected = []
+    for run in range(2):
+        net = mlp(hidden, in_features=12, classes=5)
+        net.load_state_dict(states[run])
+        adam = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for i, (k, p) in enumerate(net.named_parameters()):
+            g = stored_layout(grads[i][run]).clone()
+            if run == 1:  # the penalized run
+                g += stored_layout(lam_f[i][run]) * (p.detach() - anchor_state[k])
+            p.grad = g
+        adam.step()
+        expected.append({k: p.detach().clone() for k, p in net.named_parameters()})
+    opt = stacked.StackedAdam.create(model, [1e-2, 1e-2], fused=False)
+    opt.step(model.params, [g.clone() for g in grads], lam_f, anchors, [False, True])
+    for run in range(2):
+        got = stacked.unstack(model, run)
+        for k, ref in expected[run].items():
+            torch.testing.assert_close(got[k], ref, rtol=1e-6, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
-def d1_setup() -> tuple[ExperimentConfig, list, experiment.D1State]:
+def d1_setup() -> Iterator[tuple[RunConfig, list[masq_tasks.Task], D1State]]:
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     data = synthetic_dataset(400, 60, 120)
-    base = ExperimentConfig(
+    base = RunConfig(
         slt="D5-5",
         hidden=(16, 12),
         iters1=40,
@@ -117,14 +176,17 @@ def d1_setup() -> tuple[ExperimentConfig, list, experiment.D1State]:
         eval_val=True,
     )
     tasks = masq_tasks.make(base.slt, dataset=data, seed=stream_seed(0, "tasks"))
-    return base, tasks, experiment.train_d1(base, tasks)
+    try:
+        yield base, tasks, protocol.train_first(base, tasks)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _separate(
-    config: ExperimentConfig, d1: experiment.D1State, imp: dict, tasks: list
-) -> tuple[dict, dict]:
-    """The reference: one train_task call as experiment.retrain_d2 makes it (weights kept)."""
-    model = experiment.build_model(config, tasks)
+    config: RunConfig, d1: D1State, imp: dict[str, torch.Tensor], tasks: list[masq_tasks.Task]
+) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
+    """The reference: one train_task call with the EWC penalty written out (weights kept)."""
+    model = protocol.build_model(config, tasks)
     model.load_state_dict(d1.state_dict)
     penalty = None
     if config.importance != "none" and config.lam > 0:
@@ -133,21 +195,21 @@ def _separate(
         def penalty(m: torch.nn.Module) -> torch.Tensor:
             return ewc.penalty(m, anchor, config.lam)
 
-    sets, unions = experiment.eval_sets(config, tasks)
-    cfg = train.TrainConfig(
+    sets, unions = protocol.eval_sets(config, tasks, 1)
+    cfg = training.TrainConfig(
         lr=config.lr2,
         iters=config.iters2,
         batch_size=config.batch_size,
         eval_every=config.eval_every,
         seed=stream_seed(config.seed, "d2-batches"),
     )
-    curve = train.train_task(
+    curve = training.train_task(
         model, tasks[1].train, cfg, penalty=penalty, eval_sets=sets, unions=unions
     )
     return curve, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _configs(base: ExperimentConfig) -> list[ExperimentConfig]:
+def _configs(base: RunConfig) -> list[RunConfig]:
     return [
         base.with_(lr2=1e-2, lam=0.0, importance="none"),
         base.with_(lr2=1e-2, lam=50.0, importance="masq"),
@@ -160,8 +222,8 @@ def _configs(base: ExperimentConfig) -> list[ExperimentConfig]:
 def test_stacked_training_equals_separate_runs(d1_setup: tuple) -> None:
     base, tasks, d1 = d1_setup
     configs = _configs(base)
-    imps = [experiment.compute_importance(c, d1, tasks)[0] for c in configs]
-    sets, unions = experiment.eval_sets(base, tasks)
+    imps = [protocol.compute_importance(c, d1, tasks)[0] for c in configs]
+    sets, unions = protocol.eval_sets(base, tasks, 1)
     curves, states = stacked.train_stacked(
         d1.state_dict,
         tasks[1].train,
@@ -196,36 +258,71 @@ def test_stacked_training_equals_separate_runs(d1_setup: tuple) -> None:
     assert not torch.allclose(finals[1][w], finals[4][w], atol=1e-4)
 
 
-def test_retrain_d2_stacked_records_equal_retrain_d2(d1_setup: tuple) -> None:
+def test_continue_stacked_records_equal_continue_run(d1_setup: tuple) -> None:
     base, tasks, d1 = d1_setup
     configs = _configs(base)
-    imps = [experiment.compute_importance(c, d1, tasks) for c in configs]
-    records = stacked.retrain_d2_stacked(
-        configs, d1, [i for i, _ in imps], tasks, [s for _, s in imps]
+    imps = [protocol.compute_importance(c, d1, tasks) for c in configs]
+    records = protocol.continue_stacked(
+        configs, d1, [i for i, _ in imps], tasks, [s for _, s in imps], keep_weights=True
     )
     for config, (imp, seconds), rec in zip(configs, imps, records, strict=True):
-        ref = experiment.retrain_d2(config, d1, imp, tasks, seconds)
-        assert rec.config == ref.config and rec.curve_d1 == ref.curve_d1
-        assert rec.curve_d2.keys() == ref.curve_d2.keys()
-        for name, values in ref.curve_d2.items():
-            assert rec.curve_d2[name] == pytest.approx(values, abs=0.021)
+        ref = protocol.continue_run(config, d1, imp, tasks, seconds, keep_weights=True)
+        assert rec.config == ref.config and rec.curves[0] == ref.curves[0] == d1.curve
+        assert len(rec.curves) == len(ref.curves) == 2
+        assert rec.curves[1].keys() == ref.curves[1].keys()
+        for name, values in ref.curves[1].items():
+            assert rec.curves[1][name] == pytest.approx(values, abs=0.021)
         assert rec.best.keys() == ref.best.keys() and rec.last.keys() == ref.last.keys()
         assert rec.last["D1∪D2"] == pytest.approx(ref.last["D1∪D2"], abs=0.01)
+        # R[i][j]: task j's test accuracy at the end of phase i, read off the curves
+        assert rec.accuracy == [[c["D1"][-1], c["D2"][-1]] for c in (rec.curves[0], rec.curves[1])]
+        assert rec.accuracy[0] == ref.accuracy[0]
         assert rec.importance_summary == ref.importance_summary
-        assert rec.timings.keys() == ref.timings.keys()
-        assert rec.timings["importance"] == seconds and rec.meta["stack"] == len(configs)
-        assert experiment.Result.from_json(rec.to_json()).config == config
+        assert rec.timings["importance"] == [seconds]
+        assert rec.timings["train"][0] == d1.seconds == ref.timings["train"][0]
+        assert rec.meta["stack"] == len(configs) and "stack" not in ref.meta
+        assert rec.weights is not None and ref.weights is not None and len(rec.weights) == 2
+        for k in d1.state_dict:
+            assert torch.equal(rec.weights[0][k], d1.state_dict[k])
+            torch.testing.assert_close(rec.weights[1][k], ref.weights[1][k], rtol=1e-4, atol=1e-5)
+        back = Result.from_json(rec.to_json())
+        assert back.config == config and back.curves == rec.curves
+    plain = protocol.continue_stacked(configs[:2], d1, [{}, imps[1][0]], tasks)
+    assert [r.weights for r in plain] == [None, None]
+
+
+def test_continue_stacked_reproduces_the_golden_records() -> None:
+    """The stacked records of masq 0.1 (tests/data/golden_t2_v1.json, one stack of six on
+    tests.synthetic.learnable_dataset()) come out of continue_stacked number for number."""
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))["stacked"]
+    configs = [RunConfig.from_dict(e["result"]["config"]) for e in golden]
+    tasks = masq_tasks.make(
+        "D5-5", dataset=learnable_dataset(), seed=stream_seed(configs[0].seed, "tasks")
+    )
+    d1 = protocol.train_first(configs[0], tasks)
+    imps = [protocol.compute_importance(c, d1, tasks)[0] for c in configs]
+    records = protocol.continue_stacked(configs, d1, imps, tasks)
+    for entry, rec in zip(golden, records, strict=True):
+        old = entry["result"]
+        assert rec.curves == [old["curve_d1"], old["curve_d2"]]
+        assert rec.best == old["best"] and rec.last == old["last"]
+        assert rec.importance_summary.keys() == old["importance_summary"].keys()
+        for name, stats in old["importance_summary"].items():
+            assert rec.importance_summary[name] == pytest.approx(stats, rel=1e-5)
+    # the curves move: the golden check is not one of constants
+    assert len({r.last["D1∪D2"] for r in records} | {records[0].best["D1∪D2"]}) > 1
 
 
 def test_one_run_stack_and_errors(d1_setup: tuple) -> None:
     base, tasks, d1 = d1_setup
     config = base.with_(lam=100.0, importance="masq", lr2=1e-2)
-    imp, _ = experiment.compute_importance(config, d1, tasks)
-    (rec,) = stacked.retrain_d2_stacked([config], d1, [imp], tasks)
-    ref = experiment.retrain_d2(config, d1, imp, tasks)
-    assert rec.curve_d2["D1∪D2"] == pytest.approx(ref.curve_d2["D1∪D2"], abs=0.021)
+    imp, _ = protocol.compute_importance(config, d1, tasks)
+    (rec,) = protocol.continue_stacked([config], d1, [imp], tasks)
+    ref = protocol.continue_run(config, d1, imp, tasks, keep_weights=False)
+    assert rec.curves[1]["D1∪D2"] == pytest.approx(ref.curves[1]["D1∪D2"], abs=0.021)
+    assert protocol.continue_stacked([], d1, [], tasks) == []
     with pytest.raises(ConfigError, match="importance keys"):
-        stacked.retrain_d2_stacked([config], d1, [{"0.weight": imp["0.weight"]}], tasks)
+        protocol.continue_stacked([config], d1, [{"0.weight": imp["0.weight"]}], tasks)
     bad = {k: v[..., :1] for k, v in imp.items()}
     with pytest.raises(ConfigError, match="shape"):
         stacked.train_stacked(
@@ -239,8 +336,14 @@ def test_one_run_stack_and_errors(d1_setup: tuple) -> None:
             eval_every=1,
             seed=0,
         )
-    with pytest.raises(ConfigError, match="differs from the D1 state"):
-        stacked.retrain_d2_stacked([config.with_(hidden=(8,))], d1, [imp], tasks)
+    with pytest.raises(ConfigError, match="differs from the task-1 state"):
+        protocol.continue_stacked([config.with_(hidden=(8,))], d1, [imp], tasks)
+    with pytest.raises(ConfigError, match="same iters2"):
+        protocol.continue_stacked([config, config.with_(iters2=7)], d1, [imp, imp], tasks)
+    three = config.with_(slt="D3-3-4")
+    d1_three = D1State(three, d1.state_dict, d1.curve, d1.seconds)
+    with pytest.raises(ConfigError, match="only two-task runs"):
+        protocol.continue_stacked([three], d1_three, [imp], tasks)
     with pytest.raises(ConfigError, match="one lr"):
         stacked.train_stacked(
             d1.state_dict,

@@ -152,7 +152,7 @@ def test_task_1_importance_is_computed_at_the_d1_state(
     at_init = importance_by_hand(W, fresh_net(W).state_dict(), train1)
     assert equal(imp, expected) and not equal(at_init, expected)
     # the grid's cached importance as well
-    grid.execute([W], tmp_path, workers=1, progress=False)
+    grid.execute([W], tmp_path, workers=1, threads=torch.get_num_threads(), progress=False)
     saved = Store(tmp_path).load_tensors(
         Store(tmp_path).importance / f"{grid.importance_key(W)}.pt"
     )
@@ -207,7 +207,9 @@ def test_importance_cache_key_holds_scale_and_fisher_labels(
     ]
     assert len({grid.importance_key(c) for c in configs}) == 4
     assert len({grid.d1_key(c) for c in configs}) == 1
-    summary = grid.execute(configs, tmp_path, workers=1, stack=4, progress=False)
+    summary = grid.execute(
+        configs, tmp_path, workers=1, stack=4, threads=torch.get_num_threads(), progress=False
+    )
     assert summary.failed == {} and summary.importance_computed == 4
     store = Store(tmp_path)
     files = sorted(store.importance.glob("*.pt"))
@@ -352,7 +354,9 @@ def test_grid_task_1_state_is_trained_with_the_config_streams(
     d1_state: dict[str, Tensor], tmp_path: Path
 ) -> None:
     configs = [W.with_(importance="none", lam=0.0), W.with_(importance="none", lam=0.0, lr2=1e-2)]
-    grid.execute(configs, tmp_path, workers=1, stack=4, progress=False)
+    grid.execute(
+        configs, tmp_path, workers=1, stack=4, threads=torch.get_num_threads(), progress=False
+    )
     store = Store(tmp_path)
     saved = store.load_tensors(store.d1 / f"{grid.d1_key(W)}.pt")
     assert saved is not None and equal(saved["state_dict"], d1_state)

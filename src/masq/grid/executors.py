@@ -25,7 +25,7 @@ import torch
 
 from masq.config import Executor, RunConfig, choice
 from masq.errors import ConfigError
-from masq.grid.group import GroupJob, GroupOutcome, TasksFn, run_group
+from masq.grid.group import GroupJob, GroupOutcome, TasksFn, clear_tasks_cache, run_group
 from masq.grid.plan import plan
 from masq.store import Store, run_id
 
@@ -136,6 +136,7 @@ def execute(
             outcomes = _run_pool(jobs, store, workers, threads, bar, all_ids)
     finally:
         bar.close()
+        clear_tasks_cache()
     for _job, outcome in outcomes:
         summary.done += len(outcome.done)
         summary.failed.update(outcome.failed)

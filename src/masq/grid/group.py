@@ -57,8 +57,14 @@ class GroupOutcome:
 _TASKS_CACHE: dict[tuple[Any, ...], list[Task]] = {}
 
 
+def clear_tasks_cache() -> None:
+    """Forget the cached tasks (the cache lives for one grid: :func:`masq.grid.execute`)."""
+    _TASKS_CACHE.clear()
+
+
 def tasks_for(config: RunConfig, tasks_fn: TasksFn | None) -> list[Task]:
-    """The tasks of ``config`` (SLT, dataset, seed), cached per process (last one only)."""
+    """The tasks of ``config`` (SLT, dataset, seed), cached per process (last one only) for
+    the duration of one grid."""
     fn = protocol.make_tasks if tasks_fn is None else tasks_fn
     key = (
         getattr(fn, "__module__", None),

@@ -1,0 +1,895 @@
+"""masq.grid: expansion, canonical configs, shared work, chunks, resume, fail-fast, CUDA
+out-of-memory halving, executors and the time estimate."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import masq.data
+from masq import grid, protocol
+from masq import tasks as masq_tasks
+from masq.config import RunConfig, round_sig
+from masq.errors import ConfigError
+from masq.grid import Grid, GridAborted, GroupJob, canonical, chunks, execute, expand
+from masq.protocol import stream_seed
+from masq.store import Store, run_id
+from tests.synthetic import learnable_dataset, synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "data" / "golden_t2_v1.json"
+# masq.grid re-exports functions named like their modules (estimate, expand, plan): reach the
+# modules through importlib.
+group_module = importlib.import_module("masq.grid.group")
+estimate_module = importlib.import_module("masq.grid.estimate")
+U2, U3 = "D1∪D2", "D1∪D2∪D3"
+
+
+def synthetic_tasks(config: RunConfig) -> list[masq_tasks.Task]:
+    """The tasks of ``config`` built from the tiny synthetic dataset (importable by workers)."""
+    data = synthetic_dataset(300, 60, 100)
+    return masq_tasks.make(config.slt, dataset=data, seed=stream_seed(config.seed, "tasks"))
+
+
+def tiny_grid(**changes: object) -> Any:
+    """A small grid of tiny nets: 2 architectures x 2 lr2 x 3 lam = 12 runs, 2 task-1 groups."""
+    values: dict[str, object] = dict(
+        slt=("D5-5",),
+        hidden=((8,), (6, 4)),
+        iters1=(12,),
+        iters2=(10,),
+        batch_size=(20,),
+        eval_every=(5,),
+        masq_batch=(50,),
+        lr2=(1e-2, 1e-3),
+        lam=(0.0, 10.0, 1000.0),
+    )
+    values.update(changes)
+    return Grid(**values)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tasks_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test builds its own tasks (the per-process cache of masq.grid.group is keyed by
+    the SLT, dataset name and seed, not by the data a test puts behind the name)."""
+    monkeypatch.setattr(group_module, "_TASKS_CACHE", {})
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(configs: list[RunConfig], root: Path, stack: int = 4, **kw: Any) -> grid.Summary:
+    kw.setdefault("tasks_fn", synthetic_tasks)
+    return execute(configs, root, stack=stack, progress=False, threads=1, **kw)
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def test_paper_preset_is_the_papers_grid() -> None:
+    paper = grid.load_preset("paper")
+    configs = expand(paper)
+    assert len(configs) == 3 * 36 * 4 * 4 == paper.size()
+    assert len({c.hidden for c in configs}) == 36
+    assert {len(c.hidden) for c in configs} == {2, 3}
+    assert {c.slt for c in configs} == {"D5-5", "D9-1", "DP10-10"}
+    assert {c.lr2 for c in configs} == {1e-3, 1e-4, 1e-5, 1e-6}
+    assert {c.lam for c in configs} == {0.0, 100.0, 1000.0, 10000.0}
+    assert {(c.iters1, c.iters2, c.lr1, c.batch_size) for c in configs} == {(5000, 5000, 1e-3, 100)}
+    masq_runs = [c for c in configs if c.lam > 0]
+    assert {(c.importance, c.masq_batch, c.scale) for c in masq_runs} == {("masq", 1000, "mean")}
+    assert {c.importance for c in configs if c.lam == 0} == {"none"}
+    assert {(c.consolidation, c.gamma) for c in configs} == {("ewc", 1.0)}
+    groups = grid.plan(configs)
+    assert len(groups) == 108 and all(len(g.configs) == 16 for g in groups)
+    assert grid.work(groups, 16) == grid.Work(1728, 108, 108, 1728, 108)
+    assert "paper" in grid.list_presets()
+
+
+def test_architectures_counts() -> None:
+    archs = grid.architectures((2, 3), (200, 400, 800))
+    assert len(archs) == 36 and len(set(archs)) == 36
+    assert (800, 400, 400) in archs and (200, 800) in archs
+
+
+_axis = st.lists(st.integers(1, 50), min_size=1, max_size=3, unique=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    slts=st.lists(st.sampled_from(["D5-5", "D9-1", "DP10-10"]), min_size=1, unique=True),
+    archs=st.lists(
+        st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    ),
+    lr2=st.lists(st.sampled_from([1e-2, 1e-3, 1e-4, 1e-5]), min_size=1, unique=True),
+    lam=st.lists(st.sampled_from([1.0, 10.0, 100.0, 1e3, 1e4]), min_size=1, unique=True),
+    seeds=st.integers(1, 3),
+    inits=st.lists(st.sampled_from(["torch", "tf"]), min_size=1, unique=True),
+    scales=st.lists(st.sampled_from(["mean", "sum"]), min_size=1, unique=True),
+    batches=_axis,
+)
+def test_expansion_size_is_the_product_of_the_axes(
+    slts: list[str],
+    archs: list[tuple[int, ...]],
+    lr2: list[float],
+    lam: list[float],
+    seeds: int,
+    inits: list[str],
+    scales: list[str],
+    batches: list[int],
+) -> None:
+    g = Grid(
+        slt=tuple(slts),
+        hidden=tuple(archs),
+        lr2=tuple(lr2),
+        lam=tuple(lam),
+        seed=tuple(range(seeds)),
+        init=tuple(inits),
+        scale=tuple(scales),
+        masq_batch=tuple(batches),
+    )
+    configs = expand(g)
+    expected = math.prod(map(len, (slts, archs, lr2, lam, inits, scales, batches))) * seeds
+    assert len(configs) == g.size() == expected
+    assert len({run_id(c) for c in configs}) == expected
+    # runs of one task-1 group are contiguous
+    keys = [grid.d1_key(c) for c in configs]
+    assert (
+        len(grid.plan(configs))
+        == len(dict.fromkeys(keys))
+        == len([k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k])
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    slts=st.lists(st.sampled_from(["D3-3-4", "D2-2-2-2-2", "DP10-10-10"]), min_size=1, unique=True),
+    lam=st.lists(st.sampled_from([1.0, 10.0, 1e3]), min_size=1, unique=True),
+    consolidations=st.lists(st.sampled_from(["ewc", "online-ewc"]), min_size=1, unique=True),
+    gammas=st.lists(st.sampled_from([1.0, 0.9, 0.5, 0.0]), min_size=1, unique=True),
+    lr2=st.lists(st.sampled_from([1e-2, 1e-3]), min_size=1, unique=True),
+)
+def test_expansion_of_t_task_grids_with_online_ewc(
+    slts: list[str],
+    lam: list[float],
+    consolidations: list[str],
+    gammas: list[float],
+    lr2: list[float],
+) -> None:
+    """With T > 2 tasks γ is an axis of the online-EWC runs only (EWC ignores it)."""
+    g = Grid(
+        slt=tuple(slts),
+        lam=tuple(lam),
+        consolidation=tuple(consolidations),
+        gamma=tuple(gammas),
+        lr2=tuple(lr2),
+    )
+    configs = expand(g)
+    per_point = ("ewc" in consolidations) + ("online-ewc" in consolidations) * len(gammas)
+    assert len(configs) == len(slts) * len(lam) * len(lr2) * per_point
+    assert g.size() == len(slts) * len(lam) * len(lr2) * len(consolidations) * len(gammas)
+    assert all(c.gamma == 1.0 for c in configs if c.consolidation == "ewc")
+    assert len({run_id(c) for c in configs}) == len(configs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lams=st.lists(st.sampled_from([0.0, 1.0, 10.0, 1e3]), min_size=1, unique=True),
+    kinds=st.lists(st.sampled_from(["masq", "fisher"]), min_size=1, unique=True),
+    scales=st.lists(st.sampled_from(["mean", "sum"]), min_size=1, unique=True),
+    labels=st.lists(st.sampled_from(["true", "sampled", "exact"]), min_size=1, unique=True),
+    lr2=st.lists(st.sampled_from([1e-2, 1e-3, 1e-4]), min_size=1, unique=True),
+    consolidations=st.lists(st.sampled_from(["ewc", "online-ewc"]), min_size=1, unique=True),
+)
+def test_lambda_zero_and_irrelevant_fields_are_merged(
+    lams: list[float],
+    kinds: list[str],
+    scales: list[str],
+    labels: list[str],
+    lr2: list[float],
+    consolidations: list[str],
+) -> None:
+    g = Grid(
+        lam=tuple(lams),
+        importance=tuple(kinds),
+        scale=tuple(scales),
+        fisher_labels=tuple(labels),
+        lr2=tuple(lr2),
+        consolidation=tuple(consolidations),  # two tasks: online EWC is EWC
+    )
+    configs = expand(g)
+    per_kind = {"masq": len(scales), "fisher": len(labels)}
+    n_imp = sum(per_kind[k] for k in kinds)
+    nonzero = len([v for v in lams if v > 0])
+    expected = len(lr2) * (nonzero * n_imp + (1 if 0.0 in lams else 0))
+    assert len(configs) == expected
+    zero = [c for c in configs if c.lam == 0]
+    assert all(c.importance == "none" for c in zero)
+    assert len(zero) == (len(lr2) if 0.0 in lams else 0)
+    assert all(c.fisher_labels == "true" for c in configs if c.importance == "masq")
+    assert all(c.scale == "mean" for c in configs if c.importance == "fisher")
+    assert {c.consolidation for c in configs} == {"ewc"}
+
+
+def test_canonical() -> None:
+    t5 = RunConfig(
+        slt="D2-2-2-2-2",
+        hidden=(30,),
+        lr2=3e-3,
+        seed=2,
+        lam=0.0,
+        importance="fisher",
+        fisher_labels="sampled",
+        masq_batch=7,
+        scale="sum",
+        consolidation="online-ewc",
+        gamma=0.5,
+    )
+    # λ = 0: importance "none" and every importance and consolidation setting at its default
+    assert canonical(t5) == RunConfig(slt="D2-2-2-2-2", hidden=(30,), lr2=3e-3, seed=2, lam=0.0,
+                                      importance="none")  # fmt: skip
+    # importance "none" at λ > 0 is the λ = 0 run
+    assert canonical(t5.with_(lam=5.0, importance="none")) == canonical(t5)
+    # only the fields of the importance kind in use stay
+    masq_run = canonical(t5.with_(lam=5.0, importance="masq"))
+    assert (masq_run.masq_batch, masq_run.scale, masq_run.fisher_labels) == (7, "sum", "true")
+    fisher_run = canonical(t5.with_(lam=5.0))
+    assert (fisher_run.masq_batch, fisher_run.scale, fisher_run.fisher_labels) == (
+        1000,
+        "mean",
+        "sampled",
+    )
+    # T = 3: online EWC and its γ are kept; EWC resets γ
+    t3 = RunConfig(slt="D3-3-4", lam=10.0, consolidation="online-ewc", gamma=0.5)
+    assert canonical(t3) == t3
+    assert canonical(t3.with_(consolidation="ewc")) == t3.with_(consolidation="ewc", gamma=1.0)
+    # T = 2: online EWC is EWC (one anchor, F = F_1), and γ goes with it
+    t2 = t3.with_(slt="D5-5")
+    assert canonical(t2) == t2.with_(consolidation="ewc", gamma=1.0)
+    assert canonical(t2).consolidation == "ewc"
+    for config in (t5, t3, t2, masq_run, fisher_run):
+        assert canonical(canonical(config)) == canonical(config)
+
+
+def test_lambda_relative_to_lr2_and_both_readings() -> None:
+    g = Grid(lr2=(1e-3, 1e-4), lam=(), lam_per_lr2=(0.0, 0.1, 1.0, 10.0))
+    lams = {(c.lr2, c.lam) for c in expand(g)}
+    assert lams == {
+        (1e-3, 0.0),
+        (1e-3, 100.0),
+        (1e-3, 1000.0),
+        (1e-3, 10000.0),
+        (1e-4, 0.0),
+        (1e-4, 1000.0),
+        (1e-4, 10000.0),
+        (1e-4, 100000.0),
+    }
+    both = Grid(lr2=(1e-3,), lam=(0.0, 100.0, 1000.0, 10000.0), lam_per_lr2=(0.0, 0.1, 1.0, 10.0))
+    assert len(expand(both)) == 4  # at ε2 = 1e-3 both readings are the same four runs
+    assert grid.lam_values(both, 1e-4) == [0.0, 100.0, 1000.0, 10000.0, 0.0, 1000.0, 1e4, 1e5]
+    assert round_sig(1 / 1e-5) == 100000.0 and 1 / 1e-5 != 100000.0
+
+
+def test_grid_from_mapping_and_errors(tmp_path: Path) -> None:
+    base = grid.load_preset("paper")
+    g = grid.grid_from_mapping({"slt": "D9-1", "seeds": 3, "hidden": ["800-400-400", [200]]}, base)
+    assert g.slt == ("D9-1",) and g.seed == (0, 1, 2)
+    assert g.hidden == ((800, 400, 400), (200,))
+    assert g.lr2 == base.lr2  # untouched axes keep the preset's values
+    g2 = grid.grid_from_mapping({"lam_per_lr2": [0, 1]}, base)
+    assert g2.lam == () and g2.lam_per_lr2 == (0.0, 1.0)  # one λ reading replaces the other
+    g3 = grid.grid_from_mapping({"layers": 2, "sizes": [10, 20]}, base)
+    assert g3.hidden == ((10, 10), (10, 20), (20, 10), (20, 20))
+    g4 = grid.grid_from_mapping({"consolidation": ["ewc", "online-ewc"], "gamma": [1, 0.5]})
+    assert g4.consolidation == ("ewc", "online-ewc") and g4.gamma == (1.0, 0.5)
+    with pytest.raises(ConfigError, match="unknown grid key 'lr3'"):
+        grid.grid_from_mapping({"lr3": [1.0]})
+    with pytest.raises(ConfigError, match="axis 'lr2' is empty"):
+        grid.grid_from_mapping({"lr2": []})
+    with pytest.raises(ConfigError, match="axis 'lam' is empty"):
+        grid.grid_from_mapping({"lam": []})
+    with pytest.raises(ConfigError, match="takes float values"):
+        grid.grid_from_mapping({"lr2": ["fast"]})
+    with pytest.raises(ConfigError, match=r"unknown value 'plain'.*ewc, online-ewc"):
+        grid.grid_from_mapping({"consolidation": ["plain"]})
+    with pytest.raises(ConfigError, match="either 'seeds'"):
+        grid.grid_from_mapping({"seeds": 2, "seed": [1]})
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        grid.load_preset("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('slt = ["D5-5"]\nlr2 = [1e-3,\nlam = 3\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.toml.*malformed TOML.*line 3"):
+        grid.load_grid_file(bad)
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'slt = ["D5-5", "D9-1"]\nlr2 = [1e-3]\nimportance = ["masq", "fisher"]\n', encoding="utf-8"
+    )
+    assert grid.load_grid_file(good, base).slt == ("D5-5", "D9-1")
+    with pytest.raises(ConfigError, match="unknown value 'adam'"):
+        expand(Grid(importance=("adam",)))
+    with pytest.raises(ConfigError, match="gamma: must be between 0 and 1"):
+        expand(Grid(slt=("D3-3-4",), consolidation=("online-ewc",), gamma=(1.5,)))
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_cache_keys_of_the_golden_runs_are_unchanged() -> None:
+    entries = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    configs = {e["run_id"]: e["result"]["config"] for e in entries["separate"]}
+    for keys in entries["cache_keys"]:
+        config = RunConfig.from_dict(configs[keys["run_id"]])
+        assert grid.d1_key(config) == keys["d1_key"]
+        assert grid.importance_key(config) == keys["importance_key"]
+    # the later-phase fields do not reach the task-1 and importance keys
+    config = RunConfig.from_dict(configs[entries["cache_keys"][0]["run_id"]])
+    online = config.with_(slt="D5-5", consolidation="online-ewc", gamma=0.5, lam=3.0, lr2=0.1)
+    assert grid.d1_key(online) == grid.d1_key(config)
+    assert grid.importance_key(online) == grid.importance_key(config)
+
+
+def test_chunks_stack_two_task_runs_by_iters2_and_run_longer_ones_alone() -> None:
+    two = [RunConfig(lam=float(i), iters2=10) for i in range(5)]
+    two_long = [RunConfig(lam=float(i), iters2=20) for i in range(2)]
+    three = [RunConfig(slt="D3-3-4", lam=float(i), iters2=10) for i in range(3)]
+    mixed = [two[0], three[0], two[1], two_long[0], two[2], three[1], two[3], two_long[1]]
+    mixed += [two[4], three[2]]
+    assert chunks(mixed, 2) == [
+        [two[0], two[1]],
+        [two[2], two[3]],
+        [two[4]],
+        [two_long[0], two_long[1]],
+        [three[0]],
+        [three[1]],
+        [three[2]],
+    ]
+    assert chunks(three, 16) == [[c] for c in three]
+    assert chunks(two, 1) == [[c] for c in two]
+
+
+def test_work_counts_shared_task_1_states_and_importance_passes() -> None:
+    configs = expand(tiny_grid(importance=("masq", "fisher")))
+    assert len(configs) == 20  # 2 archs x 2 lr2 x (1 λ = 0 + 2 λ x 2 kinds)
+    groups = grid.plan(configs)
+    assert [len(g.configs) for g in groups] == [10, 10]
+    assert [len(g.importance_keys) for g in groups] == [2, 2]
+    assert grid.work(groups, 4) == grid.Work(20, 2, 4, 20, 6)  # chunks of 4 + 4 + 2 per group
+    three = expand(tiny_grid(slt=("D3-3-4",), consolidation=("ewc", "online-ewc")))
+    assert len(three) == 20  # λ = 0 once per lr2, EWC and online EWC for λ > 0
+    assert grid.work(grid.plan(three), 4) == grid.Work(20, 2, 2, 20, 20)
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+class Counter:
+    """Wraps the stage functions of masq.protocol that masq.grid calls and counts calls."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.d1: list[str] = []
+        self.importance: list[str] = []
+        self.stacks: list[int] = []
+        self.singles = 0
+        real_d1, real_imp = protocol.train_first, protocol.compute_importance
+        real_stacked, real_run = protocol.continue_stacked, protocol.continue_run
+
+        def train_first(config: RunConfig, tasks: list, **kw: Any) -> protocol.D1State:
+            self.d1.append(grid.d1_key(config))
+            return real_d1(config, tasks, **kw)
+
+        def compute_importance(config: RunConfig, d1: Any, tasks: list) -> Any:
+            assert config.importance != "none"
+            self.importance.append(grid.importance_key(config))
+            return real_imp(config, d1, tasks)
+
+        def continue_stacked(configs: list, *a: Any, **kw: Any) -> list:
+            self.stacks.append(len(configs))
+            return real_stacked(configs, *a, **kw)
+
+        def continue_run(config: RunConfig, *a: Any, **kw: Any) -> Any:
+            self.singles += 1
+            return real_run(config, *a, **kw)
+
+        monkeypatch.setattr(protocol, "train_first", train_first)
+        monkeypatch.setattr(protocol, "compute_importance", compute_importance)
+        monkeypatch.setattr(protocol, "continue_stacked", continue_stacked)
+        monkeypatch.setattr(protocol, "continue_run", continue_run)
+
+    @property
+    def later(self) -> int:
+        return sum(self.stacks) + self.singles
+
+
+def _records(root: Path) -> dict[str, dict]:
+    return {
+        p.stem: json.loads(p.read_text(encoding="utf-8"))["result"]
+        for p in (root / "runs").glob("*.json")
+    }
+
+
+def test_shared_d1_and_importance_are_computed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = Counter(monkeypatch)
+    configs = expand(tiny_grid(importance=("masq", "fisher")))
+    assert len(configs) == 20
+    summary = _run(configs, tmp_path)
+    assert summary.done == 20 and summary.total == 20 and not summary.failed
+    assert summary.d1_trained == 2 and summary.importance_computed == 4
+    assert sorted(count.d1) == sorted({grid.d1_key(c) for c in configs})  # one per group
+    assert len(count.d1) == 2
+    assert len(count.importance) == 4 == len(set(count.importance))  # 2 groups x 2 kinds
+    assert count.stacks == [4, 4, 2, 4, 4, 2] and count.singles == 0
+    assert len(list((tmp_path / "d1").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "importance").glob("*.pt"))) == 4
+    # every record of a group starts from the same task-1 curve
+    recs = _records(tmp_path)
+    assert set(recs) == {run_id(c) for c in configs}
+    by_arch: dict[tuple, list] = {}
+    for r in recs.values():
+        assert len(r["curves"]) == 2
+        by_arch.setdefault(tuple(r["config"]["hidden"]), []).append(r["curves"][0])
+    assert all(all(c == curves[0] for c in curves) for curves in by_arch.values())
+    # a second identical call does nothing at all
+    again = _run(configs, tmp_path)
+    assert again.done == 0 and again.skipped == 20
+    assert len(count.d1) == 2 and count.later == 20
+
+
+def test_resume_after_a_crash_recomputes_nothing_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configs = expand(tiny_grid())
+    assert len(configs) == 12
+    real = protocol.continue_stacked
+    calls = {"n": 0}
+
+    def crash_on_third(*a: Any, **kw: Any) -> list:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # a crash: not caught per run, stops the whole grid
+        return real(*a, **kw)
+
+    monkeypatch.setattr(protocol, "continue_stacked", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(configs, tmp_path, stack=3)
+    stored = _records(tmp_path)
+    assert len(stored) == 6  # two stacks of 3 finished before the crash
+    before = {p.name: p.read_bytes() for p in (tmp_path / "runs").glob("*.json")}
+    monkeypatch.setattr(protocol, "continue_stacked", real)
+    count = Counter(monkeypatch)
+    summary = _run(configs, tmp_path, stack=3)
+    assert summary.skipped == 6 and summary.done == 6 and not summary.failed
+    assert count.later == 6  # only the missing runs
+    assert count.d1 == [] and count.importance == []  # both groups: task 1 and importance cached
+    after = {p.name: p.read_bytes() for p in (tmp_path / "runs").glob("*.json")}
+    assert all(after[name] == data for name, data in before.items())  # nothing rewritten
+    assert set(_records(tmp_path)) == {run_id(c) for c in configs}
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_kill_9_loses_at_most_the_runs_in_flight(tmp_path: Path) -> None:
+    results = tmp_path / "res"
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from masq import grid
+from tests.test_grid import synthetic_tasks, tiny_grid
+configs = grid.expand(tiny_grid(iters2=(400,), lr2=(1e-2, 1e-3, 1e-4)))
+grid.execute(configs, {str(results)!r}, stack=1, progress=False, tasks_fn=synthetic_tasks,
+             threads=1)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list((results / "runs").glob("*.json"))) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    configs = expand(tiny_grid(iters2=(400,), lr2=(1e-2, 1e-3, 1e-4)))
+    stored = _records(results)  # every file parses: no half-written record
+    assert 2 <= len(stored) < len(configs)
+    summary = _run(configs, results, stack=6)
+    assert summary.skipped == len(stored)
+    assert summary.done == len(configs) - len(stored) and not summary.failed
+
+
+def test_errors_are_recorded_and_the_grid_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configs = expand(tiny_grid())
+    real = protocol.compute_importance
+
+    def fail_for_small(config: RunConfig, d1: Any, tasks: list) -> Any:
+        if config.hidden == (8,):
+            raise RuntimeError("importance exploded")
+        return real(config, d1, tasks)
+
+    monkeypatch.setattr(protocol, "compute_importance", fail_for_small)
+    summary = _run(configs, tmp_path)
+    failed = {c for c in configs if c.hidden == (8,) and c.lam > 0}
+    assert set(summary.failed) == {run_id(c) for c in failed}
+    assert summary.done == len(configs) - len(failed)
+    errors = Store(tmp_path).error_records()
+    assert len(errors) == 4 and "importance exploded" in errors[0]["error"]
+    monkeypatch.setattr(protocol, "compute_importance", real)
+    retry = _run(configs, tmp_path)
+    assert retry.done == 4 and not retry.failed and not Store(tmp_path).error_records()
+
+
+def test_a_failure_of_some_runs_is_recorded_and_the_grid_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configs = expand(tiny_grid())
+    real = protocol.continue_stacked
+
+    def diverge_at_small_rate(stack: list[RunConfig], *a: Any, **kw: Any) -> list:
+        if stack[0].lr2 == 1e-3:  # stacks of 3 are one lr2 each (λ is the innermost axis)
+            raise FloatingPointError("lr2 1e-3 diverged")
+        return real(stack, *a, **kw)
+
+    monkeypatch.setattr(protocol, "continue_stacked", diverge_at_small_rate)
+    summary = _run(configs, tmp_path, stack=3)
+    bad = {run_id(c) for c in configs if c.lr2 == 1e-3}
+    assert len(bad) == 6 and set(summary.failed) == bad
+    assert set(summary.failed.values()) == {"FloatingPointError: lr2 1e-3 diverged"}
+    assert summary.done == 6 and set(_records(tmp_path)) == {run_id(c) for c in configs} - bad
+    errors = {e["run_id"]: e for e in Store(tmp_path).error_records()}
+    assert set(errors) == bad == {p.stem for p in (tmp_path / "errors").glob("*.json")}
+    for e in errors.values():
+        assert e["error"] == "FloatingPointError: lr2 1e-3 diverged"
+        assert "Traceback (most recent call last)" in e["traceback"]
+        assert "diverge_at_small_rate" in e["traceback"]
+
+
+def test_a_systematic_failure_stops_the_grid_with_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configs = expand(tiny_grid())
+    calls: list[int] = []
+
+    def broken(stack: list[RunConfig], *a: Any, **kw: Any) -> list:
+        calls.append(len(stack))
+        raise RuntimeError("stacked kernel broke")
+
+    monkeypatch.setattr(protocol, "continue_stacked", broken)
+    with pytest.raises(GridAborted) as info:
+        _run(configs, tmp_path)
+    err = info.value
+    assert "every run of the first group failed" in str(err)
+    assert "RuntimeError: stacked kernel broke" in str(err)
+    assert "Traceback (most recent call last)" in err.traceback
+    assert "in broken" in err.traceback and "stacked kernel broke" in err.traceback
+    assert calls == [4, 2]  # the first group's two stacks, nothing of the second group
+    first = {run_id(c) for c in configs if c.hidden == (8,)}
+    assert {p.stem for p in (tmp_path / "errors").glob("*.json")} == first
+    assert len(list((tmp_path / "d1").glob("*.pt"))) == 1  # the second group never started
+    assert not list((tmp_path / "runs").glob("*.json"))
+
+
+def test_only_the_first_group_decides_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first group failing with different errors, or a later group failing throughout with
+    one error, does not stop the grid: each failure is recorded."""
+    configs = expand(tiny_grid())
+
+    def broken(stack: list[RunConfig], *a: Any, **kw: Any) -> list:
+        if stack[0].hidden == (6, 4):
+            raise RuntimeError("no kernel for two layers")
+        raise RuntimeError(f"diverged at lr2 = {stack[0].lr2}")
+
+    monkeypatch.setattr(protocol, "continue_stacked", broken)
+    summary = _run(configs, tmp_path, stack=3)
+    assert summary.done == 0 and set(summary.failed) == {run_id(c) for c in configs}
+    assert summary.d1_trained == 2
+    assert set(summary.failed.values()) == {
+        "RuntimeError: diverged at lr2 = 0.01",
+        "RuntimeError: diverged at lr2 = 0.001",
+        "RuntimeError: no kernel for two layers",
+    }
+
+
+@pytest.mark.parametrize(
+    "oom",
+    [
+        lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        lambda: RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)"),
+    ],
+    ids=["OutOfMemoryError", "message"],
+)
+def test_a_stack_out_of_cuda_memory_is_retried_in_halves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, oom: Any
+) -> None:
+    configs = expand(tiny_grid(hidden=((8,),), lam=(10.0, 100.0, 1000.0, 1e4)))
+    assert len(configs) == 8 and len(grid.plan(configs)) == 1
+    real = protocol.continue_stacked
+    sizes: list[int] = []
+
+    def small_gpu(stack: list[RunConfig], *a: Any, **kw: Any) -> list:
+        sizes.append(len(stack))
+        if len(stack) > 2:
+            raise oom()
+        return real(stack, *a, **kw)
+
+    monkeypatch.setattr(protocol, "continue_stacked", small_gpu)
+    job = GroupJob(str(tmp_path / "oom"), tuple(configs), stack=8, threads=1,
+                   tasks_fn=synthetic_tasks)  # fmt: skip
+    stored: list[int] = []
+    outcome = grid.run_group(job, stored.append)
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]  # 8 -> 4 + 4 -> 2 + 2 + 2 + 2
+    assert outcome.retried_stacks == 3 and stored == [2, 2, 2, 2]
+    assert sorted(outcome.done) == sorted(run_id(c) for c in configs) and not outcome.failed
+    halves = _records(tmp_path / "oom")
+    assert {r["meta"]["stack"] for r in halves.values()} == {2}
+    # the same records as stacks of 2 from the start
+    monkeypatch.setattr(protocol, "continue_stacked", real)
+    _run(configs, tmp_path / "two", stack=2)
+    twos = _records(tmp_path / "two")
+    assert set(halves) == set(twos)
+    for rid, rec in halves.items():
+        assert rec["curves"] == twos[rid]["curves"] and rec["best"] == twos[rid]["best"]
+
+
+def test_a_single_run_out_of_memory_is_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configs = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,), lam=(10.0, 100.0)))
+    sizes: list[int] = []
+
+    def no_gpu(stack: list[RunConfig], *a: Any, **kw: Any) -> list:
+        sizes.append(len(stack))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(protocol, "continue_stacked", no_gpu)
+    job = GroupJob(str(tmp_path), tuple(configs), stack=2, threads=1, tasks_fn=synthetic_tasks)
+    outcome = grid.run_group(job)
+    assert sizes == [2, 1, 1] and outcome.retried_stacks == 1
+    assert set(outcome.failed) == {run_id(c) for c in configs} and not outcome.done
+    assert all("CUDA out of memory" in m for m in outcome.failed.values())
+
+
+def _comparable(rec: dict) -> tuple:
+    return (rec["config"], rec["curves"], rec["best"], rec["last"], rec["accuracy"],
+            rec["metrics"], rec["importance_summary"])  # fmt: skip
+
+
+def test_stack_sizes_and_one_by_one_agree(tmp_path: Path) -> None:
+    configs = expand(tiny_grid(hidden=((8,),)))
+    _run(configs, tmp_path / "k1", stack=1)
+    _run(configs, tmp_path / "k4", stack=4)
+    one, four = _records(tmp_path / "k1"), _records(tmp_path / "k4")
+    assert set(one) == set(four) == {run_id(c) for c in configs}
+    for rid in one:
+        a, b = one[rid], four[rid]
+        assert a["curves"][0] == b["curves"][0]
+        for key, values in a["curves"][1].items():
+            assert values == pytest.approx(b["curves"][1][key], abs=0.011)  # <= 1 of 100 samples
+        assert b["meta"]["stack"] in (2, 4) and "stack" not in a["meta"]
+
+
+@pytest.fixture
+def learnable_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``masq.data.load`` returns a tiny learnable MNIST-shaped dataset."""
+    data = learnable_dataset(300, 60, 120)
+
+    def load(name: str = "mnist", **kw: Any) -> masq.data.Dataset:
+        assert name == "mnist"
+        return data
+
+    monkeypatch.setattr(masq.data, "load", load)
+
+
+def _without_timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("timings", "meta")}
+
+
+def test_a_three_task_grid_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, learnable_mnist: None
+) -> None:
+    torch.set_num_threads(1)
+    g = tiny_grid(
+        slt=("D3-3-4",),
+        hidden=((16,),),
+        lr1=(1e-2,),
+        iters1=(30,),
+        iters2=(20,),
+        lr2=(1e-2,),
+        lam=(0.0, 1e4),
+        importance=("masq", "fisher"),
+        consolidation=("ewc", "online-ewc"),
+        gamma=(1.0, 0.5),
+    )
+    configs = expand(g)
+    # λ = 0 once; λ = 10^4: EWC, online EWC with γ = 1 and γ = 0.5, for both importances
+    assert len(configs) == 7
+    count = Counter(monkeypatch)
+    summary = execute(configs, tmp_path, stack=16, progress=False, threads=1)
+    assert summary.done == 7 and not summary.failed
+    assert summary.d1_trained == 1 and summary.importance_computed == 2
+    assert len(count.d1) == 1 and len(count.importance) == 2
+    assert count.stacks == [] and count.singles == 7  # runs of three tasks go one by one
+    records = _records(tmp_path)
+    assert set(records) == {run_id(c) for c in configs}
+    first = next(iter(records.values()))["curves"][0]
+    for config in configs:
+        rec = records[run_id(config)]
+        curves = rec["curves"]
+        assert len(curves) == 3 and curves[0] == first  # one shared task-1 state
+        assert U2 in curves[1] and U3 in curves[1] and U2 not in curves[2]
+        assert rec["accuracy"] == [[c[f"D{j}"][-1] for j in (1, 2, 3)] for c in curves]
+        assert rec["best"][U3] == max(curves[2][U3][1:])
+        assert len(rec["timings"]["train"]) == 3
+        assert len(rec["timings"]["importance"]) == (2 if config.lam > 0 else 1)
+        # the grid's record is the record of the whole protocol run on its own
+        alone = protocol.run(config, keep_weights=False).to_dict()
+        assert _without_timings(rec) == json.loads(json.dumps(_without_timings(alone)))
+    # the curves move and the methods differ (not a comparison of constants)
+    assert len({json.dumps(r["curves"][2]) for r in records.values()}) > 1
+    # more λ later: task 1 and its importances come from the store, the records stay exact
+    more = expand(dataclasses.replace(g, lam=(0.0, 1e4, 100.0)))
+    summary = execute(more, tmp_path, stack=16, progress=False, threads=1)
+    assert summary.skipped == 7 and summary.done == 6
+    assert summary.d1_trained == 0 and summary.importance_computed == 0
+    records = _records(tmp_path)
+    new = [c for c in more if c not in configs]
+    assert len(new) == 6 and {c.lam for c in new} == {100.0}
+    for config in new:
+        alone = protocol.run(config, keep_weights=False).to_dict()
+        rec = records[run_id(config)]
+        assert _without_timings(rec) == json.loads(json.dumps(_without_timings(alone)))
+
+
+@pytest.mark.slow
+def test_process_pool_equals_inline(tmp_path: Path) -> None:
+    configs = expand(tiny_grid())
+    _run(configs, tmp_path / "inline", stack=3)
+    summary = _run(configs, tmp_path / "pool", stack=3, workers=2)
+    assert summary.done == 12 and not summary.failed
+    a, b = _records(tmp_path / "inline"), _records(tmp_path / "pool")
+    assert {k: _comparable(v) for k, v in a.items()} == {k: _comparable(v) for k, v in b.items()}
+
+
+@pytest.mark.slow
+def test_ray_executor_equals_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ray = pytest.importorskip("ray")
+    configs = expand(tiny_grid(lam=(0.0, 10.0)))
+    _run(configs, tmp_path / "local")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = _run(configs, tmp_path / "ray", executor="ray")
+    finally:
+        ray.shutdown()
+    assert summary.done == len(configs) == 8 and not summary.failed
+    a, b = _records(tmp_path / "local"), _records(tmp_path / "ray")
+    assert {k: _comparable(v) for k, v in a.items()} == {k: _comparable(v) for k, v in b.items()}
+
+
+def test_bad_execution_arguments(tmp_path: Path) -> None:
+    configs = expand(tiny_grid())
+    with pytest.raises(ConfigError, match="--workers"):
+        execute(configs, tmp_path, workers=0, threads=1)
+    with pytest.raises(ConfigError, match="--stack"):
+        execute(configs, tmp_path, stack=0, threads=1)
+    with pytest.raises(ConfigError, match="executor"):
+        execute(configs, tmp_path, executor="slurm", threads=1)
+
+
+# ----------------------------------------------------------------------------- estimate
+
+UNIT = {  # seconds per unit for an architecture of weight f (see _fake_measure)
+    "d1_iter": 1e-3,
+    "d2_iter": 2e-3,
+    "d2_iter_one": 5e-4,
+    "eval_sample_one": 1e-6,
+    "eval_sample_stack": 3e-6,
+    "importance_sample": 4e-7,
+}
+
+
+def _weight(hidden: tuple[int, ...]) -> int:
+    return sum(hidden)
+
+
+def _fake_measure(calls: list[tuple[tuple[int, ...], int]]) -> Any:
+    def measure(hidden: tuple[int, ...], stack: int, *a: Any, **kw: Any) -> dict[str, float]:
+        calls.append((hidden, stack))
+        return {k: v * _weight(hidden) for k, v in UNIT.items()}
+
+    return measure
+
+
+def test_estimate_is_the_arithmetic_of_the_measured_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[tuple[int, ...], int]] = []
+    monkeypatch.setattr(estimate_module, "measure", _fake_measure(calls))
+    two = expand(tiny_grid())  # groups (8,) and (6, 4): 6 runs each, λ > 0 in 4
+    three = expand(tiny_grid(slt=("D3-3-4",), hidden=((8,),), consolidation=("ewc", "online-ewc")))
+    assert len(three) == 10 and sum(c.lam > 0 for c in three) == 8
+    groups = grid.plan(two + three)
+    assert len(groups) == 3
+    est = grid.estimate(groups, 4, workers=2, threads=1)
+    assert sorted(calls) == [((6, 4), 4), ((8,), 4)]  # each architecture measured once
+
+    def cost(hidden: tuple[int, ...], key: str) -> float:
+        return UNIT[key] * _weight(hidden)
+
+    d1 = imp = d2 = ev = 0.0
+    # task 1 of every group: 12 iterations, evaluated at 0, 5, 10, 12 on 10,000 test images
+    for hidden in ((8,), (6, 4), (8,)):
+        d1 += 12 * cost(hidden, "d1_iter") + 4 * 10_000 * cost(hidden, "eval_sample_one")
+        ev += 4 * 10_000 * cost(hidden, "eval_sample_one")
+    # D5-5: one importance pass over 27,500 training images per group; 6 runs in stacks of
+    # 4 and 2 (a short stack costs its share, 2/4), 10 iterations, evaluated at 0, 5, 10
+    for hidden in ((8,), (6, 4)):
+        imp += 27_500 * cost(hidden, "importance_sample")
+        eval_stack = 3 * 10_000 * cost(hidden, "eval_sample_stack")
+        d2 += (10 * cost(hidden, "d2_iter") + eval_stack) * (4 / 4 + 2 / 4)
+        ev += eval_stack * (4 / 4 + 2 / 4)
+    # D3-3-4 (task 1: 3 of 10 classes, 16,500 images): one pass for task 1, then the 10 runs
+    # one by one over T - 1 = 2 phases each, and T - 2 = 1 more pass for each of the 8 λ > 0
+    h = (8,)
+    imp += 16_500 * cost(h, "importance_sample") + 8 * 1 * 16_500 * cost(h, "importance_sample")
+    run_eval = 2 * 3 * 10_000 * cost(h, "eval_sample_one")
+    d2 += 10 * (2 * 10 * cost(h, "d2_iter_one") + run_eval)
+    ev += 10 * run_eval
+    assert est.d1 == pytest.approx(d1 / 2)
+    assert est.importance == pytest.approx(imp / 2)
+    assert est.d2 == pytest.approx(d2 / 2)
+    assert est.evaluation == pytest.approx(ev / 2)
+    assert est.total == pytest.approx((d1 + imp + d2) / 2)
+    assert est.total == pytest.approx(est.d1 + est.importance + est.d2)
+    assert (est.workers, est.threads, est.architectures) == (2, 1, 2)
+    assert est.measured == ((6, 4), (8,))  # by parameter count: 4,788 < 6,370
+    assert grid.estimate([], 4, workers=1, threads=1).total == 0.0
+    # no importance, no pass (a config as given, not canonicalized: λ > 0 with "none")
+    plain = RunConfig(slt="D3-3-4", hidden=(8,), iters1=12, iters2=10, eval_every=5, lam=10.0,
+                      importance="none")  # fmt: skip
+    assert grid.estimate(grid.plan([plain]), 4, workers=1, threads=1).importance == 0.0
+
+
+def test_calibrate_measures_three_and_interpolates_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from masq.config import n_params
+
+    calls: list[tuple[int, ...]] = []
+
+    def linear(hidden: tuple[int, ...], stack: int, *a: Any, **kw: Any) -> dict[str, float]:
+        calls.append(hidden)
+        return {"d1_iter": 1e-9 * n_params(hidden) + 1e-4}
+
+    monkeypatch.setattr(estimate_module, "measure", linear)
+    archs = [(100,), (10,), (50, 50), (20,)]  # by parameter count: 10, 20, 50-50, 100
+    costs, picked = grid.calibrate(archs, 4, threads=1)
+    assert picked == ((10,), (50, 50), (100,)) and sorted(calls) == sorted(picked)
+    assert costs[(20,)]["d1_iter"] == pytest.approx(1e-9 * n_params((20,)) + 1e-4)
+    assert set(costs) == set(archs)
+
+
+def test_task_sizes() -> None:
+    assert grid.task_sizes("DP10-10", False) == (55_000, 20_000)
+    assert grid.task_sizes("D5-5", True) == (27_500, 15_000)
+    assert grid.task_sizes("D3-3-4", False) == (16_500, 10_000)
+    assert grid.task_sizes("DP10-10-10", True) == (55_000, 45_000)
