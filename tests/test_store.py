@@ -33,6 +33,8 @@ CHANGES: dict[str, Any] = {
     "batch_size": 50,
     "eval_every": 7,
     "eval_val": True,
+    "eval_schedule": "dense-early",
+    "precision": "bf16",
     "importance": "fisher",
     "masq_batch": 1,
     "scale": "sum",
@@ -71,7 +73,7 @@ def test_run_id_is_sha256_of_the_sorted_config() -> None:
     field but the device and the fields added since format 1 (at their defaults)."""
     config = RunConfig(slt="D9-1", hidden=(30, 20), lam=5.0, seed=2)
     d = config.to_dict()
-    for name in ("device", "consolidation", "gamma"):
+    for name in ("device", "consolidation", "gamma", "eval_schedule", "precision"):
         del d[name]
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     assert run_id(config) == hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -93,7 +95,7 @@ def test_golden_run_ids_are_unchanged() -> None:
 
 def test_fields_added_since_format_1_are_in_the_id_only_off_their_default() -> None:
     since = {f.name for f in FIELDS if f.since_v1}
-    assert since == {"consolidation", "gamma"}
+    assert since == {"consolidation", "gamma", "eval_schedule", "precision"}
     base = RunConfig(slt="D3-3-4")
     assert store.id_dict(base).keys() == {f.name for f in FIELDS} - {"device"} - since
     online = base.with_(consolidation="online-ewc", gamma=0.25)

@@ -70,6 +70,21 @@ class Consolidation(Choice):
     ONLINE_EWC = "online-ewc"  # one running importance F <- γF + F_t, the latest anchor
 
 
+class Precision(Choice):
+    """Arithmetic of training and evaluation (importance passes always run in float32)."""
+
+    FP32 = "fp32"  # float32 everywhere
+    BF16 = "bf16"  # matmuls in bfloat16 (autocast); float32 weights, Adam state, loss, penalty
+
+
+class EvalSchedule(Choice):
+    """When a phase's curve is recorded (:func:`masq.training.eval_iterations`)."""
+
+    EVERY = "every"  # every ``eval_every`` iterations (and at 0 and the end)
+    PAPER = "paper"  # after every iteration, as the paper measured "best"
+    DENSE_EARLY = "dense-early"  # every iteration up to 100, every 10 up to 1000, then 50
+
+
 class Executor(Choice):
     """Where a grid's groups run."""
 
@@ -179,6 +194,11 @@ FIELDS: tuple[FieldSpec, ...] = (
     _f("eval_every", int, 250, F, "evaluate every N iterations (and at 0 and the end)",
        check="positive"),
     _f("eval_val", bool, False, F, "also evaluate on the validation sets (--select-on val)"),
+    _f("eval_schedule", EvalSchedule, EvalSchedule.EVERY, F,
+       "when to evaluate: every (every --eval-every iterations) | paper | dense-early",
+       since_v1=True),
+    _f("precision", Precision, Precision.FP32, F,
+       "fp32 | bf16 (bfloat16 matmuls, float32 weights and optimizer)", since_v1=True),
     _f("importance", ImportanceKind, ImportanceKind.MASQ, IMP, "importance: fisher | masq | none"),
     _f("masq_batch", int, 1000, IMP, "MaSQ batch size B_MaSQ", check="positive"),
     _f("scale", Scale, Scale.MEAN, IMP, "MaSQ scale: mean (the paper) | sum"),

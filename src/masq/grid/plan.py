@@ -12,19 +12,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from masq.config import FIRST_FIELDS, IMPORTANCE_FIELDS, ImportanceKind, RunConfig
-from masq.store import config_dict, key_of
+from masq.store import id_dict, key_of
 
 
 def d1_key(config: RunConfig) -> str:
-    """The cache key of a task-1 state: a hash of the ``FIRST_FIELDS`` of ``config``."""
-    d = config_dict(config)
-    return key_of({name: d[name] for name in FIRST_FIELDS})
+    """The cache key of a task-1 state: a hash of the ``FIRST_FIELDS`` of ``config`` (those
+    added since store format 1 only where they differ from their defaults, as in run ids)."""
+    d = id_dict(config)
+    return key_of({name: d[name] for name in FIRST_FIELDS if name in d})
 
 
 def importance_key(config: RunConfig) -> str:
     """The cache key of task 1's importance: a hash of ``FIRST_FIELDS + IMPORTANCE_FIELDS``."""
-    d = config_dict(config)
-    return key_of({name: d[name] for name in (*FIRST_FIELDS, *IMPORTANCE_FIELDS)})
+    d = id_dict(config)
+    return key_of({name: d[name] for name in (*FIRST_FIELDS, *IMPORTANCE_FIELDS) if name in d})
 
 
 @dataclass(frozen=True)
