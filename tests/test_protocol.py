@@ -88,7 +88,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[Call]:
     real = run_module.train_task
 
     def spy(model: nn.Module, train: Any, config: Any, **kwargs: Any) -> Any:
-        seen.append(Call(model, config.seed, kwargs.get("penalty")))
+        seen.append(Call(model, config.seed, kwargs.get("penalty_grad")))
         return real(model, train, config, **kwargs)
 
     monkeypatch.setattr(run_module, "train_task", spy)
@@ -512,25 +512,39 @@ def test_ewc_with_three_tasks_sums_one_penalty_per_earlier_task(
     a1 = ewc.anchor(net_at(T3, w[0]), f1)
     a2 = ewc.anchor(net_at(T3, w[1]), f2)
     at_end = net_at(T3, w[2])
-    expected3 = ewc.penalty(at_end, [a1, a2], T3.lam)
-    only_latest = ewc.penalty(at_end, [a2], T3.lam)
+    expected3 = autograd_grad(at_end, ewc.penalty(at_end, [a1, a2], T3.lam))
+    only_latest = autograd_grad(at_end, ewc.penalty(at_end, [a2], T3.lam))
     assert seen[2].penalty is not None and seen[1].penalty is not None
-    got3 = seen[2].penalty(at_end)
-    torch.testing.assert_close(got3, expected3, rtol=1e-6, atol=0)
-    assert not torch.allclose(expected3, only_latest, rtol=1e-3)  # the task-1 term counts
-    # phase 2 sees task 1's anchor only, written out as (λ/2) Σ F1 (θ - θ1)²
+    got3 = added_grad(seen[2].penalty, at_end)
+    for k in expected3:
+        torch.testing.assert_close(got3[k], expected3[k], rtol=1e-5, atol=1e-9)
+    assert any(  # the task-1 term counts
+        not torch.allclose(expected3[k], only_latest[k], rtol=1e-3) for k in expected3
+    )
+    # phase 2 sees task 1's anchor only: the gradient λ F1 (θ - θ1), written out in float64
     at_two = net_at(T3, w[1])
-    by_hand = sum(
-        (f1[k].double() * (p.detach().double() - w[0][k].double()) ** 2).sum()
-        for k, p in at_two.named_parameters()
-    )
-    torch.testing.assert_close(
-        seen[1].penalty(at_two).double(), 0.5 * T3.lam * by_hand, rtol=1e-5, atol=0
-    )
+    got2 = added_grad(seen[1].penalty, at_two)
+    for k, p in at_two.named_parameters():
+        by_hand = T3.lam * f1[k].double() * (p.detach().double() - w[0][k].double())
+        torch.testing.assert_close(got2[k].double(), by_hand, rtol=1e-5, atol=1e-12)
     # the recorded summary is task 1's importance
     assert result.importance_summary == {
         k: {"max": float(v.max()), "mean": float(v.double().mean())} for k, v in f1.items()
     }
+
+
+def autograd_grad(model: nn.Module, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """∂ value / ∂ θ for every parameter of ``model``, by autograd."""
+    names, params = zip(*model.named_parameters(), strict=True)
+    return dict(zip(names, torch.autograd.grad(value, params), strict=True))
+
+
+def added_grad(penalty_grad: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+    """What ``penalty_grad`` adds to zero gradients of ``model``'s parameters."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    penalty_grad(model)
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
@@ -559,19 +573,32 @@ def test_online_ewc_with_three_tasks_decays_the_importance_and_keeps_the_latest_
     f2 = masq_of(config, w[1], tasks[1].train)
     running = {k: gamma * f1[k] + f2[k] for k in f1}
     at_end = net_at(config, w[2])
-    expected = ewc.penalty(at_end, ewc.anchor(net_at(config, w[1]), running), config.lam)
-    assert calls[2].penalty is not None
-    torch.testing.assert_close(calls[2].penalty(at_end), expected, rtol=1e-6, atol=0)
-    two_anchors = ewc.penalty(
-        at_end,
-        [ewc.anchor(net_at(config, w[0]), f1), ewc.anchor(net_at(config, w[1]), f2)],
-        config.lam,
+    expected = autograd_grad(
+        at_end, ewc.penalty(at_end, ewc.anchor(net_at(config, w[1]), running), config.lam)
     )
-    assert not torch.allclose(expected, two_anchors, rtol=1e-3)  # not plain EWC
+    assert calls[2].penalty is not None
+    got = added_grad(calls[2].penalty, at_end)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-9)
+    two_anchors = autograd_grad(
+        at_end,
+        ewc.penalty(
+            at_end,
+            [ewc.anchor(net_at(config, w[0]), f1), ewc.anchor(net_at(config, w[1]), f2)],
+            config.lam,
+        ),
+    )
+    assert any(  # not plain EWC
+        not torch.allclose(expected[k], two_anchors[k], rtol=1e-3) for k in expected
+    )
     assert calls[1].penalty is not None  # phase 2: task 1's anchor, F = F1
     at_two = net_at(config, w[1])
-    one = ewc.penalty(at_two, ewc.anchor(net_at(config, w[0]), f1), config.lam)
-    torch.testing.assert_close(calls[1].penalty(at_two), one, rtol=1e-6, atol=0)
+    one = autograd_grad(
+        at_two, ewc.penalty(at_two, ewc.anchor(net_at(config, w[0]), f1), config.lam)
+    )
+    got_two = added_grad(calls[1].penalty, at_two)
+    for k in one:
+        torch.testing.assert_close(got_two[k], one[k], rtol=1e-5, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- weights, records

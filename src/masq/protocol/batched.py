@@ -42,8 +42,16 @@ def continue_stacked(
         check_same_d1(c, d1)
         if c.n_tasks != 2:
             raise ConfigError(f"stacked: only two-task runs are stacked, got slt {c.slt!r}")
-        if c.iters2 != first.iters2 or c.device != first.device:
-            raise ConfigError("stacked: the runs of one stack need the same iters2 and device")
+        if (c.iters2, c.device, c.eval_schedule, c.precision) != (
+            first.iters2,
+            first.device,
+            first.eval_schedule,
+            first.precision,
+        ):
+            raise ConfigError(
+                "stacked: the runs of one stack need the same iters2, device, evaluation "
+                "schedule and precision"
+            )
     seconds_imp = list(importance_seconds or [0.0] * len(configs))
     device = resolve_device(first.device)
     sets, unions = eval_sets(first, tasks, 1)
@@ -65,6 +73,8 @@ def continue_stacked(
         iters=first.iters2,
         batch_size=first.batch_size,
         eval_every=first.eval_every,
+        eval_schedule=first.eval_schedule,
+        precision=first.precision,
         seed=stream_seed(first.seed, batches_stream(1)),
         eval_sets=sets,
         unions=unions,

@@ -41,6 +41,7 @@ from masq.config import (
     method_label,
 )
 from masq.consolidation import ewc
+from masq.consolidation.gradient import PenaltyGradient
 from masq.curves import VAL, Curve, task_name, union_name
 from masq.errors import ConfigError
 from masq.models import mlp
@@ -127,13 +128,14 @@ def train_phase(
     model: nn.Module,
     phase: int,
     *,
-    penalty: Callable[[nn.Module], Tensor] | None,
+    penalty: Callable[[nn.Module], None] | None,
     device: torch.device,
     progress: bool = False,
 ) -> tuple[Curve, float]:
     """Train ``model`` on ``tasks[phase]`` (phase 0 at lr1 for iters1, later ones at lr2 for
-    iters2; mini-batches from the phase's stream), evaluating on :func:`eval_sets`; returns
-    (curve, seconds)."""
+    iters2; mini-batches from the phase's stream), evaluating on :func:`eval_sets` at the
+    config's schedule and precision; ``penalty`` adds a penalty's gradient after each
+    backward pass (``train_task``'s ``penalty_grad``). Returns (curve, seconds)."""
     lr, iters = (config.lr1, config.iters1) if phase == 0 else (config.lr2, config.iters2)
     sets, unions = eval_sets(config, tasks, phase)
     train_config = TrainConfig(
@@ -142,6 +144,8 @@ def train_phase(
         batch_size=config.batch_size,
         eval_every=config.eval_every,
         seed=stream_seed(config.seed, batches_stream(phase)),
+        eval_schedule=config.eval_schedule,
+        precision=config.precision,
     )
     desc = f"train {task_name(phase)}" + ("" if phase == 0 else f" ({method_label(config)})")
     start = time.perf_counter()
@@ -149,7 +153,7 @@ def train_phase(
         model,
         tasks[phase].train,
         train_config,
-        penalty=penalty,
+        penalty_grad=penalty,
         eval_sets=sets,
         unions=unions,
         device=device,
@@ -269,7 +273,7 @@ def continue_run(
             else:
                 anchors = [*anchors, ewc.anchor(model, current)]
             if config.lam > 0:
-                penalty = _penalty(anchors, config.lam)
+                penalty = PenaltyGradient(model, anchors, config.lam)
         curve, seconds = train_phase(
             config, tasks, model, phase, penalty=penalty, device=device, progress=progress
         )
@@ -289,15 +293,6 @@ def continue_run(
         meta=run_meta(device),
         weights=weights,
     )
-
-
-def _penalty(anchors: list[ewc.Anchor], lam: float) -> Callable[[nn.Module], Tensor]:
-    frozen = list(anchors)
-
-    def penalty(model: nn.Module) -> Tensor:
-        return ewc.penalty(model, frozen, lam)
-
-    return penalty
 
 
 def run(

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from masq.config import EvalSchedule, Precision, choice
 from masq.curves import Curve
 from masq.errors import ConfigError
 from masq.stacked.adam import StackedAdam
@@ -64,13 +65,22 @@ def train_stacked(
     eval_sets: Mapping[str, XY] | None = None,
     unions: Mapping[str, Sequence[str]] | None = None,
     device: torch.device | None = None,
+    eval_schedule: EvalSchedule | str = EvalSchedule.EVERY,
+    precision: Precision | str = Precision.FP32,
 ) -> tuple[list[Curve], list[dict[str, Tensor]]]:
     """Re-train K = len(lrs) copies of ``state_dict`` on ``train`` at once (module docstring).
 
     Run k: Adam at ``lrs[k]``, penalty (λ_k/2) Σ F_k (θ − θ*)² with θ* = ``state_dict`` and
     F_k = ``importances[k]`` ({} for none); mini-batches from ``Generator().manual_seed(seed)``
-    as ``train.train_task``. Returns (K curves as train_task's, K final state dicts).
+    as :func:`masq.training.train_task`, evaluated at the same :func:`eval_iterations`;
+    ``precision`` "bf16" runs the matmuls in bfloat16 (float32 master weights, Adam state and
+    penalty). Returns (K curves as train_task's, K final state dicts).
     """
+    dtype = (
+        torch.bfloat16
+        if choice(Precision, precision, "precision") == Precision.BF16
+        else (torch.float32)
+    )
     k = len(lrs)
     if not (len(lams) == len(importances) == k) or k == 0:
         raise ConfigError("stacked: give one lr, one lam and one importance per run (K >= 1)")
@@ -88,10 +98,11 @@ def train_stacked(
     unions = dict(unions or {})
     names = [*sets, *unions]
     curves: list[Curve] = [{"iteration": [], **{n: [] for n in names}} for _ in range(k)]
-    record_at = set(eval_iterations(iters, eval_every)) if sets else set()
+    record_at = set(eval_iterations(iters, eval_every, eval_schedule)) if sets else set()
 
     def record(it: int) -> None:
-        for curve, acc in zip(curves, stacked_accuracies(model, sets, unions), strict=True):
+        accs = stacked_accuracies(model, sets, unions, dtype)
+        for curve, acc in zip(curves, accs, strict=True):
             curve["iteration"].append(it)
             for n in names:
                 curve[n].append(acc[n])
@@ -99,7 +110,7 @@ def train_stacked(
     if 0 in record_at:
         record(0)
     generator = torch.Generator().manual_seed(seed)
-    workspace = Workspace.create(model, batch_size)
+    workspace = Workspace.create(model, batch_size, dtype)
     for it, idx in enumerate(minibatch_indices(x.shape[0], batch_size, iters, generator), start=1):
         idx = idx.to(device)
         grads = loss_grads(model, workspace, x[idx], y[idx])

@@ -92,15 +92,25 @@ def unstack(model: StackedMLP, run: int) -> dict[str, Tensor]:
     }
 
 
-def forward(model: StackedMLP, x: Tensor) -> Tensor:
-    """Logits [K, B, classes] of the K nets on the shared input x [B, in]."""
-    h = x.unsqueeze(0).expand(model.k, *x.shape)
+def compute_params(model: StackedMLP, dtype: torch.dtype) -> list[Tensor]:
+    """The parameters in the matmuls' dtype: the float32 masters themselves, or bfloat16
+    copies (one cast per step, as autocast casts a Linear's weight once per forward)."""
+    if dtype == model.params[0].dtype:
+        return model.params
+    return [p.to(dtype) for p in model.params]
+
+
+def forward(model: StackedMLP, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Logits [K, B, classes] of the K nets on the shared input x [B, in], the matmuls in
+    ``dtype`` (float32 logits out)."""
+    params = compute_params(model, dtype)
+    h = x.to(dtype).unsqueeze(0).expand(model.k, *x.shape)
     for layer in range(model.layers):
         if layer > 0:
             h = torch.relu(h)
-        w, b = model.params[2 * layer], model.params[2 * layer + 1]
+        w, b = params[2 * layer], params[2 * layer + 1]
         h = torch.baddbmm(b.unsqueeze(1), h, w)
-    return h
+    return h.float()
 
 
 def task_losses(model: StackedMLP, x: Tensor, y: Tensor) -> Tensor:
@@ -118,14 +128,18 @@ class Workspace:
 
     acts: list[Tensor]  # [K, B, out] per layer (post-ReLU for hidden layers; logits last)
     deltas: list[Tensor]  # [K, B, out] per layer: ∂(Σ_k loss_k)/∂(pre-activation)
-    grads: list[Tensor]  # like model.params
+    grads: list[Tensor]  # like model.params (float32)
+    low_grads: list[Tensor]  # like model.params in the matmuls' dtype (bf16 only; else [])
 
     @classmethod
-    def create(cls, model: StackedMLP, batch: int) -> Workspace:
+    def create(cls, model: StackedMLP, batch: int, dtype: torch.dtype = torch.float32) -> Workspace:
+        """Activations and deltas in the matmuls' ``dtype``, gradients in float32."""
         p0 = model.params[0]
-        acts = [p0.new_empty(model.k, batch, b.shape[-1]) for b in model.params[1::2]]
+        acts = [p0.new_empty(model.k, batch, b.shape[-1], dtype=dtype) for b in model.params[1::2]]
         deltas = [torch.empty_like(a) for a in acts]
-        return cls(acts, deltas, [torch.empty_like(p) for p in model.params])
+        grads = [torch.empty_like(p) for p in model.params]
+        low = [torch.empty_like(p, dtype=dtype) for p in model.params] if dtype != p0.dtype else []
+        return cls(acts, deltas, grads, low)
 
 
 @torch.no_grad()
@@ -136,56 +150,72 @@ def loss_grads(model: StackedMLP, ws: Workspace, x: Tensor, y: Tensor) -> list[T
         δ_L = (softmax(z_L) − onehot(y)) / B
         ∂W_l = a_{l-1}ᵀ δ_l,  ∂b_l = Σ_n δ_l,  δ_{l-1} = (δ_l W_lᵀ) ⊙ [a_{l-1} > 0]
 
-    the gradient of the batch-mean cross-entropy, as autograd computes it (tested).
+    the gradient of the batch-mean cross-entropy, as autograd computes it (tested). The
+    matmuls run in the workspace's dtype (bfloat16 for bf16 runs: the parameters cast once per
+    step, the softmax in float32, the gradients returned in float32, as under autocast).
     """
     k, batch, layers = model.k, x.shape[0], model.layers
+    dtype = ws.acts[0].dtype
+    params = compute_params(model, dtype)
+    grads = ws.low_grads or ws.grads
+    x = x.to(dtype)
     h = x.unsqueeze(0).expand(k, *x.shape)
     for layer in range(layers):
         out = ws.acts[layer]
-        w, b = model.params[2 * layer], model.params[2 * layer + 1]
+        w, b = params[2 * layer], params[2 * layer + 1]
         torch.baddbmm(b.unsqueeze(1), h, w, out=out)
         if layer < layers - 1:
             out.clamp_(min=0)
         h = out
+    probs = torch.softmax(ws.acts[-1].float(), dim=2)
+    probs[:, torch.arange(batch, device=x.device), y] -= 1.0
+    probs.div_(batch)
     delta = ws.deltas[-1]
-    delta.copy_(torch.softmax(ws.acts[-1], dim=2))
-    delta[:, torch.arange(batch, device=x.device), y] -= 1.0
-    delta.div_(batch)
+    delta.copy_(probs)
     for layer in reversed(range(layers)):
         below = x.unsqueeze(0).expand(k, *x.shape) if layer == 0 else ws.acts[layer - 1]
-        grad_w = ws.grads[2 * layer]
+        grad_w = grads[2 * layer]
         if grad_w[0].numel() >= LOOP_ELEMENTS:  # large: one GEMM per run, no transposed copy
             for run in range(k):
                 torch.mm(below[run].t(), delta[run], out=grad_w[run])
         else:
             torch.bmm(below.transpose(1, 2), delta, out=grad_w)
-        torch.sum(delta, dim=1, out=ws.grads[2 * layer + 1])
+        torch.sum(delta, dim=1, out=grads[2 * layer + 1])
         if layer > 0:
             prev = ws.deltas[layer - 1]
-            torch.bmm(delta, model.params[2 * layer].transpose(1, 2), out=prev)
+            torch.bmm(delta, params[2 * layer].transpose(1, 2), out=prev)
             prev.mul_(below > 0)
             delta = prev
+    if ws.low_grads:
+        torch._foreach_copy_(ws.grads, ws.low_grads)
     return ws.grads
 
 
 @torch.no_grad()
-def stacked_correct(model: StackedMLP, x: Tensor, y: Tensor) -> Tensor:
-    """[K] int64: #{n : argmax f_k(x_n) == y_n} for every run k, in chunks."""
+def stacked_correct(
+    model: StackedMLP, x: Tensor, y: Tensor, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """[K] int64: #{n : argmax f_k(x_n) == y_n} for every run k, in chunks, the matmuls in
+    ``dtype``."""
     width = max(p.shape[-1] for p in model.params[1::2])
     chunk = max(1, EVAL_ELEMENTS // (model.k * width))
     correct = torch.zeros(model.k, dtype=torch.int64, device=model.params[0].device)
     for start in range(0, int(y.shape[0]), chunk):
-        logits = forward(model, x[start : start + chunk])
+        logits = forward(model, x[start : start + chunk], dtype)
         correct += (logits.argmax(dim=2) == y[start : start + chunk]).sum(dim=1)
     return correct
 
 
 def stacked_accuracies(
-    model: StackedMLP, sets: Mapping[str, XY], unions: Mapping[str, Sequence[str]]
+    model: StackedMLP,
+    sets: Mapping[str, XY],
+    unions: Mapping[str, Sequence[str]],
+    dtype: torch.dtype = torch.float32,
 ) -> list[dict[str, float]]:
-    """Per run, ``train.accuracies`` of its counts on ``sets`` (and the unions)."""
+    """Per run, :func:`masq.training.accuracies` of its counts on ``sets`` (and the unions),
+    one batched pass of all K runs per chunk of images."""
     counts = {
-        name: (stacked_correct(model, x, y).tolist(), int(y.shape[0]))
+        name: (stacked_correct(model, x, y, dtype).tolist(), int(y.shape[0]))
         for name, (x, y) in sets.items()
     }
     return [

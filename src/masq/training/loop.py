@@ -30,12 +30,14 @@ from torch import Tensor, nn
 from torch.torch_version import TorchVersion
 from tqdm.auto import tqdm
 
+from masq.config import EvalSchedule, Precision, choice
 from masq.curves import Curve
 from masq.errors import ConfigError
 from masq.tasks import XY
 from masq.training.evaluate import (
     DEFAULT_EVAL_EVERY,
     accuracies,
+    autocast,
     eval_counts,
     eval_iterations,
     model_device,
@@ -46,19 +48,27 @@ from masq.training.evaluate import (
 class TrainConfig:
     """One task's training: Adam (fresh state) at ``lr``, ``iters`` mini-batches of
     ``batch_size`` drawn without replacement and reshuffled each epoch from a generator
-    seeded by ``seed``; evaluation every ``eval_every`` iterations (and at 0 and the end)."""
+    seeded by ``seed``; evaluation at :func:`eval_iterations` of ``eval_schedule`` (every
+    ``eval_every`` iterations by default, and at 0 and the end); forward and backward in
+    ``precision`` (bf16: bfloat16 matmuls, float32 weights, loss and Adam state)."""
 
     lr: float = 1e-3
     iters: int = 5000
     batch_size: int = 100
     eval_every: int = DEFAULT_EVAL_EVERY
     seed: int = 0
+    eval_schedule: EvalSchedule = EvalSchedule.EVERY
+    precision: Precision = Precision.FP32
 
     def __post_init__(self) -> None:
         for name in ("lr", "iters", "batch_size", "eval_every"):
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"{name}: must be > 0, got {value}")
+        object.__setattr__(
+            self, "eval_schedule", choice(EvalSchedule, self.eval_schedule, "eval_schedule")
+        )
+        object.__setattr__(self, "precision", choice(Precision, self.precision, "precision"))
 
 
 def minibatch_indices(
@@ -119,6 +129,7 @@ def train_task(
     config: TrainConfig,
     *,
     penalty: Callable[[nn.Module], Tensor] | None = None,
+    penalty_grad: Callable[[nn.Module], None] | None = None,
     eval_sets: Mapping[str, XY] | None = None,
     unions: Mapping[str, Sequence[str]] | None = None,
     device: torch.device | None = None,
@@ -126,6 +137,10 @@ def train_task(
     desc: str = "train",
 ) -> Curve:
     """Train ``model`` in place: loss = cross_entropy(model(x), y) + penalty(model).
+
+    ``penalty_grad(model)``, if given, is called after ``loss.backward()`` to add a penalty's
+    gradient to the parameters' ``.grad`` directly (e.g.
+    :class:`masq.consolidation.gradient.PenaltyGradient`, the EWC term without autograd).
 
     Returns the curve {"iteration": [...], set or union name: [accuracy, ...]} recorded at
     :func:`eval_iterations` (iteration 0 is before the first step; an evaluation at ``it``
@@ -143,12 +158,16 @@ def train_task(
     unions = dict(unions or {})
     names = [*sets, *unions]
     curve: Curve = {"iteration": [], **{k: [] for k in names}}
-    record_at = set(eval_iterations(config.iters, config.eval_every)) if sets else set()
+    record_at = (
+        set(eval_iterations(config.iters, config.eval_every, config.eval_schedule))
+        if sets
+        else set()
+    )
 
     bar = tqdm(total=config.iters, desc=desc, unit="it", disable=not progress, dynamic_ncols=True)
 
     def record(it: int) -> None:
-        acc = accuracies(eval_counts(model, sets), unions)
+        acc = accuracies(eval_counts(model, sets, precision=config.precision), unions)
         curve["iteration"].append(it)
         for k in names:
             curve[k].append(acc[k])
@@ -165,11 +184,15 @@ def train_task(
         batches = minibatch_indices(x.shape[0], config.batch_size, config.iters, generator)
         for it, idx in enumerate(batches, start=1):
             idx = idx.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            with autocast(device, config.precision):
+                logits = model(x[idx])
+            loss = F.cross_entropy(logits.float(), y[idx])
             if penalty is not None:
                 loss = loss + penalty(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if penalty_grad is not None:
+                penalty_grad(model)
             optimizer.step()
             if it in record_at:
                 record(it)
