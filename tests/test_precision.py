@@ -198,3 +198,35 @@ def test_penalty_gradient_refuses_bad_lambda_and_keys() -> None:
     with pytest.raises(ewc.ConfigError):
         PenaltyGradient(mlp((4, 4), in_features=20, classes=4), bad, 1.0)
     _ = F
+
+
+# ----------------------------------------------------------------------------- stacked Adam
+
+
+def test_vectorized_stacked_adam_equals_the_run_by_run_step() -> None:
+    """The whole-stack update (the CUDA default) is the run-by-run one, bit for bit."""
+    states = [mlp((6, 5), in_features=7, classes=3, seed=s).state_dict() for s in range(4)]
+    outs = []
+    for vectorized in (False, True):
+        model = stacked.stack_states(states)
+        gen = torch.Generator().manual_seed(0)
+        lam_f = [torch.rand(p.shape, generator=gen) for p in model.params]
+        anchors = [torch.rand((1, *p.shape[1:]), generator=gen) for p in model.params]
+        opt = stacked.StackedAdam.create(model, [1e-2, 1e-3, 1e-2, 5e-3], vectorized=vectorized)
+        assert opt.vectorized is vectorized
+        for _ in range(3):
+            grads = [torch.rand(p.shape, generator=gen) for p in model.params]
+            opt.step(model.params, grads, lam_f, anchors, [True, False, True, True])
+        outs.append([p.clone() for p in model.params])
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+
+
+def test_phase_indices_are_the_minibatch_stream() -> None:
+    from masq.training import minibatch_indices, phase_indices
+
+    rows = phase_indices(23, 5, 9, torch.Generator().manual_seed(4))
+    stream = list(minibatch_indices(23, 5, 9, torch.Generator().manual_seed(4)))
+    assert rows.shape == (9, 5) and all(
+        torch.equal(r, s) for r, s in zip(rows, stream, strict=True)
+    )
+    assert phase_indices(23, 5, 0, torch.Generator()).shape == (0, 5)

@@ -30,13 +30,22 @@ class StackedAdam:
     steps: list[list[Tensor]] = field(default_factory=list)  # per run, per tensor (fused)
     scratch: list[Tensor] = field(default_factory=list)
     t: int = 0
+    vectorized: bool = False  # one fused call per distinct lr for all its runs (CUDA default)
 
     @classmethod
     def create(
-        cls, model: StackedMLP, lrs: Sequence[float], fused: bool | None = None
+        cls,
+        model: StackedMLP,
+        lrs: Sequence[float],
+        fused: bool | None = None,
+        vectorized: bool | None = None,
     ) -> StackedAdam:
+        """Fresh state for the K runs of ``model``. ``vectorized`` (default: on CUDA) steps all
+        runs of one learning rate in one fused call and adds the penalty over whole stacked
+        tensors; the CPU default goes run by run, which keeps each run's tensors in cache."""
         device = model.params[0].device
         fused = fused_adam_available(device) if fused is None else fused
+        vectorized = device.type == "cuda" if vectorized is None else vectorized
         steps = [
             [torch.zeros((), dtype=torch.float32, device=device) for _ in model.params]
             for _ in range(model.k)
@@ -47,6 +56,7 @@ class StackedAdam:
             [torch.zeros_like(p) for p in model.params],
             fused,
             steps,
+            vectorized=bool(vectorized and fused),
         )
 
     @torch.no_grad()
@@ -62,6 +72,9 @@ class StackedAdam:
         ``penalized`` (default: all) when ``lam_f`` and ``anchors`` are given."""
         self.t += 1
         penalty = lam_f is not None and anchors is not None
+        if self.vectorized:
+            self._vectorized_step(params, grads, lam_f if penalty else None, anchors, penalized)
+            return
         if penalty and not self.scratch:
             self.scratch = [torch.empty_like(p[0]) for p in params]
         for run in range(len(self.lrs)):  # run by run: its tensors stay in cache
@@ -76,6 +89,51 @@ class StackedAdam:
                 self._fused_step(run, p_run, g_run)
             else:
                 self._plain_step(run, p_run, g_run)
+
+    def _vectorized_step(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        lam_f: Sequence[Tensor] | None,
+        anchors: Sequence[Tensor] | None,
+        penalized: Sequence[bool] | None,
+    ) -> None:
+        """The same update with whole-stack operations: g += λF ⊙ (θ − θ*) for the penalized
+        runs (a mask on the run dimension), then one fused Adam call per distinct lr."""
+        if lam_f is not None and anchors is not None:
+            if not self.scratch:
+                self.scratch = [torch.empty_like(p) for p in params]
+            mask = None
+            if penalized is not None and not all(penalized):
+                mask = torch.tensor(penalized, device=params[0].device)
+            for p, g, lf, a, tmp in zip(params, grads, lam_f, anchors, self.scratch, strict=True):
+                torch.sub(p, a, out=tmp)
+                if mask is not None:
+                    tmp.mul_(mask.view(-1, *([1] * (tmp.ndim - 1))))
+                g.addcmul_(lf, tmp)
+        by_lr: dict[float, list[int]] = {}
+        for run, lr in enumerate(self.lrs):
+            by_lr.setdefault(lr, []).append(run)
+        for lr, runs in by_lr.items():
+            steps = [s for run in runs for s in self.steps[run]]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(
+                [p[run] for run in runs for p in params],
+                [g[run] for run in runs for g in grads],
+                [m[run] for run in runs for m in self.exp_avg],
+                [v[run] for run in runs for v in self.exp_avg_sq],
+                [],
+                steps,
+                lr=lr,
+                beta1=BETAS[0],
+                beta2=BETAS[1],
+                weight_decay=0.0,
+                eps=EPS,
+                amsgrad=False,
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
 
     def _fused_step(self, run: int, params: list[Tensor], grads: list[Tensor]) -> None:
         steps = self.steps[run]

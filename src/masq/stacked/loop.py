@@ -21,7 +21,8 @@ from masq.stacked.model import (
     unstack,
 )
 from masq.tasks import XY
-from masq.training import eval_iterations, minibatch_indices
+from masq.training import eval_iterations
+from masq.training.loop import phase_indices
 
 
 def lam_importance(
@@ -111,8 +112,8 @@ def train_stacked(
         record(0)
     generator = torch.Generator().manual_seed(seed)
     workspace = Workspace.create(model, batch_size, dtype)
-    for it, idx in enumerate(minibatch_indices(x.shape[0], batch_size, iters, generator), start=1):
-        idx = idx.to(device)
+    order = phase_indices(x.shape[0], batch_size, iters, generator).to(device)
+    for it, idx in enumerate(order, start=1):
         grads = loss_grads(model, workspace, x[idx], y[idx])
         optimizer.step(model.params, grads, lam_f, anchors, penalized)
         if it in record_at:

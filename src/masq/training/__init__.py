@@ -13,6 +13,7 @@ from masq.training.loop import (
     fused_adam_available,
     make_adam,
     minibatch_indices,
+    phase_indices,
     train_task,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "make_adam",
     "minibatch_indices",
     "model_device",
+    "phase_indices",
     "train_task",
 ]
