@@ -64,31 +64,44 @@ def _per_iteration(run: Callable[[int], Any], short: int, long: int) -> float:
     return max((t2 - t1) - (t1 - t0), 1e-9) / (long - short)
 
 
-def measure(hidden: tuple[int, ...], stack: int, short: int = 2, long: int = 8) -> dict[str, float]:
+def measure(
+    hidden: tuple[int, ...],
+    stack: int,
+    short: int = 2,
+    long: int = 8,
+    *,
+    precision: str = "fp32",
+    device: str = "cpu",
+) -> dict[str, float]:
     """Seconds per: D1 training iteration (B = 100, Adam), D2 iteration of a stack of
     ``stack`` runs with the EWC penalty ("d2_iter"; ``stack=1``: one run, ``train_task``) and
-    of one run ("d2_iter_one"), evaluated sample
-    (one model / a stack), and importance sample (batches of 1000, forward and backward),
-    timed on random MNIST-shaped data (``long - short`` iterations)."""
+    of one run ("d2_iter_one"), evaluated sample (one model / a stack), and importance sample
+    (batches of 1000, forward and backward, float32), timed on random MNIST-shaped data
+    (``long - short`` iterations) in ``precision`` on ``device`` (the grid's)."""
     from masq import training
     from masq.consolidation import ewc
+    from masq.consolidation.gradient import PenaltyGradient
     from masq.models import mlp
+    from masq.runtime import resolve_device
 
+    dev = resolve_device(device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(2000, 784, generator=gen)
-    y = torch.randint(0, 10, (2000,), generator=gen)
-    model = mlp(hidden, seed=0)
+    x = torch.rand(2000, 784, generator=gen).to(dev)
+    y = torch.randint(0, 10, (2000,), generator=gen).to(dev)
+    model = mlp(hidden, seed=0).to(dev)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     importance = {k: torch.rand_like(v) for k, v in state.items()}
     anchor = ewc.anchor(model, importance)
 
     def d1(iters: int) -> None:
-        cfg = training.TrainConfig(lr=1e-3, iters=iters, batch_size=100, seed=0)
+        cfg = training.TrainConfig(lr=1e-3, iters=iters, batch_size=100, precision=precision)
         training.train_task(model, (x, y), cfg)
 
+    penalty = PenaltyGradient(model, anchor, 1000.0)
+
     def one(iters: int) -> None:
-        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, seed=0)
-        training.train_task(model, (x, y), cfg, penalty=lambda m: ewc.penalty(m, anchor, 1000.0))
+        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, precision=precision)
+        training.train_task(model, (x, y), cfg, penalty_grad=penalty)
 
     def stacked_runs(iters: int) -> None:
         stacked.train_stacked(
@@ -101,14 +114,20 @@ def measure(hidden: tuple[int, ...], stack: int, short: int = 2, long: int = 8) 
             batch_size=100,
             eval_every=iters,
             seed=0,
+            device=dev,
+            precision=precision,
         )
 
     t_d1 = _per_iteration(d1, short, long)
     t_one = _per_iteration(one, short, long)
     t_d2 = t_one if stack <= 1 else _per_iteration(stacked_runs, short, long)
-    s = stacked.stack_state(state, max(1, stack))
-    t_eval_stack = _timeit(lambda: stacked.stacked_correct(s, x, y), 2) / x.shape[0]
-    t_eval_one = _timeit(lambda: training.eval_counts(model, {"x": (x, y)}), 2) / x.shape[0]
+    s = stacked.stack_state(state, max(1, stack), dev)
+    low = torch.bfloat16 if precision == "bf16" else torch.float32
+    t_eval_stack = _timeit(lambda: stacked.stacked_correct(s, x, y, low), 2) / x.shape[0]
+    t_eval_one = (
+        _timeit(lambda: training.eval_counts(model, {"x": (x, y)}, precision=precision), 2)
+        / x.shape[0]
+    )
     xb, yb = x[:1000], y[:1000]
 
     def fwd_bwd() -> None:
@@ -127,11 +146,18 @@ def measure(hidden: tuple[int, ...], stack: int, short: int = 2, long: int = 8) 
 
 
 def calibrate(
-    archs: Sequence[tuple[int, ...]], stack: int, *, threads: int, max_measured: int = 3
+    archs: Sequence[tuple[int, ...]],
+    stack: int,
+    *,
+    threads: int,
+    max_measured: int = 3,
+    precision: str = "fp32",
+    device: str = "cpu",
 ) -> tuple[dict[tuple[int, ...], dict[str, float]], tuple[tuple[int, ...], ...]]:
     """Per architecture the costs of :func:`measure`, measured with ``threads`` torch threads
     for up to ``max_measured`` architectures (smallest, largest, middle by parameter count)
-    and interpolated linearly in the parameter count for the others."""
+    and interpolated linearly in the parameter count for the others; in ``precision`` on
+    ``device``."""
     distinct = sorted(set(archs), key=n_params)
     if len(distinct) <= max_measured:
         picked = distinct
@@ -143,7 +169,15 @@ def calibrate(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        measured = {h: measure(h, stack) for h in picked}
+        extra = (
+            {}
+            if (precision, device) == ("fp32", "cpu")
+            else {
+                "precision": precision,
+                "device": device,
+            }
+        )
+        measured = {h: measure(h, stack, **extra) for h in picked}
     finally:
         torch.set_num_threads(before)
     xs = [n_params(h) for h in picked]
@@ -174,18 +208,34 @@ def estimate(
     groups: Sequence[Group], stack: int, *, workers: int, threads: int | None = None
 ) -> Estimate:
     """Time to run ``groups`` with ``workers`` workers of ``threads`` threads, extrapolated
-    from :func:`calibrate` (assumes perfect parallel efficiency across workers)."""
+    from :func:`calibrate` per precision on the grid's device, with each group's evaluation
+    schedule (assumes perfect parallel efficiency across workers)."""
     threads = max(1, cpu_count() // workers) if threads is None else threads
     archs = [c.hidden for g in groups for c in g.configs[:1]]
     if not archs:
         return Estimate(0.0, 0.0, 0.0, 0.0, 0.0, workers, threads, (), 0)
-    costs, picked = calibrate(archs, stack, threads=threads)
+    device = str(groups[0].configs[0].device)
+    costs: dict[tuple[tuple[int, ...], str], dict[str, float]] = {}
+    picked: tuple[tuple[int, ...], ...] = ()
+    for precision in dict.fromkeys(str(g.configs[0].precision) for g in groups):
+        of_p = [g.configs[0].hidden for g in groups if str(g.configs[0].precision) == precision]
+        kw = (
+            {}
+            if (precision, device) == ("fp32", "cpu")
+            else {
+                "precision": precision,
+                "device": device,
+            }
+        )
+        measured, chosen = calibrate(of_p, stack, threads=threads, **kw)
+        costs |= {(h, precision): v for h, v in measured.items()}
+        picked = tuple(dict.fromkeys((*picked, *chosen)))
     d1 = imp = d2 = ev = 0.0
     for g in groups:
         first = g.configs[0]
-        c = costs[first.hidden]
+        c = costs[(first.hidden, str(first.precision))]
         n_train, n_eval = task_sizes(first.slt, first.eval_val)
-        evals1 = len(eval_iterations(first.iters1, first.eval_every))
+        evals1 = len(eval_iterations(first.iters1, first.eval_every, first.eval_schedule))
         e1 = evals1 * n_eval * c["eval_sample_one"]
         d1 += first.iters1 * c["d1_iter"] + e1
         imp += len(g.importance_keys) * n_train * c["importance_sample"]
@@ -193,7 +243,9 @@ def estimate(
             k = len(chunk)
             phases = chunk[0].n_tasks - 1
             if phases > 1:  # runs of T > 2 tasks go one by one, an importance pass per phase
-                evals = len(eval_iterations(chunk[0].iters2, chunk[0].eval_every))
+                evals = len(
+                    eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)
+                )
                 e_run = phases * evals * n_eval * c["eval_sample_one"]
                 d2 += phases * chunk[0].iters2 * c["d2_iter_one"] + e_run
                 ev += e_run
@@ -201,7 +253,9 @@ def estimate(
                     # as continue_run: a pass after every phase but the last
                     imp += (phases - 1) * n_train * c["importance_sample"]
                 continue
-            evals2 = len(eval_iterations(chunk[0].iters2, chunk[0].eval_every))
+            evals2 = len(
+                eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)
+            )
             scale = k / max(1, stack)  # a short stack costs about its share
             e2 = evals2 * n_eval * (c["eval_sample_stack"] if stack > 1 else c["eval_sample_one"])
             d2 += (chunk[0].iters2 * c["d2_iter"] + e2) * (scale if stack > 1 else k)
