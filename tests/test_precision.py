@@ -230,3 +230,11 @@ def test_phase_indices_are_the_minibatch_stream() -> None:
         torch.equal(r, s) for r, s in zip(rows, stream, strict=True)
     )
     assert phase_indices(23, 5, 0, torch.Generator()).shape == (0, 5)
+
+
+def test_wait_policy_is_passive_only_on_a_busy_machine_and_never_overrides_the_user() -> None:
+    from masq.cli.waitpolicy import wait_policy_env
+
+    assert wait_policy_env({}, busy=True) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert wait_policy_env({}, busy=False) == {}
+    assert wait_policy_env({"OMP_WAIT_POLICY": "ACTIVE"}, busy=True) == {}
