@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import masq.data
 from masq import protocol
 from masq.cli import build_parser, main
 from masq.cli.grid_cmd import grid_from_args
+from masq.config import RunConfig
+from masq.store import Store
 from tests.synthetic import learnable_dataset
 from tests.test_store import write_v1_dir
 
@@ -85,7 +88,7 @@ def test_grid_table_consistency_end_to_end(
     args = ["grid", *TINY, "--results", res, "--data-dir", str(idx_dir), *FAST, "--stack", "3"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "grid: 8 runs (2 hidden × 2 lr2 × 2 λ; 8 before merging" in out
+    assert "grid: 8 runs (2 hidden × 2 lr2 × 2 λ; 8 combinations" in out
     assert "done: 8 runs now, 0 were stored, 0 failed; 2 D1 trainings and 2 importance " in out
     assert main(args) == 0  # resumed: nothing to do
     out = capsys.readouterr().out
@@ -116,8 +119,8 @@ def test_dry_run_prints_counts_and_the_estimate(
     lines = capsys.readouterr().out.splitlines()
     # 2 seeds x 2 archs x 2 lr2 x (λ = 0 once + λ = 10 for masq and fisher)
     assert lines[0] == (
-        "grid: 24 runs (2 seed × 2 hidden × 2 importance × 2 lr2 × 2 λ; 32 before merging the "
-        "λ = 0 runs that do not depend on the importance)"
+        "grid: 24 runs (2 seed × 2 hidden × 2 importance × 2 lr2 × 2 λ; 32 combinations, "
+        "merged where a setting cannot change the result, e.g. the importance at λ = 0)"
     )
     assert lines[1] == "stored already: 0; to run: 24"
     assert lines[2] == (
@@ -152,7 +155,7 @@ def test_paper_preset_dry_run_counts(
     )
     assert main(["grid", "--preset", "paper", "--dry-run", "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert "grid: 1728 runs (3 slt × 36 hidden × 4 lr2 × 4 λ; 1728 before merging" in out
+    assert "grid: 1728 runs (3 slt × 36 hidden × 4 lr2 × 4 λ; 1728 combinations" in out
     assert "108 D1 trainings, 108 importance passes, 1728 runs in 108 stacks of <= 16" in out
     assert "calibration: a few iterations of 784-200-200-10 on this machine (1 of 36" in out
     assert "60.0 min (D1 training 60 s, importance 6 s, D2 re-training 58.9 min" in out
@@ -199,8 +202,8 @@ def test_dry_run_of_a_three_task_grid(
     # per architecture and seed: λ = 0 once, λ = 0.1 / 1e-2 = 10 with EWC and online EWC at
     # γ = 1 and 0.5: 4 runs; 2 x 2 x 4 = 16 runs, 2 x 2 x 2 x 2 x 2 = 32 combinations
     assert lines[0] == (
-        "grid: 16 runs (2 seed × 2 hidden × 2 consolidation × 2 gamma × 2 λ; 32 before merging "
-        "the λ = 0 runs that do not depend on the importance)"
+        "grid: 16 runs (2 seed × 2 hidden × 2 consolidation × 2 gamma × 2 λ; 32 combinations, "
+        "merged where a setting cannot change the result, e.g. the importance at λ = 0)"
     )
     assert (
         lines[2]
@@ -301,7 +304,7 @@ def test_a_systematic_failure_exits_1_with_the_traceback(
         .startswith("masq grid: every run of the first group failed with the same error")
     )
     assert "done:" not in captured.out
-    assert len(list((res / "d1").glob("*.pt"))) == 1  # the grid stopped after the first group
+    assert len(list((res / "d1").glob("*.safetensors"))) == 1  # stopped after the first group
     assert len(list((res / "errors").glob("*.json"))) == 4
 
 
@@ -349,3 +352,192 @@ def test_table_of_three_task_runs_has_transfer_columns(
             assert cells[1] == "last" and f"{100 * max(f[-1] for f in final):.2f}" == cells[7]
         else:
             assert cells[1] == "best" and f"{100 * max(max(f[1:]) for f in final):.2f}" == cells[7]
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def test_a_missing_gpu_is_refused_up_front_also_in_a_dry_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = tmp_path / "res"
+    for device in ("cuda", "cuda:1"):
+        for extra in (["--dry-run"], ["--results", str(res), *FAST]):
+            err = _error(capsys, ["grid", *TINY, "--device", device, *extra])
+            assert err == (
+                f"masq: error: device {device!r}: no CUDA GPU is visible here; use --device cpu "
+                "or auto"
+            )
+            assert capsys.readouterr().out == ""  # before the counts
+    assert not res.exists()
+
+
+def _deny(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> None:
+    """Make ``paths`` unwritable as chmod would for a user who is not root."""
+    from masq import fileio
+
+    real = fileio.probe_write
+    denied = {p.resolve() for p in paths}
+
+    def probe(directory: Path) -> None:
+        if Path(directory).resolve() in denied:
+            raise PermissionError(13, "Permission denied", str(directory))
+        real(directory)
+
+    monkeypatch.setattr(fileio, "probe_write", probe)
+
+
+def test_every_output_location_is_checked_before_any_work(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.test_store import _result
+
+    def no_work(*a: Any, **kw: Any) -> Any:
+        raise AssertionError("work started before the output locations were checked")
+
+    for name in ("run", "compare", "continue_stacked", "continue_run", "train_first"):
+        monkeypatch.setattr(protocol, name, no_work)
+    file = tmp_path / "file"
+    file.write_text("x")
+    under = file / "sub"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    res = tmp_path / "res"
+    Store(res).write_result(_result(RunConfig(hidden=(8,))))
+    _deny(monkeypatch, ro, res)
+    cases = {
+        ("grid", *TINY, "--results", str(under), *FAST):
+            f"--results {str(under)!r} is under the regular file {str(file)!r}",
+        ("grid", *TINY, "--results", str(ro), *FAST): f"--results {str(ro)!r} is not writable",
+        ("grid", *TINY, "--results", str(file), *FAST): f"--results {str(file)!r} is an existing",
+        ("table", "--results", str(res)):
+            f"--results (--out) {str(res)!r} is not writable (Permission denied)",
+        ("table", "--results", str(res), "--out", str(file)): f"--out {str(file)!r} is an existing",
+        ("table", "--results", str(res), "--out", str(ro)): f"--out {str(ro)!r} is not writable",
+        ("consistency", "--results", str(res), "--out", str(under)): f"--out {str(under)!r} is",
+        ("consistency", "--results", str(res), "--out", str(tmp_path / "figs"), *FAST):
+            f"--results {str(res)!r} is not writable",
+        ("run", "--out", str(ro)): f"--out {str(ro)!r} is not writable (Permission denied)",
+        ("run", "--out", str(under)): f"--out {str(under)!r} is under the regular file",
+        ("compare", "--out", str(ro)): f"--out {str(ro)!r} is not writable",
+        ("run", "--out", str(tmp_path / "o"), "--tensorboard", str(under)):
+            f"--tensorboard {str(under)!r} is under the regular file {str(file)!r}",
+        ("run", "--out", str(tmp_path / "o"), "--tensorboard", str(ro)):
+            f"--tensorboard {str(ro)!r} is not writable",
+    }  # fmt: skip
+    for argv, expected in cases.items():
+        err = _error(capsys, list(argv))
+        assert err.startswith(f"masq: error: {expected}"), (argv, err)
+        assert capsys.readouterr().out == ""
+    assert [p.name for p in ro.iterdir()] == [] and not (res / "table1_test.md").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directories_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        err = _error(capsys, ["grid", *TINY, "--results", str(ro / "res"), *FAST])
+        assert "is not writable (Permission denied)" in err
+        assert "is not writable" in _error(capsys, ["run", "--out", str(ro)])
+    finally:
+        ro.chmod(0o755)
+
+
+def test_table_and_consistency_refuse_an_invalid_record_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_store import _result
+
+    res = tmp_path / "res"
+    rid = Store(res).write_result(_result(RunConfig(hidden=(8,))))
+    path = res / "runs" / f"{rid}.json"
+    text = path.read_bytes()
+    for content in (text[:50], b"{}", b"\xff\xfe" + bytes(range(200))):
+        path.write_bytes(content)
+        for argv in (["table", "--results", str(res)], ["consistency", "--results", str(res)]):
+            err = _error(capsys, argv)
+            assert err.startswith(f"masq: error: {path}: not a valid run record (")
+
+
+@pytest.mark.slow
+def test_a_result_whose_write_fails_is_rescued(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from masq.fileio import rescue_dir
+    from masq.protocol import Result
+
+    monkeypatch.setattr(
+        masq.data, "load", lambda name="mnist", **kw: learnable_dataset(300, 60, 60)
+    )
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    small = ["--hidden", "8", "--iters", "10", "--eval-every", "5", "--masq-batch", "50",
+             "--batch-size", "20", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(["run", *small, "--out", str(tmp_path / "ok")]) == 0
+    (reference,) = (tmp_path / "ok").glob("*.json")
+    capsys.readouterr()
+
+    def full_disk(self: Result, path: Any) -> Path:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(Result, "save", full_disk)
+    out = tmp_path / "full"
+    assert main(["run", *small, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    where = rescue_dir(out)
+    assert err == (
+        f"masq: could not write into {out} (No space left on device at {out / reference.name}); "
+        f"the finished result was saved to {where} instead"
+    )
+    saved = json.loads((where / reference.name).read_text(encoding="utf-8"))
+    expected = json.loads(reference.read_text(encoding="utf-8"))
+    for key in ("config", "curves", "best", "last", "accuracy", "metrics"):
+        assert saved[key] == expected[key]  # the same run, nothing lost
+    assert main(["compare", *small, "--out", str(tmp_path / "cmp")]) == 1
+    names = sorted(p.name for p in rescue_dir(tmp_path / "cmp").iterdir())
+    assert names == ["fisher.json", "masq-mean.json", "masq-sum.json", "none.json"]
+
+
+def test_sigterm_is_handled_like_ctrl_c(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+    import time
+
+    from masq.cli import grid_cmd
+
+    def terminated(args: Any) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(grid_cmd, "run_migrate", terminated)
+    assert main(["migrate", "x"]) == 143
+    assert capsys.readouterr().err == (
+        "masq: terminated (SIGTERM); nothing half-written was kept (re-run to resume).\n"
+    )
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler lives only inside main
+
+
+def test_an_unforeseen_os_error_is_one_line_exit_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from masq.cli import grid_cmd
+
+    def full(args: Any) -> int:
+        raise OSError(28, "No space left on device", "/some/file")
+
+    monkeypatch.setattr(grid_cmd, "run_migrate", full)
+    assert main(["migrate", "x"]) == 1
+    assert capsys.readouterr().err == "masq: error: No space left on device (/some/file)\n"

@@ -170,10 +170,26 @@ def test_explicit_data_dir_without_files_is_an_error(data_fake, tmp_path: Path):
     assert "train-images-idx3-ubyte[.gz]" not in message  # present, so not listed as missing
 
 
-def test_env_data_dir_without_files_falls_through(data_fake, monkeypatch, tmp_path: Path):
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_env_data_dir_without_files_is_an_error_like_data_dir(
+    kind: str, data_fake, monkeypatch, tmp_path: Path
+):
+    """MASQ_DATA_DIR naming a missing or empty directory is the error --data-dir gives, even
+    with a valid cache (it is not skipped silently); an empty MASQ_DATA_DIR is unset."""
     fake = data_fake()
     data.load("mnist", data_dir=fake.write(tmp_path / "idx"), progress=False)  # fills the cache
-    monkeypatch.setenv("MASQ_DATA_DIR", str(tmp_path / "elsewhere"))
+    directory = tmp_path / "elsewhere"
+    if kind == "empty":
+        directory.mkdir()
+    with pytest.raises(DataError) as by_flag:
+        data.load("mnist", data_dir=directory, progress=False)
+    monkeypatch.setenv("MASQ_DATA_DIR", str(directory))
+    with pytest.raises(DataError) as by_env:
+        data.load("mnist", progress=False)
+    why = "is not a directory" if kind == "missing" else "lacks train-images-idx3-ubyte[.gz]"
+    for info, label in ((by_flag, "--data-dir"), (by_env, "MASQ_DATA_DIR")):
+        _one_line_error(info, f"{label}: {directory} {why}")
+    monkeypatch.setenv("MASQ_DATA_DIR", "")  # set but empty: as if unset
     assert data.load("mnist", progress=False).source.startswith("cache ")
 
 

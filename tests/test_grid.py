@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import masq.data
+import masq.fileio
 from masq import grid, protocol
 from masq import tasks as masq_tasks
 from masq.config import RunConfig, round_sig
@@ -438,8 +439,8 @@ def test_shared_d1_and_importance_are_computed_once(
     assert len(count.d1) == 2
     assert len(count.importance) == 4 == len(set(count.importance))  # 2 groups x 2 kinds
     assert count.stacks == [4, 4, 2, 4, 4, 2] and count.singles == 0
-    assert len(list((tmp_path / "d1").glob("*.pt"))) == 2
-    assert len(list((tmp_path / "importance").glob("*.pt"))) == 4
+    assert len(list((tmp_path / "d1").glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "importance").glob("*.safetensors"))) == 4
     # every record of a group starts from the same task-1 curve
     recs = _records(tmp_path)
     assert set(recs) == {run_id(c) for c in configs}
@@ -484,6 +485,147 @@ def test_resume_after_a_crash_recomputes_nothing_stored(
     assert all(after[name] == data for name, data in before.items())  # nothing rewritten
     assert set(_records(tmp_path)) == {run_id(c) for c in configs}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_invalid_records_are_moved_aside_and_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configs = expand(tiny_grid())
+    _run(configs, tmp_path, stack=6)
+    original = _records(tmp_path)
+    runs = sorted((tmp_path / "runs").glob("*.json"))
+    damaged = {runs[0].stem: runs[0].read_bytes()[:100], runs[1].stem: b"{}",
+               runs[2].stem: bytes(range(256))}  # fmt: skip
+    for rid, content in damaged.items():
+        (tmp_path / "runs" / f"{rid}.json").write_bytes(content)
+    capsys.readouterr()
+    count = Counter(monkeypatch)
+    summary = _run(configs, tmp_path, stack=6)
+    assert summary.skipped == 9 and summary.done == 3 and not summary.failed
+    assert count.later == 3 and count.d1 == [] and count.importance == []  # caches reused
+    err = capsys.readouterr().err
+    for rid, content in damaged.items():
+        line = f"masq: warning: {tmp_path / 'runs' / rid}.json is not a valid run record ("
+        assert line in err
+        assert (tmp_path / "invalid" / f"{rid}.json").read_bytes() == content
+    redone = _records(tmp_path)
+    assert {k: _comparable(v) for k, v in redone.items()} == {
+        k: _comparable(v) for k, v in original.items()
+    }  # the same numbers as the first time
+
+
+@pytest.mark.parametrize("cache", ["d1", "importance"])
+def test_a_damaged_cache_file_is_named_and_recomputed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cache: str
+) -> None:
+    configs = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,)))  # one group: λ 0, 10, 1000
+    _run(configs, tmp_path)
+    original = _records(tmp_path)
+    (path,) = (tmp_path / cache).glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:-40])  # truncated
+    for p in (tmp_path / "runs").glob("*.json"):
+        p.unlink()
+    capsys.readouterr()
+    count = Counter(monkeypatch)
+    summary = _run(configs, tmp_path)
+    assert summary.done == 3 and not summary.failed
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"masq: warning: cached tensors {path} are invalid (")
+    assert "truncated or changed" in err and err.endswith("recomputing")
+    # only the damaged file is recomputed (task 1 is deterministic: its importance stays valid)
+    assert (len(count.d1), len(count.importance)) == ((1, 0) if cache == "d1" else (0, 1))
+    again = _records(tmp_path)
+    assert {k: _comparable(v) for k, v in again.items()} == {
+        k: _comparable(v) for k, v in original.items()
+    }
+    capsys.readouterr()
+    for p in (tmp_path / "runs").glob("*.json"):
+        p.unlink()
+    _run(configs, tmp_path)  # repaired: used without a word
+    assert capsys.readouterr().err == ""
+    assert (len(count.d1), len(count.importance)) == ((1, 0) if cache == "d1" else (0, 1))
+
+
+def test_old_pickled_caches_are_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,), lam=(10.0,)))[0]
+    for folder, key in (("d1", grid.d1_key(config)), ("importance", grid.importance_key(config))):
+        (tmp_path / folder).mkdir(parents=True)
+        torch.save({"junk": torch.zeros(1)}, tmp_path / folder / f"{key}.pt")
+    count = Counter(monkeypatch)
+    assert _run([config], tmp_path).done == 1
+    assert len(count.d1) == 1 and len(count.importance) == 1
+
+
+def test_a_cache_that_cannot_be_written_costs_only_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full(self: Store, path: Path, payload: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Store, "save_tensors", full)
+    configs = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,)))
+    summary = _run(configs, tmp_path)
+    assert summary.done == 3 and not summary.failed
+    err = capsys.readouterr().err
+    assert err.count("masq: warning: could not cache ") == 2  # task 1 and its importance
+    assert "(No space left on device); it will be recomputed next time" in err
+
+
+def test_a_finished_run_that_cannot_be_stored_is_rescued_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tempfile
+
+    import masq.store
+
+    configs = expand(tiny_grid(hidden=((8,),)))
+    _run(configs, tmp_path / "reference")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    res = tmp_path / "res"
+    real = masq.store.atomic_write
+    lost = {run_id(c) for c in configs if c.lam == 10.0}
+
+    def failing(path: Any, data: Any) -> Path:
+        if Path(path).stem in lost and Path(path).parent.name == "runs":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(masq.store, "atomic_write", failing)
+    summary = _run(configs, res)
+    assert set(summary.failed) == lost and summary.done == len(configs) - len(lost) == 4
+    rescued = masq.fileio.rescue_dir(res) / "runs"
+    assert rescued.is_relative_to(tmp_path / "tmp")
+    reference = _records(tmp_path / "reference")
+    for rid in lost:
+        assert summary.failed[rid].startswith(f"NotStored: could not write {res / 'runs' / rid}")
+        record = json.loads((rescued / f"{rid}.json").read_text(encoding="utf-8"))
+        assert _comparable(record["result"]) == _comparable(reference[rid])  # nothing lost
+        assert (res / "errors" / f"{rid}.json").exists()
+    assert capsys.readouterr().err.count("the finished run was saved to") == len(lost)
+
+
+def test_a_grid_refuses_a_results_dir_another_grid_holds(tmp_path: Path) -> None:
+    from masq.fileio import exclusive_lock
+
+    configs = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,)))
+    Store(tmp_path)
+    with exclusive_lock(tmp_path / ".lock"), pytest.raises(ConfigError) as info:
+        _run(configs, tmp_path)
+    assert f"is in use by another masq process (pid {os.getpid()})" in str(info.value)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+    (tmp_path / "runs" / ".x.json.123.tmp").write_text("half")  # a killed writer's leftover
+    assert _run(configs, tmp_path).done == 3
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_missing_device_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    configs = expand(tiny_grid(device="cuda:1"))
+    with pytest.raises(ConfigError, match=r"device 'cuda:1': no CUDA GPU is visible here"):
+        _run(configs, tmp_path / "res")
+    assert not (tmp_path / "res").exists()
 
 
 @pytest.mark.slow
@@ -584,7 +726,7 @@ def test_a_systematic_failure_stops_the_grid_with_its_traceback(
     assert calls == [4, 2]  # the first group's two stacks, nothing of the second group
     first = {run_id(c) for c in configs if c.hidden == (8,)}
     assert {p.stem for p in (tmp_path / "errors").glob("*.json")} == first
-    assert len(list((tmp_path / "d1").glob("*.pt"))) == 1  # the second group never started
+    assert len(list((tmp_path / "d1").glob("*.safetensors"))) == 1  # the second group never started
     assert not list((tmp_path / "runs").glob("*.json"))
 
 

@@ -26,6 +26,7 @@ ORDER: tuple[str, ...] = (
     "protocol",
     "store",
     "grid",
+    "analysis",
     "report",
     "cli",
 )

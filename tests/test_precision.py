@@ -197,6 +197,8 @@ def test_penalty_gradient_refuses_bad_lambda_and_keys() -> None:
     bad = ewc.anchor(other, {k: torch.ones_like(v) for k, v in other.named_parameters()})
     with pytest.raises(ewc.ConfigError):
         PenaltyGradient(mlp((4, 4), in_features=20, classes=4), bad, 1.0)
+    with pytest.raises(ewc.ConfigError, match=r"'0.weight' has shape \(5, 20\)"):
+        PenaltyGradient(model, bad, 1.0)  # same names, other widths
     _ = F
 
 

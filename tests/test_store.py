@@ -1,10 +1,12 @@
-"""masq.store: run ids, the atomic store, format versions and migration, loading as rows."""
+"""masq.store: run ids, the atomic store, format versions and migration, loading as rows,
+records verified before they count, checksummed tensor caches, writes that fail."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masq import store
+from masq import fileio, store
 from masq.config import FIELDS, RunConfig, Stage
 from masq.errors import ConfigError
 from masq.protocol import Result, build_result
@@ -41,6 +43,10 @@ CHANGES: dict[str, Any] = {
     "fisher_labels": "sampled",
     "consolidation": "online-ewc",
     "gamma": 0.5,
+    "transfer": "drop",
+    "transfer_lam": 0.1,
+    "drop_p": 0.2,
+    "alpha_step": 0.05,
     "lr2": 1e-4,
     "lam": 100.0,
     "iters2": 20,
@@ -73,7 +79,8 @@ def test_run_id_is_sha256_of_the_sorted_config() -> None:
     field but the device and the fields added since format 1 (at their defaults)."""
     config = RunConfig(slt="D9-1", hidden=(30, 20), lam=5.0, seed=2)
     d = config.to_dict()
-    for name in ("device", "consolidation", "gamma", "eval_schedule", "precision"):
+    for name in ("device", "consolidation", "gamma", "eval_schedule", "precision", "transfer",
+                 "transfer_lam", "drop_p", "alpha_step"):  # fmt: skip
         del d[name]
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     assert run_id(config) == hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -95,7 +102,8 @@ def test_golden_run_ids_are_unchanged() -> None:
 
 def test_fields_added_since_format_1_are_in_the_id_only_off_their_default() -> None:
     since = {f.name for f in FIELDS if f.since_v1}
-    assert since == {"consolidation", "gamma", "eval_schedule", "precision"}
+    assert since == {"consolidation", "gamma", "eval_schedule", "precision", "transfer",
+                     "transfer_lam", "drop_p", "alpha_step"}  # fmt: skip
     base = RunConfig(slt="D3-3-4")
     assert store.id_dict(base).keys() == {f.name for f in FIELDS} - {"device"} - since
     online = base.with_(consolidation="online-ewc", gamma=0.25)
@@ -392,3 +400,287 @@ def test_flat_row_of_a_three_task_record() -> None:
     assert row["forgetting"] == pytest.approx(((0.9 - 0.4) + (0.8 - 0.5)) / 2)
     assert row["time.train"] == 6.0 and row["time.importance"] == 0.75
     assert "best_val.union" not in row
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def _corruptions(valid: dict[str, Any], rid: str) -> dict[str, tuple[bytes, str]]:
+    """{name: (file content, words of the reason)} of records that must not count as stored."""
+    other = run_id(RunConfig(seed=99))
+    wrong_config = json.loads(json.dumps(valid))
+    wrong_config["result"]["config"]["seed"] = 99
+    moved_id = run_id(RunConfig.from_dict(wrong_config["result"]["config"]))
+    assert moved_id not in (rid, other)
+    no_union = json.loads(json.dumps(valid))
+    no_union["result"]["best"] = {"iteration": 5}
+    bad_field = json.loads(json.dumps(valid))
+    bad_field["result"]["config"]["hidden"] = "eight"
+    text = json.dumps(valid)
+    return {
+        "truncated": (text[: len(text) // 2].encode(), "truncated or not JSON"),
+        "empty object": (b"{}", "run_id None"),
+        "random bytes": (b"\xff" + random.Random(1).randbytes(300), "not UTF-8 text"),
+        "a list": (b"[1, 2]", "not a JSON object"),
+        "another id": (json.dumps({**valid, "run_id": other}).encode(), "not its file name"),
+        "version 1": (json.dumps({**valid, "version": 1}).encode(), "version 1"),
+        "no result": (json.dumps({**valid, "result": {}}).encode(), "lacks ['config'"),
+        "config of another run": (json.dumps(wrong_config).encode(), f"run id {moved_id}"),
+        "no union in best": (json.dumps(no_union).encode(), "malformed result (KeyError"),
+        "a bad field": (json.dumps(bad_field).encode(), "bad config"),
+    }
+
+
+def test_invalid_records_are_set_aside_with_a_warning_and_not_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "r"
+    st_ = Store(root)
+    good, bad = RunConfig(hidden=(8,)), RunConfig(hidden=(9,))
+    st_.write_result(_result(good))
+    rid = st_.write_result(_result(bad))
+    valid = json.loads(st_.run_path(rid).read_text(encoding="utf-8"))
+    assert st_.has(rid) and st_.stored_ids() == {rid, run_id(good)}
+    for n, (name, (content, reason)) in enumerate(_corruptions(valid, rid).items()):
+        st_.run_path(rid).write_bytes(content)
+        fresh = Store(root)
+        # a dry look (repair=False) leaves the file where it is
+        assert fresh.stored_ids(repair=False) == {run_id(good)}, name
+        assert fresh.run_path(rid).read_bytes() == content
+        # the grid's look moves it aside, naming it and why, and does not count it
+        assert fresh.stored_ids() == {run_id(good)}, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"masq: warning: {root / 'runs' / (rid + '.json')} is not a valid")
+        assert reason in err and "\n" not in err and "run to be redone" in err, (name, err)
+        assert not fresh.run_path(rid).exists() and not fresh.has(rid)
+        moved = root / "invalid" / (f"{rid}.{n}.json" if n else f"{rid}.json")
+        assert moved.read_bytes() == content  # kept, never overwritten
+        assert f"moved to {moved};" in err
+    assert len(list((root / "invalid").iterdir())) == len(_corruptions(valid, rid))
+    # a valid record is checked once while it does not change
+    calls = []
+    real = store.check_record
+    store.check_record = lambda path: calls.append(path) or real(path)  # type: ignore[assignment]
+    try:
+        assert Store(root).has(run_id(good))
+        fresh = Store(root)
+        assert fresh.has(run_id(good)) and fresh.has(run_id(good)) and len(calls) == 2
+    finally:
+        store.check_record = real  # type: ignore[assignment]
+
+
+def test_load_refuses_any_invalid_record_in_one_line_naming_it(tmp_path: Path) -> None:
+    st_ = Store(tmp_path)
+    rid = st_.write_result(_result(RunConfig(hidden=(8,))))
+    valid = json.loads(st_.run_path(rid).read_text(encoding="utf-8"))
+    for name, (content, reason) in _corruptions(valid, rid).items():
+        st_.run_path(rid).write_bytes(content)
+        for read in (store.load, lambda root: store.load_record(root, rid)):
+            with pytest.raises(ConfigError) as info:
+                read(tmp_path)
+            message = str(info.value)
+            assert message.startswith(f"{st_.run_path(rid)}: not a valid run record"), name
+            assert reason in message and "\n" not in message, (name, message)
+    # errors/ too: a corrupt error record is one line naming it, not a UnicodeDecodeError
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "x.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=r"x\.json: corrupt record"):
+        store.errors(tmp_path)
+
+
+def test_result_keys_are_the_records_required_keys() -> None:
+    from masq.protocol.result import REQUIRED_KEYS
+
+    assert set(store.RESULT_KEYS) == REQUIRED_KEYS
+
+
+def test_every_golden_record_is_valid(tmp_path: Path) -> None:
+    """check_record against records written by the real protocol (the golden ones)."""
+    from masq.protocol.result import result_from_v1
+
+    st_ = Store(tmp_path)
+    for entry in golden()["separate"]:
+        st_.write_result(Result.from_dict(result_from_v1(entry["result"])))
+    assert st_.stored_ids() == {e["run_id"] for e in golden()["separate"]}
+    assert not (tmp_path / "invalid").exists()
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _payload() -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    state = {"0.weight": torch.randn(3, 4, generator=g), "0.bias": torch.randn(3, generator=g)}
+    curve = {"iteration": [0, 5], "D1": [0.1, 0.123456789012345678]}
+    return {"config": RunConfig(hidden=(3,)).to_dict(), "state_dict": state, "curve": curve,
+            "seconds": 1.5}  # fmt: skip
+
+
+def test_tensors_round_trip_as_safetensors_with_a_checksummed_sidecar(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    st_ = Store(tmp_path)
+    path = st_.d1 / "k.safetensors"
+    payload = _payload()
+    st_.save_tensors(path, payload)
+    back = st_.load_tensors(path)
+    assert back is not None and set(back) == set(payload)
+    assert back["config"] == payload["config"] and back["curve"] == payload["curve"]
+    assert back["seconds"] == 1.5
+    assert all(torch.equal(back["state_dict"][k], v) for k, v in payload["state_dict"].items())
+    # the file is a plain state dict any safetensors reader opens; the sidecar holds its hash
+    plain = load_file(str(path))
+    assert set(plain) == {"0.weight", "0.bias"}
+    sidecar = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sidecar["bytes"] == path.stat().st_size
+    # two tensor fields: keys <field>/<name>
+    two = st_.importance / "two.safetensors"
+    st_.save_tensors(two, {"a": {"x": torch.ones(2)}, "b": {"x": torch.zeros(1)}, "n": 1})
+    assert set(load_file(str(two))) == {"a/x", "b/x"}
+    both = st_.load_tensors(two)
+    assert both is not None and torch.equal(both["b"]["x"], torch.zeros(1)) and both["n"] == 1
+    assert st_.load_tensors(st_.d1 / "never.safetensors") is None  # absent: no warning
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no tensors", "no sidecar", "sidecar"])
+def test_a_damaged_tensor_file_is_named_and_not_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    st_ = Store(tmp_path)
+    path = st_.d1 / "k.safetensors"
+    st_.save_tensors(path, _payload())
+    blob = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif damage == "flip":  # same size, one byte of a tensor changed
+        path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    elif damage == "no tensors":
+        path.unlink()
+    elif damage == "no sidecar":
+        path.with_suffix(".json").unlink()
+    else:
+        path.with_suffix(".json").write_text("{trunc")
+    assert st_.load_tensors(path) is None
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"masq: warning: cached tensors {path} are invalid (")
+    assert err.endswith("recomputing") and "\n" not in err
+    words = {"truncate": "truncated or changed", "flip": "truncated or changed",
+             "no tensors": "k.safetensors is missing", "no sidecar": "k.json is missing",
+             "sidecar": "Expecting"}  # fmt: skip
+    assert words[damage] in err
+
+
+def test_a_sidecar_matching_bytes_that_are_not_safetensors_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from masq.fileio import write_tensors
+
+    path = tmp_path / "x.safetensors"
+    write_tensors(path, {}, {"tensors": [], "meta": {}})
+    garbage = b"not a safetensors file"
+    path.write_bytes(garbage)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    sidecar.update(bytes=len(garbage), sha256=hashlib.sha256(garbage).hexdigest())
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    assert Store(tmp_path / "r").load_tensors(path) is None
+    assert "unreadable safetensors" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- writes that fail
+
+
+def test_a_record_that_cannot_be_written_is_rescued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    st_ = Store(tmp_path / "r")
+    real = store.atomic_write
+
+    def full_disk(path: Any, data: Any) -> Path:
+        if Path(path).parent == st_.runs:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(store, "atomic_write", full_disk)
+    result = _result(RunConfig(hidden=(8,)), 0.75)
+    with pytest.raises(store.NotStored) as info:
+        st_.write_result(result)
+    rid = run_id(result.config)
+    rescued = info.value.rescued
+    assert rescued is not None and rescued.is_relative_to(tmp_path / "tmp" / "masq-rescued")
+    assert rescued == fileio.rescue_dir(tmp_path / "r") / "runs" / f"{rid}.json"
+    record = json.loads(rescued.read_text(encoding="utf-8"))
+    assert record["run_id"] == rid and Result.from_dict(record["result"]) == result
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"masq: warning: could not write {st_.run_path(rid)} (No space left on device); the "
+        f"finished run was saved to {rescued} instead (copy it into {st_.runs} to keep it)"
+    )
+    assert not st_.has(rid)
+    # copied back as told, it is a valid stored run
+    monkeypatch.setattr(store, "atomic_write", real)
+    st_.runs.mkdir(exist_ok=True)
+    (st_.runs / rescued.name).write_bytes(rescued.read_bytes())
+    assert Store(tmp_path / "r").stored_ids() == {rid}
+
+
+def test_results_dirs_that_cannot_be_written_are_one_line_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from masq import fileio
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError) as info:
+        Store(tmp_path / "file" / "sub")
+    assert str(info.value) == (
+        f"--results {str(tmp_path / 'file' / 'sub')!r} is under the regular file "
+        f"{str(tmp_path / 'file')!r}; give a directory path"
+    )
+    with pytest.raises(ConfigError, match="is an existing file"):
+        Store(tmp_path / "file")
+    ok = Store(tmp_path / "ok")
+
+    def denied(directory: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(fileio, "probe_write", denied)
+    with pytest.raises(ConfigError) as info:
+        ok.check_writable()
+    assert str(info.value) == (
+        f"--results {str(tmp_path / 'ok')!r} is not writable (Permission denied); give a "
+        "writable directory"
+    )
+    with pytest.raises(ConfigError, match="not writable"):
+        Store(tmp_path / "new")
+    assert not (tmp_path / "new" / "meta.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_results_dir_is_refused(tmp_path: Path) -> None:
+    st_ = Store(tmp_path / "r")
+    st_.check_writable()
+    st_.runs.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match=r"runs'? is not writable \(Permission denied\)"):
+            st_.check_writable()
+    finally:
+        st_.runs.chmod(0o755)
+
+
+def test_the_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
+    from masq.fileio import LockHeld, exclusive_lock
+
+    lock = tmp_path / ".lock"
+    with exclusive_lock(lock):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(LockHeld) as info, exclusive_lock(lock):
+            pass  # a second open file: the same as another process
+        assert info.value.pid == os.getpid()
+    with exclusive_lock(lock):  # released at the end of the block
+        pass

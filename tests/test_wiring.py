@@ -154,7 +154,7 @@ def test_task_1_importance_is_computed_at_the_d1_state(
     # the grid's cached importance as well
     grid.execute([W], tmp_path, workers=1, threads=torch.get_num_threads(), progress=False)
     saved = Store(tmp_path).load_tensors(
-        Store(tmp_path).importance / f"{grid.importance_key(W)}.pt"
+        Store(tmp_path).importance / f"{grid.importance_key(W)}.safetensors"
     )
     assert saved is not None and equal(saved["importance"], expected)
 
@@ -212,7 +212,7 @@ def test_importance_cache_key_holds_scale_and_fisher_labels(
     )
     assert summary.failed == {} and summary.importance_computed == 4
     store = Store(tmp_path)
-    files = sorted(store.importance.glob("*.pt"))
+    files = sorted(store.importance.glob("*.safetensors"))
     assert len(files) == 4
     train1 = xy_of(DATASET.train, TASK1)
     for path in files:
@@ -358,7 +358,7 @@ def test_grid_task_1_state_is_trained_with_the_config_streams(
         configs, tmp_path, workers=1, stack=4, threads=torch.get_num_threads(), progress=False
     )
     store = Store(tmp_path)
-    saved = store.load_tensors(store.d1 / f"{grid.d1_key(W)}.pt")
+    saved = store.load_tensors(store.d1 / f"{grid.d1_key(W)}.safetensors")
     assert saved is not None and equal(saved["state_dict"], d1_state)
     other = d1_by_hand(W.with_(seed=4))
     assert not equal(other, d1_state)

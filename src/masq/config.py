@@ -68,6 +68,20 @@ class Consolidation(Choice):
 
     EWC = "ewc"  # one anchor per earlier task, penalties summed (Kirkpatrick et al. 2017)
     ONLINE_EWC = "online-ewc"  # one running importance F <- γF + F_t, the latest anchor
+    MEAN_IMM = "mean-imm"  # train on, then merge θ = Σ α_k θ_k (Lee et al. 2017)
+    MODE_IMM = "mode-imm"  # train on, then merge θ = Σ α_k F_k θ_k / Σ α_k F_k
+
+
+IMM_METHODS: tuple[Consolidation, ...] = (Consolidation.MEAN_IMM, Consolidation.MODE_IMM)
+
+
+class Transfer(Choice):
+    """How IMM trains task t from the previous solution (Lee et al. 2017, section 3.2)."""
+
+    WEIGHT = "weight"  # start from the previous weights (weight transfer)
+    L2 = "l2"  # ... plus λ_T Σ (θ − θ_prev)² (L2-transfer, λ_T = transfer_lam)
+    DROP = "drop"  # ... with dropout of θ − θ_prev at rate drop_p (drop-transfer)
+    L2_DROP = "l2-drop"  # both
 
 
 class Precision(Choice):
@@ -205,8 +219,17 @@ FIELDS: tuple[FieldSpec, ...] = (
     _f("fisher_labels", FisherLabels, FisherLabels.TRUE, IMP,
        "FIM labels: true (the paper) | sampled | exact"),
     _f("consolidation", Consolidation, Consolidation.EWC, L,
-       "ewc (one anchor per earlier task) | online-ewc (running importance)", since_v1=True),
+       "ewc (one anchor per earlier task) | online-ewc (running importance) | mean-imm | "
+       "mode-imm (train on, then merge: Lee et al. 2017)", since_v1=True),
     _f("gamma", float, 1.0, L, "online EWC decay γ: F <- γF + F_t", check="unit", since_v1=True),
+    _f("transfer", Transfer, Transfer.WEIGHT, L,
+       "IMM: weight | l2 | drop | l2-drop (transfer from the previous solution)", since_v1=True),
+    _f("transfer_lam", float, 1e-3, L, "IMM L2-transfer weight: λ Σ (θ − θ_prev)²",
+       check="nonneg", since_v1=True),
+    _f("drop_p", float, 0.5, L, "IMM drop-transfer rate p (dropout of θ − θ_prev), < 1",
+       check="unit", since_v1=True),
+    _f("alpha_step", float, 0.01, L, "IMM: step of the swept merge weight α of the last task",
+       check="positive", since_v1=True),
     _f("lr2", float, 1e-5, L, "Adam learning rate on tasks 2..T (ε2)", check="positive"),
     _f("lam", float, 1000.0, L, "EWC weight λ", check="nonneg"),
     _f("iters2", int, 5000, L, "iterations on each of tasks 2..T", check="positive"),
@@ -277,21 +300,29 @@ def check_value(spec: FieldSpec, value: Any, where: str = "") -> None:
         raise ConfigError(f"{name}: must be between 0 and 1, got {value!r}")
 
 
+_HIDDEN_RE = re.compile(r"[0-9]+(?:[-x][0-9]+)*", re.ASCII)
+HIDDEN_HELP = "write one architecture as its layer sizes joined by dashes, e.g. 800-400-400"
+
+
 def parse_hidden(value: Any, where: str = "hidden") -> tuple[int, ...]:
     """One architecture from (800, 400), [800, 400] or "800-400" (or "800x400"), else a
-    one-line ConfigError."""
+    one-line ConfigError.
+
+    A string is strict: ASCII digits joined by single ``-`` (or ``x``), nothing else (no
+    spaces, signs or commas), so a typo ("800-", "20-x", "-5", "800 800", "8_00") is an error,
+    never a different network.
+    """
     if isinstance(value, str):
-        parts = value.replace("x", "-").replace(",", "-").split("-")
-        try:  # an empty part ("800-", "800--400") is a typo, not a layer less
-            sizes = tuple(int(p) for p in parts) if value.strip() else ()
-        except ValueError:
-            raise ConfigError(
-                f"{where}: bad architecture {value!r}; write hidden sizes like 800-400-400"
-            ) from None
+        if not _HIDDEN_RE.fullmatch(value):
+            raise ConfigError(f"{where}: bad architecture {value!r}; {HIDDEN_HELP}")
+        sizes: tuple[Any, ...] = tuple(int(p) for p in value.replace("x", "-").split("-"))
     elif isinstance(value, list | tuple):
         sizes = tuple(value)
     else:
-        raise ConfigError(f"{where}: bad architecture {value!r}; write e.g. [800, 400] or 800-400")
+        raise ConfigError(
+            f"{where}: bad architecture {value!r}; give a list of layer sizes, e.g. [800, 400], "
+            'or a string like "800-400"'
+        )
     if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
         raise ConfigError(
             f"{where}: bad architecture {value!r}; give at least one positive layer size"
@@ -326,6 +357,13 @@ class _RunConfigMethods:
                 f"slt: a continual-learning run needs at least two tasks, got {self.slt!r}"  # type: ignore[attr-defined]
             )
         check_device_name(self.device)  # type: ignore[attr-defined]
+        if self.consolidation == Consolidation.MODE_IMM and self.importance == "none":  # type: ignore[attr-defined]
+            raise ConfigError(
+                "consolidation mode-imm needs an importance; use --importance fisher or masq "
+                "(or --consolidation mean-imm)"
+            )
+        if self.drop_p >= 1:  # type: ignore[attr-defined]
+            raise ConfigError(f"drop_p: must be < 1, got {self.drop_p!r}")  # type: ignore[attr-defined]
         return self  # type: ignore[return-value]
 
     @property
@@ -424,6 +462,8 @@ def method_label(values: Any, *, detailed: bool = False) -> str:
     B=1000)"."""
     get = values.get if isinstance(values, Mapping) else lambda k, d=None: getattr(values, k, d)
     kind = str(get("importance"))
+    if str(get("consolidation", "ewc")) in IMM_METHODS:
+        return imm_label(values, detailed=detailed)
     if kind == ImportanceKind.NONE or float(get("lam", 1.0)) == 0:
         return "no EWC"
     prefix = "online EWC" if str(get("consolidation", "ewc")) == Consolidation.ONLINE_EWC else "EWC"
@@ -432,3 +472,26 @@ def method_label(values: Any, *, detailed: bool = False) -> str:
         return f"{prefix}+FIM" + ("" if labels == FisherLabels.TRUE else f" ({labels})")
     extra = f", B={int(get('masq_batch'))}" if detailed else ""
     return f"{prefix}+MaSQ ({get('scale')}{extra})"
+
+
+def imm_label(values: Any, *, detailed: bool = False) -> str:
+    """The name of an IMM run: "mean-IMM", "mode-IMM+FIM", "mode-IMM+MaSQ (sum)", with the
+    transfer after a comma unless plain weight transfer: "mode-IMM+FIM, drop p=0.5",
+    "mean-IMM, L2 λ=0.001"; ``detailed`` adds B_MaSQ."""
+    get = values.get if isinstance(values, Mapping) else lambda k, d=None: getattr(values, k, d)
+    mode = str(get("consolidation")) == Consolidation.MODE_IMM
+    label = "mode-IMM" if mode else "mean-IMM"
+    kind = str(get("importance"))
+    if mode and kind == ImportanceKind.FISHER:
+        labels = str(get("fisher_labels", "true"))
+        label += "+FIM" + ("" if labels == FisherLabels.TRUE else f" ({labels})")
+    elif mode and kind == ImportanceKind.MASQ:
+        extra = f", B={int(get('masq_batch'))}" if detailed else ""
+        label += f"+MaSQ ({get('scale')}{extra})"
+    transfer = str(get("transfer", Transfer.WEIGHT))
+    parts = []
+    if transfer in (Transfer.L2, Transfer.L2_DROP):
+        parts.append(f"L2 λ={float(get('transfer_lam')):g}")
+    if transfer in (Transfer.DROP, Transfer.L2_DROP):
+        parts.append(f"drop p={float(get('drop_p')):g}")
+    return label + (", " + " + ".join(parts) if parts else "")

@@ -14,30 +14,52 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from masq.config import Init, choice
+from masq.config import Init, choice, parse_hidden
 from masq.errors import ConfigError
 
 TF_STD = 0.1
 TF_BIAS = 0.1
 
 
-def check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
-    """``hidden`` as a tuple of positive ints, else a one-line ConfigError."""
+def check_hidden(hidden: Sequence[int] | str) -> tuple[int, ...]:
+    """``hidden`` as a tuple of positive ints, else a one-line ConfigError.
+
+    A sequence of sizes, or one architecture written with dashes ("800-400",
+    :func:`masq.config.parse_hidden`); a bare number is refused (``hidden=(800,)`` is one layer).
+    """
+    if isinstance(hidden, str):
+        return parse_hidden(hidden, "hidden")
+    if not isinstance(hidden, Sequence) or isinstance(hidden, bytes):
+        raise ConfigError(
+            f"hidden: give a sequence of layer sizes, e.g. hidden=(800,) for one layer or "
+            f"(800, 800) for two, got {hidden!r}"
+        )
     sizes = tuple(hidden)
     if len(sizes) == 0:
-        raise ConfigError("hidden: give at least one hidden layer size, e.g. --hidden 800 800")
+        raise ConfigError("hidden: give at least one hidden layer size, e.g. hidden=(800, 800)")
     if any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
         raise ConfigError(f"hidden: layer sizes must be positive integers, got {list(sizes)}")
     return sizes
 
 
+def _integer(value: object) -> int | None:
+    """``value`` as an int if it is an integer (Python or NumPy, not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def mlp(
-    hidden: Sequence[int] = (800, 800),
+    hidden: Sequence[int] | str = (800, 800),
     *,
     in_features: int = 784,
     classes: int = 10,
@@ -46,8 +68,11 @@ def mlp(
 ) -> nn.Sequential:
     """``in_features -> hidden[0] -> ReLU -> ... -> hidden[-1] -> ReLU -> classes`` (logits)."""
     sizes = check_hidden(hidden)
-    if in_features <= 0 or classes <= 0:
-        raise ConfigError(f"in_features and classes must be positive, got {in_features}, {classes}")
+    for name, value in (("in_features", in_features), ("classes", classes)):
+        if _integer(value) is None or value <= 0:
+            raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+    if _integer(seed) is None:
+        raise ConfigError(f"seed: must be an integer, got {seed!r}")
     choice(Init, init, "init")
     widths = (in_features, *sizes, classes)
     layers: list[nn.Module] = []

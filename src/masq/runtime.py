@@ -1,9 +1,9 @@
-"""Where and how computations run: device resolution, thread setup, atomic file writes.
+"""Where and how computations run: device resolution, thread setup, output directories.
 
 ``resolve_device("auto")`` is CUDA when a GPU is visible and the CPU otherwise;
 ``"cuda"`` (or ``"cuda:N"``) without a GPU is a one-line :class:`ConfigError`.
-Writes of records and figures go through :func:`atomic_write`: a temporary file in the
-same directory, then ``os.replace``, so an interrupted run never leaves half a file.
+Output directories are checked (created, a file created in them) before any work starts:
+:func:`check_out_dir`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from masq.config import check_device_name
 from masq.errors import ConfigError
+from masq.fileio import out_dir_message, writable_dir
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -45,10 +46,11 @@ def setup_threads(threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def check_out_dir(path: str | os.PathLike[str]) -> Path:
-    """``path`` as an output directory (created); an existing non-directory is a ConfigError."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is an existing file; give a directory path")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """``path`` as an output directory, created and proven writable before any work starts;
+    a one-line ConfigError naming ``flag`` otherwise (an existing file, a path under a regular
+    file, a directory this user cannot write to)."""
+    try:
+        return writable_dir(path)
+    except OSError as err:
+        raise ConfigError(out_dir_message(path, err, flag)) from None

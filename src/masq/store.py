@@ -5,26 +5,30 @@ Layout of a results directory ``DIR``::
     DIR/meta.json              {"format": "masq-results", "version": FORMAT_VERSION}
     DIR/runs/<id>.json         one finished run: {"run_id", "version", "result": record}
     DIR/errors/<id>.json       one failed run: {"run_id", "config", "error", "traceback"}
-    DIR/d1/<key>.pt            cached task-1 states (shared by every run that starts there)
-    DIR/importance/<key>.pt    cached importance passes of task 1
+    DIR/d1/<key>.safetensors   cached task-1 states (shared by every run that starts there)
+                               and DIR/d1/<key>.json, a sidecar: other fields, size, sha256
+    DIR/importance/<key>.*     cached importance passes of task 1 (the same two files)
+    DIR/invalid/               records found invalid, moved aside (their runs are redone)
+    DIR/.lock                  held (flock) by the one grid running here (masq.grid)
 
 A run's id is ``sha256`` of the canonical JSON of its configuration (keys sorted, the RUN
 fields such as ``device`` left out, fields added since format 1 left out while at their
 default), cut to :data:`ID_LENGTH` hex digits: the same configuration always maps to the same
 file whatever the order of its keys, and the ids of masq 0.1's runs are unchanged. Every write
 goes through a temporary file and ``os.replace``: a run killed at any point leaves either the
-whole record or none. Re-running a grid skips the ids already stored.
+whole record or none. Re-running a grid skips the ids stored with a record that passes
+:func:`check_record` (others go to ``invalid/``, with a warning, and are redone); a cached
+tensor file that differs from its sidecar's size and sha256 is recomputed, with a warning. A
+record that cannot be written is saved under :func:`masq.fileio.rescue_dir` (:class:`NotStored`).
 
-Format 2 (this masq) holds T-task records (per-phase curves, accuracy matrix); a directory
-of format 1 (masq 0.1, two-task records) is refused with a message naming ``masq migrate``,
-which converts it in place (:func:`migrate`). This module is torch-free except for the
-tensor caches (imported lazily).
+Format 2 (this masq) holds T-task records (per-phase curves, accuracy matrix); format 1 (masq
+0.1, two-task records) is refused with a message naming ``masq migrate``, which converts it in
+place (:func:`migrate`). Torch-free but for the tensor caches (imported lazily).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import traceback as tb
@@ -34,10 +38,19 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from masq.config import FIELD, FIELDS, Choice, Stage, hidden_text
+from masq.config import FIELD, FIELDS, Choice, RunConfig, Stage, hidden_text
 from masq.curves import VAL, best_and_last_indices, point, union_name
 from masq.errors import ConfigError
-from masq.fileio import atomic_write
+from masq.fileio import (
+    atomic_write,
+    error_text,
+    out_dir_message,
+    read_tensors,
+    rescue,
+    warn,
+    writable_dir,
+    write_tensors,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from masq.protocol.result import Result
@@ -45,6 +58,27 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT = "masq-results"
 FORMAT_VERSION = 2
 ID_LENGTH = 20
+# The keys every stored result has (masq.protocol.result.REQUIRED_KEYS; a test checks both).
+RESULT_KEYS = ("config", "curves", "best", "last", "accuracy")
+
+
+class InvalidRecord(ConfigError):
+    """A file in ``runs/`` that is not a valid record (``reason`` says why)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, " ".join(reason.split())
+        super().__init__(
+            f"{path}: not a valid run record ({self.reason}); `masq grid` on this results dir "
+            "moves it to invalid/ and redoes the run (or delete it)"
+        )
+
+
+class NotStored(RuntimeError):
+    """A finished run whose record could not be written (``rescued``: where it went, or None)."""
+
+    def __init__(self, message: str, rescued: Path | None) -> None:
+        super().__init__(message)
+        self.rescued = rescued
 
 
 # ----------------------------------------------------------------------------- run ids
@@ -120,16 +154,17 @@ class Store:
         meta = self.root / "meta.json"
         if meta.exists():
             check_meta(meta)
-        elif self.root.exists() and not self.root.is_dir():
-            raise ConfigError(f"results dir {str(self.root)!r} is a file; give a directory path")
         elif (self.root / "runs").exists():
             raise ConfigError(
                 f"results dir {str(self.root)!r} has runs/ but no meta.json: it was not written "
                 "by masq; use a new --results directory"
             )
         elif create:
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write(meta, _meta_text())
+            try:
+                writable_dir(self.root)
+                atomic_write(meta, _meta_text())
+            except OSError as err:
+                raise ConfigError(out_dir_message(self.root, err, "--results")) from None
         else:
             raise ConfigError(
                 f"no results at {str(self.root)!r}; run `masq grid --results {self.root}` first"
@@ -138,35 +173,101 @@ class Store:
         self.errors = self.root / "errors"
         self.d1 = self.root / "d1"
         self.importance = self.root / "importance"
+        self.invalid = self.root / "invalid"
+        self._checked: dict[str, tuple[int, int, int]] = {}
+
+    # --- before a grid
+    def check_writable(self) -> None:
+        """Create the store's folders and prove each writable; a one-line ConfigError if not."""
+        for folder in (self.root, self.runs, self.errors, self.d1, self.importance):
+            try:
+                writable_dir(folder)
+            except OSError as err:
+                raise ConfigError(out_dir_message(folder, err, "--results")) from None
 
     # --- runs
     def run_path(self, rid: str) -> Path:
         """Where run ``rid``'s record lives."""
         return self.runs / f"{rid}.json"
 
-    def has(self, rid: str) -> bool:
-        """Whether run ``rid`` is stored (finished)."""
-        return self.run_path(rid).exists()
+    def has(self, rid: str, *, repair: bool = True) -> bool:
+        """Whether run ``rid`` is stored with a valid record (:func:`check_record`); an invalid
+        one is moved to invalid/ with a warning (unless not ``repair``)."""
+        return self._valid(self.run_path(rid), repair)
 
-    def stored_ids(self) -> set[str]:
-        """The ids of every finished run."""
+    def stored_ids(self, *, repair: bool = True) -> set[str]:
+        """The ids of every finished run whose record is valid (see :meth:`has`)."""
         if not self.runs.exists():
             return set()
-        return {p.stem for p in self.runs.glob("*.json")}
+        return {p.stem for p in sorted(self.runs.glob("*.json")) if self._valid(p, repair)}
+
+    def listed_ids(self) -> set[str]:
+        """The names in runs/ (unverified; cheap, for progress bars)."""
+        return {p.stem for p in self.runs.glob("*.json")} if self.runs.exists() else set()
+
+    def _valid(self, path: Path, repair: bool) -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._checked.get(path.name) == signature:
+            return True
+        try:
+            check_record(path)
+        except InvalidRecord as err:
+            if repair:
+                self.set_aside(path, err.reason)
+            return False
+        self._checked[path.name] = signature
+        return True
+
+    def set_aside(self, path: Path, reason: str) -> None:
+        """Move the invalid record ``path`` to invalid/ (never overwriting) with a warning."""
+        dest, n = self.invalid / path.name, 1
+        while dest.exists():
+            dest, n = self.invalid / f"{path.stem}.{n}{path.suffix}", n + 1
+        try:
+            self.invalid.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+        except FileNotFoundError:
+            return  # another process moved it first
+        except OSError as err:
+            dest = f"nowhere ({error_text(err)})"  # type: ignore[assignment]
+        warn(f"{path} is not a valid run record ({reason}); moved to {dest}; run to be redone")
 
     def write_result(self, result: Result) -> str:
-        """Store ``result`` as runs/<id>.json (atomically); clears an earlier error; its id."""
+        """Store ``result`` as runs/<id>.json (atomically); clears an earlier error; its id.
+
+        A failing write raises :class:`NotStored` after saving the record under
+        :func:`masq.fileio.rescue_dir` of the results dir (a warning line says where)."""
         rid = run_id(result.config)
         record = {"run_id": rid, "version": FORMAT_VERSION, "result": result.to_dict()}
-        atomic_write(self.run_path(rid), json.dumps(record, ensure_ascii=False) + "\n")
-        (self.errors / f"{rid}.json").unlink(missing_ok=True)
+        self._write_run(rid, json.dumps(record, ensure_ascii=False) + "\n")
         return rid
 
     def write_record_text(self, rid: str, text: str) -> None:
         """Store an already serialized record (from a remote worker) unless it is there."""
         if not self.has(rid):
-            atomic_write(self.run_path(rid), text)
+            self._write_run(rid, text)
+
+    def _write_run(self, rid: str, text: str) -> None:
+        path = self.run_path(rid)
+        try:
+            atomic_write(path, text)
+        except OSError as err:
+            try:
+                saved: Path | None = rescue(self.root, f"runs/{rid}.json", text)
+                where = f"saved to {saved} instead (copy it into {self.runs} to keep it)"
+            except OSError as again:
+                saved, where = None, f"and could not be saved elsewhere ({error_text(again)})"
+            message = f"could not write {path} ({error_text(err)}); the finished run was {where}"
+            warn(message)
+            raise NotStored(message, saved) from err
+        try:
             (self.errors / f"{rid}.json").unlink(missing_ok=True)
+        except OSError:
+            pass  # a stale error record is ignored once the run is stored (error_records)
 
     def read_record(self, rid: str) -> dict[str, Any]:
         """The stored record of run ``rid`` as a dict."""
@@ -181,13 +282,12 @@ class Store:
             trace = "".join(tb.format_exception(type(error), error, error.__traceback__))
         else:
             message, trace = str(error), ""
-        record = {
-            "run_id": rid,
-            "config": config_dict(config),
-            "error": message,
-            "traceback": trace,
-        }
-        atomic_write(self.errors / f"{rid}.json", json.dumps(record, ensure_ascii=False) + "\n")
+        record = {"run_id": rid, "config": config_dict(config), "error": message}
+        try:
+            text = json.dumps(record | {"traceback": trace}, ensure_ascii=False) + "\n"
+            atomic_write(self.errors / f"{rid}.json", text)
+        except OSError as err:  # the error is still reported by the grid's summary
+            warn(f"could not record the failure of run {rid} in {self.errors}: {error_text(err)}")
         return rid
 
     def error_records(self) -> list[dict[str, Any]]:
@@ -197,28 +297,46 @@ class Store:
         return [read_json(p) for p in sorted(self.errors.glob("*.json")) if not self.has(p.stem)]
 
     # --- tensors (task-1 states, importance)
-    def save_tensors(self, path: Path, obj: Any) -> None:
-        """``torch.save(obj)`` to ``path`` atomically."""
+    def save_tensors(self, path: Path, payload: Mapping[str, Any]) -> None:
+        """Write ``payload`` with :func:`masq.fileio.write_tensors`: its non-empty mappings of
+        tensors into the safetensors file ``path`` (keys as they are when there is one, a plain
+        state dict; else ``<field>/<name>``), the rest into its checksummed JSON sidecar."""
         import torch
 
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        atomic_write(path, buffer.getvalue())
+        tensors, meta, fields = {}, {}, []
+        for key, value in payload.items():
+            if isinstance(value, Mapping) and value and all(map(torch.is_tensor, value.values())):
+                fields.append(key)
+                tensors |= {f"{key}/{name}": t for name, t in value.items()}
+            else:
+                meta[key] = value
+        if len(fields) == 1:
+            tensors = {name.partition("/")[2]: t for name, t in tensors.items()}
+        write_tensors(path, tensors, {"tensors": fields, "meta": meta})
 
-    def load_tensors(self, path: Path) -> Any | None:
-        """The object saved at ``path``, or None when absent."""
-        import torch
-
-        if not path.exists():
+    def load_tensors(self, path: Path) -> dict[str, Any] | None:
+        """The payload saved at ``path`` by :meth:`save_tensors`; None when absent, or (with a
+        warning naming the file) when missing, truncated, changed or unreadable: to recompute."""
+        if not path.with_suffix(".json").exists() and not path.exists():
+            return None  # never computed
+        try:
+            flat, info = read_tensors(path)
+            fields = info["tensors"]
+            out: dict[str, Any] = dict(info["meta"]) | {key: {} for key in fields}
+            for name, t in flat.items():
+                key, _, sub = (fields[0], "", name) if len(fields) == 1 else name.partition("/")
+                out[key][sub] = t
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            warn(f"cached tensors {path} are invalid ({' '.join(str(err).split())}); recomputing")
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return out
 
 
 def read_meta(meta: Path) -> dict[str, Any]:
     """The metadata of a results dir; unreadable or foreign: a one-line ConfigError."""
     try:
         info = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON
         raise ConfigError(f"{meta}: unreadable results metadata ({err}); use a new dir") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ConfigError(f"{meta}: not a masq results directory; use a new --results directory")
@@ -241,11 +359,57 @@ def check_meta(meta: Path) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file as a dict; a corrupt one is a ConfigError naming it."""
+    """A JSON object from a file; unreadable, not UTF-8, not JSON or not an object: a one-line
+    ConfigError naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"{path}: corrupt record ({reason}); delete it and re-run") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: corrupt record (not a JSON object); delete it and re-run")
+    return value
+
+
+def check_record(path: Path) -> dict[str, Any]:
+    """The record at ``path`` (runs/<id>.json) if it is valid, else :class:`InvalidRecord`.
+
+    Valid: UTF-8 JSON (``NaN`` tokens as Python reads them), an object whose ``run_id`` is the
+    file's name and ``version`` is :data:`FORMAT_VERSION`, whose ``result`` has the keys
+    :data:`RESULT_KEYS`, whose config builds a RunConfig of that run id, and which makes a
+    table row (:func:`flat_row`)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InvalidRecord(path, f"unreadable: {error_text(err)}") from None
+    except UnicodeDecodeError:
+        raise InvalidRecord(path, "not UTF-8 text") from None
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: corrupt record ({err}); delete it and re-run") from None
+        raise InvalidRecord(path, f"truncated or not JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise InvalidRecord(path, "not a JSON object")
+    if record.get("run_id") != path.stem:
+        raise InvalidRecord(path, f"its run_id {record.get('run_id')!r} is not its file name")
+    if record.get("version") != FORMAT_VERSION:
+        raise InvalidRecord(path, f"version {record.get('version')!r}, not {FORMAT_VERSION}")
+    result = record.get("result")
+    missing = [k for k in RESULT_KEYS if not isinstance(result, dict) or k not in result]
+    if missing:
+        raise InvalidRecord(path, f"its result lacks {missing}")
+    try:
+        config = result["config"]
+        if not isinstance(config, dict):
+            raise ConfigError("not a JSON object")
+        rid = run_id(RunConfig.from_dict(config))
+    except (ConfigError, TypeError, ValueError, AttributeError, KeyError) as err:
+        raise InvalidRecord(path, f"bad config: {err}") from None
+    if rid != path.stem:
+        raise InvalidRecord(path, f"its config has the run id {rid}")
+    try:
+        flat_row(record)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        raise InvalidRecord(path, f"malformed result ({type(err).__name__}: {err})") from None
+    return record
 
 
 def migrate(root: str | os.PathLike[str]) -> int:
@@ -332,16 +496,16 @@ def load(root: str | os.PathLike[str]) -> pd.DataFrame:
     ``forgetting``, and ``time.*`` in seconds. Curves: :func:`load_result`.
     """
     store = open_store(root)
-    rows = [flat_row(store.read_record(rid)) for rid in sorted(store.stored_ids())]
+    rows = [flat_row(check_record(store.run_path(rid))) for rid in sorted(store.listed_ids())]
     return pd.DataFrame(rows)
 
 
 def load_record(root: str | os.PathLike[str], rid: str) -> dict[str, Any]:
     """The raw stored record of run ``rid`` (its "result" holds the curves)."""
     store = open_store(root)
-    if not store.has(rid):
+    if not store.run_path(rid).exists():
         raise ConfigError(f"no run {rid!r} in {str(root)!r}; `masq table` lists the stored runs")
-    return store.read_record(rid)
+    return check_record(store.run_path(rid))
 
 
 def load_result(root: str | os.PathLike[str], rid: str) -> Result:

@@ -79,8 +79,19 @@ def make(
 ) -> list[Task]:
     """Build the tasks of SLT ``spec`` from ``dataset`` (a name for masq.data.load, or a Dataset).
 
-    Every construction applies to the train, validation and test parts alike.
+    Every construction applies to the train, validation and test parts alike. ``spec`` must be
+    a string, ``dataset`` a name or a Dataset, ``seed`` an integer >= 0 (one-line ConfigError
+    otherwise).
     """
+    if not isinstance(spec, str):
+        raise ConfigError(f"spec: give an SLT spec string such as 'D5-5', got {spec!r}")
+    if not isinstance(dataset, str | Dataset):
+        raise ConfigError(
+            f"dataset: give a dataset name ('mnist', 'fashion-mnist') or a masq.data.Dataset, "
+            f"got {type(dataset).__name__}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ConfigError(f"seed: must be an integer >= 0, got {seed!r}")
     data = masq_data.load(dataset, data_dir=data_dir) if isinstance(dataset, str) else dataset
     parsed = parse_spec(spec, num_classes=data.num_classes)
     parts = {name: to_xy(getattr(data, name)) for name in ("train", "val", "test")}

@@ -7,17 +7,18 @@ import argparse
 import csv
 import io
 import re
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from masq import protocol
-from masq.cli.options import add_run_flags, given, hidden_from_tokens
-from masq.config import RunConfig, hidden_text, lam_per_lr2, method_label
+from masq.cli.options import add_run_flags, check_consistent, given, hidden_from_tokens
+from masq.config import ImportanceKind, RunConfig, hidden_text, lam_per_lr2, method_label
 from masq.curves import task_name, union_name
 from masq.errors import ConfigError
-from masq.fileio import atomic_write
+from masq.fileio import atomic_write, error_text, rescue, rescue_dir
 from masq.protocol import Result
 from masq.report import figures
 from masq.runtime import check_out_dir, resolve_device, setup_threads
@@ -92,8 +93,16 @@ def _knobs(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **changes: Any) -> RunConfig:
-    """The validated RunConfig of the parsed flags (per-SLT defaults filled in)."""
+    """The validated RunConfig of the parsed flags (per-SLT defaults filled in).
+
+    Flags that contradict each other are refused (:func:`masq.cli.options.check_consistent`);
+    a default gives way to a flag instead (EWC and online EWC): ``--importance none`` alone runs
+    with λ = 0 and ``--lam 0`` alone with importance "none" (both printed and recorded as "no
+    EWC").
+    """
     values = given(args)
+    names = set(values)
+    compare = getattr(args, "command", "run") == "compare"
     slt = parse_spec(values.get("slt", RunConfig().slt)).text
     default_hidden, default_lr2 = SLT_DEFAULTS.get(slt, FALLBACK_DEFAULTS)
     values["slt"] = slt
@@ -105,20 +114,54 @@ def config_from_args(args: argparse.Namespace, **changes: Any) -> RunConfig:
     if args.iters is not None:
         values.setdefault("iters1", args.iters)
         values.setdefault("iters2", args.iters)
-    if "lam" not in values:
+    ewc_family = values.get("consolidation", "ewc") in ("ewc", "online-ewc")
+    if "lam" not in values and ewc_family and values.get("importance") == ImportanceKind.NONE:
+        values["lam"] = 0.0  # no EWC: not λ = 1 / lr2 printed beside "no EWC"
+    elif "lam" not in values:
         lr2 = values["lr2"]
         ok = isinstance(lr2, float) and lr2 > 0 and lr2 != float("inf")
         values["lam"] = lam_per_lr2(1.0, lr2) if ok else 0.0  # a bad lr2 is reported below
-    return RunConfig().with_(**values).with_(**changes).validate()
+    elif values["lam"] == 0 and ewc_family and "importance" not in values and not compare:
+        values["importance"] = ImportanceKind.NONE  # --lam 0: no importance pass, no EWC
+    config = RunConfig().with_(**values).with_(**changes).validate()
+    check_consistent(config, names, compare=compare)
+    return config
 
 
 def _prepare(args: argparse.Namespace, config: RunConfig, default_out: str) -> Path:
-    """Everything that can fail on input, before any training: threads, device, out, extras."""
+    """Everything that can fail on input, before any training: threads, device, extras, and
+    every output directory created and proven writable."""
     setup_threads(args.threads)
     resolve_device(config.device)
     if args.tensorboard is not None:
         summary_writer()
+        check_out_dir(args.tensorboard, "--tensorboard")
     return check_out_dir(args.out or default_out)
+
+
+def rescue_results(
+    args: argparse.Namespace, results: Mapping[str, Result], out: Path, err: OSError
+) -> int:
+    """Finished ``results`` whose outputs could not be written into ``out`` (checked writable
+    before training, so e.g. a full disk): their JSON records (and weights with
+    ``--save-weights``) go to :func:`masq.fileio.rescue_dir` of ``out``, one line on stderr
+    says where and why; the records themselves on stdout if even that fails. Exit status 1."""
+    why = error_text(err) + (f" at {err.filename}" if err.filename else "")
+    try:
+        for name, result in results.items():
+            rescue(out, f"{name}.json", result.to_json() + "\n")
+            if getattr(args, "save_weights", False) and result.weights is not None:
+                result.save_weights(rescue_dir(out), name)
+    except OSError as again:
+        print(f"masq: could not write into {out} ({why}) nor into {rescue_dir(out)} "
+              f"({error_text(again)}); the finished records follow on stdout",
+              file=sys.stderr)  # fmt: skip
+        for result in results.values():
+            print(result.to_json())
+        return 1
+    print(f"masq: could not write into {out} ({why}); the finished result was saved to "
+          f"{rescue_dir(out)} instead", file=sys.stderr)  # fmt: skip
+    return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -129,17 +172,20 @@ def _run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     stem = run_stem(config)
     label = method_label(config)
-    written = [result.save(out / f"{stem}.json")]
-    written.append(figures.plot_results({label: result}, out / f"{stem}.png"))
-    if config.n_tasks > 2:
-        fig = figures.accuracy_figure(result)
-        written.append(figures.save_figure(fig, out / f"{stem}_accuracy.png"))
-    if args.save_weights:
-        written += result.save_weights(out, stem)
-    if args.csv:
-        written.append(atomic_write(out / f"{stem}.csv", curves_csv({stem: result})))
-    if args.tensorboard is not None:
-        write_tensorboard({stem: result}, Path(args.tensorboard))
+    try:
+        written = [result.save(out / f"{stem}.json")]
+        written.append(figures.plot_results({label: result}, out / f"{stem}.png"))
+        if config.n_tasks > 2:
+            fig = figures.accuracy_figure(result)
+            written.append(figures.save_figure(fig, out / f"{stem}_accuracy.png"))
+        if args.save_weights:
+            written += result.save_weights(out, stem)
+        if args.csv:
+            written.append(atomic_write(out / f"{stem}.csv", curves_csv({stem: result})))
+        if args.tensorboard is not None:
+            write_tensorboard({stem: result}, Path(args.tensorboard))
+    except OSError as err:  # never lose a finished run
+        return rescue_results(args, {stem: result}, out, err)
     union = union_name(config.n_tasks)
     b, last = result.best, result.last
     tasks = ", ".join(f"{task_name(j)} {last[task_name(j)]:.4f}" for j in range(config.n_tasks))
@@ -178,16 +224,19 @@ def _compare(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     labelled = {method_label(r.config): r for r in results.values()}
     rows = compare_rows(labelled)
-    for key, result in results.items():
-        result.save(out / f"{key}.json")
-    atomic_write(out / "compare.md", markdown_table(rows) + "\n")
-    atomic_write(out / "compare.csv", csv_text(rows))
-    title = f"{figures.default_title(results['masq-mean'])} (EWC runs)"
-    figures.plot_results(labelled, out / "compare.png", title=title)
-    if args.csv:
-        atomic_write(out / "curves.csv", curves_csv(results))
-    if args.tensorboard is not None:
-        write_tensorboard(results, Path(args.tensorboard))
+    try:
+        for key, result in results.items():
+            result.save(out / f"{key}.json")
+        atomic_write(out / "compare.md", markdown_table(rows) + "\n")
+        atomic_write(out / "compare.csv", csv_text(rows))
+        title = f"{figures.default_title(results['masq-mean'])} (EWC runs)"
+        figures.plot_results(labelled, out / "compare.png", title=title)
+        if args.csv:
+            atomic_write(out / "curves.csv", curves_csv(results))
+        if args.tensorboard is not None:
+            write_tensorboard(results, Path(args.tensorboard))
+    except OSError as err:  # never lose finished runs
+        return rescue_results(args, results, out, err)
     first = next(iter(results.values()))
     print(
         f"{base.slt}, hidden {hidden_text(base.hidden)}, lr1 {base.lr1:g}, "

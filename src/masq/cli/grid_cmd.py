@@ -20,6 +20,9 @@ from typing import Any
 from masq.cli.options import add_grid_flags, dest
 from masq.config import FIELDS, Executor, Stage
 from masq.errors import ConfigError
+from masq.fileio import error_text
+from masq.grid.executors import check_devices
+from masq.runtime import check_out_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +98,11 @@ def _register_grid(sub: argparse._SubParsersAction) -> None:
     )
     axes.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--results", default=None, help="results directory (created; resumable)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another grid is running on --results, wait for it instead of refusing",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -218,19 +226,21 @@ def run_grid(args: argparse.Namespace) -> int:
 
     grid = grid_from_args(args)
     configs = search.expand(grid)
+    if args.executor == "local":  # Ray workers may have GPUs this machine lacks
+        check_devices(configs)
     workers = _workers(args)
     threads = args.threads or max(1, search.cpu_count() // workers)
     if args.stack < 1:
         raise ConfigError(f"--stack must be >= 1, got {args.stack}")
     print(
-        f"grid: {len(configs)} runs ({describe_axes(grid)}; {grid.size()} before merging "
-        "the λ = 0 runs that do not depend on the importance)"
+        f"grid: {len(configs)} runs ({describe_axes(grid)}; {grid.size()} combinations, "
+        "merged where a setting cannot change the result, e.g. the importance at λ = 0)"
     )
-    stored: set[str] = set()
-    if args.results is not None and (not args.dry_run or Path(args.results).exists()):
-        stored = Store(args.results, create=not args.dry_run).stored_ids()
-    todo = [c for c in configs if run_id(c) not in stored]
     if args.dry_run:
+        stored: set[str] = set()
+        if args.results is not None and Path(args.results).exists():
+            stored = Store(args.results, create=False).stored_ids(repair=False)
+        todo = [c for c in configs if run_id(c) not in stored]
         groups = search.plan(todo)
         w = search.work(groups, args.stack)
         print(f"stored already: {len(configs) - len(todo)}; to run: {len(todo)}")
@@ -256,6 +266,7 @@ def run_grid(args: argparse.Namespace) -> int:
         return 0
     if args.results is None:
         raise ConfigError("masq grid: give --results DIR (or --dry-run)")
+    Store(args.results).check_writable()
     summary = _execute(
         search,
         configs,
@@ -267,6 +278,7 @@ def run_grid(args: argparse.Namespace) -> int:
         threads=threads if args.executor == "local" else args.threads,
         progress=not args.no_progress,
         tasks_fn=_tasks_fn(args),
+        wait=args.wait,
     )
     if summary is None:
         return 1
@@ -291,10 +303,18 @@ def run_grid(args: argparse.Namespace) -> int:
 def run_table(args: argparse.Namespace) -> int:
     """``masq table``."""
     from masq import report
+    from masq.store import open_store
 
+    open_store(args.results)  # a missing or foreign dir first, then where the table goes
+    out = check_out_dir(args.out or args.results, "--out" if args.out else "--results (--out)")
     table = report.load_table(args.results, select_on=args.select_on, group_by=args.group_by)
     print(report.to_markdown(table, args.group_by), end="")
-    md, csv = report.write_table(table, args.out or args.results, args.group_by)
+    try:
+        md, csv = report.write_table(table, out, args.group_by)
+    except OSError as err:
+        print(f"masq: could not write the table into {out} ({error_text(err)}); it is complete "
+              "above", file=sys.stderr)  # fmt: skip
+        return 1
     print(f"written: {md}, {csv}")
     return 0
 
@@ -307,11 +327,13 @@ def run_consistency(args: argparse.Namespace) -> int:
     from masq import grid as search
     from masq import report
     from masq.config import RunConfig
-    from masq.store import load, run_id
+    from masq.store import Store, load, run_id
 
     df = load(args.results)
     if df.empty:
         raise ConfigError(f"no stored runs in {args.results!r}; run `masq grid` first")
+    out = check_out_dir(args.out or Path(args.results) / "figures")
+    Store(args.results).check_writable()  # the runs go into the results dir
     plan = report.consistency_plan(df, select_on=args.select_on, criterion=args.criterion)
     runs: dict[str, dict[str, str]] = {}
     configs = []
@@ -341,7 +363,6 @@ def run_consistency(args: argparse.Namespace) -> int:
             print(f"  {rid}: {message}", file=sys.stderr)
         return 1
     print(report.consistency_summary(args.results, runs), end="")
-    out = args.out or str(Path(args.results) / "figures")
     for path in report.consistency_figures(args.results, runs, out):
         print(f"written: {path}")
     return 0

@@ -8,16 +8,48 @@ new field appears in both without touching this package.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+import dataclasses
+import re
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from masq.config import FIELDS, Choice, Consolidation, FieldSpec, Hidden, Stage, parse_hidden
+from masq.config import (
+    FIELD,
+    FIELDS,
+    HIDDEN_HELP,
+    IMPORTANCE_FIELDS,
+    RELEVANT_IMPORTANCE_FIELDS,
+    Choice,
+    Consolidation,
+    FieldSpec,
+    Hidden,
+    ImportanceKind,
+    Stage,
+    parse_hidden,
+)
+from masq.errors import ConfigError
 
 # Short spellings accepted for choices on the command line.
 ALIASES: dict[str, str] = {"online": Consolidation.ONLINE_EWC.value, "plain": "ewc"}
 # Extra names of some flags (kept for the commands' history and the issue's spelling).
 EXTRA_NAMES: dict[str, tuple[str, ...]] = {"consolidation": ("--ewc",)}
 GRID_EXTRA_NAMES: dict[str, tuple[str, ...]] = {"seed": ("--seed-list",)}
+# Help of --hidden: one architecture per value, written with dashes, for every command.
+RUN_HIDDEN_HELP = "one architecture: its hidden layer sizes joined by dashes, e.g. 800-400-400"
+GRID_HIDDEN_HELP = (
+    "architectures, one per value, each written with dashes: --hidden 800-800 800-400-400 is "
+    "two architectures"
+)
+# A token that starts like a negative number (-5, -1e-5, -.5, -inf, -nan) is a value, never an
+# option: no flag of masq starts with "-" and a digit. (argparse's own rule, r"^-\d+$|^-\d*\.\d+$",
+# reads "--lr2 -1e-5" as a missing value.)
+NEGATIVE_NUMBER = re.compile(r"^-(\.?\d.*|inf|infinity|nan)$", re.IGNORECASE | re.DOTALL)
+
+
+def accept_negative_numbers(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` read tokens like ``-1e-5`` as values of the flag before them, so that
+    ``--lr2 -1e-5`` reaches the same range check as ``--lr2=-1e-5``."""
+    parser._negative_number_matcher = NEGATIVE_NUMBER  # the hook argparse consults
 
 
 def dest(spec: FieldSpec) -> str:
@@ -51,18 +83,20 @@ def add_run_flags(
     """One flag per configuration field (default None: "not given"); ``defaults`` overrides
     the help text of a default (e.g. per-SLT defaults)."""
     defaults = defaults or {}
+    accept_negative_numbers(parser)
     group = parser.add_argument_group("configuration (one value each)")
     for spec in FIELDS:
         if spec.name in skip:
             continue
         names = (spec.flag, *EXTRA_NAMES.get(spec.name, ()))
-        text = f"{spec.help} (default: {defaults[spec.name]})" if spec.name in defaults else None
-        text = text or _help(spec, spec.default)
+        base = RUN_HIDDEN_HELP if spec.kind is Hidden else spec.help
+        text = f"{base} (default: {defaults[spec.name]})" if spec.name in defaults else None
+        text = text or _help(dataclasses.replace(spec, help=base), spec.default)
         kw: dict[str, Any] = {"dest": dest(spec), "default": None, "help": text}
         if spec.kind is bool:
             group.add_argument(*names, action="store_true", **kw)
-        elif spec.kind is Hidden:  # "*": a bare --hidden is a one-line error of parse_hidden
-            group.add_argument(*names, nargs="*", metavar="N", **kw)
+        elif spec.kind is Hidden:  # "*": a bare or repeated value is a one-line error
+            group.add_argument(*names, nargs="*", metavar="ARCH", **kw)
         elif isinstance(spec.kind, type) and issubclass(spec.kind, Choice):
             group.add_argument(*names, type=_choice_type(spec.kind), metavar="V", **kw)
         else:
@@ -71,6 +105,7 @@ def add_run_flags(
 
 def add_grid_flags(parser: argparse.ArgumentParser) -> None:
     """One multi-valued flag per grid axis (every field but the RUN ones), default None."""
+    accept_negative_numbers(parser)
     group = parser.add_argument_group(
         "axes (each takes one or more values; overrides the preset and the grid file)"
     )
@@ -82,6 +117,7 @@ def add_grid_flags(parser: argparse.ArgumentParser) -> None:
         if spec.kind is bool:
             group.add_argument(*names, action="store_true", **kw)
         elif spec.kind is Hidden:
+            kw["help"] = GRID_HIDDEN_HELP
             group.add_argument(*names, nargs="+", metavar="ARCH", **kw)
         elif isinstance(spec.kind, type) and issubclass(spec.kind, Choice):
             kw["help"] = f"{spec.help}; values: {', '.join(spec.kind.values())}"
@@ -101,7 +137,93 @@ def given(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def hidden_from_tokens(tokens: Sequence[str]) -> tuple[int, ...]:
-    """``--hidden 800 800`` or ``--hidden 800-800`` -> (800, 800)."""
-    if len(tokens) == 1:
-        return parse_hidden(tokens[0], "--hidden")
-    return parse_hidden("-".join(tokens), "--hidden")
+    """The one architecture of ``--hidden 800-800`` -> (800, 800).
+
+    Several values (``--hidden 800 800``) are refused: in ``masq grid`` they are several
+    architectures, so here they would mean something else; the message shows the dash notation.
+    """
+    if len(tokens) > 1:
+        joined = "-".join(tokens)
+        hint = f"--hidden {joined}" if re.fullmatch(r"[0-9x-]+", joined) else "--hidden 800-800"
+        raise ConfigError(
+            f"--hidden takes one architecture written with dashes, e.g. {hint}; got "
+            f"{len(tokens)} values {' '.join(tokens)!r} (several architectures: use masq grid)"
+        )
+    if not tokens:
+        raise ConfigError(f"--hidden: no architecture given; {HIDDEN_HELP}")
+    return parse_hidden(tokens[0], "--hidden")
+
+
+# The importance kinds an importance setting belongs to (for the message that refuses it).
+IMPORTANCE_OWNER: dict[str, str] = {
+    "scale": "--importance masq",
+    "fisher_labels": "--importance fisher",
+    "masq_batch": "--importance masq or fisher",
+}
+
+
+def _flag_value(config: Any, name: str) -> str:
+    """``--scale sum``: a flag with the value the run would record."""
+    value = getattr(config, name)
+    shown = value.value if isinstance(value, Choice) else f"{value:g}"
+    return f"{FIELD[name].flag} {shown}"
+
+
+def check_consistent(config: Any, names: Collection[str], *, compare: bool = False) -> None:
+    """A one-line ConfigError when flags given together contradict each other.
+
+    ``names`` are the fields given on the command line; a default never contradicts. For EWC
+    and online EWC in ``masq run``: with no EWC (``--importance none`` or ``--lam 0``) no
+    importance setting, no online EWC and no λ > 0 may be given; ``--scale`` needs MaSQ,
+    ``--fisher-labels`` the FIM (``--masq-batch``, the batch size of the importance pass,
+    serves both); ``--importance fisher|masq`` contradicts ``--lam 0``. For ``masq compare``
+    (every method at once) ``--lam 0`` would turn EWC off in all its runs. For every
+    consolidation, ``--gamma`` needs online EWC.
+    """
+    given = set(names)
+    kind = config.importance
+    ewc_family = config.consolidation in (Consolidation.EWC, Consolidation.ONLINE_EWC)
+    if not ewc_family:
+        pass  # other consolidations (IMM) use λ and the importance their own way
+    elif compare:
+        if "lam" in given and config.lam == 0:
+            raise ConfigError(
+                "--lam 0 turns EWC off in every run of masq compare; give --lam > 0 (or leave "
+                "it out: 1 / lr2)"
+            )
+    else:
+        if {"lam", "importance"} <= given and kind != ImportanceKind.NONE and config.lam == 0:
+            raise ConfigError(
+                f"--lam 0 turns EWC off, so {_flag_value(config, 'importance')} has no effect; "
+                "give --lam > 0, or --importance none for a run without EWC"
+            )
+        if "lam" in given and kind == ImportanceKind.NONE and config.lam != 0:
+            raise ConfigError(
+                f"{_flag_value(config, 'lam')} has no effect with --importance none (no EWC); "
+                "drop --lam, or choose --importance fisher or masq"
+            )
+        off = kind == ImportanceKind.NONE or config.lam == 0
+        said_none = kind == ImportanceKind.NONE and "importance" in given
+        why = "--importance none (no EWC)" if said_none else "--lam 0 (no EWC)"
+        used = () if off else RELEVANT_IMPORTANCE_FIELDS[kind]
+        if kind == ImportanceKind.FISHER and not off:
+            used = (*used, "masq_batch")  # the batch size of the FIM's pass too
+        for name in IMPORTANCE_FIELDS:
+            if name == "importance" or name not in given or name in used:
+                continue
+            context = why if off else _flag_value(config, "importance")
+            owner = IMPORTANCE_OWNER.get(name, "an importance that uses it")
+            raise ConfigError(
+                f"{_flag_value(config, name)} has no effect with {context}; drop it, or use "
+                f"{owner}" + (" and --lam > 0" if config.lam == 0 else "")
+            )
+        if off and "consolidation" in given and config.consolidation == Consolidation.ONLINE_EWC:
+            raise ConfigError(
+                f"--consolidation online-ewc has no effect with {why}; drop it, or choose an "
+                "importance and λ > 0"
+            )
+    if "gamma" in given and config.consolidation != Consolidation.ONLINE_EWC:
+        raise ConfigError(
+            f"{_flag_value(config, 'gamma')} only applies to online EWC; add --consolidation "
+            "online-ewc (or --ewc online), or drop --gamma"
+        )

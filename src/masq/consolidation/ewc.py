@@ -13,11 +13,14 @@ over every weight matrix and bias vector i; a list of anchors (one per earlier t
 sums their terms. Its gradient is ``lambda * F * (theta - theta*)``. Nothing is stored
 on the model; add the penalty visibly: ``loss = task_loss + penalty(model, anchors, lam)``.
 
-Mismatched keys or shapes are an error, never a silently zero penalty.
+Mismatched keys or shapes, an importance that is negative or not finite, and a λ that is
+negative or not finite are errors (a one-line :class:`~masq.errors.ConfigError`), never a
+silently zero (or NaN) penalty.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -48,12 +51,26 @@ class Anchor:
                     f"anchor: importance of {name!r} has shape {tuple(self.importance[name].shape)}"
                     f", the parameter {tuple(p.shape)}"
                 )
+        for name, f in self.importance.items():
+            _check_importance(name, f)
 
     def to(self, device: torch.device | str) -> Anchor:
         """The same anchor with its tensors on ``device``."""
         return Anchor(
             MappingProxyType({k: v.to(device) for k, v in self.params.items()}),
             MappingProxyType({k: v.to(device) for k, v in self.importance.items()}),
+        )
+
+
+def _check_importance(name: str, f: Tensor) -> None:
+    """A one-line ConfigError unless every entry of ``f`` is finite and >= 0 (one sync)."""
+    bad = ~(torch.isfinite(f) & (f >= 0))
+    if bool(bad.any()):
+        n_nan = int((~torch.isfinite(f)).sum())
+        n_neg = int((f < 0).sum())
+        raise ConfigError(
+            f"anchor: importance of {name!r} has {n_neg} negative and {n_nan} NaN/inf entries; "
+            "an importance (FIM, MaSQ) is finite and >= 0: check how it was computed"
         )
 
 
@@ -80,9 +97,16 @@ def penalty(model: nn.Module, anchors: Anchor | Sequence[Anchor], lam: float) ->
     """(lambda / 2) * sum over anchors a, tensors i, entries k of F^a_ik (theta_ik - theta*^a_ik)^2.
 
     A scalar tensor on the model's device, differentiable with respect to the parameters.
+    ``lam`` must be finite and >= 0; every anchor must hold the model's parameter names with
+    the model's shapes (a net of the same depth but other widths is an error, naming the
+    tensor).
     """
-    if lam < 0:
-        raise ConfigError(f"lam: the EWC weight must be >= 0, got {lam}")
+    try:
+        lam_value = float(lam)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"lam: the EWC weight must be a number, got {lam!r}") from None
+    if not (math.isfinite(lam_value) and lam_value >= 0):
+        raise ConfigError(f"lam: the EWC weight must be a finite number >= 0, got {lam}")
     anchor_list = [anchors] if isinstance(anchors, Anchor) else list(anchors)
     if not anchor_list:
         raise ConfigError("penalty: no anchors given; pass at least one Anchor")
@@ -95,6 +119,11 @@ def penalty(model: nn.Module, anchors: Anchor | Sequence[Anchor], lam: float) ->
                 f"({_diff(named, a.params, 'model', 'anchor')}); anchor this model's parameters"
             )
         for name, theta in named.items():
+            if theta.shape != a.params[name].shape:
+                raise ConfigError(
+                    f"penalty: anchor tensor {name!r} has shape {tuple(a.params[name].shape)}, "
+                    f"the model's {tuple(theta.shape)}; anchor a model of this architecture"
+                )
             diff = theta - a.params[name]
             terms.append((a.importance[name] * diff * diff).sum())
     return (0.5 * lam) * torch.stack(terms).sum()

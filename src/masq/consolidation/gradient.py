@@ -44,6 +44,12 @@ class PenaltyGradient:
                     "penalty: anchor keys do not match the model's parameters; "
                     "anchor this model's parameters"
                 )
+            for k, p in named.items():
+                if a.params[k].shape != p.shape:
+                    raise ConfigError(
+                        f"penalty: anchor tensor {k!r} has shape {tuple(a.params[k].shape)}, "
+                        f"the model's {tuple(p.shape)}; anchor this model's parameters"
+                    )
         self.names = list(named)
         with torch.no_grad():
             self.anchors = [[a.params[k].to(named[k]) for k in self.names] for a in anchor_list]

@@ -7,7 +7,8 @@ part. Order is the files' order. Sources, tried in turn:
 
 1. a directory the user names (``data_dir=`` / ``--data-dir`` / ``$MASQ_DATA_DIR``)
    holding the four standard IDX files (gzipped or not), directly or in a
-   sub-directory named after the dataset;
+   sub-directory named after the dataset (a named directory without them is an
+   error, whichever way it was named);
 2. the cache (``$MASQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/masq``, else
    ``~/.cache/masq``): ``<name>.npz`` plus a sidecar ``<name>.json`` holding its
    SHA-256, verified on every load; a bad entry is discarded and fetched again;

@@ -49,8 +49,9 @@ def load(
 
     Images uint8 [N, 28, 28], labels int64 [N], in the files' order. Sources are
     tried in the order of the :mod:`masq.data` docstring; ``Dataset.source`` names the
-    one used. An explicit ``data_dir`` that lacks the files, or holds bad ones, is an
-    error; so is having no usable source (the message lists what was tried).
+    one used. A named directory (``data_dir``, else a non-empty ``$MASQ_DATA_DIR``) that is
+    missing, lacks the files or holds bad ones is an error, not skipped; so is having no
+    usable source (the message lists what was tried).
     """
     spec = get_spec(name)
     tried: list[tuple[str, str, bool]] = []
@@ -58,23 +59,24 @@ def load(
     if directory is not None:
         directory = Path(directory).expanduser()
         files, why = sources.find_idx_files(directory, spec.name)
-        label = "--data-dir" if data_dir is not None else "MASQ_DATA_DIR"
-        if files is None:
+        if files is None:  # a named directory without the files is an error, never skipped
             if data_dir is not None:
                 raise DataError(
                     f"--data-dir: {why}; give the directory that holds the four {spec.name} "
                     "IDX files (or a sub-directory named after the dataset)"
                 )
-            tried.append((f"{label} {directory}", why, False))
-        else:
-            raw = sources.read_idx_dir(spec, files)
-            parts = classic_split(raw, spec.n_val)
-            source = f"data dir {files[IDX_NAMES[0]].parent} (IDX files)"
-            if cache.read(spec)[0] is None:
-                cache.write(spec, parts, source)
-            return _finish(spec, parts, source)
-    else:
-        tried.append(("data dir", "not given", False))
+            raise DataError(
+                f"MASQ_DATA_DIR: {why}; set it to the directory that holds the four "
+                f"{spec.name} IDX files (or a sub-directory named after the dataset), or unset "
+                "it to use the cache and the download"
+            )
+        raw = sources.read_idx_dir(spec, files)
+        parts = classic_split(raw, spec.n_val)
+        source = f"data dir {files[IDX_NAMES[0]].parent} (IDX files)"
+        if cache.read(spec)[0] is None:
+            cache.write(spec, parts, source)
+        return _finish(spec, parts, source)
+    tried.append(("data dir", "not given", False))
 
     parts, meta, why = cache.read(spec)
     npz_path, _ = cache.paths(spec.name)

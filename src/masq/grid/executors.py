@@ -7,17 +7,28 @@ soon as its stack finishes; failed runs are recorded in DIR/errors and the grid 
 except when every run of the first group to finish fails with one and the same exception:
 that is a bug, not bad luck, and the grid stops at once with its traceback
 (:class:`GridAborted`).
+
+Before any work: the devices must exist here (local executor), the results dir must be
+writable, and it is locked (DIR/.lock, :func:`results_lock`): a second grid on it refuses
+with the first one's pid (or waits). Pool workers cannot outlive the grid: on Linux the
+kernel kills them when their parent dies (``PR_SET_PDEATHSIG``), and everywhere a thread in
+each worker ends it once its parent is gone; an interrupted or failed grid terminates them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import dataclasses
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 import traceback as tb
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +36,13 @@ import torch
 
 from masq.config import Executor, RunConfig, choice
 from masq.errors import ConfigError
+from masq.fileio import LockHeld, exclusive_lock
 from masq.grid.group import GroupJob, GroupOutcome, TasksFn, clear_tasks_cache, run_group
 from masq.grid.plan import plan
-from masq.store import Store, run_id
+from masq.runtime import resolve_device
+from masq.store import NotStored, Store, run_id
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class GridAborted(RuntimeError):
@@ -85,8 +100,64 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
+    die_with_parent(parent)
     torch.set_num_threads(threads)
+    # tqdm's default lock holds a multiprocessing semaphore, which a worker terminated by a
+    # stopped grid would leave to the resource tracker (a "leaked semaphore" warning)
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
+def die_with_parent(parent: int, interval: float = 0.5) -> None:
+    """End this process when process ``parent`` ends: on Linux the kernel sends SIGKILL at the
+    parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread checks every
+    ``interval`` seconds whether this process was re-parented and exits then."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl: the thread only
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="masq-parent-watch", daemon=True).start()
+
+
+@contextmanager
+def results_lock(store: Store, *, wait: bool = False) -> Iterator[None]:
+    """Hold DIR/.lock of ``store`` for the ``with`` block: one grid per results dir at a time.
+    Held by another process: a one-line ConfigError naming its pid, or (``wait``) a line on
+    stderr and a wait. Temporary files left by a process killed mid-write are removed."""
+
+    def waiting(pid: int | None) -> None:
+        print(f"masq: waiting for process {pid} to release {store.root}", file=sys.stderr)
+
+    try:
+        with exclusive_lock(store.root / ".lock", wait=wait, on_wait=waiting):
+            for folder in (store.root, store.runs, store.errors, store.d1, store.importance):
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
+            yield
+    except LockHeld as err:
+        raise ConfigError(
+            f"results dir {str(store.root)!r} is in use by another masq process (pid "
+            f"{err.pid if err.pid is not None else 'unknown'}); wait for it to end, pass "
+            "--wait, or use another --results directory"
+        ) from None
+
+
+def check_devices(configs: Sequence[RunConfig]) -> None:
+    """A one-line ConfigError unless every device of ``configs`` exists on this machine."""
+    for device in sorted({str(c.device) for c in configs}):
+        resolve_device(device)
 
 
 def execute(
@@ -100,43 +171,47 @@ def execute(
     threads: int | None = None,
     progress: bool = True,
     tasks_fn: TasksFn | None = None,
+    wait: bool = False,
 ) -> Summary:
     """Run every configuration not yet stored in results dir ``root``; see the module doc.
 
     ``threads`` per worker defaults to ``cores // workers`` (at least 1); with Ray, each task
-    asks for that many CPUs. Returns a :class:`Summary`; failures are in DIR/errors.
+    asks for that many CPUs. ``wait``: wait for another grid holding ``root`` instead of
+    refusing. Returns a :class:`Summary`; failures are in DIR/errors.
     """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if stack < 1:
         raise ConfigError(f"--stack must be >= 1, got {stack}")
     executor = choice(Executor, executor, "executor")
+    if executor == Executor.LOCAL:  # Ray workers may have GPUs this machine lacks
+        check_devices(configs)
     start = time.perf_counter()
     store = Store(root)
-    stored = store.stored_ids()
+    store.check_writable()
     all_ids = {run_id(c) for c in configs}
-    todo = [c for c in configs if run_id(c) not in stored]
-    groups = plan(todo)
     if threads is None:
         threads = max(1, cpu_count() // workers) if executor == Executor.LOCAL else 1
-    jobs = [
-        GroupJob(
-            str(root), g.configs, stack, threads, tasks_fn, return_records=executor == Executor.RAY
-        )
-        for g in groups
-    ]
-    summary = Summary(len(all_ids), len(all_ids & stored), 0, {}, 0, 0, 0.0)
-    bar = _progress_bar(len(all_ids), len(all_ids & stored), progress)
-    try:
-        if executor == Executor.RAY:
-            outcomes = _run_ray(jobs, store, address, threads, bar, all_ids)
-        elif workers == 1:
-            outcomes = _run_inline(jobs, threads, bar)
-        else:
-            outcomes = _run_pool(jobs, store, workers, threads, bar, all_ids)
-    finally:
-        bar.close()
-        clear_tasks_cache()
+    with results_lock(store, wait=wait):
+        stored = store.stored_ids()
+        todo = [c for c in configs if run_id(c) not in stored]
+        ray = executor == Executor.RAY
+        jobs = [
+            GroupJob(str(root), g.configs, stack, threads, tasks_fn, return_records=ray)
+            for g in plan(todo)
+        ]
+        summary = Summary(len(all_ids), len(all_ids & stored), 0, {}, 0, 0, 0.0)
+        bar = _progress_bar(len(all_ids), len(all_ids & stored), progress)
+        try:
+            if ray:
+                outcomes = _run_ray(jobs, store, address, threads, bar, all_ids)
+            elif workers == 1:
+                outcomes = _run_inline(jobs, threads, bar)
+            else:
+                outcomes = _run_pool(jobs, store, workers, threads, bar, all_ids)
+        finally:
+            bar.close()
+            clear_tasks_cache()
     for _job, outcome in outcomes:
         summary.done += len(outcome.done)
         summary.failed.update(outcome.failed)
@@ -161,7 +236,7 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
 
 
 def _poll(bar: Any, store: Store, ids: set[str]) -> None:
-    n = len(store.stored_ids() & ids)
+    n = len(store.listed_ids() & ids)
     if n > bar.n:
         bar.update(n - bar.n)
 
@@ -198,7 +273,7 @@ def _run_pool(
     context = multiprocessing.get_context("spawn")
     out: list[tuple[GroupJob, GroupOutcome]] = []
     with cf.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+        workers, mp_context=context, initializer=_init_worker, initargs=(threads, os.getpid())
     ) as pool:
         futures = {pool.submit(run_group, job): job for job in jobs}
         pending = set(futures)
@@ -213,10 +288,26 @@ def _run_pool(
                         out.append((job, _failed_job(store, job, err)))
                     check_first(out)
                 _poll(bar, store, ids)
-        except (KeyboardInterrupt, GridAborted):
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException:  # Ctrl-C, SIGTERM (masq.cli), a stop: no worker goes on
+            stop_workers(pool)
             raise
     return out
+
+
+def stop_workers(pool: cf.ProcessPoolExecutor, grace: float = 5.0) -> None:
+    """Cancel what has not started and terminate the workers (SIGTERM, then SIGKILL after
+    ``grace`` seconds): a run in flight is lost, never half-written (atomic writes)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
 
 
 def _run_ray(
@@ -246,7 +337,11 @@ def _run_ray(
                     out.append((job, _failed_job(store, job, err)))
                     continue
                 for rid, text in outcome.records.items():
-                    store.write_record_text(rid, text)
+                    try:
+                        store.write_record_text(rid, text)
+                    except NotStored as err:  # saved elsewhere (a warning said where)
+                        outcome.done.remove(rid)
+                        outcome.failed[rid] = f"NotStored: {err}"
                 by_id = {run_id(c): c for c in job.configs}
                 for rid, message in outcome.failed.items():
                     if not (store.errors / f"{rid}.json").exists():

@@ -1,5 +1,9 @@
 """One group of a grid: its task-1 state (cached), its importance passes (cached), its runs.
 
+The caches are safetensors files with a checksummed sidecar
+(:meth:`masq.store.Store.save_tensors`): one that is missing, truncated or changed is named in
+a warning and recomputed, and a cache that cannot be written only costs a recomputation later.
+
 Two-task runs are continued K at a time as one stacked model
 (:func:`masq.protocol.continue_stacked`); runs of more than two tasks go one by one
 (:func:`masq.protocol.continue_run`; README, "T-task grids", says why). A CUDA out-of-memory
@@ -20,9 +24,10 @@ import torch
 
 from masq import protocol
 from masq.config import ImportanceKind, RunConfig
+from masq.fileio import error_text, warn
 from masq.grid.plan import chunks, d1_key, importance_key
 from masq.protocol import D1State
-from masq.store import Store, run_id
+from masq.store import NotStored, Store, run_id
 from masq.tasks import Task
 
 TasksFn = Callable[[RunConfig], list[Task]]
@@ -81,7 +86,7 @@ def tasks_for(config: RunConfig, tasks_fn: TasksFn | None) -> list[Task]:
 
 def load_or_train_d1(store: Store, config: RunConfig, tasks: list[Task]) -> tuple[D1State, bool]:
     """The task-1 state of ``config`` from the store's cache, else trained (and cached)."""
-    path = store.d1 / f"{d1_key(config)}.pt"
+    path = store.d1 / f"{d1_key(config)}.safetensors"
     saved = store.load_tensors(path)
     if saved is not None:
         state = D1State(
@@ -98,7 +103,7 @@ def load_or_train_d1(store: Store, config: RunConfig, tasks: list[Task]) -> tupl
         "curve": state.curve,
         "seconds": float(state.seconds),
     }
-    store.save_tensors(path, payload)
+    _save_cache(store, path, payload)
     return state, True
 
 
@@ -108,7 +113,7 @@ def load_or_compute_importance(
     """(importance, seconds, computed now?) of task 1 for ``config``, cached."""
     if config.importance == ImportanceKind.NONE:
         return {}, 0.0, False
-    path = store.importance / f"{importance_key(config)}.pt"
+    path = store.importance / f"{importance_key(config)}.safetensors"
     saved = store.load_tensors(path)
     if saved is not None:
         return saved["importance"], float(saved["seconds"]), False
@@ -118,8 +123,16 @@ def load_or_compute_importance(
         "importance": {k: v.detach().cpu() for k, v in importance.items()},
         "seconds": float(seconds),
     }
-    store.save_tensors(path, payload)
+    _save_cache(store, path, payload)
     return importance, float(seconds), True
+
+
+def _save_cache(store: Store, path: Any, payload: dict[str, Any]) -> None:
+    """Cache ``payload``; a failing write (disk full) is a warning, not a failed run."""
+    try:
+        store.save_tensors(path, payload)
+    except OSError as err:
+        warn(f"could not cache {path} ({error_text(err)}); it will be recomputed next time")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -186,7 +199,11 @@ def run_group(job: GroupJob, on_done: Callable[[int], None] | None = None) -> Gr
         chunk = queue.popleft()
         imps = [importances[key_of(c)] for c in chunk]
         try:
-            if job.stack <= 1 or chunk[0].n_tasks > 2:
+            from masq.protocol import imm as imm_protocol  # IMM: train once per chunk, merge each
+
+            if imm_protocol.is_imm(chunk[0]):
+                results = imm_protocol.continue_imm_shared(chunk, d1, imps, tasks)
+            elif job.stack <= 1 or chunk[0].n_tasks > 2:
                 results = [
                     protocol.continue_run(c, d1, imp, tasks, s, keep_weights=False)
                     for c, (imp, s) in zip(chunk, imps, strict=True)
@@ -204,12 +221,18 @@ def run_group(job: GroupJob, on_done: Callable[[int], None] | None = None) -> Gr
                 continue
             fail(chunk, err)
             continue
+        stored = 0
         for result in results:
-            rid = store.write_result(result)
+            try:
+                rid = store.write_result(result)
+            except NotStored as err:  # saved elsewhere (a warning said where); reported
+                fail([result.config], err)
+                continue
             outcome.done.append(rid)
+            stored += 1
             if job.return_records:
                 outcome.records[rid] = store.run_path(rid).read_text(encoding="utf-8")
         if on_done is not None:
-            on_done(len(results))
+            on_done(stored)
     outcome.seconds = time.perf_counter() - start
     return outcome

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from masq.config import FIRST_FIELDS, IMPORTANCE_FIELDS, ImportanceKind, RunConfig
+from masq.config import FIRST_FIELDS, IMM_METHODS, IMPORTANCE_FIELDS, ImportanceKind, RunConfig
+from masq.protocol.imm import training_key as imm_training_key
 from masq.store import id_dict, key_of
 
 
@@ -71,15 +73,21 @@ def work(groups: Sequence[Group], stack: int) -> Work:
 
 def chunks(configs: Sequence[RunConfig], stack: int) -> list[list[RunConfig]]:
     """The runs of one group cut into stacks of at most ``stack`` with equal ``iters2``; runs
-    of more than two tasks go one by one (stacks of 1)."""
+    of more than two tasks go one by one (stacks of 1). IMM runs are never stacked: they go
+    one by one, except that the runs whose later phases are trained alike (mean-IMM and
+    mode-IMM with any importance: :func:`masq.protocol.imm.training_key`) form one chunk,
+    which trains them once and merges each."""
     by_iters: dict[int, list[RunConfig]] = {}
     singles: list[list[RunConfig]] = []
+    by_training: dict[tuple[Any, ...], list[RunConfig]] = {}
     for config in configs:
-        if config.n_tasks > 2:
+        if config.consolidation in IMM_METHODS:
+            by_training.setdefault(imm_training_key(config), []).append(config)
+        elif config.n_tasks > 2:
             singles.append([config])
         else:
             by_iters.setdefault(config.iters2, []).append(config)
     out: list[list[RunConfig]] = []
     for cs in by_iters.values():
         out += [cs[i : i + stack] for i in range(0, len(cs), stack)]
-    return out + singles
+    return out + singles + list(by_training.values())

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from masq.config import FIELDS, Choice, FieldSpec, Stage, coerce, parse_hidden
+from masq.config import FIELDS, Choice, FieldSpec, Stage, check_value, coerce, parse_hidden
 from masq.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -52,10 +52,13 @@ class _GridMethods:
         }
 
     def check(self) -> Grid:
-        """Raise ConfigError for an empty axis (λ: both readings empty); else self."""
+        """Raise ConfigError for an empty axis (λ: both readings empty) or a value out of its
+        field's range (:func:`check_axis_value`: NaN, inf, λ < 0, ...); else self."""
         for name, values in self.axes().items():
             if name not in LAM_AXES and len(values) == 0:
                 raise ConfigError(f"grid axis {name!r} is empty; give at least one value")
+            for value in values:
+                check_axis_value(name, value, "grid")
         if not self.lam and not self.lam_per_lr2:  # type: ignore[attr-defined]
             raise ConfigError("grid axis 'lam' is empty; give --lam and/or --lam-per-lr2 values")
         return self  # type: ignore[return-value]
@@ -90,10 +93,26 @@ GRID_KEYS: tuple[str, ...] = (*(f.name for f in dataclasses.fields(Grid)), "seed
 _SPEC = {f.name: f for f in AXIS_FIELDS}
 
 
+def check_axis_value(name: str, value: Any, where: str) -> None:
+    """A one-line ConfigError unless the number ``value`` of axis ``name`` is in its field's
+    range (:func:`masq.config.check_value`: finite, > 0, >= 0 or in [0, 1]); ``lam_per_lr2``:
+    finite and >= 0. Other axes (choices, architectures, strings) pass."""
+    if name == "lam_per_lr2":
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ConfigError(
+                f"{where}: lam_per_lr2: must be a finite number >= 0 (λ = c / ε2), got {value!r}"
+            )
+        return
+    spec = _SPEC.get(name)
+    if spec is not None and spec.kind in (int, float):
+        check_value(spec, value, f"{where}: ")
+
+
 def _element(spec: FieldSpec | None, value: Any, key: str, where: str) -> Any:
     if spec is None:  # lam_per_lr2: numbers
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: grid key {key!r} takes numbers, got {value!r}")
+        check_axis_value("lam_per_lr2", float(value), where)
         return float(value)
     if spec.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where}: grid key {key!r} takes int values, got {value!r}")
@@ -103,7 +122,9 @@ def _element(spec: FieldSpec | None, value: Any, key: str, where: str) -> Any:
         raise ConfigError(f"{where}: grid key {key!r} takes float values, got {value!r}")
     if spec.kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: grid key {key!r} takes bool values, got {value!r}")
-    return coerce(spec, value, f"{where}: ")
+    value = coerce(spec, value, f"{where}: ")
+    check_axis_value(spec.name, value, where)
+    return value
 
 
 def _values(value: Any, key: str, where: str) -> list[Any]:

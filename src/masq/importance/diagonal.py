@@ -18,10 +18,13 @@ from masq.errors import ConfigError
 from masq.importance.persample import (
     Importance,
     LossFn,
+    _check_batch,
+    _check_values,
     _deltas,
     _evaluating,
     _finish,
     _generic_grads,
+    _input_width,
     _label_terms,
     _linear_sites,
     _LinearSite,
@@ -80,12 +83,15 @@ def _fisher_batch(
     generator: torch.Generator | None,
     loss: LossFn,
     sums: dict[str, Tensor],
+    index: int = 0,
 ) -> None:
-    """Add sum_{n in batch} (weighted) g_n^2 of every trainable parameter to ``sums``."""
+    """Add sum_{n in batch} (weighted) g_n^2 of every trainable parameter to ``sums``
+    (batch number ``index``: its values are checked first, :func:`_check_values`)."""
     x, y = batch
     for tap in taps.values():
         tap.reset()
     logits = model(x)
+    _check_values(x, y, logits, index, labels is FisherLabels.TRUE and loss is cross_entropy)
     terms = _label_terms(logits, y, labels, generator)
     clean = {m: tap for m, tap in taps.items() if tap.clean(len(x))}
     d2: dict[str, Tensor] = {}  # sum over label terms of w_n delta_n^2, per clean layer
@@ -163,6 +169,10 @@ def fisher(
     model and ``loss`` must then be vmap-compatible (no .item(), no one_hot, no data-dependent
     control flow).
     Samples must be independent in eval mode (no cross-sample operations in the model).
+
+    Inputs are checked once per batch (two reductions, one host sync): NaN/inf in ``x``, a label
+    outside 0..C-1 (default loss, ``labels="true"``), ``x`` not [B, in_features] (a model that
+    is an ``nn.Sequential`` starting with ``nn.Linear``) are one-line ConfigErrors.
     """
     mode = choice(FisherLabels, labels, "labels")
     if mode is FisherLabels.SAMPLED and generator is None:
@@ -174,10 +184,12 @@ def fisher(
         sites = _linear_sites(work, params)
         sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=dev) for n, p in params.items()}
         count = 0
+        width, labelled = _input_width(work), mode is FisherLabels.TRUE and loss is cross_entropy
         with _tapped(sites) as taps:
-            for x, y in batches:
+            for index, (x, y) in enumerate(batches):
+                _check_batch(x, y, index, width, labelled)
                 batch = (x.to(dev), y.to(dev))
-                _fisher_batch(work, sites, taps, batch, mode, generator, loss, sums)
+                _fisher_batch(work, sites, taps, batch, mode, generator, loss, sums, index)
                 count += len(x)
     return _finish(sums, count, model)
 
@@ -206,16 +218,21 @@ def masq(
     size |b|; code that divides every batch by the nominal B instead weights that batch's term by
     |b|/B less.
 
-    One forward and one ordinary backward per batch; ``.grad`` is not touched.
+    One forward and one ordinary backward per batch; ``.grad`` is not touched. The inputs are
+    checked per batch as in :func:`fisher`.
     """
     mode = choice(Scale, scale, "scale")
     with _evaluating(model, device) as (work, dev):
         params = _trainable(work)
         sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=dev) for n, p in params.items()}
         count = 0
-        for x, y in batches:
+        width, labelled = _input_width(work), loss is cross_entropy
+        for index, (x, y) in enumerate(batches):
+            _check_batch(x, y, index, width, labelled)
             x, y = x.to(dev), y.to(dev)
-            losses = _per_sample_losses(loss, work(x), y)
+            logits = work(x)
+            _check_values(x, y, logits, index, labelled)
+            losses = _per_sample_losses(loss, logits, y)
             grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
             factor = len(x) if mode is Scale.SUM else 1
             for n, g in zip(params, grads, strict=True):

@@ -113,6 +113,76 @@ def _per_sample_losses(loss: LossFn, logits: Tensor, targets: Tensor) -> Tensor:
     return losses
 
 
+# ------------------------------------------------------------------------------ input checks
+#
+# Once per batch, no loop over samples: shapes from metadata before the forward pass, then the
+# values (finite inputs, labels in range) in two reductions and one host sync after it.
+
+
+def _input_width(model: nn.Module) -> int | None:
+    """``in_features`` of the first layer when ``model`` is an ``nn.Sequential`` (possibly
+    nested) that starts with an ``nn.Linear``; None when the width cannot be read off."""
+    first: nn.Module = model
+    while isinstance(first, nn.Sequential) and len(first) > 0:
+        first = first[0]
+    return first.in_features if isinstance(first, nn.Linear) else None
+
+
+def _check_batch(x: object, y: object, index: int, width: int | None, labels: bool) -> None:
+    """A one-line ConfigError unless batch ``index`` is a pair of tensors of equal length,
+    ``x`` has shape [B, ..., width] where the model's input ``width`` is known, and (``labels``: the
+    class labels of the default cross-entropy) ``y`` is integer or soft labels [B, C]."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise ConfigError(
+            f"batches: batch {index} is ({type(x).__name__}, {type(y).__name__}); yield "
+            "(x, y) pairs of tensors, e.g. importance.batches(x, y, batch_size)"
+        )
+    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+        raise ConfigError(
+            f"batches: batch {index} has x of shape {tuple(x.shape)} and y of shape "
+            f"{tuple(y.shape)}; pass one label per sample (x [B, ...], y [B])"
+        )
+    if width is not None and (x.ndim < 2 or x.shape[-1] != width):
+        raise ConfigError(
+            f"x: batch {index} has shape {tuple(x.shape)} but the model's first layer takes "
+            f"[B, {width}]; pass inputs with {width} features (flattened images)"
+        )
+    if labels and (y.dtype == torch.bool or (y.is_floating_point() and y.ndim == 1)):
+        raise ConfigError(
+            f"y: batch {index} has labels of dtype {y.dtype}; class labels are integers (y.long())"
+        )
+
+
+def _check_values(x: Tensor, y: Tensor, logits: Tensor, index: int, labels: bool) -> None:
+    """A one-line ConfigError when batch ``index`` holds NaN/inf inputs or (``labels``: the
+    integer labels of a cross-entropy) a label outside 0..C-1, C = logits.shape[-1].
+
+    Cheap: the sum of ``x`` is finite exactly when every entry is (barring an overflow of
+    huge values, told apart on the error path only), so it takes one reduction of x, one of the
+    labels and one host sync.
+    """
+    flags = [torch.isfinite(x.sum())] if x.is_floating_point() else []
+    classes = logits.shape[-1] if logits.ndim >= 1 else 0
+    if labels and not y.is_floating_point() and y.numel() > 0:
+        flags.append(((y >= 0) & (y < classes)).all())
+    if not flags:
+        return
+    values = torch.stack(flags).tolist()
+    if x.is_floating_point() and not values.pop(0):
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ConfigError(
+                f"x: batch {index} holds {bad} NaN or inf values, which make the importance NaN; "
+                "clean or drop those samples"
+            )
+    if values and not values[0]:
+        raise ConfigError(
+            f"y: batch {index} has labels from {int(y.min())} to {int(y.max())} but the model "
+            f"has {classes} outputs (labels 0..{classes - 1}); map the labels to "
+            f"0..{classes - 1} or give the model more outputs"
+        )
+
+
 # ------------------------------------------------------ per-sample gradients of nn.Linear layers
 #
 # For a linear layer z = W a + b applied once to a 2-D input [B, in], sample n's gradient is

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-from masq.config import ImportanceKind, RunConfig
+from masq.config import IMM_METHODS, ImportanceKind, RunConfig
 from masq.errors import ConfigError
 from masq.protocol.result import Result, build_result, run_meta
 from masq.protocol.run import D1State, check_same_d1, eval_sets, synchronize
@@ -42,6 +42,8 @@ def continue_stacked(
         check_same_d1(c, d1)
         if c.n_tasks != 2:
             raise ConfigError(f"stacked: only two-task runs are stacked, got slt {c.slt!r}")
+        if c.consolidation in IMM_METHODS:
+            raise ConfigError("stacked: IMM runs are not stacked; use masq.protocol.imm")
         if (c.iters2, c.device, c.eval_schedule, c.precision) != (
             first.iters2,
             first.device,

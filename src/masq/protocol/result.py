@@ -43,7 +43,10 @@ RECORD_KEYS: tuple[str, ...] = (
     "importance_summary",
     "timings",
     "meta",
+    "imm",
 )
+# Keys written only when not empty (records without them stay as they were).
+OMITTED_WHEN_EMPTY: frozenset[str] = frozenset({"imm"})
 REQUIRED_KEYS: frozenset[str] = frozenset({"config", "curves", "best", "last", "accuracy"})
 
 
@@ -53,8 +56,9 @@ class Result:
     ``last`` hold every set at those points of the final phase plus "iteration";
     ``importance_summary`` is {tensor: {"max", "mean"}} of task 1's importance; ``timings``
     holds "train" (seconds per phase) and "importance" (per importance pass); ``meta`` the
-    software and device. ``weights`` (not serialized): the state dict at the end of every
-    phase, on the CPU, when the run kept them."""
+    software and device; ``imm`` (IMM runs only, :mod:`masq.protocol.imm`) the merge's α
+    sweep and the selected α. ``weights`` (not serialized): the state dict at the end of
+    every phase, on the CPU, when the run kept them."""
 
     config: RunConfig
     curves: list[Curve]
@@ -65,11 +69,16 @@ class Result:
     importance_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, list[float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    imm: dict[str, Any] = field(default_factory=dict)  # IMM runs: the α sweep (protocol.imm)
     weights: list[dict[str, Tensor]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready record (without the weights)."""
-        d = {k: getattr(self, k) for k in RECORD_KEYS}
+        d = {
+            k: getattr(self, k)
+            for k in RECORD_KEYS
+            if k not in OMITTED_WHEN_EMPTY or getattr(self, k)
+        }
         d["config"] = self.config.to_dict()
         return d
 

@@ -35,6 +35,7 @@ from masq import importance as masq_importance
 from masq import tasks as masq_tasks
 from masq.config import (
     FIRST_FIELDS,
+    IMM_METHODS,
     Consolidation,
     ImportanceKind,
     RunConfig,
@@ -254,6 +255,11 @@ def continue_run(
     computed. ``keep_weights`` keeps the state at the end of every phase in the result.
     """
     config.validate()
+    if config.consolidation in IMM_METHODS:
+        raise ConfigError(
+            f"consolidation {config.consolidation}: IMM runs merge after training; use "
+            "masq.protocol.imm.continue_imm (or protocol.run, which routes there)"
+        )
     check_same_d1(config, d1)
     check_tasks(config, tasks)
     device = resolve_device(config.device)
@@ -303,8 +309,15 @@ def run(
     tasks: list[Task] | None = None,
     keep_weights: bool = True,
 ) -> Result:
-    """The whole protocol for one config: tasks, phase 1, task 1's importance, phases 2..T."""
+    """The whole protocol for one config: tasks, phase 1, task 1's importance, phases 2..T
+    (IMM configs go to :func:`masq.protocol.imm.run_imm`: train on, then merge)."""
     config.validate()
+    if config.consolidation in IMM_METHODS:
+        from masq.protocol.imm import run_imm
+
+        return run_imm(
+            config, progress=progress, data_dir=data_dir, tasks=tasks, keep_weights=keep_weights
+        )
     resolve_device(config.device)
     tasks = make_tasks(config, data_dir=data_dir) if tasks is None else tasks
     d1 = train_first(config, tasks, progress=progress)

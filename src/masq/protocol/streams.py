@@ -6,6 +6,7 @@ big-endian integer, masked to 63 bits. Streams:
 - "tasks": the pixel permutations of permuted SLTs;
 - "init": the initialization of the network;
 - "d<t>-batches": the mini-batch stream of phase t (training on task t), t = 1, 2, ...;
+- "d<t>-drop": the drop-transfer masks of IMM's phase t (:mod:`masq.protocol.imm`);
 - "fisher-labels": labels sampled from the model for ``fisher_labels="sampled"`` in the
   importance pass of task 1, and "fisher-labels-d<t>" for that of task t >= 2.
 
@@ -20,7 +21,9 @@ import hashlib
 import re
 
 STREAMS: tuple[str, ...] = ("tasks", "init", "d1-batches", "d2-batches", "fisher-labels")
-_STREAM_RE = re.compile(r"^(tasks|init|d[1-9]\d*-batches|fisher-labels(-d[2-9]|-d[1-9]\d+)?)$")
+_STREAM_RE = re.compile(
+    r"^(tasks|init|d[1-9]\d*-(batches|drop)|fisher-labels(-d[2-9]|-d[1-9]\d+)?)$"
+)
 
 
 def stream_seed(seed: int, stream: str) -> int:

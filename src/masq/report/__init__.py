@@ -1,8 +1,10 @@
 """Tables and figures from stored results: :mod:`~masq.report.tables` (the paper's Table 1
 for runs of any T), :mod:`~masq.report.consistency` (PAPER.md section 5.2) and
-:mod:`~masq.report.figures` (curves over the phases, accuracy-matrix heat maps)."""
+:mod:`~masq.report.figures` (curves over the phases, accuracy-matrix heat maps) and
+:mod:`~masq.report.html` (``masq report``: one HTML page and its Markdown twin)."""
 
 from masq.report.consistency import consistency_figures, consistency_plan, consistency_summary
+from masq.report.html import Report, build_report
 from masq.report.tables import (
     CONFIG_FIELDS,
     GROUPABLE,
@@ -17,7 +19,9 @@ from masq.report.tables import (
 __all__ = [
     "CONFIG_FIELDS",
     "GROUPABLE",
+    "Report",
     "aggregate",
+    "build_report",
     "consistency_figures",
     "consistency_plan",
     "consistency_summary",

@@ -18,6 +18,12 @@ per value of some fields (e.g. importance, scale, init) so one table compares co
 λ = 0 runs (importance "none") take part in every importance group.
 For runs of more than two tasks the table adds, for the winner, the average accuracy, the
 backward transfer and the forgetting at the end of the run (:mod:`masq.protocol.result`).
+
+IMM runs (consolidation mean-imm / mode-imm, :mod:`masq.protocol.imm`) compete among
+themselves under one criterion, "merged": the merged net's accuracy at the weight α_T of the
+last task chosen on the validation sets ("val-selected", ``select_on="val"``) or best on the
+test sets ("test-best", ``select_on="test"``); the table shows that α_T (mean over seeds)
+where EWC rows show the iteration.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import pandas as pd
 
 from masq.config import (
     ID_FIELDS,
+    IMM_METHODS,
     IMPORTANCE_FIELDS,
     Criterion,
     SelectOn,
@@ -52,6 +59,7 @@ GROUPABLE: tuple[str, ...] = tuple(
     f for f in CONFIG_FIELDS if f not in ("slt", "hidden", "lr2", "lam")
 )
 CRITERIA: tuple[str, ...] = Criterion.values()
+MERGED = "merged"  # the criterion of IMM runs: the merged net at the selected α
 SELECT_ON: tuple[str, ...] = SelectOn.values()
 TRANSFER: tuple[str, ...] = ("average_accuracy", "bwt", "forgetting")
 
@@ -66,29 +74,47 @@ def _columns(select_on: str, criterion: str) -> tuple[str, str]:
 def check_select_on(df: pd.DataFrame, select_on: str) -> None:
     """ConfigError unless ``df`` can be selected on ``select_on``."""
     select_on = choice(SelectOn, select_on, "--select-on")
-    if select_on == SelectOn.VAL:
+    ewc = df[~is_imm(df)]  # IMM runs always select α on validation too
+    if select_on == SelectOn.VAL and not ewc.empty:
         col = "best_val.val_union"
-        if col not in df.columns or df[col].isna().any():
+        if col not in ewc.columns or ewc[col].isna().any():
             raise ConfigError(
                 "--select-on val: some runs have no validation curves; re-run the grid with "
                 "--eval-val (into a new --results directory) or use --select-on test"
             )
 
 
+def is_imm(df: pd.DataFrame) -> pd.Series:
+    """Which rows of ``df`` are IMM runs."""
+    if "consolidation" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["consolidation"].isin([m.value for m in IMM_METHODS])
+
+
+def _criteria(candidates: pd.DataFrame) -> list[tuple[pd.DataFrame, str]]:
+    """(runs, criterion) pairs of a group: EWC runs under "best" and "last", IMM runs under
+    "merged"."""
+    imm = is_imm(candidates)
+    out = [(candidates[~imm], c) for c in CRITERIA] if (~imm).any() else []
+    return out + ([(candidates[imm], MERGED)] if imm.any() else [])
+
+
 def with_wildcards(df: pd.DataFrame, group_by: Sequence[str]) -> pd.DataFrame:
     """``df`` with every λ = 0 run repeated in each importance group of ``group_by``.
 
     λ = 0 runs do not depend on the importance settings (they are stored once, with
-    importance "none"), so when grouping by importance fields they compete in every group.
+    importance "none"), so when grouping by importance fields they compete in every group
+    (of EWC runs: IMM runs do not use λ and keep to themselves).
     """
     keys = [k for k in group_by if k in LAM0_FREE_FIELDS]
     if not keys or df.empty:
         return df
-    ewc, zero = df[df["lam"] > 0], df[df["lam"] == 0]
+    imm = is_imm(df)
+    ewc, zero = df[(df["lam"] > 0) & ~imm], df[(df["lam"] == 0) & ~imm]
     combos = ewc[keys].drop_duplicates().to_dict("records")
     if not combos or zero.empty:
         return df
-    parts = [ewc] + [zero.assign(**combo) for combo in combos]
+    parts = [df[imm], ewc] + [zero.assign(**combo) for combo in combos]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -98,7 +124,7 @@ def aggregate(df: pd.DataFrame, select_on: str = "test") -> pd.DataFrame:
     run ids."""
     fields = [f for f in CONFIG_FIELDS if f in df.columns]
     metrics: list[str] = []
-    for criterion in CRITERIA:
+    for criterion in (*CRITERIA, MERGED):
         select, prefix = _columns(select_on, criterion)
         metrics += [
             select,
@@ -106,6 +132,7 @@ def aggregate(df: pd.DataFrame, select_on: str = "test") -> pd.DataFrame:
             f"{prefix}.D1",
             f"{prefix}.D2",
             f"{prefix}.iteration",
+            f"{prefix}.alpha",
         ]
     metrics += list(TRANSFER)
     metrics = list(dict.fromkeys(m for m in metrics if m in df.columns))
@@ -166,16 +193,18 @@ def table1(
     keys = ["slt", *group_by]
     for values, candidates in agg.groupby(keys, sort=True, dropna=False):
         values = values if isinstance(values, tuple) else (values,)
-        for criterion in CRITERIA:
+        for members, criterion in _criteria(candidates):
             column, prefix = _columns(select_on, criterion)
-            win = select(candidates, column)
+            win = select(members, column)
+            merged = criterion == MERGED
             row: dict[str, Any] = dict(zip(keys, values, strict=True))
             row.update(
                 criterion=criterion,
                 selected_on=select_on,
                 hidden=win["hidden"],
                 lr2=win["lr2"],
-                lam=win["lam"],
+                lam=math.nan if merged else win["lam"],
+                alpha=win.get(f"{prefix}.alpha", math.nan),
                 method=method_label(win, detailed=True),
                 tasks=int(win["tasks"]),
                 seed_list=win["seed_list"],
@@ -188,14 +217,14 @@ def table1(
                 run_ids=win["run_ids"],
                 lam0_mean=math.nan,
                 lam0_std=math.nan,
-                **{name: win.get(name, math.nan) for name in TRANSFER},
+                **{name: math.nan if merged else win.get(name, math.nan) for name in TRANSFER},
             )
             for name in ("init", "dataset", "iters1", "iters2", "eval_every"):
                 row.setdefault(name, win[name])
             if select_on == "val":
                 row["selection_mean"] = win[column]
             if criterion == "last":
-                zero = _same_except_lam(candidates, win)
+                zero = _same_except_lam(members, win)
                 if not zero.empty:
                     z = zero.iloc[0]
                     row["lam0_mean"] = z[f"{prefix}.union"]
@@ -217,6 +246,12 @@ def _num(x: Any) -> str:
     return f"{x:g}" if isinstance(x, int | float) else str(x)
 
 
+def _criterion_cell(r: pd.Series) -> str:
+    if r["criterion"] != MERGED:
+        return str(r["criterion"])
+    return "merged (val-selected α)" if r["selected_on"] == "val" else "merged (test-best α)"
+
+
 def to_markdown(table: pd.DataFrame, group_by: Sequence[str] = ()) -> str:
     """Table 1 as Markdown, with a line naming the selection data."""
     if table.empty:
@@ -228,6 +263,7 @@ def to_markdown(table: pd.DataFrame, group_by: Sequence[str] = ()) -> str:
         else "selected on the VALIDATION curves; test accuracy reported"
     )
     many = bool((table["tasks"] > 2).any()) if "tasks" in table else False
+    imm_rows = bool((table["criterion"] == MERGED).any())
     union = "all tasks" if many else "D1∪D2"
     header = [
         "SLT",
@@ -252,6 +288,17 @@ def to_markdown(table: pd.DataFrame, group_by: Sequence[str] = ()) -> str:
             "; ACC, BWT, forgetting at the end of the winner's runs (mean over seeds)."
             if many
             else "."
+        )
+        + (
+            " IMM rows (criterion merged): the merged net at the last task's weight α_T "
+            + (
+                "best on the TEST sets (test-best α)"
+                if select_on == "test"
+                else "chosen on the VALIDATION sets (val-selected α)"
+            )
+            + ", shown in the iteration column; λ is EWC's."
+            if imm_rows
+            else ""
         ),
         "",
         "| " + " | ".join(header) + " |",
@@ -261,16 +308,16 @@ def to_markdown(table: pd.DataFrame, group_by: Sequence[str] = ()) -> str:
         cells = [
             str(r["slt"]),
             *(_num(r[g]) for g in group_by),
-            r["criterion"],
+            _criterion_cell(r),
             f"784-{r['hidden']}-10",
             *([str(r["init"])] if "init" not in group_by else []),
             _num(r["lr2"]),
-            _num(r["lam"]),
+            "—" if r["criterion"] == MERGED else _num(r["lam"]),
             r["method"],
             _pct(r["acc_mean"], r["acc_std"]),
             _pct(r["d1_mean"], math.nan),
             _pct(r["d2_mean"], math.nan),
-            _num(r["iteration"]),
+            f"α_T {r['alpha']:.2f}" if r["criterion"] == MERGED else _num(r["iteration"]),
             _pct(r["lam0_mean"], r["lam0_std"]) if r["criterion"] == "last" else "",
             *([_pct(r[name], math.nan) for name in TRANSFER] if many else []),
             str(r["seeds"]),

@@ -1,0 +1,82 @@
+"""The paper's analyses, computed from trained states or read from stored results.
+
+- :mod:`~masq.analysis.diagonality`: Table 2 (PAPER.md section 5.3), full Fisher-block
+  statistics of every weight matrix and bias vector, and heat maps of small blocks;
+- :mod:`~masq.analysis.compare`: FIM versus MaSQ per tensor (section 5.4: maxima; beyond it:
+  ratio of means, rank correlation, top-q overlap, the share of cancelling gradients);
+- :mod:`~masq.analysis.sweep`: the λ sweep, a grid over λ from 1 to 1e12 per importance;
+- :mod:`~masq.analysis.common`: provenance and the manifests the report reads.
+
+Each returns tables (DataFrames) and matplotlib figures; ``masq analyze`` writes them.
+"""
+
+from masq.analysis.common import provenance, read_manifest, save_png, write_manifest
+from masq.analysis.compare import (
+    MEASURES,
+    cancellation_share,
+    compare_markdown,
+    compare_rows,
+    compare_state,
+    maxima_figure,
+    measures,
+    spearman,
+    top_overlap,
+    top_set,
+)
+from masq.analysis.compare import write_outputs as compare_outputs
+from masq.analysis.diagonality import (
+    Diagonality,
+    block_statistics,
+    diagonality,
+    fisher_block,
+    heatmap_figure,
+    table2_markdown,
+)
+from masq.analysis.diagonality import write_outputs as diagonality_outputs
+from masq.analysis.sweep import (
+    lam_grid,
+    needed_lambda,
+    needed_markdown,
+    paper_lams,
+    sweep_configs,
+    sweep_figure,
+    sweep_frame,
+    sweep_grid,
+    sweep_markdown,
+)
+from masq.analysis.sweep import write_outputs as sweep_outputs
+
+__all__ = [
+    "MEASURES",
+    "Diagonality",
+    "block_statistics",
+    "cancellation_share",
+    "compare_markdown",
+    "compare_outputs",
+    "compare_rows",
+    "compare_state",
+    "diagonality",
+    "diagonality_outputs",
+    "fisher_block",
+    "heatmap_figure",
+    "lam_grid",
+    "maxima_figure",
+    "measures",
+    "needed_lambda",
+    "needed_markdown",
+    "paper_lams",
+    "provenance",
+    "read_manifest",
+    "save_png",
+    "spearman",
+    "sweep_configs",
+    "sweep_figure",
+    "sweep_frame",
+    "sweep_grid",
+    "sweep_markdown",
+    "sweep_outputs",
+    "table2_markdown",
+    "top_overlap",
+    "top_set",
+    "write_manifest",
+]

@@ -1,0 +1,117 @@
+"""What every analysis shares: provenance, manifests and atomic PNG/table writes.
+
+An analysis writes into its output directory the data (CSV), a Markdown table, its figures
+(PNG) and a manifest ``<name>.json``::
+
+    {"format": "masq-analysis", "analysis": "diagonality" | "compare" | "lambda",
+     "command": "masq analyze ...", "provenance": {...}, "files": {...}, ...}
+
+which :mod:`masq.report.html` reads to place the analysis in the report with a caption
+saying what was run and the command that regenerates it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from masq import __version__
+from masq.errors import ConfigError
+from masq.fileio import atomic_write
+
+MANIFEST_FORMAT = "masq-analysis"
+ANALYSES: tuple[str, ...] = ("diagonality", "compare", "lambda")
+
+
+def cpu_count() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:
+    """Where and when an analysis ran: date (UTC, ISO 8601), masq and torch versions, the
+    machine (architecture, cores, torch threads, device) and ``extra``."""
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "masq_version": __version__,
+        "torch_version": torch.__version__,
+        "machine": f"{platform.machine()}, {cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, device {device}",
+        **extra,
+    }
+
+
+def save_png(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return atomic_write(path, buffer.getvalue())
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, text)
+
+
+def write_manifest(out: str | os.PathLike[str], analysis: str, body: Mapping[str, Any]) -> Path:
+    """Write ``out/<analysis>.json``: the manifest of one analysis (module docstring)."""
+    if analysis not in ANALYSES:
+        raise ValueError(f"unknown analysis {analysis!r}")
+    record = {"format": MANIFEST_FORMAT, "analysis": analysis, **body}
+    text = json.dumps(record, indent=1, ensure_ascii=False, default=str, allow_nan=True)
+    return atomic_write(Path(out) / f"{analysis}.json", text + "\n")
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest at ``path``, None when the file is absent or not a masq analysis manifest;
+    a corrupt manifest is a one-line ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        record = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{p}: unreadable analysis manifest ({err}); re-run it") from None
+    if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
+        return None
+    return record
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number for a table: ``digits`` significant digits, NaN as "—", ints as ints."""
+    if x is None:
+        return "—"
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if x != x:  # NaN
+        return "—"
+    return f"{x:.{digits}g}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str]], title: str = "") -> str:
+    """A Markdown table of ``rows`` with ``columns`` = [(key, header)], numbers by :func:`fmt`
+    (a "|" in a cell is written as "\\|")."""
+    lines = [title, ""] if title else []
+    lines.append("| " + " | ".join(_cell(h) for _, h in columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(fmt(row.get(k))) for k, _ in columns) + " |")
+    return "\n".join(lines) + "\n"

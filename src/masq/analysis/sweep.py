@@ -1,0 +1,278 @@
+"""What λ does each importance measure need? The λ sweep.
+
+For an SLT at one architecture and ε2, every run starts from the same task-1 state and is
+re-trained on the later task with EWC at λ ∈ {λ_lo · 10^(k/m)} up to λ_hi (m points per
+decade; :func:`lam_grid`), once per importance (FIM; MaSQ ``mean``; MaSQ ``sum``), plus one
+run with λ = 0. It is a grid (:func:`sweep_grid`, run by :func:`masq.grid.execute`: shared
+task-1 state and importance passes, stacked re-training, resumable result store).
+
+:func:`sweep_frame` reads the store: per (SLT, method, λ) the mean and std over seeds of the
+"best" and "last" accuracy on the union of all tasks. :func:`needed_lambda` answers the
+question: per method, the λ with the highest mean accuracy and the range of λ within a
+tolerance of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from masq.analysis.common import markdown, provenance, save_png, write_manifest, write_text
+from masq.config import RunConfig, lam_per_lr2, method_label, round_sig
+from masq.errors import ConfigError
+from masq.grid import expand, grid_from_mapping, load_preset
+from masq.store import run_id
+
+# The other reading of the paper's λ grid: c / ε2 (PAPER.md section 2).
+PAPER_LAM_PER_LR2: tuple[float, ...] = (0.1, 1.0, 10.0)
+# The curves of a sweep, in drawing order, and their colours.
+METHODS: tuple[str, ...] = ("EWC+FIM", "EWC+MaSQ (mean)", "EWC+MaSQ (sum)")
+COLOURS: dict[str, str] = {
+    "EWC+FIM": "tab:blue",
+    "EWC+MaSQ (mean)": "tab:red",
+    "EWC+MaSQ (sum)": "tab:orange",
+}
+NO_EWC = "no EWC"
+
+
+def paper_lams(lr2: float) -> tuple[list[float], list[float]]:
+    """The paper's λ grid at ε2 = ``lr2`` in both readings: (absolute λ > 0 of the ``paper``
+    preset, c / ε2 for c in :data:`PAPER_LAM_PER_LR2`)."""
+    absolute = [float(v) for v in load_preset("paper").lam if v > 0]
+    return absolute, [lam_per_lr2(c, lr2) for c in PAPER_LAM_PER_LR2]
+
+
+def lam_grid(lo: float = 1.0, hi: float = 1e12, per_decade: int = 2) -> list[float]:
+    """λ = lo · 10^(k / per_decade) for k = 0, 1, ... while ≤ hi (12 significant digits)."""
+    if not (lo > 0 and math.isfinite(lo) and math.isfinite(hi)):
+        raise ConfigError(f"--lam-min must be a positive finite number, got {lo}")
+    if hi < lo:
+        raise ConfigError(f"--lam-max ({hi:g}) must be at least --lam-min ({lo:g})")
+    if per_decade < 1:
+        raise ConfigError(f"--per-decade must be >= 1, got {per_decade}")
+    steps = math.floor(round(per_decade * math.log10(hi / lo), 9))
+    return [round_sig(lo * 10 ** (k / per_decade)) for k in range(steps + 1)]
+
+
+def sweep_grid(
+    slt: str,
+    hidden: Sequence[int],
+    lr2: float,
+    lams: Sequence[float],
+    *,
+    seeds: int = 1,
+    base: Mapping[str, Any] | None = None,
+) -> Any:
+    """The grid of one SLT's sweep: λ ∈ {0} ∪ ``lams``, importance fisher | masq, scale mean |
+    sum, seeds 0..seeds-1; ``base`` sets any other axis (one value each, e.g. iters1)."""
+    values: dict[str, Any] = dict(base or {})
+    values.update(
+        slt=slt,
+        hidden=[list(hidden)],
+        lr2=lr2,
+        lam=[0.0, *lams],
+        importance=["fisher", "masq"],
+        scale=["mean", "sum"],
+        seeds=seeds,
+    )
+    return grid_from_mapping(values, where="λ sweep")
+
+
+def sweep_configs(grids: Sequence[Any]) -> list[RunConfig]:
+    """Every run of ``grids`` (:func:`masq.grid.expand`), duplicates dropped."""
+    seen: set[str] = set()
+    out = []
+    for grid in grids:
+        for config in expand(grid):
+            rid = run_id(config)
+            if rid not in seen:
+                seen.add(rid)
+                out.append(config)
+    return out
+
+
+def sweep_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (slt, hidden, lr2, method, λ) over seeds: ``best_mean``, ``best_std``,
+    ``last_mean``, ``last_std`` (accuracy on the union of all tasks during the final phase)
+    and ``seeds``; ``method`` is :func:`masq.config.method_label` ("no EWC" for λ = 0)."""
+    if df.empty:
+        raise ConfigError("no stored runs for the λ sweep; run `masq analyze lambda` first")
+    data = df.assign(method=[method_label(r) for r in df.to_dict("records")])
+    keys = ["slt", "hidden", "lr2", "method", "lam"]
+    grouped = data.groupby(keys, sort=True)
+    out = pd.DataFrame(
+        {
+            "best_mean": grouped["best.union"].mean(),
+            "best_std": grouped["best.union"].std(ddof=1),
+            "last_mean": grouped["last.union"].mean(),
+            "last_std": grouped["last.union"].std(ddof=1),
+            "seeds": grouped.size(),
+        }
+    )
+    return out.reset_index()
+
+
+def needed_lambda(frame: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:
+    """Per (slt, method, criterion): ``lam_best`` (the λ with the highest mean accuracy, the
+    smallest on ties), ``acc`` there, ``lam_lo``..``lam_hi`` (the smallest and largest λ whose
+    mean is within ``tolerance`` of it) and ``acc_lam0`` (the λ = 0 run's mean)."""
+    rows = []
+    for (slt, method), part in frame[frame["method"] != NO_EWC].groupby(["slt", "method"]):
+        zero = frame[(frame["slt"] == slt) & (frame["method"] == NO_EWC)]
+        for criterion in ("best", "last"):
+            col = f"{criterion}_mean"
+            part_sorted = part.sort_values("lam", kind="mergesort")
+            top = part_sorted[col].max()
+            winner = part_sorted[part_sorted[col] == top].iloc[0]
+            near = part_sorted[part_sorted[col] >= top - tolerance]
+            rows.append(
+                {
+                    "slt": slt,
+                    "method": method,
+                    "criterion": criterion,
+                    "lam_best": float(winner["lam"]),
+                    "acc": float(top),
+                    "lam_lo": float(near["lam"].min()),
+                    "lam_hi": float(near["lam"].max()),
+                    "acc_lam0": float(zero[col].iloc[0]) if not zero.empty else math.nan,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+NEEDED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("slt", "SLT"),
+    ("method", "method"),
+    ("criterion", "criterion"),
+    ("lam_best", "best λ"),
+    ("acc", "accuracy there"),
+    ("lam_lo", "λ within tolerance: from"),
+    ("lam_hi", "to"),
+    ("acc_lam0", "accuracy with λ = 0"),
+)
+
+
+def needed_markdown(needed: pd.DataFrame, tolerance: float = 0.01) -> str:
+    """:func:`needed_lambda` as Markdown (accuracies as fractions)."""
+    title = (
+        f"λ each measure needs: the λ of the highest mean accuracy on the union of all tasks, "
+        f"and the λ range within {100 * tolerance:g} point(s) of it."
+    )
+    return markdown(needed.to_dict("records"), list(NEEDED_COLUMNS), title)
+
+
+def sweep_figure(frame: pd.DataFrame, slt: str, *, title: str = "") -> Figure:
+    """One SLT's sweep: "best" and "last" accuracy on the union of all tasks against λ (log
+    axis), one curve per method (mean over seeds, a ±std band with several seeds), λ = 0 as a
+    horizontal line, the paper's λ grid marked in both readings."""
+    part = frame[frame["slt"] == slt]
+    if part.empty:
+        raise ConfigError(f"no λ-sweep runs for {slt!r}")
+    lr2 = float(part["lr2"].iloc[0])
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    absolute, relative = paper_lams(lr2)
+    for ax, criterion in zip(axes, ("best", "last"), strict=True):
+        mean, std = f"{criterion}_mean", f"{criterion}_std"
+        for i, lam in enumerate(absolute):
+            ax.axvline(
+                lam,
+                color="0.55",
+                linestyle=":",
+                linewidth=1,
+                label="paper grid, λ absolute" if i == 0 else None,
+            )
+        for i, lam in enumerate(relative):
+            ax.axvline(
+                lam,
+                color="0.55",
+                linestyle="-.",
+                linewidth=1,
+                label="paper grid, λ = c/ε2" if i == 0 else None,
+            )
+        zero = part[part["method"] == NO_EWC]
+        if not zero.empty:
+            ax.axhline(
+                float(zero[mean].iloc[0]),
+                color="black",
+                linestyle="--",
+                linewidth=1.2,
+                label="no EWC (λ = 0)",
+            )
+        for method in METHODS:
+            rows = part[part["method"] == method].sort_values("lam")
+            if rows.empty:
+                continue
+            xs, ys = rows["lam"].to_numpy(float), rows[mean].to_numpy(float)
+            ax.plot(xs, ys, marker="o", markersize=3, color=COLOURS[method], label=method)
+            sd = rows[std].to_numpy(float)
+            if np.isfinite(sd).any():
+                sd = np.nan_to_num(sd)
+                ax.fill_between(xs, ys - sd, ys + sd, color=COLOURS[method], alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("λ")
+        ax.set_title(f'"{criterion}" accuracy on the union of all tasks')
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize=8, loc="best")
+    hidden = part["hidden"].iloc[0]
+    seeds = int(part["seeds"].max())
+    fig.suptitle(
+        title or f"{slt}: λ sweep, 784-{hidden}-10, ε2 = {lr2:g}, {seeds} seed(s)", fontsize=10
+    )
+    return fig
+
+
+def sweep_markdown(frame: pd.DataFrame) -> str:
+    """The sweep's numbers as Markdown (one row per SLT, method and λ)."""
+    cols = [
+        ("slt", "SLT"),
+        ("method", "method"),
+        ("lam", "λ"),
+        ("best_mean", "best"),
+        ("best_std", "± std"),
+        ("last_mean", "last"),
+        ("last_std", "± std"),
+        ("seeds", "seeds"),
+    ]
+    return markdown(frame.to_dict("records"), cols)
+
+
+def write_outputs(
+    frame: pd.DataFrame, out: str | Path, *, tolerance: float, body: Mapping[str, Any]
+) -> tuple[str, list[Path]]:
+    """Write ``out``/lambda_<SLT>.png per SLT, lambda.md/.csv (every point), lambda_needed.md/
+    .csv (:func:`needed_lambda`) and the manifest lambda.json (``body`` plus the files and
+    provenance); (the "λ needed" Markdown table, the paths written)."""
+    out = Path(out)
+    needed = needed_lambda(frame, tolerance)
+    needed_md = needed_markdown(needed, tolerance)
+    written, figures = [], []
+    for slt in dict.fromkeys(frame["slt"]):
+        name = f"lambda_{str(slt).replace('/', '_')}.png"
+        written.append(save_png(sweep_figure(frame, str(slt)), out / name))
+        figures.append(name)
+    written += [
+        write_text(out / "lambda.md", sweep_markdown(frame)),
+        write_text(out / "lambda.csv", frame.to_csv(index=False)),
+        write_text(out / "lambda_needed.md", needed_md),
+        write_text(out / "lambda_needed.csv", needed.to_csv(index=False)),
+    ]
+    files = {
+        "markdown": "lambda.md",
+        "csv": "lambda.csv",
+        "needed_markdown": "lambda_needed.md",
+        "needed_csv": "lambda_needed.csv",
+        "figures": figures,
+    }
+    manifest = {**body, "tolerance": tolerance, "provenance": provenance(), "files": files}
+    written.append(write_manifest(out, "lambda", manifest))
+    return needed_md, written

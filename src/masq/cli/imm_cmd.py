@@ -1,0 +1,291 @@
+"""``masq imm`` (one IMM run: task 1, the later tasks trained on from the previous solution,
+then mean-IMM and mode-IMM merges swept over α) and ``masq imm-report`` (the α figures of a
+results directory's IMM runs, one per SLT).
+
+``masq imm`` trains once and merges both ways: mean-IMM needs no importance, mode-IMM uses
+``--importance`` (FIM or MaSQ, ``--scale``). The α sweep evaluates merged nets only (no
+training). Outputs: a printed table, the two JSON records, imm.md / imm.csv and imm.png
+(accuracy against the last task's weight α_T).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from masq import protocol
+from masq.cli.experiment_cmd import (
+    _safe,
+    config_from_args,
+    csv_text,
+    markdown_table,
+    run_stem,
+    text_table,
+)
+from masq.cli.options import add_run_flags
+from masq.config import Consolidation, ImportanceKind, RunConfig, hidden_text, method_label
+from masq.curves import VAL, task_name, union_name
+from masq.errors import ConfigError
+from masq.fileio import atomic_write
+from masq.grid import canonical
+from masq.protocol import imm as imm_protocol
+from masq.protocol.result import Result
+from masq.report.figures import STYLES, save_figure
+from masq.runtime import check_out_dir, resolve_device, setup_threads
+from masq.store import load, load_record
+
+# The fields `masq imm` sets itself (it runs both merges; λ and γ are EWC's).
+OWN: tuple[str, ...] = ("consolidation", "lam", "gamma")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``imm`` and ``imm-report`` to ``sub``."""
+    p = sub.add_parser(
+        "imm",
+        help="Incremental Moment Matching: train on, then merge (mean-IMM and mode-IMM) over α",
+        description=(
+            "Train task 1, then each later task from the previous solution (--transfer weight, "
+            "l2, drop or l2-drop), compute each task's importance at its solution (--importance "
+            "fisher or masq) and merge the solutions by mean-IMM and mode-IMM for every α of the "
+            "sweep (--alpha-step); prints the val-selected and the test-best α and writes the "
+            "two JSON records, imm.md, imm.csv and imm.png (accuracy against α) into --out."
+        ),
+    )
+    add_run_flags(
+        p,
+        skip=OWN,
+        defaults={"hidden": "per SLT (as masq run)", "lr2": "per SLT", "device": "auto"},
+    )
+    p.add_argument("--iters", type=int, default=None, help="iterations of every phase")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="directory with the IDX files")
+    p.add_argument("--out", metavar="DIR", default=None, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_imm)
+
+    r = sub.add_parser(
+        "imm-report",
+        help="figures of accuracy against α for the IMM runs of a results directory",
+        description=(
+            "For each SLT of --results: one figure of the accuracy on the union of all tasks "
+            "against the last task's weight α_T, one panel per transfer, one line per IMM "
+            "method (mean over seeds; dots: the val-selected α). Writes imm_alpha_<SLT>.png and "
+            "imm_alpha.csv into --out."
+        ),
+    )
+    r.add_argument("--results", required=True, help="results directory with IMM runs")
+    r.add_argument("--out", default=None, help="output directory (default: the results dir)")
+    r.set_defaults(func=_report)
+
+
+def imm_configs(base: RunConfig) -> tuple[RunConfig, RunConfig]:
+    """(mean-IMM, mode-IMM) configs of ``base``, canonical as in a grid (same run ids)."""
+    if base.importance == ImportanceKind.NONE:
+        raise ConfigError("masq imm: mode-IMM needs an importance; use --importance fisher or masq")
+    mean = canonical(base.with_(consolidation=Consolidation.MEAN_IMM).validate())
+    mode = canonical(base.with_(consolidation=Consolidation.MODE_IMM).validate())
+    return mean, mode
+
+
+def run_pair(
+    base: RunConfig, *, progress: bool = False, data_dir: str | None = None
+) -> dict[str, Result]:
+    """Mean-IMM and mode-IMM of ``base`` from one training: {label: Result}."""
+    mean, mode = imm_configs(base)
+    tasks = protocol.make_tasks(mode, data_dir=data_dir)
+    d1 = protocol.train_first(mode, tasks, progress=progress)
+    trained = imm_protocol.train_sequence(mode, d1, tasks, progress=progress)
+    imp, seconds = protocol.compute_importance(mode, d1, tasks)
+    out = {}
+    for config, first, s in ((mean, None, 0.0), (mode, imp, seconds)):
+        result = imm_protocol.continue_imm(config, d1, first, tasks, s, trained=trained)
+        out[method_label(config)] = result
+    return out
+
+
+def summary_rows(results: Mapping[str, Result]) -> list[dict[str, Any]]:
+    """One row per method: the val-selected and the test-best α_T with the accuracy there on
+    the union of all tasks and each task, the uniform α, and θ_T alone (α_T = 1)."""
+    rows = []
+    for label, r in results.items():
+        n = len(r.curves)
+        union = union_name(n)
+        val, best, uniform = r.imm["val_selected"], r.imm["test_best"], r.imm["uniform"]
+        row: dict[str, Any] = {"method": label, "val-selected α_T": val["share"]}
+        row[f"{union} (val-selected)"] = val[union]
+        row |= {f"{task_name(j)} (val-selected)": val[task_name(j)] for j in range(n)}
+        row["test-best α_T"] = best["share"]
+        row[f"{union} (test-best)"] = best[union]
+        row[f"{union} (uniform α)"] = uniform[union]
+        row[f"{union} (α_T = 1)"] = r.last[union]
+        row["merge s"] = float(sum(r.timings.get("merge", [])))
+        rows.append(row)
+    return rows
+
+
+def _imm(args: argparse.Namespace) -> int:
+    base = config_from_args(args, consolidation=Consolidation.MEAN_IMM)  # both: run_pair
+    setup_threads(args.threads)
+    resolve_device(base.device)
+    out = check_out_dir(args.out or f"results/imm-{_safe(base.slt)}")
+    start = time.perf_counter()
+    results = run_pair(base, progress=not args.quiet, data_dir=args.data_dir)
+    seconds = time.perf_counter() - start
+    written = []
+    for result in results.values():
+        stem = run_stem(result.config) + f"_{result.config.consolidation.value}"
+        written.append(result.save(out / f"{stem}.json"))
+    rows = summary_rows(results)
+    written.append(atomic_write(out / "imm.md", markdown_table(rows) + "\n"))
+    written.append(atomic_write(out / "imm.csv", csv_text(rows)))
+    title = (
+        f"{base.slt}, hidden {hidden_text(base.hidden)}, lr2 {base.lr2:g}, "
+        f"{base.iters1}+{base.iters2} iterations, seed {base.seed}"
+    )
+    written.append(save_figure(sweep_figure(results, title=title), out / "imm.png"))
+    print(f"{title}; transfer {base.transfer.value}; {seconds:.0f} s")
+    print(text_table(rows))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _plot_sweep(ax: Axes, sweep: Mapping[str, Sequence[float]], n: int, style: Any, label: str):
+    colour, line = style
+    x = sweep[imm_protocol.SHARE]
+    union = union_name(n)
+    ax.plot(x, sweep[union], color=colour, linestyle=line, label=f"{label}: {union}")
+    for j in range(n):
+        ax.plot(x, sweep[task_name(j)], color=colour, linestyle=line, linewidth=0.7, alpha=0.5)
+
+
+def sweep_figure(results: Mapping[str, Result], *, title: str = "") -> Figure:
+    """Test accuracy of the merged net against α_T for each method: the union of all tasks
+    (thick), every task (thin), the val-selected α (dot) and the test-best α (cross)."""
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for (label, r), style in zip(results.items(), STYLES[1:] * 3, strict=False):
+        n = len(r.curves)
+        union = union_name(n)
+        _plot_sweep(ax, r.imm["sweep"], n, style, label)
+        for key, marker in (("val_selected", "o"), ("test_best", "x")):
+            p = r.imm[key]
+            ax.plot([p["share"]], [p[union]], marker=marker, color=style[0], linestyle="")
+    ax.set_xlabel("α_T (weight of the last task; α_1 = … = 1 − α_T shared)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="o val-selected α, x test-best α", title_fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def mean_sweeps(root: str | Path) -> dict[str, dict[tuple[str, str], dict[str, list[float]]]]:
+    """{SLT: {(transfer label, method label): mean sweep over seeds}} of the IMM runs of
+    ``root``, with "val_share": the mean val-selected α_T and "seeds"."""
+    df = load(root)
+    if df.empty or "consolidation" not in df.columns:
+        raise ConfigError(f"no IMM runs in {str(root)!r}; run `masq grid --consolidation mode-imm`")
+    df = df[df["consolidation"].isin(["mean-imm", "mode-imm"])]
+    if df.empty:
+        raise ConfigError(f"no IMM runs in {str(root)!r}; run `masq grid --consolidation mode-imm`")
+    out: dict[str, dict[tuple[str, str], dict[str, list[float]]]] = {}
+    for _, row in df.sort_values("run_id").iterrows():
+        record = load_record(root, row["run_id"])["result"]
+        config = RunConfig.from_dict(record["config"])
+        method = method_label(config.with_(transfer="weight"))
+        transfer = imm_transfer_label(config)
+        slot = out.setdefault(config.slt, {}).setdefault((transfer, method), {})
+        n = config.n_tasks
+        sweep = record["imm"]["sweep"]
+        for key in (imm_protocol.SHARE, union_name(n), VAL + union_name(n)):
+            slot.setdefault(key, []).append(sweep[key])  # type: ignore[arg-type]
+        slot.setdefault("val_share", []).append(record["imm"]["val_selected"]["share"])
+    return {slt: {k: _mean(v) for k, v in d.items()} for slt, d in out.items()}
+
+
+def imm_transfer_label(config: RunConfig) -> str:
+    """ "weight transfer", "L2-transfer λ=0.001", "drop-transfer p=0.5", or both."""
+    label = method_label(config)
+    return label.split(", ", 1)[1] if ", " in label else "weight transfer"
+
+
+def _mean(values: dict[str, list[Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"seeds": len(values["val_share"])}
+    for key, runs in values.items():
+        if key == "val_share":
+            out[key] = sum(runs) / len(runs)
+            continue
+        lengths = {len(r) for r in runs}
+        if len(lengths) != 1:
+            raise ConfigError("imm-report: runs of one method have different α sweeps")
+        out[key] = [sum(col) / len(col) for col in zip(*runs, strict=True)]
+    return out
+
+
+def report_figure(slt: str, sweeps: Mapping[tuple[str, str], Mapping[str, Any]]) -> Figure:
+    """One panel per transfer, one line per method: test accuracy on the union of all tasks
+    against α_T (mean over seeds), a dot at the mean val-selected α_T."""
+    transfers = sorted({t for t, _ in sweeps})
+    fig = Figure(figsize=(5.2 * len(transfers), 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(transfers), sharey=True, squeeze=False).ravel()
+    methods = sorted({m for _, m in sweeps})
+    styles = dict(zip(methods, STYLES[1:] * 3, strict=False))
+    for ax, transfer in zip(axes, transfers, strict=True):
+        for method in methods:
+            s = sweeps.get((transfer, method))
+            if s is None:
+                continue
+            union = next(k for k in s if "∪" in k and not k.startswith(VAL))
+            x, y = s[imm_protocol.SHARE], s[union]
+            colour, line = styles[method]
+            seeds = f"{s['seeds']} seed" + ("s" if s["seeds"] > 1 else "")
+            ax.plot(x, y, color=colour, linestyle=line, label=f"{method} ({seeds})")
+            i = min(range(len(x)), key=lambda k: abs(x[k] - s["val_share"]))
+            ax.plot([x[i]], [y[i]], marker="o", color=colour, linestyle="")
+        ax.set_title(f"{slt}, {transfer}", fontsize=9)
+        ax.set_xlabel("α_T (weight of the last task)")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, title="o: mean val-selected α", title_fontsize=7)
+    axes[0].set_ylabel("test accuracy on the union of all tasks")
+    return fig
+
+
+def _report(args: argparse.Namespace) -> int:
+    out = check_out_dir(args.out or args.results)
+    sweeps = mean_sweeps(args.results)
+    written = []
+    rows = []
+    for slt, by in sorted(sweeps.items()):
+        written.append(save_figure(report_figure(slt, by), out / f"imm_alpha_{_safe(slt)}.png"))
+        for (transfer, method), s in sorted(by.items()):
+            union = next(k for k in s if "∪" in k and not k.startswith(VAL))
+            for i, share in enumerate(s[imm_protocol.SHARE]):
+                rows.append(
+                    {
+                        "slt": slt,
+                        "transfer": transfer,
+                        "method": method,
+                        "seeds": s["seeds"],
+                        "alpha_T": share,
+                        "test_union": s[union][i],
+                        "val_union": s[VAL + union][i],
+                    }
+                )
+    if rows:
+        written.append(atomic_write(out / "imm_alpha.csv", csv_text(rows)))
+    best = [r for r in rows if not math.isnan(r["test_union"])]
+    print(f"{len(sweeps)} SLTs, {len(best)} sweep points")
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0

@@ -1,0 +1,63 @@
+"""``masq report``: one browsable HTML page (and the same as Markdown) from results and analyses.
+
+masq report --results runs/paper docs/analysis --bench docs/bench/importance_part1.txt \\
+    --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from masq.config import SelectOn
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``report`` to ``sub``."""
+    p = sub.add_parser(
+        "report",
+        help="one static HTML report (and Markdown) of results and analyses",
+        description="Write OUT/index.html, OUT/report.md and the figures from any number of "
+        "results directories (`masq grid`) and analysis output directories (`masq analyze`): "
+        "Table 1, consistency figures, Table 2, FIM versus MaSQ, λ sweeps, the importance "
+        "benchmark, accuracy matrices and IMM runs, whichever exist; a missing part names the "
+        "command that produces it.",
+    )
+    p.add_argument(
+        "--results",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="results and/or analysis output directories",
+    )
+    p.add_argument(
+        "--bench",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="output files of benchmarks/importance.py to include",
+    )
+    p.add_argument(
+        "--select-on",
+        choices=SelectOn.values(),
+        default="test",
+        help="Table 1 selected on the test (the paper) or validation curves",
+    )
+    p.add_argument("--title", default="masq report", help="the page's title")
+    p.add_argument(
+        "--out", default="report", metavar="DIR", help="output directory (default: report)"
+    )
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``masq report``."""
+    from masq.report.html import build_report
+
+    report = build_report(
+        args.results, args.out, bench=args.bench, select_on=args.select_on, title=args.title
+    )
+    for part in report.parts:
+        state = "present" if part.present else f"missing (produce it with: {part.missing})"
+        print(f"  {part.title}: {state}")
+    print(f"written: {report.html}, {report.markdown}")
+    return 0

@@ -1,0 +1,470 @@
+"""One browsable report (``masq report``): a static HTML page and the same content as Markdown.
+
+:func:`build_report` reads any number of directories, each a grid's results directory
+(:mod:`masq.store`) and/or an analysis output directory (the manifests of
+:mod:`masq.analysis.common`, in the directory itself or in its ``analysis/``), and writes
+``index.html``, ``report.md`` and the figures (PNG) next to them. Parts, in order:
+
+1. Table 1 per results directory (the same cells as ``masq table``);
+2. the consistency figures (``masq consistency`` writes them to RESULTS/figures);
+3. Table 2 (``masq analyze diagonality``);
+4. FIM versus MaSQ (``masq analyze compare``);
+5. the λ sweeps (``masq analyze lambda``);
+6. the speed/memory table of the importance benchmark (``--bench FILE``);
+7. accuracy matrices of runs of more than two tasks;
+8. IMM runs (consolidation ``mean-imm`` / ``mode-imm``).
+
+Each part has a caption saying what was run (configuration, seeds, precision, date, machine,
+masq version) and the command that regenerates it; a part with nothing to show says which
+command produces it. Pages are rendered with Jinja2 templates (``report/templates``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from masq import __version__
+from masq.config import hidden_text
+from masq.errors import ConfigError
+from masq.fileio import atomic_write
+from masq.report.tables import table1, to_markdown
+from masq.store import load, load_result, open_store
+
+_PIPE_ROW = re.compile(r"^\s*\|.*\|\s*$")
+_RULE_ROW = re.compile(r"^\s*\|(\s*:?-{3,}:?\s*\|)+\s*$")
+
+
+@dataclass
+class Table:
+    """A table to show: header cells, rows of cells (text), an optional caption."""
+
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Part:
+    """One part of the report (module docstring): present or missing (then ``missing`` names
+    the command that produces it)."""
+
+    id: str
+    title: str
+    caption: str = ""
+    command: str = ""
+    missing: str = ""
+    tables: list[Table] = field(default_factory=list)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, alt text)
+    links: list[tuple[str, str]] = field(default_factory=list)  # (file name, label)
+    text: list[str] = field(default_factory=list)  # pre-formatted blocks
+
+    @property
+    def present(self) -> bool:
+        return bool(self.tables or self.figures or self.text)
+
+
+def markdown_tables(text: str) -> tuple[list[str], list[Table]]:
+    """The pipe tables of Markdown ``text`` as :class:`Table` (the line before each, when not
+    blank, is its caption) and the other non-blank lines."""
+    lines = text.splitlines()
+    tables: list[Table] = []
+    other: list[str] = []
+    i = 0
+    while i < len(lines):
+        if i + 1 < len(lines) and _PIPE_ROW.match(lines[i]) and _RULE_ROW.match(lines[i + 1]):
+            header = _cells(lines[i])
+            j = i + 2
+            rows = []
+            while j < len(lines) and _PIPE_ROW.match(lines[j]):
+                rows.append(_cells(lines[j]))
+                j += 1
+            caption = ""
+            back = i - 1
+            while back >= 0 and not lines[back].strip():
+                back -= 1
+            if back >= 0 and other and other[-1] == lines[back].strip():
+                caption = other.pop()
+            tables.append(Table(header, rows, caption))
+            i = j
+            continue
+        if lines[i].strip():
+            other.append(lines[i].strip())
+        i += 1
+    return other, tables
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a pipe-table row; an escaped pipe (backslash-pipe) stays in its cell."""
+    inner = line.strip()[1:-1]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+
+
+class _Figures:
+    """Copies figures next to the page under unique names."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.used: set[str] = set()
+
+    def add(self, source: Path, prefix: str) -> str:
+        name = f"{prefix}_{source.name}"
+        stem, n = name, 1
+        while name in self.used:
+            n += 1
+            name = f"{Path(stem).stem}_{n}{source.suffix}"
+        self.used.add(name)
+        shutil.copyfile(source, self.out / name)
+        return name
+
+
+def _date(path: Path) -> str:
+    stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, tz=datetime.timezone.utc)
+    return stamp.strftime("%Y-%m-%d")
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "meta.json").is_file() and (path / "runs").is_dir()
+
+
+def _manifests(path: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    from masq.analysis.common import read_manifest  # torch: only when a report is built
+
+    found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for folder in (path, path / "analysis"):
+        for name in ("diagonality", "compare", "lambda"):
+            record = read_manifest(folder / f"{name}.json")
+            if record is not None and name not in found:
+                found[name] = (folder, record)
+    return found
+
+
+def _provenance_text(p: dict[str, Any]) -> str:
+    return (
+        f"run {p.get('created', '?')} on {p.get('machine', '?')}, masq "
+        f"{p.get('masq_version', '?')}, torch {p.get('torch_version', '?')}"
+    )
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def _store_meta(root: Path, df: pd.DataFrame) -> dict[str, Any]:
+    record = open_store(root).read_record(str(df["run_id"].iloc[0]))
+    meta = record["result"].get("meta", {})
+    newest = max((p for p in (root / "runs").glob("*.json")), key=lambda p: p.stat().st_mtime)
+    return {
+        "date": _date(newest),
+        "machine": f"device {meta.get('device', '?')}, {meta.get('threads', '?')} torch threads",
+        "masq_version": meta.get("masq_version", "?"),
+        "torch_version": meta.get("torch_version", "?"),
+    }
+
+
+def _table1_part(stores: list[tuple[Path, pd.DataFrame]], select_on: str) -> Part:
+    part = Part("table1", "Table 1: the best configuration per SLT")
+    if not stores:
+        part.missing = "masq grid --preset paper --results DIR  (then: masq report --results DIR)"
+        return part
+    captions, commands = [], []
+    for root, df in stores:
+        table = table1(df, select_on=select_on)
+        _, tables = markdown_tables(to_markdown(table))
+        meta = _store_meta(root, df)
+        for t in tables:
+            t.caption = f"{root}: " + (t.caption or "Table 1")
+        part.tables += tables
+        configs = ", ".join(
+            f"{slt}: {df[df['slt'] == slt]['hidden'].nunique()} architecture(s), "
+            f"{len(df[df['slt'] == slt])} runs"
+            for slt in sorted(df["slt"].unique())
+        )
+        precision = ", ".join(sorted(df["precision"].astype(str).unique()))
+        seeds = ", ".join(str(s) for s in sorted(df["seed"].unique()))
+        captions.append(
+            f"{root}: {configs}; iterations {sorted(df['iters1'].unique())[0]} + "
+            f"{sorted(df['iters2'].unique())[0]}, evaluation every "
+            f"{sorted(df['eval_every'].unique())[0]}; seeds {seeds}; precision {precision}; "
+            f"last run {meta['date']}, {meta['machine']}, masq {meta['masq_version']}"
+        )
+        commands.append(f"masq table --results {root} --select-on {select_on}")
+    part.caption = " | ".join(captions)
+    part.command = "; ".join(commands)
+    return part
+
+
+def _consistency_part(stores: list[tuple[Path, pd.DataFrame]], figs: _Figures) -> Part:
+    part = Part("consistency", "Consistency check (PAPER.md 5.2)")
+    commands = []
+    for i, (root, _) in enumerate(stores):
+        pngs = sorted((root / "figures").glob("consistency_*.png"))
+        for png in pngs:
+            part.figures.append((figs.add(png, f"r{i}"), f"{root}: {png.stem}"))
+        if pngs:
+            dates = max(_date(p) for p in pngs)
+            part.caption += f"{root}: each SLT's winner with MaSQ, FIM at λ = 1/ε2 and no EWC, "
+            part.caption += f"drawn {dates}. "
+        commands.append(f"masq consistency --results {root}")
+    part.command = "; ".join(commands)
+    if not part.present:
+        part.missing = "; ".join(commands) if commands else "masq consistency --results DIR"
+    return part
+
+
+def _analysis_part(
+    name: str, title: str, found: list[tuple[Path, dict[str, Any]]], figs: _Figures
+) -> Part:
+    part = Part(name, title)
+    missing = {
+        "diagonality": "masq analyze diagonality --out DIR",
+        "compare": "masq analyze compare --results DIR --out DIR",
+        "lambda": "masq analyze lambda --slt D5-5 D9-1 DP10-10 --results DIR",
+    }
+    if not found:
+        part.missing = f"{missing[name]}  (then: masq report --results DIR)"
+        return part
+    captions, commands = [], []
+    for i, (folder, manifest) in enumerate(found):
+        files = manifest.get("files", {})
+        for key in ("needed_markdown", "markdown"):
+            md = folder / str(files.get(key, ""))
+            if key in files and md.is_file():
+                _, tables = markdown_tables(md.read_text(encoding="utf-8"))
+                if name == "lambda" and key == "markdown":  # long: a link instead of a table
+                    part.links.append((figs.add(md, f"{name}{i}"), "every (method, λ) point"))
+                    continue
+                part.tables += tables
+        csv = folder / str(files.get("csv", ""))
+        if "csv" in files and csv.is_file():
+            part.links.append((figs.add(csv, f"{name}{i}"), f"{csv.name} (all numbers)"))
+        for png in files.get("figures", []):
+            if (folder / png).is_file():
+                part.figures.append((figs.add(folder / png, f"{name}{i}"), f"{name}: {png}"))
+        captions.append(_analysis_caption(name, manifest))
+        commands.append(str(manifest.get("command", "")))
+    part.caption = " | ".join(captions)
+    part.command = "; ".join(c for c in commands if c)
+    if not part.present:
+        part.missing = f"{missing[name]} (its output files are missing)"
+    return part
+
+
+def _analysis_caption(name: str, m: dict[str, Any]) -> str:
+    prov = _provenance_text(m.get("provenance", {}))
+    seconds = m.get("seconds", {})
+    took = f"; took {float(seconds.get('total', seconds.get('grid', 0))):.0f} s" if seconds else ""
+    if name == "diagonality":
+        c = m.get("config", {})
+        trained = (
+            f"the state {m['state']}"
+            if m.get("state")
+            else f"trained {c.get('iters1')} iterations ({c.get('init')} init, seed "
+            f"{c.get('seed')}, precision {c.get('precision', 'fp32')})"
+        )
+        what = (
+            f"784-{hidden_text(c.get('hidden', []))}-10 on D1 of {c.get('slt')}, {trained}; "
+            f"statistics over N = {m.get('samples')} samples; "
+            f"task-1 accuracy {float(m.get('train_accuracy', float('nan'))):.4f}"
+        )
+    elif name == "compare":
+        parts = []
+        for s in m.get("states", []):
+            c = s.get("config", {})
+            parts.append(
+                f"{s.get('slt')} 784-{hidden_text(c.get('hidden', []))}-10 ({c.get('iters1')} "
+                f"iterations, {c.get('init')} init, seed {c.get('seed')}, precision "
+                f"{c.get('precision', 'fp32')}, N = {s.get('samples')})"
+            )
+        what = "task-1 states: " + "; ".join(parts)
+    else:
+        slts = ", ".join(
+            f"{s['slt']} 784-{s['hidden']}-10 at ε2 = {s['lr2']:g}" for s in m.get("slts", [])
+        )
+        lams = m.get("lams", [])
+        what = (
+            f"{slts}; {m.get('runs')} runs, {m.get('seeds')} seed(s), λ from {lams[0]:g} to "
+            f"{lams[-1]:g} ({len(lams)} values) and 0; settings {m.get('config', {})}; "
+            f"precision {m.get('precision', 'fp32')}"
+            if lams
+            else slts
+        )
+    return f"{what}; {prov}{took}"
+
+
+def _bench_part(bench: Sequence[str | os.PathLike[str]]) -> Part:
+    part = Part("bench", "Speed and memory of the importance computations")
+    for path in bench:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--bench {str(p)!r}: no such file; give a benchmark output file")
+        other, tables = markdown_tables(p.read_text(encoding="utf-8"))
+        part.tables += tables
+        part.text.append("\n".join(other))
+        part.caption += f"{p} (written {_date(p)}). "
+    part.command = "python benchmarks/importance.py > FILE  (then: masq report --bench FILE)"
+    if not part.present:
+        part.missing = part.command
+    return part
+
+
+def _matrices_part(stores: list[tuple[Path, pd.DataFrame]], figs: _Figures, out: Path) -> Part:
+    from masq.report import figures
+
+    part = Part("matrices", "Accuracy matrices of runs of more than two tasks")
+    for root, df in stores:
+        many = df[df["tasks"] > 2]
+        if many.empty:
+            continue
+        table = table1(many)
+        for _, row in table[table["criterion"] == "best"].iterrows():
+            rid = sorted(str(row["run_ids"]).split(","))[0]
+            result = load_result(root, rid)
+            name = f"accuracy_{len(figs.used)}_{str(row['slt']).replace('/', '_')}.png"
+            figures.save_figure(figures.accuracy_figure(result), out / name)
+            figs.used.add(name)
+            part.figures.append((name, f"{row['slt']}: accuracy matrix of the best run"))
+        part.caption += f"{root}: the Table-1 winner (best) of each SLT with more than two tasks. "
+        part.command += f"masq table --results {root}; "
+    if not part.present:
+        part.missing = "masq grid --slt D2-2-2-2-2 --results DIR  (any SLT of more than 2 tasks)"
+    return part
+
+
+def _imm_part(stores: list[tuple[Path, pd.DataFrame]]) -> Part:
+    part = Part("imm", "Incremental Moment Matching (IMM)")
+    for root, df in stores:
+        imm = df[df["consolidation"].astype(str).str.contains("imm")]
+        if imm.empty:
+            continue
+        header = ["SLT", "consolidation", "importance", "λ", "best %", "last %", "run id"]
+        rows = [
+            [
+                str(r["slt"]),
+                str(r["consolidation"]),
+                str(r["importance"]),
+                f"{r['lam']:g}",
+                f"{100 * r['best.union']:.2f}",
+                f"{100 * r['last.union']:.2f}",
+                str(r["run_id"]),
+            ]
+            for _, r in imm.sort_values(["slt", "consolidation", "run_id"]).iterrows()
+        ]
+        part.tables.append(Table(header, rows, f"{root}: IMM runs"))
+        part.command += f"masq table --results {root}; "
+    if not part.present:
+        part.missing = "IMM runs (consolidation mean-imm or mode-imm) in a results directory"
+    return part
+
+
+# ----------------------------------------------------------------------------- build
+
+
+LISTING = ".masq-report.json"  # the files a build copied or drew (removed by the next build)
+
+
+def _remove_earlier(out_dir: Path) -> None:
+    """Remove the figures and data files an earlier build wrote into ``out_dir`` (as listed
+    in its :data:`LISTING`), and nothing else."""
+    listing = out_dir / LISTING
+    if not listing.is_file():
+        return
+    try:
+        names = json.loads(listing.read_text(encoding="utf-8")).get("files", [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    for name in names:
+        if isinstance(name, str) and "/" not in name and not name.startswith("."):
+            (out_dir / name).unlink(missing_ok=True)
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote."""
+
+    html: Path
+    markdown: Path
+    parts: list[Part]
+
+
+def build_report(
+    results: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    bench: Sequence[str | os.PathLike[str]] = (),
+    select_on: str = "test",
+    title: str = "masq report",
+) -> Report:
+    """Read ``results`` (module docstring) and write ``out``/index.html, report.md and the
+    figures; every part that has nothing to show names the command that produces it."""
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is an existing file; give a directory path")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_earlier(out_dir)
+    stores: list[tuple[Path, pd.DataFrame]] = []
+    found: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for entry in results:
+        root = Path(entry)
+        if not root.is_dir():
+            raise ConfigError(f"--results {str(root)!r}: no such directory")
+        manifests = _manifests(root)
+        if _is_store(root):
+            df = load(root)
+            if not df.empty:
+                stores.append((root, df))
+        elif not manifests:
+            raise ConfigError(
+                f"--results {str(root)!r} holds neither stored runs nor analysis outputs; "
+                "give a directory written by `masq grid` or `masq analyze`"
+            )
+        for name, value in manifests.items():
+            found.setdefault(name, []).append(value)
+    figs = _Figures(out_dir)
+    parts = [
+        _table1_part(stores, select_on),
+        _consistency_part(stores, figs),
+        _analysis_part(
+            "diagonality",
+            "Table 2: how diagonal is the Fisher?",
+            found.get("diagonality", []),
+            figs,
+        ),
+        _analysis_part("compare", "FIM versus MaSQ", found.get("compare", []), figs),
+        _analysis_part(
+            "lambda", "λ sweeps: what λ does each measure need?", found.get("lambda", []), figs
+        ),
+        _bench_part(bench),
+        _matrices_part(stores, figs, out_dir),
+        _imm_part(stores),
+    ]
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("masq.report", "templates"),
+        autoescape=lambda name: name is not None and ".html" in name,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["mdcell"] = lambda cell: str(cell).replace("|", "\\|")
+    context = {
+        "title": title,
+        "parts": parts,
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": __version__,
+        "sources": [str(r) for r in results] + [str(b) for b in bench],
+    }
+    html = atomic_write(out_dir / "index.html", env.get_template("report.html.j2").render(context))
+    md = atomic_write(out_dir / "report.md", env.get_template("report.md.j2").render(context))
+    listing = {"format": "masq-report", "files": sorted(figs.used)}
+    atomic_write(out_dir / LISTING, json.dumps(listing, indent=1) + "\n")
+    return Report(html=html, markdown=md, parts=parts)
