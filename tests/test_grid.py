@@ -1035,3 +1035,22 @@ def test_task_sizes() -> None:
     assert grid.task_sizes("D5-5", True) == (27_500, 15_000)
     assert grid.task_sizes("D3-3-4", False) == (16_500, 10_000)
     assert grid.task_sizes("DP10-10-10", True) == (55_000, 45_000)
+
+
+def test_a_results_dir_holds_one_device_kind(tmp_path: Path) -> None:
+    from masq.grid.executors import check_device_kind, device_kind
+
+    store = Store(tmp_path / "r")
+    cpu = [RunConfig(device="cpu"), RunConfig(device="cpu", lam=0.0)]
+    check_device_kind(store, cpu)
+    assert json.loads((store.root / "devices.json").read_text()) == {"kind": "cpu"}
+    check_device_kind(store, cpu)  # the same kind again: fine
+    with pytest.raises(ConfigError, match="holds runs computed on cpu") as info:
+        check_device_kind(store, [RunConfig(device="cuda:1")])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="one device kind"):
+        check_device_kind(
+            Store(tmp_path / "s"), [RunConfig(device="cpu"), RunConfig(device="cuda")]
+        )
+    assert device_kind("cuda:3") == "cuda" and device_kind("cpu") == "cpu"
+    assert device_kind("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -36,7 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_execution(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument(
-        "--workers", type=int, default=None, help="local worker processes (default: one per core)"
+        "--workers",
+        type=int,
+        default=None,
+        help="local worker processes (default: one per core; with --device cuda one per GPU)",
     )
     g.add_argument(
         "--threads",
@@ -184,6 +187,10 @@ def _workers(args: argparse.Namespace) -> int:
     from masq.grid import cpu_count
 
     workers = cpu_count() if args.workers is None else args.workers
+    if args.workers is None and str(getattr(args, "device", None) or "").startswith("cuda"):
+        import torch
+
+        workers = max(1, torch.cuda.device_count())  # one worker per GPU
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     return workers

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import dataclasses
+import json
 import multiprocessing
 import os
 import signal
@@ -36,7 +37,7 @@ import torch
 
 from masq.config import Executor, RunConfig, choice
 from masq.errors import ConfigError
-from masq.fileio import LockHeld, exclusive_lock
+from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.group import GroupJob, GroupOutcome, TasksFn, clear_tasks_cache, run_group
 from masq.grid.plan import plan
 from masq.runtime import resolve_device
@@ -100,9 +101,14 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _init_worker(threads: int, parent: int) -> None:
+def _init_worker(threads: int, parent: int, gpu_slot: Any = None) -> None:
     die_with_parent(parent)
     torch.set_num_threads(threads)
+    if gpu_slot is not None and torch.cuda.is_available():  # one worker per GPU
+        with gpu_slot.get_lock():
+            index = gpu_slot.value
+            gpu_slot.value += 1
+        torch.cuda.set_device(index % torch.cuda.device_count())
     # tqdm's default lock holds a multiprocessing semaphore, which a worker terminated by a
     # stopped grid would leave to the resource tracker (a "leaked semaphore" warning)
     from tqdm import tqdm
@@ -154,6 +160,42 @@ def results_lock(store: Store, *, wait: bool = False) -> Iterator[None]:
         ) from None
 
 
+def device_kind(device: str) -> str:
+    """ "cpu" or "cuda" (``auto`` resolved on this machine): what changes a run's numbers."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
+DEVICES_FILE = "devices.json"
+
+
+def check_device_kind(store: Store, configs: Sequence[RunConfig]) -> None:
+    """One device kind per results directory: float rounding differs between CPU and GPU, and
+    a run id does not hold the device, so a grid on another kind than the directory's first
+    one is refused (one line) instead of mixing numbers under one id."""
+    kinds = sorted({device_kind(str(c.device)) for c in configs})
+    if len(kinds) > 1:
+        raise ConfigError(f"one grid runs on one device kind, got {kinds}; split the grid")
+    if not kinds:
+        return
+    path = store.root / DEVICES_FILE
+    if path.exists():
+        try:
+            held = json.loads(path.read_text(encoding="utf-8"))["kind"]
+        except (OSError, ValueError, KeyError, TypeError):
+            held = None
+        if held is not None and held != kinds[0]:
+            raise ConfigError(
+                f"results dir {str(store.root)!r} holds runs computed on {held}; runs on "
+                f"{kinds[0]} would share their ids with different rounding: use another "
+                "--results directory"
+            )
+        if held is not None:
+            return
+    atomic_write(path, json.dumps({"kind": kinds[0]}) + "\n")
+
+
 def check_devices(configs: Sequence[RunConfig]) -> None:
     """A one-line ConfigError unless every device of ``configs`` exists on this machine."""
     for device in sorted({str(c.device) for c in configs}):
@@ -193,6 +235,7 @@ def execute(
     if threads is None:
         threads = max(1, cpu_count() // workers) if executor == Executor.LOCAL else 1
     with results_lock(store, wait=wait):
+        check_device_kind(store, configs)
         stored = store.stored_ids()
         todo = [c for c in configs if run_id(c) not in stored]
         ray = executor == Executor.RAY
@@ -272,8 +315,13 @@ def _run_pool(
 ) -> list[tuple[GroupJob, GroupOutcome]]:
     context = multiprocessing.get_context("spawn")
     out: list[tuple[GroupJob, GroupOutcome]] = []
+    cuda = any(str(c.device).startswith("cuda") for j in jobs for c in j.configs)
+    gpu_slot = context.Value("i", 0) if cuda else None
     with cf.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(threads, os.getpid())
+        workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(threads, os.getpid(), gpu_slot),
     ) as pool:
         futures = {pool.submit(run_group, job): job for job in jobs}
         pending = set(futures)
