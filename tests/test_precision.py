@@ -29,10 +29,10 @@ def test_schedules_by_hand() -> None:
     assert eval_iterations(7, 3, "every") == [0, 3, 6, 7]
     assert eval_iterations(5, 250, "paper") == [0, 1, 2, 3, 4, 5]
     dense = eval_iterations(5000, 250, "dense-early")
-    expected = [*range(101), *range(110, 1001, 10), *range(1050, 5001, 50)]
-    assert dense == expected and len(dense) == 271
-    assert eval_iterations(130, 250, "dense-early") == [*range(101), 110, 120, 130]
-    assert eval_iterations(1025, 250, "dense-early")[-3:] == [990, 1000, 1025]
+    expected = [*range(0, 101, 2), *range(120, 1001, 20), *range(1100, 5001, 100)]
+    assert dense == expected and len(dense) == 136
+    assert eval_iterations(130, 250, "dense-early") == [*range(0, 101, 2), 120, 130]
+    assert eval_iterations(1025, 250, "dense-early")[-3:] == [980, 1000, 1025]
 
 
 def test_train_task_records_at_the_schedule() -> None:

@@ -96,7 +96,7 @@ class EvalSchedule(Choice):
 
     EVERY = "every"  # every ``eval_every`` iterations (and at 0 and the end)
     PAPER = "paper"  # after every iteration, as the paper measured "best"
-    DENSE_EARLY = "dense-early"  # every iteration up to 100, every 10 up to 1000, then 50
+    DENSE_EARLY = "dense-early"  # every 2 iterations up to 100, every 20 up to 1000, then 100
 
 
 class Executor(Choice):
