@@ -479,8 +479,8 @@ def flat_row(record: Mapping[str, Any]) -> dict[str, Any]:
                 row[f"{crit}.{k}"] = v
             row[f"{crit}.union"] = final[union][i]  # test accuracy at the selected point
             row[f"{crit}.val_union"] = final[VAL + union][i]  # what selects it
-    for k, v in result.get("metrics", {}).items():
-        row[k] = v
+    row |= result.get("metrics", {})
+    row["diverged"] = str(result.get("meta", {}).get("diverged") or "")
     for k, values in result.get("timings", {}).items():
         row[f"time.{k}"] = float(sum(values))
     return row

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from masq.config import IMM_METHODS, ImportanceKind, RunConfig
 from masq.errors import ConfigError
-from masq.protocol.result import Result, build_result, run_meta
+from masq.protocol.result import Result, build_result, finite_state, run_meta
 from masq.protocol.run import D1State, check_same_d1, eval_sets, synchronize
 from masq.protocol.streams import batches_stream, stream_seed
 from masq.runtime import resolve_device
@@ -96,6 +96,13 @@ def continue_stacked(
             importance_seconds=[s_imp],
             meta=meta,
             weights=[dict(d1.state_dict), final] if keep_weights else None,
+            diverged=(
+                "phase 1"
+                if not finite_state(d1.state_dict)
+                else None
+                if finite_state(final)
+                else "phase 2"
+            ),
         )
         for c, curve, imp, s_imp, final in rows
     ]

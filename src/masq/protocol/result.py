@@ -73,13 +73,15 @@ class Result:
     weights: list[dict[str, Tensor]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready record (without the weights)."""
+        """The JSON-ready record (without the weights); a diverged run's non-finite importance
+        summary becomes ``null``, so the record is valid JSON."""
         d = {
             k: getattr(self, k)
             for k in RECORD_KEYS
             if k not in OMITTED_WHEN_EMPTY or getattr(self, k)
         }
         d["config"] = self.config.to_dict()
+        d["importance_summary"] = finite_json(d["importance_summary"])
         return d
 
     def to_json(self) -> str:
@@ -185,6 +187,22 @@ def run_meta(device: torch.device, **extra: Any) -> dict[str, Any]:
     }
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or ±inf float (in nested dicts and lists) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def finite_state(state: Mapping[str, Tensor]) -> bool:
+    """Whether every tensor of ``state`` holds finite values only."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
 def build_result(
     config: RunConfig,
     curves: Sequence[Curve],
@@ -194,8 +212,13 @@ def build_result(
     importance_seconds: Sequence[float],
     meta: Mapping[str, Any],
     weights: list[dict[str, Tensor]] | None = None,
+    diverged: str | None = None,
 ) -> Result:
-    """The :class:`Result` of a run with phase curves ``curves`` (the only builder)."""
+    """The :class:`Result` of a run with phase curves ``curves`` (the only builder).
+    ``diverged`` (e.g. "phase 1") records where the weights stopped being finite, as
+    ``meta["diverged"]``; tables mark such runs."""
+    if diverged:
+        meta = {**meta, "diverged": diverged}
     best, last = best_and_last(curves[-1], union_name(len(curves)))
     r = accuracy_matrix(curves)
     return Result(

@@ -46,7 +46,7 @@ from masq.consolidation.gradient import PenaltyGradient
 from masq.curves import VAL, Curve, task_name, union_name
 from masq.errors import ConfigError
 from masq.models import mlp
-from masq.protocol.result import Result, build_result, run_meta
+from masq.protocol.result import Result, build_result, finite_state, run_meta
 from masq.protocol.streams import batches_stream, labels_stream, stream_seed
 from masq.runtime import resolve_device
 from masq.tasks import XY, Task
@@ -267,12 +267,14 @@ def continue_run(
     consolidate = config.importance != ImportanceKind.NONE
     anchors: list[ewc.Anchor] = []
     running: dict[str, Tensor] | None = None
+    diverged = None if finite_state(d1.state_dict) else "phase 1"
     curves, train_s, imp_s = [d1.curve], [d1.seconds], [float(importance_seconds)]
     weights = [dict(d1.state_dict)] if keep_weights else None
     current: Mapping[str, Tensor] = importance
     for phase in range(1, len(tasks)):
         penalty = None
-        if consolidate:  # anchor the state before this phase (checks keys: never a zero penalty)
+        if consolidate and diverged is None:  # anchor the state before this phase (a diverged
+            # state has no importance to anchor: the run is recorded as diverged instead)
             if config.consolidation == Consolidation.ONLINE_EWC:
                 running = ewc.online_importance(running, current, config.gamma)
                 anchors = [ewc.anchor(model, running)]
@@ -285,9 +287,11 @@ def continue_run(
         )
         curves.append(curve)
         train_s.append(seconds)
+        if diverged is None and not finite_state(dict(model.named_parameters())):
+            diverged = f"phase {phase + 1}"
         if weights is not None:
             weights.append(cpu_state(model))
-        if consolidate and config.lam > 0 and phase < len(tasks) - 1:
+        if consolidate and diverged is None and config.lam > 0 and phase < len(tasks) - 1:
             current, seconds = importance_of(config, model, tasks[phase], phase, device)
             imp_s.append(seconds)
     return build_result(
@@ -298,6 +302,7 @@ def continue_run(
         importance_seconds=imp_s,
         meta=run_meta(device),
         weights=weights,
+        diverged=diverged,
     )
 
 

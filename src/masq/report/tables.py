@@ -141,6 +141,8 @@ def aggregate(df: pd.DataFrame, select_on: str = "test") -> pd.DataFrame:
     std = grouped[metrics].std(ddof=1)
     out = out.join(std.add_suffix(":std"))
     out["seeds"] = grouped.size()
+    if "diverged" in df.columns:  # runs whose weights stopped being finite
+        out["diverged"] = grouped["diverged"].agg(lambda s: int(sum(bool(v) for v in s)))
     out["tasks"] = grouped["tasks"].max()  # T, fixed by the SLT
     out["run_ids"] = grouped["run_id"].agg(lambda s: ",".join(sorted(s)))
     out["seed_list"] = grouped["seed"].agg(lambda s: ",".join(str(v) for v in sorted(s)))
@@ -205,7 +207,7 @@ def table1(
                 lr2=win["lr2"],
                 lam=math.nan if merged else win["lam"],
                 alpha=win.get(f"{prefix}.alpha", math.nan),
-                method=method_label(win, detailed=True),
+                method=method_label(win, detailed=True) + diverged_note(win),
                 tasks=int(win["tasks"]),
                 seed_list=win["seed_list"],
                 acc_mean=win[f"{prefix}.union"],
@@ -231,6 +233,12 @@ def table1(
                     row["lam0_std"] = z[f"{prefix}.union:std"]
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def diverged_note(win: Any) -> str:
+    """ " [diverged in k of n]" when k of the winner's n seeds diverged, else ""."""
+    k = int(win.get("diverged", 0) or 0)
+    return f" [diverged in {k} of {int(win['seeds'])}]" if k else ""
 
 
 def _pct(mean: float, std: float) -> str:
