@@ -42,7 +42,9 @@ class StackedAdam:
     ) -> StackedAdam:
         """Fresh state for the K runs of ``model``. ``vectorized`` (default: on CUDA) steps all
         runs of one learning rate in one fused call and adds the penalty over whole stacked
-        tensors; the CPU default goes run by run, which keeps each run's tensors in cache."""
+        tensors; the CPU default goes run by run, which keeps each run's tensors in cache
+        (measured per step of K = 16, 2 threads: 784-800-800-10 37 ms run by run against
+        86 ms vectorised; 784-200-200-10 22 ms against 15 ms)."""
         device = model.params[0].device
         fused = fused_adam_available(device) if fused is None else fused
         vectorized = device.type == "cuda" if vectorized is None else vectorized
