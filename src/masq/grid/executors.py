@@ -370,7 +370,11 @@ def _run_ray(
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         started = True
     try:
-        gpus = 1 if any(str(c.device).startswith("cuda") for j in jobs for c in j.configs) else 0
+        devices = {str(c.device) for j in jobs for c in j.configs}
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        # CUDA runs ask for a GPU; "auto" runs too where the cluster has GPUs to give
+        wants = any(d.startswith("cuda") for d in devices) or ("auto" in devices and has_gpus)
+        gpus = 1 if wants else 0
         remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=1)(run_group)
         refs = {remote.remote(job): job for job in jobs}
         pending = list(refs)

@@ -175,7 +175,9 @@ def loss_grads(model: StackedMLP, ws: Workspace, x: Tensor, y: Tensor) -> list[T
     for layer in reversed(range(layers)):
         below = x.unsqueeze(0).expand(k, *x.shape) if layer == 0 else ws.acts[layer - 1]
         grad_w = grads[2 * layer]
-        if grad_w[0].numel() >= LOOP_ELEMENTS:  # large: one GEMM per run, no transposed copy
+        # large on the CPU: one GEMM per run, no transposed copy (measured faster there); a
+        # GPU runs every size as one batched GEMM
+        if grad_w[0].numel() >= LOOP_ELEMENTS and grad_w.device.type == "cpu":
             for run in range(k):
                 torch.mm(below[run].t(), delta[run], out=grad_w[run])
         else:
