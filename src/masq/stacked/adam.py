@@ -117,45 +117,23 @@ class StackedAdam:
         for run, lr in enumerate(self.lrs):
             by_lr.setdefault(lr, []).append(run)
         for lr, runs in by_lr.items():
-            steps = [s for run in runs for s in self.steps[run]]
-            torch._foreach_add_(steps, 1)
-            torch._fused_adam_(
+            _fused_adam(
                 [p[run] for run in runs for p in params],
                 [g[run] for run in runs for g in grads],
                 [m[run] for run in runs for m in self.exp_avg],
                 [v[run] for run in runs for v in self.exp_avg_sq],
-                [],
-                steps,
-                lr=lr,
-                beta1=BETAS[0],
-                beta2=BETAS[1],
-                weight_decay=0.0,
-                eps=EPS,
-                amsgrad=False,
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
+                [s for run in runs for s in self.steps[run]],
+                lr,
             )
 
     def _fused_step(self, run: int, params: list[Tensor], grads: list[Tensor]) -> None:
-        steps = self.steps[run]
-        torch._foreach_add_(steps, 1)
-        torch._fused_adam_(
+        _fused_adam(
             params,
             grads,
             [m[run] for m in self.exp_avg],
             [v[run] for v in self.exp_avg_sq],
-            [],
-            steps,
-            lr=self.lrs[run],
-            beta1=BETAS[0],
-            beta2=BETAS[1],
-            weight_decay=0.0,
-            eps=EPS,
-            amsgrad=False,
-            maximize=False,
-            grad_scale=None,
-            found_inf=None,
+            self.steps[run],
+            self.lrs[run],
         )
 
     def _plain_step(self, run: int, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -168,3 +146,33 @@ class StackedAdam:
             vr.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = vr.sqrt().div_(bias2_sqrt).add_(EPS)
             p.addcdiv_(mr, denom, value=-self.lrs[run] / bias1)
+
+
+def _fused_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg: list[Tensor],
+    exp_avg_sq: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+) -> None:
+    """One step of PyTorch's fused Adam kernel (the kernel of ``Adam(fused=True)``) on these
+    tensor lists, their step counters first advanced by one."""
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(
+        params,
+        grads,
+        exp_avg,
+        exp_avg_sq,
+        [],
+        steps,
+        lr=lr,
+        beta1=BETAS[0],
+        beta2=BETAS[1],
+        weight_decay=0.0,
+        eps=EPS,
+        amsgrad=False,
+        maximize=False,
+        grad_scale=None,
+        found_inf=None,
+    )
