@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from _common import pin_threads, print_table
 from masq import stacked
@@ -29,20 +29,9 @@ from masq.consolidation import ewc
 from masq.consolidation.gradient import PenaltyGradient
 from masq.models import mlp
 from masq.training import TrainConfig, eval_counts, eval_iterations, train_task
+from train import data, importance_like  # the same random MNIST-shaped data and F
 
-N_TRAIN, N_TEST, LAM = 28_000, 10_000, 1e5
-
-
-def data(seed: int = 0) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    train = (torch.rand(N_TRAIN, 784, generator=g), torch.randint(0, 10, (N_TRAIN,), generator=g))
-    test = (torch.rand(N_TEST, 784, generator=g), torch.randint(0, 10, (N_TEST,), generator=g))
-    return train, test
-
-
-def importance_like(model: nn.Module) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return {n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}
+LAM = 1e5
 
 
 def one_run(hidden: tuple[int, ...], train: tuple[Tensor, Tensor], iters: int, precision: str,
