@@ -234,6 +234,40 @@ def test_contradictory_compare_flags_are_refused(
     refused(capsys, ["compare", *FAST, *argv, "--out", str(tmp_path / "o")], needle)
 
 
+@pytest.mark.parametrize(
+    ("command", "argv", "needles"),
+    [
+        ("imm", ["--drop-p", "0.3"], ["--drop-p 0.3", "--transfer weight", "drop or l2-drop"]),
+        ("imm", ["--transfer", "l2", "--drop-p", "0.3"], ["--drop-p 0.3", "--transfer l2"]),
+        ("imm", ["--transfer", "drop", "--transfer-lam", "0.1"], ["--transfer-lam 0.1", "l2"]),
+        ("run", ["--transfer", "drop"], ["--transfer drop", "only applies to IMM"]),
+        ("run", ["--drop-p", "0.2"], ["--drop-p 0.2", "only applies to IMM"]),
+        ("compare", ["--alpha-step", "0.1"], ["--alpha-step 0.1", "only applies to IMM"]),
+    ],
+)
+def test_imm_settings_without_their_transfer_are_refused(
+    command: str,
+    argv: list[str],
+    needles: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "o"
+    refused(capsys, [command, *FAST, *argv, "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+def test_imm_settings_with_their_transfer_are_accepted() -> None:
+    config = parse("run", "--consolidation", "mode-imm", "--transfer", "l2-drop", "--drop-p",
+                   "0.3", "--transfer-lam", "0.01", "--alpha-step", "0.05")  # fmt: skip
+    assert (config.transfer, config.drop_p, config.transfer_lam, config.alpha_step) == (
+        "l2-drop",
+        0.3,
+        0.01,
+        0.05,
+    )
+
+
 def test_flags_that_agree_are_accepted() -> None:
     assert parse("run", "--importance", "fisher", "--fisher-labels", "sampled").fisher_labels == (
         "sampled"

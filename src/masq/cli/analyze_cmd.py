@@ -32,8 +32,11 @@ PAPER_SLTS: tuple[str, ...] = ("D5-5", "D9-1", "DP10-10")
 DEFAULT_OUT = "results/analysis"
 # Flags of `masq analyze lambda` that set one value of a grid axis for every run.
 SWEEP_FIELDS: tuple[str, ...] = (
-    "iters1", "iters2", "eval_every", "init", "lr1", "batch_size", "masq_batch",
+    "iters1", "iters2", "eval_every", "eval_schedule", "precision", "init", "lr1", "batch_size",
+    "masq_batch",
 )  # fmt: skip
+# Of those, the ones whose values are names (checked by the grid, like its own flags).
+SWEEP_NAMES: tuple[str, ...] = ("eval_schedule", "precision", "init")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -139,7 +142,7 @@ def _register_lambda(sub: argparse._SubParsersAction) -> None:
     add("--seeds", type=int, default=1, help="seeds 0..N-1 (bands; default: 1)")
     for name in SWEEP_FIELDS:
         spec = FIELD[name]
-        kind = str if name == "init" else spec.kind
+        kind = str if name in SWEEP_NAMES else spec.kind
         add(spec.flag, type=kind, default=None, metavar="V", help=f"({spec.default})")
     add("--lam-min", type=float, default=1.0, help="smallest λ > 0 (default: 1)")
     add("--lam-max", type=float, default=1e12, help="largest λ (default: 1e12)")

@@ -17,6 +17,7 @@ from masq.config import (
     FIELD,
     FIELDS,
     HIDDEN_HELP,
+    IMM_METHODS,
     IMPORTANCE_FIELDS,
     RELEVANT_IMPORTANCE_FIELDS,
     Choice,
@@ -25,6 +26,7 @@ from masq.config import (
     Hidden,
     ImportanceKind,
     Stage,
+    Transfer,
     parse_hidden,
 )
 from masq.errors import ConfigError
@@ -178,7 +180,9 @@ def check_consistent(config: Any, names: Collection[str], *, compare: bool = Fal
     ``--fisher-labels`` the FIM (``--masq-batch``, the batch size of the importance pass,
     serves both); ``--importance fisher|masq`` contradicts ``--lam 0``. For ``masq compare``
     (every method at once) ``--lam 0`` would turn EWC off in all its runs. For every
-    consolidation, ``--gamma`` needs online EWC.
+    consolidation, ``--gamma`` needs online EWC. The IMM settings (``--transfer``,
+    ``--transfer-lam``, ``--drop-p``, ``--alpha-step``) need IMM; ``--drop-p`` needs
+    drop-transfer and ``--transfer-lam`` L2-transfer.
     """
     given = set(names)
     kind = config.importance
@@ -222,8 +226,36 @@ def check_consistent(config: Any, names: Collection[str], *, compare: bool = Fal
                 f"--consolidation online-ewc has no effect with {why}; drop it, or choose an "
                 "importance and λ > 0"
             )
+    _check_imm(config, given)
     if "gamma" in given and config.consolidation != Consolidation.ONLINE_EWC:
         raise ConfigError(
             f"{_flag_value(config, 'gamma')} only applies to online EWC; add --consolidation "
             "online-ewc (or --ewc online), or drop --gamma"
         )
+
+
+# IMM settings and the transfers that use them (the others: every IMM run).
+IMM_FIELDS: tuple[str, ...] = ("transfer", "transfer_lam", "drop_p", "alpha_step")
+TRANSFER_USERS: dict[str, tuple[Transfer, ...]] = {
+    "drop_p": (Transfer.DROP, Transfer.L2_DROP),
+    "transfer_lam": (Transfer.L2, Transfer.L2_DROP),
+}
+
+
+def _check_imm(config: Any, given: Collection[str]) -> None:
+    """One-line ConfigError when an IMM setting is given where it has no effect."""
+    if config.consolidation not in IMM_METHODS:
+        for name in IMM_FIELDS:
+            if name in given:
+                raise ConfigError(
+                    f"{_flag_value(config, name)} only applies to IMM; drop it, or use "
+                    "--consolidation mean-imm or mode-imm (or masq imm)"
+                )
+        return
+    for name, users in TRANSFER_USERS.items():
+        if name in given and config.transfer not in users:
+            wanted = " or ".join(t.value for t in users)
+            raise ConfigError(
+                f"{_flag_value(config, name)} has no effect with --transfer "
+                f"{config.transfer.value}; drop it, or use --transfer {wanted}"
+            )
