@@ -260,8 +260,8 @@ def test_analyze_lambda_and_compare_commands_end_to_end(
     res = tmp_path / "lam"
     args = ["analyze", "lambda", "--slt", "D5-5", "--hidden", "6", "--iters1", "20", "--iters2",
             "10", "--eval-every", "5", "--masq-batch", "50", "--lam-max", "10", "--per-decade",
-            "1", "--results", str(res), "--workers", "1", "--threads", "1",
-            "--no-progress"]  # fmt: skip
+            "1", "--precision", "bf16", "--results", str(res), "--workers", "1",
+            "--threads", "1", "--no-progress"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "λ sweep: 7 runs" in out and "done: 7 runs now, 0 were stored" in out
@@ -271,6 +271,8 @@ def test_analyze_lambda_and_compare_commands_end_to_end(
     assert (res / "lambda_D5-5.png").stat().st_size > 5000
     manifest = json.loads((res / "lambda.json").read_text(encoding="utf-8"))
     assert manifest["lams"] == [1.0, 10.0] and manifest["runs"] == 7
+    assert manifest["precision"] == "bf16" and manifest["config"]["precision"] == "bf16"
+    assert "--precision bf16" in manifest["command"]
     assert main(args) == 0  # resumed
     assert "done: 0 runs now, 7 were stored" in capsys.readouterr().out
 
@@ -313,6 +315,7 @@ def test_analyze_lambda_dry_run_runs_nothing(
         (["compare", "--top", "0"], "--top must lie in (0, 1]"),
         (["lambda", "--lam-min", "0", "--dry-run"], "--lam-min must be a positive"),
         (["lambda", "--per-decade", "0", "--dry-run"], "--per-decade must be >= 1"),
+        (["lambda", "--precision", "bf17", "--dry-run"], "precision: unknown value 'bf17'"),
         (["diagonality", "--state", "nowhere.pt"], "--state 'nowhere.pt': no such file"),
         (["diagonality", "--samples", "-1"], "--samples must be >= 0"),
     ],
