@@ -25,6 +25,7 @@ ORDER: tuple[str, ...] = (
     "stacked",
     "protocol",
     "store",
+    "archive",
     "grid",
     "analysis",
     "report",

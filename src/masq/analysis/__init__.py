@@ -5,6 +5,8 @@
 - :mod:`~masq.analysis.compare`: FIM versus MaSQ per tensor (section 5.4: maxima; beyond it:
   ratio of means, rank correlation, top-q overlap, the share of cancelling gradients);
 - :mod:`~masq.analysis.sweep`: the λ sweep, a grid over λ from 1 to 1e12 per importance;
+- :mod:`~masq.analysis.settle`: Table 1, settled (the campaign, its extension in λ, the
+  confirmation of the seed-0 winners on fresh seeds, paired tests, inflation);
 - :mod:`~masq.analysis.common`: provenance and the manifests the report reads.
 
 Each returns tables (DataFrames) and matplotlib figures; ``masq analyze`` writes them.
@@ -33,6 +35,23 @@ from masq.analysis.diagonality import (
     table2_markdown,
 )
 from masq.analysis.diagonality import write_outputs as diagonality_outputs
+from masq.analysis.settle import (
+    CAMPAIGN,
+    Campaign,
+    confirmation_configs,
+    confirmation_values,
+    extension_configs,
+    extension_plan,
+    inflation,
+    lam_mean,
+    lam_sum,
+    next_lambda,
+    paired_test,
+    paired_tests,
+    plane_configs,
+    settled_markdown,
+    settled_table,
+)
 from masq.analysis.sweep import (
     lam_grid,
     needed_lambda,
@@ -47,7 +66,9 @@ from masq.analysis.sweep import (
 from masq.analysis.sweep import write_outputs as sweep_outputs
 
 __all__ = [
+    "CAMPAIGN",
     "MEASURES",
+    "Campaign",
     "Diagonality",
     "block_statistics",
     "cancellation_share",
@@ -55,19 +76,32 @@ __all__ = [
     "compare_outputs",
     "compare_rows",
     "compare_state",
+    "confirmation_configs",
+    "confirmation_values",
     "diagonality",
     "diagonality_outputs",
+    "extension_configs",
+    "extension_plan",
     "fisher_block",
     "heatmap_figure",
+    "inflation",
     "lam_grid",
+    "lam_mean",
+    "lam_sum",
     "maxima_figure",
     "measures",
     "needed_lambda",
     "needed_markdown",
+    "next_lambda",
+    "paired_test",
+    "paired_tests",
     "paper_lams",
+    "plane_configs",
     "provenance",
     "read_manifest",
     "save_png",
+    "settled_markdown",
+    "settled_table",
     "spearman",
     "sweep_configs",
     "sweep_figure",

@@ -24,7 +24,15 @@ from collections.abc import Sequence
 from types import FrameType
 
 from masq import __version__
-from masq.cli import analyze_cmd, data_cmd, experiment_cmd, grid_cmd, imm_cmd, report_cmd
+from masq.cli import (
+    analyze_cmd,
+    data_cmd,
+    experiment_cmd,
+    grid_cmd,
+    imm_cmd,
+    report_cmd,
+    table1_cmd,
+)
 from masq.errors import MasqError
 from masq.fileio import error_text
 
@@ -46,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"masq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (data_cmd, experiment_cmd, grid_cmd, analyze_cmd, report_cmd, imm_cmd):
+    for module in (
+        data_cmd,
+        experiment_cmd,
+        grid_cmd,
+        analyze_cmd,
+        report_cmd,
+        imm_cmd,
+        table1_cmd,
+    ):
         module.register(sub)
     return parser
 

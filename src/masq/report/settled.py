@@ -1,0 +1,236 @@
+"""Table 1, settled, from a results directory: selection, tables, tests and figures.
+
+The campaign and the numbers are :mod:`masq.analysis.settle`'s; this module selects the
+winners with :func:`masq.report.tables.table1` (on the seed-0 runs only, one winner per
+(SLT, importance, init, criterion) over ε2 and λ) and writes, into one directory:
+
+- ``table1_settled_test.md/.csv`` and ``table1_settled_val.md/.csv``: the settled tables;
+- ``paired.md/.csv``: MaSQ versus FIM, paired t-tests over the confirmation seeds;
+- ``inflation.md/.csv``: seed-0 value − mean over the confirmation seeds, per cell;
+- ``plane_<SLT>.png``: "best" and "last" (seed 0) against λ, one line per ε2, one column per
+  (importance, init), λ = 0 at the left edge;
+- ``winners_<SLT>_<criterion>_<init>.png``: the curves (seed 0) of the test-selected FIM and
+  MaSQ winners and of λ = 0 at the MaSQ winner's ε2, drawn by :mod:`masq.report.figures`
+  (the consistency check's figure, PAPER.md section 5.2, of the settled winners).
+
+What is not stored yet is named, with the ``masq table1`` stage that produces it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from masq.analysis import settle
+from masq.config import method_label
+from masq.fileio import atomic_write
+from masq.report.tables import table1
+from masq.store import load_result, run_id
+
+COLOURS: tuple[str, ...] = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+def select_winners(df: pd.DataFrame, campaign: settle.Campaign, select_on: str) -> pd.DataFrame:
+    """Table 1 of the campaign's seed-0 runs of ``df`` (other seeds never take part), one
+    winner per (SLT, importance, init, criterion) selected on ``select_on``; empty when no
+    seed-0 run is stored."""
+    rows = settle.campaign_rows(df, campaign)
+    if rows.empty:
+        return pd.DataFrame()
+    seed0 = rows[rows["seed"] == campaign.seed]
+    if seed0.empty:
+        return pd.DataFrame()
+    return table1(seed0, select_on=select_on, group_by=["importance", "init"])
+
+
+def plane_figure(df: pd.DataFrame, campaign: settle.Campaign, slt: str) -> Figure:
+    """The seed-0 plane of ``slt``: "best" (top) and "last" (bottom) test accuracy on D1∪D2
+    against λ (log axis), one line per ε2, one column per (importance, init); the λ = 0 run
+    of each ε2 is drawn at the left edge (a square marker, x tick "0")."""
+    rows = settle.campaign_rows(df, campaign)
+    rows = rows[(rows["slt"] == slt) & (rows["seed"] == campaign.seed)]
+    positive = rows.loc[rows["lam"] > 0, "lam"]
+    x0 = float(positive.min()) / 10 if len(positive) else 0.01
+    top = float(positive.max()) if len(positive) else 1.0
+    fig = Figure(figsize=(4.0 * len(settle.BLOCKS), 7.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(settle.BLOCKS), sharex=True, sharey="row", squeeze=False)
+    for j, (imp, init) in enumerate(settle.BLOCKS):
+        for i, criterion in enumerate(settle.CRITERIA):
+            ax = axes[i][j]
+            for k, lr2 in enumerate(campaign.lr2s):
+                colour = COLOURS[k % len(COLOURS)]
+                same = rows[
+                    (rows["init"] == init) & rows["lr2"].map(functools.partial(math.isclose, lr2))
+                ]
+                line = same[same["importance"] == imp].sort_values("lam")
+                zero = same[same["lam"] == 0]
+                if not line.empty:
+                    ax.plot(line["lam"], line[f"{criterion}.union"], marker="o", markersize=3,
+                            color=colour, label=f"ε2 = {lr2:g}")  # fmt: skip
+                if not zero.empty:
+                    ax.plot([x0], [zero[f"{criterion}.union"].iloc[0]], marker="s",
+                            color=colour, linestyle="none")  # fmt: skip
+            ax.axvline(x0, color="0.6", linestyle=":", linewidth=1)
+            ax.set_xscale("log")
+            decades = [10.0**e for e in range(round(math.log10(x0)) + 1, int(math.log10(top)) + 1)]
+            ticks = [x0, *decades[:: max(1, len(decades) // 6)]]
+            ax.set_xticks(ticks, ["0", *(f"{t:g}" for t in ticks[1:])])
+            ax.minorticks_off()
+            ax.grid(True, alpha=0.3)
+            if i == 0:
+                ax.set_title(f"{settle.IMPORTANCE_NAME[imp]}, init {init}", fontsize=10)
+            if i == 1:
+                ax.set_xlabel("λ (MaSQ: mean convention)")
+            if j == 0:
+                ax.set_ylabel(f'"{criterion}" D1∪D2 test accuracy')
+    axes[0][0].legend(fontsize=8, loc="best")
+    hidden = campaign.hidden(slt)
+    fig.suptitle(f"{slt}: seed 0, 784-{'-'.join(map(str, hidden))}-10; λ = 0 at the left edge "
+                 "(squares)", fontsize=10)  # fmt: skip
+    return fig
+
+
+def save_png(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as PNG atomically (through :mod:`masq.report.figures`)."""
+    from masq.report.figures import save_figure
+
+    return save_figure(fig, path, dpi=110)
+
+
+def winner_runs(
+    winners: pd.DataFrame, df: pd.DataFrame, slt: str, criterion: str
+) -> dict[str, str]:
+    """{legend label: run id} of ``slt``'s test-selected winners of ``criterion`` per init:
+    the FIM winner, the MaSQ winner and λ = 0 at the MaSQ winner's ε2 (when stored)."""
+    stored = set(df["run_id"])
+    runs: dict[str, str] = {}
+    part = winners[(winners["slt"] == slt) & (winners["criterion"] == criterion)]
+    for w in part.to_dict("records"):
+        rid = str(w["run_ids"]).split(",")[0]
+        name = method_label({"importance": w["importance"], "lam": w["lam"], "scale": "mean"})
+        runs[f"{w['init']}: {name}, ε2 {w['lr2']:g}, λ {w['lam']:g}"] = rid
+        if w["importance"] == "masq":
+            zero = run_id(settle.reseeded(settle.winner_row(df, w), [winner_seed(w)], lam=0.0)[0])
+            if zero in stored:
+                runs[f"{w['init']}: no EWC, ε2 {w['lr2']:g}"] = zero
+    return dict(sorted(runs.items()))
+
+
+def winner_seed(winner: Any) -> int:
+    """The seed of a seed-0 winner's run (its seed list has one seed)."""
+    return int(str(winner["seed_list"]).split(",")[0])
+
+
+def winner_figures(root: str | os.PathLike[str], winners: pd.DataFrame, df: pd.DataFrame,
+                   slt: str, out: Path) -> list[Path]:  # fmt: skip
+    """``winners_<SLT>_<criterion>_<init>.png``: :func:`masq.report.figures.curves_figure`
+    of :func:`winner_runs`, one figure per criterion and init."""
+    from masq.report.figures import curves_figure
+
+    paths = []
+    for criterion in settle.CRITERIA:
+        for init in dict.fromkeys(winners.loc[winners["slt"] == slt, "init"]):
+            sub = winners[winners["init"] == init]
+            runs = winner_runs(sub, df, slt, criterion)
+            if not runs:
+                continue
+            results = {label: load_result(root, rid) for label, rid in runs.items()}
+            title = f'{slt}, init {init}: the "{criterion}" winners selected on test (seed 0)'
+            fig = curves_figure(results, title=title)
+            name = f"winners_{slt.replace('/', '_')}_{criterion}_{init}.png"
+            paths.append(save_png(fig, out / name))
+    return paths
+
+
+def missing_notes(
+    df: pd.DataFrame, values: pd.DataFrame, campaign: settle.Campaign, slts: Sequence[str],
+    results: str,
+) -> list[str]:  # fmt: skip
+    """One line per part not (fully) stored, naming the ``masq table1`` stage that runs it."""
+    from masq.store import run_id as rid_of
+
+    stored = set(df["run_id"]) if not df.empty else set()
+    notes = []
+    for slt in slts:
+        command = f"`masq table1 --results {results} --slt {slt} --stage"
+        plane = [rid_of(c) for c in settle.plane_configs(campaign, slt)]
+        have = sum(r in stored for r in plane)
+        if have < len(plane):
+            notes.append(f"{slt}: {have} of {len(plane)} plane runs stored; {command} plane`")
+        rising = settle.extension_plan(df, campaign, slt) if not df.empty else []
+        if rising:
+            notes.append(f"{slt}: {len(rising)} series still rise at their largest λ; "
+                         f"{command} extend`")  # fmt: skip
+        part = values[(values["slt"] == slt) & (values["seed"] != campaign.seed)]
+        if not part.empty:
+            lacking = int(part["value"].isna().sum()) + int(
+                (part["criterion"].eq("last") & part["lam0"].isna()).sum()
+            )
+            if lacking:
+                notes.append(f"{slt}: {lacking} confirmation values missing; {command} confirm`")
+    return notes
+
+
+def write_outputs(
+    root: str | os.PathLike[str],
+    df: pd.DataFrame,
+    out: str | os.PathLike[str],
+    campaign: settle.Campaign,
+    slts: Sequence[str],
+) -> tuple[list[str], list[Path]]:
+    """Write every file of the module docstring for ``slts`` into ``out`` from the stored runs
+    ``df`` of results dir ``root``; (notes on what is missing, the paths written)."""
+    out = Path(out)
+    written: list[Path] = []
+    settled_parts, value_parts, winners_by = [], [], {}
+    for select_on in settle.SELECT_ON:
+        winners = select_winners(df, campaign, select_on)
+        if not winners.empty:
+            winners = winners[winners["slt"].isin(slts)]
+        winners_by[select_on] = winners
+        values = (
+            settle.confirmation_values(winners, df, campaign)
+            if not winners.empty
+            else pd.DataFrame(columns=[*settle.KEYS, "seed", "run_id", "value", "lam0"])
+        )
+        settled = settle.settled_table(winners, values, campaign) if not winners.empty else None
+        value_parts.append(values)
+        if settled is not None:
+            settled_parts.append(settled)
+    values = pd.concat(value_parts, ignore_index=True)
+    notes = missing_notes(df, values, campaign, slts, str(root))
+    tail = ("\n" + "\n".join(f"- not stored yet: {n}" for n in notes) + "\n") if notes else ""
+    settled = pd.concat(settled_parts, ignore_index=True) if settled_parts else pd.DataFrame()
+    for select_on in settle.SELECT_ON:
+        part = settled[settled["select_on"] == select_on] if not settled.empty else settled
+        stem = out / f"table1_settled_{select_on}"
+        md = (settle.settled_markdown(part, select_on, campaign.confirm_seeds) if not part.empty
+              else "(no seed-0 runs stored)\n")  # fmt: skip
+        written.append(atomic_write(stem.with_suffix(".md"), md + tail))
+        written.append(atomic_write(stem.with_suffix(".csv"), part.to_csv(index=False)))
+    paired = settle.paired_tests(values, campaign) if not values.empty else pd.DataFrame()
+    paired_md = (settle.paired_markdown(paired) if not paired.empty
+                 else "(no pair of confirmed FIM and MaSQ winners stored)\n")  # fmt: skip
+    written.append(atomic_write(out / "paired.md", paired_md + tail))
+    written.append(atomic_write(out / "paired.csv", paired.to_csv(index=False)))
+    infl = settle.inflation(settled) if not settled.empty else pd.DataFrame()
+    infl_md = settle.inflation_markdown(infl) if not infl.empty else "(no cells)\n"
+    written.append(atomic_write(out / "inflation.md", infl_md + tail))
+    written.append(atomic_write(out / "inflation.csv", infl.to_csv(index=False)))
+    rows = settle.campaign_rows(df, campaign)
+    for slt in slts:
+        if rows.empty or not ((rows["slt"] == slt) & (rows["seed"] == campaign.seed)).any():
+            continue
+        written.append(save_png(plane_figure(df, campaign, slt), out / f"plane_{slt}.png"))
+        if not winners_by["test"].empty:
+            written += winner_figures(root, winners_by["test"], df, slt, out)
+    return notes, written
