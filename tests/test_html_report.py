@@ -252,3 +252,32 @@ def test_rebuild_removes_its_own_stale_files_only(sources: dict[str, Path], tmp_
     assert not any((out / name).exists() for name in stale)
     assert (out / "mine.png").read_bytes() == b"not the report's"
     parse(out / "index.html")
+
+
+def test_settled_table1_part_shows_the_tables_and_planes_of_masq_table1(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    settled = tmp_path / "settled"
+    settled.mkdir()
+    (settled / "table1_settled_test.md").write_text(
+        "Table 1, settled (selected on test)\n\n| SLT | criterion | D1∪D2 % |\n"
+        "| --- | --- | --- |\n| D5-5 | last | 71.25 (69.80 ± 1.10) |\n",
+        encoding="utf-8",
+    )
+    (settled / "paired.md").write_text(
+        "| SLT | p |\n| --- | --- |\n| D5-5 | 0.4321 |\n", encoding="utf-8"
+    )
+    shutil.copyfile(sources["an"] / "fisher_blocks.png", settled / "plane_D5-5.png")
+    report = build_report([sources["res"], settled], tmp_path / "page")
+    part = {p.id: p for p in report.parts}["settled"]
+    assert part.present and [t.caption for t in part.tables] == [
+        "Table 1, settled (selected on test)",
+        "paired.md",
+    ]
+    page = parse(tmp_path / "page" / "index.html")
+    text = " ".join(page.text)
+    assert "71.25 (69.80 ± 1.10)" in text and "0.4321" in text
+    assert "settled0_plane_D5-5.png" in page.refs
+    assert (tmp_path / "page" / "settled0_plane_D5-5.png").is_file()
+    missing = {p.id: p for p in build_report([sources["res"]], tmp_path / "p2").parts}
+    assert "make table1" in missing["settled"].missing

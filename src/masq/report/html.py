@@ -12,7 +12,9 @@
 5. the λ sweeps (``masq analyze lambda``);
 6. the speed/memory table of the importance benchmark (``--bench FILE``);
 7. accuracy matrices of runs of more than two tasks;
-8. IMM runs (consolidation ``mean-imm`` / ``mode-imm``).
+8. IMM runs (consolidation ``mean-imm`` / ``mode-imm``);
+9. Table 1 settled over seeds (a directory written by ``masq table1``: its tables and the
+   ε2 × λ plane figures).
 
 Each part has a caption saying what was run (configuration, seeds, precision, date, machine,
 masq version) and the command that regenerates it; a part with nothing to show says which
@@ -200,6 +202,46 @@ def _table1_part(stores: list[tuple[Path, pd.DataFrame]], select_on: str) -> Par
         commands.append(f"masq table --results {root} --select-on {select_on}")
     part.caption = " | ".join(captions)
     part.command = "; ".join(commands)
+    return part
+
+
+SETTLED_TABLES: tuple[str, ...] = (
+    "table1_settled_test.md",
+    "table1_settled_val.md",
+    "paired.md",
+    "inflation.md",
+)
+
+
+def _is_settled(path: Path) -> bool:
+    return (path / SETTLED_TABLES[0]).is_file()
+
+
+def _settled_part(folders: list[Path], figs: _Figures) -> Part:
+    part = Part("settled", "Table 1, settled: selection on seed 0, confirmation on seeds 1-4")
+    for i, folder in enumerate(folders):
+        for name in SETTLED_TABLES:
+            if (folder / name).is_file():
+                notes, tables = markdown_tables((folder / name).read_text(encoding="utf-8"))
+                for table in tables:
+                    table.caption = table.caption or name
+                part.tables += tables
+                part.text += [n for n in notes if n.startswith("- not stored yet")][:1]
+            csv = (folder / name).with_suffix(".csv")
+            if csv.is_file():
+                part.links.append((figs.add(csv, f"settled{i}"), f"{csv.name} (all numbers)"))
+        for png in sorted(folder.glob("plane_*.png")):
+            part.figures.append(
+                (figs.add(png, f"settled{i}"), f"best and last against λ: {png.stem}")
+            )
+    part.caption = (
+        "each cell: the seed-0 value that selected the configuration (mean ± std over the "
+        "confirmation seeds); paired t-tests of MaSQ against the FIM over those seeds; "
+        "inflation = seed-0 value − confirmation mean"
+    )
+    part.command = "make table1  (masq table1 --results DIR --out DIR)"
+    if not part.present:
+        part.missing = "make table1 (or masq table1 --results DIR --out DIR), then masq report"
     return part
 
 
@@ -413,19 +455,22 @@ def build_report(
     _remove_earlier(out_dir)
     stores: list[tuple[Path, pd.DataFrame]] = []
     found: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    settled: list[Path] = []
     for entry in results:
         root = Path(entry)
         if not root.is_dir():
             raise ConfigError(f"--results {str(root)!r}: no such directory")
         manifests = _manifests(root)
+        if _is_settled(root):
+            settled.append(root)
         if _is_store(root):
             df = load(root)
             if not df.empty:
                 stores.append((root, df))
-        elif not manifests:
+        elif not manifests and not _is_settled(root):
             raise ConfigError(
                 f"--results {str(root)!r} holds neither stored runs nor analysis outputs; "
-                "give a directory written by `masq grid` or `masq analyze`"
+                "give a directory written by `masq grid`, `masq analyze` or `masq table1`"
             )
         for name, value in manifests.items():
             found.setdefault(name, []).append(value)
@@ -446,6 +491,7 @@ def build_report(
         _bench_part(bench),
         _matrices_part(stores, figs, out_dir),
         _imm_part(stores),
+        _settled_part(settled, figs),
     ]
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("masq.report", "templates"),
