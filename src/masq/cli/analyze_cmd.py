@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from masq.cli.experiment_cmd import FALLBACK_DEFAULTS, SLT_DEFAULTS
-from masq.cli.options import hidden_from_tokens
+from masq.cli.options import add_execution_flags, hidden_from_tokens
 from masq.config import FIELD, Init, RunConfig, hidden_text
 from masq.errors import ConfigError
 from masq.runtime import check_out_dir, setup_threads
@@ -151,12 +151,7 @@ def _register_lambda(sub: argparse._SubParsersAction) -> None:
     add("--results", default="results/lambda", metavar="DIR", help="the sweep's results dir")
     add("--out", default=None, metavar="DIR", help="tables, figures (default: the results dir)")
     add("--dry-run", action="store_true", help="print the runs and a time estimate; run nothing")
-    g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
-    g.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    g.add_argument("--stack", type=int, default=16, help="runs re-trained at once (default: 16)")
-    g.add_argument("--data-dir", default=None, metavar="DIR", help="directory with IDX files")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_execution_flags(p)
     p.set_defaults(func=run_lambda)
 
 

@@ -259,3 +259,14 @@ def _check_imm(config: Any, given: Collection[str]) -> None:
                 f"{_flag_value(config, name)} has no effect with --transfer "
                 f"{config.transfer.value}; drop it, or use --transfer {wanted}"
             )
+
+
+def add_execution_flags(p: argparse.ArgumentParser) -> None:
+    """The "execution" flags of the commands that run a list of grid configs on this machine
+    (``masq analyze lambda``, ``masq table1``): workers, threads, stack, data dir, progress."""
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    g.add_argument("--stack", type=int, default=16, help="runs re-trained at once (default: 16)")
+    g.add_argument("--data-dir", default=None, metavar="DIR", help="directory with IDX files")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from masq.cli.options import add_execution_flags
 from masq.errors import ConfigError
 from masq.runtime import check_out_dir
 from masq.slt import parse_spec
@@ -51,12 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("--seeds", nargs="+", type=int, default=list(CAMPAIGN.confirm_seeds),
         help="confirmation seeds (default: 1 2 3 4)")  # fmt: skip
     add("--dry-run", action="store_true", help="print the runs to do and the estimate; run none")
-    g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
-    g.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    g.add_argument("--stack", type=int, default=16, help="runs re-trained at once (default: 16)")
-    g.add_argument("--data-dir", default=None, metavar="DIR", help="directory with IDX files")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_execution_flags(p)
     p.set_defaults(func=run_table1)
 
     e = sub.add_parser(
