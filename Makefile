@@ -46,20 +46,29 @@ repro: $(STAMP)
 	$(BIN)/masq consistency --results $(REPRO)
 
 # The paper's analyses (README, "Analyses"): Table 2 for all six tensors of 784-30-30-10
-# (~5 min), FIM versus MaSQ at each SLT's task-1 state (the winners of $(REPRO) when it
-# exists, else freshly trained paper-best nets), and the λ sweeps of the three SLTs at their
-# paper-best nets (228 runs; `masq analyze lambda --dry-run` prints the estimate first).
+# (~14 min), FIM versus MaSQ at each SLT's task-1 state (the winners of $(REPRO) or $(IMM) when
+# one exists, else freshly trained paper-best nets), and the λ sweeps of the three SLTs at
+# their paper-best nets (228 runs, bf16; `masq analyze lambda --dry-run` prints the estimate).
+# The sweep resumes from the committed records ($(LAMBDA_RECORDS)) and exports them back.
 ANALYSES ?= docs/analysis
 LAMBDA ?= results/lambda
-COMPARE_FROM = $(if $(wildcard $(REPRO)/meta.json),--results $(REPRO),--slt D5-5 D9-1 DP10-10)
+LAMBDA_RECORDS ?= $(ANALYSES)/lambda_records.jsonl.gz
+COMPARE_FROM = $(if $(wildcard $(REPRO)/meta.json),--results $(REPRO),$(if \
+  $(wildcard $(IMM)/meta.json),--results $(IMM),--slt D5-5 D9-1 DP10-10))
 analyses: $(STAMP)
 	$(BIN)/masq analyze diagonality --out $(ANALYSES)
 	$(BIN)/masq analyze compare $(COMPARE_FROM) --out $(ANALYSES)
-	$(BIN)/masq analyze lambda --slt D5-5 D9-1 DP10-10 --results $(LAMBDA) --out $(ANALYSES)
+	if [ -f $(LAMBDA_RECORDS) ]; then \
+	  $(BIN)/masq import --from $(LAMBDA_RECORDS) --results $(LAMBDA) || exit 1; \
+	fi
+	$(BIN)/masq analyze lambda --slt D5-5 D9-1 DP10-10 --precision bf16 --results $(LAMBDA) \
+	  --out $(ANALYSES); rc=$$?; \
+	  $(BIN)/masq export --results $(LAMBDA) --to $(LAMBDA_RECORDS) && exit $$rc
 
 # One browsable page (REPORT/index.html, report.md, PNGs) from whatever of the above exists.
 REPORT ?= report
-REPORT_FROM = $(wildcard $(REPRO)/meta.json $(LAMBDA)/meta.json)
+REPORT_FROM = $(wildcard $(REPRO)/meta.json $(LAMBDA)/meta.json $(IMM)/meta.json \
+  $(TABLE1_DOCS)/table1_settled_test.md)
 report: $(STAMP)
 	$(BIN)/masq report --results $(dir $(REPORT_FROM)) $(ANALYSES) \
 	  --bench docs/bench/importance_part1.txt --out $(REPORT)
@@ -68,22 +77,28 @@ report: $(STAMP)
 # and eps2; EWC (lambda = 0 and c / eps2, c in 0.1 1 10), mean-IMM and mode-IMM with FIM and
 # MaSQ mean/sum, drop-transfer (p = 0.5) and L2-transfer (lambda_T = 1e-3), Lee et al. 2017's
 # MNIST settings; 3 seeds; tables (selected on val and test) and alpha figures into docs/imm/.
+# Resumes from the committed records ($(IMM_RECORDS)) and exports them back.
 IMM ?= results/imm
 IMM_DOCS ?= docs/imm
 IMM_SEEDS ?= 0 1 2
 IMM_ITERS ?= 5000
 IMM_SLTS ?= D5-5:800-800:1e-5 D9-1:800-400-400:1e-4 DP10-10:800-800-200:1e-5
+IMM_RECORDS ?= $(IMM_DOCS)/records.jsonl.gz
 IMM_AXES = --preset none --seed $(IMM_SEEDS) --iters1 $(IMM_ITERS) --iters2 $(IMM_ITERS) \
   --eval-val --importance masq fisher --scale mean sum --results $(IMM)
 IMM_GROUPS := --group-by consolidation importance scale transfer
 imm: $(STAMP)
-	for spec in $(IMM_SLTS); do \
+	if [ -f $(IMM_RECORDS) ]; then \
+	  $(BIN)/masq import --from $(IMM_RECORDS) --results $(IMM) || exit 1; \
+	fi
+	rc=0; for spec in $(IMM_SLTS); do \
 	  slt=$${spec%%:*}; rest=$${spec#*:}; hidden=$${rest%%:*}; lr2=$${rest#*:}; \
 	  $(BIN)/masq grid --slt $$slt --hidden $$hidden --lr2 $$lr2 $(IMM_AXES) \
-	    --consolidation ewc --lam 0 --lam-per-lr2 0.1 1 10 || exit 1; \
+	    --consolidation ewc --lam 0 --lam-per-lr2 0.1 1 10 || { rc=1; break; }; \
 	  $(BIN)/masq grid --slt $$slt --hidden $$hidden --lr2 $$lr2 $(IMM_AXES) \
-	    --consolidation mean-imm mode-imm --transfer drop l2 || exit 1; \
-	done
+	    --consolidation mean-imm mode-imm --transfer drop l2 || { rc=1; break; }; \
+	done; \
+	$(BIN)/masq export --results $(IMM) --to $(IMM_RECORDS) && exit $$rc
 	$(BIN)/masq table --results $(IMM) $(IMM_GROUPS) --select-on val --out $(IMM_DOCS)
 	$(BIN)/masq table --results $(IMM) $(IMM_GROUPS) --select-on test --out $(IMM_DOCS)
 	$(BIN)/masq imm-report --results $(IMM) --out $(IMM_DOCS)

@@ -1011,6 +1011,40 @@ def test_estimate_is_the_arithmetic_of_the_measured_costs(monkeypatch: pytest.Mo
     assert grid.estimate(grid.plan([plain]), 4, workers=1, threads=1).importance == 0.0
 
 
+def test_estimate_of_imm_runs_counts_one_training_passes_and_merges(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[tuple[int, ...], int]] = []
+    monkeypatch.setattr(estimate_module, "measure", _fake_measure(calls))
+    configs = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,), lam=(0.0,), eval_val=(True,),
+                               consolidation=("mean-imm", "mode-imm"), importance=("fisher",
+                               "masq"), alpha_step=(0.25,)))  # fmt: skip
+    # mean-IMM once, mode-IMM with FIM and with MaSQ: one chunk, trained alike
+    assert sorted(str(c.consolidation) for c in configs) == ["mean-imm", "mode-imm", "mode-imm"]
+    groups = grid.plan(configs)
+    est = grid.estimate(groups, 4, workers=1, threads=1)
+
+    def cost(key: str) -> float:
+        return UNIT[key] * 8
+
+    # task 1: 12 iterations, evaluated at 0, 5, 10, 12 on 15,000 test + validation images
+    d1 = 12 * cost("d1_iter") + 4 * 15_000 * cost("eval_sample_one")
+    # task 1's importance: one pass per importance setting (FIM, MaSQ) over 27,500 images
+    imp = sum(len(g.importance_keys) for g in groups) * 27_500 * cost("importance_sample")
+    assert sum(len(g.importance_keys) for g in groups) == 2
+    # the later phase once (10 iterations one by one, evaluated at 0, 5, 10), a pass on task 2
+    # for each of the 2 mode-IMM runs, 5 merges (α_2 = 0, .25, ..., 1) per run evaluated on
+    # the 15,000 test and validation images
+    e_train = 3 * 15_000 * cost("eval_sample_one")
+    merges = 3 * 5 * 15_000 * cost("eval_sample_one")
+    imp += 2 * 27_500 * cost("importance_sample")
+    d2 = 10 * cost("d2_iter_one") + e_train + merges
+    assert est.d1 == pytest.approx(d1)
+    assert est.importance == pytest.approx(imp)
+    assert est.d2 == pytest.approx(d2)
+    assert est.evaluation == pytest.approx(e_train + merges + 4 * 15_000 * cost("eval_sample_one"))
+
+
 def test_calibrate_measures_three_and_interpolates_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

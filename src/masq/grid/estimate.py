@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from masq import stacked
-from masq.config import ImportanceKind, n_params
+from masq.config import IMM_METHODS, Consolidation, ImportanceKind, RunConfig, n_params
 from masq.grid.executors import cpu_count
 from masq.grid.plan import Group, chunks
+from masq.protocol.imm import sweep_shares
 from masq.slt import parse_spec
 from masq.training import eval_iterations
 
@@ -204,12 +205,36 @@ def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
     raise AssertionError  # pragma: no cover
 
 
+def imm_chunk_seconds(
+    chunk: Sequence[RunConfig],
+    cost: dict[str, float],
+    n_train: int,
+    n_eval: int,
+    merge_eval: int,
+) -> tuple[float, float, float]:
+    """(importance, later phases, evaluation) seconds of one IMM chunk (runs trained alike,
+    :func:`masq.grid.plan.chunks`): its T − 1 later phases trained once, one by one, and
+    evaluated on the schedule (``n_eval`` images); an importance pass over each later task's
+    training data (≈ ``n_train`` images) for every mode-IMM run; and for every run each merge of
+    its α sweep evaluated on every task's test and validation sets (``merge_eval`` images)."""
+    first = chunk[0]
+    phases = first.n_tasks - 1
+    evals = len(eval_iterations(first.iters2, first.eval_every, first.eval_schedule))
+    e_train = phases * evals * n_eval * cost["eval_sample_one"]
+    mode_runs = sum(c.consolidation == Consolidation.MODE_IMM for c in chunk)
+    passes = mode_runs * phases * n_train * cost["importance_sample"]
+    merges = sum(len(sweep_shares(c)) for c in chunk) * merge_eval * cost["eval_sample_one"]
+    train = phases * first.iters2 * cost["d2_iter_one"] + e_train + merges
+    return passes, train, e_train + merges
+
+
 def estimate(
     groups: Sequence[Group], stack: int, *, workers: int, threads: int | None = None
 ) -> Estimate:
     """Time to run ``groups`` with ``workers`` workers of ``threads`` threads, extrapolated
     from :func:`calibrate` per precision on the grid's device, with each group's evaluation
-    schedule (assumes perfect parallel efficiency across workers)."""
+    schedule (assumes perfect parallel efficiency across workers); IMM chunks as
+    :func:`imm_chunk_seconds`."""
     threads = max(1, cpu_count() // workers) if threads is None else threads
     archs = [c.hidden for g in groups for c in g.configs[:1]]
     if not archs:
@@ -242,6 +267,11 @@ def estimate(
         for chunk in chunks(g.configs, stack):
             k = len(chunk)
             phases = chunk[0].n_tasks - 1
+            if chunk[0].consolidation in IMM_METHODS:
+                merge_eval = task_sizes(chunk[0].slt, True)[1]
+                i_s, d2_s, ev_s = imm_chunk_seconds(chunk, c, n_train, n_eval, merge_eval)
+                imp, d2, ev = imp + i_s, d2 + d2_s, ev + ev_s
+                continue
             if phases > 1:  # runs of T > 2 tasks go one by one, an importance pass per phase
                 evals = len(
                     eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)
