@@ -125,15 +125,38 @@ def test_top_sets_overlap_and_cancellation_on_hand_made_inputs() -> None:
     assert analysis.top_overlap(fim, masq_mean, 0.2) == pytest.approx(0.5)
     assert analysis.top_overlap(fim, np.zeros(10), 0.2) == 0.0
     assert math.isnan(analysis.top_overlap(np.zeros(10), masq_mean, 0.2))
-    # top-2 of the FIM: entries 0 and 1; MaSQ keeps 50 % of entry 0 and 0.5 % of entry 1
-    assert analysis.cancellation_share(fim, [5, 0.045, 0, 0, 0, 0, 0, 0, 0, 0], 0.2) == 0.5
-    at_bound = [0.1, 0.09, 0, 0, 0, 0, 0, 0, 0, 0]  # exactly 1 % of the FIM: not below
-    assert analysis.cancellation_share(fim, at_bound, 0.2, 0.01) == 0.0
+    # top-2 of the FIM: entries 0 and 1; MaSQ (sum) keeps 50 % of entry 0 and 5 % of entry 1
+    assert analysis.cancellation_share(fim, [5, 0.45, 0, 0, 0, 0, 0, 0, 0, 0], 0.2) == 0.5
+    at_bound = [1.0, 0.9, 0, 0, 0, 0, 0, 0, 0, 0]  # exactly 10 % of the FIM: not below
+    assert analysis.cancellation_share(fim, at_bound, 0.2) == 0.0
+    assert analysis.cancellation_share(fim, at_bound, 0.2, 0.11) == 1.0
     assert math.isnan(analysis.cancellation_share(np.zeros(10), np.zeros(10)))
     with pytest.raises(masq.ConfigError, match="--top"):
         analysis.top_set([1, 2], 0.0)
     with pytest.raises(masq.ConfigError, match="differ in size"):
         analysis.top_overlap([1, 2], [1, 2, 3])
+
+
+def test_cancelling_share_is_measured_against_the_chance_level_of_masq_sum() -> None:
+    """One batch of B = 4 per-sample gradients per one-entry tensor: agreeing (B·M = 4F),
+    at the chance level of random signs (B·M = F) and cancelling exactly (M = 0). Only the
+    last counts as cancelling; MaSQ mean compared with the FIM directly (M = F/B at chance)
+    would call the chance-level entry cancelling too."""
+    grads = {
+        "agree": torch.tensor([[1.0], [1.0], [1.0], [1.0]]),
+        "chance": torch.tensor([[1.0], [1.0], [-1.0], [1.0]]),
+        "cancel": torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]),
+    }
+    fim = {n: g.square().mean(0) for n, g in grads.items()}
+    mean = {n: g.mean(0).square() for n, g in grads.items()}
+    total = {n: 4 * v for n, v in mean.items()}
+    assert float(total["chance"]) == float(fim["chance"]) == 1.0
+    imps = {"FIM": fim, "MaSQ mean": mean, "MaSQ sum": total}
+    rows = {r["tensor"]: r for r in analysis.compare_rows(imps, top=1.0, cancel_below=0.3)}
+    assert [rows[n]["cancel_share"] for n in grads] == [0.0, 0.0, 1.0]
+    assert analysis.cancellation_share(fim["chance"], mean["chance"], 1.0, 0.3) == 1.0
+    with pytest.raises(masq.ConfigError, match="MaSQ sum"):
+        analysis.compare_rows({"FIM": fim, "MaSQ mean": mean})
 
 
 def test_compare_rows_with_masq_batch_one_is_the_fim() -> None:

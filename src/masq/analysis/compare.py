@@ -8,10 +8,12 @@ For one state and task 1's training data (N samples, batches of B_MaSQ), per ten
 - ``spearman``: the rank correlation of F and M over the tensor's entries (Pearson's
   correlation of their average ranks; NaN where either is constant, e.g. all zero);
 - ``top_overlap``: the share of the FIM's top-q entries that are also among MaSQ's top-q;
-- ``cancel_share``: the share of the FIM's top-q entries where MaSQ keeps less than a
-  fraction r of the FIM (M_k < r·F_k): per-sample gradients that are large but cancel within
-  the batches. By Jensen M_k ≤ F_k (equal batches); M_k/F_k ≈ 1 for gradients that agree,
-  ≈ 1/B for gradients of random sign, 0 for exact cancellation.
+- ``cancel_share``: the share of the FIM's top-q entries whose per-sample gradients cancel
+  within the batches more than chance: B·M_k < r·F_k (MaSQ in the ``sum`` scale, B·M_k for
+  equal batches; default r = 0.1). B·M_k ≈ F_k for independent gradients of random sign
+  (the chance level), up to B·F_k for gradients that agree, 0 for exact cancellation; by
+  Jensen M_k ≤ F_k. (Comparing M_k itself with F_k would call every entry cancelling: M_k is
+  about F_k / B even for gradients of random sign.)
 
 Top-q sets (:func:`top_set`): k = ⌈q·P⌉ (at least 1) entries, ties at the k-th largest value
 included, zeros excluded (an all-zero tensor has no top entries).
@@ -121,15 +123,15 @@ def top_overlap(
 
 def cancellation_share(
     fim: Values,
-    masq_mean: Values,
+    masq_sum: Values,
     fraction: float = 0.01,
-    below: float = 0.01,
+    below: float = 0.1,
 ) -> float:
-    """Among the FIM's top-``fraction`` entries, the share with M_k < ``below`` · F_k (MaSQ in
-    the ``mean`` scale); NaN when the FIM has no positive entry."""
+    """Among the FIM's top-``fraction`` entries, the share with B·M_k < ``below`` · F_k (MaSQ in
+    the ``sum`` scale, whose chance level is F_k); NaN when the FIM has no positive entry."""
     if not below > 0:
         raise ConfigError(f"--cancel-below must be > 0, got {below}")
-    ff, fm = _flat(fim), _flat(masq_mean)
+    ff, fm = _flat(fim), _flat(masq_sum)
     _check_pair(ff, fm)
     tf = top_set(ff, fraction)
     if tf.size == 0:
@@ -167,12 +169,13 @@ def compare_rows(
     *,
     slt: str = "",
     top: float = 0.01,
-    cancel_below: float = 0.01,
+    cancel_below: float = 0.1,
 ) -> list[dict[str, Any]]:
     """One row per tensor: ``max_<measure>`` and ``mean_<measure>`` of every measure in
-    ``imps`` ({label: importance}, needing "FIM" and "MaSQ mean"), and the statistics of the
-    module docstring between "FIM" and "MaSQ mean"."""
-    for need in ("FIM", "MaSQ mean"):
+    ``imps`` ({label: importance}, needing "FIM", "MaSQ mean" and "MaSQ sum"), and the
+    statistics of the module docstring between "FIM" and MaSQ (the cancelling share on
+    "MaSQ sum", the others on "MaSQ mean")."""
+    for need in ("FIM", "MaSQ mean", "MaSQ sum"):
         if need not in imps:
             raise ConfigError(f"compare_rows needs the measure {need!r}")
     rows = []
@@ -186,7 +189,7 @@ def compare_rows(
         row["mean_ratio"] = row["mean_FIM"] / mean_m if mean_m > 0 else math.nan
         row["spearman"] = spearman(fim, m)
         row["top_overlap"] = top_overlap(fim, m, top)
-        row["cancel_share"] = cancellation_share(fim, m, top, cancel_below)
+        row["cancel_share"] = cancellation_share(fim, imps["MaSQ sum"][name], top, cancel_below)
         rows.append(row)
     return rows
 
@@ -212,7 +215,7 @@ def compare_state(
     tasks: list[Any],
     *,
     top: float = 0.01,
-    cancel_below: float = 0.01,
+    cancel_below: float = 0.1,
 ) -> StateComparison:
     """:func:`measures` and :func:`compare_rows` at ``state`` (a network of ``config``'s
     architecture) over task 1's whole training set, batches of ``config.masq_batch``."""

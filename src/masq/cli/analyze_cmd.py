@@ -108,7 +108,8 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
         "from the results dir's cache, else trained from flags): per tensor the maxima of the "
         "FIM (true, sampled, exact labels) and of MaSQ (mean, sum), the ratio of their means, "
         "their Spearman rank correlation, the overlap of their top-q entries and the share of "
-        "the FIM's top-q entries whose MaSQ is below R x FIM (gradients that cancel). Writes "
+        "the FIM's top-q entries whose MaSQ (sum scale) is below R x FIM (per-sample gradients "
+        "that cancel more than chance, whose level is MaSQ sum = FIM). Writes "
         "compare.md, compare.csv, compare_maxima.png and compare.json.",
     )
     add = p.add_argument
@@ -119,8 +120,8 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
     _training(p, "--iters1", FIELD["iters1"].default, "each SLT's paper-best")
     add("--masq-batch", type=int, default=FIELD["masq_batch"].default, help="B_MaSQ (1000)")
     add("--top", type=float, default=0.01, help="fraction q of top entries (default: 0.01)")
-    add("--cancel-below", type=float, default=0.01, metavar="R",
-        help="cancelling: MaSQ (mean) below R x FIM (default: 0.01)")  # fmt: skip
+    add("--cancel-below", type=float, default=0.1, metavar="R",
+        help="cancelling: MaSQ (sum) below R x FIM (default: 0.1)")  # fmt: skip
     _common(p)
     p.set_defaults(func=run_compare)
 
@@ -331,7 +332,7 @@ def run_compare(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
     title = (
         f"FIM versus MaSQ per tensor at the task-1 states (B_MaSQ = {configs[0].masq_batch}; "
-        f"top-q with q = {args.top:g}; cancelling: MaSQ mean < {args.cancel_below:g} × FIM)"
+        f"top-q with q = {args.top:g}; cancelling: MaSQ sum < {args.cancel_below:g} × FIM)"
     )
     body = {"command": command_text(words), "states": states, "top": args.top,
             "cancel_below": args.cancel_below, "seconds": {"total": total}}  # fmt: skip
