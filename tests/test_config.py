@@ -58,6 +58,16 @@ COMPANIONS: dict[tuple[str, str], tuple[str, ...]] = {
     ("run", "fisher_labels"): ("--importance", "fisher"),
     ("run", "gamma"): ("--consolidation", "online-ewc"),
     ("compare", "gamma"): ("--consolidation", "online-ewc"),
+    **{
+        (command, name): ("--consolidation", "mean-imm", *transfer)
+        for command in ("run", "compare")
+        for name, transfer in (
+            ("transfer", ()),
+            ("alpha_step", ()),
+            ("transfer_lam", ("--transfer", "l2")),
+            ("drop_p", ("--transfer", "drop")),
+        )
+    },
 }
 
 IDS = [f.name for f in FIELDS]
