@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,24 +83,21 @@ def read_archive(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
         raise _damaged(path, f"{type(err).__name__}: {err}") from None
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix="masq-import-") as tmp:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rid = json.loads(line).get("run_id")
-            except (ValueError, AttributeError) as err:
-                raise _damaged(path, f"line {number} is not a JSON object: {err}") from None
-            if not isinstance(rid, str) or not rid.isalnum() or rid in seen:
-                raise _damaged(path, f"line {number} has a bad or repeated run_id {rid!r}")
-            probe = Path(tmp) / f"{rid}.json"
-            probe.write_text(line + "\n", encoding="utf-8")
-            try:
-                check_record(probe)
-            except InvalidRecord as err:
-                raise _damaged(path, f"line {number}: {err.reason}") from None
-            seen.add(rid)
-            out.append((rid, line + "\n"))
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rid = json.loads(line).get("run_id")
+        except (ValueError, AttributeError) as err:
+            raise _damaged(path, f"line {number} is not a JSON object: {err}") from None
+        if not isinstance(rid, str) or not rid.isalnum() or rid in seen:
+            raise _damaged(path, f"line {number} has a bad or repeated run_id {rid!r}")
+        try:
+            check_record(Path(f"{rid}.json"), line)  # as if stored under its run id
+        except InvalidRecord as err:
+            raise _damaged(path, f"line {number}: {err.reason}") from None
+        seen.add(rid)
+        out.append((rid, line + "\n"))
     return out
 
 

@@ -371,15 +371,15 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def check_record(path: Path) -> dict[str, Any]:
-    """The record at ``path`` (runs/<id>.json) if it is valid, else :class:`InvalidRecord`.
+def check_record(path: Path, text: str | None = None) -> dict[str, Any]:
+    """The record at ``path`` (runs/<id>.json; ``text``: its content) if valid, else InvalidRecord.
 
     Valid: UTF-8 JSON (``NaN`` tokens as Python reads them), an object whose ``run_id`` is the
     file's name and ``version`` is :data:`FORMAT_VERSION`, whose ``result`` has the keys
     :data:`RESULT_KEYS`, whose config builds a RunConfig of that run id, and which makes a
     table row (:func:`flat_row`)."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8") if text is None else text)
     except OSError as err:
         raise InvalidRecord(path, f"unreadable: {error_text(err)}") from None
     except UnicodeDecodeError:
