@@ -26,10 +26,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
-import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,94 +38,9 @@ from masq import __version__
 from masq.config import hidden_text
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
+from masq.report.page import Figures, Part, Table, markdown_tables
 from masq.report.tables import table1, to_markdown
 from masq.store import load, load_result, open_store
-
-_PIPE_ROW = re.compile(r"^\s*\|.*\|\s*$")
-_RULE_ROW = re.compile(r"^\s*\|(\s*:?-{3,}:?\s*\|)+\s*$")
-
-
-@dataclass
-class Table:
-    """A table to show: header cells, rows of cells (text), an optional caption."""
-
-    header: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-
-
-@dataclass
-class Part:
-    """One part of the report (module docstring): present or missing (then ``missing`` names
-    the command that produces it)."""
-
-    id: str
-    title: str
-    caption: str = ""
-    command: str = ""
-    missing: str = ""
-    tables: list[Table] = field(default_factory=list)
-    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, alt text)
-    links: list[tuple[str, str]] = field(default_factory=list)  # (file name, label)
-    text: list[str] = field(default_factory=list)  # pre-formatted blocks
-
-    @property
-    def present(self) -> bool:
-        return bool(self.tables or self.figures or self.text)
-
-
-def markdown_tables(text: str) -> tuple[list[str], list[Table]]:
-    """The pipe tables of Markdown ``text`` as :class:`Table` (the line before each, when not
-    blank, is its caption) and the other non-blank lines."""
-    lines = text.splitlines()
-    tables: list[Table] = []
-    other: list[str] = []
-    i = 0
-    while i < len(lines):
-        if i + 1 < len(lines) and _PIPE_ROW.match(lines[i]) and _RULE_ROW.match(lines[i + 1]):
-            header = _cells(lines[i])
-            j = i + 2
-            rows = []
-            while j < len(lines) and _PIPE_ROW.match(lines[j]):
-                rows.append(_cells(lines[j]))
-                j += 1
-            caption = ""
-            back = i - 1
-            while back >= 0 and not lines[back].strip():
-                back -= 1
-            if back >= 0 and other and other[-1] == lines[back].strip():
-                caption = other.pop()
-            tables.append(Table(header, rows, caption))
-            i = j
-            continue
-        if lines[i].strip():
-            other.append(lines[i].strip())
-        i += 1
-    return other, tables
-
-
-def _cells(line: str) -> list[str]:
-    """The cells of a pipe-table row; an escaped pipe (backslash-pipe) stays in its cell."""
-    inner = line.strip()[1:-1]
-    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
-
-
-class _Figures:
-    """Copies figures next to the page under unique names."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.used: set[str] = set()
-
-    def add(self, source: Path, prefix: str) -> str:
-        name = f"{prefix}_{source.name}"
-        stem, n = name, 1
-        while name in self.used:
-            n += 1
-            name = f"{Path(stem).stem}_{n}{source.suffix}"
-        self.used.add(name)
-        shutil.copyfile(source, self.out / name)
-        return name
 
 
 def _date(path: Path) -> str:
@@ -217,7 +130,7 @@ def _is_settled(path: Path) -> bool:
     return (path / SETTLED_TABLES[0]).is_file()
 
 
-def _settled_part(folders: list[Path], figs: _Figures) -> Part:
+def _settled_part(folders: list[Path], figs: Figures) -> Part:
     part = Part("settled", "Table 1, settled: selection on seed 0, confirmation on seeds 1-4")
     for i, folder in enumerate(folders):
         for name in SETTLED_TABLES:
@@ -245,7 +158,7 @@ def _settled_part(folders: list[Path], figs: _Figures) -> Part:
     return part
 
 
-def _consistency_part(stores: list[tuple[Path, pd.DataFrame]], figs: _Figures) -> Part:
+def _consistency_part(stores: list[tuple[Path, pd.DataFrame]], figs: Figures) -> Part:
     part = Part("consistency", "Consistency check (PAPER.md 5.2)")
     commands = []
     for i, (root, _) in enumerate(stores):
@@ -264,7 +177,7 @@ def _consistency_part(stores: list[tuple[Path, pd.DataFrame]], figs: _Figures) -
 
 
 def _analysis_part(
-    name: str, title: str, found: list[tuple[Path, dict[str, Any]]], figs: _Figures
+    name: str, title: str, found: list[tuple[Path, dict[str, Any]]], figs: Figures
 ) -> Part:
     part = Part(name, title)
     missing = {
@@ -359,7 +272,7 @@ def _bench_part(bench: Sequence[str | os.PathLike[str]]) -> Part:
     return part
 
 
-def _matrices_part(stores: list[tuple[Path, pd.DataFrame]], figs: _Figures, out: Path) -> Part:
+def _matrices_part(stores: list[tuple[Path, pd.DataFrame]], figs: Figures, out: Path) -> Part:
     from masq.report import figures
 
     part = Part("matrices", "Accuracy matrices of runs of more than two tasks")
@@ -474,7 +387,7 @@ def build_report(
             )
         for name, value in manifests.items():
             found.setdefault(name, []).append(value)
-    figs = _Figures(out_dir)
+    figs = Figures(out_dir)
     parts = [
         _table1_part(stores, select_on),
         _consistency_part(stores, figs),
