@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from masq import grid as masq_grid
-from masq import report, store
+from masq import report, runid, store
 from masq.cli import build_parser, experiment_cmd, grid_cmd
 from masq.config import (
     FIELD,
@@ -137,7 +137,7 @@ def record_of(config: RunConfig) -> dict[str, Any]:
         "last": point,
         "accuracy": [[0.6, 0.7], [0.6, 0.7]],
     }
-    return {"run_id": store.run_id(config), "version": 2, "result": result}
+    return {"run_id": runid.run_id(config), "version": 2, "result": result}
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -209,11 +209,11 @@ def test_field_is_a_grid_axis_unless_run(spec: FieldSpec) -> None:
 def test_field_changes_the_run_id_unless_run(spec: FieldSpec) -> None:
     base, other = RunConfig(), changed(spec)
     if spec.stage == Stage.RUN:
-        assert store.run_id(other) == store.run_id(base)
-        assert spec.name not in store.id_dict(other)
+        assert runid.run_id(other) == runid.run_id(base)
+        assert spec.name not in runid.id_dict(other)
     else:
-        assert store.run_id(other) != store.run_id(base)
-        assert spec.name in store.id_dict(other)
+        assert runid.run_id(other) != runid.run_id(base)
+        assert spec.name in runid.id_dict(other)
 
 
 @pytest.mark.parametrize("spec", FIELDS, ids=IDS)
@@ -233,7 +233,7 @@ def test_field_is_a_report_column(spec: FieldSpec) -> None:
     assert (spec.name in report.CONFIG_FIELDS) == in_config
     config = changed(spec)
     row = store.flat_row(record_of(config))
-    expected = store.config_dict(config)[spec.name]
+    expected = runid.config_dict(config)[spec.name]
     assert row[spec.name] == (hidden_text(expected) if spec.kind is Hidden else expected)
 
 

@@ -16,7 +16,8 @@ import pytest
 from masq import data, grid
 from masq import protocol as pr
 from masq.config import RunConfig
-from masq.store import Store, run_id
+from masq.runid import run_id
+from masq.store import Store
 from tests.synthetic import learnable_dataset
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_t2_v1.json").read_text("utf-8"))

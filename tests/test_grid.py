@@ -29,7 +29,8 @@ from masq.config import RunConfig, round_sig
 from masq.errors import ConfigError
 from masq.grid import Grid, GridAborted, GroupJob, canonical, chunks, execute, expand
 from masq.protocol import stream_seed
-from masq.store import Store, run_id
+from masq.runid import run_id
+from masq.store import Store
 from tests.synthetic import learnable_dataset, synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

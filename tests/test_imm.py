@@ -20,7 +20,8 @@ from masq.consolidation import imm
 from masq.errors import ConfigError
 from masq.grid import canonical, chunks
 from masq.protocol import imm as pimm
-from masq.store import Store, load, run_id
+from masq.runid import run_id
+from masq.store import Store, load
 from masq.tasks import Task
 from masq.training import accuracies, eval_counts
 from tests.synthetic import learnable_dataset

@@ -24,6 +24,7 @@ ORDER: tuple[str, ...] = (
     "training",
     "stacked",
     "protocol",
+    "runid",
     "store",
     "archive",
     "grid",

@@ -23,7 +23,8 @@ from masq import grid
 from masq import tasks as masq_tasks
 from masq.config import RunConfig
 from masq.protocol import stream_seed
-from masq.store import Store, check_record, run_id
+from masq.runid import run_id
+from masq.store import Store, check_record
 from tests.synthetic import synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

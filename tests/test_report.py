@@ -18,7 +18,8 @@ from masq.config import RunConfig
 from masq.errors import ConfigError
 from masq.protocol.result import Result, build_result
 from masq.report import figures
-from masq.store import Store, run_id
+from masq.runid import run_id
+from masq.store import Store
 
 U = "D1∪D2"
 U3 = "D1∪D2∪D3"

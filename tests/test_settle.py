@@ -22,7 +22,8 @@ from masq.config import RunConfig
 from masq.grid import canonical, expand, grid_from_mapping
 from masq.protocol.result import build_result
 from masq.report.settled import select_winners
-from masq.store import Store, run_id
+from masq.runid import run_id
+from masq.store import Store
 
 U = "D1∪D2"
 C = settle.CAMPAIGN

@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masq import fileio, store
+from masq import fileio, runid, store
 from masq.config import FIELDS, RunConfig, Stage
 from masq.errors import ConfigError
 from masq.protocol import Result, build_result
-from masq.store import Store, run_id
+from masq.runid import run_id
+from masq.store import Store
 
 GOLDEN = Path(__file__).parent / "data" / "golden_t2_v1.json"
 U2, U3 = "D1∪D2", "D1∪D2∪D3"
@@ -71,7 +72,7 @@ def test_every_field_but_the_run_fields_changes_the_id() -> None:
     assert run_id(base.with_(device="cuda")) == run_id(base)
     assert run_id(base.with_(lam=1000)) == run_id(base.with_(lam=1000.0))  # int vs float
     assert run_id(base) == run_id(RunConfig())  # stable across instances
-    assert len(run_id(base)) == store.ID_LENGTH == 20
+    assert len(run_id(base)) == runid.ID_LENGTH == 20
 
 
 def test_run_id_is_sha256_of_the_sorted_config() -> None:
@@ -105,10 +106,10 @@ def test_fields_added_since_format_1_are_in_the_id_only_off_their_default() -> N
     assert since == {"consolidation", "gamma", "eval_schedule", "precision", "transfer",
                      "transfer_lam", "drop_p", "alpha_step"}  # fmt: skip
     base = RunConfig(slt="D3-3-4")
-    assert store.id_dict(base).keys() == {f.name for f in FIELDS} - {"device"} - since
+    assert runid.id_dict(base).keys() == {f.name for f in FIELDS} - {"device"} - since
     online = base.with_(consolidation="online-ewc", gamma=0.25)
-    assert store.id_dict(online)["consolidation"] == "online-ewc"
-    assert store.id_dict(online)["gamma"] == 0.25
+    assert runid.id_dict(online)["consolidation"] == "online-ewc"
+    assert runid.id_dict(online)["gamma"] == 0.25
     ids = {run_id(c) for c in (base, online, base.with_(gamma=0.25), base.with_(gamma=1.0))}
     assert len(ids) == 3  # gamma = 1.0 is the default: the same run as base
 
@@ -122,7 +123,7 @@ def test_run_id_ignores_key_order(seed: int) -> None:
     random.Random(seed).shuffle(keys)
     shuffled = {k: d[k] for k in keys}
     assert run_id(shuffled) == run_id(d) == run_id(config)
-    assert store.canonical_json(shuffled) == store.canonical_json(config)
+    assert runid.canonical_json(shuffled) == runid.canonical_json(config)
 
 
 # ----------------------------------------------------------------------------- the store

@@ -22,7 +22,8 @@ from masq import protocol as pr
 from masq.config import RunConfig
 from masq.data import Split
 from masq.models import mlp
-from masq.store import Store, run_id
+from masq.runid import run_id
+from masq.store import Store
 from masq.training import TrainConfig, train_task
 from tests.synthetic import learnable_dataset
 

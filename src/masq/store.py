@@ -11,15 +11,14 @@ Layout of a results directory ``DIR``::
     DIR/invalid/               records found invalid, moved aside (their runs are redone)
     DIR/.lock                  held (flock) by the one grid running here (masq.grid)
 
-A run's id is ``sha256`` of the canonical JSON of its configuration (keys sorted, the RUN
-fields such as ``device`` left out, fields added since format 1 left out while at their
-default), cut to :data:`ID_LENGTH` hex digits: the same configuration always maps to the same
-file whatever the order of its keys, and the ids of masq 0.1's runs are unchanged. Every write
+A run's file is named by its id (:func:`masq.runid.run_id`: a stable hash of its configuration,
+independent of key order), so the same configuration always maps to the same file. Every write
 goes through a temporary file and ``os.replace``: a run killed at any point leaves either the
 whole record or none. Re-running a grid skips the ids stored with a record that passes
 :func:`check_record` (others go to ``invalid/``, with a warning, and are redone); a cached
 tensor file that differs from its sidecar's size and sha256 is recomputed, with a warning. A
-record that cannot be written is saved under :func:`masq.fileio.rescue_dir` (:class:`NotStored`).
+record that cannot be written is saved under :func:`masq.fileio.rescue_dir`
+(:class:`NotStored`).
 
 Format 2 (this masq) holds T-task records (per-phase curves, accuracy matrix); format 1 (masq
 0.1, two-task records) is refused with a message naming ``masq migrate``, which converts it in
@@ -28,7 +27,6 @@ place (:func:`migrate`). Torch-free but for the tensor caches (imported lazily).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import traceback as tb
@@ -38,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from masq.config import FIELD, FIELDS, Choice, RunConfig, Stage, hidden_text
+from masq.config import FIELDS, RunConfig, hidden_text
 from masq.curves import VAL, best_and_last_indices, point, union_name
 from masq.errors import ConfigError
 from masq.fileio import (
@@ -51,13 +49,13 @@ from masq.fileio import (
     writable_dir,
     write_tensors,
 )
+from masq.runid import config_dict, run_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from masq.protocol.result import Result
 
 FORMAT = "masq-results"
 FORMAT_VERSION = 2
-ID_LENGTH = 20
 # The keys every stored result has (masq.protocol.result.REQUIRED_KEYS; a test checks both).
 RESULT_KEYS = ("config", "curves", "best", "last", "accuracy")
 
@@ -79,60 +77,6 @@ class NotStored(RuntimeError):
     def __init__(self, message: str, rescued: Path | None) -> None:
         super().__init__(message)
         self.rescued = rescued
-
-
-# ----------------------------------------------------------------------------- run ids
-
-
-def config_dict(config: Any) -> dict[str, Any]:
-    """The JSON-ready dict of ``config`` (a RunConfig or a mapping of its fields): Enum members
-    as values, floats as floats (``lam=1000`` and ``lam=1000.0`` are one run), tuples as
-    lists."""
-    d = dict(config.to_dict()) if hasattr(config, "to_dict") else dict(config)
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Choice):
-            v = v.value
-        elif isinstance(v, tuple):
-            v = list(v)
-        spec = FIELD.get(k)
-        if spec is not None and spec.kind is float and isinstance(v, int | float):
-            v = float(v)
-        out[k] = v
-    return out
-
-
-def id_dict(config: Any) -> dict[str, Any]:
-    """The fields that make a run's id: all but RUN fields, and fields added since format 1
-    only where they differ from their default."""
-    d = config_dict(config)
-    out = {}
-    for k, v in d.items():
-        spec = FIELD.get(k)
-        if spec is not None and spec.stage == Stage.RUN:
-            continue
-        if spec is not None and spec.since_v1 and v == config_dict({k: spec.default})[k]:
-            continue
-        out[k] = v
-    return out
-
-
-def canonical_json(config: Any) -> str:
-    """Canonical JSON of a configuration (:func:`id_dict`): sorted keys, no spaces."""
-    return json.dumps(
-        id_dict(config), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
-
-
-def run_id(config: Any) -> str:
-    """``sha256(canonical_json(config))[:ID_LENGTH]``: stable, independent of key order."""
-    return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()[:ID_LENGTH]
-
-
-def key_of(values: Mapping[str, Any]) -> str:
-    """A stable short hash of any JSON-ready mapping (the task-1 and importance cache keys)."""
-    text = json.dumps(dict(values), sort_keys=True, separators=(",", ":"), default=list)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:ID_LENGTH]
 
 
 # ----------------------------------------------------------------------------- the store

@@ -43,7 +43,7 @@ from masq.config import FIELD, hidden_text, method_label, round_sig
 from masq.errors import ConfigError
 from masq.grid import expand, grid_from_mapping
 from masq.grid.spec import AXIS_FIELDS
-from masq.store import run_id
+from masq.runid import run_id
 
 CRITERIA: tuple[str, ...] = ("best", "last")
 SELECT_ON: tuple[str, ...] = ("test", "val")

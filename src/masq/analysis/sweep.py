@@ -28,7 +28,7 @@ from masq.analysis.common import markdown, provenance, save_png, write_manifest,
 from masq.config import RunConfig, lam_per_lr2, method_label, round_sig
 from masq.errors import ConfigError
 from masq.grid import expand, grid_from_mapping, load_preset
-from masq.store import run_id
+from masq.runid import run_id
 
 # The other reading of the paper's λ grid: c / ε2 (PAPER.md section 2).
 PAPER_LAM_PER_LR2: tuple[float, ...] = (0.1, 1.0, 10.0)

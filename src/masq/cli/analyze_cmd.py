@@ -350,7 +350,8 @@ def run_lambda(args: argparse.Namespace) -> int:
     """``masq analyze lambda``."""
     from masq import analysis, protocol
     from masq import grid as search
-    from masq.store import Store, load, run_id
+    from masq.runid import run_id
+    from masq.store import Store, load
 
     lams = analysis.lam_grid(args.lam_min, args.lam_max, args.per_decade)
     for flag, value in (("--seeds", args.seeds), ("--stack", args.stack)):

@@ -229,7 +229,8 @@ def describe_axes(grid: Any) -> str:
 def run_grid(args: argparse.Namespace) -> int:
     """``masq grid``."""
     from masq import grid as search
-    from masq.store import Store, run_id
+    from masq.runid import run_id
+    from masq.store import Store
 
     grid = grid_from_args(args)
     configs = search.expand(grid)
@@ -334,7 +335,8 @@ def run_consistency(args: argparse.Namespace) -> int:
     from masq import grid as search
     from masq import report
     from masq.config import RunConfig
-    from masq.store import Store, load, run_id
+    from masq.runid import run_id
+    from masq.store import Store, load
 
     df = load(args.results)
     if df.empty:

@@ -142,7 +142,7 @@ class Runner:
 
     def dry(self, label: str, configs: Sequence[Any], note: str = "") -> None:
         """Print the counts and the time estimate of ``configs``."""
-        from masq.store import run_id
+        from masq.runid import run_id
 
         stored = self.stored()
         todo = [c for c in configs if run_id(c) not in stored]

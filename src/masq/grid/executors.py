@@ -40,8 +40,9 @@ from masq.errors import ConfigError
 from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.group import GroupJob, GroupOutcome, TasksFn, clear_tasks_cache, run_group
 from masq.grid.plan import plan
+from masq.runid import run_id
 from masq.runtime import resolve_device
-from masq.store import NotStored, Store, run_id
+from masq.store import NotStored, Store
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 

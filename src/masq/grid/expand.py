@@ -18,7 +18,7 @@ from masq.config import (
     lam_per_lr2,
 )
 from masq.grid.spec import AXIS_FIELDS
-from masq.store import run_id
+from masq.runid import run_id
 
 
 def lam_values(grid: Any, lr2: float) -> list[float]:

@@ -27,7 +27,8 @@ from masq.config import ImportanceKind, RunConfig
 from masq.fileio import error_text, warn
 from masq.grid.plan import chunks, d1_key, importance_key
 from masq.protocol import D1State
-from masq.store import NotStored, Store, run_id
+from masq.runid import run_id
+from masq.store import NotStored, Store
 from masq.tasks import Task
 
 TasksFn = Callable[[RunConfig], list[Task]]

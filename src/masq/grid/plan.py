@@ -14,7 +14,7 @@ from typing import Any
 
 from masq.config import FIRST_FIELDS, IMM_METHODS, IMPORTANCE_FIELDS, ImportanceKind, RunConfig
 from masq.protocol.imm import training_key as imm_training_key
-from masq.store import id_dict, key_of
+from masq.runid import id_dict, key_of
 
 
 def d1_key(config: RunConfig) -> str:

@@ -33,7 +33,8 @@ from masq.analysis import settle
 from masq.config import method_label
 from masq.fileio import atomic_write
 from masq.report.tables import table1
-from masq.store import load_result, run_id
+from masq.runid import run_id
+from masq.store import load_result
 
 COLOURS: tuple[str, ...] = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
@@ -156,7 +157,7 @@ def missing_notes(
     results: str,
 ) -> list[str]:  # fmt: skip
     """One line per part not (fully) stored, naming the ``masq table1`` stage that runs it."""
-    from masq.store import run_id as rid_of
+    from masq.runid import run_id as rid_of
 
     stored = set(df["run_id"]) if not df.empty else set()
     notes = []
