@@ -180,6 +180,35 @@ def test_analyses_and_bench_are_shown_with_caption_and_command(built: Path) -> N
     assert "![diagonality: fisher_blocks.png](diagonality0_fisher_blocks.png)" in md
 
 
+def test_table1_caption_dates_the_runs_from_their_records(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """The caption's date is the newest record's ``finished`` stamp, not a file date (files
+    written by ``masq import`` carry the import's date); without stamps it says "stored"."""
+    import datetime
+    import json
+
+    res = tmp_path / "res"
+    shutil.copytree(sources["res"], res)
+    paths = sorted((res / "runs").glob("*.json"))
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    stamps = [r["result"]["meta"]["finished"] for r in records]
+    assert all(datetime.datetime.fromisoformat(s).tzinfo is not None for s in stamps)
+    records[0]["result"]["meta"]["finished"] = "2031-05-06T07:08:09+00:00"
+    for path, record in zip(paths, records, strict=True):
+        path.write_text(json.dumps(record), encoding="utf-8")
+    report = build_report([res], tmp_path / "page")
+    (table1,) = [p for p in report.parts if p.id == "table1"]
+    assert "last run 2031-05-06" in table1.caption
+    for path, record in zip(paths, records, strict=True):
+        del record["result"]["meta"]["finished"]
+        path.write_text(json.dumps(record), encoding="utf-8")
+        os.utime(path, (0, 0))
+    report = build_report([res], tmp_path / "page2")
+    (table1,) = [p for p in report.parts if p.id == "table1"]
+    assert "stored 1970-01-01" in table1.caption and "last run" not in table1.caption
+
+
 def test_missing_parts_name_the_command_that_produces_them(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:

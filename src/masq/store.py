@@ -424,7 +424,9 @@ def flat_row(record: Mapping[str, Any]) -> dict[str, Any]:
             row[f"{crit}.union"] = final[union][i]  # test accuracy at the selected point
             row[f"{crit}.val_union"] = final[VAL + union][i]  # what selects it
     row |= result.get("metrics", {})
-    row["diverged"] = str(result.get("meta", {}).get("diverged") or "")
+    meta = result.get("meta", {})
+    row["diverged"] = str(meta.get("diverged") or "")
+    row["finished"] = str(meta.get("finished") or "")  # UTC ISO 8601; "" in older records
     for k, values in result.get("timings", {}).items():
         row[f"time.{k}"] = float(sum(values))
     return row

@@ -16,6 +16,7 @@ in memory only (:meth:`Result.save_weights` writes them as safetensors).
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -177,12 +178,15 @@ def summarize(importance: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
 
 
 def run_meta(device: torch.device, **extra: Any) -> dict[str, Any]:
-    """What produced a record: masq and torch versions, device, threads (and ``extra``)."""
+    """What produced a record and when: masq and torch versions, device, threads, ``finished``
+    (UTC, ISO 8601, to the second; the report's dates come from it), and ``extra``."""
+    finished = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     return {
         "masq_version": __version__,
         "torch_version": torch.__version__,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "finished": finished.isoformat(),
         **extra,
     }
 

@@ -75,11 +75,19 @@ def _provenance_text(p: dict[str, Any]) -> str:
 
 
 def _store_meta(root: Path, df: pd.DataFrame) -> dict[str, Any]:
+    """Provenance of a results dir: the date of its newest run (from the records' ``finished``
+    stamps; records older than those stamps: the newest file's date, marked "stored"), and the
+    device, threads and versions of its first run."""
     record = open_store(root).read_record(str(df["run_id"].iloc[0]))
     meta = record["result"].get("meta", {})
-    newest = max((p for p in (root / "runs").glob("*.json")), key=lambda p: p.stat().st_mtime)
+    stamps = [s for s in df.get("finished", pd.Series(dtype=str)).astype(str) if s]
+    if stamps:
+        when = f"last run {max(stamps)[:10]}"
+    else:  # records without stamps (an imported one carries the import's file date)
+        newest = max((root / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+        when = f"stored {_date(newest)}"
     return {
-        "date": _date(newest),
+        "when": when,
         "machine": f"device {meta.get('device', '?')}, {meta.get('threads', '?')} torch threads",
         "masq_version": meta.get("masq_version", "?"),
         "torch_version": meta.get("torch_version", "?"),
@@ -110,7 +118,7 @@ def _table1_part(stores: list[tuple[Path, pd.DataFrame]], select_on: str) -> Par
             f"{root}: {configs}; iterations {sorted(df['iters1'].unique())[0]} + "
             f"{sorted(df['iters2'].unique())[0]}, evaluation every "
             f"{sorted(df['eval_every'].unique())[0]}; seeds {seeds}; precision {precision}; "
-            f"last run {meta['date']}, {meta['machine']}, masq {meta['masq_version']}"
+            f"{meta['when']}, {meta['machine']}, masq {meta['masq_version']}"
         )
         commands.append(f"masq table --results {root} --select-on {select_on}")
     part.caption = " | ".join(captions)
