@@ -80,7 +80,7 @@ def _store_meta(root: Path, df: pd.DataFrame) -> dict[str, Any]:
     device, threads and versions of its first run."""
     record = open_store(root).read_record(str(df["run_id"].iloc[0]))
     meta = record["result"].get("meta", {})
-    stamps = [s for s in df.get("finished", pd.Series(dtype=str)).astype(str) if s]
+    stamps = [s for s in df["finished"] if s]  # flat_row: "" where a record has none
     if stamps:
         when = f"last run {max(stamps)[:10]}"
     else:  # records without stamps (an imported one carries the import's file date)

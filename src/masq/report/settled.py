@@ -157,13 +157,11 @@ def missing_notes(
     results: str,
 ) -> list[str]:  # fmt: skip
     """One line per part not (fully) stored, naming the ``masq table1`` stage that runs it."""
-    from masq.runid import run_id as rid_of
-
     stored = set(df["run_id"]) if not df.empty else set()
     notes = []
     for slt in slts:
         command = f"`masq table1 --results {results} --slt {slt} --stage"
-        plane = [rid_of(c) for c in settle.plane_configs(campaign, slt)]
+        plane = [run_id(c) for c in settle.plane_configs(campaign, slt)]
         have = sum(r in stored for r in plane)
         if have < len(plane):
             notes.append(f"{slt}: {have} of {len(plane)} plane runs stored; {command} plane`")
