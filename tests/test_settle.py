@@ -21,7 +21,7 @@ from masq.cli import main
 from masq.config import RunConfig
 from masq.grid import canonical, expand, grid_from_mapping
 from masq.protocol.result import build_result
-from masq.report.settled import select_winners
+from masq.report.settled import select_winners, winner_runs
 from masq.runid import run_id
 from masq.store import Store
 
@@ -102,6 +102,23 @@ def test_selection_is_per_importance_and_init_on_seed_0_only(tmp_path: Path) -> 
     val = select_winners(df, C, "val")
     vbest = pick(val, importance="fisher", init="torch", criterion="best")
     assert (vbest["lr2"], vbest["acc_mean"]) == (1e-3, 0.80)  # test at the val-selected point
+
+
+def test_winner_figures_draw_each_run_once(tmp_path: Path) -> None:
+    st = Store(tmp_path)
+    fim = add_run(st, lr2=1e-4, lam=100.0, best=0.9, last=0.8)
+    zero = add_run(st, lr2=1e-4, lam=0.0, best=0.7, last=0.6)
+    masq = add_run(st, lr2=1e-4, lam=10.0, importance="masq", best=0.85, last=0.75)
+    runs = winner_runs(select_winners(store.load(tmp_path), C, "test"), store.load(tmp_path),
+                       "D5-5", "last")  # fmt: skip
+    assert sorted(runs.values()) == sorted([fim, zero, masq])  # MaSQ's λ = 0 counterpart
+    # a store where λ = 0 beats every MaSQ run: both winners are the λ = 0 run, drawn once
+    st2 = Store(tmp_path / "b")
+    ids = {add_run(st2, lr2=1e-4, lam=0.0, best=0.7, last=0.6),
+           add_run(st2, lr2=1e-4, lam=10.0, importance="masq", best=0.5, last=0.5)}  # fmt: skip
+    df2 = store.load(tmp_path / "b")
+    runs2 = winner_runs(select_winners(df2, C, "test"), df2, "D5-5", "last")
+    assert len(runs2) == len(set(runs2.values())) == 1 and set(runs2.values()) < ids
 
 
 def test_rows_outside_the_campaign_are_ignored(tmp_path: Path) -> None:

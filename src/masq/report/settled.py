@@ -111,17 +111,20 @@ def winner_runs(
     winners: pd.DataFrame, df: pd.DataFrame, slt: str, criterion: str
 ) -> dict[str, str]:
     """{legend label: run id} of ``slt``'s test-selected winners of ``criterion`` per init:
-    the FIM winner, the MaSQ winner and λ = 0 at the MaSQ winner's ε2 (when stored)."""
+    the FIM winner, the MaSQ winner and λ = 0 at the MaSQ winner's ε2 (when stored and not
+    already a winner: a winner at λ = 0 is that very run, drawn once)."""
     stored = set(df["run_id"])
     runs: dict[str, str] = {}
     part = winners[(winners["slt"] == slt) & (winners["criterion"] == criterion)]
-    for w in part.to_dict("records"):
+    records = part.to_dict("records")
+    for w in records:
         rid = str(w["run_ids"]).split(",")[0]
         name = method_label({"importance": w["importance"], "lam": w["lam"], "scale": "mean"})
         runs[f"{w['init']}: {name}, ε2 {w['lr2']:g}, λ {w['lam']:g}"] = rid
+    for w in records:
         if w["importance"] == "masq":
             zero = run_id(settle.reseeded(settle.winner_row(df, w), [winner_seed(w)], lam=0.0)[0])
-            if zero in stored:
+            if zero in stored and zero not in runs.values():
                 runs[f"{w['init']}: no EWC, ε2 {w['lr2']:g}"] = zero
     return dict(sorted(runs.items()))
 
