@@ -244,8 +244,16 @@ def test_paired_tests_and_inflation_of_the_store(tmp_path: Path) -> None:
     infl = settle.inflation(table)
     fim = pick(infl, importance="fisher", criterion="last")
     assert fim["inflation"] == pytest.approx(0.70 - statistics.mean(FIM_LAST))
+    zero_luck = 0.40 - statistics.mean(ZERO_LAST)
+    assert fim["lam0_inflation"] == pytest.approx(zero_luck)
+    assert fim["net"] == pytest.approx(0.70 - statistics.mean(FIM_LAST) - zero_luck)
     masq = pick(infl, importance="masq", criterion="last")
     assert masq["inflation"] == pytest.approx(0.71 - statistics.mean(MASQ_LAST))
+    assert masq["lam0_inflation"] == pytest.approx(zero_luck)  # the same λ = 0 runs
+    best = pick(infl, importance="fisher", criterion="best")
+    assert math.isnan(best["lam0_inflation"]) and math.isnan(best["net"])
+    md = settle.inflation_markdown(infl)
+    assert f"| {100 * (0.70 - statistics.mean(FIM_LAST)):.2f} | {100 * zero_luck:.2f} |" in md
 
 
 # ----------------------------------------------------------------------------- extension

@@ -354,11 +354,15 @@ def settled_table(winners: pd.DataFrame, values: pd.DataFrame, campaign: Campaig
 
 
 def inflation(settled: pd.DataFrame) -> pd.DataFrame:
-    """Per cell of the settled tables: seed-0 value − mean over the confirmation seeds (how
-    much selecting on one seed flatters the winner), and the same for its λ = 0 counterpart."""
-    cols = [*KEYS, "lam", "seed0", "mean", "n"]
+    """Per cell of the settled tables: ``inflation`` = seed-0 value − mean over the
+    confirmation seeds (how much selecting on one seed flatters the winner); for "last" also
+    ``lam0_inflation``, the same for the λ = 0 counterpart (seed 0's luck with no λ chosen),
+    and ``net`` = inflation − lam0_inflation (NaN for "best", which has no counterpart)."""
+    cols = [*KEYS, "lam", "seed0", "mean", "n", "lam0_seed0", "lam0_mean"]
     out = settled[cols].copy()
     out["inflation"] = settled["seed0"] - settled["mean"]
+    out["lam0_inflation"] = settled["lam0_seed0"] - settled["lam0_mean"]
+    out["net"] = out["inflation"] - out["lam0_inflation"]
     return out
 
 
@@ -451,6 +455,12 @@ def settled_markdown(settled: pd.DataFrame, select_on: str, seeds: Sequence[int]
     return "\n".join(lines)
 
 
+def points_text(fraction: float) -> str:
+    """An accuracy (difference) given as a fraction, in percentage points with two decimals;
+    NaN as "—"."""
+    return "—" if math.isnan(fraction) else f"{100 * fraction:.2f}"
+
+
 def paired_markdown(paired: pd.DataFrame) -> str:
     """The paired tests as Markdown (differences in percentage points)."""
     title = (
@@ -458,7 +468,9 @@ def paired_markdown(paired: pd.DataFrame) -> str:
         "mean of d = MaSQ − FIM in points, its 95 % CI and the two-sided p of a paired t-test."
     )
     rows = [
-        r | {k: 100 * r[k] for k in ("mean_diff", "ci_low", "ci_high")}
+        r
+        | {k: points_text(r[k]) for k in ("mean_diff", "ci_low", "ci_high")}
+        | {"t": round(r["t"], 2), "p": round_sig(r["p"], 2)}
         for r in paired.to_dict("records")
     ]
     cols = [("select_on", "selected on"), ("slt", "SLT"), ("criterion", "criterion"),
@@ -472,15 +484,15 @@ def inflation_markdown(infl: pd.DataFrame) -> str:
     """The inflation of each cell as Markdown (in percentage points)."""
     title = (
         "Inflation of each settled cell: seed-0 value (which selected the configuration) − "
-        "mean over the confirmation seeds, in points."
+        'mean over the confirmation seeds, in points; for "last" the same of the λ = 0 '
+        "counterpart (seed 0's luck, no λ chosen) and the difference of the two (net)."
     )
-    rows = [
-        r | {"seed0": 100 * r["seed0"], "mean": 100 * r["mean"], "inflation": 100 * r["inflation"]}
-        for r in infl.to_dict("records")
-    ]
+    points = ("seed0", "mean", "inflation", "lam0_inflation", "net")
+    rows = [r | {k: points_text(r[k]) for k in points} for r in infl.to_dict("records")]
     cols = [("select_on", "selected on"), ("importance", "importance"), ("init", "init"),
             ("slt", "SLT"), ("criterion", "criterion"), ("lam", "λ"), ("seed0", "seed 0 %"),
-            ("mean", "mean %"), ("n", "n"), ("inflation", "inflation (points)")]  # fmt: skip
+            ("mean", "mean %"), ("n", "n"), ("inflation", "inflation (points)"),
+            ("lam0_inflation", "λ = 0: inflation"), ("net", "net")]  # fmt: skip
     return markdown(rows, cols, title)
 
 
