@@ -283,7 +283,7 @@ def test_rebuild_removes_its_own_stale_files_only(sources: dict[str, Path], tmp_
     parse(out / "index.html")
 
 
-def test_settled_table1_part_shows_the_tables_and_planes_of_masq_table1(
+def test_settled_table1_part_shows_the_tables_planes_and_winners_of_masq_table1(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:
     settled = tmp_path / "settled"
@@ -297,6 +297,7 @@ def test_settled_table1_part_shows_the_tables_and_planes_of_masq_table1(
         "| SLT | p |\n| --- | --- |\n| D5-5 | 0.4321 |\n", encoding="utf-8"
     )
     shutil.copyfile(sources["an"] / "fisher_blocks.png", settled / "plane_D5-5.png")
+    shutil.copyfile(sources["an"] / "fisher_blocks.png", settled / "winners_D5-5_last_tf.png")
     report = build_report([sources["res"], settled], tmp_path / "page")
     part = {p.id: p for p in report.parts}["settled"]
     assert part.present and [t.caption for t in part.tables] == [
@@ -308,5 +309,6 @@ def test_settled_table1_part_shows_the_tables_and_planes_of_masq_table1(
     assert "71.25 (69.80 ± 1.10)" in text and "0.4321" in text
     assert "settled0_plane_D5-5.png" in page.refs
     assert (tmp_path / "page" / "settled0_plane_D5-5.png").is_file()
+    assert "settled0_winners_D5-5_last_tf.png" in page.refs  # the winners' curves too
     missing = {p.id: p for p in build_report([sources["res"]], tmp_path / "p2").parts}
     assert "make table1" in missing["settled"].missing

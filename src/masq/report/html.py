@@ -155,10 +155,15 @@ def _settled_part(folders: list[Path], figs: Figures) -> Part:
             part.figures.append(
                 (figs.add(png, f"settled{i}"), f"best and last against λ: {png.stem}")
             )
+        for png in sorted(folder.glob("winners_*.png")):
+            part.figures.append(
+                (figs.add(png, f"settled{i}"), f"the winners' curves (consistency): {png.stem}")
+            )
     part.caption = (
         "each cell: the seed-0 value that selected the configuration (mean ± std over the "
         "confirmation seeds); paired t-tests of MaSQ against the FIM over those seeds; "
-        "inflation = seed-0 value − confirmation mean"
+        "inflation = seed-0 value − confirmation mean; the winners' test curves over task 1 "
+        "and re-training (FIM, MaSQ and no EWC, seed 0)"
     )
     part.command = "make table1  (masq table1 --results DIR --out DIR)"
     if not part.present:
