@@ -455,12 +455,6 @@ def settled_markdown(settled: pd.DataFrame, select_on: str, seeds: Sequence[int]
     return "\n".join(lines)
 
 
-def points_text(fraction: float) -> str:
-    """An accuracy (difference) given as a fraction, in percentage points with two decimals;
-    NaN as "—"."""
-    return "—" if math.isnan(fraction) else f"{100 * fraction:.2f}"
-
-
 def paired_markdown(paired: pd.DataFrame) -> str:
     """The paired tests as Markdown (differences in percentage points)."""
     title = (
@@ -469,7 +463,7 @@ def paired_markdown(paired: pd.DataFrame) -> str:
     )
     rows = [
         r
-        | {k: points_text(r[k]) for k in ("mean_diff", "ci_low", "ci_high")}
+        | {k: pct(r[k]) for k in ("mean_diff", "ci_low", "ci_high")}
         | {"t": round(r["t"], 2), "p": round_sig(r["p"], 2)}
         for r in paired.to_dict("records")
     ]
@@ -488,7 +482,7 @@ def inflation_markdown(infl: pd.DataFrame) -> str:
         "counterpart (seed 0's luck, no λ chosen) and the difference of the two (net)."
     )
     points = ("seed0", "mean", "inflation", "lam0_inflation", "net")
-    rows = [r | {k: points_text(r[k]) for k in points} for r in infl.to_dict("records")]
+    rows = [r | {k: pct(r[k]) for k in points} for r in infl.to_dict("records")]
     cols = [("select_on", "selected on"), ("importance", "importance"), ("init", "init"),
             ("slt", "SLT"), ("criterion", "criterion"), ("lam", "λ"), ("seed0", "seed 0 %"),
             ("mean", "mean %"), ("n", "n"), ("inflation", "inflation (points)"),
