@@ -296,8 +296,16 @@ def test_analyze_lambda_and_compare_commands_end_to_end(
     assert manifest["lams"] == [1.0, 10.0] and manifest["runs"] == 7
     assert manifest["precision"] == "bf16" and manifest["config"]["precision"] == "bf16"
     assert "--precision bf16" in manifest["command"]
+    assert manifest["runs_now"] == 7
     assert main(args) == 0  # resumed
     assert "done: 0 runs now, 7 were stored" in capsys.readouterr().out
+    resumed = json.loads((res / "lambda.json").read_text(encoding="utf-8"))
+    assert resumed["runs_now"] == 0  # "seconds" is this invocation's, and says so
+    from masq.report.html import _analysis_caption
+
+    assert "took" in _analysis_caption("lambda", manifest)
+    caption = _analysis_caption("lambda", resumed)
+    assert "its last invocation ran 0 of the 7 runs in" in caption and "took" not in caption
 
     an = tmp_path / "an"
     assert main(["analyze", "compare", "--results", str(res), "--out", str(an)]) == 0

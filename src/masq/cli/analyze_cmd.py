@@ -417,7 +417,7 @@ def run_lambda(args: argparse.Namespace) -> int:
     body = {"command": command_text(words), "slts": slts, "seeds": args.seeds, "lams": lams,
             "config": {k: str(v) for k, v in base.items()}, "runs": len(configs),
             "results": str(args.results), "precision": str(configs[0].precision),
-            "seconds": {"grid": summary.seconds}}  # fmt: skip
+            "seconds": {"grid": summary.seconds}, "runs_now": summary.done}  # fmt: skip
     md, written = analysis.sweep_outputs(frame, out, tolerance=args.tolerance, body=body)
     print(md, end="")
     _written(written)

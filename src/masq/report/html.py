@@ -231,6 +231,11 @@ def _analysis_caption(name: str, m: dict[str, Any]) -> str:
     prov = _provenance_text(m.get("provenance", {}))
     seconds = m.get("seconds", {})
     took = f"; took {float(seconds.get('total', seconds.get('grid', 0))):.0f} s" if seconds else ""
+    if seconds and "runs_now" in m and m["runs_now"] != m.get("runs"):  # a resumed sweep
+        took = (
+            f"; its last invocation ran {m['runs_now']} of the {m.get('runs')} runs in "
+            f"{float(seconds.get('grid', 0)):.0f} s (the others were stored)"
+        )
     if name == "diagonality":
         c = m.get("config", {})
         trained = (
