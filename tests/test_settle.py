@@ -21,7 +21,7 @@ from masq.cli import main
 from masq.config import RunConfig
 from masq.grid import canonical, expand, grid_from_mapping
 from masq.protocol.result import build_result
-from masq.report.settled import select_winners, winner_runs
+from masq.report.settled import lam_tick, select_winners, winner_runs
 from masq.runid import run_id
 from masq.store import Store
 
@@ -337,3 +337,12 @@ def test_report_stage_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert row["mean"] == pytest.approx(statistics.mean(FIM_LAST))
     assert "not stored yet" in (out / "table1_settled_test.md").read_text(encoding="utf-8")
     assert (out / "plane_D5-5.png").read_bytes()[:4] == b"\x89PNG"
+
+
+TICKS = [(0.1, "0.1"), (1.0, "1"), (100.0, "100"), (1e3, "1e3"), (1e9, "1e9"), (1e11, "1e11"),
+         (3162.27766, "3162.28")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("lam", "label"), TICKS)
+def test_plane_ticks_are_compact_decades(lam: float, label: str) -> None:
+    assert lam_tick(lam) == label

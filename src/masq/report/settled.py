@@ -52,6 +52,16 @@ def select_winners(df: pd.DataFrame, campaign: settle.Campaign, select_on: str) 
     return table1(seed0, select_on=select_on, group_by=["importance", "init"])
 
 
+def lam_tick(lam: float) -> str:
+    """A compact λ tick label: ``1e9`` for λ ≥ 1000 (``1e+09`` does not fit beside its
+    neighbours), else ``%g`` (``0.1``, ``10``)."""
+    if lam >= 1000:
+        exponent = math.log10(lam)
+        if math.isclose(exponent, round(exponent)):
+            return f"1e{round(exponent)}"
+    return f"{lam:g}"
+
+
 def plane_figure(df: pd.DataFrame, campaign: settle.Campaign, slt: str) -> Figure:
     """The seed-0 plane of ``slt``: "best" (top) and "last" (bottom) test accuracy on D1∪D2
     against λ (log axis), one line per ε2, one column per (importance, init); the λ = 0 run
@@ -84,7 +94,7 @@ def plane_figure(df: pd.DataFrame, campaign: settle.Campaign, slt: str) -> Figur
             ax.set_xscale("log")
             decades = [10.0**e for e in range(round(math.log10(x0)) + 1, int(math.log10(top)) + 1)]
             ticks = [x0, *decades[:: max(1, len(decades) // 6)]]
-            ax.set_xticks(ticks, ["0", *(f"{t:g}" for t in ticks[1:])])
+            ax.set_xticks(ticks, ["0", *map(lam_tick, ticks[1:])])
             ax.minorticks_off()
             ax.grid(True, alpha=0.3)
             if i == 0:
