@@ -132,6 +132,11 @@ SETTLED_TABLES: tuple[str, ...] = (
     "paired.md",
     "inflation.md",
 )
+# the settled part's figures, in this order: (file pattern, caption prefix)
+SETTLED_FIGURES: tuple[tuple[str, str], ...] = (
+    ("plane_*.png", "best and last against λ"),
+    ("winners_*.png", "the winners' curves (consistency)"),
+)
 
 
 def _is_settled(path: Path) -> bool:
@@ -151,14 +156,9 @@ def _settled_part(folders: list[Path], figs: Figures) -> Part:
             csv = (folder / name).with_suffix(".csv")
             if csv.is_file():
                 part.links.append((figs.add(csv, f"settled{i}"), f"{csv.name} (all numbers)"))
-        for png in sorted(folder.glob("plane_*.png")):
-            part.figures.append(
-                (figs.add(png, f"settled{i}"), f"best and last against λ: {png.stem}")
-            )
-        for png in sorted(folder.glob("winners_*.png")):
-            part.figures.append(
-                (figs.add(png, f"settled{i}"), f"the winners' curves (consistency): {png.stem}")
-            )
+        for pattern, what in SETTLED_FIGURES:
+            for png in sorted(folder.glob(pattern)):
+                part.figures.append((figs.add(png, f"settled{i}"), f"{what}: {png.stem}"))
     part.caption = (
         "each cell: the seed-0 value that selected the configuration (mean ± std over the "
         "confirmation seeds); paired t-tests of MaSQ against the FIM over those seeds; "
@@ -230,12 +230,15 @@ def _analysis_part(
 def _analysis_caption(name: str, m: dict[str, Any]) -> str:
     prov = _provenance_text(m.get("provenance", {}))
     seconds = m.get("seconds", {})
-    took = f"; took {float(seconds.get('total', seconds.get('grid', 0))):.0f} s" if seconds else ""
-    if seconds and "runs_now" in m and m["runs_now"] != m.get("runs"):  # a resumed sweep
+    if not seconds:
+        took = ""
+    elif m.get("runs_now", m.get("runs")) != m.get("runs"):  # a resumed sweep
         took = (
             f"; its last invocation ran {m['runs_now']} of the {m.get('runs')} runs in "
             f"{float(seconds.get('grid', 0)):.0f} s (the others were stored)"
         )
+    else:
+        took = f"; took {float(seconds.get('total', seconds.get('grid', 0))):.0f} s"
     if name == "diagonality":
         c = m.get("config", {})
         trained = (
