@@ -102,9 +102,11 @@ def sha_seed(seed: int, name: str) -> int:
 
 
 def comparable(result: pr.Result) -> dict[str, Any]:
-    """A record without its timings (the only part that differs between identical runs)."""
+    """A record without its clock readings (its timings and the ``finished`` stamp of its
+    meta), the only parts that differ between identical runs."""
     d = result.to_dict()
     d.pop("timings")
+    d["meta"] = {k: v for k, v in d["meta"].items() if k != "finished"}
     return d
 
 
