@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 
 from masq import store
+from masq.analysis import paired as pairs
 from masq.analysis import settle
 from masq.cli import main
 from masq.config import RunConfig
@@ -150,7 +151,9 @@ def test_confirmation_configs_change_the_seed_only(tmp_path: Path) -> None:
                               "precision": "bf16"})  # fmt: skip
     zeros = {run_id(c) for c in expand(grid)}
     assert len(zeros) == 4
-    assert {run_id(c) for c in configs} == expected | zeros
+    # the no-EWC winners (λ = 0 only, ε2 selected): lr2 1e-3 on both criteria
+    tuned = {run_id(campaign_config(lr2=1e-3, lam=0.0, seed=s)) for s in (1, 2, 3, 4)}
+    assert {run_id(c) for c in configs} == expected | zeros | tuned
     assert all(c.importance == "none" for c in configs if c.lam == 0)
 
 
@@ -220,7 +223,7 @@ def test_paired_test_against_a_hand_computation() -> None:
     d = [a - b for a, b in zip(masq, fim, strict=True)]
     mean, sd = statistics.mean(d), statistics.stdev(d)
     t = mean / (sd / 2)
-    out = settle.paired_test(masq, fim)
+    out = pairs.paired_test(masq, fim)
     assert out["t"] == pytest.approx(t)
     assert out["p"] == pytest.approx(stats.ttest_rel(masq, fim).pvalue)
     assert out["p"] == pytest.approx(2 * stats.t.sf(abs(t), 3))
@@ -230,13 +233,13 @@ def test_paired_test_against_a_hand_computation() -> None:
         pytest.approx(mean - half),
         pytest.approx(mean + half),
     )
-    assert math.isnan(settle.paired_test([0.5], [0.4])["p"])
+    assert math.isnan(pairs.paired_test([0.5], [0.4])["p"])
 
 
 def test_paired_tests_and_inflation_of_the_store(tmp_path: Path) -> None:
     confirmed_store(tmp_path)
     table, values = settled(tmp_path)
-    paired = settle.paired_tests(values, C)
+    paired = pairs.paired_tests(values, C)
     row = pick(paired, select_on="test", criterion="last", init="torch")
     assert row["n"] == 4 and row["seeds"] == "1,2,3,4"
     assert row["t"] == pytest.approx(stats.ttest_rel(MASQ_LAST, FIM_LAST).statistic)
@@ -254,6 +257,69 @@ def test_paired_tests_and_inflation_of_the_store(tmp_path: Path) -> None:
     assert math.isnan(best["lam0_inflation"]) and math.isnan(best["net"])
     md = settle.inflation_markdown(infl)
     assert f"| {100 * (0.70 - statistics.mean(FIM_LAST)):.2f} | {100 * zero_luck:.2f} |" in md
+
+
+# ----------------------------------------------------------------------------- no EWC, tuned
+
+# seeds 1-4 of the no-EWC "last" winner (λ = 0 at lr2 1e-3, tuned over ε2 on seed 0)
+TUNED_LAST = (0.50, 0.47, 0.52, 0.49)
+
+
+def test_no_ewc_winner_is_tuned_over_lr2_at_lambda_0_on_seed_0(tmp_path: Path) -> None:
+    st = Store(tmp_path)
+    small_plane(st)  # λ = 0: lr2 1e-3 (best 0.55, last 0.45) beats 1e-4 (0.50, 0.40)
+    add_run(st, lr2=1e-5, lam=0.0, seed=1, best=0.99, last=0.99)  # another seed: ignored
+    add_run(st, lr2=1e-3, lam=0.0, init="tf", best=0.3, last=0.2)
+    add_run(st, lr2=1e-4, lam=0.0, init="tf", best=0.2, last=0.25)
+    winners = select_winners(store.load(tmp_path), C, "test")
+    none = winners[winners["importance"] == "none"]
+    assert len(none) == 4  # 2 inits × 2 criteria
+    got = {(r["init"], r["criterion"]): (r["lr2"], r["lam"], r["acc_mean"])
+           for r in none.to_dict("records")}  # fmt: skip
+    assert got == {("torch", "best"): (1e-3, 0.0, 0.55), ("torch", "last"): (1e-3, 0.0, 0.45),
+                   ("tf", "best"): (1e-3, 0.0, 0.3), ("tf", "last"): (1e-4, 0.0, 0.25)}  # fmt: skip
+    ewc = pick(winners, importance="fisher", init="torch", criterion="last")
+    assert (ewc["lr2"], ewc["lam"]) == (1e-4, 100.0)  # the EWC blocks are unchanged
+
+
+def gain_store(root: Path) -> Store:
+    st = confirmed_store(root)
+    for seed, value in zip((1, 2, 3, 4), TUNED_LAST, strict=True):
+        add_run(st, lr2=1e-3, lam=0.0, seed=seed, best=0.9, last=value)
+    return st
+
+
+def test_gain_over_the_tuned_no_ewc_winner_against_a_hand_computation(tmp_path: Path) -> None:
+    gain_store(tmp_path)
+    table, values = settled(tmp_path)
+    none = pick(table, importance="none", init="torch", criterion="last")
+    assert none["lr2"] == 1e-3 and none["seed0"] == 0.45
+    assert none["mean"] == pytest.approx(statistics.mean(TUNED_LAST))
+    assert none["lam0_n"] == 0  # no counterpart of its own
+    gains = pairs.gain_tests(values, table, C)
+    fim = pick(gains, select_on="test", criterion="last", init="torch", importance="fisher")
+    d = [a - b for a, b in zip(FIM_LAST, TUNED_LAST, strict=True)]
+    assert fim["mean_diff"] == pytest.approx(statistics.mean(d))
+    assert fim["p"] == pytest.approx(stats.ttest_rel(FIM_LAST, TUNED_LAST).pvalue)
+    assert (fim["lr2"], fim["lam"], fim["none_lr2"]) == (1e-4, 100.0, 1e-3)
+    assert fim["mean"] == pytest.approx(statistics.mean(FIM_LAST))
+    assert fim["none_mean"] == pytest.approx(statistics.mean(TUNED_LAST))
+    masq = pick(gains, select_on="test", criterion="last", init="torch", importance="masq")
+    assert masq["p"] == pytest.approx(stats.ttest_rel(MASQ_LAST, TUNED_LAST).pvalue)
+    md = pairs.gain_markdown(gains)
+    assert f"| {100 * statistics.mean(d):.2f} |" in md and "| FIM | 0.0001 | 100 |" in md
+    settled_md = settle.settled_markdown(table, "test", C.confirm_seeds)
+    block = settled_md.split("**no EWC, init torch**")[1]
+    mean, std = 100 * statistics.mean(TUNED_LAST), 100 * statistics.stdev(TUNED_LAST)
+    assert f"| 45.00 ({mean:.2f} ± {std:.2f}, n = 4) |  |" in block  # no λ = 0 cell
+
+
+def test_pairs_use_the_seeds_both_sides_have(tmp_path: Path) -> None:
+    confirmed_store(tmp_path)  # the no-EWC "last" winner has no confirmation runs
+    table, values = settled(tmp_path)
+    paired = pairs.paired_tests(values, C)
+    assert pick(paired, select_on="test", criterion="last", init="torch")["n"] == 4
+    assert pairs.gain_tests(values, table, C).empty  # nothing to pair with
 
 
 # ----------------------------------------------------------------------------- extension
@@ -329,7 +395,7 @@ def test_report_stage_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     printed = capsys.readouterr().out
     assert "--slt D5-5 --stage plane`" in printed  # the plane is incomplete: named
     names = {"table1_settled_test.md", "table1_settled_val.csv", "paired.md", "paired.csv",
-             "inflation.md", "inflation.csv", "plane_D5-5.png"}  # fmt: skip
+             "gain.md", "gain.csv", "inflation.md", "inflation.csv", "plane_D5-5.png"}  # fmt: skip
     assert names <= {p.name for p in out.iterdir()}
     assert any(p.name.startswith("winners_D5-5_last") for p in out.iterdir())
     table = pd.read_csv(out / "table1_settled_test.csv")

@@ -6,7 +6,9 @@
   ratio of means, rank correlation, top-q overlap, the share of cancelling gradients);
 - :mod:`~masq.analysis.sweep`: the λ sweep, a grid over λ from 1 to 1e12 per importance;
 - :mod:`~masq.analysis.settle`: Table 1, settled (the campaign, its extension in λ, the
-  confirmation of the seed-0 winners on fresh seeds, paired tests, inflation);
+  confirmation of the seed-0 winners on fresh seeds, inflation);
+- :mod:`~masq.analysis.paired`: its paired t-tests over the confirmation seeds (MaSQ against
+  FIM; EWC against no EWC with ε2 tuned alike);
 - :mod:`~masq.analysis.common`: provenance and the manifests the report reads.
 
 Each returns tables (DataFrames) and matplotlib figures; ``masq analyze`` writes them.
@@ -35,6 +37,7 @@ from masq.analysis.diagonality import (
     table2_markdown,
 )
 from masq.analysis.diagonality import write_outputs as diagonality_outputs
+from masq.analysis.paired import gain_tests, paired_test, paired_tests
 from masq.analysis.settle import (
     CAMPAIGN,
     Campaign,
@@ -46,8 +49,6 @@ from masq.analysis.settle import (
     lam_mean,
     lam_sum,
     next_lambda,
-    paired_test,
-    paired_tests,
     plane_configs,
     settled_markdown,
     settled_table,
@@ -83,6 +84,7 @@ __all__ = [
     "extension_configs",
     "extension_plan",
     "fisher_block",
+    "gain_tests",
     "heatmap_figure",
     "inflation",
     "lam_grid",

@@ -13,13 +13,13 @@ evaluation with validation curves, bf16. MaSQ runs in one scale, ``mean`` (the p
    :attr:`Campaign.lam_cap` (:func:`next_lambda`, :func:`extension_configs`).
 3. Selection on seed 0 per (SLT, importance, init, criterion) over ε2 and λ, on the test
    curves (as the paper did) or on the validation curves (:mod:`masq.report.settled` uses
-   :func:`masq.report.tables.table1` for it); each winner and, for "last", its λ = 0
-   counterpart re-run on seeds 1-4 (:func:`confirmation_configs`: the seed changes, nothing
-   else).
+   :func:`masq.report.tables.table1` for it), and the same of the λ = 0 runs alone (no EWC,
+   ε2 tuned alike: importance "none"); each winner and, for an EWC "last" winner, its λ = 0
+   counterpart re-run on seeds 1-4 (:func:`confirmation_configs`: only the seed changes).
 4. The settled tables (:func:`settled_table`: seed-0 value, mean ± sample std over seeds
-   1-4), the inflation of each cell (seed-0 value − that mean, :func:`inflation`) and a paired
-   t-test of MaSQ against FIM per (SLT, criterion, init, selection) over the seeds
-   (:func:`paired_tests`: same seed = same task-1 state).
+   1-4) and the inflation of each cell (seed-0 value − that mean, :func:`inflation`); the
+   paired t-tests over the seeds (MaSQ against FIM, EWC against no EWC) are
+   :mod:`masq.analysis.paired`'s.
 
 The value of a run: "best" = the highest D1∪D2 test accuracy during re-training
 (``best.union``), "last" = the final one (``last.union``); selected on validation, the test
@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from masq.analysis.common import fmt, markdown
 from masq.config import FIELD, hidden_text, method_label, round_sig
@@ -54,7 +53,8 @@ BLOCKS: tuple[tuple[str, str], ...] = (
     ("masq", "torch"),
     ("masq", "tf"),
 )
-IMPORTANCE_NAME: dict[str, str] = {"fisher": "FIM", "masq": "MaSQ"}
+IMPORTANCE_NAME: dict[str, str] = {"fisher": "FIM", "masq": "MaSQ", "none": "no EWC"}
+TABLE_BLOCKS = (*BLOCKS, ("none", "torch"), ("none", "tf"))  # no EWC: λ = 0, ε2 selected
 KEYS: tuple[str, ...] = ("select_on", "importance", "init", "slt", "criterion")
 
 
@@ -206,13 +206,13 @@ def winner_row(df: pd.DataFrame, winner: Mapping[str, Any]) -> pd.Series:
 def confirmation_configs(
     winners: pd.DataFrame, df: pd.DataFrame, seeds: Sequence[int]
 ) -> list[Any]:
-    """Every winner of ``winners`` (rows of Table 1 on seed 0) on ``seeds``, and for "last"
-    winners also their λ = 0 counterpart on ``seeds``; duplicates dropped."""
+    """Every winner of ``winners`` (rows of Table 1 on seed 0) on ``seeds``, and for EWC
+    "last" winners also their λ = 0 counterpart on ``seeds``; duplicates dropped."""
     configs: list[Any] = []
     for winner in winners.to_dict("records"):
         row = winner_row(df, winner)
         configs += reseeded(row, seeds)
-        if winner["criterion"] == "last":
+        if has_counterpart(winner):
             configs += reseeded(row, seeds, lam=0.0)
     return unique(configs)
 
@@ -271,8 +271,8 @@ def confirmation_values(
     winners: pd.DataFrame, df: pd.DataFrame, campaign: Campaign
 ) -> pd.DataFrame:
     """Long frame, one row per winner (``KEYS``) and seed (seed 0 and the confirmation seeds):
-    ``value`` (:func:`value_column` of that seed's run, NaN when not stored) and, for "last",
-    ``lam0`` (the same of the λ = 0 counterpart); ``run_id`` of the run looked for."""
+    ``value`` (:func:`value_column` of that seed's run, NaN when not stored) and, for EWC
+    "last", ``lam0`` (the same of the λ = 0 counterpart); ``run_id`` of the run looked for."""
     by_id = df.set_index("run_id")
     seeds = [campaign.seed, *campaign.confirm_seeds]
     rows = []
@@ -280,7 +280,7 @@ def confirmation_values(
         row = winner_row(df, w)
         column = value_column(w["selected_on"], w["criterion"])
         runs = reseeded(row, seeds)
-        zeros = reseeded(row, seeds, lam=0.0) if w["criterion"] == "last" else [None] * len(runs)
+        zeros = reseeded(row, seeds, lam=0.0) if has_counterpart(w) else [None] * len(runs)
         for config, zero in zip(runs, zeros, strict=True):
             rid = run_id(config)
             zid = run_id(zero) if zero is not None else None
@@ -298,6 +298,11 @@ def confirmation_values(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def has_counterpart(winner: Mapping[str, Any]) -> bool:
+    """Whether a winner has a λ = 0 counterpart to confirm: an EWC "last" winner."""
+    return winner["criterion"] == "last" and winner["importance"] != "none"
 
 
 def _lookup(by_id: pd.DataFrame, rid: str, column: str) -> float:
@@ -366,43 +371,6 @@ def inflation(settled: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def paired_test(masq: Sequence[float], fisher: Sequence[float]) -> dict[str, float]:
-    """Paired t-test of ``masq`` against ``fisher`` (pairs: same seed): n, the mean of
-    d = masq − fisher, its 95 % CI mean ± t_{0.975, n−1} · s_d / √n, t = mean / (s_d / √n)
-    and the two-sided p (:func:`scipy.stats.ttest_rel`); NaN where n < 2."""
-    a, b = np.asarray(masq, dtype=float), np.asarray(fisher, dtype=float)
-    d = a - b
-    n = len(d)
-    out = {"n": float(n), "mean_diff": float(d.mean()) if n else math.nan}
-    if n < 2:
-        return out | {"ci_low": math.nan, "ci_high": math.nan, "t": math.nan, "p": math.nan}
-    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
-    test = stats.ttest_rel(a, b)
-    return out | {
-        "ci_low": out["mean_diff"] - half,
-        "ci_high": out["mean_diff"] + half,
-        "t": float(test.statistic),
-        "p": float(test.pvalue),
-    }
-
-
-def paired_tests(values: pd.DataFrame, campaign: Campaign) -> pd.DataFrame:
-    """Per (selection, SLT, criterion, init): :func:`paired_test` of the MaSQ winner against
-    the FIM winner over the confirmation seeds both have stored."""
-    more = values[values["seed"] != campaign.seed]
-    rows = []
-    for (select_on, slt, criterion, init), part in more.groupby(
-        ["select_on", "slt", "criterion", "init"], sort=True
-    ):
-        wide = part.pivot_table(index="seed", columns="importance", values="value").dropna()
-        if not {"masq", "fisher"} <= set(wide.columns):
-            continue
-        test = paired_test(list(wide["masq"]), list(wide["fisher"]))
-        head = {"select_on": select_on, "slt": slt, "criterion": criterion, "init": init}
-        rows.append(head | test | {"seeds": ",".join(str(s) for s in wide.index)})
-    return pd.DataFrame(rows)
-
-
 # ----------------------------------------------------------------------------- Markdown
 
 
@@ -437,14 +405,14 @@ def settled_markdown(settled: pd.DataFrame, select_on: str, seeds: Sequence[int]
     head = ["SLT", "criterion", "architecture", "ε2", "λ", "λ (sum)", "method",
             "D1∪D2 %", "D1∪D2 % with λ = 0"]  # fmt: skip
     part_all = settled[settled["select_on"] == select_on] if not settled.empty else settled
-    for imp, init in BLOCKS:
+    for imp, init in TABLE_BLOCKS:
         part = part_all[(part_all["importance"] == imp) & (part_all["init"] == init)]
         if part.empty:
             continue
         lines += [f"**{IMPORTANCE_NAME[imp]}, init {init}**", ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in part.to_dict("records"):
-            last = r["criterion"] == "last"
+            last = has_counterpart(r)
             cells = [r["slt"], r["criterion"], f"784-{r['hidden']}-10", fmt(r["lr2"]),
                      fmt(r["lam"]), fmt(r["lam_sum"]), r["method"],
                      cell(r["seed0"], r["mean"], r["std"], r["n"]),
@@ -453,25 +421,6 @@ def settled_markdown(settled: pd.DataFrame, select_on: str, seeds: Sequence[int]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def paired_markdown(paired: pd.DataFrame) -> str:
-    """The paired tests as Markdown (differences in percentage points)."""
-    title = (
-        "MaSQ versus FIM, paired over the confirmation seeds (same seed = same task-1 state): "
-        "mean of d = MaSQ − FIM in points, its 95 % CI and the two-sided p of a paired t-test."
-    )
-    rows = [
-        r
-        | {k: pct(r[k]) for k in ("mean_diff", "ci_low", "ci_high")}
-        | {"t": round(r["t"], 2), "p": round_sig(r["p"], 2)}
-        for r in paired.to_dict("records")
-    ]
-    cols = [("select_on", "selected on"), ("slt", "SLT"), ("criterion", "criterion"),
-            ("init", "init"), ("n", "n"), ("mean_diff", "mean d (points)"),
-            ("ci_low", "95 % CI from"), ("ci_high", "to"), ("t", "t"), ("p", "p"),
-            ("seeds", "seeds")]  # fmt: skip
-    return markdown(rows, cols, title)
 
 
 def inflation_markdown(infl: pd.DataFrame) -> str:

@@ -130,6 +130,7 @@ SETTLED_TABLES: tuple[str, ...] = (
     "table1_settled_test.md",
     "table1_settled_val.md",
     "paired.md",
+    "gain.md",
     "inflation.md",
 )
 # the settled part's figures, in this order: (file pattern, caption prefix)
@@ -161,7 +162,8 @@ def _settled_part(folders: list[Path], figs: Figures) -> Part:
                 part.figures.append((figs.add(png, f"settled{i}"), f"{what}: {png.stem}"))
     part.caption = (
         "each cell: the seed-0 value that selected the configuration (mean ± std over the "
-        "confirmation seeds); paired t-tests of MaSQ against the FIM over those seeds; "
+        "confirmation seeds); paired t-tests of MaSQ against the FIM and of EWC against no EWC "
+        "(ε2 tuned alike) over those seeds; "
         "inflation = seed-0 value − confirmation mean; the winners' test curves over task 1 "
         "and re-training (FIM, MaSQ and no EWC, seed 0)"
     )

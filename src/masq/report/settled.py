@@ -2,15 +2,18 @@
 
 The campaign and the numbers are :mod:`masq.analysis.settle`'s; this module selects the
 winners with :func:`masq.report.tables.table1` (on the seed-0 runs only, one winner per
-(SLT, importance, init, criterion) over ε2 and λ) and writes, into one directory:
+(SLT, importance, init, criterion) over ε2 and λ, and a no-EWC winner per (SLT, init,
+criterion) over ε2 at λ = 0) and writes, into one directory:
 
 - ``table1_settled_test.md/.csv`` and ``table1_settled_val.md/.csv``: the settled tables;
 - ``paired.md/.csv``: MaSQ versus FIM, paired t-tests over the confirmation seeds;
+- ``gain.md/.csv``: each EWC winner against the no-EWC winner (ε2 tuned alike), paired;
 - ``inflation.md/.csv``: seed-0 value − mean over the confirmation seeds, per cell;
 - ``plane_<SLT>.png``: "best" and "last" (seed 0) against λ, one line per ε2, one column per
   (importance, init), λ = 0 at the left edge;
-- ``winners_<SLT>_<criterion>_<init>.png``: the curves (seed 0) of the test-selected FIM and
-  MaSQ winners and of λ = 0 at the MaSQ winner's ε2, drawn by :mod:`masq.report.figures`
+- ``winners_<SLT>_<criterion>_<init>.png``: the curves (seed 0) of the test-selected FIM,
+  MaSQ and no-EWC winners and of λ = 0 at the MaSQ winner's ε2, drawn by
+  :mod:`masq.report.figures`
   (the consistency check's figure, PAPER.md section 5.2, of the settled winners).
 
 What is not stored yet is named, with the ``masq table1`` stage that produces it.
@@ -30,6 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from masq.analysis import settle
+from masq.analysis.paired import gain_markdown, gain_tests, paired_markdown, paired_tests
 from masq.config import method_label
 from masq.fileio import atomic_write
 from masq.report.tables import table1
@@ -41,15 +45,22 @@ COLOURS: tuple[str, ...] = ("tab:blue", "tab:orange", "tab:green", "tab:red", "t
 
 def select_winners(df: pd.DataFrame, campaign: settle.Campaign, select_on: str) -> pd.DataFrame:
     """Table 1 of the campaign's seed-0 runs of ``df`` (other seeds never take part), one
-    winner per (SLT, importance, init, criterion) selected on ``select_on``; empty when no
-    seed-0 run is stored."""
+    winner per (SLT, importance, init, criterion) selected on ``select_on``, and the same of
+    the λ = 0 runs alone (importance "none": no EWC, ε2 tuned alike); empty when no seed-0
+    run is stored."""
     rows = settle.campaign_rows(df, campaign)
     if rows.empty:
         return pd.DataFrame()
     seed0 = rows[rows["seed"] == campaign.seed]
     if seed0.empty:
         return pd.DataFrame()
-    return table1(seed0, select_on=select_on, group_by=["importance", "init"])
+    ewc = table1(seed0, select_on=select_on, group_by=["importance", "init"])
+    ewc = ewc[ewc["importance"] != "none"]  # only λ = 0 runs stored in a group: not EWC
+    zero = seed0[seed0["lam"] == 0]
+    if zero.empty:
+        return ewc.reset_index(drop=True)
+    none = table1(zero, select_on=select_on, group_by=["init"]).assign(importance="none")
+    return pd.concat([ewc, none], ignore_index=True)
 
 
 def lam_tick(lam: float) -> str:
@@ -121,14 +132,19 @@ def winner_runs(
     winners: pd.DataFrame, df: pd.DataFrame, slt: str, criterion: str
 ) -> dict[str, str]:
     """{legend label: run id} of ``slt``'s test-selected winners of ``criterion`` per init:
-    the FIM winner, the MaSQ winner and λ = 0 at the MaSQ winner's ε2 (when stored and not
-    already a winner: a winner at λ = 0 is that very run, drawn once)."""
+    the FIM winner, the MaSQ winner, the no-EWC winner (ε2 tuned) and λ = 0 at the MaSQ
+    winner's ε2 (when stored); each run drawn once (a winner at λ = 0 may be the no-EWC one)."""
     stored = set(df["run_id"])
     runs: dict[str, str] = {}
     part = winners[(winners["slt"] == slt) & (winners["criterion"] == criterion)]
     records = part.to_dict("records")
     for w in records:
         rid = str(w["run_ids"]).split(",")[0]
+        if rid in runs.values():
+            continue
+        if w["importance"] == "none":
+            runs[f"{w['init']}: no EWC, ε2 tuned: {w['lr2']:g}"] = rid
+            continue
         name = method_label({"importance": w["importance"], "lam": w["lam"], "scale": "mean"})
         runs[f"{w['init']}: {name}, ε2 {w['lr2']:g}, λ {w['lam']:g}"] = rid
     for w in records:
@@ -184,8 +200,9 @@ def missing_notes(
                          f"{command} extend`")  # fmt: skip
         part = values[(values["slt"] == slt) & (values["seed"] != campaign.seed)]
         if not part.empty:
+            counterpart = part["criterion"].eq("last") & part["importance"].ne("none")
             lacking = int(part["value"].isna().sum()) + int(
-                (part["criterion"].eq("last") & part["lam0"].isna()).sum()
+                (counterpart & part["lam0"].isna()).sum()
             )
             if lacking:
                 notes.append(f"{slt}: {lacking} confirmation values missing; {command} confirm`")
@@ -229,11 +246,17 @@ def write_outputs(
               else "(no seed-0 runs stored)\n")  # fmt: skip
         written.append(atomic_write(stem.with_suffix(".md"), md + tail))
         written.append(atomic_write(stem.with_suffix(".csv"), part.to_csv(index=False)))
-    paired = settle.paired_tests(values, campaign) if not values.empty else pd.DataFrame()
-    paired_md = (settle.paired_markdown(paired) if not paired.empty
+    paired = paired_tests(values, campaign) if not values.empty else pd.DataFrame()
+    paired_md = (paired_markdown(paired) if not paired.empty
                  else "(no pair of confirmed FIM and MaSQ winners stored)\n")  # fmt: skip
     written.append(atomic_write(out / "paired.md", paired_md + tail))
     written.append(atomic_write(out / "paired.csv", paired.to_csv(index=False)))
+    gains = (gain_tests(values, settled, campaign) if not values.empty
+             else pd.DataFrame())  # fmt: skip
+    gain_md = (gain_markdown(gains) if not gains.empty
+               else "(no pair of confirmed EWC and no-EWC winners stored)\n")  # fmt: skip
+    written.append(atomic_write(out / "gain.md", gain_md + tail))
+    written.append(atomic_write(out / "gain.csv", gains.to_csv(index=False)))
     infl = settle.inflation(settled) if not settled.empty else pd.DataFrame()
     infl_md = settle.inflation_markdown(infl) if not infl.empty else "(no cells)\n"
     written.append(atomic_write(out / "inflation.md", infl_md + tail))
