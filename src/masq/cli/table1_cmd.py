@@ -9,7 +9,8 @@ masq import --from docs/table1/records.jsonl.gz --results results/table1
 The campaign is :data:`masq.analysis.settle.CAMPAIGN`. SLT by SLT (in the order given):
 ``plane`` (the seed-0 grid), ``extend`` (λ × 10 for every series whose "last" still rises
 at its largest λ, repeated until none does), ``confirm`` (each seed-0 winner, selected on
-test and on validation, and the λ = 0 counterpart of each "last" winner, on --seeds); then
+test and on validation, the no-EWC winners with ε2 tuned alike among them, and the λ = 0
+counterpart of each EWC "last" winner, on --seeds); then
 ``report`` writes the tables and figures of whatever is stored (:mod:`masq.report.settled`).
 Every run goes through :func:`masq.grid.execute` into --results, so re-running resumes.
 """
