@@ -84,7 +84,9 @@ def curves_figure(results: Mapping[str, Result], *, title: str | None = None) ->
         ax.set_visible(False)
     axes[0].set_ylabel("accuracy")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+    # at most three entries a row: six long labels in one row run past the figure's edges
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3),
+               frameon=False)  # fmt: skip
     fig.suptitle(title or default_title(first))
     return fig
 
