@@ -296,6 +296,9 @@ def test_settled_table1_part_shows_the_tables_planes_and_winners_of_masq_table1(
     (settled / "paired.md").write_text(
         "| SLT | p |\n| --- | --- |\n| D5-5 | 0.4321 |\n", encoding="utf-8"
     )
+    (settled / "gain.md").write_text(
+        "| SLT | gain d (points) |\n| --- | --- |\n| D5-5 | 16.74 |\n", encoding="utf-8"
+    )
     shutil.copyfile(sources["an"] / "fisher_blocks.png", settled / "plane_D5-5.png")
     shutil.copyfile(sources["an"] / "fisher_blocks.png", settled / "winners_D5-5_last_tf.png")
     report = build_report([sources["res"], settled], tmp_path / "page")
@@ -303,10 +306,11 @@ def test_settled_table1_part_shows_the_tables_planes_and_winners_of_masq_table1(
     assert part.present and [t.caption for t in part.tables] == [
         "Table 1, settled (selected on test)",
         "paired.md",
+        "gain.md",
     ]
     page = parse(tmp_path / "page" / "index.html")
     text = " ".join(page.text)
-    assert "71.25 (69.80 ± 1.10)" in text and "0.4321" in text
+    assert "71.25 (69.80 ± 1.10)" in text and "0.4321" in text and "16.74" in text
     assert "settled0_plane_D5-5.png" in page.refs
     assert (tmp_path / "page" / "settled0_plane_D5-5.png").is_file()
     assert "settled0_winners_D5-5_last_tf.png" in page.refs  # the winners' curves too

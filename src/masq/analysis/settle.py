@@ -54,7 +54,8 @@ BLOCKS: tuple[tuple[str, str], ...] = (
     ("masq", "tf"),
 )
 IMPORTANCE_NAME: dict[str, str] = {"fisher": "FIM", "masq": "MaSQ", "none": "no EWC"}
-TABLE_BLOCKS = (*BLOCKS, ("none", "torch"), ("none", "tf"))  # no EWC: λ = 0, ε2 selected
+# the settled tables add the no-EWC winners (λ = 0, ε2 selected) after the EWC blocks
+TABLE_BLOCKS: tuple[tuple[str, str], ...] = (*BLOCKS, ("none", "torch"), ("none", "tf"))
 KEYS: tuple[str, ...] = ("select_on", "importance", "init", "slt", "criterion")
 
 
