@@ -200,7 +200,7 @@ def missing_notes(
                          f"{command} extend`")  # fmt: skip
         part = values[(values["slt"] == slt) & (values["seed"] != campaign.seed)]
         if not part.empty:
-            counterpart = part["criterion"].eq("last") & part["importance"].ne("none")
+            counterpart = part.apply(settle.has_counterpart, axis=1)
             lacking = int(part["value"].isna().sum()) + int(
                 (counterpart & part["lam0"].isna()).sum()
             )
