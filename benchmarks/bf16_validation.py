@@ -17,7 +17,7 @@ import math
 import pandas as pd
 
 from _common import print_table
-from masq.config import method_label
+from masq.consolidation import method_label
 from masq.store import load
 
 

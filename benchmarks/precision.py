@@ -4,7 +4,7 @@ Tables (medians of interleaved repeats, so load changes hit every variant alike)
 
 1. ms per training iteration of ``masq.training.train_task`` (B = 100, Adam) per net, precision
    and penalty: none, "autograd" (``ewc.penalty`` added to the loss) and "direct"
-   (``PenaltyGradient``: λ F (θ − θ*) added to the gradients, what the protocol uses);
+   (``QuadraticPenalty``: λ F (θ − θ*) added to the gradients, what the protocol uses);
 2. stacked re-training (K runs at once, ``masq.stacked``) against one by one, per precision;
 3. evaluation: ms per evaluation of 10,000 images, its share of a phase per schedule, and how
    often the bf16 argmax differs from the fp32 one on MNIST-shaped data.
@@ -26,7 +26,7 @@ from torch import Tensor
 from _common import pin_threads, print_table
 from masq import stacked
 from masq.consolidation import ewc
-from masq.consolidation.gradient import PenaltyGradient
+from masq.consolidation.penalty import QuadraticPenalty
 from masq.models import mlp
 from masq.training import TrainConfig, eval_counts, eval_iterations, train_task
 from train import data, importance_like  # the same random MNIST-shaped data and F
@@ -45,7 +45,7 @@ def one_run(hidden: tuple[int, ...], train: tuple[Tensor, Tensor], iters: int, p
         if penalty == "autograd":
             kw["penalty"] = lambda m: ewc.penalty(m, anchor, LAM)
         elif penalty == "direct":
-            kw["penalty_grad"] = PenaltyGradient(model, anchor, LAM)
+            kw["penalty_grad"] = QuadraticPenalty(model, anchor, LAM)
         config = TrainConfig(lr=1e-4, iters=n, seed=0, precision=precision)
         start = time.perf_counter()
         train_task(model, train, config, **kw)

@@ -53,11 +53,6 @@ TINY = [
 FAST = ["--workers", "1", "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_tasks_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(group_module, "_TASKS_CACHE", {})
-
-
 @pytest.fixture
 def idx_dir(tmp_path: Path, data_fake: Callable) -> Path:
     """A tiny synthetic "mnist" (IDX files) accepted by masq.data for this test."""
@@ -242,7 +237,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "give --results" in _error(capsys, ["grid", *TINY, *FAST])
     assert "--stack" in _error(capsys, ["grid", *TINY, "--stack", "0", "--dry-run"])
     assert "no results at" in _error(capsys, ["table", "--results", str(tmp_path / "nothing")])
-    assert "unknown value 'adam'" in _error(
+    assert "unknown importance measure 'adam'" in _error(
         capsys, ["grid", *TINY, "--importance", "adam", "--dry-run"]
     )
     assert "must be between 0 and 1" in _error(

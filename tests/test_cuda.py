@@ -13,7 +13,7 @@ import torch
 
 from masq import grid, stacked
 from masq.consolidation import ewc
-from masq.consolidation.gradient import PenaltyGradient
+from masq.consolidation.penalty import QuadraticPenalty
 from masq.importance import batches, fisher, masq, reference
 from masq.models import mlp
 from masq.training import TrainConfig, train_task
@@ -61,7 +61,7 @@ def test_stacked_equals_separate_on_cuda(precision: str) -> None:
     )  # fmt: skip
     for run, (lr, lam) in enumerate(((1e-2, 0.0), (3e-3, 50.0))):
         model = mlp((24, 16), in_features=20, classes=4, seed=5).to(device)
-        grad = PenaltyGradient(model, ewc.anchor(model, imp), lam) if lam else None
+        grad = QuadraticPenalty(model, ewc.anchor(model, imp), lam) if lam else None
         config = TrainConfig(lr=lr, iters=30, batch_size=25, eval_every=10, seed=7,
                              precision=precision)  # fmt: skip
         curve = train_task(model, (x, y), config, penalty_grad=grad, eval_sets={"all": (x, y)})

@@ -16,10 +16,11 @@ from torch import Tensor
 import masq.data
 from masq.cli import main
 from masq.config import RunConfig
-from masq.consolidation import imm
+from masq.consolidation import QuadraticPenalty, check_config, ewc, imm
 from masq.errors import ConfigError
 from masq.grid import canonical, chunks
-from masq.protocol import imm as pimm
+from masq.protocol import continue_run, run
+from masq.protocol.phases import Context
 from masq.runid import run_id
 from masq.store import Store, load
 from masq.tasks import Task
@@ -153,7 +154,8 @@ def test_l2_transfer_value_and_the_gradient_added_in_training() -> None:
     value.backward()
     autograd = {k: p.grad.clone() for k, p in net.named_parameters()}
     net.zero_grad(set_to_none=True)
-    pimm.L2TransferGradient(net, prev, lam=0.3)(net)
+    ones = {k: torch.ones_like(v) for k, v in prev.items()}  # IMM's plan: F = 1 at 2 λ_T
+    QuadraticPenalty(net, ewc.Anchor(prev, ones), 2 * 0.3)(net)
     for k, p in net.named_parameters():
         assert torch.allclose(p.grad, autograd[k], rtol=1e-6)
         assert torch.allclose(p.grad, 0.6 * (p.detach() - prev[k]), rtol=1e-6)
@@ -200,20 +202,47 @@ def imm_config(**changes: object) -> RunConfig:
     return RunConfig(**{**SMALL, "consolidation": "mode-imm", "importance": "fisher", **changes})
 
 
+def trained(config: RunConfig, d1: prun.D1State, tasks: list[Task]) -> list[Params]:
+    """The solutions θ_1..θ_T of an IMM run's phases (its kept weights)."""
+    imp, seconds = prun.compute_importance(config, d1, tasks)
+    weights = continue_run(config, d1, imp, tasks, seconds, keep_weights=True).weights
+    assert weights is not None
+    return weights
+
+
 def test_drop_transfer_with_p_zero_is_plain_weight_transfer(learnable: list[Task]) -> None:
     d1 = prun.train_first(imm_config(), learnable)
-    plain = pimm.train_sequence(imm_config(), d1, learnable)
-    p0 = pimm.train_sequence(imm_config(transfer="drop", drop_p=0.0), d1, learnable)
-    p5 = pimm.train_sequence(imm_config(transfer="drop", drop_p=0.5), d1, learnable)
-    assert close(p0.states[1], plain.states[1], rtol=1e-4, atol=1e-6)
-    assert not close(p5.states[1], plain.states[1], rtol=1e-2, atol=1e-3)  # it does something
+    plain = trained(imm_config(), d1, learnable)
+    p0 = trained(imm_config(transfer="drop", drop_p=0.0), d1, learnable)
+    p5 = trained(imm_config(transfer="drop", drop_p=0.5), d1, learnable)
+    assert close(p0[1], plain[1], rtol=1e-4, atol=1e-6)
+    assert not close(p5[1], plain[1], rtol=1e-2, atol=1e-3)  # it does something
     # L2-transfer pulls θ_2 towards θ_1
-    l2 = pimm.train_sequence(imm_config(transfer="l2", transfer_lam=10.0), d1, learnable)
+    l2 = trained(imm_config(transfer="l2", transfer_lam=10.0), d1, learnable)
 
     def dist(s: Params) -> float:
         return sum(float(((s[k] - d1.state_dict[k]) ** 2).sum()) for k in s)
 
-    assert dist(l2.states[1]) < 0.5 * dist(plain.states[1])
+    assert dist(l2[1]) < 0.5 * dist(plain[1])
+
+
+def evaluate_merges(
+    config: RunConfig,
+    tasks: list[Task],
+    states: list[Params],
+    importances: list[Params],
+    shares: list[float],
+) -> dict[str, list[float]]:
+    """The accuracies of the merges of ``config``'s method at each share (what its end hook
+    sweeps), evaluated through the protocol's context."""
+    method = imm.MODE_IMM if config.consolidation == "mode-imm" else imm.MEAN_IMM
+    ctx = Context(config, tasks, torch.device("cpu"))
+    out: dict[str, list[float]] = {}
+    for s in shares:
+        merged = method.merge(states, importances, imm.share_alphas(len(states), s))
+        for name, value in ctx.evaluate(merged).items():
+            out.setdefault(name, []).append(value)
+    return out
 
 
 def test_merge_sweep_equals_evaluating_the_merged_model(learnable: list[Task]) -> None:
@@ -221,7 +250,7 @@ def test_merge_sweep_equals_evaluating_the_merged_model(learnable: list[Task]) -
     while training (the accuracy matrix), and in between it is the accuracy of a net loaded
     with the merge computed here by hand from the kept weights and importances."""
     config = imm_config(eval_val=True)
-    result = pimm.run_imm(config)
+    result = run(config)
     sweep, r = result.imm["sweep"], result.accuracy
     assert sweep["share"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     for j, name in enumerate(("D1", "D2")):
@@ -286,8 +315,8 @@ def test_a_known_answer_by_hand() -> None:
     ones = {k: torch.ones_like(v) for k, v in zero.items()}
     f2 = {**ones, "2.bias": torch.tensor([1.0, 4.0])}
     shares = [0.0, 0.1, 0.15, 0.16, 0.3, 0.33, 0.34, 0.5, 1.0]
-    mean = pimm.evaluate_merges(config, tasks, [theta1, theta2], [], shares)
-    mode = pimm.evaluate_merges(
+    mean = evaluate_merges(config, tasks, [theta1, theta2], [], shares)
+    mode = evaluate_merges(
         config.with_(consolidation="mode-imm", importance="fisher"),
         tasks,
         [theta1, theta2],
@@ -303,8 +332,8 @@ def test_a_known_answer_by_hand() -> None:
 def test_three_tasks_sweep_the_last_share_and_the_uniform_alpha(learnable: list[Task]) -> None:
     config = RunConfig(**{**SMALL, "slt": "D4-3-3", "consolidation": "mean-imm",
                           "importance": "none", "alpha_step": 0.5})  # fmt: skip
-    assert pimm.sweep_shares(config) == [0.0, 1 / 3, 0.5, 1.0]
-    result = pimm.run_imm(config)
+    assert imm.sweep_shares(config.alpha_step, config.n_tasks) == [0.0, 1 / 3, 0.5, 1.0]
+    result = run(config)
     assert result.imm["uniform"]["share"] == 1 / 3
     assert result.metrics["merged_uniform.union"] == result.imm["sweep"]["D1∪D2∪D3"][1]
     assert len(result.accuracy) == 3
@@ -312,11 +341,11 @@ def test_three_tasks_sweep_the_last_share_and_the_uniform_alpha(learnable: list[
 
 def test_imm_configs_are_checked() -> None:
     with pytest.raises(ConfigError, match="mode-imm needs an importance"):
-        RunConfig(consolidation="mode-imm", importance="none").validate()
+        check_config(RunConfig(consolidation="mode-imm", importance="none"))
     with pytest.raises(ConfigError, match="drop_p"):
         RunConfig(consolidation="mean-imm", drop_p=1.0).validate()
-    with pytest.raises(ConfigError, match="not IMM"):
-        pimm.check_imm(RunConfig())
+    with pytest.raises(ConfigError, match="unknown consolidation method 'imm'"):
+        RunConfig(consolidation="imm").validate()
 
 
 def test_canonical_keeps_only_what_matters() -> None:
@@ -374,7 +403,7 @@ def test_grid_stores_imm_records_and_table_lists_them(
     # ... and the grid's record is that of a run of the protocol on its own
     one = next(r for r in records.values() if r["config"]["consolidation"] == "mode-imm")
     config = RunConfig.from_dict(one["config"])
-    alone = pimm.run_imm(config, tasks=prun.make_tasks(config, data_dir=str(idx_dir)))
+    alone = run(config, tasks=prun.make_tasks(config, data_dir=str(idx_dir)))
     assert alone.imm["sweep"] == one["imm"]["sweep"]
     capsys.readouterr()
 

@@ -21,11 +21,13 @@ from masq.importance import (
     blocks,
     fisher,
     fisher_block_stats,
+    mas,
     masq,
     persample,
     reference,
     summary,
 )
+from masq.importance.blocks import fisher_block
 
 RTOL = 1e-10
 
@@ -108,6 +110,37 @@ def single(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
+def truncated(model: nn.Module, head: str, units: list[int]) -> nn.Module:
+    """A copy of ``model`` whose last linear layer keeps only the rows ``units``."""
+    small = copy.deepcopy(model)
+    old = small.get_submodule(head)
+    new = nn.Linear(old.in_features, len(units), bias=old.bias is not None, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[units])
+        if old.bias is not None:
+            new.bias.copy_(old.bias[units])
+            new.bias.requires_grad_(old.bias.requires_grad)
+    parent, _, leaf = head.rpartition(".")
+    setattr(small.get_submodule(parent) if parent else small, leaf, new)
+    return small
+
+
+def assert_masked_equals_truncated(
+    masked: dict[str, Tensor], small: dict[str, Tensor], head: str, units: list[int], rtol: float
+) -> None:
+    """Every tensor equal; the head's rows ``units`` as the truncated head's, the rest 0."""
+    assert masked.keys() == small.keys()
+    rest = [k for k in masked if not k.startswith(f"{head}.")]
+    assert_importance_close({k: masked[k] for k in rest}, {k: small[k] for k in rest}, rtol=rtol)
+    for k in (f"{head}.weight", f"{head}.bias"):
+        if k not in masked:
+            continue
+        kept = masked[k][units]
+        assert_importance_close({k: kept}, {k: small[k]}, rtol=rtol)
+        others = [u for u in range(len(masked[k])) if u not in units]
+        assert torch.equal(masked[k][others], torch.zeros_like(masked[k][others])), k
+
+
 # float32 against the float64 references: the references run on a float64 copy of the same float32
 # parameters, so every difference is rounding in the fast code's float32 arithmetic. Unit roundoff
 # is 6e-8; a forward and backward through these tiny nets and a sum over 23 samples accumulate a
@@ -158,6 +191,18 @@ def test_fisher_independent_of_batch_size(name: str, labels: str, sizes: tuple[i
     results = [fisher(model, batches(x, y, b), labels=labels) for b in sizes]
     for other in results[1:]:
         assert_importance_close(other, results[0])
+
+
+@pytest.mark.parametrize("name", ["conv", "sequence", "reused"])
+def test_fisher_independent_of_buffer_bytes(name: str) -> None:
+    """64-byte buffers: one sample per torch.func chunk; the same sums (float64)."""
+    model = MODELS[name]()
+    x, y = data(name)
+    for labels in ("true", "exact"):
+        assert_importance_close(
+            fisher(model, batches(x, y, 5), labels=labels, buffer_bytes=64),
+            fisher(model, batches(x, y, 5), labels=labels),
+        )
 
 
 def test_fisher_keys_are_trainable_parameters_only() -> None:
@@ -241,6 +286,126 @@ def test_masq_full_batch_is_squared_gradient() -> None:
     assert_importance_close(masq(model, [(x, y)]), want)
 
 
+# ------------------------------------------------------------------- task-incremental outputs
+
+# (model, its last linear layer, the active units of the task)
+OUTPUT_CASES = [
+    ("mlp-5-8-2-3-relu", "4", [2, 0]),
+    ("mlp-5-6-7-4-nobias-relu", "4", [3, 1]),
+    ("mlp-5-3", "0", [1, 2]),
+    ("conv", "3", [0, 2]),
+    ("reused", "out", [2, 1]),  # out.bias frozen
+    ("sequence", "3", [1]),
+]
+
+
+def task_data(model_name: str, units: list[int], n: int = 23) -> tuple[Tensor, Tensor, Tensor]:
+    """(x, y with labels among ``units`` (units of the full head), their positions in units)."""
+    x, _ = data(model_name, n)
+    positions = torch.randint(0, len(units), (n,), generator=torch.Generator().manual_seed(5))
+    return x, torch.tensor(units)[positions], positions
+
+
+@pytest.mark.parametrize("labels", list(FisherLabels))
+@pytest.mark.parametrize(("name", "head", "units"), OUTPUT_CASES)
+def test_fisher_outputs_equal_a_truncated_head(
+    name: str, head: str, units: list[int], labels: FisherLabels
+) -> None:
+    """outputs=U: the Fisher of a head that keeps only the rows U (labels their positions in
+    U), zero in the other rows of the head; and the reference twin's value."""
+    model = MODELS[name]()
+    x, y, positions = task_data(name, units)
+    masked = fisher(model, batches(x, y, 5), labels=labels, generator=gen(), outputs=units)
+    small = truncated(model, head, units)
+    want = fisher(small, batches(x, positions, 5), labels=labels, generator=gen())
+    assert_masked_equals_truncated(masked, want, head, units, RTOL)
+    slow = reference.fisher(model, batches(x, y, 5), labels=labels, generator=gen(), outputs=units)
+    assert_importance_close(masked, slow)
+
+
+@pytest.mark.parametrize("scale", list(Scale))
+@pytest.mark.parametrize(("name", "head", "units"), OUTPUT_CASES)
+def test_masq_outputs_equal_a_truncated_head(
+    name: str, head: str, units: list[int], scale: Scale
+) -> None:
+    model = MODELS[name]()
+    x, y, positions = task_data(name, units)
+    masked = masq(model, batches(x, y, 5), scale=scale, outputs=units)
+    want = masq(truncated(model, head, units), batches(x, positions, 5), scale=scale)
+    assert_masked_equals_truncated(masked, want, head, units, RTOL)
+    slow = reference.masq(model, batches(x, y, 5), scale=scale, outputs=units)
+    assert_importance_close(masked, slow)
+
+
+def test_outputs_float32_match_reference() -> None:
+    model = single(MODELS["conv"]())
+    x, y, _ = task_data("conv", [2, 0])
+    x = x.float()
+    got = {
+        "true": fisher(model, batches(x, y, 5), outputs=[2, 0]),
+        "exact": fisher(model, batches(x, y, 5), labels="exact", outputs=[2, 0]),
+        "masq": masq(model, batches(x, y, 5), outputs=[2, 0]),
+    }
+    want = {
+        "true": reference.fisher(model, batches(x, y, 5), outputs=[2, 0]),
+        "exact": reference.fisher(model, batches(x, y, 5), labels="exact", outputs=[2, 0]),
+        "masq": reference.masq(model, batches(x, y, 5), outputs=[2, 0]),
+    }
+    for key, imp in got.items():
+        assert all(t.dtype == torch.float32 for t in imp.values())
+        assert_importance_close({k: v.double() for k, v in imp.items()}, want[key], rtol=RTOL32)
+
+
+def test_outputs_none_and_all_units_in_order_agree() -> None:
+    """outputs = every unit in order is the full head: the same numbers as outputs=None."""
+    model = MODELS["conv"]()
+    x, y = data("conv")
+    for run in (
+        lambda o: fisher(model, batches(x, y, 5), labels="exact", outputs=o),
+        lambda o: masq(model, batches(x, y, 5), outputs=o),
+        lambda o: mas(model, batches(x, y, 5), outputs=o),
+    ):
+        assert_importance_close(run([0, 1, 2]), run(None))
+
+
+def test_outputs_sampled_labels_range_over_the_active_units() -> None:
+    """With one active unit every drawn label is that unit: the Fisher of the loss -log 1 = 0
+    through softmax over one logit is exactly 0."""
+    model = MODELS["mlp-5-4-3"]()
+    x, y = data("mlp-5-4-3")
+    imp = fisher(model, batches(x, y, 5), labels="sampled", generator=gen(), outputs=[1])
+    assert all(bool((t == 0).all()) for t in imp.values())
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, y: fisher(m, batches(x, y, 5), outputs=[0, 1]),
+        lambda m, x, y: masq(m, batches(x, y, 5), outputs=[0, 1]),
+        lambda m, x, y: reference.fisher(m, batches(x, y, 5), outputs=[0, 1]),
+        lambda m, x, y: reference.masq(m, batches(x, y, 5), outputs=[0, 1]),
+        lambda m, x, y: fisher(m, batches(x, y, 5), outputs=[0, 3]),
+        lambda m, x, y: masq(m, batches(x, y.double(), 5), outputs=[0, 1, 2]),
+    ],
+)
+def test_outputs_user_errors(call) -> None:
+    """A label outside outputs (y holds 0, 1 and 2), a unit the model lacks, soft labels."""
+    model = MODELS["mlp-5-4-3"]()
+    x, y = data("mlp-5-4-3")
+    assert set(y.tolist()) == {0, 1, 2}
+    with pytest.raises(ConfigError) as info:
+        call(model, x, y)
+    assert "\n" not in str(info.value)
+
+
+def test_outputs_labels_unused_by_sampled_and_exact_fisher() -> None:
+    """labels="sampled"/"exact" do not read y, so labels outside outputs are no error there."""
+    model = MODELS["mlp-5-4-3"]()
+    x, y = data("mlp-5-4-3")
+    fisher(model, batches(x, y, 5), labels="exact", outputs=[0, 1])
+    fisher(model, batches(x, y, 5), labels="sampled", generator=gen(), outputs=[0, 1])
+
+
 # ------------------------------------------------------------------------ block statistics
 
 EXACT_FIELDS = [
@@ -306,6 +471,26 @@ def test_block_stats_float32_matches_reference(model_name: str, tensor: str) -> 
         assert abs(getattr(got, field) - getattr(want, field)) <= tol, field
 
 
+@pytest.mark.parametrize(("model_name", "tensor"), BLOCK_CASES)
+def test_fisher_block_matches_reference(model_name: str, tensor: str) -> None:
+    """The whole block against G^T G / N of the explicit per-sample gradients, float64 and
+    float32 (tolerance RTOL32 of the largest entry); its diagonal is the FIM of the tensor."""
+    model = MODELS[model_name]()
+    x, y = data(model_name)
+    got = fisher_block(model, batches(x, y, 5), tensor)
+    want = reference.fisher_block(model, batches(x, y, 5), tensor)
+    size = dict(model.named_parameters())[tensor].numel()
+    assert got.shape == (size, size) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
+    diagonal = fisher(model, batches(x, y, 4))[tensor].reshape(-1)
+    torch.testing.assert_close(got.diagonal(), diagonal, rtol=RTOL, atol=0.0)
+    small = single(model)
+    got32 = fisher_block(small, batches(x.float(), y, 5), tensor, buffer_bytes=64)
+    want32 = reference.fisher_block(small, batches(x.float(), y, 5), tensor)
+    assert got32.dtype == torch.float64  # accumulated in float64 from float32 gradients
+    torch.testing.assert_close(got32, want32, rtol=RTOL32, atol=RTOL32 * float(want32.abs().max()))
+
+
 def test_block_stats_diagonal_is_fisher_sum() -> None:
     model = MODELS["mlp-5-8-2-3-relu"]()
     x, y = data("mlp-5-8-2-3-relu")
@@ -357,23 +542,33 @@ def test_block_stats_estimate_is_reproducible() -> None:
 
 
 def test_block_stats_independent_of_buffer_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny buffers force many feature blocks, flushes and pair steps: same statistics."""
+    """Tiny buffers force many feature blocks, flushes, pair steps and torch.func chunks (conv):
+    the same statistics."""
     model = MODELS["mlp-5-8-2-3-relu"]()
     x, y = data("mlp-5-8-2-3-relu")
+    conv = MODELS["conv"]()
+    xc, yc = data("conv")
     names = ["0.weight", "2.weight", "2.bias"]
 
-    def run() -> list[BlockStats]:
-        exact = [fisher_block_stats(model, batches(x, y, 5), n) for n in names]
+    def run(buffer_bytes: int) -> list[BlockStats]:
+        exact = [
+            fisher_block_stats(model, batches(x, y, 5), n, buffer_bytes=buffer_bytes) for n in names
+        ]
         estimated = fisher_block_stats(
-            model, batches(x, y, 5), "0.weight", max_exact_params=0, samples=40, generator=gen(2)
+            model,
+            batches(x, y, 5),
+            "0.weight",
+            max_exact_params=0,
+            samples=40,
+            generator=gen(2),
+            buffer_bytes=buffer_bytes,
         )
-        return [*exact, estimated]
+        dense = fisher_block_stats(conv, batches(xc, yc, 5), "0.weight", buffer_bytes=buffer_bytes)
+        return [*exact, estimated, dense]
 
-    normal = run()
-    monkeypatch.setattr(persample, "_BUFFER_BYTES", 64)
-    monkeypatch.setattr(blocks, "_SMALL_BYTES", 64)
-    monkeypatch.setattr(blocks._KronBlock, "_ROWS", 3)
-    for got, want in zip(run(), normal, strict=True):
+    normal = run(persample.DEFAULT_BUFFER_BYTES)
+    monkeypatch.setattr(blocks._KronBlock, "_ROWS", 3)  # a class constant, not a buffer size
+    for got, want in zip(run(64), normal, strict=True):
         for field in EXACT_FIELDS:
             assert math.isclose(getattr(got, field), getattr(want, field), rel_tol=1e-12), field
 
@@ -412,7 +607,9 @@ def test_model_left_as_found(name: str) -> None:
     fisher(model, batches(x, y, 5), labels="exact")
     fisher(model, batches(x, y, 5), labels="sampled", generator=gen())
     masq(model, batches(x, y, 5), scale="sum")
+    mas(model, batches(x, y, 5))
     tensor = next(n for n, p in model.named_parameters() if p.requires_grad)
+    fisher_block(model, batches(x, y, 5), tensor)
     fisher_block_stats(model, batches(x, y, 5), tensor)
     fisher_block_stats(model, batches(x, y, 5), tensor, max_exact_params=1, samples=50)
     assert_same(before, snapshot(model))
@@ -422,12 +619,15 @@ def test_model_left_as_found(name: str) -> None:
 
 
 def every_measure(model: nn.Module, x: Tensor, y: Tensor, device: str | None) -> list[object]:
-    """fisher (true, exact), masq (mean, sum) and exact block statistics of one tensor."""
+    """fisher (true, exact), masq (mean, sum), mas, the whole block and exact block statistics
+    of one tensor."""
     return [
         fisher(model, batches(x, y, 5), device=device),
         fisher(model, batches(x, y, 5), labels="exact", device=device),
         masq(model, batches(x, y, 5), device=device),
         masq(model, batches(x, y, 5), scale="sum", device=device),
+        mas(model, batches(x, y, 5), device=device),
+        fisher_block(model, batches(x, y, 5), "0.weight", device=device),
         fisher_block_stats(model, batches(x, y, 5), "0.weight", device=device),
     ]
 
@@ -443,6 +643,12 @@ def assert_same_results(got: list, want: list, model: nn.Module, rtol: float) ->
                     getattr(a, field), getattr(b, field), rel_tol=rtol, abs_tol=rtol * scale
                 ), field
             continue
+        if isinstance(a, Tensor):  # a whole block: float64, on the parameter's device
+            assert (a.device, a.dtype) == (params["0.weight"].device, torch.float64)
+            torch.testing.assert_close(
+                a, b.to(a.device), rtol=rtol, atol=rtol * float(b.abs().max())
+            )
+            continue
         for name, t in a.items():
             assert (t.device, t.dtype) == (params[name].device, params[name].dtype), name
         assert_importance_close(a, {k: v.to(a[k].device) for k, v in b.items()}, rtol=rtol)
@@ -450,7 +656,7 @@ def assert_same_results(got: list, want: list, model: nn.Module, rtol: float) ->
 
 def test_copy_path_computes_on_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     """device= another device computes on a moved copy. With one device only, force that branch
-    (persample._placement answers "copy" for the model's own device) and check what it promises:
+    (persample.placement answers "copy" for the model's own device) and check what it promises:
     every forward runs on the copy, in eval mode; the caller's model (weights, .grad, train/eval
     and requires_grad flags) is not touched; results equal the in-place path's, each in its
     parameter's dtype (float32 here, while the sums are float64) and on its device."""
@@ -470,8 +676,8 @@ def test_copy_path_computes_on_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ran and all(i in own and not training for i, training in ran)
 
     ran.clear()
-    placement = persample._placement
-    monkeypatch.setattr(persample, "_placement", lambda m, d: (placement(m, d)[0], True))
+    placement = persample.placement
+    monkeypatch.setattr(persample, "placement", lambda m, d: (placement(m, d)[0], True))
     got = every_measure(model, x, y, device="cpu")
     assert ran and all(i not in own and not training for i, training in ran)
     assert_same(before, snapshot(model))
@@ -562,6 +768,11 @@ def test_summary_against_python_floats() -> None:
         lambda m, b: fisher(m, b, loss=nn.functional.cross_entropy),
         lambda m, b: masq(m, b, loss=nn.functional.cross_entropy),
         lambda m, b: fisher(m, []),
+        lambda m, b: fisher(m, b, buffer_bytes=0),
+        lambda m, b: fisher_block_stats(m, b, "0.weight", buffer_bytes=-1),
+        lambda m, b: fisher_block(m, b, "0.weight", buffer_bytes=True),
+        lambda m, b: fisher_block(m, b, "nope"),
+        lambda m, b: fisher_block(m, [], "0.weight"),
         lambda m, b: batches(torch.zeros(3), torch.zeros(2), 1),
         lambda m, b: batches(torch.zeros(3), torch.zeros(3), 0),
     ],

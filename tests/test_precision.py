@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from masq import protocol, stacked
 from masq.config import RunConfig
 from masq.consolidation import ewc
-from masq.consolidation.gradient import PenaltyGradient
+from masq.consolidation.penalty import QuadraticPenalty
 from masq.models import mlp
 from masq.training import TrainConfig, eval_counts, eval_iterations, train_task
 
@@ -105,7 +105,7 @@ def test_stacked_bf16_matches_separate_bf16() -> None:
         anchor = ewc.anchor(model, imp)
         config = TrainConfig(lr=lr, iters=30, batch_size=25, eval_every=10, seed=7,
                              precision="bf16")  # fmt: skip
-        grad = PenaltyGradient(model, anchor, lam) if lam > 0 else None
+        grad = QuadraticPenalty(model, anchor, lam) if lam > 0 else None
         curve = train_task(model, (x, y), config, penalty_grad=grad, eval_sets={"all": (x, y)})
         assert curve["iteration"] == curves[run]["iteration"]
         pairs = zip(curve["all"], curves[run]["all"], strict=True)
@@ -158,7 +158,7 @@ def test_penalty_gradient_equals_the_autograd_gradient(n_anchors: int) -> None:
     expected = autograd_update(model, anchors, 123.0)
     for p in model.parameters():
         p.grad = torch.ones_like(p)  # it adds to what is there
-    PenaltyGradient(model, anchors, 123.0)(model)
+    QuadraticPenalty(model, anchors, 123.0)(model)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[k] + 1.0, rtol=1e-12, atol=1e-12)
 
@@ -181,7 +181,7 @@ def test_training_with_the_direct_gradient_equals_training_with_the_autograd_pen
 
             train_task(model, (x, y), config, penalty=penalty)
         else:
-            train_task(model, (x, y), config, penalty_grad=PenaltyGradient(model, anchor, 10.0))
+            train_task(model, (x, y), config, penalty_grad=QuadraticPenalty(model, anchor, 10.0))
         results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-6)
@@ -192,13 +192,13 @@ def test_penalty_gradient_refuses_bad_lambda_and_keys() -> None:
     anchor = ewc.anchor(model, {k: torch.ones_like(v) for k, v in model.named_parameters()})
     for lam in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ewc.ConfigError, match="lam"):
-            PenaltyGradient(model, anchor, lam)
+            QuadraticPenalty(model, anchor, lam)
     other = mlp((5,), in_features=20, classes=4, seed=0)
     bad = ewc.anchor(other, {k: torch.ones_like(v) for k, v in other.named_parameters()})
     with pytest.raises(ewc.ConfigError):
-        PenaltyGradient(mlp((4, 4), in_features=20, classes=4), bad, 1.0)
+        QuadraticPenalty(mlp((4, 4), in_features=20, classes=4), bad, 1.0)
     with pytest.raises(ewc.ConfigError, match=r"'0.weight' has shape \(5, 20\)"):
-        PenaltyGradient(model, bad, 1.0)  # same names, other widths
+        QuadraticPenalty(model, bad, 1.0)  # same names, other widths
     _ = F
 
 

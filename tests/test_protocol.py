@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from masq import data, importance, runtime
 from masq import protocol as pr
-from masq.config import Consolidation, RunConfig, method_label
-from masq.consolidation import ewc
+from masq.config import RunConfig
+from masq.consolidation import ewc, method_label
 from masq.errors import ConfigError
 from masq.models import mlp
 from masq.protocol.result import load_weights, result_from_v1, transfer_metrics
@@ -566,7 +566,7 @@ def test_online_ewc_with_two_tasks_is_plain_ewc(learnable: None, gamma: float) -
 def test_online_ewc_with_three_tasks_decays_the_importance_and_keeps_the_latest_anchor(
     learnable: None, calls: list[Call], gamma: float
 ) -> None:
-    config = T3.with_(consolidation=Consolidation.ONLINE_EWC, gamma=gamma)
+    config = T3.with_(consolidation="online-ewc", gamma=gamma)
     tasks = pr.make_tasks(config)
     result = pr.run(config, tasks=tasks)
     w = result.weights

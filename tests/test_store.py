@@ -28,6 +28,7 @@ U2, U3 = "D1∪D2", "D1∪D2∪D3"
 CHANGES: dict[str, Any] = {
     "slt": "D9-1",
     "dataset": "fashion-mnist",
+    "scenario": "task",
     "seed": 3,
     "hidden": (800, 400),
     "init": "tf",
@@ -81,7 +82,7 @@ def test_run_id_is_sha256_of_the_sorted_config() -> None:
     config = RunConfig(slt="D9-1", hidden=(30, 20), lam=5.0, seed=2)
     d = config.to_dict()
     for name in ("device", "consolidation", "gamma", "eval_schedule", "precision", "transfer",
-                 "transfer_lam", "drop_p", "alpha_step"):  # fmt: skip
+                 "transfer_lam", "drop_p", "alpha_step", "scenario"):  # fmt: skip
         del d[name]
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     assert run_id(config) == hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -104,7 +105,7 @@ def test_golden_run_ids_are_unchanged() -> None:
 def test_fields_added_since_format_1_are_in_the_id_only_off_their_default() -> None:
     since = {f.name for f in FIELDS if f.since_v1}
     assert since == {"consolidation", "gamma", "eval_schedule", "precision", "transfer",
-                     "transfer_lam", "drop_p", "alpha_step"}  # fmt: skip
+                     "transfer_lam", "drop_p", "alpha_step", "scenario"}  # fmt: skip
     base = RunConfig(slt="D3-3-4")
     assert runid.id_dict(base).keys() == {f.name for f in FIELDS} - {"device"} - since
     online = base.with_(consolidation="online-ewc", gamma=0.25)

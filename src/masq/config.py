@@ -1,7 +1,7 @@
 """One source of truth for configuration: the choices (``str`` Enums) and the config fields.
 
 This part holds the Enums; every module that takes a choice imports its Enum from here.
-Each is a ``str`` Enum: ``ImportanceKind.NONE == "none"``, it serializes to JSON as its
+Each is a ``str`` Enum: ``Scale.SUM == "sum"``, it serializes to JSON as its
 value, and a bad value is a one-line :class:`~masq.errors.ConfigError` via :func:`choice`.
 """
 
@@ -11,11 +11,13 @@ import dataclasses
 import itertools
 import math
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, TypeVar
 
 from masq.errors import ConfigError
+from masq.registry import REGISTRIES
 
 
 class Choice(str, Enum):
@@ -33,14 +35,6 @@ class Choice(str, Enum):
         return tuple(m.value for m in cls)
 
 
-class ImportanceKind(Choice):
-    """Which parameter importance consolidates a task (PAPER.md section 4)."""
-
-    FISHER = "fisher"  # the diagonal empirical Fisher (FIM)
-    MASQ = "masq"  # the Matrix of SQuares
-    NONE = "none"  # no importance: plain fine-tuning (λ has no effect)
-
-
 class Scale(Choice):
     """Scale convention of MaSQ."""
 
@@ -56,23 +50,20 @@ class FisherLabels(Choice):
     EXACT = "exact"  # every class c, weighted by the softmax probability p_c(x_n)
 
 
+class Scenario(Choice):
+    """What the network is told and asked (van de Ven & Tolias 2019, "Three scenarios for
+    continual learning"): :mod:`masq.scenarios` relabels the tasks and sets the heads."""
+
+    CLASS = "class"  # one shared head over all classes; no task identity (the paper's setting)
+    TASK = "task"  # task identity given at training and test: the other tasks' units masked
+    DOMAIN = "domain"  # every task onto one shared label set (its classes' positions)
+
+
 class Init(Choice):
     """Initialization of the MLP (see :mod:`masq.models`)."""
 
     TORCH = "torch"  # PyTorch's nn.Linear default
     TF = "tf"  # truncated normal(0, 0.1), bias 0.1 (the authors' TensorFlow tutorial)
-
-
-class Consolidation(Choice):
-    """How the tasks before task t constrain its training."""
-
-    EWC = "ewc"  # one anchor per earlier task, penalties summed (Kirkpatrick et al. 2017)
-    ONLINE_EWC = "online-ewc"  # one running importance F <- γF + F_t, the latest anchor
-    MEAN_IMM = "mean-imm"  # train on, then merge θ = Σ α_k θ_k (Lee et al. 2017)
-    MODE_IMM = "mode-imm"  # train on, then merge θ = Σ α_k F_k θ_k / Σ α_k F_k
-
-
-IMM_METHODS: tuple[Consolidation, ...] = (Consolidation.MEAN_IMM, Consolidation.MODE_IMM)
 
 
 class Transfer(Choice):
@@ -120,14 +111,6 @@ class SelectOn(Choice):
     VAL = "val"  # the validation curves (the honest choice)
 
 
-class DeviceKind(Choice):
-    """Device kinds (``cuda:N`` names a CUDA device by index)."""
-
-    CPU = "cpu"
-    CUDA = "cuda"
-    AUTO = "auto"
-
-
 E = TypeVar("E", bound=Choice)
 
 DEVICE_HELP = "use 'cpu', 'cuda', 'cuda:N' or 'auto'"
@@ -166,10 +149,14 @@ class Stage(Choice):
 
 @dataclasses.dataclass(frozen=True)
 class FieldSpec:
-    """One configuration field: its name, element type, default, stage and help.
+    """One configuration field: its name, element type, default, stage and help (read off
+    :class:`RunConfig`'s fields and their metadata: :data:`FIELDS`).
 
     ``since_v1`` fields were added after the first store format: they are left out of the run
     id while at their default, so the ids of runs stored before them stay what they were.
+    ``registry`` names the registry whose entries the value names ("measure": the importance
+    measures of :mod:`masq.importance`, "method": the consolidation methods of
+    :mod:`masq.consolidation`); those layers check the name, this one only its type.
     """
 
     name: str
@@ -179,6 +166,7 @@ class FieldSpec:
     help: str
     check: str = ""  # "positive", "nonneg", "unit" (0 <= x <= 1) or "" (type only)
     since_v1: bool = False
+    registry: str = ""
 
     @property
     def flag(self) -> str:
@@ -186,57 +174,203 @@ class FieldSpec:
         return "--" + self.name.replace("_", "-")
 
 
-def _f(name: str, kind: type, default: Any, stage: Stage, help: str, **kw: Any) -> FieldSpec:
-    return FieldSpec(name, kind, default, stage, help, **kw)
+def check_registered(spec: FieldSpec, value: Any, where: str = "") -> None:
+    """A one-line ConfigError unless ``value`` names an entry of ``spec``'s registry (no check
+    when the field names none, or its package has not been loaded)."""
+    registry = REGISTRIES.get(spec.registry) if spec.registry else None
+    if registry is not None:
+        registry.lookup(value, where)
+
+
+def _field(
+    default: Any,
+    stage: Stage,
+    help: str,
+    *,
+    check: str = "",
+    since_v1: bool = False,
+    registry: str = "",
+) -> Any:
+    """A :class:`RunConfig` field with its metadata (stage, help, check, since_v1, registry)."""
+    meta = {"stage": stage, "help": help, "check": check, "since_v1": since_v1,
+            "registry": registry}  # fmt: skip
+    return dataclasses.field(default=default, metadata=meta)
 
 
 D, F, IMP, L, R = Stage.DATA, Stage.FIRST, Stage.IMPORTANCE, Stage.LATER, Stage.RUN
 Hidden = tuple  # the element type of ``hidden``: a tuple of positive ints
 
-# Adding a configuration field is one line here: it then reaches RunConfig, its validation,
-# the CLI flags of `masq run` and `masq grid`, the grid's axes and TOML keys, the run id,
-# the shared-work keys of its stage and the report's columns (tests/test_config.py checks).
-FIELDS: tuple[FieldSpec, ...] = (
-    _f("slt", str, "D5-5", D, "sequential learning task, e.g. D5-5, D9-1, DP10-10, D2-2-2-2-2"),
-    _f("dataset", str, "mnist", D, "dataset name (mnist, fashion-mnist)"),
-    _f("seed", int, 0, D, "seed of every random stream of the run", check="nonneg"),
-    _f("hidden", Hidden, (800, 800), F, "hidden layer sizes, e.g. 800-400-400"),
-    _f("init", Init, Init.TORCH, F, "initialization: torch | tf"),
-    _f("lr1", float, 1e-3, F, "Adam learning rate on task 1 (ε1)", check="positive"),
-    _f("iters1", int, 5000, F, "iterations on task 1", check="positive"),
-    _f("batch_size", int, 100, F, "mini-batch size B of every phase", check="positive"),
-    _f("eval_every", int, 250, F, "evaluate every N iterations (and at 0 and the end)",
-       check="positive"),
-    _f("eval_val", bool, False, F, "also evaluate on the validation sets (--select-on val)"),
-    _f("eval_schedule", EvalSchedule, EvalSchedule.EVERY, F,
-       "when to evaluate: every (every --eval-every iterations) | paper | dense-early",
-       since_v1=True),
-    _f("precision", Precision, Precision.FP32, F,
-       "fp32 | bf16 (bfloat16 matmuls, float32 weights and optimizer)", since_v1=True),
-    _f("importance", ImportanceKind, ImportanceKind.MASQ, IMP, "importance: fisher | masq | none"),
-    _f("masq_batch", int, 1000, IMP, "MaSQ batch size B_MaSQ", check="positive"),
-    _f("scale", Scale, Scale.MEAN, IMP, "MaSQ scale: mean (the paper) | sum"),
-    _f("fisher_labels", FisherLabels, FisherLabels.TRUE, IMP,
-       "FIM labels: true (the paper) | sampled | exact"),
-    _f("consolidation", Consolidation, Consolidation.EWC, L,
-       "ewc (one anchor per earlier task) | online-ewc (running importance) | mean-imm | "
-       "mode-imm (train on, then merge: Lee et al. 2017)", since_v1=True),
-    _f("gamma", float, 1.0, L, "online EWC decay γ: F <- γF + F_t", check="unit", since_v1=True),
-    _f("transfer", Transfer, Transfer.WEIGHT, L,
-       "IMM: weight | l2 | drop | l2-drop (transfer from the previous solution)", since_v1=True),
-    _f("transfer_lam", float, 1e-3, L, "IMM L2-transfer weight: λ Σ (θ − θ_prev)²",
-       check="nonneg", since_v1=True),
-    _f("drop_p", float, 0.5, L, "IMM drop-transfer rate p (dropout of θ − θ_prev), < 1",
-       check="unit", since_v1=True),
-    _f("alpha_step", float, 0.01, L, "IMM: step of the swept merge weight α of the last task",
-       check="positive", since_v1=True),
-    _f("lr2", float, 1e-5, L, "Adam learning rate on tasks 2..T (ε2)", check="positive"),
-    _f("lam", float, 1000.0, L, "EWC weight λ", check="nonneg"),
-    _f("iters2", int, 5000, L, "iterations on each of tasks 2..T", check="positive"),
-    _f("device", str, "cpu", R, "cpu | cuda | cuda:N | auto"),
-)  # fmt: skip
+
+# Adding a configuration field is one line here: it then reaches its validation, the CLI flags
+# of `masq run` and `masq grid`, the grid's axes and TOML keys, the run id, the shared-work
+# keys of its stage and the report's columns (tests/test_config.py checks).
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run: T tasks of an SLT in a scenario, task 1 at lr1 for
+    iters1, every later task at lr2 for iters2 with the consolidation of the tasks before it.
+    Each field carries its stage, help and range check as metadata (:data:`FIELDS`)."""
+
+    slt: str = _field("D5-5", D, "sequential learning task, e.g. D5-5, D9-1, DP10-10, D2-2-2-2-2")
+    dataset: str = _field("mnist", D, "dataset name (mnist, fashion-mnist)")
+    scenario: Scenario = _field(
+        Scenario.CLASS,
+        D,
+        "class (one shared head, no task identity) | task (task identity given: the other "
+        "tasks' output units masked) | domain (every task onto one shared label set)",
+        since_v1=True,
+    )
+    seed: int = _field(0, D, "seed of every random stream of the run", check="nonneg")
+    hidden: tuple[int, ...] = _field((800, 800), F, "hidden layer sizes, e.g. 800-400-400")
+    init: Init = _field(Init.TORCH, F, "initialization: torch | tf")
+    lr1: float = _field(1e-3, F, "Adam learning rate on task 1 (ε1)", check="positive")
+    iters1: int = _field(5000, F, "iterations on task 1", check="positive")
+    batch_size: int = _field(100, F, "mini-batch size B of every phase", check="positive")
+    eval_every: int = _field(
+        250, F, "evaluate every N iterations (and at 0 and the end)", check="positive"
+    )
+    eval_val: bool = _field(False, F, "also evaluate on the validation sets (--select-on val)")
+    eval_schedule: EvalSchedule = _field(
+        EvalSchedule.EVERY,
+        F,
+        "when to evaluate: every (every --eval-every iterations) | paper | dense-early",
+        since_v1=True,
+    )
+    precision: Precision = _field(
+        Precision.FP32,
+        F,
+        "fp32 | bf16 (bfloat16 matmuls, float32 weights and optimizer)",
+        since_v1=True,
+    )
+    importance: str = _field(
+        "masq",
+        IMP,
+        "importance measure (masq.importance.MEASURES): fisher | masq | mas | l2 | "
+        "none, or one registered by your code",
+        registry="measure",
+    )
+    masq_batch: int = _field(
+        1000, IMP, "batch size of the importance pass (MaSQ's B_MaSQ)", check="positive"
+    )
+    scale: Scale = _field(Scale.MEAN, IMP, "MaSQ scale: mean (the paper) | sum")
+    fisher_labels: FisherLabels = _field(
+        FisherLabels.TRUE, IMP, "FIM labels: true (the paper) | sampled | exact"
+    )
+    consolidation: str = _field(
+        "ewc",
+        L,
+        "consolidation method (masq.consolidation.METHODS): ewc (one anchor per earlier task) | "
+        "online-ewc (running importance) | mean-imm | mode-imm (train on, then merge: Lee et "
+        "al. 2017)",
+        since_v1=True,
+        registry="method",
+    )
+    gamma: float = _field(1.0, L, "online EWC decay γ: F <- γF + F_t", check="unit", since_v1=True)
+    transfer: Transfer = _field(
+        Transfer.WEIGHT,
+        L,
+        "IMM: weight | l2 | drop | l2-drop (transfer from the previous solution)",
+        since_v1=True,
+    )
+    transfer_lam: float = _field(
+        1e-3, L, "IMM L2-transfer weight: λ Σ (θ − θ_prev)²", check="nonneg", since_v1=True
+    )
+    drop_p: float = _field(
+        0.5,
+        L,
+        "IMM drop-transfer rate p (dropout of θ − θ_prev), < 1",
+        check="unit",
+        since_v1=True,
+    )
+    alpha_step: float = _field(
+        0.01,
+        L,
+        "IMM: step of the swept merge weight α of the last task",
+        check="positive",
+        since_v1=True,
+    )
+    lr2: float = _field(1e-5, L, "Adam learning rate on tasks 2..T (ε2)", check="positive")
+    lam: float = _field(1000.0, L, "consolidation weight λ", check="nonneg")
+    iters2: int = _field(5000, L, "iterations on each of tasks 2..T", check="positive")
+    device: str = _field("cpu", R, "cpu | cuda | cuda:N | auto")
+
+    def __post_init__(self) -> None:
+        for spec in FIELDS:  # Enum members and floats whatever was passed in
+            value = getattr(self, spec.name)
+            try:
+                value = coerce(spec, value)
+            except ConfigError:
+                continue  # reported by validate()
+            object.__setattr__(self, spec.name, value)
+
+    def validate(self) -> RunConfig:
+        """Coerce and check every field; the SLT must parse and have at least two tasks.
+        Raises a one-line ConfigError naming the field and the fix; returns the config.
+        The names of measures and methods are checked against their registries
+        (:data:`REGISTRIES`); :func:`masq.consolidation.check_config` also asks the method."""
+        from masq.slt import parse_spec
+
+        for spec in FIELDS:
+            value = coerce(spec, getattr(self, spec.name))
+            if spec.kind in (int, float):
+                check_value(spec, value)
+            check_registered(spec, value)
+        if len(parse_spec(self.slt).task_classes) < 2:
+            raise ConfigError(
+                f"slt: a continual-learning run needs at least two tasks, got {self.slt!r}"
+            )
+        check_device_name(self.device)
+        if self.drop_p >= 1:
+            raise ConfigError(f"drop_p: must be < 1, got {self.drop_p!r}")
+        return self
+
+    @property
+    def n_tasks(self) -> int:
+        """T, the number of tasks of the SLT."""
+        from masq.slt import parse_spec
+
+        return len(parse_spec(self.slt).task_classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: Enum members as their values, tuples as lists."""
+        out: dict[str, Any] = {}
+        for spec in FIELDS:
+            value = getattr(self, spec.name)
+            if isinstance(value, Choice):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[spec.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; missing keys take their defaults; unknown keys and
+        values of the wrong type are a ConfigError."""
+        unknown = sorted(set(d) - set(FIELD))
+        if unknown:
+            raise ConfigError(f"config: unknown keys {unknown}; known keys: {sorted(FIELD)}")
+        return cls(**{k: coerce(FIELD[k], v) for k, v in d.items()})
+
+    def with_(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied (values coerced to the fields' types)."""
+        unknown = sorted(set(changes) - set(FIELD))
+        if unknown:
+            raise ConfigError(f"config: unknown fields {unknown}; known: {sorted(FIELD)}")
+        coerced = {k: coerce(FIELD[k], v) for k, v in changes.items()}
+        return dataclasses.replace(self, **coerced)
+
+
 del D, F, IMP, L, R
 
+
+def _spec_of(field: dataclasses.Field[Any], hint: Any) -> FieldSpec:
+    kind = typing.get_origin(hint) or hint
+    return FieldSpec(field.name, kind, field.default, **field.metadata)
+
+
+FIELDS: tuple[FieldSpec, ...] = tuple(
+    _spec_of(f, typing.get_type_hints(RunConfig)[f.name]) for f in dataclasses.fields(RunConfig)
+)
 FIELD: dict[str, FieldSpec] = {f.name: f for f in FIELDS}
 
 
@@ -250,12 +384,6 @@ def fields_of(*stages: Stage) -> tuple[str, ...]:
 FIRST_FIELDS: tuple[str, ...] = fields_of(Stage.DATA, Stage.FIRST)
 IMPORTANCE_FIELDS: tuple[str, ...] = fields_of(Stage.IMPORTANCE)
 ID_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.stage != Stage.RUN)
-# Which importance fields matter for each importance kind (the others cannot change a result).
-RELEVANT_IMPORTANCE_FIELDS: dict[ImportanceKind, tuple[str, ...]] = {
-    ImportanceKind.NONE: (),
-    ImportanceKind.MASQ: ("masq_batch", "scale"),
-    ImportanceKind.FISHER: ("fisher_labels",),
-}
 
 
 def _is_real(value: object) -> bool:
@@ -335,97 +463,6 @@ def hidden_text(hidden: Sequence[int]) -> str:
     return "-".join(str(int(h)) for h in hidden)
 
 
-def _dataclass_fields() -> list[tuple[str, Any, Any]]:
-    return [(f.name, f.kind, dataclasses.field(default=f.default)) for f in FIELDS]
-
-
-class _RunConfigMethods:
-    """Methods of :class:`RunConfig` (its fields come from :data:`FIELDS`)."""
-
-    def validate(self) -> RunConfig:
-        """Coerce and check every field; the SLT must parse and have at least two tasks.
-        Raises a one-line ConfigError naming the field and the fix; returns the config."""
-        from masq.slt import parse_spec
-
-        for spec in FIELDS:
-            value = coerce(spec, getattr(self, spec.name))
-            if spec.kind in (int, float):
-                check_value(spec, value)
-        spec = parse_spec(self.slt)  # type: ignore[attr-defined]
-        if len(spec.task_classes) < 2:
-            raise ConfigError(
-                f"slt: a continual-learning run needs at least two tasks, got {self.slt!r}"  # type: ignore[attr-defined]
-            )
-        check_device_name(self.device)  # type: ignore[attr-defined]
-        if self.consolidation == Consolidation.MODE_IMM and self.importance == "none":  # type: ignore[attr-defined]
-            raise ConfigError(
-                "consolidation mode-imm needs an importance; use --importance fisher or masq "
-                "(or --consolidation mean-imm)"
-            )
-        if self.drop_p >= 1:  # type: ignore[attr-defined]
-            raise ConfigError(f"drop_p: must be < 1, got {self.drop_p!r}")  # type: ignore[attr-defined]
-        return self  # type: ignore[return-value]
-
-    @property
-    def n_tasks(self) -> int:
-        """T, the number of tasks of the SLT."""
-        from masq.slt import parse_spec
-
-        return len(parse_spec(self.slt).task_classes)  # type: ignore[attr-defined]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: Enum members as their values, tuples as lists."""
-        out: dict[str, Any] = {}
-        for spec in FIELDS:
-            value = getattr(self, spec.name)
-            if isinstance(value, Choice):
-                value = value.value
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[spec.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults; unknown keys and
-        values of the wrong type are a ConfigError."""
-        unknown = sorted(set(d) - set(FIELD))
-        if unknown:
-            raise ConfigError(f"config: unknown keys {unknown}; known keys: {sorted(FIELD)}")
-        return cls(**{k: coerce(FIELD[k], v) for k, v in d.items()})  # type: ignore[return-value]
-
-    def with_(self, **changes: Any) -> RunConfig:
-        """A copy with ``changes`` applied (values coerced to the fields' types)."""
-        unknown = sorted(set(changes) - set(FIELD))
-        if unknown:
-            raise ConfigError(f"config: unknown fields {unknown}; known: {sorted(FIELD)}")
-        coerced = {k: coerce(FIELD[k], v) for k, v in changes.items()}
-        return dataclasses.replace(self, **coerced)  # type: ignore[type-var]
-
-    def __post_init__(self) -> None:
-        for spec in FIELDS:  # Enum members and floats whatever was passed in
-            value = getattr(self, spec.name)
-            try:
-                value = coerce(spec, value)
-            except ConfigError:
-                continue  # reported by validate()
-            object.__setattr__(self, spec.name, value)
-
-
-RunConfig = dataclasses.make_dataclass(
-    "RunConfig",
-    _dataclass_fields(),
-    bases=(_RunConfigMethods,),
-    frozen=True,
-)
-RunConfig.__module__ = __name__  # so that pickling (worker processes, Ray) finds it
-RunConfig.__doc__ = (
-    "Everything that defines one run: T tasks of an SLT, task 1 at lr1 for iters1, every "
-    "later task at lr2 for iters2 with the consolidation of the tasks before it. One field per "
-    "entry of :data:`FIELDS` (name, type, default, help)."
-)
-
-
 # ----------------------------------------------------------------------------- one definition each
 
 LAM_DIGITS = 12  # λ = c / ε2 is rounded to this many significant digits (0.1 / 1e-3 -> 100.0)
@@ -453,45 +490,3 @@ def n_params(hidden: Sequence[int] | str, in_features: int = 784, classes: int =
     """The number of weights and biases of the MLP: Σ_l (w_l w_{l+1} + w_{l+1})."""
     widths = mlp_widths(hidden, in_features, classes)
     return sum(a * b + b for a, b in itertools.pairwise(widths))
-
-
-def method_label(values: Any, *, detailed: bool = False) -> str:
-    """A short human name of a run's consolidation, from a RunConfig or a mapping with its
-    fields: "no EWC" (λ = 0 or no importance), "EWC+FIM", "EWC+FIM (sampled)",
-    "EWC+MaSQ (mean)", "online EWC+MaSQ (sum)"; ``detailed`` adds B_MaSQ: "EWC+MaSQ (mean,
-    B=1000)"."""
-    get = values.get if isinstance(values, Mapping) else lambda k, d=None: getattr(values, k, d)
-    kind = str(get("importance"))
-    if str(get("consolidation", "ewc")) in IMM_METHODS:
-        return imm_label(values, detailed=detailed)
-    if kind == ImportanceKind.NONE or float(get("lam", 1.0)) == 0:
-        return "no EWC"
-    prefix = "online EWC" if str(get("consolidation", "ewc")) == Consolidation.ONLINE_EWC else "EWC"
-    if kind == ImportanceKind.FISHER:
-        labels = str(get("fisher_labels", "true"))
-        return f"{prefix}+FIM" + ("" if labels == FisherLabels.TRUE else f" ({labels})")
-    extra = f", B={int(get('masq_batch'))}" if detailed else ""
-    return f"{prefix}+MaSQ ({get('scale')}{extra})"
-
-
-def imm_label(values: Any, *, detailed: bool = False) -> str:
-    """The name of an IMM run: "mean-IMM", "mode-IMM+FIM", "mode-IMM+MaSQ (sum)", with the
-    transfer after a comma unless plain weight transfer: "mode-IMM+FIM, drop p=0.5",
-    "mean-IMM, L2 λ=0.001"; ``detailed`` adds B_MaSQ."""
-    get = values.get if isinstance(values, Mapping) else lambda k, d=None: getattr(values, k, d)
-    mode = str(get("consolidation")) == Consolidation.MODE_IMM
-    label = "mode-IMM" if mode else "mean-IMM"
-    kind = str(get("importance"))
-    if mode and kind == ImportanceKind.FISHER:
-        labels = str(get("fisher_labels", "true"))
-        label += "+FIM" + ("" if labels == FisherLabels.TRUE else f" ({labels})")
-    elif mode and kind == ImportanceKind.MASQ:
-        extra = f", B={int(get('masq_batch'))}" if detailed else ""
-        label += f"+MaSQ ({get('scale')}{extra})"
-    transfer = str(get("transfer", Transfer.WEIGHT))
-    parts = []
-    if transfer in (Transfer.L2, Transfer.L2_DROP):
-        parts.append(f"L2 λ={float(get('transfer_lam')):g}")
-    if transfer in (Transfer.DROP, Transfer.L2_DROP):
-        parts.append(f"drop p={float(get('drop_p')):g}")
-    return label + (", " + " + ".join(parts) if parts else "")

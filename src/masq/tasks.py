@@ -37,7 +37,10 @@ class Task:
 
     ``train``, ``val`` and ``test`` are pairs ``(x float32 [N, 784] in [0, 1], y int64 [N])``.
     ``permutation`` is the pixel permutation applied to every part (``x_perm = x[:, perm]``)
-    or ``None`` for unpermuted images.
+    or ``None`` for unpermuted images. A scenario (:func:`masq.scenarios.apply_scenario`) may
+    relabel the parts: ``labels`` are then the values ``y`` takes (class ``classes[i]`` is
+    label ``labels[i]``; None: the classes themselves), and ``units`` the output units the
+    task may use when its identity is given (task-incremental; None: every unit).
     """
 
     name: str
@@ -46,6 +49,8 @@ class Task:
     train: XY = field(repr=False)
     val: XY = field(repr=False)
     test: XY = field(repr=False)
+    labels: tuple[int, ...] | None = None
+    units: tuple[int, ...] | None = None
 
 
 def permutations(n_tasks: int, pixels: int, seed: int) -> list[Tensor | None]:

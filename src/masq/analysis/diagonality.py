@@ -12,8 +12,9 @@ P² − P off-diagonal entries and of their absolute values, and the ratios
     offdiag_abs_sum / diag_sum    the mass outside the diagonal per unit of mass on it;
     offdiag_abs_mean / diag_mean  a typical off-diagonal entry against a diagonal one.
 
-:func:`fisher_block` builds the whole block of a small tensor (for heat maps) from per-sample
-gradients (torch.func); its diagonal is :func:`masq.importance.fisher` of that tensor.
+:func:`fisher_block` builds the whole block of a small tensor (for heat maps) with
+:func:`masq.importance.blocks.fisher_block`; its diagonal is :func:`masq.importance.fisher` of
+that tensor.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 from masq import importance
 from masq import protocol as masq_protocol
 from masq.analysis.common import markdown, provenance, save_png, write_manifest, write_text
 from masq.config import RunConfig, hidden_text
 from masq.errors import ConfigError
+from masq.importance.blocks import fisher_block as build_fisher_block
 
 # The largest tensor whose whole block :func:`fisher_block` builds (P² float64: 128 MiB).
 MAX_BLOCK_PARAMS = 4096
@@ -116,10 +117,11 @@ def table2_markdown(table: pd.DataFrame, title: str = "") -> str:
 
 def fisher_block(model: nn.Module, x: Tensor, y: Tensor, name: str, *, chunk: int = 500) -> Tensor:
     """The whole empirical Fisher block F = (1/N) Σ_n g_n g_nᵀ (float64, P × P, entries in the
-    tensor's row-major order) of tensor ``name``, from per-sample gradients of the per-sample
-    cross-entropy (torch.func, ``chunk`` samples at a time), the model in eval mode (restored
-    after). For tensors of at most :data:`MAX_BLOCK_PARAMS` entries."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    tensor's row-major order) of tensor ``name``, g_n the gradient of sample n's cross-entropy:
+    :func:`masq.importance.blocks.fisher_block` over (x, y) in batches of ``chunk`` samples (the
+    model in eval mode, handed back as it was). For tensors of at most :data:`MAX_BLOCK_PARAMS`
+    entries."""
+    params = dict(model.named_parameters())
     if name not in params:
         raise ConfigError(f"unknown tensor {name!r}; valid names: {', '.join(params)}")
     size = params[name].numel()
@@ -130,23 +132,7 @@ def fisher_block(model: nn.Module, x: Tensor, y: Tensor, name: str, *, chunk: in
         )
     if len(x) == 0:
         raise ConfigError("no samples; pass at least one (x, y) pair")
-    buffers = dict(model.named_buffers())
-
-    def loss_one(p: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
-        logits = functional_call(model, ({**params, name: p}, buffers), (xi[None],))
-        return importance.cross_entropy(logits, yi[None])[0]
-
-    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    block = torch.zeros(size, size, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        for s in range(0, len(x), chunk):
-            g = per_sample(params[name], x[s : s + chunk], y[s : s + chunk]).flatten(1).double()
-            block.addmm_(g.T, g)
-    finally:
-        model.train(was_training)
-    return block / len(x)
+    return build_fisher_block(model, importance.batches(x, y, chunk), name)
 
 
 def heatmap_figure(blocks: Mapping[str, Tensor], *, title: str = "") -> Figure:

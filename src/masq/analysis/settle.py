@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 
 from masq.analysis.common import fmt, markdown
-from masq.config import FIELD, hidden_text, method_label, round_sig
+from masq.config import FIELD, hidden_text, round_sig
+from masq.consolidation import method_label
 from masq.errors import ConfigError
 from masq.grid import expand, grid_from_mapping
 from masq.grid.spec import AXIS_FIELDS

@@ -25,7 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from masq.analysis.common import markdown, provenance, save_png, write_manifest, write_text
-from masq.config import RunConfig, lam_per_lr2, method_label, round_sig
+from masq.config import RunConfig, lam_per_lr2, round_sig
+from masq.consolidation import method_label
 from masq.errors import ConfigError
 from masq.grid import expand, grid_from_mapping, load_preset
 from masq.runid import run_id
@@ -101,7 +102,7 @@ def sweep_configs(grids: Sequence[Any]) -> list[RunConfig]:
 def sweep_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Per (slt, hidden, lr2, method, λ) over seeds: ``best_mean``, ``best_std``,
     ``last_mean``, ``last_std`` (accuracy on the union of all tasks during the final phase)
-    and ``seeds``; ``method`` is :func:`masq.config.method_label` ("no EWC" for λ = 0)."""
+    and ``seeds``; ``method`` is :func:`masq.consolidation.method_label` ("no EWC" for λ = 0)."""
     if df.empty:
         raise ConfigError("no stored runs for the λ sweep; run `masq analyze lambda` first")
     data = df.assign(method=[method_label(r) for r in df.to_dict("records")])

@@ -15,7 +15,8 @@ from typing import Any
 
 from masq import protocol
 from masq.cli.options import add_run_flags, check_consistent, given, hidden_from_tokens
-from masq.config import ImportanceKind, RunConfig, hidden_text, lam_per_lr2, method_label
+from masq.config import RunConfig, hidden_text, lam_per_lr2
+from masq.consolidation import check_config, get_method, method_label
 from masq.curves import task_name, union_name
 from masq.errors import ConfigError
 from masq.fileio import atomic_write, error_text, rescue, rescue_dir
@@ -114,16 +115,17 @@ def config_from_args(args: argparse.Namespace, **changes: Any) -> RunConfig:
     if args.iters is not None:
         values.setdefault("iters1", args.iters)
         values.setdefault("iters2", args.iters)
-    ewc_family = values.get("consolidation", "ewc") in ("ewc", "online-ewc")
-    if "lam" not in values and ewc_family and values.get("importance") == ImportanceKind.NONE:
+    # methods that read λ (EWC and online EWC, or one of yours): λ = 0 means no consolidation
+    ewc_family = "lam" in get_method(values.get("consolidation", "ewc")).fields
+    if "lam" not in values and ewc_family and values.get("importance") == "none":
         values["lam"] = 0.0  # no EWC: not λ = 1 / lr2 printed beside "no EWC"
     elif "lam" not in values:
         lr2 = values["lr2"]
         ok = isinstance(lr2, float) and lr2 > 0 and lr2 != float("inf")
         values["lam"] = lam_per_lr2(1.0, lr2) if ok else 0.0  # a bad lr2 is reported below
     elif values["lam"] == 0 and ewc_family and "importance" not in values and not compare:
-        values["importance"] = ImportanceKind.NONE  # --lam 0: no importance pass, no EWC
-    config = RunConfig().with_(**values).with_(**changes).validate()
+        values["importance"] = "none"  # --lam 0: no importance pass, no EWC
+    config = check_config(RunConfig().with_(**values).with_(**changes))
     check_consistent(config, names, compare=compare)
     return config
 
@@ -365,7 +367,7 @@ def write_tensorboard(results: Mapping[str, Result], directory: Path) -> None:
 
 def run_stem(config: RunConfig) -> str:
     """A file-name stem naming a run, e.g. D5-5_800-800_masq-mean_lr2-1e-05_lam-100000_seed0."""
-    method = config.importance.value
+    method = str(config.importance)
     if method == "masq":
         method = f"masq-{config.scale}"
     elif method == "fisher" and config.fisher_labels != "true":

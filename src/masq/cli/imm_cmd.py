@@ -31,12 +31,14 @@ from masq.cli.experiment_cmd import (
     text_table,
 )
 from masq.cli.options import add_run_flags
-from masq.config import Consolidation, ImportanceKind, RunConfig, hidden_text, method_label
+from masq.config import RunConfig, hidden_text
+from masq.consolidation import method_label
+from masq.consolidation.imm import SHARE
 from masq.curves import VAL, task_name, union_name
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
 from masq.grid import canonical
-from masq.protocol import imm as imm_protocol
+from masq.importance import get_measure
 from masq.protocol.result import Result
 from masq.report.figures import STYLES, save_figure
 from masq.runtime import check_out_dir, resolve_device, setup_threads
@@ -88,10 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def imm_configs(base: RunConfig) -> tuple[RunConfig, RunConfig]:
     """(mean-IMM, mode-IMM) configs of ``base``, canonical as in a grid (same run ids)."""
-    if base.importance == ImportanceKind.NONE:
+    if not get_measure(base.importance).gives_importance:
         raise ConfigError("masq imm: mode-IMM needs an importance; use --importance fisher or masq")
-    mean = canonical(base.with_(consolidation=Consolidation.MEAN_IMM).validate())
-    mode = canonical(base.with_(consolidation=Consolidation.MODE_IMM).validate())
+    mean = canonical(base.with_(consolidation="mean-imm").validate())
+    mode = canonical(base.with_(consolidation="mode-imm").validate())
     return mean, mode
 
 
@@ -102,13 +104,11 @@ def run_pair(
     mean, mode = imm_configs(base)
     tasks = protocol.make_tasks(mode, data_dir=data_dir)
     d1 = protocol.train_first(mode, tasks, progress=progress)
-    trained = imm_protocol.train_sequence(mode, d1, tasks, progress=progress)
     imp, seconds = protocol.compute_importance(mode, d1, tasks)
-    out = {}
-    for config, first, s in ((mean, None, 0.0), (mode, imp, seconds)):
-        result = imm_protocol.continue_imm(config, d1, first, tasks, s, trained=trained)
-        out[method_label(config)] = result
-    return out
+    results = protocol.continue_runs(
+        [mean, mode], d1, [({}, 0.0), (imp, seconds)], tasks, progress=progress
+    )
+    return {method_label(r.config): r for r in results}
 
 
 def summary_rows(results: Mapping[str, Result]) -> list[dict[str, Any]]:
@@ -132,7 +132,7 @@ def summary_rows(results: Mapping[str, Result]) -> list[dict[str, Any]]:
 
 
 def _imm(args: argparse.Namespace) -> int:
-    base = config_from_args(args, consolidation=Consolidation.MEAN_IMM)  # both: run_pair
+    base = config_from_args(args, consolidation="mean-imm")  # both: run_pair
     setup_threads(args.threads)
     resolve_device(base.device)
     out = check_out_dir(args.out or f"results/imm-{_safe(base.slt)}")
@@ -141,7 +141,7 @@ def _imm(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     written = []
     for result in results.values():
-        stem = run_stem(result.config) + f"_{result.config.consolidation.value}"
+        stem = run_stem(result.config) + f"_{result.config.consolidation}"
         written.append(result.save(out / f"{stem}.json"))
     rows = summary_rows(results)
     written.append(atomic_write(out / "imm.md", markdown_table(rows) + "\n"))
@@ -159,7 +159,7 @@ def _imm(args: argparse.Namespace) -> int:
 
 def _plot_sweep(ax: Axes, sweep: Mapping[str, Sequence[float]], n: int, style: Any, label: str):
     colour, line = style
-    x = sweep[imm_protocol.SHARE]
+    x = sweep[SHARE]
     union = union_name(n)
     ax.plot(x, sweep[union], color=colour, linestyle=line, label=f"{label}: {union}")
     for j in range(n):
@@ -207,7 +207,7 @@ def mean_sweeps(root: str | Path) -> dict[str, dict[tuple[str, str], dict[str, l
         slot = out.setdefault(config.slt, {}).setdefault((transfer, method), {})
         n = config.n_tasks
         sweep = record["imm"]["sweep"]
-        for key in (imm_protocol.SHARE, union_name(n), VAL + union_name(n)):
+        for key in (SHARE, union_name(n), VAL + union_name(n)):
             slot.setdefault(key, []).append(sweep[key])  # type: ignore[arg-type]
         slot.setdefault("val_share", []).append(record["imm"]["val_selected"]["share"])
     return {slt: {k: _mean(v) for k, v in d.items()} for slt, d in out.items()}
@@ -247,7 +247,7 @@ def report_figure(slt: str, sweeps: Mapping[tuple[str, str], Mapping[str, Any]])
             if s is None:
                 continue
             union = next(k for k in s if "∪" in k and not k.startswith(VAL))
-            x, y = s[imm_protocol.SHARE], s[union]
+            x, y = s[SHARE], s[union]
             colour, line = styles[method]
             seeds = f"{s['seeds']} seed" + ("s" if s["seeds"] > 1 else "")
             ax.plot(x, y, color=colour, linestyle=line, label=f"{method} ({seeds})")
@@ -271,7 +271,7 @@ def _report(args: argparse.Namespace) -> int:
         written.append(save_figure(report_figure(slt, by), out / f"imm_alpha_{_safe(slt)}.png"))
         for (transfer, method), s in sorted(by.items()):
             union = next(k for k in s if "∪" in k and not k.startswith(VAL))
-            for i, share in enumerate(s[imm_protocol.SHARE]):
+            for i, share in enumerate(s[SHARE]):
                 rows.append(
                     {
                         "slt": slt,

@@ -17,22 +17,20 @@ from masq.config import (
     FIELD,
     FIELDS,
     HIDDEN_HELP,
-    IMM_METHODS,
     IMPORTANCE_FIELDS,
-    RELEVANT_IMPORTANCE_FIELDS,
     Choice,
-    Consolidation,
     FieldSpec,
     Hidden,
-    ImportanceKind,
     Stage,
     Transfer,
     parse_hidden,
 )
+from masq.consolidation import METHOD_FIELDS, METHODS, get_method, method_names
 from masq.errors import ConfigError
+from masq.importance import MEASURES, get_measure, measure_names
 
 # Short spellings accepted for choices on the command line.
-ALIASES: dict[str, str] = {"online": Consolidation.ONLINE_EWC.value, "plain": "ewc"}
+ALIASES: dict[str, str] = {"online": "online-ewc", "plain": "ewc"}
 # Extra names of some flags (kept for the commands' history and the issue's spelling).
 EXTRA_NAMES: dict[str, tuple[str, ...]] = {"consolidation": ("--ewc",)}
 GRID_EXTRA_NAMES: dict[str, tuple[str, ...]] = {"seed": ("--seed-list",)}
@@ -59,16 +57,30 @@ def dest(spec: FieldSpec) -> str:
     return f"cfg_{spec.name}"
 
 
-def _choice_type(kind: type[Choice]) -> Any:
+def _choice_type(kind: type[Choice] | str) -> Any:
     def parse(text: str) -> str:
         return ALIASES.get(text, text)
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = kind if isinstance(kind, str) else kind.__name__
     return parse
 
 
+def registered(spec: FieldSpec) -> tuple[str, ...]:
+    """The names a registry field takes: the measures for ``importance``, the methods for
+    ``consolidation`` (built-in and registered by your code); () for other fields."""
+    if spec.registry == "measure":
+        return measure_names()
+    if spec.registry == "method":
+        return method_names()
+    return ()
+
+
+def _is_choice(spec: FieldSpec) -> bool:
+    return bool(spec.registry) or (isinstance(spec.kind, type) and issubclass(spec.kind, Choice))
+
+
 def _help(spec: FieldSpec, default: Any) -> str:
-    if isinstance(spec.kind, type) and issubclass(spec.kind, Choice):
+    if _is_choice(spec):
         shown = default.value if isinstance(default, Choice) else default
         return f"{spec.help} (default: {shown})"
     if spec.kind is Hidden:
@@ -99,8 +111,10 @@ def add_run_flags(
             group.add_argument(*names, action="store_true", **kw)
         elif spec.kind is Hidden:  # "*": a bare or repeated value is a one-line error
             group.add_argument(*names, nargs="*", metavar="ARCH", **kw)
-        elif isinstance(spec.kind, type) and issubclass(spec.kind, Choice):
-            group.add_argument(*names, type=_choice_type(spec.kind), metavar="V", **kw)
+        elif _is_choice(spec):
+            group.add_argument(
+                *names, type=_choice_type(spec.registry or spec.kind), metavar="V", **kw
+            )
         else:
             group.add_argument(*names, type=spec.kind, metavar="V", **kw)
 
@@ -121,9 +135,12 @@ def add_grid_flags(parser: argparse.ArgumentParser) -> None:
         elif spec.kind is Hidden:
             kw["help"] = GRID_HIDDEN_HELP
             group.add_argument(*names, nargs="+", metavar="ARCH", **kw)
-        elif isinstance(spec.kind, type) and issubclass(spec.kind, Choice):
-            kw["help"] = f"{spec.help}; values: {', '.join(spec.kind.values())}"
-            group.add_argument(*names, nargs="+", type=_choice_type(spec.kind), metavar="V", **kw)
+        elif _is_choice(spec):
+            values = registered(spec) or spec.kind.values()  # type: ignore[attr-defined]
+            kw["help"] = f"{spec.help}; values: {', '.join(values)}"
+            group.add_argument(
+                *names, nargs="+", type=_choice_type(spec.registry or spec.kind), metavar="V", **kw
+            )
         else:
             group.add_argument(*names, nargs="+", type=spec.kind, metavar="V", **kw)
 
@@ -157,17 +174,13 @@ def hidden_from_tokens(tokens: Sequence[str]) -> tuple[int, ...]:
 
 
 # The importance kinds an importance setting belongs to (for the message that refuses it).
-IMPORTANCE_OWNER: dict[str, str] = {
-    "scale": "--importance masq",
-    "fisher_labels": "--importance fisher",
-    "masq_batch": "--importance masq or fisher",
-}
-
-
 def _flag_value(config: Any, name: str) -> str:
     """``--scale sum``: a flag with the value the run would record."""
     value = getattr(config, name)
-    shown = value.value if isinstance(value, Choice) else f"{value:g}"
+    if isinstance(value, Choice):
+        shown = value.value
+    else:
+        shown = value if isinstance(value, str) else f"{value:g}"
     return f"{FIELD[name].flag} {shown}"
 
 
@@ -185,10 +198,9 @@ def check_consistent(config: Any, names: Collection[str], *, compare: bool = Fal
     drop-transfer and ``--transfer-lam`` L2-transfer.
     """
     given = set(names)
-    kind = config.importance
-    ewc_family = config.consolidation in (Consolidation.EWC, Consolidation.ONLINE_EWC)
-    if not ewc_family:
-        pass  # other consolidations (IMM) use λ and the importance their own way
+    method, measure = get_method(config.consolidation), get_measure(config.importance)
+    if "lam" not in method.fields:
+        pass  # methods without λ (IMM) use the importance their own way
     elif compare:
         if "lam" in given and config.lam == 0:
             raise ConfigError(
@@ -196,69 +208,73 @@ def check_consistent(config: Any, names: Collection[str], *, compare: bool = Fal
                 "it out: 1 / lr2)"
             )
     else:
-        if {"lam", "importance"} <= given and kind != ImportanceKind.NONE and config.lam == 0:
+        without = not measure.gives_importance
+        if {"lam", "importance"} <= given and not without and config.lam == 0:
             raise ConfigError(
                 f"--lam 0 turns EWC off, so {_flag_value(config, 'importance')} has no effect; "
                 "give --lam > 0, or --importance none for a run without EWC"
             )
-        if "lam" in given and kind == ImportanceKind.NONE and config.lam != 0:
+        if "lam" in given and without and config.lam != 0:
             raise ConfigError(
-                f"{_flag_value(config, 'lam')} has no effect with --importance none (no EWC); "
-                "drop --lam, or choose --importance fisher or masq"
+                f"{_flag_value(config, 'lam')} has no effect with "
+                f"{_flag_value(config, 'importance')} (no EWC); drop --lam, or choose an "
+                "importance measure"
             )
-        off = kind == ImportanceKind.NONE or config.lam == 0
-        said_none = kind == ImportanceKind.NONE and "importance" in given
-        why = "--importance none (no EWC)" if said_none else "--lam 0 (no EWC)"
-        used = () if off else RELEVANT_IMPORTANCE_FIELDS[kind]
-        if kind == ImportanceKind.FISHER and not off:
-            used = (*used, "masq_batch")  # the batch size of the FIM's pass too
+        off = without or config.lam == 0
+        said_none = without and "importance" in given
+        why = f"{_flag_value(config, 'importance')} (no EWC)" if said_none else "--lam 0 (no EWC)"
+        used = () if off else measure.uses
         for name in IMPORTANCE_FIELDS:
             if name == "importance" or name not in given or name in used:
                 continue
             context = why if off else _flag_value(config, "importance")
-            owner = IMPORTANCE_OWNER.get(name, "an importance that uses it")
             raise ConfigError(
                 f"{_flag_value(config, name)} has no effect with {context}; drop it, or use "
-                f"{owner}" + (" and --lam > 0" if config.lam == 0 else "")
+                f"{_owners_of_importance_field(name)}"
+                + (" and --lam > 0" if config.lam == 0 else "")
             )
-        if off and "consolidation" in given and config.consolidation == Consolidation.ONLINE_EWC:
+        if off and "consolidation" in given and method.name != "ewc":
             raise ConfigError(
-                f"--consolidation online-ewc has no effect with {why}; drop it, or choose an "
-                "importance and λ > 0"
+                f"{_flag_value(config, 'consolidation')} has no effect with {why}; drop it, or "
+                "choose an importance and λ > 0"
             )
-    _check_imm(config, given)
-    if "gamma" in given and config.consolidation != Consolidation.ONLINE_EWC:
-        raise ConfigError(
-            f"{_flag_value(config, 'gamma')} only applies to online EWC; add --consolidation "
-            "online-ewc (or --ewc online), or drop --gamma"
-        )
+    _check_method_fields(config, given)
 
 
-# IMM settings and the transfers that use them (the others: every IMM run).
-IMM_FIELDS: tuple[str, ...] = ("transfer", "transfer_lam", "drop_p", "alpha_step")
+def _owners_of_importance_field(name: str) -> str:
+    """``--importance masq or fisher``: the measures that use importance field ``name``."""
+    owners = [m.name for m in MEASURES.values() if name in m.uses]
+    return "--importance " + " or ".join(owners) if owners else "a measure that uses it"
+
+
+# The transfers that use an IMM setting (the others: every IMM run).
 TRANSFER_USERS: dict[str, tuple[Transfer, ...]] = {
     "drop_p": (Transfer.DROP, Transfer.L2_DROP),
     "transfer_lam": (Transfer.L2, Transfer.L2_DROP),
 }
 
 
-def _check_imm(config: Any, given: Collection[str]) -> None:
-    """One-line ConfigError when an IMM setting is given where it has no effect."""
-    if config.consolidation not in IMM_METHODS:
-        for name in IMM_FIELDS:
-            if name in given:
-                raise ConfigError(
-                    f"{_flag_value(config, name)} only applies to IMM; drop it, or use "
-                    "--consolidation mean-imm or mode-imm (or masq imm)"
-                )
-        return
-    for name, users in TRANSFER_USERS.items():
-        if name in given and config.transfer not in users:
+def _check_method_fields(config: Any, given: Collection[str]) -> None:
+    """One-line ConfigError when a method setting (:data:`masq.consolidation.METHOD_FIELDS`:
+    γ, the IMM transfer settings, ...) is given where the run's method does not read it."""
+    method = get_method(config.consolidation)
+    for name in METHOD_FIELDS:
+        if name not in given or name == "lam" or name in method.reads(config):
+            continue
+        users = TRANSFER_USERS.get(name)
+        if name in method.fields and users and config.transfer not in users:
             wanted = " or ".join(t.value for t in users)
             raise ConfigError(
                 f"{_flag_value(config, name)} has no effect with --transfer "
                 f"{config.transfer.value}; drop it, or use --transfer {wanted}"
             )
+        owners = [m for m in METHODS.values() if name in m.fields]
+        families = " or ".join(dict.fromkeys(m.family or m.name for m in owners))
+        names = " or ".join(m.name for m in owners)
+        raise ConfigError(
+            f"{_flag_value(config, name)} only applies to {families}; drop it, or use "
+            f"--consolidation {names}"
+        )
 
 
 def add_execution_flags(p: argparse.ArgumentParser) -> None:

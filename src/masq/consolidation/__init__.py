@@ -1,6 +1,48 @@
-"""Consolidation of earlier tasks: :mod:`masq.consolidation.ewc` (anchors, the EWC penalty,
-online EWC's running importance)."""
+"""Consolidation of earlier tasks: the penalty kernel (:mod:`~masq.consolidation.penalty`),
+the registry of methods (:mod:`~masq.consolidation.registry`) and the methods, each one module
+that registers itself: EWC and online EWC (:mod:`~masq.consolidation.ewc`), mean- and
+mode-IMM (:mod:`~masq.consolidation.imm`)."""
 
+from masq.consolidation import (
+    ewc,
+    imm,  # registers mean-imm, mode-imm
+)
 from masq.consolidation.ewc import Anchor, anchor, online_importance, penalty
+from masq.consolidation.penalty import Penalty, QuadraticPenalty
+from masq.consolidation.registry import (
+    METHOD_FIELDS,
+    METHODS,
+    EndResult,
+    Method,
+    PhaseContext,
+    PhasePlan,
+    canonical,
+    check_config,
+    get_method,
+    method_label,
+    method_names,
+    register_method,
+)
 
-__all__ = ["Anchor", "anchor", "online_importance", "penalty"]
+__all__ = [
+    "METHODS",
+    "METHOD_FIELDS",
+    "Anchor",
+    "EndResult",
+    "Method",
+    "Penalty",
+    "PhaseContext",
+    "PhasePlan",
+    "QuadraticPenalty",
+    "anchor",
+    "canonical",
+    "check_config",
+    "ewc",
+    "get_method",
+    "imm",
+    "method_label",
+    "method_names",
+    "online_importance",
+    "penalty",
+    "register_method",
+]

@@ -24,11 +24,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from masq.config import RunConfig
+from masq.consolidation.penalty import QuadraticPenalty, quadratic_value
+from masq.consolidation.registry import Method, PhaseContext, PhasePlan, register_method
 from masq.errors import ConfigError
+from masq.importance import Importance, Measure, get_measure
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,7 +101,8 @@ def anchor(model: nn.Module, importance: Mapping[str, Tensor]) -> Anchor:
 def penalty(model: nn.Module, anchors: Anchor | Sequence[Anchor], lam: float) -> Tensor:
     """(lambda / 2) * sum over anchors a, tensors i, entries k of F^a_ik (theta_ik - theta*^a_ik)^2.
 
-    A scalar tensor on the model's device, differentiable with respect to the parameters.
+    A scalar tensor on the model's device, differentiable with respect to the parameters
+    (:func:`masq.consolidation.penalty.quadratic_value`, the kernel's one definition).
     ``lam`` must be finite and >= 0; every anchor must hold the model's parameter names with
     the model's shapes (a net of the same depth but other widths is an error, naming the
     tensor).
@@ -111,7 +117,6 @@ def penalty(model: nn.Module, anchors: Anchor | Sequence[Anchor], lam: float) ->
     if not anchor_list:
         raise ConfigError("penalty: no anchors given; pass at least one Anchor")
     named = dict(model.named_parameters())
-    terms: list[Tensor] = []
     for a in anchor_list:
         if set(named) != set(a.params):
             raise ConfigError(
@@ -124,9 +129,7 @@ def penalty(model: nn.Module, anchors: Anchor | Sequence[Anchor], lam: float) ->
                     f"penalty: anchor tensor {name!r} has shape {tuple(a.params[name].shape)}, "
                     f"the model's {tuple(theta.shape)}; anchor a model of this architecture"
                 )
-            diff = theta - a.params[name]
-            terms.append((a.importance[name] * diff * diff).sum())
-    return (0.5 * lam) * torch.stack(terms).sum()
+    return quadratic_value(named, [(a.params, a.importance) for a in anchor_list], lam)
 
 
 def _diff(a: Mapping[str, object], b: Mapping[str, object], name_a: str, name_b: str) -> str:
@@ -151,3 +154,114 @@ def online_importance(
             f"online EWC: importance keys changed ({_diff(running, new, 'running', 'new')})"
         )
     return {k: gamma * running[k] + new[k].detach() for k in new}
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+class EWC(Method):
+    """EWC (Kirkpatrick et al. 2017): one anchor per earlier task, penalties summed,
+
+        L_t(θ) = CE_t(θ) + Σ_{s<t} (λ/2) Σ_k F^s_k (θ_k − θ^s_k)²,
+
+    θ^s the state at the end of phase s and F^s its importance (on task s's own training data,
+    computed then). λ = 0 or a measure without importance is plain fine-tuning ("no EWC")."""
+
+    name = "ewc"
+    family = "EWC"
+    fields = ("lam",)
+    stackable = True
+    description = "one anchor per earlier task, penalties summed (Kirkpatrick et al. 2017)"
+    prefix = "EWC"
+
+    def label(self, values: Mapping[str, Any], measure: Measure, detailed: bool) -> str:
+        if not measure.gives_importance or float(values.get("lam", 1.0)) == 0:
+            return "no EWC"
+        text = measure.text(values, detailed)
+        if measure.standalone:
+            return text if self.prefix == "EWC" else f"online {text}"
+        return f"{self.prefix}+{text}"
+
+    def canonical(self, config: RunConfig) -> dict[str, Any]:
+        if config.lam == 0 or not get_measure(config.importance).gives_importance:
+            return {"importance": "none", "lam": 0.0, "consolidation": "ewc"}
+        if config.n_tasks == 2:  # one anchor: online EWC is EWC
+            return {"consolidation": "ewc"}
+        return {}
+
+    def wants_importance(self, config: RunConfig, phase: int) -> bool:
+        # task 1's pass always (a grid caches it; "none" gives {} at no cost), later ones
+        # only where a penalty will use them
+        if phase == 0:
+            return True
+        gives = get_measure(config.importance).gives_importance
+        return gives and config.lam > 0 and phase < config.n_tasks - 1
+
+    def init(self, config: RunConfig) -> list[Anchor]:
+        return []
+
+    def before_phase(
+        self,
+        config: RunConfig,
+        state: list[Anchor],
+        model: nn.Module,
+        phase: int,
+        ctx: PhaseContext,
+    ) -> PhasePlan:
+        if not state or config.lam <= 0:
+            return PhasePlan()
+        return PhasePlan(penalty=QuadraticPenalty(model, state, config.lam))
+
+    def after_phase(
+        self,
+        config: RunConfig,
+        state: list[Anchor],
+        model: nn.Module,
+        importance: Importance | None,
+        phase: int,
+    ) -> list[Anchor]:
+        if importance is None:  # no importance taken (no measure, or a diverged state)
+            return state
+        return [*state, anchor(model, importance)]  # an empty or partial one is an error
+
+
+class OnlineEWC(EWC):
+    """Online EWC (Schwarz et al. 2018): one running importance F̃ <- γ F̃ + F^t and the
+    latest anchor, L_t(θ) = CE_t(θ) + (λ/2) Σ_k F̃_k (θ_k − θ^{t−1}_k)². With two tasks it is
+    EWC (and canonicalised to it)."""
+
+    name = "online-ewc"
+    family = "online EWC"
+    fields = ("lam", "gamma")
+    description = "one running importance F <- γF + F_t, the latest anchor (Schwarz et al. 2018)"
+    prefix = "online EWC"
+
+    def init(self, config: RunConfig) -> tuple[dict[str, Tensor] | None, list[Anchor]]:  # type: ignore[override]
+        return None, []
+
+    def before_phase(  # type: ignore[override]
+        self,
+        config: RunConfig,
+        state: tuple[dict[str, Tensor] | None, list[Anchor]],
+        model: nn.Module,
+        phase: int,
+        ctx: PhaseContext,
+    ) -> PhasePlan:
+        return super().before_phase(config, state[1], model, phase, ctx)
+
+    def after_phase(  # type: ignore[override]
+        self,
+        config: RunConfig,
+        state: tuple[dict[str, Tensor] | None, list[Anchor]],
+        model: nn.Module,
+        importance: Importance | None,
+        phase: int,
+    ) -> tuple[dict[str, Tensor] | None, list[Anchor]]:
+        if importance is None:
+            return state
+        running = online_importance(state[0], importance, config.gamma)
+        return running, [anchor(model, running)]
+
+
+register_method(EWC())
+register_method(OnlineEWC())

@@ -25,12 +25,22 @@ unit; here per parameter entry), with E[θ_eff] = θ: training sees θ_eff, eval
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
+from masq.config import FIRST_FIELDS, RunConfig, Transfer
+from masq.consolidation.ewc import Anchor
+from masq.consolidation.penalty import QuadraticPenalty
+from masq.consolidation.registry import EndResult, Method, PhaseContext, PhasePlan, register_method
+from masq.curves import VAL, task_name, union_name
 from masq.errors import ConfigError
+from masq.importance import Importance, Measure
 
 Params = Mapping[str, Tensor]
 DEFAULT_EPS = 1e-8  # relative to the mean importance (module docstring)
@@ -169,13 +179,259 @@ def share_alphas(n_tasks: int, share: float) -> list[float]:
     return [rest] * (n_tasks - 1) + [share]
 
 
+# ----------------------------------------------------------------------------- the methods
+
+SHARE = "share"  # the sweep's axis: α of the last task
+POINTS: tuple[tuple[str, str], ...] = (
+    ("val_selected", "merged_val"),
+    ("test_best", "merged"),
+    ("uniform", "merged_uniform"),
+)
+
+
+def drop_stream(phase: int) -> str:
+    """The drop-transfer mask stream of phase ``phase`` (0-based): "d2-drop", ..."""
+    return f"d{phase + 1}-drop"
+
+
+class DropTransferNet(nn.Module):
+    """``net`` trained with drop-transfer towards ``previous``: in training mode the forward
+    pass uses θ_eff = θ_prev + m ⊙ (θ − θ_prev) / (1 − p) with a fresh mask per call (from
+    ``generator``); in eval mode it is ``net`` itself. Its parameters are ``net``'s."""
+
+    def __init__(
+        self, net: nn.Module, previous: Mapping[str, Tensor], p: float, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.p = float(p)
+        self.previous = dict(previous)
+        self.generator = generator
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return self.net(x)
+        params = dict(self.net.named_parameters())
+        effective = drop_transfer(params, self.previous, self.p, self.generator)
+        return functional_call(self.net, effective, (x,))
+
+
+def sweep_shares(alpha_step: float, n_tasks: int) -> list[float]:
+    """The shares s of the last task to evaluate: :func:`shares` of ``alpha_step`` and, for
+    T > 2, the uniform 1/T."""
+    values = shares(alpha_step)
+    if n_tasks > 2:
+        values = sorted({*values, 1.0 / n_tasks})
+    return values
+
+
+def argmax(values: Sequence[float]) -> int:
+    """The index of the largest value (NaNs ignored; the earliest on ties)."""
+    finite = [i for i, v in enumerate(values) if not math.isnan(v)] or list(range(len(values)))
+    return max(finite, key=lambda i: (values[i], -i))
+
+
+def sweep_points(sweep: Mapping[str, Sequence[float]], n_tasks: int) -> dict[str, dict]:
+    """The labelled points of a sweep: "val_selected" (max of the validation union),
+    "test_best" (max of the test union), "uniform" (share 1/T, or the nearest share)."""
+    union = union_name(n_tasks)
+    values = sweep[SHARE]
+    uniform = min(range(len(values)), key=lambda i: abs(values[i] - 1.0 / n_tasks))
+    index = {
+        "val_selected": argmax(sweep[VAL + union]),
+        "test_best": argmax(sweep[union]),
+        "uniform": uniform,
+    }
+    return {label: {k: v[i] for k, v in sweep.items()} for label, i in index.items()}
+
+
+def imm_metrics(points: Mapping[str, Mapping[str, float]], n_tasks: int) -> dict[str, float]:
+    """The scalars of the labelled points: ``merged_val.*`` (val-selected α), ``merged.*``
+    (test-best α), ``merged_uniform.*``, each with ``.union``, ``.D1``... and ``.alpha``, plus
+    ``merged_val.val_union``."""
+    union = union_name(n_tasks)
+    out: dict[str, float] = {}
+    for label, prefix in POINTS:
+        p = points[label]
+        out[f"{prefix}.union"] = p[union]
+        out |= {f"{prefix}.{task_name(j)}": p[task_name(j)] for j in range(n_tasks)}
+        out[f"{prefix}.alpha"] = p[SHARE]
+    out["merged_val.val_union"] = points["val_selected"][VAL + union]
+    return out
+
+
+@dataclass
+class IMMState:
+    """The solutions θ_1..θ_t (CPU state dicts) and, for mode-IMM, their importances."""
+
+    states: list[dict[str, Tensor]] = field(default_factory=list)
+    importances: list[dict[str, Tensor]] = field(default_factory=list)
+
+
+class MeanIMM(Method):
+    """Mean-IMM (Lee et al. 2017): train on (weight transfer, optionally L2- and/or
+    drop-transfer towards θ_{t−1}), then merge θ = Σ_k α_k θ_k, swept over the share s of the
+    last task (α_T = s, the others (1 − s)/(T − 1)) and, for T > 2, the uniform α = 1/T; each
+    merge is evaluated on every task's test and validation set and their unions. The record
+    gets ``imm``: the sweep and the points "val_selected", "test_best" and "uniform"."""
+
+    name = "mean-imm"
+    family = "IMM"
+    fields = ("transfer", "alpha_step", "transfer_lam", "drop_p")
+    record_key = "imm"
+    description = "train on, then merge θ = Σ α_k θ_k (Lee et al. 2017)"
+
+    def reads(self, config: RunConfig) -> tuple[str, ...]:
+        l2 = config.transfer in (Transfer.L2, Transfer.L2_DROP)
+        drop = config.transfer in (Transfer.DROP, Transfer.L2_DROP)
+        return ("transfer", "alpha_step", *(("transfer_lam",) if l2 else ()),
+                *(("drop_p",) if drop else ()))  # fmt: skip
+
+    def label(self, values: Mapping[str, Any], measure: Measure, detailed: bool) -> str:
+        label = "mode-IMM" if self.name == "mode-imm" else "mean-IMM"
+        if self.name == "mode-imm" and measure.gives_importance:
+            label += "+" + measure.text(values, detailed)
+        transfer = str(values.get("transfer", Transfer.WEIGHT.value))
+        parts = []
+        if transfer in (Transfer.L2, Transfer.L2_DROP):
+            parts.append(f"L2 λ={float(values['transfer_lam']):g}")
+        if transfer in (Transfer.DROP, Transfer.L2_DROP):
+            parts.append(f"drop p={float(values['drop_p']):g}")
+        return label + (", " + " + ".join(parts) if parts else "")
+
+    def canonical(self, config: RunConfig) -> dict[str, Any]:
+        return {"importance": "none"}  # mean-IMM merges without an importance
+
+    def init(self, config: RunConfig) -> IMMState:
+        return IMMState()
+
+    def before_phase(
+        self, config: RunConfig, state: IMMState, model: nn.Module, phase: int, ctx: PhaseContext
+    ) -> PhasePlan:
+        previous = {k: v.detach().clone() for k, v in model.named_parameters()}
+        penalty = None
+        if config.transfer in (Transfer.L2, Transfer.L2_DROP):  # λ_T Σ (θ − θ_prev)²
+            ones = {k: torch.ones_like(v) for k, v in previous.items()}
+            penalty = QuadraticPenalty(model, Anchor(previous, ones), 2.0 * config.transfer_lam)
+        wrap = None
+        if config.transfer in (Transfer.DROP, Transfer.L2_DROP):
+            generator = torch.Generator(device=ctx.device)
+            generator.manual_seed(ctx.seed(drop_stream(phase)))
+
+            def wrap(net: nn.Module) -> nn.Module:
+                return DropTransferNet(net, previous, config.drop_p, generator)
+
+        return PhasePlan(penalty=penalty, wrap=wrap)
+
+    def after_phase(
+        self,
+        config: RunConfig,
+        state: IMMState,
+        model: nn.Module,
+        importance: Importance | None,
+        phase: int,
+    ) -> IMMState:
+        solution = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        imps = state.importances if importance is None else [*state.importances, dict(importance)]
+        return IMMState([*state.states, solution], imps)
+
+    def merge(
+        self,
+        states: Sequence[Params],
+        importances: Sequence[Params],
+        alphas: Sequence[float],
+    ) -> dict[str, Tensor]:
+        """The merged parameters at weights ``alphas``."""
+        return mean_imm(states, alphas)
+
+    def end(self, config: RunConfig, state: IMMState, ctx: PhaseContext) -> EndResult:
+        start = time.perf_counter()
+        on_device = [{k: v.to(ctx.device) for k, v in s.items()} for s in state.states]
+        imps = [{k: v.to(ctx.device) for k, v in f.items()} for f in state.importances]
+        values = sweep_shares(config.alpha_step, config.n_tasks)
+        sweep: dict[str, list[float]] = {SHARE: [float(s) for s in values]}
+        for s in values:
+            merged = self.merge(on_device, imps, share_alphas(len(on_device), s))
+            for name, value in ctx.evaluate(merged).items():
+                sweep.setdefault(name, []).append(value)
+        seconds = time.perf_counter() - start
+        points = sweep_points(sweep, config.n_tasks)
+        record = {
+            "method": self.name,
+            "eps": DEFAULT_EPS if self.name == "mode-imm" else None,
+            "sweep": sweep,
+            **points,
+        }
+        return EndResult(imm_metrics(points, config.n_tasks), record, seconds)
+
+    def shared_training(self, config: RunConfig) -> tuple[Any, ...]:
+        """Runs that differ only in the merge (mean/mode, importance, α grid) train alike:
+        the task-1 fields, lr2, iters2 and the transfer with the parameters it uses."""
+        l2 = config.transfer in (Transfer.L2, Transfer.L2_DROP)
+        drop = config.transfer in (Transfer.DROP, Transfer.L2_DROP)
+        return (
+            *(getattr(config, f) for f in FIRST_FIELDS),
+            config.lr2,
+            config.iters2,
+            config.transfer.value,
+            config.transfer_lam if l2 else None,
+            config.drop_p if drop else None,
+        )
+
+
+class ModeIMM(MeanIMM):
+    """Mode-IMM (Lee et al. 2017): as :class:`MeanIMM`, merging θ = Σ_k α_k F̃_k θ_k /
+    Σ_k α_k F̃_k with F_k the importance of task k at θ_k (:func:`mode_imm`)."""
+
+    name = "mode-imm"
+    description = "train on, then merge θ = Σ α_k F_k θ_k / Σ α_k F_k (Lee et al. 2017)"
+
+    def canonical(self, config: RunConfig) -> dict[str, Any]:
+        return {}
+
+    def check(self, config: RunConfig, measure: Measure) -> None:
+        if not measure.gives_importance:
+            raise ConfigError(
+                "consolidation mode-imm needs an importance; use --importance fisher or masq "
+                "(or --consolidation mean-imm)"
+            )
+
+    def wants_importance(self, config: RunConfig, phase: int) -> bool:
+        return True
+
+    def merge(
+        self,
+        states: Sequence[Params],
+        importances: Sequence[Params],
+        alphas: Sequence[float],
+    ) -> dict[str, Tensor]:
+        return mode_imm(states, importances, alphas)
+
+
+MEAN_IMM = register_method(MeanIMM())
+MODE_IMM = register_method(ModeIMM())
+
+
 __all__ = [
     "DEFAULT_EPS",
+    "MEAN_IMM",
+    "MODE_IMM",
+    "POINTS",
+    "SHARE",
+    "DropTransferNet",
+    "IMMState",
+    "MeanIMM",
+    "ModeIMM",
+    "argmax",
     "check_alphas",
+    "drop_stream",
     "drop_transfer",
+    "imm_metrics",
     "l2_transfer",
     "mean_imm",
     "mode_imm",
     "share_alphas",
     "shares",
+    "sweep_points",
+    "sweep_shares",
 ]

@@ -7,12 +7,14 @@ state and importance), :mod:`~masq.grid.group` (one group's work, cached and res
 (the ``--dry-run`` time estimate).
 """
 
+from masq.consolidation import canonical
 from masq.grid.estimate import Estimate, calibrate, estimate, measure, task_sizes
 from masq.grid.executors import GridAborted, Summary, cpu_count, execute
-from masq.grid.expand import canonical, expand, lam_values
+from masq.grid.expand import expand, lam_values
 from masq.grid.group import (
     GroupJob,
     GroupOutcome,
+    TasksCache,
     load_or_compute_importance,
     load_or_train_d1,
     run_group,
@@ -39,6 +41,7 @@ __all__ = [
     "GroupJob",
     "GroupOutcome",
     "Summary",
+    "TasksCache",
     "Work",
     "architectures",
     "calibrate",

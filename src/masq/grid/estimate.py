@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from masq import stacked
-from masq.config import IMM_METHODS, Consolidation, ImportanceKind, RunConfig, n_params
+from masq.config import RunConfig, n_params
+from masq.consolidation import get_method
+from masq.consolidation.imm import sweep_shares
 from masq.grid.executors import cpu_count
 from masq.grid.plan import Group, chunks
-from masq.protocol.imm import sweep_shares
 from masq.slt import parse_spec
 from masq.training import eval_iterations
 
@@ -81,7 +82,7 @@ def measure(
     (``long - short`` iterations) in ``precision`` on ``device`` (the grid's)."""
     from masq import training
     from masq.consolidation import ewc
-    from masq.consolidation.gradient import PenaltyGradient
+    from masq.consolidation.penalty import QuadraticPenalty
     from masq.models import mlp
     from masq.runtime import resolve_device
 
@@ -98,7 +99,7 @@ def measure(
         cfg = training.TrainConfig(lr=1e-3, iters=iters, batch_size=100, precision=precision)
         training.train_task(model, (x, y), cfg)
 
-    penalty = PenaltyGradient(model, anchor, 1000.0)
+    penalty = QuadraticPenalty(model, anchor, 1000.0)
 
     def one(iters: int) -> None:
         cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, precision=precision)
@@ -221,9 +222,10 @@ def imm_chunk_seconds(
     phases = first.n_tasks - 1
     evals = len(eval_iterations(first.iters2, first.eval_every, first.eval_schedule))
     e_train = phases * evals * n_eval * cost["eval_sample_one"]
-    mode_runs = sum(c.consolidation == Consolidation.MODE_IMM for c in chunk)
-    passes = mode_runs * phases * n_train * cost["importance_sample"]
-    merges = sum(len(sweep_shares(c)) for c in chunk) * merge_eval * cost["eval_sample_one"]
+    passing = sum(get_method(c.consolidation).wants_importance(c, 1) for c in chunk)
+    passes = passing * phases * n_train * cost["importance_sample"]
+    n_merges = sum(len(sweep_shares(c.alpha_step, c.n_tasks)) for c in chunk)
+    merges = n_merges * merge_eval * cost["eval_sample_one"]
     train = phases * first.iters2 * cost["d2_iter_one"] + e_train + merges
     return passes, train, e_train + merges
 
@@ -267,7 +269,7 @@ def estimate(
         for chunk in chunks(g.configs, stack):
             k = len(chunk)
             phases = chunk[0].n_tasks - 1
-            if chunk[0].consolidation in IMM_METHODS:
+            if get_method(chunk[0].consolidation).shared_training(chunk[0]) is not None:
                 merge_eval = task_sizes(chunk[0].slt, True)[1]
                 i_s, d2_s, ev_s = imm_chunk_seconds(chunk, c, n_train, n_eval, merge_eval)
                 imp, d2, ev = imp + i_s, d2 + d2_s, ev + ev_s
@@ -279,9 +281,10 @@ def estimate(
                 e_run = phases * evals * n_eval * c["eval_sample_one"]
                 d2 += phases * chunk[0].iters2 * c["d2_iter_one"] + e_run
                 ev += e_run
-                if chunk[0].lam > 0 and chunk[0].importance != ImportanceKind.NONE:
-                    # as continue_run: a pass after every phase but the last
-                    imp += (phases - 1) * n_train * c["importance_sample"]
+                method = get_method(chunk[0].consolidation)
+                # as continue_run: a pass after every phase its method takes one
+                later = sum(method.wants_importance(chunk[0], t) for t in range(1, phases + 1))
+                imp += later * n_train * c["importance_sample"]
                 continue
             evals2 = len(
                 eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)

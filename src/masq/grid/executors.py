@@ -38,8 +38,8 @@ import torch
 from masq.config import Executor, RunConfig, choice
 from masq.errors import ConfigError
 from masq.fileio import LockHeld, atomic_write, exclusive_lock
-from masq.grid.group import GroupJob, GroupOutcome, TasksFn, clear_tasks_cache, run_group
-from masq.grid.plan import plan
+from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
+from masq.grid.plan import one_by_one, plan
 from masq.runid import run_id
 from masq.runtime import resolve_device
 from masq.store import NotStored, Store
@@ -239,6 +239,9 @@ def execute(
         check_device_kind(store, configs)
         stored = store.stored_ids()
         todo = [c for c in configs if run_id(c) not in stored]
+        if progress and stack > 1:
+            for reason, n in one_by_one(todo).items():
+                print(f"grid: {n} run(s) go one by one: {reason}", file=sys.stderr)
         ray = executor == Executor.RAY
         jobs = [
             GroupJob(str(root), g.configs, stack, threads, tasks_fn, return_records=ray)
@@ -255,7 +258,6 @@ def execute(
                 outcomes = _run_pool(jobs, store, workers, threads, bar, all_ids)
         finally:
             bar.close()
-            clear_tasks_cache()
     for _job, outcome in outcomes:
         summary.done += len(outcome.done)
         summary.failed.update(outcome.failed)
@@ -290,9 +292,11 @@ def _run_inline(
 ) -> list[tuple[GroupJob, GroupOutcome]]:
     before = torch.get_num_threads()
     out = []
+    cache = TasksCache()  # the groups of one grid share their tasks
     try:
         for job in jobs:
-            out.append((job, run_group(dataclasses.replace(job, threads=threads), bar.update)))
+            one = dataclasses.replace(job, threads=threads)
+            out.append((job, run_group(one, bar.update, cache)))
             check_first(out)
     finally:
         torch.set_num_threads(before)

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from masq import protocol
-from masq.config import ImportanceKind, RunConfig
+from masq.config import RunConfig
+from masq.consolidation import get_method
 from masq.fileio import error_text, warn
-from masq.grid.plan import chunks, d1_key, importance_key
+from masq.grid.plan import alone, chunks, d1_key, importance_key, needs_first_pass
 from masq.protocol import D1State
 from masq.runid import run_id
 from masq.store import NotStored, Store
@@ -60,29 +61,37 @@ class GroupOutcome:
     seconds: float = 0.0
 
 
-_TASKS_CACHE: dict[tuple[Any, ...], list[Task]] = {}
+@dataclass
+class TasksCache:
+    """The tasks of the last (SLT, dataset, scenario, seed) built, kept so that the groups of
+    one grid run in one process share them (building MNIST's tasks takes about 2 s). The
+    inline executor keeps one for the whole grid; a worker process's job gets its own."""
+
+    key: tuple[Any, ...] | None = None
+    tasks: list[Task] = field(default_factory=list)
+
+    def get(self, config: RunConfig, tasks_fn: TasksFn | None) -> list[Task]:
+        """The tasks of ``config`` (``tasks_fn``, default :func:`masq.protocol.make_tasks`)."""
+        fn = protocol.make_tasks if tasks_fn is None else tasks_fn
+        key = (
+            getattr(fn, "__module__", None),
+            getattr(fn, "__qualname__", repr(fn)),
+            config.slt,
+            config.dataset,
+            str(config.scenario),
+            config.seed,
+        )
+        if key != self.key:
+            self.key, self.tasks = None, []  # drop the old tasks before building the new
+            self.tasks, self.key = fn(config), key
+        return self.tasks
 
 
-def clear_tasks_cache() -> None:
-    """Forget the cached tasks (the cache lives for one grid: :func:`masq.grid.execute`)."""
-    _TASKS_CACHE.clear()
-
-
-def tasks_for(config: RunConfig, tasks_fn: TasksFn | None) -> list[Task]:
-    """The tasks of ``config`` (SLT, dataset, seed), cached per process (last one only) for
-    the duration of one grid."""
-    fn = protocol.make_tasks if tasks_fn is None else tasks_fn
-    key = (
-        getattr(fn, "__module__", None),
-        getattr(fn, "__qualname__", repr(fn)),
-        config.slt,
-        config.dataset,
-        config.seed,
-    )
-    if key not in _TASKS_CACHE:
-        _TASKS_CACHE.clear()
-        _TASKS_CACHE[key] = fn(config)
-    return _TASKS_CACHE[key]
+def tasks_for(
+    config: RunConfig, tasks_fn: TasksFn | None, cache: TasksCache | None = None
+) -> list[Task]:
+    """The tasks of ``config`` from ``cache`` (built when it holds others; no cache: built)."""
+    return (cache or TasksCache()).get(config, tasks_fn)
 
 
 def load_or_train_d1(store: Store, config: RunConfig, tasks: list[Task]) -> tuple[D1State, bool]:
@@ -111,8 +120,9 @@ def load_or_train_d1(store: Store, config: RunConfig, tasks: list[Task]) -> tupl
 def load_or_compute_importance(
     store: Store, config: RunConfig, d1: D1State, tasks: list[Task]
 ) -> tuple[dict[str, torch.Tensor], float, bool]:
-    """(importance, seconds, computed now?) of task 1 for ``config``, cached."""
-    if config.importance == ImportanceKind.NONE:
+    """(importance, seconds, computed now?) of task 1 for ``config``, cached ({} where the
+    run needs no pass: :func:`masq.grid.plan.needs_first_pass`)."""
+    if not needs_first_pass(config):
         return {}, 0.0, False
     path = store.importance / f"{importance_key(config)}.safetensors"
     saved = store.load_tensors(path)
@@ -142,7 +152,37 @@ def is_out_of_memory(err: BaseException) -> bool:
     return (oom is not None and isinstance(err, oom)) or "CUDA out of memory" in str(err)
 
 
-def run_group(job: GroupJob, on_done: Callable[[int], None] | None = None) -> GroupOutcome:
+def _continue(
+    chunk: list[RunConfig],
+    d1: D1State | None,
+    importances: dict[str, tuple[dict[str, torch.Tensor], float]],
+    key_of: Callable[[RunConfig], str],
+    tasks: list[Task],
+    stack: int,
+) -> list[protocol.Result]:
+    """The records of one chunk (:func:`masq.grid.plan.chunks`): a run alone from its own
+    phase 1, runs trained alike through one phase loop, a stack, or one run."""
+    if alone(chunk[0]) is not None:
+        return [protocol.run(c, tasks=tasks, keep_weights=False) for c in chunk]
+    assert d1 is not None
+    imps = [importances[key_of(c)] for c in chunk]
+    if get_method(chunk[0].consolidation).shared_training(chunk[0]) is not None:
+        return protocol.continue_runs(chunk, d1, imps, tasks)
+    if stack > 1 and all(protocol.stackable(c) is None for c in chunk):
+        return protocol.continue_stacked(
+            chunk, d1, [i for i, _ in imps], tasks, [s for _, s in imps]
+        )
+    return [
+        protocol.continue_run(c, d1, imp, tasks, s, keep_weights=False)
+        for c, (imp, s) in zip(chunk, imps, strict=True)
+    ]
+
+
+def run_group(
+    job: GroupJob,
+    on_done: Callable[[int], None] | None = None,
+    cache: TasksCache | None = None,
+) -> GroupOutcome:
     """Run one group: task 1 (cached), its importance passes (cached), the runs in stacks.
 
     Runs already stored are skipped. Every finished run is written to the store as soon as
@@ -167,9 +207,12 @@ def run_group(job: GroupJob, on_done: Callable[[int], None] | None = None) -> Gr
             outcome.traces[rid] = trace
 
     try:
-        tasks = tasks_for(todo[0], job.tasks_fn)
-        d1, trained = load_or_train_d1(store, todo[0], tasks)
-        outcome.d1_trained += int(trained)
+        tasks = tasks_for(todo[0], job.tasks_fn, cache)
+        shared = [c for c in todo if alone(c) is None]
+        d1 = None
+        if shared:
+            d1, trained = load_or_train_d1(store, shared[0], tasks)
+            outcome.d1_trained += int(trained)
     except Exception as err:  # recorded per run, reported at the end of the grid
         fail(todo, err)
         outcome.seconds = time.perf_counter() - start
@@ -178,10 +221,11 @@ def run_group(job: GroupJob, on_done: Callable[[int], None] | None = None) -> Gr
     importances: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
 
     def key_of(c: RunConfig) -> str:
-        return importance_key(c) if c.importance != ImportanceKind.NONE else "none"
+        return importance_key(c) if needs_first_pass(c) else "none"
 
-    runnable: list[RunConfig] = []
-    for config in todo:
+    runnable: list[RunConfig] = [c for c in todo if alone(c) is not None]
+    for config in shared:
+        assert d1 is not None
         key = key_of(config)
         if key not in importances:
             try:
@@ -198,21 +242,8 @@ def run_group(job: GroupJob, on_done: Callable[[int], None] | None = None) -> Gr
     queue = deque(chunks(runnable, max(1, job.stack)))
     while queue:
         chunk = queue.popleft()
-        imps = [importances[key_of(c)] for c in chunk]
         try:
-            from masq.protocol import imm as imm_protocol  # IMM: train once per chunk, merge each
-
-            if imm_protocol.is_imm(chunk[0]):
-                results = imm_protocol.continue_imm_shared(chunk, d1, imps, tasks)
-            elif job.stack <= 1 or chunk[0].n_tasks > 2:
-                results = [
-                    protocol.continue_run(c, d1, imp, tasks, s, keep_weights=False)
-                    for c, (imp, s) in zip(chunk, imps, strict=True)
-                ]
-            else:
-                results = protocol.continue_stacked(
-                    chunk, d1, [i for i, _ in imps], tasks, [s for _, s in imps]
-                )
+            results = _continue(chunk, d1, importances, key_of, tasks, job.stack)
         except Exception as err:
             if is_out_of_memory(err) and len(chunk) > 1:
                 torch.cuda.empty_cache()

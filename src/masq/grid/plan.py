@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from masq.config import FIRST_FIELDS, IMM_METHODS, IMPORTANCE_FIELDS, ImportanceKind, RunConfig
-from masq.protocol.imm import training_key as imm_training_key
+from masq.config import FIRST_FIELDS, IMPORTANCE_FIELDS, RunConfig
+from masq.consolidation import get_method
+from masq.importance import get_measure
+from masq.protocol import stackable
 from masq.runid import id_dict, key_of
 
 
@@ -39,9 +41,25 @@ class Group:
 
     @property
     def importance_keys(self) -> list[str]:
-        """The distinct importance passes this group needs (λ = 0 runs need none)."""
-        keys = [importance_key(c) for c in self.configs if c.importance != ImportanceKind.NONE]
+        """The distinct task-1 importance passes this group needs (runs whose method takes
+        none, or whose measure gives none, need none)."""
+        keys = [importance_key(c) for c in self.configs if needs_first_pass(c)]
         return list(dict.fromkeys(keys))
+
+
+def needs_first_pass(config: RunConfig) -> bool:
+    """Whether ``config`` needs a pass over task 1's data after phase 1: its method takes
+    task 1's importance and its measure is computed after a phase."""
+    method, measure = get_method(config.consolidation), get_measure(config.importance)
+    return method.wants_importance(config, 0) and measure.compute is not None
+
+
+def alone(config: RunConfig) -> str | None:
+    """Why ``config`` runs on its own through :func:`masq.protocol.run` (no shared task-1
+    state), or None: a measure accumulated during training needs its own phase 1."""
+    if get_measure(config.importance).tracker is not None:
+        return f"importance {config.importance!r} accumulates during its own task-1 training"
+    return None
 
 
 def plan(configs: Sequence[RunConfig]) -> list[Group]:
@@ -72,22 +90,37 @@ def work(groups: Sequence[Group], stack: int) -> Work:
 
 
 def chunks(configs: Sequence[RunConfig], stack: int) -> list[list[RunConfig]]:
-    """The runs of one group cut into stacks of at most ``stack`` with equal ``iters2``; runs
-    of more than two tasks go one by one (stacks of 1). IMM runs are never stacked: they go
-    one by one, except that the runs whose later phases are trained alike (mean-IMM and
-    mode-IMM with any importance: :func:`masq.protocol.imm.training_key`) form one chunk,
-    which trains them once and merges each."""
+    """The runs of one group cut into the units a worker runs at once: stacks of at most
+    ``stack`` runs with equal ``iters2`` that the stacked engine takes
+    (:func:`masq.protocol.stackable`); runs whose phases train alike
+    (:meth:`~masq.consolidation.Method.shared_training`: mean- and mode-IMM with any
+    importance) as one chunk, trained once; every other run alone (a chunk of one)."""
     by_iters: dict[int, list[RunConfig]] = {}
     singles: list[list[RunConfig]] = []
     by_training: dict[tuple[Any, ...], list[RunConfig]] = {}
     for config in configs:
-        if config.consolidation in IMM_METHODS:
-            by_training.setdefault(imm_training_key(config), []).append(config)
-        elif config.n_tasks > 2:
+        shared = get_method(config.consolidation).shared_training(config)
+        if alone(config) is not None:
             singles.append([config])
-        else:
+        elif shared is not None:
+            by_training.setdefault(shared, []).append(config)
+        elif stack > 1 and stackable(config) is None:
             by_iters.setdefault(config.iters2, []).append(config)
+        else:
+            singles.append([config])
     out: list[list[RunConfig]] = []
     for cs in by_iters.values():
         out += [cs[i : i + stack] for i in range(0, len(cs), stack)]
     return out + singles + list(by_training.values())
+
+
+def one_by_one(configs: Sequence[RunConfig]) -> dict[str, int]:
+    """{reason: number of runs} of the runs of ``configs`` that are neither stacked nor
+    trained together with others (the line a grid prints about them)."""
+    out: dict[str, int] = {}
+    for config in configs:
+        shared = get_method(config.consolidation).shared_training(config)
+        reason = alone(config) or (None if shared is not None else stackable(config))
+        if reason is not None:
+            out[reason] = out.get(reason, 0) + 1
+    return out

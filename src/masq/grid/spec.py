@@ -19,7 +19,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from masq.config import FIELDS, Choice, FieldSpec, Stage, check_value, coerce, parse_hidden
+from masq.config import (
+    FIELDS,
+    EvalSchedule,
+    FieldSpec,
+    FisherLabels,
+    Init,
+    Precision,
+    Scale,
+    Scenario,
+    Stage,
+    Transfer,
+    check_registered,
+    check_value,
+    coerce,
+    parse_hidden,
+)
 from masq.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -40,15 +55,47 @@ def architectures(layers: Iterable[int], sizes: Iterable[int]) -> tuple[tuple[in
     return tuple(arch for n in layers for arch in itertools.product(sizes, repeat=int(n)))
 
 
-class _GridMethods:
-    """Methods of :class:`Grid` (its axes come from the configuration registry)."""
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Values per axis; the grid is their product (:func:`masq.grid.expand`). One axis per
+    configuration field (named like it, :data:`AXIS_FIELDS`; ``tests/test_grid.py`` checks
+    that they match), plus ``lam_per_lr2`` (values c giving λ = c / ε2) and ``device`` (one
+    value, not an axis). The defaults are one run with RunConfig's defaults; the paper's grid
+    is the preset ``paper``."""
+
+    slt: tuple[str, ...] = ("D5-5",)
+    dataset: tuple[str, ...] = ("mnist",)
+    scenario: tuple[Scenario, ...] = (Scenario.CLASS,)
+    seed: tuple[int, ...] = (0,)
+    hidden: tuple[tuple[int, ...], ...] = ((800, 800),)
+    init: tuple[Init, ...] = (Init.TORCH,)
+    lr1: tuple[float, ...] = (0.001,)
+    iters1: tuple[int, ...] = (5000,)
+    batch_size: tuple[int, ...] = (100,)
+    eval_every: tuple[int, ...] = (250,)
+    eval_val: tuple[bool, ...] = (False,)
+    eval_schedule: tuple[EvalSchedule, ...] = (EvalSchedule.EVERY,)
+    precision: tuple[Precision, ...] = (Precision.FP32,)
+    importance: tuple[str, ...] = ("masq",)
+    masq_batch: tuple[int, ...] = (1000,)
+    scale: tuple[Scale, ...] = (Scale.MEAN,)
+    fisher_labels: tuple[FisherLabels, ...] = (FisherLabels.TRUE,)
+    consolidation: tuple[str, ...] = ("ewc",)
+    gamma: tuple[float, ...] = (1.0,)
+    transfer: tuple[Transfer, ...] = (Transfer.WEIGHT,)
+    transfer_lam: tuple[float, ...] = (0.001,)
+    drop_p: tuple[float, ...] = (0.5,)
+    alpha_step: tuple[float, ...] = (0.01,)
+    lr2: tuple[float, ...] = (1e-05,)
+    lam: tuple[float, ...] = (1000.0,)
+    iters2: tuple[int, ...] = (5000,)
+    lam_per_lr2: tuple[float, ...] = ()
+    device: str = "cpu"
 
     def axes(self) -> dict[str, tuple[Any, ...]]:
         """{axis name: values} for every axis (``device`` is not an axis)."""
         return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)  # type: ignore[arg-type]
-            if f.name != "device"
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device"
         }
 
     def check(self) -> Grid:
@@ -59,9 +106,9 @@ class _GridMethods:
                 raise ConfigError(f"grid axis {name!r} is empty; give at least one value")
             for value in values:
                 check_axis_value(name, value, "grid")
-        if not self.lam and not self.lam_per_lr2:  # type: ignore[attr-defined]
+        if not self.lam and not self.lam_per_lr2:
             raise ConfigError("grid axis 'lam' is empty; give --lam and/or --lam-per-lr2 values")
-        return self  # type: ignore[return-value]
+        return self
 
     def size(self) -> int:
         """The number of combinations before de-duplication: the product of the axes' lengths
@@ -70,23 +117,6 @@ class _GridMethods:
         n_lam = len(axes.pop("lam")) + len(axes.pop("lam_per_lr2"))
         return n_lam * math.prod(len(v) for v in axes.values())
 
-
-Grid = dataclasses.make_dataclass(
-    "Grid",
-    [
-        *((f.name, tuple, dataclasses.field(default=(f.default,))) for f in AXIS_FIELDS),
-        ("lam_per_lr2", tuple, dataclasses.field(default=())),
-        ("device", str, dataclasses.field(default="cpu")),
-    ],
-    bases=(_GridMethods,),
-    frozen=True,
-)
-Grid.__module__ = __name__
-Grid.__doc__ = (
-    "Values per axis; the grid is their product (:func:`masq.grid.expand`). One axis per "
-    "configuration field (named like it), plus ``lam_per_lr2`` and ``device``. The defaults "
-    "are one run with RunConfig's defaults; the paper's grid is the preset ``paper``."
-)
 
 GRID_KEYS: tuple[str, ...] = (*(f.name for f in dataclasses.fields(Grid)), "seeds", "layers",
                               "sizes")  # fmt: skip
@@ -123,6 +153,7 @@ def _element(spec: FieldSpec | None, value: Any, key: str, where: str) -> Any:
     if spec.kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: grid key {key!r} takes bool values, got {value!r}")
     value = coerce(spec, value, f"{where}: ")
+    check_registered(spec, value, f"{where}: ")
     check_axis_value(spec.name, value, where)
     return value
 
@@ -230,12 +261,3 @@ def load_preset(name: str) -> Any:
     except tomllib.TOMLDecodeError as err:  # pragma: no cover - shipped files are tested
         raise ConfigError(f"preset {name!r}: malformed TOML: {err}") from None
     return grid_from_mapping(values, Grid(), where=f"preset {name}")
-
-
-def axis_text(value: Any) -> str:
-    """One axis value as text (Enum members as their values, architectures as 800-400)."""
-    if isinstance(value, Choice):
-        return value.value
-    if isinstance(value, tuple):
-        return "-".join(map(str, value))
-    return str(value)

@@ -40,31 +40,62 @@ Contract shared by every function here:
 - The result maps the name of every trainable parameter (``requires_grad``) to a tensor of its
   shape. Sums are accumulated in float64.
 
-Modules: :mod:`~masq.importance.persample` (per-sample gradients: the closed form for
-``nn.Linear``, torch.func otherwise), :mod:`~masq.importance.diagonal` (:func:`fisher`,
-:func:`masq`), :mod:`~masq.importance.blocks` (:func:`fisher_block_stats`),
-:mod:`~masq.importance.reference` (the naive twins).
+Modules: :mod:`~masq.importance.registry` (the registry of measures: what
+``RunConfig.importance`` names, :class:`Measure`, :func:`register_measure`),
+:mod:`~masq.importance.measures` (the paper's: ``fisher``, ``masq``, ``none``),
+:mod:`~masq.importance.mas` (MAS, Aljundi et al. 2018), :mod:`~masq.importance.l2` (uniform),
+:mod:`~masq.importance.persample` (per-sample gradients: the closed form for ``nn.Linear``,
+torch.func otherwise), :mod:`~masq.importance.diagonal` (:func:`fisher`, :func:`masq`),
+:mod:`~masq.importance.blocks` (:func:`fisher_block_stats`), :mod:`~masq.importance.reference`
+(the naive twins).
 """
 
 from __future__ import annotations
 
 from masq.config import FisherLabels, Scale
-from masq.importance import reference
+
+# The measures register themselves when their module loads: measures (fisher, masq, none),
+# l2 and mas; a new one is one module plus its line here.
+from masq.importance import (
+    l2,
+    measures,
+    reference,
+)
 from masq.importance.blocks import BlockStats, fisher_block_stats
 from masq.importance.diagonal import batches, cross_entropy, fisher, masq, summary
+from masq.importance.mas import mas
 from masq.importance.persample import Importance, LossFn
+from masq.importance.registry import (
+    MEASURES,
+    Measure,
+    MeasureContext,
+    StepTracker,
+    get_measure,
+    measure_names,
+    register_measure,
+)
 
 __all__ = [
+    "MEASURES",
     "BlockStats",
     "FisherLabels",
     "Importance",
     "LossFn",
+    "Measure",
+    "MeasureContext",
     "Scale",
+    "StepTracker",
     "batches",
     "cross_entropy",
     "fisher",
     "fisher_block_stats",
+    "get_measure",
+    "l2",
+    "mas",
     "masq",
+    "measure_names",
+    "measures",
     "reference",
+    "register_measure",
     "summary",
 ]

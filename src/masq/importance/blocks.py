@@ -1,10 +1,13 @@
-"""Statistics of the full empirical Fisher block of one parameter tensor.
+"""The full empirical Fisher block of one parameter tensor: built whole, or its statistics.
 
 For a tensor with P parameters and per-sample gradients g_n (N samples, labels from the data),
 the block is F_ij = (1/N) sum_n g_ni g_nj (i, j in 1..P); its diagonal is the
-:func:`~masq.importance.fisher` of that tensor. :func:`fisher_block_stats` reports the sums and
-means of its diagonal, its off-diagonal part and the absolute values of the latter, without ever
-holding the N x P per-sample matrix.
+:func:`~masq.importance.fisher` of that tensor. :func:`fisher_block` builds F (P x P, for heat
+maps and tests); :func:`fisher_block_stats` reports the sums and means of its diagonal, its
+off-diagonal part and the absolute values of the latter, without ever holding the N x P
+per-sample matrix (nor, for a linear layer's tensors, F itself). Both take the per-sample
+gradients from :mod:`~masq.importance.persample`; this module is the package's one builder of
+Fisher blocks (:mod:`masq.analysis.diagonality` calls it).
 """
 
 from __future__ import annotations
@@ -18,25 +21,27 @@ import torch
 from torch import Tensor, nn
 
 from masq.errors import ConfigError
-from masq.importance import persample
 from masq.importance.diagonal import cross_entropy
 from masq.importance.persample import (
+    DEFAULT_BUFFER_BYTES,
+    LinearSite,
+    LinearTap,
     LossFn,
-    _deltas,
-    _evaluating,
-    _generic_grads,
-    _linear_sites,
-    _LinearSite,
-    _LinearTap,
-    _paused,
-    _per_sample_losses,
-    _tapped,
-    _trainable,
+    check_buffer_bytes,
+    evaluating,
+    generic_grads,
+    linear_deltas,
+    linear_sites,
+    paused,
+    per_sample_losses,
+    tapped,
+    trainable_params,
 )
 
 # Temporaries allocated anew in a loop stay below this: the allocator (glibc) then recycles
 # them, while larger ones are fresh pages whose first touch costs more than the arithmetic.
-# (The bound on a chunk's temporaries is persample._BUFFER_BYTES, read at call time.)
+# (The bound on a chunk's temporaries is the buffer_bytes= of the public functions; this one is
+# the smaller of the two.)
 _SMALL_BYTES = 16 * 2**20
 # A dense Fisher block is accumulated in float64 up to this size, above it in float32.
 _DENSE_FLOAT64_BYTES = 3 * 2**30
@@ -101,10 +106,10 @@ class _Rows:
         return self.delta[:, idx // width] * self.act[:, idx % width]
 
 
-def _off_diag_abs_dense(block: Tensor) -> float:
-    """sum_{i != j} |block_ij|, reduced in float64 row block by row block."""
+def _off_diag_abs_dense(block: Tensor, buffer_bytes: int) -> float:
+    """sum_{i != j} |block_ij|, reduced in float64 row block by row block (of ``buffer_bytes``)."""
     block.fill_diagonal_(0)
-    step = max(1, persample._BUFFER_BYTES // (8 * block.shape[1]))
+    step = max(1, buffer_bytes // (8 * block.shape[1]))
     return sum(
         float(block[r : r + step].abs().sum(dtype=torch.float64))
         for r in range(0, len(block), step)
@@ -119,7 +124,8 @@ class _DenseBlock:
     are reported with; the reductions are done in float64.
     """
 
-    def __init__(self, size: int, device: torch.device) -> None:
+    def __init__(self, size: int, device: torch.device, buffer_bytes: int) -> None:
+        self.buffer_bytes = buffer_bytes
         wide = size * size * 8 <= _DENSE_FLOAT64_BYTES
         self.matrix = torch.zeros(
             size, size, dtype=torch.float64 if wide else torch.float32, device=device
@@ -135,7 +141,7 @@ class _DenseBlock:
         self.matrix.addmm_(g.T, g)
 
     def off_diag_abs_sum(self) -> float:
-        return _off_diag_abs_dense(self.matrix)
+        return _off_diag_abs_dense(self.matrix, self.buffer_bytes)
 
 
 class _KronBlock:
@@ -157,8 +163,14 @@ class _KronBlock:
     _ROWS = 1024
 
     def __init__(
-        self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device
+        self,
+        out_features: int,
+        in_features: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        buffer_bytes: int,
     ) -> None:
+        self.buffer_bytes = buffer_bytes
         out_pairs = torch.triu_indices(out_features, out_features, device=device)
         in_pairs = torch.triu_indices(in_features, in_features, device=device)
         self.wide_is_out = out_pairs.shape[1] > in_pairs.shape[1]
@@ -168,8 +180,8 @@ class _KronBlock:
         n_wide, n_narrow = self.wide.shape[1], self.narrow.shape[1]
         self.matrix = torch.zeros(n_wide, n_narrow, dtype=torch.float64, device=device)
         item = torch.empty((), dtype=dtype).element_size()
-        self.block = max(1, min(n_wide, persample._BUFFER_BYTES // (self._ROWS * item)))
-        self.block = max(1, min(self.block, persample._BUFFER_BYTES // (n_narrow * item)))
+        self.block = max(1, min(n_wide, buffer_bytes // (self._ROWS * item)))
+        self.block = max(1, min(self.block, buffer_bytes // (n_narrow * item)))
         size = max(self._ROWS * self.block, self.block * n_narrow)
         self.buffers = torch.empty(3, size, dtype=dtype, device=device)
         self.pending: list[tuple[Tensor, Tensor]] = []
@@ -214,7 +226,7 @@ class _KronBlock:
         weight_wide, weight_narrow = 1.0 + (w0 < w1).double(), 1.0 + (n0 < n1).double()
         m = self.matrix
         m[(w0 == w1).nonzero()[:, :1], (n0 == n1).nonzero()[:, 0]] = 0.0  # drop F's diagonal
-        step = max(1, persample._BUFFER_BYTES // (8 * m.shape[1]))
+        step = max(1, self.buffer_bytes // (8 * m.shape[1]))
         return sum(
             float(m[r : r + step].abs() @ weight_narrow @ weight_wide[r : r + step])
             for r in range(0, len(m), step)
@@ -225,8 +237,14 @@ class _SampledBlock:
     """Estimate: sum_n g_ni g_nj for S off-diagonal (i, j) drawn uniformly with replacement."""
 
     def __init__(
-        self, size: int, samples: int, generator: torch.Generator, device: torch.device
+        self,
+        size: int,
+        samples: int,
+        generator: torch.Generator,
+        device: torch.device,
+        buffer_bytes: int,
     ) -> None:
+        self.small_bytes = min(_SMALL_BYTES, buffer_bytes)
         i = torch.randint(size, (samples,), generator=generator, device=generator.device)
         j = torch.randint(size - 1, (samples,), generator=generator, device=generator.device)
         j = j + (j >= i)
@@ -235,7 +253,7 @@ class _SampledBlock:
 
     def add(self, rows: _Rows) -> None:
         n = len(rows.dense if rows.dense is not None else rows.delta)
-        step = max(1, _SMALL_BYTES // (8 * n))
+        step = max(1, self.small_bytes // (8 * n))
         for s in range(0, len(self.i), step):
             gi = rows.columns(self.i[s : s + step]).double()
             gj = rows.columns(self.j[s : s + step]).double()
@@ -245,20 +263,22 @@ class _SampledBlock:
 def _rows_of_batch(
     model: nn.Module,
     name: str,
-    site: tuple[str, _LinearSite] | None,
-    taps: dict[str, _LinearTap],
+    site: tuple[str, LinearSite] | None,
+    taps: dict[str, LinearTap],
     batch: tuple[Tensor, Tensor],
     loss: LossFn,
+    buffer_bytes: int,
 ) -> Iterator[_Rows]:
-    """Per-sample gradients of the tensor ``name`` over one batch (true labels)."""
+    """Per-sample gradients of the tensor ``name`` over one batch (true labels): the Kronecker
+    factors of a clean linear layer, else dense chunks of at most ``buffer_bytes``."""
     x, y = batch
     if site is not None:
         mname, linear = site
         tap = taps[mname]
         tap.reset()
-        losses = _per_sample_losses(loss, model(x), y)
+        losses = per_sample_losses(loss, model(x), y)
         if tap.clean(len(x)):
-            delta = _deltas(losses, taps, {mname: linear}, retain=False)[mname]
+            delta = linear_deltas(losses, taps, {mname: linear}, retain=False)[mname]
             if delta is None:
                 delta = torch.zeros(
                     len(x), linear.module.out_features, dtype=losses.dtype, device=x.device
@@ -267,9 +287,57 @@ def _rows_of_batch(
             act = tap.input if name == linear.weight else torch.ones_like(delta[:, :1])
             yield _Rows(delta=delta.detach(), act=act)
             return
-    with _paused(taps):
-        for _, g in _generic_grads(model, [name], x, y, loss):
+    with paused(taps):
+        for _, g in generic_grads(model, [name], x, y, loss, buffer_bytes=buffer_bytes):
             yield _Rows(dense=g[name].flatten(1))
+
+
+def _site_of(
+    model: nn.Module, params: dict[str, nn.Parameter], name: str
+) -> tuple[str, LinearSite] | None:
+    """(module name, site) of the linear layer that owns tensor ``name`` (None: not one); a
+    one-line ConfigError listing the valid names when ``name`` is no trainable tensor."""
+    if name not in params:
+        raise ConfigError(f"unknown parameter {name!r}; valid names: {', '.join(params)}")
+    return next(((m, s) for m, s in linear_sites(model, params).items() if name in s.names), None)
+
+
+def fisher_block(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    name: str,
+    *,
+    loss: LossFn = cross_entropy,
+    device: torch.device | str | None = None,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+) -> Tensor:
+    """The whole empirical Fisher block F = (1/N) sum_n g_n g_n^T of the tensor ``name``.
+
+    g_n = d loss(model(x_n), y_n) / d theta over that tensor's P entries (row-major order; the
+    data's labels), so F is P x P and its diagonal is :func:`~masq.importance.fisher` of that
+    tensor. It is accumulated as sum_n g_n g_n^T from per-sample gradients in chunks (the closed
+    form g_n = vec(delta_n a_n^T) of a linear layer, torch.func for any other tensor; chunks of
+    at most ``buffer_bytes``), in float64 when P^2 float64 entries fit 3 GiB (P <= 20,066), in
+    float32 above. Memory: the P x P block (P = 4096: 128 MiB). The model is handled as by every
+    measure (eval mode, handed back untouched; ``device``); the block comes back on the device
+    of the parameter. Statistics of larger blocks without building them:
+    :func:`fisher_block_stats`.
+    """
+    check_buffer_bytes(buffer_bytes)
+    with evaluating(model, device) as (work, dev):
+        params = trainable_params(work)
+        site = _site_of(work, params, name)
+        block = _DenseBlock(params[name].numel(), dev, buffer_bytes)
+        count = 0
+        with tapped(dict([site]) if site else {}) as taps:
+            for x, y in batches:
+                batch = (x.to(dev), y.to(dev))
+                for rows in _rows_of_batch(work, name, site, taps, batch, loss, buffer_bytes):
+                    block.add(rows)
+                count += len(x)
+    if count == 0:
+        raise ConfigError("batches yielded nothing; pass at least one (x, y) batch")
+    return (block.matrix / count).to(trainable_params(model)[name].device)
 
 
 def fisher_block_stats(
@@ -283,6 +351,7 @@ def fisher_block_stats(
     confidence: float = 0.95,
     loss: LossFn = cross_entropy,
     device: torch.device | str | None = None,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
 ) -> BlockStats:
     """Statistics of the full empirical Fisher block F_ij = (1/N) sum_n g_ni g_nj of ``name``.
 
@@ -300,6 +369,8 @@ def fisher_block_stats(
       mean +- z * sd / sqrt(samples) at level ``confidence``; ``estimated=True``.
 
     Labels are the data's (the paper's empirical Fisher). One pass over ``batches``.
+    ``buffer_bytes`` bounds the temporaries of a chunk of samples (memory, not the result).
+    The whole block itself: :func:`fisher_block`.
     """
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"confidence must lie strictly between 0 and 1, got {confidence}")
@@ -307,23 +378,23 @@ def fisher_block_stats(
         raise ConfigError(f"samples must be at least 2 for an interval, got {samples}")
     if max_exact_params < 0:
         raise ConfigError(f"max_exact_params must be non-negative, got {max_exact_params}")
-    with _evaluating(model, device) as (work, dev):
-        params = _trainable(work)
-        if name not in params:
-            raise ConfigError(f"unknown parameter {name!r}; valid names: {', '.join(params)}")
+    check_buffer_bytes(buffer_bytes)
+    with evaluating(model, device) as (work, dev):
+        params = trainable_params(work)
+        site = _site_of(work, params, name)
         size = params[name].numel()
         estimated = size > max(max_exact_params, 1)
-        site = next(
-            ((m, s) for m, s in _linear_sites(work, params).items() if name in s.names), None
-        )
         block: _DenseBlock | _KronBlock | _SampledBlock | None = None
         diag = total = torch.zeros((), dtype=torch.float64, device=dev)
         count = 0
-        with _tapped(dict([site]) if site else {}) as taps:
+        with tapped(dict([site]) if site else {}) as taps:
             for x, y in batches:
-                for rows in _rows_of_batch(work, name, site, taps, (x.to(dev), y.to(dev)), loss):
+                batch = (x.to(dev), y.to(dev))
+                for rows in _rows_of_batch(work, name, site, taps, batch, loss, buffer_bytes):
                     if block is None:
-                        block = _new_block(rows, size, estimated, samples, generator, dev)
+                        block = _new_block(
+                            rows, size, estimated, samples, generator, dev, buffer_bytes
+                        )
                     block.add(rows)
                     diag = diag + rows.square_sums().double().sum()
                     total = total + rows.sums().double().square().sum()
@@ -341,13 +412,15 @@ def _new_block(
     samples: int,
     generator: torch.Generator | None,
     device: torch.device,
+    buffer_bytes: int,
 ) -> _DenseBlock | _KronBlock | _SampledBlock:
     if estimated:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        return _SampledBlock(size, samples, gen, device)
+        return _SampledBlock(size, samples, gen, device, buffer_bytes)
     if rows.delta is not None:
-        return _KronBlock(rows.delta.shape[1], rows.act.shape[1], rows.delta.dtype, device)
-    return _DenseBlock(size, device)
+        out_features, in_features = rows.delta.shape[1], rows.act.shape[1]
+        return _KronBlock(out_features, in_features, rows.delta.dtype, device, buffer_bytes)
+    return _DenseBlock(size, device, buffer_bytes)
 
 
 def _block_stats(

@@ -8,7 +8,8 @@ N samples in K batches b, per-sample losses l_n and gradients g_n = d l_n / d th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,24 +17,26 @@ from torch import Tensor, nn
 from masq.config import FisherLabels, Scale, choice
 from masq.errors import ConfigError
 from masq.importance.persample import (
+    DEFAULT_BUFFER_BYTES,
+    ActiveOutputs,
     Importance,
+    LinearSite,
+    LinearTap,
     LossFn,
-    _check_batch,
-    _check_values,
-    _deltas,
-    _evaluating,
-    _finish,
-    _generic_grads,
-    _input_width,
-    _label_terms,
-    _linear_sites,
-    _LinearSite,
-    _LinearTap,
-    _paused,
-    _per_sample_losses,
-    _tapped,
-    _trainable,
-    _weighted_square_sum,
+    active_outputs,
+    check_batch,
+    check_buffer_bytes,
+    check_values,
+    evaluating,
+    finish_importance,
+    generic_grads,
+    input_width,
+    linear_deltas,
+    linear_sites,
+    paused,
+    per_sample_losses,
+    tapped,
+    trainable_params,
 )
 
 
@@ -71,35 +74,93 @@ def summary(imp: Importance) -> dict[str, dict[str, float]]:
     }
 
 
+# ---------------------------------------------------------------------------- label terms
+
+
+def _label_terms(
+    logits: Tensor, y: Tensor, labels: FisherLabels, generator: torch.Generator | None
+) -> list[tuple[Tensor, Tensor | None]]:
+    """The (targets, per-sample weight w_n or None for 1) pairs whose sum_n w_n g_n^2 are summed.
+
+    true: [(y, 1)]; sampled: [(y~ drawn from softmax(logits), 1)]; exact: [(c, p_c) for every
+    class c], p = softmax(logits) taken as constant.
+    """
+    if labels is FisherLabels.TRUE:
+        return [(y, None)]
+    if logits.ndim != 2:
+        raise ConfigError(
+            f"labels={labels.value!r} needs logits of shape [B, classes], got "
+            f"{tuple(logits.shape)}; use labels='true'"
+        )
+    probs = torch.softmax(logits.detach(), dim=1)
+    if labels is FisherLabels.SAMPLED:
+        assert generator is not None
+        drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
+        return [(drawn.squeeze(1).to(logits.device), None)]
+    return [
+        (torch.full((len(logits),), c, dtype=torch.long, device=logits.device), probs[:, c])
+        for c in range(logits.shape[1])
+    ]
+
+
+def _weighted_square_sum(g: Tensor, weight: Tensor | None) -> Tensor:
+    """sum_n w_n g_n^2 over the leading (sample) dimension, in float64."""
+    sq = g.square()
+    if weight is None:
+        return sq.sum(0).double()
+    return (weight.to(sq.dtype) @ sq.flatten(1)).view(sq.shape[1:]).double()
+
+
 # --------------------------------------------------------------------------------- fisher
 
 
+@dataclass(frozen=True)
+class _FisherPass:
+    """What stays fixed over the batches of one :func:`fisher` pass."""
+
+    model: nn.Module
+    sites: dict[str, LinearSite]
+    taps: dict[str, LinearTap]
+    labels: FisherLabels
+    generator: torch.Generator | None
+    loss: LossFn
+    active: ActiveOutputs | None  # the task's output units (None: all)
+    buffer_bytes: int
+
+    @property
+    def checks_labels(self) -> bool:
+        """Whether the labels are those of the default cross-entropy (checked in range)."""
+        return self.labels is FisherLabels.TRUE and self.loss is cross_entropy
+
+    @property
+    def label_units(self) -> ActiveOutputs | None:
+        """The units the labels y are mapped from (only where y is used: labels="true")."""
+        return self.active if self.labels is FisherLabels.TRUE else None
+
+
 def _fisher_batch(
-    model: nn.Module,
-    sites: dict[str, _LinearSite],
-    taps: dict[str, _LinearTap],
-    batch: tuple[Tensor, Tensor],
-    labels: FisherLabels,
-    generator: torch.Generator | None,
-    loss: LossFn,
-    sums: dict[str, Tensor],
-    index: int = 0,
+    run: _FisherPass, batch: tuple[Tensor, Tensor], sums: dict[str, Tensor], index: int = 0
 ) -> None:
     """Add sum_{n in batch} (weighted) g_n^2 of every trainable parameter to ``sums``
-    (batch number ``index``: its values are checked first, :func:`_check_values`)."""
+    (batch number ``index``: its values are checked first, :func:`check_values`)."""
     x, y = batch
+    sites, taps, loss = run.sites, run.taps, run.loss
     for tap in taps.values():
         tap.reset()
-    logits = model(x)
-    _check_values(x, y, logits, index, labels is FisherLabels.TRUE and loss is cross_entropy)
-    terms = _label_terms(logits, y, labels, generator)
+    logits = run.model(x)
+    if run.active is not None:
+        logits = run.active.select(logits)
+    check_values(x, y, logits, index, run.checks_labels, run.label_units)
+    if run.label_units is not None:
+        y = run.label_units.positions(y)
+    terms = _label_terms(logits, y, run.labels, run.generator)
     clean = {m: tap for m, tap in taps.items() if tap.clean(len(x))}
     d2: dict[str, Tensor] = {}  # sum over label terms of w_n delta_n^2, per clean layer
     for i, (targets, weight) in enumerate(terms):
-        losses = _per_sample_losses(loss, logits, targets)
+        losses = per_sample_losses(loss, logits, targets)
         if not clean:
             continue
-        deltas = _deltas(losses, clean, sites, retain=i + 1 < len(terms))
+        deltas = linear_deltas(losses, clean, sites, retain=i + 1 < len(terms))
         for m in clean:
             delta = deltas.pop(m)  # drop every reference to a delta once it is squared
             clean[m].delta = None
@@ -118,8 +179,9 @@ def _fisher_batch(
     covered = {n for m in clean for n in sites[m].names}
     rest = [n for n in sums if n not in covered]
     if rest:
-        with _paused(taps):
-            _generic_square_sums(model, rest, x, terms, loss, sums)
+        full_loss = loss if run.active is None else run.active.restrict(loss)
+        with paused(taps):
+            _generic_square_sums(run.model, rest, x, terms, full_loss, sums, run.buffer_bytes)
 
 
 def _generic_square_sums(
@@ -129,10 +191,11 @@ def _generic_square_sums(
     terms: list[tuple[Tensor, Tensor | None]],
     loss: LossFn,
     sums: dict[str, Tensor],
+    buffer_bytes: int,
 ) -> None:
     """Add sum_n (weighted) g_n^2 of the parameters ``names`` from torch.func gradients."""
     for targets, weight in terms:
-        for part, g in _generic_grads(model, names, x, targets, loss):
+        for part, g in generic_grads(model, names, x, targets, loss, buffer_bytes=buffer_bytes):
             w = None if weight is None else weight[part]
             for n, gn in g.items():
                 sums[n] += _weighted_square_sum(gn, w)
@@ -146,6 +209,8 @@ def fisher(
     generator: torch.Generator | None = None,
     loss: LossFn = cross_entropy,
     device: torch.device | str | None = None,
+    outputs: Sequence[int] | Tensor | None = None,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
 ) -> Importance:
     """The diagonal Fisher F_k = (1/N) sum_n g_nk^2 from exact per-sample gradients.
 
@@ -161,37 +226,45 @@ def fisher(
       - ``"exact"``: F_k = (1/N) sum_n sum_c p_c(x_n) g_nk(c)^2, g_n(c) the gradient for label c
         and p(x_n) = softmax(model(x_n)), taken as constant weights. Costs C backward passes.
 
+    ``outputs`` (task-incremental heads): the task's active output units U; the logits are then
+    model(x_n)[U] (the other units masked), a label y_n (a unit of the full head, which must be
+    in U) is replaced by its position in U, and sampled/exact labels range over U only, with
+    p = softmax(model(x_n)[U]). The entries of the head rows outside U come out exactly 0.
+    None (the default): every unit.
+
     Cost: parameters of nn.Linear layers (called once per forward on a [B, in] input, parameters
     not shared) use the closed form sum_n g_n(W)^2 = (delta*delta)^T (a*a), sum_n g_n(b)^2 =
     sum_n delta_n^2 from one forward and one backward; memory O(params + batch x width). A layer
     weight must not be used outside its module's forward. Every other trainable parameter (conv,
-    norm, ...) gets per-sample gradients from torch.func (vmap of grad) in bounded chunks; the
-    model and ``loss`` must then be vmap-compatible (no .item(), no one_hot, no data-dependent
-    control flow).
+    norm, ...) gets per-sample gradients from torch.func (vmap of grad) in chunks of at most
+    ``buffer_bytes`` of gradients; the model and ``loss`` must then be vmap-compatible (no
+    .item(), no one_hot, no data-dependent control flow).
     Samples must be independent in eval mode (no cross-sample operations in the model).
 
     Inputs are checked once per batch (two reductions, one host sync): NaN/inf in ``x``, a label
-    outside 0..C-1 (default loss, ``labels="true"``), ``x`` not [B, in_features] (a model that
-    is an ``nn.Sequential`` starting with ``nn.Linear``) are one-line ConfigErrors.
+    outside 0..C-1 (default loss, ``labels="true"``) or outside ``outputs``, ``x`` not
+    [B, in_features] (a model that is an ``nn.Sequential`` starting with ``nn.Linear``) are
+    one-line ConfigErrors.
     """
     mode = choice(FisherLabels, labels, "labels")
     if mode is FisherLabels.SAMPLED and generator is None:
         raise ConfigError(
             "labels='sampled' needs generator=torch.Generator().manual_seed(SEED) for the draws"
         )
-    with _evaluating(model, device) as (work, dev):
-        params = _trainable(work)
-        sites = _linear_sites(work, params)
+    check_buffer_bytes(buffer_bytes)
+    with evaluating(model, device) as (work, dev):
+        params = trainable_params(work)
+        sites = linear_sites(work, params)
         sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=dev) for n, p in params.items()}
         count = 0
-        width, labelled = _input_width(work), mode is FisherLabels.TRUE and loss is cross_entropy
-        with _tapped(sites) as taps:
+        width, active = input_width(work), active_outputs(outputs, dev)
+        with tapped(sites) as taps:
+            run = _FisherPass(work, sites, taps, mode, generator, loss, active, buffer_bytes)
             for index, (x, y) in enumerate(batches):
-                _check_batch(x, y, index, width, labelled)
-                batch = (x.to(dev), y.to(dev))
-                _fisher_batch(work, sites, taps, batch, mode, generator, loss, sums, index)
+                check_batch(x, y, index, width, run.checks_labels, run.label_units)
+                _fisher_batch(run, (x.to(dev), y.to(dev)), sums, index)
                 count += len(x)
-    return _finish(sums, count, model)
+    return finish_importance(sums, count, model)
 
 
 # ----------------------------------------------------------------------------------- masq
@@ -204,6 +277,7 @@ def masq(
     scale: Scale | str = Scale.MEAN,
     loss: LossFn = cross_entropy,
     device: torch.device | str | None = None,
+    outputs: Sequence[int] | Tensor | None = None,
 ) -> Importance:
     """MaSQ, the squared batch-mean gradient averaged over the K batches of the pass.
 
@@ -218,25 +292,34 @@ def masq(
     size |b|; code that divides every batch by the nominal B instead weights that batch's term by
     |b|/B less.
 
+    ``outputs`` (task-incremental heads): l_n = loss(model(x_n)[U], j_n) with U the task's active
+    output units and j_n the position of the label y_n (a unit of the full head) in U, as in
+    :func:`fisher`. None: every unit.
+
     One forward and one ordinary backward per batch; ``.grad`` is not touched. The inputs are
     checked per batch as in :func:`fisher`.
     """
     mode = choice(Scale, scale, "scale")
-    with _evaluating(model, device) as (work, dev):
-        params = _trainable(work)
+    with evaluating(model, device) as (work, dev):
+        params = trainable_params(work)
         sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=dev) for n, p in params.items()}
         count = 0
-        width, labelled = _input_width(work), loss is cross_entropy
+        width, labelled = input_width(work), loss is cross_entropy
+        active = active_outputs(outputs, dev)
         for index, (x, y) in enumerate(batches):
-            _check_batch(x, y, index, width, labelled)
+            check_batch(x, y, index, width, labelled, active)
             x, y = x.to(dev), y.to(dev)
             logits = work(x)
-            _check_values(x, y, logits, index, labelled)
-            losses = _per_sample_losses(loss, logits, y)
+            if active is not None:
+                logits = active.select(logits)
+            check_values(x, y, logits, index, labelled, active)
+            if active is not None:
+                y = active.positions(y)
+            losses = per_sample_losses(loss, logits, y)
             grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
             factor = len(x) if mode is Scale.SUM else 1
             for n, g in zip(params, grads, strict=True):
                 if g is not None:
                     sums[n].add_(g.square(), alpha=factor)
             count += 1
-    return _finish(sums, count, model)
+    return finish_importance(sums, count, model)

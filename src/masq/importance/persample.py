@@ -3,18 +3,27 @@
 Notation: a batch of B samples x_n with labels y_n, per-sample losses l_n = loss(model(x_n), y_n)
 and per-sample gradients g_n = d l_n / d theta.
 
-Two ways to the g_n (or to the sums of their squares, which is all :func:`~masq.importance.fisher`
-needs):
+Two ways to the g_n (or to sums of functions of them: squares for
+:func:`~masq.importance.fisher`, absolute values for :func:`~masq.importance.mas`):
 
 - Closed form for ``nn.Linear`` (z = W a + b on a [B, in] input): g_n(W) = delta_n a_n^T and
   g_n(b) = delta_n with delta_n = d l_n / d z_n. One backward pass of the SUMMED loss sum_n l_n
   yields every delta_n unscaled (row n of dL/dz); hooks record a_n and delta_n
-  (:class:`_LinearTap`, :func:`_deltas`).
+  (:func:`linear_sites`, :func:`tapped`, :class:`LinearTap`, :func:`linear_deltas`).
 - Any other module: torch.func, vmap over the samples of grad of the single-sample loss
-  (:func:`_generic_grads`), in chunks of bounded memory.
+  (:func:`generic_grads`), in chunks of at most ``buffer_bytes`` of gradients.
 
-Everything here is internal to :mod:`masq.importance`; its public names are re-exported by the
-package.
+This module is the internal API of :mod:`masq.importance`: the measures (``diagonal``, ``mas``,
+``blocks``, ``reference``) import the names of ``__all__`` below and nothing private. Users reach
+:data:`Importance`, :data:`LossFn` and the measures through the package.
+
+- model handling: :func:`trainable_params`, :func:`placement`, :func:`evaluating`,
+  :func:`finish_importance`;
+- input checks: :func:`input_width`, :func:`check_batch`, :func:`check_values`,
+  :func:`check_buffer_bytes`, :func:`per_sample_losses`;
+- task-incremental heads: :class:`ActiveOutputs`, :func:`active_outputs`;
+- per-sample gradients: :class:`LinearSite`, :func:`linear_sites`, :class:`LinearTap`,
+  :func:`tapped`, :func:`paused`, :func:`linear_deltas`, :func:`generic_grads`.
 """
 
 from __future__ import annotations
@@ -22,15 +31,39 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from masq.config import FisherLabels
 from masq.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_BUFFER_BYTES",
+    "ActiveOutputs",
+    "Importance",
+    "LinearSite",
+    "LinearTap",
+    "LossFn",
+    "active_outputs",
+    "check_batch",
+    "check_buffer_bytes",
+    "check_values",
+    "evaluating",
+    "finish_importance",
+    "generic_grads",
+    "input_width",
+    "linear_deltas",
+    "linear_sites",
+    "paused",
+    "per_sample_losses",
+    "placement",
+    "tapped",
+    "trainable_params",
+]
 
 Importance = dict[str, Tensor]
 """Importance per trainable parameter, keyed and shaped like ``model.named_parameters()``."""
@@ -38,15 +71,23 @@ Importance = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss(logits, y) -> per-sample losses`` of shape ``[B]`` (reduction "none")."""
 
-# Bound on the temporaries of one chunk of samples (per-sample gradients, feature buffers). Every
-# module of the package reads it here at call time, so that one setting governs them all.
-_BUFFER_BYTES = 64 * 2**20
+DEFAULT_BUFFER_BYTES = 64 * 2**20
+"""Default bound on the temporaries of one chunk of samples (per-sample gradients of the
+torch.func path, feature buffers of the block statistics): the ``buffer_bytes=`` of the public
+functions. It changes memory and the grouping of float sums, never the formula."""
+
+
+def check_buffer_bytes(buffer_bytes: int) -> int:
+    """``buffer_bytes`` if it is a positive int, else a one-line ConfigError."""
+    if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
+        raise ConfigError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}")
+    return buffer_bytes
 
 
 # --------------------------------------------------------------------------- model handling
 
 
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters with ``requires_grad``, by name; a ConfigError when there are none."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
@@ -59,13 +100,13 @@ def _resolve(device: torch.device) -> torch.device:
     return torch.empty(0, device=device).device
 
 
-def _placement(model: nn.Module, device: torch.device | str | None) -> tuple[torch.device, bool]:
+def placement(model: nn.Module, device: torch.device | str | None) -> tuple[torch.device, bool]:
     """(the device to compute on, whether that needs a copy of the model).
 
     ``None`` means the device of the model's trainable parameters: no copy. Another device
     needs a copy of the model moved there.
     """
-    home = next(iter(_trainable(model).values())).device
+    home = next(iter(trainable_params(model).values())).device
     if device is None:
         return home, False
     target = _resolve(torch.device(device))
@@ -73,15 +114,16 @@ def _placement(model: nn.Module, device: torch.device | str | None) -> tuple[tor
 
 
 @contextlib.contextmanager
-def _evaluating(
+def evaluating(
     model: nn.Module, device: torch.device | str | None
 ) -> Iterator[tuple[nn.Module, torch.device]]:
     """Yield (the model to compute with, in eval mode, on ``device``; that device).
 
     On the model's own device that is the model itself, its train/eval flags restored on exit;
-    on another device it is a copy moved there, and the caller's model is not touched at all.
+    on another device it is a copy moved there (:func:`placement`), and the caller's model is not
+    touched at all.
     """
-    target, moved = _placement(model, device)
+    target, moved = placement(model, device)
     work = copy.deepcopy(model).to(target) if moved else model
     modes = [(m, m.training) for m in work.modules()]
     work.eval()
@@ -92,17 +134,18 @@ def _evaluating(
             m.training = mode
 
 
-def _finish(sums: dict[str, Tensor], count: int, model: nn.Module) -> Importance:
-    """sums / count, each in the dtype and on the device of the model's parameter of that name."""
+def finish_importance(sums: dict[str, Tensor], count: int, model: nn.Module) -> Importance:
+    """F = sums / count, each in the dtype and on the device of the model's parameter of that
+    name; a ConfigError when ``count`` is 0 (the batches yielded nothing)."""
     if count == 0:
         raise ConfigError("batches yielded nothing; pass at least one (x, y) batch")
-    params = _trainable(model)
+    params = trainable_params(model)
     return {
         n: (s / count).to(dtype=params[n].dtype, device=params[n].device) for n, s in sums.items()
     }
 
 
-def _per_sample_losses(loss: LossFn, logits: Tensor, targets: Tensor) -> Tensor:
+def per_sample_losses(loss: LossFn, logits: Tensor, targets: Tensor) -> Tensor:
     """l_n = loss(logits, targets), checked to hold one loss per sample (shape [B])."""
     losses = loss(logits, targets)
     if losses.shape != (logits.shape[0],):
@@ -113,13 +156,85 @@ def _per_sample_losses(loss: LossFn, logits: Tensor, targets: Tensor) -> Tensor:
     return losses
 
 
+# ------------------------------------------------------------------- task-incremental heads
+
+
+@dataclass(frozen=True, eq=False)
+class ActiveOutputs:
+    """The active output units of one task (task-incremental scenario: the units of the other
+    tasks are masked).
+
+    With U = ``units`` (u_1, ..., u_m), logits z [B, C] of the full head become
+    z[:, U] = (z_{u_1}, ..., z_{u_m}) [B, m], and a label y_n (a unit of the full head, y_n = u_j)
+    becomes its position j among the units, so that the measure sees an m-class problem.
+    """
+
+    units: tuple[int, ...]
+    index: Tensor  # the units as a long tensor on the device of the computation
+
+    def select(self, logits: Tensor) -> Tensor:
+        """z[:, units] of logits z [B, C]; a one-line ConfigError when a unit is >= C.
+
+        Works inside torch.func transforms (no data-dependent control flow)."""
+        if logits.ndim != 2:
+            raise ConfigError(
+                f"outputs: the model's logits have shape {tuple(logits.shape)}; selecting "
+                "output units needs logits [B, C]"
+            )
+        if max(self.units) >= logits.shape[1]:
+            raise ConfigError(
+                f"outputs: unit {max(self.units)} does not exist; the model has "
+                f"{logits.shape[1]} outputs (units 0..{logits.shape[1] - 1})"
+            )
+        return logits[:, self.index]
+
+    def restrict(self, loss: LossFn) -> LossFn:
+        """The loss l(z, t) = loss(z[:, units], t) on the logits of the full head."""
+
+        def restricted(logits: Tensor, targets: Tensor) -> Tensor:
+            return loss(self.select(logits), targets)
+
+        return restricted
+
+    def positions(self, y: Tensor) -> Tensor:
+        """j with units[j] = y_n for every label (labels must be among the units,
+        :func:`check_values`; any other label gets 0)."""
+        return (y[:, None] == self.index[None, :]).int().argmax(1)
+
+
+def active_outputs(
+    outputs: Sequence[int] | Tensor | None, device: torch.device
+) -> ActiveOutputs | None:
+    """``outputs`` (distinct non-negative unit indices, a sequence or a 1-D integer tensor) as
+    :class:`ActiveOutputs` on ``device``; None for None. A one-line ConfigError otherwise."""
+    if outputs is None:
+        return None
+    if isinstance(outputs, Tensor):
+        if outputs.ndim != 1 or outputs.is_floating_point() or outputs.dtype == torch.bool:
+            raise ConfigError(
+                f"outputs: give a 1-D integer tensor or a sequence of ints, got a tensor of "
+                f"shape {tuple(outputs.shape)} and dtype {outputs.dtype}"
+            )
+        units = tuple(int(u) for u in outputs.tolist())
+    else:
+        values = list(outputs)
+        if not all(isinstance(u, Integral) and not isinstance(u, bool) for u in values):
+            raise ConfigError(f"outputs: give output unit indices (ints), got {values!r}")
+        units = tuple(int(u) for u in values)
+    if not units:
+        raise ConfigError("outputs: give at least one output unit (None: all of them)")
+    if min(units) < 0 or len(set(units)) != len(units):
+        raise ConfigError(f"outputs: give distinct non-negative unit indices, got {list(units)}")
+    return ActiveOutputs(units, torch.tensor(units, dtype=torch.long, device=device))
+
+
 # ------------------------------------------------------------------------------ input checks
 #
 # Once per batch, no loop over samples: shapes from metadata before the forward pass, then the
 # values (finite inputs, labels in range) in two reductions and one host sync after it.
 
 
-def _input_width(model: nn.Module) -> int | None:
+def input_width(model: nn.Module) -> int | None:
     """``in_features`` of the first layer when ``model`` is an ``nn.Sequential`` (possibly
     nested) that starts with an ``nn.Linear``; None when the width cannot be read off."""
     first: nn.Module = model
@@ -128,10 +243,18 @@ def _input_width(model: nn.Module) -> int | None:
     return first.in_features if isinstance(first, nn.Linear) else None
 
 
-def _check_batch(x: object, y: object, index: int, width: int | None, labels: bool) -> None:
+def check_batch(
+    x: object,
+    y: object,
+    index: int,
+    width: int | None,
+    labels: bool,
+    units: ActiveOutputs | None = None,
+) -> None:
     """A one-line ConfigError unless batch ``index`` is a pair of tensors of equal length,
-    ``x`` has shape [B, ..., width] where the model's input ``width`` is known, and (``labels``: the
-    class labels of the default cross-entropy) ``y`` is integer or soft labels [B, C]."""
+    ``x`` has shape [B, ..., width] where the model's input ``width`` is known, (``labels``: the
+    class labels of the default cross-entropy) ``y`` is integer or soft labels [B, C], and
+    (``units``: labels to be mapped to positions among these output units) ``y`` is integer."""
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise ConfigError(
             f"batches: batch {index} is ({type(x).__name__}, {type(y).__name__}); yield "
@@ -151,11 +274,24 @@ def _check_batch(x: object, y: object, index: int, width: int | None, labels: bo
         raise ConfigError(
             f"y: batch {index} has labels of dtype {y.dtype}; class labels are integers (y.long())"
         )
+    if units is not None and (y.dtype == torch.bool or y.is_floating_point() or y.ndim != 1):
+        raise ConfigError(
+            f"y: batch {index} has labels of dtype {y.dtype} and shape {tuple(y.shape)}; with "
+            "outputs= the labels are integer output units of the full head, y [B]"
+        )
 
 
-def _check_values(x: Tensor, y: Tensor, logits: Tensor, index: int, labels: bool) -> None:
-    """A one-line ConfigError when batch ``index`` holds NaN/inf inputs or (``labels``: the
-    integer labels of a cross-entropy) a label outside 0..C-1, C = logits.shape[-1].
+def check_values(
+    x: Tensor,
+    y: Tensor,
+    logits: Tensor,
+    index: int,
+    labels: bool,
+    units: ActiveOutputs | None = None,
+) -> None:
+    """A one-line ConfigError when batch ``index`` holds NaN/inf inputs, (``labels``: the
+    integer labels of a cross-entropy) a label outside 0..C-1, C = logits.shape[-1], or
+    (``units``: labels given as units of the full head) a label not among ``units``.
 
     Cheap: the sum of ``x`` is finite exactly when every entry is (barring an overflow of
     huge values, told apart on the error path only), so it takes one reduction of x, one of the
@@ -163,7 +299,9 @@ def _check_values(x: Tensor, y: Tensor, logits: Tensor, index: int, labels: bool
     """
     flags = [torch.isfinite(x.sum())] if x.is_floating_point() else []
     classes = logits.shape[-1] if logits.ndim >= 1 else 0
-    if labels and not y.is_floating_point() and y.numel() > 0:
+    if units is not None and y.numel() > 0:
+        flags.append(torch.isin(y, units.index).all())
+    elif labels and not y.is_floating_point() and y.numel() > 0:
         flags.append(((y >= 0) & (y < classes)).all())
     if not flags:
         return
@@ -175,6 +313,12 @@ def _check_values(x: Tensor, y: Tensor, logits: Tensor, index: int, labels: bool
                 f"x: batch {index} holds {bad} NaN or inf values, which make the importance NaN; "
                 "clean or drop those samples"
             )
+    if values and not values[0] and units is not None:
+        stray = sorted(set(y[~torch.isin(y, units.index)].tolist()))
+        raise ConfigError(
+            f"y: batch {index} has labels {stray[:5]} not among the task's output units "
+            f"{list(units.units)}; pass this task's samples only, or its units in outputs="
+        )
     if values and not values[0]:
         raise ConfigError(
             f"y: batch {index} has labels from {int(y.min())} to {int(y.max())} but the model "
@@ -190,11 +334,18 @@ def _check_values(x: Tensor, y: Tensor, logits: Tensor, index: int, labels: bool
 # sum_n l_n one backward pass yields every delta_n (row n of dL/dz) unscaled. A forward hook keeps
 # a_n and registers a tensor hook on z that receives dL/dz; the hook is placed before any later
 # in-place operation (ReLU(inplace=True)), so it sees the gradient of the layer's own output.
+#
+# Use: sites = linear_sites(model, params); with tapped(sites) as taps: per batch, tap.reset()
+# for every tap, forward, keep the taps with tap.clean(B), linear_deltas(losses, clean, sites),
+# then read tap.input (a) and the deltas; every other parameter goes through generic_grads
+# inside paused(taps).
 
 
 @dataclass(frozen=True)
-class _LinearSite:
-    """An nn.Linear whose trainable parameters no other module shares."""
+class LinearSite:
+    """An nn.Linear whose trainable parameters no other module shares: the closed form
+    g_n(W) = delta_n a_n^T, g_n(b) = delta_n applies to it (when called once per forward on a
+    [B, in] input, :meth:`LinearTap.clean`)."""
 
     module: nn.Linear
     weight: str | None  # full parameter names, None where frozen or absent
@@ -202,6 +353,7 @@ class _LinearSite:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The full names of the layer's trainable parameters (weight first)."""
         return tuple(n for n in (self.weight, self.bias) if n is not None)
 
     @property
@@ -213,8 +365,10 @@ class _LinearSite:
         return self.module.bias if self.bias is not None else self.module.weight
 
 
-def _linear_sites(model: nn.Module, trainable: dict[str, nn.Parameter]) -> dict[str, _LinearSite]:
-    """The nn.Linear modules (by module name) eligible for the closed form."""
+def linear_sites(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, LinearSite]:
+    """The nn.Linear modules (by module name) eligible for the closed form: plain
+    ``nn.Linear.forward``, parameters owned by no other module, at least one of them among
+    ``params`` (the trainable ones, :func:`trainable_params`)."""
     owners = Counter(
         id(p)
         for _, m in model.named_modules(remove_duplicate=False)
@@ -228,15 +382,16 @@ def _linear_sites(model: nn.Module, trainable: dict[str, nn.Parameter]) -> dict[
         if any(owners[id(p)] != 1 for p in own):
             continue
         prefix = f"{mname}." if mname else ""
-        weight = f"{prefix}weight" if f"{prefix}weight" in trainable else None
-        bias = f"{prefix}bias" if f"{prefix}bias" in trainable else None
+        weight = f"{prefix}weight" if f"{prefix}weight" in params else None
+        bias = f"{prefix}bias" if f"{prefix}bias" in params else None
         if weight or bias:
-            sites[mname] = _LinearSite(m, weight, bias)
+            sites[mname] = LinearSite(m, weight, bias)
     return sites
 
 
-class _LinearTap:
-    """Records the input a and the output gradient delta of one nn.Linear during a batch."""
+class LinearTap:
+    """Records the input a [B, in] and the output gradient delta = dL/dz [B, out] of one
+    nn.Linear during a batch (``input``, ``delta``; ``calls`` counts its forwards)."""
 
     def __init__(self, module: nn.Linear) -> None:
         self.enabled = True
@@ -258,6 +413,7 @@ class _LinearTap:
         self.delta = g
 
     def reset(self) -> None:
+        """Forget the last batch (call before its forward pass)."""
         self.calls, self.input, self.delta = 0, None, None
 
     def clean(self, batch_size: int) -> bool:
@@ -266,11 +422,12 @@ class _LinearTap:
         return self.calls == 1 and a is not None and a.ndim == 2 and a.shape[0] == batch_size
 
     def remove(self) -> None:
+        """Remove the forward hook."""
         self._handle.remove()
 
 
 @contextlib.contextmanager
-def _paused(taps: dict[str, _LinearTap]) -> Iterator[None]:
+def paused(taps: dict[str, LinearTap]) -> Iterator[None]:
     """Switch the taps off (for the torch.func forward passes)."""
     for tap in taps.values():
         tap.enabled = False
@@ -282,9 +439,9 @@ def _paused(taps: dict[str, _LinearTap]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _tapped(sites: dict[str, _LinearSite]) -> Iterator[dict[str, _LinearTap]]:
+def tapped(sites: dict[str, LinearSite]) -> Iterator[dict[str, LinearTap]]:
     """A tap on every site, by module name; the hooks are removed on exit."""
-    taps = {name: _LinearTap(site.module) for name, site in sites.items()}
+    taps = {name: LinearTap(site.module) for name, site in sites.items()}
     try:
         yield taps
     finally:
@@ -292,10 +449,12 @@ def _tapped(sites: dict[str, _LinearSite]) -> Iterator[dict[str, _LinearTap]]:
             tap.remove()
 
 
-def _deltas(
-    losses: Tensor, taps: dict[str, _LinearTap], sites: dict[str, _LinearSite], retain: bool
+def linear_deltas(
+    losses: Tensor, taps: dict[str, LinearTap], sites: dict[str, LinearSite], retain: bool
 ) -> dict[str, Tensor | None]:
-    """delta_n of every tapped layer for the summed loss (None: the layer does not reach it)."""
+    """delta_n = d l_n / d z_n of every tapped layer: row n of dL/dz for the summed loss
+    L = sum_n l_n (None: the layer does not reach it). ``retain`` keeps the graph for another
+    backward through it."""
     for tap in taps.values():
         tap.delta = None
     anchors = [sites[m].anchor for m in taps]
@@ -306,13 +465,20 @@ def _deltas(
 # --------------------------------------------- per-sample gradients of any module (torch.func)
 
 
-def _generic_grads(
-    model: nn.Module, names: list[str], x: Tensor, targets: Tensor, loss: LossFn
+def generic_grads(
+    model: nn.Module,
+    names: list[str],
+    x: Tensor,
+    targets: Tensor,
+    loss: LossFn,
+    *,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
 ) -> Iterator[tuple[slice, dict[str, Tensor]]]:
-    """Per-sample gradients {name: [n, *shape]} of the parameters ``names``, chunk by chunk.
+    """Per-sample gradients g_n = d loss(model(x_n), t_n) / d theta, {name: [n, *shape]} of the
+    parameters ``names``, chunk by chunk: (the samples' slice, their gradients).
 
     torch.func: vmap over samples of grad of the single-sample loss; each chunk holds at most
-    about _BUFFER_BYTES of gradients.
+    about ``buffer_bytes`` of gradients (at least one sample).
     """
     params = dict(model.named_parameters())
     wrt = {n: params[n].detach() for n in names}
@@ -324,44 +490,7 @@ def _generic_grads(
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     row_bytes = sum(t.numel() * t.element_size() for t in wrt.values())
-    chunk = max(1, _BUFFER_BYTES // row_bytes)
+    chunk = max(1, buffer_bytes // row_bytes)
     for start in range(0, len(x), chunk):
         part = slice(start, start + chunk)
         yield part, per_sample(wrt, x[part], targets[part])
-
-
-# ------------------------------------------------------------------------------- label terms
-
-
-def _label_terms(
-    logits: Tensor, y: Tensor, labels: FisherLabels, generator: torch.Generator | None
-) -> list[tuple[Tensor, Tensor | None]]:
-    """The (targets, per-sample weight w_n or None for 1) pairs whose sum_n w_n g_n^2 are summed.
-
-    true: [(y, 1)]; sampled: [(y~ drawn from softmax(logits), 1)]; exact: [(c, p_c) for every
-    class c], p = softmax(logits) taken as constant.
-    """
-    if labels is FisherLabels.TRUE:
-        return [(y, None)]
-    if logits.ndim != 2:
-        raise ConfigError(
-            f"labels={labels.value!r} needs logits of shape [B, classes], got "
-            f"{tuple(logits.shape)}; use labels='true'"
-        )
-    probs = torch.softmax(logits.detach(), dim=1)
-    if labels is FisherLabels.SAMPLED:
-        assert generator is not None
-        drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
-        return [(drawn.squeeze(1).to(logits.device), None)]
-    return [
-        (torch.full((len(logits),), c, dtype=torch.long, device=logits.device), probs[:, c])
-        for c in range(logits.shape[1])
-    ]
-
-
-def _weighted_square_sum(g: Tensor, weight: Tensor | None) -> Tensor:
-    """sum_n w_n g_n^2 over the leading (sample) dimension, in float64."""
-    sq = g.square()
-    if weight is None:
-        return sq.sum(0).double()
-    return (weight.to(sq.dtype) @ sq.flatten(1)).view(sq.shape[1:]).double()

@@ -1,10 +1,11 @@
-"""The continual-learning protocol for T tasks: :mod:`~masq.protocol.run` (stages and
-``run``), :mod:`~masq.protocol.result` (records, accuracy matrix, ACC/BWT/forgetting,
-best/last), :mod:`~masq.protocol.batched` (stacked re-training of two-task runs),
-:mod:`~masq.protocol.compare` (``masq compare``), :mod:`~masq.protocol.streams` (seeds)."""
+"""The continual-learning protocol for T tasks: :mod:`~masq.protocol.run` (stages),
+:mod:`~masq.protocol.phases` (the one phase loop and ``run``), :mod:`~masq.protocol.result`
+(records, accuracy matrix, ACC/BWT/forgetting, best/last), :mod:`~masq.protocol.batched`
+(stacked re-training of two-task runs), :mod:`~masq.protocol.compare` (``masq compare``)."""
 
-from masq.protocol.batched import continue_stacked
+from masq.protocol.batched import continue_stacked, stackable
 from masq.protocol.compare import COMPARE_METHODS, compare, compare_configs
+from masq.protocol.phases import continue_run, continue_runs, run
 from masq.protocol.result import (
     Result,
     accuracy_matrix,
@@ -19,14 +20,12 @@ from masq.protocol.run import (
     build_model,
     check_same_d1,
     compute_importance,
-    continue_run,
     eval_sets,
     importance_of,
     make_tasks,
-    run,
     train_first,
 )
-from masq.protocol.streams import STREAMS, batches_stream, labels_stream, stream_seed
+from masq.streams import STREAMS, batches_stream, labels_stream, stream_seed
 
 __all__ = [
     "COMPARE_METHODS",
@@ -43,6 +42,7 @@ __all__ = [
     "compare_configs",
     "compute_importance",
     "continue_run",
+    "continue_runs",
     "continue_stacked",
     "eval_sets",
     "importance_of",
@@ -51,6 +51,7 @@ __all__ = [
     "make_tasks",
     "result_from_v1",
     "run",
+    "stackable",
     "stream_seed",
     "train_first",
     "transfer_metrics",

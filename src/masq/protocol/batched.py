@@ -14,14 +14,28 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-from masq.config import IMM_METHODS, ImportanceKind, RunConfig
+from masq.config import RunConfig
+from masq.consolidation import check_config, get_method
 from masq.errors import ConfigError
+from masq.importance import get_measure
 from masq.protocol.result import Result, build_result, finite_state, run_meta
-from masq.protocol.run import D1State, check_same_d1, eval_sets, synchronize
-from masq.protocol.streams import batches_stream, stream_seed
+from masq.protocol.run import D1State, check_same_d1, eval_sets, eval_units, synchronize
 from masq.runtime import resolve_device
 from masq.stacked import train_stacked
+from masq.streams import batches_stream, stream_seed
 from masq.tasks import Task
+
+
+def stackable(config: RunConfig) -> str | None:
+    """Why ``config`` cannot be stacked, or None when it can: the stacked engine trains the
+    second phase of two-task runs of the MLP with a diagonal quadratic penalty, so it takes
+    the methods that declare ``stackable`` (EWC) with any measure computed before that phase."""
+    method = get_method(config.consolidation)
+    if config.n_tasks != 2:
+        return f"{config.n_tasks} tasks (the stacked engine runs two-task runs)"
+    if not method.stackable:
+        return f"consolidation {method.name!r} is not stacked (its phases are not plain EWC)"
+    return None
 
 
 def continue_stacked(
@@ -34,16 +48,15 @@ def continue_stacked(
     keep_weights: bool = False,
 ) -> list[Result]:
     """:func:`~masq.protocol.run.continue_run` for K two-task configs sharing ``d1``."""
-    configs = [c.validate() for c in configs]
+    configs = [check_config(c) for c in configs]
     if not configs:
         return []
     first = configs[0]
     for c in configs:
         check_same_d1(c, d1)
-        if c.n_tasks != 2:
-            raise ConfigError(f"stacked: only two-task runs are stacked, got slt {c.slt!r}")
-        if c.consolidation in IMM_METHODS:
-            raise ConfigError("stacked: IMM runs are not stacked; use masq.protocol.imm")
+        reason = stackable(c)
+        if reason is not None:
+            raise ConfigError(f"stacked: {reason}; continue this run with continue_run")
         if (c.iters2, c.device, c.eval_schedule, c.precision) != (
             first.iters2,
             first.device,
@@ -57,7 +70,7 @@ def continue_stacked(
     seconds_imp = list(importance_seconds or [0.0] * len(configs))
     device = resolve_device(first.device)
     sets, unions = eval_sets(first, tasks, 1)
-    consolidated = [c.importance != ImportanceKind.NONE for c in configs]
+    consolidated = [get_measure(c.importance).gives_importance for c in configs]
     imps = [dict(imp) if on else {} for on, imp in zip(consolidated, importances, strict=True)]
     for on, imp in zip(consolidated, imps, strict=True):
         if on and set(imp) != set(d1.state_dict):
@@ -81,6 +94,7 @@ def continue_stacked(
         eval_sets=sets,
         unions=unions,
         device=device,
+        **_units(tasks),
     )
     synchronize(device)
     seconds = time.perf_counter() - start
@@ -106,3 +120,10 @@ def continue_stacked(
         )
         for c, curve, imp, s_imp, final in rows
     ]
+
+
+def _units(tasks: list[Task]) -> dict[str, object]:
+    """``units``/``eval_units`` of phase 2 for the task-incremental scenario ({} otherwise:
+    the class scenario's call is unchanged)."""
+    units = eval_units(tasks)
+    return {"units": tasks[1].units, "eval_units": units} if units else {}

@@ -6,13 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from masq.config import RunConfig
+from masq.protocol.phases import continue_run
 from masq.protocol.result import Result
-from masq.protocol.run import (
-    compute_importance,
-    continue_run,
-    make_tasks,
-    train_first,
-)
+from masq.protocol.run import compute_importance, make_tasks, train_first
 from masq.runtime import resolve_device
 
 # The four ways of `masq compare`: key -> changes to the base config.

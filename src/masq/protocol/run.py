@@ -1,79 +1,87 @@
-"""The continual-learning protocol for T tasks (PAPER.md section 3, for any T >= 2).
+"""The continual-learning protocol for T tasks (PAPER.md section 3, for any T >= 2): one
+phase loop for every consolidation method and importance measure.
 
-A run trains task 1 at lr1 for iters1 (no penalty), then every later task t at lr2 for
-iters2 with the consolidation of the tasks before it:
+Phase 1 trains a fresh network on task 1 at lr1 for iters1 (no penalty): the state a grid's
+runs share. Every later phase t trains on task t at lr2 for iters2; the method
+(:mod:`masq.consolidation`, looked up by ``config.consolidation``) and the measure
+(:mod:`masq.importance`, ``config.importance``) are asked, never known:
 
-    ewc:         L_t(θ) = CE_t(θ) + Σ_{s<t} (λ/2) Σ_k F^s_k (θ_k − θ^s_k)²
-    online-ewc:  L_t(θ) = CE_t(θ) + (λ/2) Σ_k F̃_k (θ_k − θ^{t−1}_k)²,  F̃ <- γ F̃ + F^{t−1}
+    state = method.after_phase(method.init(), model, F_1, 0)       F_1 = measure(θ_1, task 1)
+    for t = 2..T:
+        plan  = method.before_phase(state, model, t)               # penalty (+ wrapper)
+        train task t with plan.penalty's gradient                  # measure's per-step hook
+        F_t   = measure(θ_t, task t)   where method.wants_importance(t)
+        state = method.after_phase(state, model, F_t, t)
+    method.end(state)                                              # IMM's merge sweep
 
-where θ^s is the state at the end of phase s and F^s its importance (FIM or MaSQ, on task
-s's own training data, computed then). With T = 2 both are the paper's protocol.
+With EWC, L_t(θ) = CE_t(θ) + Σ_{s<t} (λ/2) Σ_k F^s_k (θ_k − θ^s_k)²; with online EWC one
+running F̃ <- γ F̃ + F^{t−1} and the latest anchor; with IMM weight transfer (optionally L2-
+and drop-transfer) and a merge after the last phase. With T = 2 EWC is the paper's protocol.
 
 Stages, so a grid can share work:
 
-    tasks  = make_tasks(config)                        # the SLT's T tasks
-    d1     = train_first(config, tasks)                # phase 1 (task 1, λ = 0)
+    tasks  = make_tasks(config)                        # the SLT's T tasks in its scenario
+    d1     = train_first(config, tasks)                # phase 1 (task 1, no penalty)
     imp, s = compute_importance(config, d1, tasks)     # task 1's importance at d1
-    result = continue_run(config, d1, imp, tasks, s)   # phases 2..T
-    run(config) does all four.
+    result = continue_run(config, d1, imp, tasks, s)   # phases 2..T (+ the method's end)
+
+:mod:`masq.protocol.phases` holds the loop (``continue_run``, ``continue_runs`` for configs
+whose phases train alike, :meth:`~masq.consolidation.Method.shared_training`) and ``run``,
+which does all four.
 
 Evaluation in every phase: every task's test set ("D1".."DT"; with eval_val also their
 validation sets, "val:D1"...), the union of all tasks and, in phase t (1 < t < T), the union
-of the tasks seen so far. Random streams: :mod:`masq.protocol.streams`.
+of the tasks seen so far; in the task-incremental scenario each set's argmax runs over its
+task's output units. Random streams: :mod:`masq.streams`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from masq import importance as masq_importance
 from masq import tasks as masq_tasks
-from masq.config import (
-    FIRST_FIELDS,
-    IMM_METHODS,
-    Consolidation,
-    ImportanceKind,
-    RunConfig,
-    method_label,
-)
-from masq.consolidation import ewc
-from masq.consolidation.gradient import PenaltyGradient
+from masq.config import FIRST_FIELDS, RunConfig
+from masq.consolidation import PhasePlan, check_config, get_method, method_label
 from masq.curves import VAL, Curve, task_name, union_name
 from masq.errors import ConfigError
+from masq.importance import Importance, MeasureContext, StepTracker, get_measure
 from masq.models import mlp
-from masq.protocol.result import Result, build_result, finite_state, run_meta
-from masq.protocol.streams import batches_stream, labels_stream, stream_seed
 from masq.runtime import resolve_device
+from masq.scenarios import apply_scenario, n_outputs
+from masq.streams import batches_stream, labels_stream, stream_seed
 from masq.tasks import XY, Task
-from masq.training import TrainConfig, train_task
-
-Importance = dict[str, Tensor]
+from masq.training import TrainConfig, accuracies, eval_counts, train_task
 
 
 @dataclass
 class D1State:
     """The state after phase 1 (training on task 1): what every run of a grid group starts
-    from. ``state_dict`` lives on the CPU (cloned), whatever device trained it."""
+    from. ``state_dict`` lives on the CPU (cloned), whatever device trained it. ``tracked``
+    holds task 1's importance where the measure accumulates it during training."""
 
     config: RunConfig
     state_dict: dict[str, Tensor]
     curve: Curve
     seconds: float
+    tracked: Importance | None = None
 
 
 def make_tasks(config: RunConfig, *, data_dir: str | None = None) -> list[Task]:
-    """The SLT's tasks from ``config.dataset`` (permutations seeded by the "tasks" stream)."""
-    return masq_tasks.make(
+    """The SLT's tasks from ``config.dataset`` (permutations seeded by the "tasks" stream),
+    relabelled for ``config.scenario`` (:func:`masq.scenarios.apply_scenario`)."""
+    tasks = masq_tasks.make(
         config.slt,
         dataset=config.dataset,
         seed=stream_seed(config.seed, "tasks"),
         data_dir=data_dir,
     )
+    return apply_scenario(tasks, config.scenario)
 
 
 def eval_sets(
@@ -96,14 +104,23 @@ def eval_sets(
     return sets, unions
 
 
+def eval_units(tasks: Sequence[Task]) -> dict[str, tuple[int, ...]]:
+    """{set name: the task's output units} for the tasks that have them (task-incremental
+    scenario: evaluation of "D2" and "val:D2" argmaxes over task 2's units only)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for j, task in enumerate(tasks):
+        if task.units is not None:
+            out[task_name(j)] = out[VAL + task_name(j)] = tuple(task.units)
+    return out
+
+
 def build_model(config: RunConfig, tasks: list[Task]) -> nn.Sequential:
-    """The freshly initialized network of ``config`` (seeded by the "init" stream)."""
-    in_features = int(tasks[0].train[0].shape[1])
-    classes = max(max(t.classes) for t in tasks) + 1
+    """The freshly initialized network of ``config`` (seeded by the "init" stream), its head
+    sized for the scenario's tasks (:func:`masq.scenarios.n_outputs`)."""
     return mlp(
         config.hidden,
-        in_features=in_features,
-        classes=classes,
+        in_features=int(tasks[0].train[0].shape[1]),
+        classes=n_outputs(tasks),
         init=config.init,
         seed=stream_seed(config.seed, "init"),
     )
@@ -123,20 +140,57 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    """A detached CPU copy of ``model``'s state dict."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def model_at(config: RunConfig, state_dict: Mapping[str, Tensor], tasks: list[Task]) -> nn.Module:
+    """A network of ``config``'s architecture holding ``state_dict``."""
+    model = build_model(config, tasks)
+    model.load_state_dict(dict(state_dict))
+    return model
+
+
+def measure_context(
+    config: RunConfig, task: Task, task_index: int, device: torch.device
+) -> MeasureContext:
+    """What ``config``'s measure gets for task ``task_index``'s pass: its settings, the pass's
+    batch size, a generator seeded by the task's "fisher-labels" stream, the task's units."""
+    generator = torch.Generator(device=device).manual_seed(
+        stream_seed(config.seed, labels_stream(task_index))
+    )
+    measure = get_measure(config.importance)
+    units = None if task.units is None else tuple(task.units)
+    return MeasureContext(measure.settings(config), config.masq_batch, generator, device, units)
+
+
+def make_tracker(
+    config: RunConfig, model: nn.Module, task: Task, task_index: int, device: torch.device
+) -> StepTracker | None:
+    """The per-step tracker of a measure accumulated during training (None for the others)."""
+    measure = get_measure(config.importance)
+    if measure.tracker is None:
+        return None
+    return measure.tracker(model, measure_context(config, task, task_index, device))
+
+
 def train_phase(
     config: RunConfig,
     tasks: list[Task],
     model: nn.Module,
     phase: int,
     *,
-    penalty: Callable[[nn.Module], None] | None,
+    plan: PhasePlan | None = None,
+    tracker: StepTracker | None = None,
     device: torch.device,
     progress: bool = False,
 ) -> tuple[Curve, float]:
     """Train ``model`` on ``tasks[phase]`` (phase 0 at lr1 for iters1, later ones at lr2 for
     iters2; mini-batches from the phase's stream), evaluating on :func:`eval_sets` at the
-    config's schedule and precision; ``penalty`` adds a penalty's gradient after each
-    backward pass (``train_task``'s ``penalty_grad``). Returns (curve, seconds)."""
+    config's schedule and precision. ``plan`` (the method's): its penalty's gradient is added
+    after each backward pass, its wrapper is what training (not evaluation) runs; ``tracker``
+    is called after each optimizer step. Returns (curve, seconds)."""
     lr, iters = (config.lr1, config.iters1) if phase == 0 else (config.lr2, config.iters2)
     sets, unions = eval_sets(config, tasks, phase)
     train_config = TrainConfig(
@@ -148,37 +202,51 @@ def train_phase(
         eval_schedule=config.eval_schedule,
         precision=config.precision,
     )
+    plan = plan or PhasePlan()
+    trained = plan.wrap(model) if plan.wrap is not None else model
+    penalty = plan.penalty
+    extra: dict[str, Any] = {}
+    if penalty is not None:  # the gradient at the network's own parameters (not a wrapper's)
+
+        def penalty_grad(net: nn.Module) -> None:
+            penalty.add_grad(dict((model if net is trained else net).named_parameters()))
+
+        extra["penalty_grad"] = penalty_grad
+    if tracker is not None:
+        extra["step_hook"] = tracker.step
+    units = eval_units(tasks)
+    if units:
+        extra["units"], extra["eval_units"] = tasks[phase].units, units
     desc = f"train {task_name(phase)}" + ("" if phase == 0 else f" ({method_label(config)})")
     start = time.perf_counter()
     curve = train_task(
-        model,
+        trained,
         tasks[phase].train,
         train_config,
-        penalty_grad=penalty,
         eval_sets=sets,
         unions=unions,
         device=device,
         progress=progress,
         desc=desc,
+        **extra,
     )
     synchronize(device)
     return curve, time.perf_counter() - start
 
 
-def cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    """A detached CPU copy of ``model``'s state dict."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
 def train_first(config: RunConfig, tasks: list[Task], *, progress: bool = False) -> D1State:
-    """Phase 1: train a fresh network on task 1 (no penalty) at lr1 for iters1 iterations."""
-    config.validate()
+    """Phase 1: train a fresh network on task 1 (no penalty) at lr1 for iters1 iterations
+    (with the measure's tracker where it accumulates during training)."""
+    check_config(config)
     check_tasks(config, tasks)
     device = resolve_device(config.device)
-    model = build_model(config, tasks)
-    curve, seconds = train_phase(config, tasks, model, 0, penalty=None, device=device,
-                                 progress=progress)  # fmt: skip
-    return D1State(config=config, state_dict=cpu_state(model), curve=curve, seconds=seconds)
+    model = build_model(config, tasks).to(device)
+    tracker = make_tracker(config, model, tasks[0], 0, device)
+    curve, seconds = train_phase(
+        config, tasks, model, 0, tracker=tracker, device=device, progress=progress
+    )
+    tracked = None if tracker is None else tracker.importance()
+    return D1State(config, cpu_state(model), curve, seconds, tracked)
 
 
 def check_same_d1(config: RunConfig, d1: D1State) -> None:
@@ -192,141 +260,85 @@ def check_same_d1(config: RunConfig, d1: D1State) -> None:
 
 
 def importance_of(
-    config: RunConfig, model: nn.Module, task: Task, task_index: int, device: torch.device
+    config: RunConfig,
+    model: nn.Module,
+    task: Task,
+    task_index: int,
+    device: torch.device,
+    tracker: StepTracker | None = None,
 ) -> tuple[Importance, float]:
-    """(importance, seconds) of ``model`` on ``task``'s training data; {} for "none".
-
-    One pass over the training set in order, in batches of ``masq_batch``: MaSQ averages the
-    squared batch-mean gradients (``scale``), the FIM is exact per sample whatever the batch
-    size (labels from ``fisher_labels``; "sampled" draws from the task's labels stream).
-    The importance functions evaluate in eval mode and leave the model as it was.
-    """
-    if config.importance == ImportanceKind.NONE:
-        return {}, 0.0
-    x, y = task.train
-    batches = masq_importance.batches(x, y, config.masq_batch)
+    """(importance, seconds) of ``model`` on ``task`` by ``config``'s measure: a pass over
+    the task's training data in order (:class:`~masq.importance.MeasureContext`: batches of
+    ``masq_batch``, the task's labels stream), the ``tracker``'s accumulation for a measure
+    tracked during training, {} for a measure without importance. The model is left as it
+    was."""
+    measure = get_measure(config.importance)
     start = time.perf_counter()
-    if config.importance == ImportanceKind.FISHER:
-        generator = torch.Generator(device=device).manual_seed(
-            stream_seed(config.seed, labels_stream(task_index))
-        )
-        imp = masq_importance.fisher(
-            model, batches, labels=config.fisher_labels, generator=generator, device=device
-        )
+    if tracker is not None:
+        imp = tracker.importance()
+    elif measure.compute is not None:
+        imp = measure.compute(model, task.train, measure_context(config, task, task_index, device))
     else:
-        imp = masq_importance.masq(model, batches, scale=config.scale, device=device)
+        return {}, 0.0
     synchronize(device)
     return imp, time.perf_counter() - start
-
-
-def model_at(config: RunConfig, state_dict: Mapping[str, Tensor], tasks: list[Task]) -> nn.Module:
-    """A network of ``config``'s architecture holding ``state_dict``."""
-    model = build_model(config, tasks)
-    model.load_state_dict(dict(state_dict))
-    return model
 
 
 def compute_importance(
     config: RunConfig, d1: D1State, tasks: list[Task]
 ) -> tuple[Importance, float]:
-    """(importance, seconds) of task 1 at the state ``d1`` ({} for "none")."""
-    config.validate()
+    """(importance, seconds) of task 1 at the state ``d1`` ({} where the method takes none)."""
+    check_config(config)
     check_same_d1(config, d1)
-    if config.importance == ImportanceKind.NONE:
+    measure = get_measure(config.importance)
+    if not get_method(config.consolidation).wants_importance(config, 0):
+        return {}, 0.0
+    if measure.tracker is not None:
+        if d1.tracked is None:
+            raise ConfigError(
+                f"importance {measure.name!r} accumulates during training: train task 1 "
+                "with it (masq.protocol.train_first)"
+            )
+        return dict(d1.tracked), 0.0
+    if measure.compute is None:
         return {}, 0.0
     device = resolve_device(config.device)
     model = model_at(config, d1.state_dict, tasks).to(device)
     return importance_of(config, model, tasks[0], 0, device)
 
 
-def continue_run(
-    config: RunConfig,
-    d1: D1State,
-    importance: Mapping[str, Tensor],
-    tasks: list[Task],
-    importance_seconds: float = 0.0,
-    *,
-    progress: bool = False,
-    keep_weights: bool = True,
-) -> Result:
-    """Phases 2..T from the state ``d1`` with task 1's ``importance`` (module docstring).
-
-    With ``importance="none"`` or λ = 0 no penalty is added and no later importance is
-    computed. ``keep_weights`` keeps the state at the end of every phase in the result.
-    """
-    config.validate()
-    if config.consolidation in IMM_METHODS:
-        raise ConfigError(
-            f"consolidation {config.consolidation}: IMM runs merge after training; use "
-            "masq.protocol.imm.continue_imm (or protocol.run, which routes there)"
-        )
-    check_same_d1(config, d1)
-    check_tasks(config, tasks)
-    device = resolve_device(config.device)
-    model = model_at(config, d1.state_dict, tasks).to(device)
-    consolidate = config.importance != ImportanceKind.NONE
-    anchors: list[ewc.Anchor] = []
-    running: dict[str, Tensor] | None = None
-    diverged = None if finite_state(d1.state_dict) else "phase 1"
-    curves, train_s, imp_s = [d1.curve], [d1.seconds], [float(importance_seconds)]
-    weights = [dict(d1.state_dict)] if keep_weights else None
-    current: Mapping[str, Tensor] = importance
-    for phase in range(1, len(tasks)):
-        penalty = None
-        if consolidate and diverged is None:  # anchor the state before this phase (a diverged
-            # state has no importance to anchor: the run is recorded as diverged instead)
-            if config.consolidation == Consolidation.ONLINE_EWC:
-                running = ewc.online_importance(running, current, config.gamma)
-                anchors = [ewc.anchor(model, running)]
-            else:
-                anchors = [*anchors, ewc.anchor(model, current)]
-            if config.lam > 0:
-                penalty = PenaltyGradient(model, anchors, config.lam)
-        curve, seconds = train_phase(
-            config, tasks, model, phase, penalty=penalty, device=device, progress=progress
-        )
-        curves.append(curve)
-        train_s.append(seconds)
-        if diverged is None and not finite_state(dict(model.named_parameters())):
-            diverged = f"phase {phase + 1}"
-        if weights is not None:
-            weights.append(cpu_state(model))
-        if consolidate and diverged is None and config.lam > 0 and phase < len(tasks) - 1:
-            current, seconds = importance_of(config, model, tasks[phase], phase, device)
-            imp_s.append(seconds)
-    return build_result(
-        config,
-        curves,
-        importance=importance,
-        train_seconds=train_s,
-        importance_seconds=imp_s,
-        meta=run_meta(device),
-        weights=weights,
-        diverged=diverged,
-    )
+def merged_accuracies(
+    config: RunConfig, tasks: list[Task], model: nn.Module, params: Mapping[str, Tensor]
+) -> dict[str, float]:
+    """Accuracies of ``model`` holding ``params`` on every task's test and validation set
+    ("D1"..., "val:D1"...) and the unions of all tasks of both (what a merge is judged on)."""
+    names = [task_name(j) for j in range(len(tasks))]
+    sets: dict[str, XY] = {n: t.test for n, t in zip(names, tasks, strict=True)}
+    sets |= {VAL + n: t.val for n, t in zip(names, tasks, strict=True)}
+    union = union_name(len(tasks))
+    unions = {union: tuple(names), VAL + union: tuple(VAL + n for n in names)}
+    model.load_state_dict(dict(params))
+    units = eval_units(tasks)
+    extra: dict[str, Any] = {"units": units} if units else {}
+    return accuracies(eval_counts(model, sets, precision=config.precision, **extra), unions)
 
 
-def run(
-    config: RunConfig,
-    *,
-    progress: bool = False,
-    data_dir: str | None = None,
-    tasks: list[Task] | None = None,
-    keep_weights: bool = True,
-) -> Result:
-    """The whole protocol for one config: tasks, phase 1, task 1's importance, phases 2..T
-    (IMM configs go to :func:`masq.protocol.imm.run_imm`: train on, then merge)."""
-    config.validate()
-    if config.consolidation in IMM_METHODS:
-        from masq.protocol.imm import run_imm
-
-        return run_imm(
-            config, progress=progress, data_dir=data_dir, tasks=tasks, keep_weights=keep_weights
-        )
-    resolve_device(config.device)
-    tasks = make_tasks(config, data_dir=data_dir) if tasks is None else tasks
-    d1 = train_first(config, tasks, progress=progress)
-    importance, seconds = compute_importance(config, d1, tasks)
-    return continue_run(
-        config, d1, importance, tasks, seconds, progress=progress, keep_weights=keep_weights
-    )
+__all__ = [
+    "D1State",
+    "build_model",
+    "check_same_d1",
+    "check_tasks",
+    "compute_importance",
+    "cpu_state",
+    "eval_sets",
+    "eval_units",
+    "importance_of",
+    "make_tasks",
+    "make_tracker",
+    "measure_context",
+    "merged_accuracies",
+    "model_at",
+    "synchronize",
+    "train_first",
+    "train_phase",
+]

@@ -17,7 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from masq.config import hidden_text, method_label
+from masq.config import hidden_text
+from masq.consolidation import method_label
 from masq.curves import task_name, union_name
 from masq.fileio import atomic_write
 from masq.protocol.result import Result

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from masq.analysis import settle
 from masq.analysis.paired import gain_markdown, gain_tests, paired_markdown, paired_tests
-from masq.config import method_label
+from masq.consolidation import method_label
 from masq.fileio import atomic_write
 from masq.report.tables import table1
 from masq.runid import run_id

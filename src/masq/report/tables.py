@@ -38,14 +38,13 @@ import pandas as pd
 
 from masq.config import (
     ID_FIELDS,
-    IMM_METHODS,
     IMPORTANCE_FIELDS,
     Criterion,
     SelectOn,
     choice,
-    method_label,
     n_params,
 )
+from masq.consolidation import METHODS, method_label
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
 from masq.store import load
@@ -88,7 +87,8 @@ def is_imm(df: pd.DataFrame) -> pd.Series:
     """Which rows of ``df`` are IMM runs."""
     if "consolidation" not in df.columns:
         return pd.Series(False, index=df.index)
-    return df["consolidation"].isin([m.value for m in IMM_METHODS])
+    merged = [name for name, m in METHODS.items() if m.record_key == "imm"]
+    return df["consolidation"].isin(merged)
 
 
 def _criteria(candidates: pd.DataFrame) -> list[tuple[pd.DataFrame, str]]:

@@ -1,5 +1,7 @@
 """Adam on stacked tensors: ``torch.optim.Adam``'s update for K runs with one learning rate
-each, the EWC gradient λ_k F_k (θ_k − θ*) added first (:mod:`masq.stacked`)."""
+each, the EWC gradient λ_k F_k (θ_k − θ*) added first (:mod:`masq.stacked`) by the penalty
+kernel (:func:`masq.consolidation.penalty.quadratic_grad_`) run by run; the vectorised
+(CUDA) step forms the same two operations over whole stacked tensors, with a run mask."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from masq.consolidation.penalty import quadratic_grad_
 from masq.stacked.model import StackedMLP
 from masq.training import fused_adam_available
 
@@ -82,11 +85,8 @@ class StackedAdam:
         for run in range(len(self.lrs)):  # run by run: its tensors stay in cache
             p_run, g_run = [p[run] for p in params], [g[run] for g in grads]
             if penalty and (penalized is None or penalized[run]):
-                for p, g, lf, a, tmp in zip(
-                    p_run, g_run, lam_f, anchors, self.scratch, strict=True
-                ):
-                    torch.sub(p, a[0], out=tmp)
-                    g.addcmul_(lf[run], tmp)
+                stars, lam_f_run = [a[0] for a in anchors], [lf[run] for lf in lam_f]
+                quadratic_grad_(g_run, p_run, stars, lam_f_run, self.scratch)
             if self.fused:
                 self._fused_step(run, p_run, g_run)
             else:

@@ -10,6 +10,7 @@ from torch import Tensor
 from masq.config import EvalSchedule, Precision, choice
 from masq.curves import Curve
 from masq.errors import ConfigError
+from masq.scenarios import head_bias
 from masq.stacked.adam import StackedAdam
 from masq.stacked.model import (
     StackedMLP,
@@ -68,6 +69,8 @@ def train_stacked(
     device: torch.device | None = None,
     eval_schedule: EvalSchedule | str = EvalSchedule.EVERY,
     precision: Precision | str = Precision.FP32,
+    units: Sequence[int] | None = None,
+    eval_units: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[list[Curve], list[dict[str, Tensor]]]:
     """Re-train K = len(lrs) copies of ``state_dict`` on ``train`` at once (module docstring).
 
@@ -75,7 +78,9 @@ def train_stacked(
     F_k = ``importances[k]`` ({} for none); mini-batches from ``Generator().manual_seed(seed)``
     as :func:`masq.training.train_task`, evaluated at the same :func:`eval_iterations`;
     ``precision`` "bf16" runs the matmuls in bfloat16 (float32 master weights, Adam state and
-    penalty). Returns (K curves as train_task's, K final state dicts).
+    penalty). ``units`` and ``eval_units`` mask the other tasks' output units in the loss and
+    per evaluation set (task-incremental), as :func:`masq.training.train_task`'s. Returns (K
+    curves as train_task's, K final state dicts).
     """
     dtype = (
         torch.bfloat16
@@ -102,7 +107,7 @@ def train_stacked(
     record_at = set(eval_iterations(iters, eval_every, eval_schedule)) if sets else set()
 
     def record(it: int) -> None:
-        accs = stacked_accuracies(model, sets, unions, dtype)
+        accs = stacked_accuracies(model, sets, unions, dtype, eval_units)
         for curve, acc in zip(curves, accs, strict=True):
             curve["iteration"].append(it)
             for n in names:
@@ -112,9 +117,10 @@ def train_stacked(
         record(0)
     generator = torch.Generator().manual_seed(seed)
     workspace = Workspace.create(model, batch_size, dtype)
+    bias = head_bias(units, model.params[-1].shape[-1], device)
     order = phase_indices(x.shape[0], batch_size, iters, generator).to(device)
     for it, idx in enumerate(order, start=1):
-        grads = loss_grads(model, workspace, x[idx], y[idx])
+        grads = loss_grads(model, workspace, x[idx], y[idx], bias)
         optimizer.step(model.params, grads, lam_f, anchors, penalized)
         if it in record_at:
             record(it)

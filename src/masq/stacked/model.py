@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from masq.errors import ConfigError
+from masq.scenarios import head_bias
 from masq.tasks import XY
 from masq.training import accuracies
 
@@ -143,14 +144,18 @@ class Workspace:
 
 
 @torch.no_grad()
-def loss_grads(model: StackedMLP, ws: Workspace, x: Tensor, y: Tensor) -> list[Tensor]:
+def loss_grads(
+    model: StackedMLP, ws: Workspace, x: Tensor, y: Tensor, bias: Tensor | None = None
+) -> list[Tensor]:
     """∇_θk CE_k of every run k (into ``ws.grads``), by hand-written back-propagation:
 
         z_l = a_{l-1} W_l + b_l,  a_l = relu(z_l),  a_0 = x (shared),  logits = z_L
         δ_L = (softmax(z_L) − onehot(y)) / B
         ∂W_l = a_{l-1}ᵀ δ_l,  ∂b_l = Σ_n δ_l,  δ_{l-1} = (δ_l W_lᵀ) ⊙ [a_{l-1} > 0]
 
-    the gradient of the batch-mean cross-entropy, as autograd computes it (tested). The
+    the gradient of the batch-mean cross-entropy, as autograd computes it (tested); with a
+    head ``bias`` (task-incremental: −inf on the other tasks' units) the softmax runs over
+    z_L + bias, so δ_L is exactly 0 on the masked units. The
     matmuls run in the workspace's dtype (bfloat16 for bf16 runs: the parameters cast once per
     step, the softmax in float32, the gradients returned in float32, as under autocast).
     """
@@ -167,7 +172,8 @@ def loss_grads(model: StackedMLP, ws: Workspace, x: Tensor, y: Tensor) -> list[T
         if layer < layers - 1:
             out.clamp_(min=0)
         h = out
-    probs = torch.softmax(ws.acts[-1].float(), dim=2)
+    logits = ws.acts[-1].float()
+    probs = torch.softmax(logits if bias is None else logits + bias, dim=2)
     probs[:, torch.arange(batch, device=x.device), y] -= 1.0
     probs.div_(batch)
     delta = ws.deltas[-1]
@@ -195,15 +201,21 @@ def loss_grads(model: StackedMLP, ws: Workspace, x: Tensor, y: Tensor) -> list[T
 
 @torch.no_grad()
 def stacked_correct(
-    model: StackedMLP, x: Tensor, y: Tensor, dtype: torch.dtype = torch.float32
+    model: StackedMLP,
+    x: Tensor,
+    y: Tensor,
+    dtype: torch.dtype = torch.float32,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """[K] int64: #{n : argmax f_k(x_n) == y_n} for every run k, in chunks, the matmuls in
-    ``dtype``."""
+    ``dtype`` (the argmax over f_k(x_n) + ``bias``: masked units never win)."""
     width = max(p.shape[-1] for p in model.params[1::2])
     chunk = max(1, EVAL_ELEMENTS // (model.k * width))
     correct = torch.zeros(model.k, dtype=torch.int64, device=model.params[0].device)
     for start in range(0, int(y.shape[0]), chunk):
         logits = forward(model, x[start : start + chunk], dtype)
+        if bias is not None:
+            logits = logits + bias
         correct += (logits.argmax(dim=2) == y[start : start + chunk]).sum(dim=1)
     return correct
 
@@ -213,11 +225,20 @@ def stacked_accuracies(
     sets: Mapping[str, XY],
     unions: Mapping[str, Sequence[str]],
     dtype: torch.dtype = torch.float32,
+    units: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, float]]:
     """Per run, :func:`masq.training.accuracies` of its counts on ``sets`` (and the unions),
-    one batched pass of all K runs per chunk of images."""
+    one batched pass of all K runs per chunk of images; a set named in ``units`` is judged on
+    those output units only (task-incremental)."""
+    n = model.params[-1].shape[-1]
+    device = model.params[0].device
     counts = {
-        name: (stacked_correct(model, x, y, dtype).tolist(), int(y.shape[0]))
+        name: (
+            stacked_correct(
+                model, x, y, dtype, head_bias((units or {}).get(name), n, device)
+            ).tolist(),
+            int(y.shape[0]),
+        )
         for name, (x, y) in sets.items()
     }
     return [

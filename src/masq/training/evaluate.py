@@ -27,6 +27,7 @@ from torch import nn
 
 from masq.config import EvalSchedule, Precision, choice
 from masq.errors import ConfigError
+from masq.scenarios import head_bias
 from masq.tasks import XY
 
 DEFAULT_EVAL_EVERY = 250
@@ -82,8 +83,11 @@ def eval_counts(
     sets: Mapping[str, XY],
     batch_size: int = 10_000,
     precision: Precision | str = Precision.FP32,
+    units: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, tuple[int, int]]:
-    """{set name: (correct, total)} where correct = #{n : argmax model(x_n) == y_n}.
+    """{set name: (correct, total)} where correct = #{n : argmax model(x_n) == y_n}; for a set
+    named in ``units`` (task-incremental: its task's output units) the argmax runs over those
+    units only (the others' logits masked, :func:`masq.scenarios.head_bias`).
 
     Runs without autograd in chunks of ``batch_size`` on the model's device, in the run's
     ``precision``; the model's train/eval mode is restored afterwards.
@@ -95,11 +99,15 @@ def eval_counts(
         counts: dict[str, tuple[int, int]] = {}
         for name, (x, y) in sets.items():
             correct = torch.zeros((), dtype=torch.int64, device=device)
+            mask = None if units is None else units.get(name)
             for start in range(0, int(y.shape[0]), batch_size):
                 xb = x[start : start + batch_size].to(device, non_blocking=True)
                 yb = y[start : start + batch_size].to(device, non_blocking=True)
                 with autocast(device, precision):
                     logits = model(xb)
+                if mask is not None:
+                    bias = head_bias(mask, logits.shape[1], device)
+                    logits = logits.float() + bias
                 correct += (logits.argmax(dim=1) == yb).sum()
             counts[name] = (int(correct.item()), int(y.shape[0]))
     finally:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from masq.config import EvalSchedule, Precision, choice
 from masq.curves import Curve
 from masq.errors import ConfigError
+from masq.scenarios import head_bias
 from masq.tasks import XY
 from masq.training.evaluate import (
     DEFAULT_EVAL_EVERY,
@@ -145,12 +146,19 @@ def train_task(
     device: torch.device | None = None,
     progress: bool = False,
     desc: str = "train",
+    units: Sequence[int] | None = None,
+    eval_units: Mapping[str, Sequence[int]] | None = None,
+    step_hook: Callable[[nn.Module], None] | None = None,
 ) -> Curve:
     """Train ``model`` in place: loss = cross_entropy(model(x), y) + penalty(model).
 
     ``penalty_grad(model)``, if given, is called after ``loss.backward()`` to add a penalty's
     gradient to the parameters' ``.grad`` directly (e.g.
-    :class:`masq.consolidation.gradient.PenaltyGradient`, the EWC term without autograd).
+    :class:`masq.consolidation.QuadraticPenalty`, the EWC term without autograd);
+    ``step_hook(model)`` after every optimizer step (``.grad`` still holds that step's
+    gradient: a measure accumulated during training). ``units`` (task-incremental: the task's
+    output units) masks the other units' logits in the loss,
+    CE(logits + head_bias(units), y); ``eval_units`` does so per evaluation set.
 
     Returns the curve {"iteration": [...], set or union name: [accuracy, ...]} recorded at
     :func:`eval_iterations` (iteration 0 is before the first step; an evaluation at ``it``
@@ -176,8 +184,10 @@ def train_task(
 
     bar = tqdm(total=config.iters, desc=desc, unit="it", disable=not progress, dynamic_ncols=True)
 
+    masked = {} if eval_units is None else {"units": eval_units}
+
     def record(it: int) -> None:
-        acc = accuracies(eval_counts(model, sets, precision=config.precision), unions)
+        acc = accuracies(eval_counts(model, sets, precision=config.precision, **masked), unions)
         curve["iteration"].append(it)
         for k in names:
             curve[k].append(acc[k])
@@ -185,6 +195,7 @@ def train_task(
             shown = names[-1]
             bar.set_postfix_str(f"{shown} {acc[shown]:.4f}", refresh=False)
 
+    bias: Tensor | None = None  # the head bias of ``units``, made at the first step
     optimizer = make_adam(model.parameters(), config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
@@ -195,7 +206,12 @@ def train_task(
         for it, idx in enumerate(order, start=1):
             with autocast(device, config.precision):
                 logits = model(x[idx])
-            loss = F.cross_entropy(logits.float(), y[idx])
+            logits = logits.float()
+            if units is not None:
+                if bias is None:
+                    bias = head_bias(units, logits.shape[1], device)
+                logits = logits + bias
+            loss = F.cross_entropy(logits, y[idx])
             if penalty is not None:
                 loss = loss + penalty(model)
             optimizer.zero_grad(set_to_none=True)
@@ -203,6 +219,8 @@ def train_task(
             if penalty_grad is not None:
                 penalty_grad(model)
             optimizer.step()
+            if step_hook is not None:
+                step_hook(model)
             if it in record_at:
                 record(it)
             bar.update(1)

@@ -6,7 +6,7 @@ big-endian integer, masked to 63 bits. Streams:
 - "tasks": the pixel permutations of permuted SLTs;
 - "init": the initialization of the network;
 - "d<t>-batches": the mini-batch stream of phase t (training on task t), t = 1, 2, ...;
-- "d<t>-drop": the drop-transfer masks of IMM's phase t (:mod:`masq.protocol.imm`);
+- "d<t>-drop": the drop-transfer masks of IMM's phase t (:mod:`masq.consolidation.imm`);
 - "fisher-labels": labels sampled from the model for ``fisher_labels="sampled"`` in the
   importance pass of task 1, and "fisher-labels-d<t>" for that of task t >= 2.
 

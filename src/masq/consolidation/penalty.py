@@ -1,0 +1,153 @@
+"""The penalty kernel: the one definition of a quadratic consolidation penalty's value and
+gradient, used by the single-run loop, the stacked loop (:mod:`masq.stacked.adam`) and the
+public pure function :func:`masq.consolidation.ewc.penalty`.
+
+For anchors a (θ^a, F^a) and weight λ the diagonal quadratic penalty and its gradient are
+
+    P(θ)   = (λ/2) Σ_a Σ_k F^a_k (θ_k − θ^a_k)²
+    ∇_k P  = λ Σ_a F^a_k (θ_k − θ^a_k).
+
+EWC (F = the importance of a task), online EWC (F = the running importance), L2 (F = 1) and
+IMM's L2-transfer (λ_T Σ (θ − θ_prev)², i.e. F = 1 at weight 2 λ_T) are all this penalty.
+
+A penalty is an object with ``value(params)`` (differentiable: add it to the loss of your own
+loop) and ``add_grad(params)`` (adds ∇P to the parameters' ``.grad`` without autograd, what
+masq's loops do after ``loss.backward()`` of the task loss); calling it on a model does the
+latter, so it plugs into :func:`masq.training.train_task`'s ``penalty_grad``. A structured
+penalty (a Kronecker-factored F) implements the same two methods (:class:`Penalty`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from masq.errors import ConfigError
+
+
+@runtime_checkable
+class Penalty(Protocol):
+    """A consolidation penalty: its value (differentiable in ``params``) and its gradient
+    added to each parameter's ``.grad`` (module docstring)."""
+
+    def value(self, params: Mapping[str, Tensor]) -> Tensor: ...
+
+    def add_grad(self, params: Mapping[str, Tensor]) -> None: ...
+
+
+def quadratic_grad_(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    lam_f: Sequence[Tensor],
+    scratch: Sequence[Tensor],
+) -> None:
+    """g_k += λF_k ⊙ (θ_k − θ*_k) for lists of tensors, in place, with three fused
+    multi-tensor operations: scratch = θ; scratch −= θ*; g += λF ⊙ scratch (the difference is
+    formed first, so nothing cancels in float32). The one definition of the gradient."""
+    torch._foreach_copy_(list(scratch), list(params))
+    torch._foreach_sub_(list(scratch), list(anchors))
+    torch._foreach_addcmul_(list(grads), list(lam_f), list(scratch))
+
+
+def quadratic_value(
+    params: Mapping[str, Tensor],
+    anchors: Sequence[tuple[Mapping[str, Tensor], Mapping[str, Tensor]]],
+    lam: float,
+) -> Tensor:
+    """P(θ) = (λ/2) Σ_a Σ_k F^a_k (θ_k − θ^a_k)² for anchors given as (θ^a, F^a) pairs keyed
+    like ``params``; a differentiable scalar. The one definition of the value."""
+    terms: list[Tensor] = []
+    for stars, importance in anchors:
+        for name, theta in params.items():
+            diff = theta - stars[name]
+            terms.append((importance[name] * diff * diff).sum())
+    return (0.5 * lam) * torch.stack(terms).sum()
+
+
+def check_lam(lam: object, what: str = "lam") -> float:
+    """λ as a float, else a one-line ConfigError: it must be a finite number >= 0."""
+    try:
+        value = float(lam)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"{what}: the penalty weight must be a number, got {lam!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise ConfigError(f"{what}: the penalty weight must be a finite number >= 0, got {lam}")
+    return value
+
+
+class QuadraticPenalty:
+    """The diagonal quadratic penalty of ``anchors`` (objects with ``params`` θ^a and
+    ``importance`` F^a, e.g. :class:`masq.consolidation.ewc.Anchor`) at weight ``lam``, for
+    the parameters of ``model`` (module docstring).
+
+    λF^a and θ^a are kept on the parameters' device and dtype; a scratch buffer holds
+    θ − θ^a, so :meth:`add_grad` allocates nothing per step.
+    """
+
+    def __init__(self, model: nn.Module, anchors: object, lam: float) -> None:
+        lam = check_lam(lam)
+        anchor_list = list(anchors) if isinstance(anchors, list | tuple) else [anchors]
+        if not anchor_list:
+            raise ConfigError("penalty: no anchors given; pass at least one Anchor")
+        named = dict(model.named_parameters())
+        for a in anchor_list:
+            stars = a.params  # type: ignore[attr-defined]
+            if set(stars) != set(named):
+                raise ConfigError(
+                    "penalty: anchor keys do not match the model's parameters; "
+                    "anchor this model's parameters"
+                )
+            for k, p in named.items():
+                if stars[k].shape != p.shape:
+                    raise ConfigError(
+                        f"penalty: anchor tensor {k!r} has shape {tuple(stars[k].shape)}, "
+                        f"the model's {tuple(p.shape)}; anchor this model's parameters"
+                    )
+        self.names = list(named)
+        self.lam = lam
+        with torch.no_grad():
+            self.anchors = [[a.params[k].to(named[k]) for k in self.names] for a in anchor_list]  # type: ignore[attr-defined]
+            self.importances = [
+                [a.importance[k].to(named[k]) for k in self.names]  # type: ignore[attr-defined]
+                for a in anchor_list
+            ]
+            self.lam_f = [[lam * f for f in imps] for imps in self.importances]
+        self.scratch = [torch.empty_like(named[k]) for k in self.names]
+
+    def value(self, params: Mapping[str, Tensor]) -> Tensor:
+        """P(θ) at ``params`` (differentiable; :func:`quadratic_value`)."""
+        pairs = [
+            (dict(zip(self.names, stars, strict=True)), dict(zip(self.names, imps, strict=True)))
+            for stars, imps in zip(self.anchors, self.importances, strict=True)
+        ]
+        return quadratic_value({k: params[k] for k in self.names}, pairs, self.lam)
+
+    @torch.no_grad()
+    def add_grad(self, params: Mapping[str, Tensor]) -> None:
+        """g_k += λ F^a_k (θ_k − θ^a_k) for every anchor a and parameter k (a zero gradient
+        where none was set): :func:`quadratic_grad_` once per anchor."""
+        tensors = [params[k] for k in self.names]
+        grads = []
+        for p in tensors:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        for stars, lam_f in zip(self.anchors, self.lam_f, strict=True):
+            quadratic_grad_(grads, tensors, stars, lam_f, self.scratch)
+
+    def __call__(self, model: nn.Module) -> None:
+        """:meth:`add_grad` for ``model``'s parameters (``train_task(penalty_grad=...)``)."""
+        self.add_grad(dict(model.named_parameters()))
+
+
+__all__ = [
+    "Penalty",
+    "QuadraticPenalty",
+    "check_lam",
+    "quadratic_grad_",
+    "quadratic_value",
+]

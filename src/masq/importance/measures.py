@@ -1,0 +1,91 @@
+"""The paper's measures in the registry: the diagonal Fisher (``fisher``), MaSQ (``masq``) and
+no importance (``none``). Their formulas: :mod:`masq.importance.diagonal`.
+
+- ``fisher``: F_k = (1/N) Σ_n g_nk², g_n the gradient of sample n's own loss; the labels from
+  ``fisher_labels`` (true / sampled from the model, drawn from the context's generator / exact
+  expectation over the classes). The pass runs in batches of ``masq_batch`` samples, which
+  bounds memory and does not enter the formula.
+- ``masq``: F_k = (1/K) Σ_b ḡ_bk² (``scale`` mean) or (1/K) Σ_b |b| ḡ_bk² (``scale`` sum) over
+  the K batches of ``masq_batch`` samples; ḡ_b the gradient of the batch-mean loss.
+- ``none``: no importance: plain fine-tuning (λ has no effect).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from masq.config import FisherLabels
+from masq.importance.diagonal import batches, fisher, masq
+from masq.importance.registry import Importance, Measure, MeasureContext, register_measure
+from masq.tasks import XY
+
+
+def fisher_measure(model: nn.Module, data: XY, ctx: MeasureContext) -> Importance:
+    """The diagonal Fisher of ``model`` on ``data`` (:func:`masq.importance.fisher`)."""
+    x, y = data
+    return fisher(
+        model,
+        batches(x, y, ctx.batch_size),
+        labels=ctx.settings["fisher_labels"],
+        generator=ctx.generator,
+        device=ctx.device,
+        **_outputs(ctx),
+    )
+
+
+def masq_measure(model: nn.Module, data: XY, ctx: MeasureContext) -> Importance:
+    """MaSQ of ``model`` on ``data`` in batches of ``masq_batch`` (:func:`masq.importance.masq`)."""
+    x, y = data
+    return masq(
+        model,
+        batches(x, y, ctx.settings["masq_batch"]),
+        scale=ctx.settings["scale"],
+        device=ctx.device,
+        **_outputs(ctx),
+    )
+
+
+def _outputs(ctx: MeasureContext) -> dict[str, Any]:
+    """``outputs=`` for the task-incremental scenario only (the class scenario's call is the
+    paper's, unchanged)."""
+    return {} if ctx.outputs is None else {"outputs": ctx.outputs}
+
+
+def fisher_label(values: Mapping[str, Any], detailed: bool = False) -> str:
+    """ "FIM", or "FIM (sampled)" / "FIM (exact)" for the other label sources."""
+    labels = str(values.get("fisher_labels", FisherLabels.TRUE.value))
+    return "FIM" + ("" if labels == FisherLabels.TRUE else f" ({labels})")
+
+
+def masq_label(values: Mapping[str, Any], detailed: bool = False) -> str:
+    """ "MaSQ (mean)", "MaSQ (sum)"; ``detailed`` adds B_MaSQ: "MaSQ (mean, B=1000)"."""
+    extra = f", B={int(values['masq_batch'])}" if detailed else ""
+    return f"MaSQ ({values.get('scale', 'mean')}{extra})"
+
+
+FISHER = register_measure(
+    Measure(
+        "fisher",
+        label=fisher_label,
+        compute=fisher_measure,
+        fields=("fisher_labels",),
+        description="the diagonal Fisher from exact per-sample gradients (the paper's FIM)",
+    )
+)
+MASQ = register_measure(
+    Measure(
+        "masq",
+        label=masq_label,
+        compute=masq_measure,
+        fields=("masq_batch", "scale"),
+        description="the Matrix of SQuares: squared batch-mean gradients (Gepperth & Wiech)",
+    )
+)
+NONE = register_measure(
+    Measure("none", label="none", description="no importance: plain fine-tuning")
+)
+
+__all__ = ["FISHER", "MASQ", "NONE", "fisher_label", "fisher_measure", "masq_label", "masq_measure"]

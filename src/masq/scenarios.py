@@ -1,0 +1,103 @@
+"""The three scenarios of continual learning (van de Ven & Tolias 2019, "Three scenarios for
+continual learning"): what the network is told and asked.
+
+- ``class`` (class-incremental, the MaSQ paper's setting): one head over all classes; the
+  task identity is never given. The tasks are used as they are.
+- ``task`` (task-incremental): the task identity is given at training and at test, and each
+  task has its own output units; the others' logits are masked (−inf), so training and the
+  argmax see only the task's own. With disjoint classes (split MNIST) a task's units are its
+  classes: this is the multi-head setting of van de Ven & Tolias (the shared layer's rows of
+  the other tasks are inactive) with no extra parameters and the same network as ``class``.
+  With overlapping classes (permuted MNIST: every task has 0..9) task t gets its own block of
+  C units, label y -> t·C + y, and the head grows to T·C units.
+- ``domain`` (domain-incremental): every task maps onto one shared label set: class
+  ``classes[i]`` of a task becomes label i (split MNIST 0/1, 2/3, ... -> "first or second
+  digit of the task", a 2-way head; permuted MNIST keeps its 10 classes).
+
+Relabelling is pure and applies to the train, validation and test parts alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from masq.config import Scenario, choice
+from masq.errors import ConfigError
+from masq.tasks import XY, Task
+
+
+def _relabel(xy: XY, lookup: Tensor) -> XY:
+    """(x, lookup[y]): the same images with every label mapped through ``lookup``."""
+    x, y = xy
+    return x, lookup[y]
+
+
+def _mapped(task: Task, labels: Sequence[int], units: Sequence[int] | None) -> Task:
+    """``task`` with class ``classes[i]`` relabelled ``labels[i]`` in every part."""
+    lookup = torch.full((max(task.classes) + 1,), -1, dtype=torch.int64)
+    lookup[list(task.classes)] = torch.as_tensor(list(labels), dtype=torch.int64)
+    return dataclasses.replace(
+        task,
+        train=_relabel(task.train, lookup),
+        val=_relabel(task.val, lookup),
+        test=_relabel(task.test, lookup),
+        labels=tuple(int(v) for v in labels),
+        units=None if units is None else tuple(int(u) for u in units),
+    )
+
+
+def disjoint(tasks: Sequence[Task]) -> bool:
+    """Whether no class belongs to two tasks (split MNIST; permuted MNIST is not)."""
+    seen: set[int] = set()
+    for task in tasks:
+        if seen & set(task.classes):
+            return False
+        seen |= set(task.classes)
+    return True
+
+
+def apply_scenario(tasks: Sequence[Task], scenario: Scenario | str) -> list[Task]:
+    """The tasks of ``scenario`` (module docstring): unchanged for ``class``; for ``task`` each
+    task's units (its classes, or its own block of C units when classes overlap); for
+    ``domain`` every task relabelled onto 0..k−1 by the position of its classes."""
+    kind = choice(Scenario, scenario, "scenario")
+    if kind == Scenario.CLASS or not tasks:
+        return list(tasks)
+    if kind == Scenario.DOMAIN:
+        return [_mapped(t, range(len(t.classes)), None) for t in tasks]
+    if disjoint(tasks):
+        return [_mapped(t, t.classes, t.classes) for t in tasks]
+    width = max(max(t.classes) for t in tasks) + 1
+    out = []
+    for i, t in enumerate(tasks):
+        units = [i * width + c for c in t.classes]
+        out.append(_mapped(t, units, units))
+    return out
+
+
+def n_outputs(tasks: Sequence[Task]) -> int:
+    """The head's size: 1 + the largest label any task uses (its ``labels``, else its
+    ``classes``). For the class scenario that is 1 + the largest class (the paper's 10)."""
+    if not tasks:
+        raise ConfigError("scenario: no tasks given")
+    return 1 + max(max(t.labels if t.labels is not None else t.classes) for t in tasks)
+
+
+def head_bias(
+    units: Sequence[int] | None, n: int, device: torch.device | str | None = None
+) -> Tensor | None:
+    """float32 [n]: 0 on the active ``units``, −inf elsewhere (None when every unit is
+    active). Added to the logits it masks the other tasks' units: softmax gives them exactly
+    0, the argmax never picks them."""
+    if units is None:
+        return None
+    bias = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+    bias[torch.as_tensor(list(units), dtype=torch.int64, device=device)] = 0.0
+    return bias
+
+
+__all__ = ["apply_scenario", "disjoint", "head_bias", "n_outputs"]

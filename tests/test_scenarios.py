@@ -1,0 +1,183 @@
+"""The three scenarios (masq.scenarios): relabelling, heads, masking in training, evaluation and
+the stacked engine, and runs in each scenario through the protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from masq import data, protocol, scenarios, tasks
+from masq.config import RunConfig, Scenario
+from masq.runid import run_id
+from masq.stacked import Workspace, loss_grads, stack_state, stacked_accuracies
+from masq.training import TrainConfig, eval_counts, train_task
+from tests.synthetic import learnable_dataset, synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def split() -> list[tasks.Task]:
+    return tasks.make("D2-2-2-2-2", dataset=synthetic_dataset(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def permuted() -> list[tasks.Task]:
+    return tasks.make("DP10-10-10", dataset=synthetic_dataset(), seed=0)
+
+
+def parts(task: tasks.Task) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [task.train, task.val, task.test]
+
+
+def test_class_scenario_leaves_every_task_unchanged(split: list[tasks.Task]) -> None:
+    assert scenarios.apply_scenario(split, "class") == split
+    assert scenarios.n_outputs(split) == 10
+
+
+def test_task_scenario_on_split_mnist_masks_the_shared_head(split: list[tasks.Task]) -> None:
+    out = scenarios.apply_scenario(split, Scenario.TASK)
+    assert scenarios.n_outputs(out) == 10  # the same network as the class scenario
+    for before, after in zip(split, out, strict=True):
+        assert after.units == before.classes and after.labels == before.classes
+        for (x0, y0), (x1, y1) in zip(parts(before), parts(after), strict=True):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_task_scenario_on_permuted_mnist_gives_each_task_its_own_units(
+    permuted: list[tasks.Task],
+) -> None:
+    out = scenarios.apply_scenario(permuted, "task")
+    assert scenarios.n_outputs(out) == 30
+    for t, (before, after) in enumerate(zip(permuted, out, strict=True)):
+        assert after.units == tuple(range(10 * t, 10 * t + 10))
+        for (_, y0), (_, y1) in zip(parts(before), parts(after), strict=True):
+            assert torch.equal(y1, y0 + 10 * t)
+
+
+def test_domain_scenario_maps_every_task_onto_one_label_set(split: list[tasks.Task]) -> None:
+    out = scenarios.apply_scenario(split, "domain")
+    assert scenarios.n_outputs(out) == 2
+    for before, after in zip(split, out, strict=True):
+        assert after.units is None and after.labels == (0, 1)
+        for (_, y0), (_, y1) in zip(parts(before), parts(after), strict=True):
+            assert torch.equal(y1, (y0 == before.classes[1]).long())  # first/second digit
+    assert all(t.labels == tuple(range(10)) for t in scenarios.apply_scenario(
+        tasks.make("DP10-10", dataset=synthetic_dataset(), seed=0), "domain"))  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    order=st.permutations(list(range(10))),
+    sizes=st.lists(st.integers(1, 4), min_size=2, max_size=5).filter(lambda s: sum(s) <= 10),
+    kind=st.sampled_from(["task", "domain"]),
+)
+def test_relabelling_is_a_bijection_per_task_into_the_head(
+    order: list[int], sizes: list[int], kind: str
+) -> None:
+    """Over random class splits: each task's classes go one-to-one onto labels inside the head,
+    alike in train, val and test, and no image changes."""
+    sizes = [*sizes, 10 - sum(sizes)] if sum(sizes) < 10 else sizes
+    spec = "D" + "-".join(map(str, sizes)) + ":" + ",".join(map(str, order))
+    base = tasks.make(spec, dataset=synthetic_dataset(60, 20, 20), seed=0)
+    out = scenarios.apply_scenario(base, kind)
+    n = scenarios.n_outputs(out)
+    for before, after in zip(base, out, strict=True):
+        assert after.labels is not None and len(set(after.labels)) == len(before.classes)
+        mapping = dict(zip(before.classes, after.labels, strict=True))
+        for (x0, y0), (x1, y1) in zip(parts(before), parts(after), strict=True):
+            assert torch.equal(x0, x1)
+            assert y1.tolist() == [mapping[int(c)] for c in y0]
+            assert all(0 <= v < n for v in y1.tolist())
+
+
+def test_head_bias_masks_exactly_the_other_units() -> None:
+    assert scenarios.head_bias(None, 5) is None
+    bias = scenarios.head_bias((1, 3), 5)
+    assert bias is not None
+    assert bias.tolist() == [float("-inf"), 0.0, float("-inf"), 0.0, float("-inf")]
+
+
+def test_masked_evaluation_and_training_use_only_the_tasks_units() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    x = torch.randn(50, 4)
+    y = torch.randint(2, 4, (50,))
+    units = {"D2": (2, 3)}
+    masked = eval_counts(model, {"D2": (x, y)}, units=units)["D2"][0]
+    logits = model(x).detach()[:, [2, 3]]
+    assert masked == int((logits.argmax(1) + 2 == y).sum())
+    # training with the mask never moves the rows of the other units
+    before = model[0].weight.detach().clone()
+    train_task(model, (x, y), TrainConfig(lr=1e-2, iters=5, batch_size=10), units=(2, 3))
+    moved = (model[0].weight.detach() - before).abs().sum(1)
+    assert moved[[0, 1, 4, 5]].eq(0).all() and moved[[2, 3]].gt(0).all()
+
+
+def test_the_stacked_engine_masks_like_autograd() -> None:
+    """loss_grads with a head bias equals autograd of the masked mean cross-entropy, and
+    stacked evaluation with units equals masked eval_counts."""
+    from masq.models import mlp
+
+    net = mlp((7,), in_features=5, classes=6, seed=3)
+    state = {k: v.detach() for k, v in net.state_dict().items()}
+    stacked = stack_state(state, 2)
+    x, y = torch.randn(9, 5), torch.randint(3, 5, (9,))
+    bias = scenarios.head_bias((3, 4), 6)
+    grads = loss_grads(stacked, Workspace.create(stacked, 9), x, y, bias)
+    loss = torch.nn.functional.cross_entropy(net(x) + bias, y)
+    auto = torch.autograd.grad(loss, [net[0].weight, net[0].bias, net[2].weight, net[2].bias])
+    for got, want in zip(grads, auto, strict=True):
+        got0 = got[0].t() if got[0].ndim == 2 else got[0]
+        torch.testing.assert_close(got0, want, rtol=1e-5, atol=1e-6)
+    accs = stacked_accuracies(stacked, {"D2": (x, y)}, {}, units={"D2": (3, 4)})
+    count = eval_counts(net, {"D2": (x, y)}, units={"D2": (3, 4)})["D2"]
+    assert accs[0]["D2"] == accs[1]["D2"] == count[0] / count[1]
+
+
+def test_the_scenario_is_in_the_run_id_only_off_its_default() -> None:
+    base = RunConfig(slt="D2-2-2-2-2")
+    assert run_id(base) == run_id(base.with_(scenario="class"))
+    ids = {run_id(base.with_(scenario=s)) for s in ("class", "task", "domain")}
+    assert len(ids) == 3
+
+
+@pytest.fixture
+def learnable(monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = learnable_dataset()
+    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
+
+
+SMALL = {"slt": "D2-2-2-2-2", "hidden": (32,), "iters1": 60, "iters2": 60, "batch_size": 20,
+         "eval_every": 30, "lr1": 1e-3, "lr2": 1e-3, "masq_batch": 50}  # fmt: skip
+
+
+def test_task_incremental_keeps_earlier_tasks_without_any_consolidation(learnable: None) -> None:
+    """With the task identity given, plain fine-tuning keeps the earlier tasks far above the
+    chance of their 2-way heads, while the class scenario forgets them."""
+    task_il = protocol.run(RunConfig(**SMALL, scenario="task", importance="none", lam=0.0))
+    class_il = protocol.run(RunConfig(**SMALL, importance="none", lam=0.0))
+    earlier_task = sum(task_il.accuracy[-1][:-1]) / 4
+    earlier_class = sum(class_il.accuracy[-1][:-1]) / 4
+    assert earlier_task > 0.8 and earlier_class < 0.2
+
+
+@pytest.mark.parametrize("scenario", ["task", "domain"])
+def test_stacked_equals_separate_in_every_scenario(learnable: None, scenario: str) -> None:
+    config = RunConfig(**{**SMALL, "slt": "D5-5"}, scenario=scenario, importance="fisher",
+                       lam=50.0)  # fmt: skip
+    run_tasks = protocol.make_tasks(config)
+    d1 = protocol.train_first(config, run_tasks)
+    imp, _ = protocol.compute_importance(config, d1, run_tasks)
+    configs = [config, config.with_(lam=0.0, importance="none"), config.with_(lr2=3e-3)]
+    imps = [imp, {}, imp]
+    separate = [
+        protocol.continue_run(c, d1, i, run_tasks) for c, i in zip(configs, imps, strict=True)
+    ]
+    stacked = protocol.continue_stacked(configs, d1, imps, run_tasks)
+    for a, b in zip(separate, stacked, strict=True):
+        for name in a.curves[1]:
+            assert a.curves[1][name] == pytest.approx(b.curves[1][name], abs=2e-2), name
+    assert dataclasses.asdict(configs[0]) == dataclasses.asdict(config)
