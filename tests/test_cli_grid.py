@@ -84,10 +84,10 @@ def test_grid_table_consistency_end_to_end(
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "grid: 8 runs (2 hidden × 2 lr2 × 2 λ; 8 combinations" in out
-    assert "done: 8 runs now, 0 were stored, 0 failed; 2 D1 trainings and 2 importance " in out
+    assert "done: 8 runs now, 0 were stored, 0 failed; 2 task-1 trainings and 2 importance " in out
     assert main(args) == 0  # resumed: nothing to do
     out = capsys.readouterr().out
-    assert "done: 0 runs now, 8 were stored, 0 failed; 0 D1 trainings and 0 importance" in out
+    assert "done: 0 runs now, 8 were stored, 0 failed; 0 task-1 trainings and 0 importance" in out
 
     assert main(["table", "--results", res]) == 0
     out = capsys.readouterr().out
@@ -119,7 +119,7 @@ def test_dry_run_prints_counts_and_the_estimate(
     )
     assert lines[1] == "stored already: 0; to run: 24"
     assert lines[2] == (
-        "shared work: 4 D1 trainings, 8 importance passes, 24 runs in 4 stacks of <= 16"
+        "shared work: 4 task-1 trainings, 8 importance passes, 24 runs in 4 stacks of <= 16"
     )
     assert lines[3] == (
         "calibration: a few iterations of 784-6-4-10, 784-8-10 on this machine (2 of 2 "
@@ -132,8 +132,8 @@ def test_dry_run_prints_counts_and_the_estimate(
     # = 8.25w, of which evaluation 6w x 6/16 = 2.25w; with task 1's 3w evaluation 5.25w.
     # Two workers halve it: 24 + 22 + 33 = 79 s, evaluation 21 s = 27 %.
     assert lines[4] == (
-        "estimated time with 2 worker(s) x 1 thread(s): 79 s (D1 training 24 s, importance "
-        "22 s, D2 re-training 33 s; evaluation 27% of it)"
+        "estimated time with 2 worker(s) x 1 thread(s): 79 s (task-1 training 24 s, importance "
+        "22 s, re-training 33 s; evaluation 27% of it)"
     )
     assert len(lines) == 5
 
@@ -151,9 +151,9 @@ def test_paper_preset_dry_run_counts(
     assert main(["grid", "--preset", "paper", "--dry-run", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert "grid: 1728 runs (3 slt × 36 hidden × 4 lr2 × 4 λ; 1728 combinations" in out
-    assert "108 D1 trainings, 108 importance passes, 1728 runs in 108 stacks of <= 16" in out
+    assert "108 task-1 trainings, 108 importance passes, 1728 runs in 108 stacks of <= 16" in out
     assert "calibration: a few iterations of 784-200-200-10 on this machine (1 of 36" in out
-    assert "60.0 min (D1 training 60 s, importance 6 s, D2 re-training 58.9 min" in out
+    assert "60.0 min (task-1 training 60 s, importance 6 s, re-training 58.9 min" in out
     assert "evaluation 8% of it" in out and "1.0 h" not in out
 
 
@@ -202,7 +202,7 @@ def test_dry_run_of_a_three_task_grid(
     )
     assert (
         lines[2]
-        == "shared work: 4 D1 trainings, 4 importance passes, 16 runs in 16 stacks of <= 16"
+        == "shared work: 4 task-1 trainings, 4 importance passes, 16 runs in 16 stacks of <= 16"
     )
 
 

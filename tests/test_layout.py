@@ -15,6 +15,7 @@ ORDER: tuple[str, ...] = (
     "slt",
     "registry",
     "config",
+    "defaults",
     "streams",
     "curves",
     "data",

@@ -240,3 +240,16 @@ def test_wait_policy_is_passive_only_on_a_busy_machine_and_never_overrides_the_u
     assert wait_policy_env({}, busy=True) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert wait_policy_env({}, busy=False) == {}
     assert wait_policy_env({"OMP_WAIT_POLICY": "ACTIVE"}, busy=True) == {}
+
+
+def test_importing_the_cli_changes_no_environment_and_loads_no_torch() -> None:
+    """The thread settings are made when a command starts (masq.cli.main), not on import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; before = dict(os.environ); import masq.cli; "
+        "sys.exit(dict(os.environ) != before or 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0

@@ -380,10 +380,13 @@ def test_dry_run_counts_and_runs_nothing(
     args = ["table1", "--results", str(root), "--slt", "D9-1", "--dry-run", "--workers", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "D9-1 plane: 200 runs, stored already 0, to run 200; estimated" in out
+    assert "D9-1 plane: 200 runs; stored already: 0; to run: 200" in out
     assert "D9-1 extend: 0 runs" in out and "D9-1 confirm: 0 runs" in out
-    plane_h = float(out.split("to run 200; estimated ")[1].split(" h")[0])
-    assert f"in all: {plane_h:.2f} h estimated" in out
+    plane = out.split("D9-1 plane: 200 runs")[1].split("estimated time with 1 worker(s) x ")[1]
+    value, unit = plane.split(": ")[1].split(" (")[0].split(" ")
+    plane_h = float(value) / {"s": 3600, "min": 60, "h": 1}[unit]
+    total_h = float(out.split("in all: ")[1].split(" h")[0])
+    assert total_h == pytest.approx(plane_h, abs=0.01)
     assert not (root / "runs").exists()
 
 

@@ -6,6 +6,7 @@ files (safetensors) checked against a sidecar."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -41,6 +42,14 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def save_png(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
+    """Write the matplotlib figure ``fig`` as PNG (``dpi`` dots per inch) to ``path``
+    atomically: the one PNG saver of masq."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return atomic_write(path, buffer.getvalue())
 
 
 def warn(message: str) -> None:

@@ -18,6 +18,14 @@ from masq.errors import ConfigError
 from masq.fileio import out_dir_message, writable_dir
 
 
+def cpu_count() -> int:
+    """The cores this process may use (its CPU affinity; all cores where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """ "cpu" | "cuda" | "cuda:N" | "auto" -> a torch.device that exists on this machine."""
     check_device_name(name)

@@ -14,7 +14,7 @@
 Each returns tables (DataFrames) and matplotlib figures; ``masq analyze`` writes them.
 """
 
-from masq.analysis.common import provenance, read_manifest, save_png, write_manifest
+from masq.analysis.common import provenance, read_manifest, write_manifest
 from masq.analysis.compare import (
     MEASURES,
     cancellation_share,
@@ -65,6 +65,7 @@ from masq.analysis.sweep import (
     sweep_markdown,
 )
 from masq.analysis.sweep import write_outputs as sweep_outputs
+from masq.fileio import save_png
 
 __all__ = [
     "CAMPAIGN",

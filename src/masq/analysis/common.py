@@ -13,7 +13,6 @@ saying what was run and the command that regenerates it.
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import os
 import platform
@@ -22,22 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 
 from masq import __version__
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
+from masq.runtime import cpu_count
 
 MANIFEST_FORMAT = "masq-analysis"
 ANALYSES: tuple[str, ...] = ("diagonality", "compare", "lambda")
-
-
-def cpu_count() -> int:
-    """The cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:
@@ -51,13 +42,6 @@ def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:
         f"{torch.get_num_threads()} torch threads, device {device}",
         **extra,
     }
-
-
-def save_png(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write(path, buffer.getvalue())
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -36,9 +36,10 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from masq import importance
-from masq.analysis.common import markdown, provenance, save_png, write_manifest, write_text
+from masq.analysis.common import markdown, provenance, write_manifest, write_text
 from masq.config import RunConfig, hidden_text
 from masq.errors import ConfigError
+from masq.fileio import save_png
 from masq.protocol import labels_stream, stream_seed
 
 # The measures computed at each state, by label (FIM with its label source, MaSQ with its scale).

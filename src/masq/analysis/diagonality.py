@@ -34,9 +34,10 @@ from torch import Tensor, nn
 
 from masq import importance
 from masq import protocol as masq_protocol
-from masq.analysis.common import markdown, provenance, save_png, write_manifest, write_text
+from masq.analysis.common import markdown, provenance, write_manifest, write_text
 from masq.config import RunConfig, hidden_text
 from masq.errors import ConfigError
+from masq.fileio import save_png
 from masq.importance.blocks import fisher_block as build_fisher_block
 
 # The largest tensor whose whole block :func:`fisher_block` builds (P² float64: 128 MiB).

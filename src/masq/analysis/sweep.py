@@ -24,10 +24,11 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from masq.analysis.common import markdown, provenance, save_png, write_manifest, write_text
+from masq.analysis.common import markdown, provenance, write_manifest, write_text
 from masq.config import RunConfig, lam_per_lr2, round_sig
 from masq.consolidation import method_label
 from masq.errors import ConfigError
+from masq.fileio import save_png
 from masq.grid import expand, grid_from_mapping, load_preset
 from masq.runid import run_id
 

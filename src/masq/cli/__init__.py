@@ -10,13 +10,9 @@ file-system error no check could foresee prints one line and exits with 1.
 
 from __future__ import annotations
 
-import os
-
-from masq.cli.waitpolicy import wait_policy_env
-
-os.environ.update(wait_policy_env())  # before torch (and its OpenMP runtime) loads
-
 import argparse
+import importlib
+import os
 import signal
 import sys
 import threading
@@ -24,17 +20,21 @@ from collections.abc import Sequence
 from types import FrameType
 
 from masq import __version__
-from masq.cli import (
-    analyze_cmd,
-    data_cmd,
-    experiment_cmd,
-    grid_cmd,
-    imm_cmd,
-    report_cmd,
-    table1_cmd,
-)
+from masq.cli.waitpolicy import wait_policy_env
 from masq.errors import MasqError
 from masq.fileio import error_text
+
+# The sub-command modules, in the order of ``masq --help``; imported when the parser is built
+# (they load torch), so that :func:`main` can set the thread settings first.
+COMMANDS: tuple[str, ...] = (
+    "data_cmd",
+    "experiment_cmd",
+    "grid_cmd",
+    "analyze_cmd",
+    "report_cmd",
+    "imm_cmd",
+    "table1_cmd",
+)
 
 
 class Terminated(KeyboardInterrupt):
@@ -54,21 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"masq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (
-        data_cmd,
-        experiment_cmd,
-        grid_cmd,
-        analyze_cmd,
-        report_cmd,
-        imm_cmd,
-        table1_cmd,
-    ):
-        module.register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"masq.cli.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``masq`` console script; returns the exit status."""
+    """Entry point of the ``masq`` console script; returns the exit status. Before anything
+    loads torch (and its OpenMP runtime) it sets ``OMP_WAIT_POLICY=PASSIVE`` on an
+    oversubscribed machine unless the environment chose a policy
+    (:func:`masq.cli.waitpolicy.wait_policy_env`); importing :mod:`masq.cli` changes nothing."""
+    os.environ.update(wait_policy_env())
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

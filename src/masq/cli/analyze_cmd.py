@@ -13,7 +13,6 @@ ran, where, when, the command) into its output directory; ``masq report`` reads 
 from __future__ import annotations
 
 import argparse
-import functools
 import shlex
 import sys
 import time
@@ -21,14 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from masq.cli.experiment_cmd import FALLBACK_DEFAULTS, SLT_DEFAULTS
+from masq.cli.common import execute, plan_lines, resolve_workers, tasks_fn
 from masq.cli.options import add_execution_flags, hidden_from_tokens
 from masq.config import FIELD, Init, RunConfig, hidden_text
+from masq.defaults import PAPER_SLTS, paper_best
 from masq.errors import ConfigError
 from masq.runtime import check_out_dir, setup_threads
 from masq.slt import parse_spec
 
-PAPER_SLTS: tuple[str, ...] = ("D5-5", "D9-1", "DP10-10")
 DEFAULT_OUT = "results/analysis"
 # Flags of `masq analyze lambda` that set one value of a grid axis for every run.
 SWEEP_FIELDS: tuple[str, ...] = (
@@ -300,7 +299,7 @@ def run_compare(args: argparse.Namespace) -> int:
         slts = [_slt_text(s) for s in (args.slt or PAPER_SLTS)]
         configs = []
         for slt in slts:
-            default = SLT_DEFAULTS.get(slt, FALLBACK_DEFAULTS)[0]
+            default = paper_best(slt)[0]
             configs.append(_first_config(args, slt, _hidden(args.hidden, default)))
         words = ["masq", "analyze", "compare", "--slt", *slts]
         words += ["--hidden", *args.hidden] if args.hidden else []
@@ -348,8 +347,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_lambda(args: argparse.Namespace) -> int:
     """``masq analyze lambda``."""
-    from masq import analysis, protocol
-    from masq import grid as search
+    from masq import analysis
     from masq.runid import run_id
     from masq.store import Store, load
 
@@ -362,37 +360,24 @@ def run_lambda(args: argparse.Namespace) -> int:
     base = {n: getattr(args, n) for n in SWEEP_FIELDS if getattr(args, n) is not None}
     grids = []
     for slt in [_slt_text(s) for s in args.slt]:
-        hidden_d, lr2_d = SLT_DEFAULTS.get(slt, FALLBACK_DEFAULTS)
+        hidden_d, lr2_d = paper_best(slt)
         lr2 = lr2_d if args.lr2 is None else args.lr2
         hidden = _hidden(args.hidden, hidden_d)
         grids.append(analysis.sweep_grid(slt, hidden, lr2, lams, seeds=args.seeds, base=base))
     configs = analysis.sweep_configs(grids)
-    workers = search.cpu_count() if args.workers is None else args.workers
-    if workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
-    threads = args.threads or max(1, search.cpu_count() // workers)
+    workers, threads = resolve_workers(args.workers, args.threads)
     print(f"λ sweep: {len(configs)} runs ({len(grids)} SLT(s) × {args.seeds} seed(s) × (λ = 0 + "
           f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × 3 importances))")  # fmt: skip
-    stored = Store(args.results).stored_ids() if Path(args.results).exists() else set()
-    todo = [c for c in configs if run_id(c) not in stored]
     if args.dry_run:
-        groups = search.plan(todo)
-        w = search.work(groups, args.stack)
-        print(f"stored already: {len(configs) - len(todo)}; to run: {len(todo)}; shared work: "
-              f"{w.d1_trainings} task-1 trainings, {w.importance_passes} importance passes, "
-              f"{w.stacks} stacks of <= {args.stack}")  # fmt: skip
-        if todo:
-            est = search.estimate(groups, args.stack, workers=workers, threads=threads)
-            print(f"estimated time with {workers} worker(s) × {threads} thread(s): "
-                  f"{est.total / 3600:.2f} h (task 1 {est.d1 / 60:.1f} min, importance "
-                  f"{est.importance / 60:.1f} min, re-training {est.d2 / 3600:.2f} h), from a "
-                  "short calibration on this machine")  # fmt: skip
+        stored = Store(args.results).stored_ids() if Path(args.results).exists() else set()
+        lines, _ = plan_lines(configs, stored, stack=args.stack, workers=workers, threads=threads)
+        print("\n".join(lines))
         return 0
-    data_dir = args.data_dir
-    tasks_fn = functools.partial(protocol.make_tasks, data_dir=data_dir) if data_dir else None
-    summary = search.execute(configs, args.results, workers=workers, stack=args.stack,
-                             threads=threads, progress=not args.no_progress,
-                             tasks_fn=tasks_fn)  # fmt: skip
+    summary = execute("analyze lambda", configs, args.results, workers=workers,
+                      stack=args.stack, threads=threads, progress=not args.no_progress,
+                      tasks_fn=tasks_fn(args.data_dir))  # fmt: skip
+    if summary is None:
+        return 1
     print(f"done: {summary.done} runs now, {summary.skipped} were stored, "
           f"{len(summary.failed)} failed; {summary.seconds:.0f} s")  # fmt: skip
     if summary.failed:

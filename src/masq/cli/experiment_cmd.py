@@ -18,25 +18,16 @@ from masq.cli.options import add_run_flags, check_consistent, given, hidden_from
 from masq.config import RunConfig, hidden_text, lam_per_lr2
 from masq.consolidation import check_config, get_method, method_label
 from masq.curves import task_name, union_name
+from masq.defaults import paper_best, paper_best_text
 from masq.errors import ConfigError
-from masq.fileio import atomic_write, error_text, rescue, rescue_dir
+from masq.fileio import atomic_write, error_text, rescue, rescue_dir, save_png
 from masq.protocol import Result
 from masq.report import figures
 from masq.runtime import check_out_dir, resolve_device, setup_threads
 from masq.slt import parse_spec
 
-# Per-SLT defaults when --hidden / --lr2 are not given (PAPER.md section 5's best
-# configurations); lambda defaults to 1 / lr2.
-SLT_DEFAULTS: dict[str, tuple[tuple[int, ...], float]] = {
-    "D5-5": ((800, 800), 1e-5),
-    "D9-1": ((800, 400, 400), 1e-4),
-    "DP10-10": ((800, 800, 200), 1e-5),
-}
-FALLBACK_DEFAULTS = SLT_DEFAULTS["D5-5"]
 TENSORBOARD_HINT = "--tensorboard needs the tensorboard package: pip install masq-ewc[tensorboard]"
-_PER_SLT = ", ".join(
-    f"{slt}: {hidden_text(h)}, lr2 {lr:g}" for slt, (h, lr) in SLT_DEFAULTS.items()
-)
+_PER_SLT = paper_best_text()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -105,7 +96,7 @@ def config_from_args(args: argparse.Namespace, **changes: Any) -> RunConfig:
     names = set(values)
     compare = getattr(args, "command", "run") == "compare"
     slt = parse_spec(values.get("slt", RunConfig().slt)).text
-    default_hidden, default_lr2 = SLT_DEFAULTS.get(slt, FALLBACK_DEFAULTS)
+    default_hidden, default_lr2 = paper_best(slt)
     values["slt"] = slt
     values["hidden"] = (
         hidden_from_tokens(values["hidden"]) if "hidden" in values else default_hidden
@@ -179,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
         written.append(figures.plot_results({label: result}, out / f"{stem}.png"))
         if config.n_tasks > 2:
             fig = figures.accuracy_figure(result)
-            written.append(figures.save_figure(fig, out / f"{stem}_accuracy.png"))
+            written.append(save_png(fig, out / f"{stem}_accuracy.png", dpi=figures.FIGURE_DPI))
         if args.save_weights:
             written += result.save_weights(out, stem)
         if args.csv:

@@ -12,11 +12,11 @@ masq migrate runs/old                                    # a masq 0.1 results di
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 from typing import Any
 
+from masq.cli.common import execute, hours, plan_lines, resolve_workers, tasks_fn
 from masq.cli.options import add_grid_flags, dest
 from masq.config import FIELDS, Executor, Stage
 from masq.errors import ConfigError
@@ -183,35 +183,6 @@ def grid_from_args(args: argparse.Namespace) -> Any:
     return masq_grid.grid_from_mapping(values, base, where="command line")
 
 
-def _workers(args: argparse.Namespace) -> int:
-    from masq.grid import cpu_count
-
-    workers = cpu_count() if args.workers is None else args.workers
-    if args.workers is None and str(getattr(args, "device", None) or "").startswith("cuda"):
-        import torch
-
-        workers = max(1, torch.cuda.device_count())  # one worker per GPU
-    if workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
-    return workers
-
-
-def _tasks_fn(args: argparse.Namespace) -> Any:
-    from masq import protocol
-
-    if args.data_dir is None:
-        return None
-    return functools.partial(protocol.make_tasks, data_dir=args.data_dir)
-
-
-def _hours(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
-
-
 def describe_axes(grid: Any) -> str:
     """ "3 slt × 36 hidden × ..." for the axes with more than one value."""
     parts = []
@@ -229,15 +200,13 @@ def describe_axes(grid: Any) -> str:
 def run_grid(args: argparse.Namespace) -> int:
     """``masq grid``."""
     from masq import grid as search
-    from masq.runid import run_id
     from masq.store import Store
 
     grid = grid_from_args(args)
     configs = search.expand(grid)
     if args.executor == "local":  # Ray workers may have GPUs this machine lacks
         check_devices(configs)
-    workers = _workers(args)
-    threads = args.threads or max(1, search.cpu_count() // workers)
+    workers, threads = resolve_workers(args.workers, args.threads, args.device)
     if args.stack < 1:
         raise ConfigError(f"--stack must be >= 1, got {args.stack}")
     print(
@@ -248,35 +217,14 @@ def run_grid(args: argparse.Namespace) -> int:
         stored: set[str] = set()
         if args.results is not None and Path(args.results).exists():
             stored = Store(args.results, create=False).stored_ids(repair=False)
-        todo = [c for c in configs if run_id(c) not in stored]
-        groups = search.plan(todo)
-        w = search.work(groups, args.stack)
-        print(f"stored already: {len(configs) - len(todo)}; to run: {len(todo)}")
-        print(
-            f"shared work: {w.d1_trainings} D1 trainings, {w.importance_passes} importance "
-            f"passes, {w.later_runs} runs in {w.stacks} stacks of <= {args.stack}"
-        )
-        if todo:
-            est = search.estimate(groups, args.stack, workers=workers, threads=threads)
-            measured = ", ".join("784-" + "-".join(map(str, h)) + "-10" for h in est.measured)
-            print(
-                f"calibration: a few iterations of {measured} on this machine "
-                f"({len(est.measured)} of {est.architectures} architectures measured, others "
-                "interpolated by parameter count)"
-            )
-            share = est.evaluation / est.total if est.total > 0 else 0.0
-            print(
-                f"estimated time with {workers} worker(s) x {threads} thread(s): "
-                f"{_hours(est.total)} (D1 training {_hours(est.d1)}, importance "
-                f"{_hours(est.importance)}, D2 re-training {_hours(est.d2)}; evaluation "
-                f"{100 * share:.0f}% of it)"
-            )
+        lines, _ = plan_lines(configs, stored, stack=args.stack, workers=workers, threads=threads)
+        print("\n".join(lines))
         return 0
     if args.results is None:
         raise ConfigError("masq grid: give --results DIR (or --dry-run)")
     Store(args.results).check_writable()
-    summary = _execute(
-        search,
+    summary = execute(
+        "grid",
         configs,
         args.results,
         workers=workers,
@@ -285,15 +233,15 @@ def run_grid(args: argparse.Namespace) -> int:
         address=args.address,
         threads=threads if args.executor == "local" else args.threads,
         progress=not args.no_progress,
-        tasks_fn=_tasks_fn(args),
+        tasks_fn=tasks_fn(args.data_dir),
         wait=args.wait,
     )
     if summary is None:
         return 1
     print(
         f"done: {summary.done} runs now, {summary.skipped} were stored, "
-        f"{len(summary.failed)} failed; {summary.d1_trained} D1 trainings and "
-        f"{summary.importance_computed} importance passes computed; {_hours(summary.seconds)}"
+        f"{len(summary.failed)} failed; {summary.d1_trained} task-1 trainings and "
+        f"{summary.importance_computed} importance passes computed; {hours(summary.seconds)}"
     )
     if summary.failed:
         print(f"failed runs (details in {Path(args.results) / 'errors'}):", file=sys.stderr)
@@ -352,9 +300,9 @@ def run_consistency(args: argparse.Namespace) -> int:
             config = search.canonical(RunConfig.from_dict(d)).validate()
             runs[slt][label] = run_id(config)
             configs.append(config)
-    workers = _workers(args)
-    summary = _execute(
-        search,
+    workers, _ = resolve_workers(args.workers, args.threads, getattr(args, "device", None))
+    summary = execute(
+        "consistency",
         configs,
         args.results,
         workers=workers,
@@ -363,7 +311,7 @@ def run_consistency(args: argparse.Namespace) -> int:
         address=args.address,
         threads=args.threads,
         progress=not args.no_progress,
-        tasks_fn=_tasks_fn(args),
+        tasks_fn=tasks_fn(args.data_dir),
     )
     if summary is None:
         return 1
@@ -375,17 +323,6 @@ def run_consistency(args: argparse.Namespace) -> int:
     for path in report.consistency_figures(args.results, runs, out):
         print(f"written: {path}")
     return 0
-
-
-def _execute(search: Any, *args: Any, **kwargs: Any) -> Any:
-    """``search.execute``; a grid stopped by a systematic failure prints its traceback and
-    returns None (exit status 1)."""
-    try:
-        return search.execute(*args, **kwargs)
-    except search.GridAborted as err:
-        print(err.traceback, file=sys.stderr, end="")
-        print(f"masq grid: {err}", file=sys.stderr)
-        return None
 
 
 # ----------------------------------------------------------------------------- migrate

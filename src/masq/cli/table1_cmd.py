@@ -18,12 +18,12 @@ Every run goes through :func:`masq.grid.execute` into --results, so re-running r
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from masq.cli.common import execute, plan_lines, resolve_workers, tasks_fn
 from masq.cli.options import add_execution_flags
 from masq.errors import ConfigError
 from masq.runtime import check_out_dir
@@ -111,19 +111,9 @@ class Runner:
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         self.args, self.search = args, search
-        self.workers = search.cpu_count() if args.workers is None else args.workers
-        self.threads = args.threads or max(1, search.cpu_count() // self.workers)
-        data_dir = args.data_dir
-        self.tasks_fn = self._tasks_fn(data_dir)
+        self.workers, self.threads = resolve_workers(args.workers, args.threads)
+        self.tasks_fn = tasks_fn(args.data_dir)
         self.estimated: list[float] = []  # seconds per --dry-run estimate printed
-
-    @staticmethod
-    def _tasks_fn(data_dir: str | None) -> Any:
-        if not data_dir:
-            return None
-        from masq import protocol
-
-        return functools.partial(protocol.make_tasks, data_dir=data_dir)
 
     def stored(self) -> set[str]:
         """Run ids stored with a valid record."""
@@ -142,36 +132,28 @@ class Runner:
         return load(root) if (root / "meta.json").exists() else pd.DataFrame()
 
     def dry(self, label: str, configs: Sequence[Any], note: str = "") -> None:
-        """Print the counts and the time estimate of ``configs``."""
-        from masq.runid import run_id
-
-        stored = self.stored()
-        todo = [c for c in configs if run_id(c) not in stored]
-        search = self.search
-        line = f"{label}: {len(configs)} runs, stored already {len(configs) - len(todo)}, to run "
-        line += f"{len(todo)}"
-        if todo:
-            groups = search.plan(todo)
-            est = search.estimate(groups, self.args.stack, workers=self.workers,
-                                  threads=self.threads)  # fmt: skip
-            self.estimated.append(est.total)
-            line += (f"; estimated {est.total / 3600:.2f} h with {self.workers} worker(s) × "
-                     f"{self.threads} thread(s)")  # fmt: skip
-        print(line + (f" ({note})" if note else ""), flush=True)
+        """Print the counts, the shared work and the time estimate of ``configs``."""
+        lines, seconds = plan_lines(
+            configs,
+            self.stored(),
+            stack=self.args.stack,
+            workers=self.workers,
+            threads=self.threads,
+            label=f"{label}: {len(configs)} runs" + (f" ({note})" if note else "") + "; ",
+        )
+        if seconds:
+            self.estimated.append(seconds)
+        print("\n".join(lines), flush=True)
 
     def run(self, configs: Sequence[Any]) -> bool:
         """Execute ``configs`` (stored ones are skipped); False when some failed."""
         if not configs:
             return True
-        search = self.search
-        try:
-            summary = search.execute(
-                list(configs), self.args.results, workers=self.workers, stack=self.args.stack,
-                threads=self.threads, progress=not self.args.no_progress, tasks_fn=self.tasks_fn,
-            )  # fmt: skip
-        except search.GridAborted as err:
-            print(err.traceback, file=sys.stderr, end="")
-            print(f"masq table1: {err}", file=sys.stderr)
+        summary = execute(
+            "table1", configs, self.args.results, workers=self.workers, stack=self.args.stack,
+            threads=self.threads, progress=not self.args.no_progress, tasks_fn=self.tasks_fn,
+        )  # fmt: skip
+        if summary is None:
             return False
         print(f"  done: {summary.done} runs now, {summary.skipped} were stored, "
               f"{len(summary.failed)} failed; {summary.seconds:.0f} s", flush=True)  # fmt: skip

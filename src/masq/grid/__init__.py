@@ -9,7 +9,7 @@ state and importance), :mod:`~masq.grid.group` (one group's work, cached and res
 
 from masq.consolidation import canonical
 from masq.grid.estimate import Estimate, calibrate, estimate, measure, task_sizes
-from masq.grid.executors import GridAborted, Summary, cpu_count, execute
+from masq.grid.executors import GridAborted, Summary, execute
 from masq.grid.expand import expand, lam_values
 from masq.grid.group import (
     GroupJob,
@@ -31,6 +31,7 @@ from masq.grid.spec import (
     load_preset,
     read_toml,
 )
+from masq.runtime import cpu_count
 
 __all__ = [
     "GRID_KEYS",

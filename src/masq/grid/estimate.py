@@ -13,8 +13,8 @@ from masq import stacked
 from masq.config import RunConfig, n_params
 from masq.consolidation import get_method
 from masq.consolidation.imm import sweep_shares
-from masq.grid.executors import cpu_count
 from masq.grid.plan import Group, chunks
+from masq.runtime import cpu_count
 from masq.slt import parse_spec
 from masq.training import eval_iterations
 

@@ -41,7 +41,7 @@ from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
 from masq.grid.plan import one_by_one, plan
 from masq.runid import run_id
-from masq.runtime import resolve_device
+from masq.runtime import cpu_count, resolve_device
 from masq.store import NotStored, Store
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -92,14 +92,6 @@ class Summary:
     d1_trained: int
     importance_computed: int
     seconds: float
-
-
-def cpu_count() -> int:
-    """The cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _init_worker(threads: int, parent: int, gpu_slot: Any = None) -> None:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from masq.config import Criterion, choice, lam_per_lr2
 from masq.curves import union_name
+from masq.fileio import save_png
 from masq.report.tables import CONFIG_FIELDS, table1
 from masq.store import load_record, load_result
 
@@ -76,7 +77,7 @@ def consistency_figures(
         )
         fig = figures.curves_figure(results, title=title)
         name = f"consistency_{slt.replace('/', '_')}.png"
-        paths.append(figures.save_figure(fig, Path(out) / name))
+        paths.append(save_png(fig, Path(out) / name, dpi=figures.FIGURE_DPI))
     return paths
 
 

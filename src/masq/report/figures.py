@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from matplotlib.figure import Figure
 from masq.config import hidden_text
 from masq.consolidation import method_label
 from masq.curves import task_name, union_name
-from masq.fileio import atomic_write
+from masq.fileio import save_png
 from masq.protocol.result import Result
 
 # (colour, line style) per method, in order of appearance.
@@ -33,6 +32,8 @@ STYLES: tuple[tuple[str, LineStyle], ...] = (
     ("tab:purple", (0, (3, 1, 1, 1))),
     ("tab:orange", (0, (5, 2))),
 )
+
+FIGURE_DPI = 120  # the resolution of the figures of `masq run`, `masq compare` and the report
 
 
 def phase_offsets(result: Result) -> list[int]:
@@ -148,15 +149,8 @@ def default_title(result: Result) -> str:
     )
 
 
-def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write(path, buffer.getvalue())
-
-
 def plot_results(
     results: Mapping[str, Result], path: str | Path, *, title: str | None = None
 ) -> Path:
     """:func:`curves_figure` of ``results`` saved to ``path``."""
-    return save_figure(curves_figure(results, title=title), path)
+    return save_png(curves_figure(results, title=title), path, dpi=FIGURE_DPI)

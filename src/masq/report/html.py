@@ -37,7 +37,7 @@ import pandas as pd
 from masq import __version__
 from masq.config import hidden_text
 from masq.errors import ConfigError
-from masq.fileio import atomic_write
+from masq.fileio import atomic_write, save_png
 from masq.report.page import Figures, Part, Table, markdown_tables
 from masq.report.tables import table1, to_markdown
 from masq.store import load, load_result, open_store
@@ -308,7 +308,7 @@ def _matrices_part(stores: list[tuple[Path, pd.DataFrame]], figs: Figures, out: 
             rid = sorted(str(row["run_ids"]).split(","))[0]
             result = load_result(root, rid)
             name = f"accuracy_{len(figs.used)}_{str(row['slt']).replace('/', '_')}.png"
-            figures.save_figure(figures.accuracy_figure(result), out / name)
+            save_png(figures.accuracy_figure(result), out / name, dpi=figures.FIGURE_DPI)
             figs.used.add(name)
             part.figures.append((name, f"{row['slt']}: accuracy matrix of the best run"))
         part.caption += f"{root}: the Table-1 winner (best) of each SLT with more than two tasks. "

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from masq.analysis import settle
 from masq.analysis.paired import gain_markdown, gain_tests, paired_markdown, paired_tests
 from masq.consolidation import method_label
-from masq.fileio import atomic_write
+from masq.fileio import atomic_write, save_png
 from masq.report.tables import table1
 from masq.runid import run_id
 from masq.store import load_result
@@ -119,13 +119,6 @@ def plane_figure(df: pd.DataFrame, campaign: settle.Campaign, slt: str) -> Figur
     fig.suptitle(f"{slt}: seed 0, 784-{'-'.join(map(str, hidden))}-10; λ = 0 at the left edge "
                  "(squares)", fontsize=10)  # fmt: skip
     return fig
-
-
-def save_png(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` as PNG atomically (through :mod:`masq.report.figures`)."""
-    from masq.report.figures import save_figure
-
-    return save_figure(fig, path, dpi=110)
 
 
 def winner_runs(

@@ -1,0 +1,101 @@
+"""What the grid-running commands (``masq grid``, ``masq analyze lambda``, ``masq table1``)
+share: workers and threads, the task builder of ``--data-dir``, the dry-run report and the
+execution that turns an aborted grid into one line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from masq.errors import ConfigError
+
+
+def resolve_workers(
+    workers: int | None, threads: int | None, device: str | None = None
+) -> tuple[int, int]:
+    """(workers, threads per worker): ``workers`` defaults to the cores (one per GPU for a
+    CUDA ``device``), ``threads`` to cores // workers (at least 1); < 1 is a ConfigError."""
+    from masq.grid import cpu_count
+
+    n = cpu_count() if workers is None else workers
+    if workers is None and str(device or "").startswith("cuda"):
+        import torch
+
+        n = max(1, torch.cuda.device_count())  # one worker per GPU
+    if n < 1:
+        raise ConfigError(f"--workers must be >= 1, got {n}")
+    return n, threads or max(1, cpu_count() // n)
+
+
+def tasks_fn(data_dir: str | None) -> Any:
+    """The task builder reading the IDX files of ``--data-dir`` (None: the default)."""
+    if not data_dir:
+        return None
+    from masq import protocol
+
+    return functools.partial(protocol.make_tasks, data_dir=data_dir)
+
+
+def hours(seconds: float) -> str:
+    """A duration as "42 s", "3.5 min" or "2.10 h"."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def plan_lines(
+    configs: Sequence[Any],
+    stored: set[str],
+    *,
+    stack: int,
+    workers: int,
+    threads: int,
+    label: str = "",
+) -> tuple[list[str], float]:
+    """The dry-run report of running ``configs`` when ``stored`` ids are done: counts, the
+    shared work, and (when something is left) a time estimate from a short calibration on
+    this machine. Returns (lines, estimated seconds)."""
+    from masq import grid as search
+    from masq.runid import run_id
+
+    todo = [c for c in configs if run_id(c) not in stored]
+    groups = search.plan(todo)
+    w = search.work(groups, stack)
+    lines = [
+        f"{label}stored already: {len(configs) - len(todo)}; to run: {len(todo)}",
+        f"shared work: {w.d1_trainings} task-1 trainings, {w.importance_passes} importance "
+        f"passes, {w.later_runs} runs in {w.stacks} stacks of <= {stack}",
+    ]
+    if not todo:
+        return lines, 0.0
+    est = search.estimate(groups, stack, workers=workers, threads=threads)
+    measured = ", ".join("784-" + "-".join(map(str, h)) + "-10" for h in est.measured)
+    share = est.evaluation / est.total if est.total > 0 else 0.0
+    lines += [
+        f"calibration: a few iterations of {measured} on this machine ({len(est.measured)} of "
+        f"{est.architectures} architectures measured, others interpolated by parameter count)",
+        f"estimated time with {workers} worker(s) x {threads} thread(s): {hours(est.total)} "
+        f"(task-1 training {hours(est.d1)}, importance {hours(est.importance)}, re-training "
+        f"{hours(est.d2)}; evaluation {100 * share:.0f}% of it)",
+    ]
+    return lines, est.total
+
+
+def execute(command: str, configs: Sequence[Any], root: Any, **kwargs: Any) -> Any:
+    """:func:`masq.grid.execute`; a grid aborted by a failure that would fail every run
+    prints that run's traceback and one line, "masq COMMAND: ...", and gives None."""
+    from masq import grid as search
+
+    try:
+        return search.execute(list(configs), root, **kwargs)
+    except search.GridAborted as err:
+        print(err.traceback, file=sys.stderr, end="")
+        print(f"masq {command}: {err}", file=sys.stderr)
+        return None
+
+
+__all__ = ["execute", "hours", "plan_lines", "resolve_workers", "tasks_fn"]
