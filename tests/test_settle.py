@@ -22,6 +22,7 @@ from masq.cli import main
 from masq.config import RunConfig
 from masq.grid import canonical, expand, grid_from_mapping
 from masq.protocol.result import build_result
+from masq.report import settled as settled_report
 from masq.report.settled import lam_tick, select_winners, winner_runs
 from masq.runid import run_id
 from masq.store import Store
@@ -197,7 +198,7 @@ def test_settled_table_against_a_hand_computation(tmp_path: Path) -> None:
     assert fim["lam0_std"] == pytest.approx(statistics.stdev(ZERO_LAST))
     best = pick(table, importance="fisher", init="torch", criterion="best")
     assert best["seed0"] == 0.80 and best["n"] == 0 and math.isnan(best["mean"])  # not re-run
-    md = settle.settled_markdown(table, "test", C.confirm_seeds)
+    md = settled_report.settled_markdown(table, "test", C.confirm_seeds)
     text = f"70.00 ({100 * statistics.mean(FIM_LAST):.2f} ± {100 * statistics.stdev(FIM_LAST):.2f}"
     assert text in md and "80.00 (not run)" in md
 
@@ -213,7 +214,7 @@ def test_lambda_conventions(tmp_path: Path) -> None:
     fim = pick(table, importance="fisher", init="torch", criterion="last")
     assert masq["lam"] == 1000.0 and masq["lam_sum"] == 1.0  # λ_mean / B_MaSQ
     assert math.isnan(fim["lam_sum"])
-    md = settle.settled_markdown(table, "test", C.confirm_seeds)
+    md = settled_report.settled_markdown(table, "test", C.confirm_seeds)
     assert "| D5-5 | last | 784-800-800-10 | 0.0001 | 1000 | 1 | EWC+MaSQ (mean) |" in md
     assert "| D5-5 | last | 784-800-800-10 | 0.0001 | 100 | — | EWC+FIM |" in md
 
@@ -255,7 +256,7 @@ def test_paired_tests_and_inflation_of_the_store(tmp_path: Path) -> None:
     assert masq["lam0_inflation"] == pytest.approx(zero_luck)  # the same λ = 0 runs
     best = pick(infl, importance="fisher", criterion="best")
     assert math.isnan(best["lam0_inflation"]) and math.isnan(best["net"])
-    md = settle.inflation_markdown(infl)
+    md = settled_report.inflation_markdown(infl)
     assert f"| {100 * (0.70 - statistics.mean(FIM_LAST)):.2f} | {100 * zero_luck:.2f} |" in md
 
 
@@ -308,7 +309,7 @@ def test_gain_over_the_tuned_no_ewc_winner_against_a_hand_computation(tmp_path: 
     assert masq["p"] == pytest.approx(stats.ttest_rel(MASQ_LAST, TUNED_LAST).pvalue)
     md = pairs.gain_markdown(gains)
     assert f"| {100 * statistics.mean(d):.2f} |" in md and "| FIM | 0.0001 | 100 |" in md
-    settled_md = settle.settled_markdown(table, "test", C.confirm_seeds)
+    settled_md = settled_report.settled_markdown(table, "test", C.confirm_seeds)
     block = settled_md.split("**no EWC, init torch**")[1]
     mean, std = 100 * statistics.mean(TUNED_LAST), 100 * statistics.stdev(TUNED_LAST)
     assert f"| 45.00 ({mean:.2f} ± {std:.2f}, n = 4) |  |" in block  # no λ = 0 cell

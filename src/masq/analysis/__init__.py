@@ -50,7 +50,6 @@ from masq.analysis.settle import (
     lam_sum,
     next_lambda,
     plane_configs,
-    settled_markdown,
     settled_table,
 )
 from masq.analysis.sweep import (
@@ -103,7 +102,6 @@ __all__ = [
     "provenance",
     "read_manifest",
     "save_png",
-    "settled_markdown",
     "settled_table",
     "spearman",
     "sweep_configs",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 from collections.abc import Mapping
@@ -88,6 +89,11 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def pct(x: float) -> str:
+    """An accuracy as a percentage with two decimals; NaN as "—"."""
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str]], title: str = "") -> str:

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from masq.analysis.common import fmt, markdown
-from masq.analysis.settle import IMPORTANCE_NAME, KEYS, Campaign, pct
+from masq.analysis.common import fmt, markdown, pct
+from masq.analysis.settle import IMPORTANCE_NAME, KEYS, Campaign
 from masq.config import round_sig
 
 GROUP: list[str] = ["select_on", "slt", "criterion", "init"]

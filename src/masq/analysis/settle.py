@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from masq.analysis.common import fmt, markdown
 from masq.config import FIELD, hidden_text, round_sig
 from masq.consolidation import method_label
 from masq.errors import ConfigError
@@ -374,71 +373,6 @@ def inflation(settled: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- Markdown
-
-
-def pct(x: float) -> str:
-    """An accuracy as a percentage with two decimals; NaN as "—"."""
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
-
-
-def cell(seed0: float, mean: float, std: float, n: int) -> str:
-    """ "seed-0 value (mean ± std over the confirmation seeds)" in %, "(not run)" without
-    confirmations."""
-    if not n:
-        return f"{pct(seed0)} (not run)"
-    spread = f" ± {pct(std)}" if n > 1 else ""
-    return f"{pct(seed0)} ({pct(mean)}{spread}, n = {n})"
-
-
-def settled_markdown(settled: pd.DataFrame, select_on: str, seeds: Sequence[int]) -> str:
-    """A settled table in the paper's shape, one block per (importance, init)."""
-    label = (
-        "selected on the TEST curves of seed 0 (as the paper did)"
-        if select_on == "test"
-        else "selected on the VALIDATION curves of seed 0; test accuracy at the selected point"
-    )
-    span = f"{min(seeds)}-{max(seeds)}" if seeds else "—"
-    lines = [
-        f"Table 1, settled: {label}. Accuracy on D1∪D2 in %: seed-0 value (mean ± sample std "
-        f"over seeds {span}). λ as run (MaSQ `mean` convention) and in MaSQ's `sum` "
-        "convention (λ_sum = λ_mean / B_MaSQ; FIM: —).",
-        "",
-    ]
-    head = ["SLT", "criterion", "architecture", "ε2", "λ", "λ (sum)", "method",
-            "D1∪D2 %", "D1∪D2 % with λ = 0"]  # fmt: skip
-    part_all = settled[settled["select_on"] == select_on] if not settled.empty else settled
-    for imp, init in TABLE_BLOCKS:
-        part = part_all[(part_all["importance"] == imp) & (part_all["init"] == init)]
-        if part.empty:
-            continue
-        lines += [f"**{IMPORTANCE_NAME[imp]}, init {init}**", ""]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in part.to_dict("records"):
-            last = has_counterpart(r)
-            cells = [r["slt"], r["criterion"], f"784-{r['hidden']}-10", fmt(r["lr2"]),
-                     fmt(r["lam"]), fmt(r["lam_sum"]), r["method"],
-                     cell(r["seed0"], r["mean"], r["std"], r["n"]),
-                     cell(r["lam0_seed0"], r["lam0_mean"], r["lam0_std"], r["lam0_n"])
-                     if last else ""]  # fmt: skip
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def inflation_markdown(infl: pd.DataFrame) -> str:
-    """The inflation of each cell as Markdown (in percentage points)."""
-    title = (
-        "Inflation of each settled cell: seed-0 value (which selected the configuration) − "
-        'mean over the confirmation seeds, in points; for "last" the same of the λ = 0 '
-        "counterpart (seed 0's luck, no λ chosen) and the difference of the two (net)."
-    )
-    points = ("seed0", "mean", "inflation", "lam0_inflation", "net")
-    rows = [r | {k: pct(r[k]) for k in points} for r in infl.to_dict("records")]
-    cols = [("select_on", "selected on"), ("importance", "importance"), ("init", "init"),
-            ("slt", "SLT"), ("criterion", "criterion"), ("lam", "λ"), ("seed0", "seed 0 %"),
-            ("mean", "mean %"), ("n", "n"), ("inflation", "inflation (points)"),
-            ("lam0_inflation", "λ = 0: inflation"), ("net", "net")]  # fmt: skip
-    return markdown(rows, cols, title)
 
 
 def with_confirm_seeds(campaign: Campaign, seeds: Sequence[int]) -> Campaign:

@@ -33,6 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from masq.analysis import settle
+from masq.analysis.common import fmt, markdown, pct
 from masq.analysis.paired import gain_markdown, gain_tests, paired_markdown, paired_tests
 from masq.consolidation import method_label
 from masq.fileio import atomic_write, save_png
@@ -41,6 +42,69 @@ from masq.runid import run_id
 from masq.store import load_result
 
 COLOURS: tuple[str, ...] = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def cell(seed0: float, mean: float, std: float, n: int) -> str:
+    """ "seed-0 value (mean ± std over the confirmation seeds)" in %, "(not run)" without
+    confirmations."""
+    if not n:
+        return f"{pct(seed0)} (not run)"
+    spread = f" ± {pct(std)}" if n > 1 else ""
+    return f"{pct(seed0)} ({pct(mean)}{spread}, n = {n})"
+
+
+def settled_markdown(settled: pd.DataFrame, select_on: str, seeds: Sequence[int]) -> str:
+    """A settled table in the paper's shape, one block per (importance, init)."""
+    label = (
+        "selected on the TEST curves of seed 0 (as the paper did)"
+        if select_on == "test"
+        else "selected on the VALIDATION curves of seed 0; test accuracy at the selected point"
+    )
+    span = f"{min(seeds)}-{max(seeds)}" if seeds else "—"
+    lines = [
+        f"Table 1, settled: {label}. Accuracy on D1∪D2 in %: seed-0 value (mean ± sample std "
+        f"over seeds {span}). λ as run (MaSQ `mean` convention) and in MaSQ's `sum` "
+        "convention (λ_sum = λ_mean / B_MaSQ; FIM: —).",
+        "",
+    ]
+    head = ["SLT", "criterion", "architecture", "ε2", "λ", "λ (sum)", "method",
+            "D1∪D2 %", "D1∪D2 % with λ = 0"]  # fmt: skip
+    part_all = settled[settled["select_on"] == select_on] if not settled.empty else settled
+    for imp, init in settle.TABLE_BLOCKS:
+        part = part_all[(part_all["importance"] == imp) & (part_all["init"] == init)]
+        if part.empty:
+            continue
+        lines += [f"**{settle.IMPORTANCE_NAME[imp]}, init {init}**", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in part.to_dict("records"):
+            last = settle.has_counterpart(r)
+            cells = [r["slt"], r["criterion"], f"784-{r['hidden']}-10", fmt(r["lr2"]),
+                     fmt(r["lam"]), fmt(r["lam_sum"]), r["method"],
+                     cell(r["seed0"], r["mean"], r["std"], r["n"]),
+                     cell(r["lam0_seed0"], r["lam0_mean"], r["lam0_std"], r["lam0_n"])
+                     if last else ""]  # fmt: skip
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def inflation_markdown(infl: pd.DataFrame) -> str:
+    """The inflation of each cell as Markdown (in percentage points)."""
+    title = (
+        "Inflation of each settled cell: seed-0 value (which selected the configuration) − "
+        'mean over the confirmation seeds, in points; for "last" the same of the λ = 0 '
+        "counterpart (seed 0's luck, no λ chosen) and the difference of the two (net)."
+    )
+    points = ("seed0", "mean", "inflation", "lam0_inflation", "net")
+    rows = [r | {k: pct(r[k]) for k in points} for r in infl.to_dict("records")]
+    cols = [("select_on", "selected on"), ("importance", "importance"), ("init", "init"),
+            ("slt", "SLT"), ("criterion", "criterion"), ("lam", "λ"), ("seed0", "seed 0 %"),
+            ("mean", "mean %"), ("n", "n"), ("inflation", "inflation (points)"),
+            ("lam0_inflation", "λ = 0: inflation"), ("net", "net")]  # fmt: skip
+    return markdown(rows, cols, title)
 
 
 def select_winners(df: pd.DataFrame, campaign: settle.Campaign, select_on: str) -> pd.DataFrame:
@@ -235,7 +299,7 @@ def write_outputs(
     for select_on in settle.SELECT_ON:
         part = settled[settled["select_on"] == select_on] if not settled.empty else settled
         stem = out / f"table1_settled_{select_on}"
-        md = (settle.settled_markdown(part, select_on, campaign.confirm_seeds) if not part.empty
+        md = (settled_markdown(part, select_on, campaign.confirm_seeds) if not part.empty
               else "(no seed-0 runs stored)\n")  # fmt: skip
         written.append(atomic_write(stem.with_suffix(".md"), md + tail))
         written.append(atomic_write(stem.with_suffix(".csv"), part.to_csv(index=False)))
@@ -251,7 +315,7 @@ def write_outputs(
     written.append(atomic_write(out / "gain.md", gain_md + tail))
     written.append(atomic_write(out / "gain.csv", gains.to_csv(index=False)))
     infl = settle.inflation(settled) if not settled.empty else pd.DataFrame()
-    infl_md = settle.inflation_markdown(infl) if not infl.empty else "(no cells)\n"
+    infl_md = inflation_markdown(infl) if not infl.empty else "(no cells)\n"
     written.append(atomic_write(out / "inflation.md", infl_md + tail))
     written.append(atomic_write(out / "inflation.csv", infl.to_csv(index=False)))
     rows = settle.campaign_rows(df, campaign)
