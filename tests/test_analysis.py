@@ -357,3 +357,26 @@ def test_analyze_bad_input_is_one_line_and_status_2(
     assert main(["analyze", *args, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("masq: error:") and message in err and "\n" not in err
+
+
+def test_analyze_lambda_reports_an_aborted_grid_in_one_line(
+    tmp_path: Path,
+    tiny_data: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure that would fail every run stops the sweep with its traceback and one line
+    (as `masq grid` does), exit status 1, never an escaping GridAborted."""
+    from masq import protocol
+
+    def broken(*a: object, **kw: object) -> list:
+        raise RuntimeError("stacked kernel broke")
+
+    monkeypatch.setattr(protocol, "continue_stacked", broken)
+    args = ["analyze", "lambda", "--slt", "D5-5", "--hidden", "6", "--iters1", "20", "--iters2",
+            "10", "--eval-every", "5", "--masq-batch", "50", "--lam-max", "10", "--per-decade",
+            "1", "--results", str(tmp_path / "lam"), "--workers", "1", "--threads", "1",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.rstrip().splitlines()
+    assert err[-1].startswith("masq analyze lambda: every run of the first group failed")

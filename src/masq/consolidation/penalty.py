@@ -28,6 +28,17 @@ from torch import Tensor, nn
 from masq.errors import ConfigError
 
 
+class AnchorLike(Protocol):
+    """What the kernel reads of an anchor (:class:`masq.consolidation.ewc.Anchor`): θ^a and
+    F^a keyed like the model's parameters."""
+
+    @property
+    def params(self) -> Mapping[str, Tensor]: ...
+
+    @property
+    def importance(self) -> Mapping[str, Tensor]: ...
+
+
 @runtime_checkable
 class Penalty(Protocol):
     """A consolidation penalty: its value (differentiable in ``params``) and its gradient
@@ -71,7 +82,7 @@ def quadratic_value(
 def check_lam(lam: object, what: str = "lam") -> float:
     """λ as a float, else a one-line ConfigError: it must be a finite number >= 0."""
     try:
-        value = float(lam)  # type: ignore[arg-type]
+        value = float(lam)  # type: ignore[arg-type]  # anything float() takes
     except (TypeError, ValueError, RuntimeError):
         raise ConfigError(f"{what}: the penalty weight must be a number, got {lam!r}") from None
     if not (value >= 0 and value != float("inf")):
@@ -88,14 +99,16 @@ class QuadraticPenalty:
     θ − θ^a, so :meth:`add_grad` allocates nothing per step.
     """
 
-    def __init__(self, model: nn.Module, anchors: object, lam: float) -> None:
+    def __init__(
+        self, model: nn.Module, anchors: AnchorLike | Sequence[AnchorLike], lam: float
+    ) -> None:
         lam = check_lam(lam)
-        anchor_list = list(anchors) if isinstance(anchors, list | tuple) else [anchors]
+        anchor_list = list(anchors) if isinstance(anchors, Sequence) else [anchors]
         if not anchor_list:
             raise ConfigError("penalty: no anchors given; pass at least one Anchor")
         named = dict(model.named_parameters())
         for a in anchor_list:
-            stars = a.params  # type: ignore[attr-defined]
+            stars = a.params
             if set(stars) != set(named):
                 raise ConfigError(
                     "penalty: anchor keys do not match the model's parameters; "
@@ -110,10 +123,9 @@ class QuadraticPenalty:
         self.names = list(named)
         self.lam = lam
         with torch.no_grad():
-            self.anchors = [[a.params[k].to(named[k]) for k in self.names] for a in anchor_list]  # type: ignore[attr-defined]
+            self.anchors = [[a.params[k].to(named[k]) for k in self.names] for a in anchor_list]
             self.importances = [
-                [a.importance[k].to(named[k]) for k in self.names]  # type: ignore[attr-defined]
-                for a in anchor_list
+                [a.importance[k].to(named[k]) for k in self.names] for a in anchor_list
             ]
             self.lam_f = [[lam * f for f in imps] for imps in self.importances]
         self.scratch = [torch.empty_like(named[k]) for k in self.names]
@@ -145,6 +157,7 @@ class QuadraticPenalty:
 
 
 __all__ = [
+    "AnchorLike",
     "Penalty",
     "QuadraticPenalty",
     "check_lam",
