@@ -156,6 +156,79 @@ def test_the_penalty_is_added_to_the_loss() -> None:
     assert moved_held < 0.5 * moved_free
 
 
+def test_masked_training_equals_an_independent_loop_on_the_restricted_head() -> None:
+    """units U: CE(logits + head_bias(U), y) == CE(logits[:, U], position of y in U), the
+    other units' rows never move; eval_units argmax over logits[:, U] only."""
+    units = (1, 4, 5)
+    xb, yb = blobs(120, seed=0, classes=3, features=20)
+    y = torch.as_tensor(units)[yb]  # labels are units of the full 6-unit head
+    x_eval, y_eval = xb[:50], y[:50]
+    config = TrainConfig(lr=1e-2, iters=23, batch_size=16, eval_every=10, seed=4)
+    model, ref = (
+        mlp((8,), in_features=20, classes=6, seed=2),
+        mlp((8,), in_features=20, classes=6, seed=2),
+    )
+    curve = train_task(
+        model,
+        (xb, y),
+        config,
+        eval_sets={"E": (x_eval, y_eval)},
+        units=units,
+        eval_units={"E": units},
+    )
+    # the reference: Adam on the 3-way problem of the restricted logits, same mini-batches
+    index = torch.as_tensor(units)
+    adam = torch.optim.Adam(ref.parameters(), lr=config.lr)
+    expected = []
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = minibatch_indices(120, config.batch_size, config.iters, generator)
+    for it, idx in enumerate(batches, start=1):
+        loss = F.cross_entropy(ref(xb[idx])[:, index], yb[idx])
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+        if it in (10, 20, 23):
+            with torch.no_grad():
+                hit = index[ref(x_eval)[:, index].argmax(1)] == y_eval
+            expected.append(hit.float().mean().item())
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert curve["iteration"] == [0, 10, 20, 23]
+    assert curve["E"][1:] == pytest.approx(expected, abs=1.01 / 50)
+    start = mlp((8,), in_features=20, classes=6, seed=2)
+    others = [0, 2, 3]
+    assert torch.equal(model[2].weight[others], start[2].weight[others])
+    assert torch.equal(model[2].bias[others], start[2].bias[others])
+
+
+def test_units_over_the_whole_head_are_bit_identical_to_none() -> None:
+    """A mask of every unit adds 0 to finite logits: the same numbers, bit for bit."""
+    x, y = blobs(60, seed=0)
+    config = TrainConfig(lr=1e-2, iters=12, batch_size=10, eval_every=5, seed=1)
+    plain, masked = mlp((8,), classes=3, seed=0), mlp((8,), classes=3, seed=0)
+    sets = {"A": (x[:30], y[:30])}
+    a = train_task(plain, (x, y), config, eval_sets=sets)
+    b = train_task(
+        masked, (x, y), config, eval_sets=sets, units=(0, 1, 2), eval_units={"A": (0, 1, 2)}
+    )
+    assert a == b
+    for p, q in zip(plain.parameters(), masked.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_eval_counts_masks_only_the_named_sets() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 4)
+    x, y = torch.randn(33, 5), torch.randint(0, 4, (33,))
+    logits = model(x).detach()
+    counts = eval_counts(model, {"A": (x, y), "B": (x, y)}, batch_size=7, units={"A": (0, 3)})
+    kept = torch.tensor([0, 3])
+    assert counts["A"] == (int((kept[logits[:, kept].argmax(1)] == y).sum()), 33)
+    assert counts["B"] == (int((logits.argmax(1) == y).sum()), 33)
+    with pytest.raises(ConfigError, match="units"):
+        eval_counts(model, {"A": (x, y)}, units={"A": (0, 4)})
+
+
 def test_progress_bar_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     x, y = blobs(30, seed=0)
     train_task(

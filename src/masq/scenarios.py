@@ -80,11 +80,26 @@ def apply_scenario(tasks: Sequence[Task], scenario: Scenario | str) -> list[Task
 
 
 def n_outputs(tasks: Sequence[Task]) -> int:
-    """The head's size: 1 + the largest label any task uses (its ``labels``, else its
-    ``classes``). For the class scenario that is 1 + the largest class (the paper's 10)."""
+    """The head's size for tasks already relabelled by :func:`apply_scenario`:
+
+        n = 1 + max over tasks of max(labels ∪ units)
+
+    with ``labels`` the values y takes (a task without ``labels`` takes its ``classes``) and
+    ``units`` its active output units (none without). Not from ``classes`` once relabelled: in
+    the domain scenario split MNIST's task 2/3 keeps ``classes`` (2, 3) but takes labels 0/1.
+    For the class scenario that is 1 + the largest class, the rule of the code before the
+    scenarios (the paper's 10); task: 10 for split MNIST, T·10 for T permuted tasks; domain: the
+    largest task's number of classes."""
     if not tasks:
         raise ConfigError("scenario: no tasks given")
-    return 1 + max(max(t.labels if t.labels is not None else t.classes) for t in tasks)
+    return 1 + max(max(_outputs_used(t)) for t in tasks)
+
+
+def _outputs_used(task: Task) -> tuple[int, ...]:
+    """The output units ``task`` touches: its labels (its classes if not relabelled) and its
+    active units."""
+    labels = task.labels if task.labels is not None else task.classes
+    return (*labels, *(task.units or ()))
 
 
 def head_bias(
@@ -92,11 +107,15 @@ def head_bias(
 ) -> Tensor | None:
     """float32 [n]: 0 on the active ``units``, −inf elsewhere (None when every unit is
     active). Added to the logits it masks the other tasks' units: softmax gives them exactly
-    0, the argmax never picks them."""
+    0, the argmax never picks them. Units outside 0..n−1, or none, are a one-line ConfigError
+    (an empty mask would make every logit −inf and the loss NaN)."""
     if units is None:
         return None
+    active = [int(u) for u in units]
+    if not active or min(active) < 0 or max(active) >= n:
+        raise ConfigError(f"head_bias: units must be a non-empty subset of 0..{n - 1}: {active}")
     bias = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
-    bias[torch.as_tensor(list(units), dtype=torch.int64, device=device)] = 0.0
+    bias[torch.as_tensor(active, dtype=torch.int64, device=device)] = 0.0
     return bias
 
 

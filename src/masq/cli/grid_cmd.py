@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from masq.cli.common import execute, hours, plan_lines, resolve_workers, tasks_fn
-from masq.cli.options import add_grid_flags, dest
-from masq.config import FIELDS, Executor, Stage
+from masq.cli.options import add_execution_flags, add_grid_flags, dest
+from masq.config import FIELDS, Stage
 from masq.errors import ConfigError
 from masq.fileio import error_text
 from masq.grid.executors import check_devices
@@ -31,42 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_table(sub)
     _register_consistency(sub)
     _register_migrate(sub)
-
-
-def _add_execution(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("execution")
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="local worker processes (default: one per core; with --device cuda one per GPU)",
-    )
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads per local worker (default: cores // workers), CPUs per Ray task "
-        "(default: 1)",
-    )
-    g.add_argument(
-        "--stack",
-        type=int,
-        default=16,
-        help="D2 runs trained at once as one stacked model (1: one by one)",
-    )
-    g.add_argument(
-        "--executor",
-        choices=Executor.values(),
-        default=Executor.LOCAL.value,
-        help="local processes or a Ray cluster",
-    )
-    g.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster address (auto or HOST:PORT; default: start a local Ray)",
-    )
-    g.add_argument("--data-dir", default=None, help="directory with the dataset's IDX files")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _register_grid(sub: argparse._SubParsersAction) -> None:
@@ -111,7 +75,7 @@ def _register_grid(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print the counts, shared work and a measured time estimate; run nothing",
     )
-    _add_execution(p)
+    add_execution_flags(p, ray=True)
     p.set_defaults(func=run_grid)
 
 
@@ -150,7 +114,7 @@ def _register_consistency(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--criterion", choices=("best", "last"), default="best")
     p.add_argument("--select-on", choices=("test", "val"), default="test")
     p.add_argument("--out", default=None, help="figure directory (default: RESULTS/figures)")
-    _add_execution(p)
+    add_execution_flags(p, ray=True)
     p.set_defaults(func=run_consistency)
 
 

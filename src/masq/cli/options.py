@@ -19,6 +19,7 @@ from masq.config import (
     HIDDEN_HELP,
     IMPORTANCE_FIELDS,
     Choice,
+    Executor,
     FieldSpec,
     Hidden,
     Stage,
@@ -277,12 +278,25 @@ def _check_method_fields(config: Any, given: Collection[str]) -> None:
         )
 
 
-def add_execution_flags(p: argparse.ArgumentParser) -> None:
-    """The "execution" flags of the commands that run a list of grid configs on this machine
-    (``masq analyze lambda``, ``masq table1``): workers, threads, stack, data dir, progress."""
+def add_execution_flags(p: argparse.ArgumentParser, *, ray: bool = False) -> None:
+    """The "execution" flags of every command that runs grid configs (``masq grid``,
+    ``masq consistency``, ``masq analyze lambda``, ``masq table1``): workers, threads, stack,
+    data dir, progress; with ``ray`` also the executor and the Ray address."""
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
-    g.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    g.add_argument("--stack", type=int, default=16, help="runs re-trained at once (default: 16)")
-    g.add_argument("--data-dir", default=None, metavar="DIR", help="directory with IDX files")
+    g.add_argument("--workers", type=int, default=None,
+                   help="local worker processes (default: one per core; with --device cuda one "
+                   "per GPU)")  # fmt: skip
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads per local worker (default: cores // workers)"
+                   + (", CPUs per Ray task (default: 1)" if ray else ""))  # fmt: skip
+    g.add_argument("--stack", type=int, default=16,
+                   help="two-task runs trained at once as one stacked model (default: 16; 1: one "
+                   "by one)")  # fmt: skip
+    if ray:
+        g.add_argument("--executor", choices=Executor.values(), default=Executor.LOCAL.value,
+                       help="local processes or a Ray cluster")  # fmt: skip
+        address = "Ray cluster address (auto or HOST:PORT; default: start a local Ray)"
+        g.add_argument("--address", default=None, help=address)
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="directory with the dataset's IDX files")  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

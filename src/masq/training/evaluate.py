@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from masq.config import EvalSchedule, Precision, choice
 from masq.errors import ConfigError
@@ -100,13 +100,15 @@ def eval_counts(
         for name, (x, y) in sets.items():
             correct = torch.zeros((), dtype=torch.int64, device=device)
             mask = None if units is None else units.get(name)
+            bias: Tensor | None = None  # the head bias of ``mask``, made at the first chunk
             for start in range(0, int(y.shape[0]), batch_size):
                 xb = x[start : start + batch_size].to(device, non_blocking=True)
                 yb = y[start : start + batch_size].to(device, non_blocking=True)
                 with autocast(device, precision):
                     logits = model(xb)
                 if mask is not None:
-                    bias = head_bias(mask, logits.shape[1], device)
+                    if bias is None:
+                        bias = head_bias(mask, logits.shape[1], device)
                     logits = logits.float() + bias
                 correct += (logits.argmax(dim=1) == yb).sum()
             counts[name] = (int(correct.item()), int(y.shape[0]))

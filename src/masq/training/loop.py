@@ -184,10 +184,9 @@ def train_task(
 
     bar = tqdm(total=config.iters, desc=desc, unit="it", disable=not progress, dynamic_ncols=True)
 
-    masked = {} if eval_units is None else {"units": eval_units}
-
     def record(it: int) -> None:
-        acc = accuracies(eval_counts(model, sets, precision=config.precision, **masked), unions)
+        counts = eval_counts(model, sets, precision=config.precision, units=eval_units)
+        acc = accuracies(counts, unions)
         curve["iteration"].append(it)
         for k in names:
             curve[k].append(acc[k])
