@@ -57,7 +57,9 @@ if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "results/custom_measure"
     summary = grid.execute(configs, out, workers=1, progress=False)
     print(f"grid: {summary.done} runs now, {summary.skipped} stored before, into {out}")
-    from masq.report import table1
     from masq.store import load
 
-    print(table1(load(out))[["method", "lam", "best", "last"]].to_string(index=False))
+    runs = load(out)
+    runs["method"] = [method_label(r) for r in runs.to_dict("records")]
+    shown = runs.sort_values(["method", "lam"])[["method", "lam", "last.D1", "last.D1∪D2"]]
+    print(shown.to_string(index=False))

@@ -63,7 +63,8 @@ def table(results: str) -> list[dict[str, object]]:
                 "runs": str(len(runs)),
             }
         )
-    return rows
+    order = {m: i for i, m in enumerate(("no EWC", "EWC+FIM", "MAS", "L2"))}
+    return sorted(rows, key=lambda r: (SCENARIOS.index(r["scenario"]), order.get(r["method"], 9)))
 
 
 def main() -> None:

@@ -22,3 +22,13 @@ def test_the_paper_best_settings_of_each_slt() -> None:
 def test_the_defaults_load_without_torch() -> None:
     code = "import sys, masq.defaults as d; d.paper_best('D9-1'); sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_paper_slts_and_table1_settled_come_from_the_preset() -> None:
+    """One statement of the paper's SLTs and their architectures: the preset's."""
+    from masq.analysis.settle import CAMPAIGN
+
+    assert PAPER_SLTS == ("D5-5", "D9-1", "DP10-10")
+    assert CAMPAIGN.slts == PAPER_SLTS
+    assert dict(CAMPAIGN.architectures) == {s: paper_best(s)[0] for s in PAPER_SLTS}
+    assert "" not in paper_best_table()

@@ -77,7 +77,7 @@ import sys
 sys.path.insert(0, {str(ROOT)!r})
 import masq.cli.grid_cmd as grid_cmd
 from tests.test_processes import synthetic_tasks
-grid_cmd._tasks_fn = lambda args: synthetic_tasks
+grid_cmd.tasks_fn = lambda data_dir: synthetic_tasks
 from masq.cli import main
 sys.exit(main({argv!r}))
 """

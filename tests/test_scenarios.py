@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from masq import data, protocol, scenarios, tasks
 from masq.config import RunConfig, Scenario
+from masq.errors import ConfigError
 from masq.runid import run_id
 from masq.stacked import Workspace, loss_grads, stack_state, stacked_accuracies
 from masq.training import TrainConfig, eval_counts, train_task
@@ -91,6 +92,64 @@ def test_relabelling_is_a_bijection_per_task_into_the_head(
             assert torch.equal(x0, x1)
             assert y1.tolist() == [mapping[int(c)] for c in y0]
             assert all(0 <= v < n for v in y1.tolist())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    order=st.permutations(list(range(10))),
+    sizes=st.lists(st.integers(1, 4), min_size=2, max_size=5).filter(lambda s: sum(s) <= 10),
+)
+def test_the_class_scenario_changes_nothing_and_keeps_the_head_rule(
+    order: list[int], sizes: list[int]
+) -> None:
+    """class: the very tasks and tensors; n_outputs == max(max(t.classes)) + 1, the head rule
+    of the code before the scenarios (protocol.build_model)."""
+    sizes = [*sizes, 10 - sum(sizes)] if sum(sizes) < 10 else sizes
+    spec = "D" + "-".join(map(str, sizes)) + ":" + ",".join(map(str, order))
+    base = tasks.make(spec, dataset=synthetic_dataset(60, 20, 20), seed=0)
+    out = scenarios.apply_scenario(base, Scenario.CLASS)
+    assert len(out) == len(base) and all(a is b for a, b in zip(out, base, strict=True))
+    for before, after in zip(base, out, strict=True):
+        assert after.labels is None and after.units is None
+        for (x0, y0), (x1, y1) in zip(parts(before), parts(after), strict=True):
+            assert x0 is x1 and y0 is y1
+    assert scenarios.n_outputs(out) == max(max(t.classes) for t in base) + 1
+
+
+@settings(max_examples=10, deadline=None)
+@given(n_tasks=st.integers(2, 4), kind=st.sampled_from(["task", "domain"]))
+def test_permuted_tasks_relabel_alike_in_every_part(n_tasks: int, kind: str) -> None:
+    """Permuted tasks (every task has 0..9): task gives task t the block t·10 + y, domain
+    keeps y; the inputs are untouched, the originals too (no in-place relabelling)."""
+    spec = "DP" + "-".join(["10"] * n_tasks)
+    base = tasks.make(spec, dataset=synthetic_dataset(40, 20, 20), seed=1)
+    saved = [[y.clone() for _, y in parts(t)] for t in base]
+    out = scenarios.apply_scenario(base, kind)
+    n = scenarios.n_outputs(out)
+    assert n == (10 * n_tasks if kind == "task" else 10)
+    for t, (before, after) in enumerate(zip(base, out, strict=True)):
+        shift = 10 * t if kind == "task" else 0
+        assert after.units == (tuple(range(shift, shift + 10)) if kind == "task" else None)
+        for (x0, y0), (x1, y1), y_saved in zip(parts(before), parts(after), saved[t], strict=True):
+            assert torch.equal(x0, x1) and torch.equal(y0, y_saved)
+            assert torch.equal(y1, y0 + shift) and int(y1.max()) < n
+
+
+def test_n_outputs_covers_labels_and_units() -> None:
+    """The head holds every label and every active unit, whichever is larger."""
+    xy = (torch.zeros(1, 4), torch.zeros(1, dtype=torch.int64))
+    task = tasks.Task("D1", (0, 1), None, xy, xy, xy)
+    assert scenarios.n_outputs([task]) == 2
+    assert scenarios.n_outputs([dataclasses.replace(task, units=(0, 1, 7))]) == 8
+    assert scenarios.n_outputs([dataclasses.replace(task, labels=(5, 6))]) == 7
+    with pytest.raises(ConfigError, match="no tasks"):
+        scenarios.n_outputs([])
+
+
+def test_head_bias_refuses_units_outside_the_head() -> None:
+    for bad in [(), (0, 5), (-1, 2)]:
+        with pytest.raises(ConfigError, match="units"):
+            scenarios.head_bias(bad, 5)
 
 
 def test_head_bias_masks_exactly_the_other_units() -> None:

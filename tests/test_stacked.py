@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from masq import protocol, stacked, training
+from masq import protocol, scenarios, stacked, training
 from masq import tasks as masq_tasks
 from masq.config import RunConfig
 from masq.consolidation import ewc
@@ -96,6 +97,36 @@ def test_gradients_equal_separate_autograd() -> None:
         got = stacked.unstack(grad_model, run)
         for k in ref:
             torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_masked_gradients_equal_autograd_and_vanish_on_masked_units() -> None:
+    """loss_grads(bias = head_bias(U)) == autograd of CE(f(x) + bias, y) per run (float64
+    reference), δ exactly 0 on the units outside U; stacked_correct argmaxes over U only."""
+    hidden = (7, 5)
+    states = _states(hidden, 3)
+    model = stacked.stack_states(states)
+    gen = torch.Generator().manual_seed(4)
+    units = (1, 3)
+    x = torch.randn(11, 12, generator=gen)
+    y = torch.tensor(units)[torch.randint(0, 2, (11,), generator=gen)]
+    bias = scenarios.head_bias(units, 5)
+    assert bias is not None
+    grads = stacked.loss_grads(model, stacked.Workspace.create(model, 11), x, y, bias)
+    grad_model = stacked.StackedMLP(3, [g.clone() for g in grads], model.keys)
+    others = [0, 2, 4]
+    assert grads[-1][:, others].eq(0).all() and grads[-2][:, :, others].eq(0).all()
+    correct = stacked.stacked_correct(model, x, y, bias=bias)
+    for run, state in enumerate(states):
+        net = mlp(hidden, in_features=12, classes=5).double()
+        net.load_state_dict({k: v.double() for k, v in state.items()})
+        logits = net(x.double())
+        F.cross_entropy(logits + bias.double(), y).backward()
+        got = stacked.unstack(grad_model, run)
+        for k, p in net.named_parameters():
+            assert p.grad is not None
+            torch.testing.assert_close(got[k].double(), p.grad, rtol=1e-4, atol=1e-6)
+        kept = torch.tensor(units)
+        assert int(correct[run]) == int((kept[logits[:, kept].argmax(1)] == y).sum())
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -356,3 +387,78 @@ def test_one_run_stack_and_errors(d1_setup: tuple) -> None:
             eval_every=1,
             seed=0,
         )
+
+
+@pytest.mark.parametrize("slt", ["D5-5", "DP10-10"])
+def test_stacked_with_units_equals_separate_masked_runs(slt: str) -> None:
+    """Task-incremental heads (split: the task's classes of one 10-unit head; permuted: a
+    block of 10 of 20 units): K stacked runs with units/eval_units equal K train_task calls
+    with the same units/eval_units (penalty (λ/2) Σ F (θ − θ*)² written out)."""
+    run_tasks = scenarios.apply_scenario(
+        masq_tasks.make(slt, dataset=learnable_dataset(300, 60, 120), seed=0), "task"
+    )
+    n = scenarios.n_outputs(run_tasks)
+    assert n == (10 if slt == "D5-5" else 20)
+    start = mlp((16,), classes=n, seed=1)
+    state = {k: v.detach().clone() for k, v in start.state_dict().items()}
+    gen = torch.Generator().manual_seed(5)
+    imp = {k: torch.rand(v.shape, generator=gen) for k, v in state.items()}
+    lrs, lams, imps = [1e-2, 3e-3, 1e-2], [0.0, 0.0, 30.0], [{}, {}, imp]
+    sets = {t.name: t.test for t in run_tasks}
+    unions = {"D1∪D2": ("D1", "D2")}
+    eval_units = {t.name: t.units for t in run_tasks if t.units is not None}
+    units = run_tasks[1].units
+    train, iters, batch, seed = run_tasks[1].train, 40, 20, 7
+    curves, states = stacked.train_stacked(
+        state,
+        train,
+        lrs=lrs,
+        lams=lams,
+        importances=imps,
+        iters=iters,
+        batch_size=batch,
+        eval_every=10,
+        seed=seed,
+        eval_sets=sets,
+        unions=unions,
+        units=units,
+        eval_units=eval_units,
+    )
+    for lr, lam, f, curve, got in zip(lrs, lams, imps, curves, states, strict=True):
+        net = mlp((16,), classes=n)
+        net.load_state_dict(state)
+
+        def penalty(m: torch.nn.Module, lam: float = lam, f: dict = f) -> torch.Tensor:
+            return sum(
+                (lam / 2 * f[k] * (p - state[k]) ** 2).sum() for k, p in m.named_parameters()
+            )
+
+        config = training.TrainConfig(
+            lr=lr, iters=iters, batch_size=batch, eval_every=10, seed=seed
+        )
+        ref = training.train_task(
+            net,
+            train,
+            config,
+            penalty=penalty if f else None,
+            eval_sets=sets,
+            unions=unions,
+            units=units,
+            eval_units=eval_units,
+        )
+        assert curve.keys() == ref.keys() and curve["iteration"] == ref["iteration"]
+        for name, values in ref.items():
+            total = (
+                sum(int(sets[m][1].shape[0]) for m in unions.get(name, (name,)))
+                if name != "iteration"
+                else 1
+            )
+            assert curve[name] == pytest.approx(values, abs=1.01 / total), name
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+        # the other task's output units never move
+        last = "2.weight"
+        others = [u for u in range(n) if u not in set(units)]
+        assert torch.equal(got[last][others], state[last][others])
+    assert all(len(set(c["D2"])) > 2 for c in curves)  # the masked curves move
+    assert not torch.allclose(states[0]["0.weight"], states[2]["0.weight"], atol=1e-4)

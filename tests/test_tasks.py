@@ -5,8 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from masq.defaults import PAPER_SLTS
 from masq.errors import ConfigError
-from masq.slt import PAPER_SLTS, parse_spec
+from masq.slt import parse_spec
 from masq.tasks import make, union_test
 from tests.synthetic import synthetic_dataset
 

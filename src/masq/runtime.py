@@ -26,6 +26,12 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads(workers: int) -> int:
+    """The torch threads of each of ``workers`` local workers: the cores shared out, at
+    least one."""
+    return max(1, cpu_count() // workers)
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """ "cpu" | "cuda" | "cuda:N" | "auto" -> a torch.device that exists on this machine."""
     check_device_name(name)

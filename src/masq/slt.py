@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 from masq.errors import ConfigError
 
-PAPER_SLTS: tuple[str, ...] = ("D5-5", "D9-1", "DP10-10")
-
 SPEC_HELP = (
     "accepted forms: D<a>-<b>[-<c>...] (class blocks summing to the number of classes, "
     "e.g. D5-5, D9-1, D2-2-2-2-2), D<a>-<b>:<class order> (e.g. D5-5:3,7,0,1,2,4,5,6,8,9), "

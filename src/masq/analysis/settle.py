@@ -1,11 +1,12 @@
 """Table 1, settled: the campaign, its extension, the confirmation on fresh seeds, paired tests.
 
 The campaign (:data:`CAMPAIGN`, defined here once): per SLT its paper-best architecture
-(D5-5: 800-800; D9-1: 800-400-400; DP10-10: 800-800-200), ε2 ∈ {1e-3, 1e-4, 1e-5, 1e-6} ×
-λ ∈ {0, 0.1, 1, 10, ..., 1e10} × importance {FIM, MaSQ} × init {torch, tf}, seed 0, dense-early
-evaluation with validation curves, bf16. MaSQ runs in one scale, ``mean`` (the paper's); every
-λ is reported in both conventions: MaSQ ``sum`` at λ_sum is MaSQ ``mean`` at
-λ_mean = B_MaSQ · λ_sum, so λ_sum = λ_mean / B_MaSQ (:func:`lam_sum`; FIM has one convention).
+(from :mod:`masq.defaults`: D5-5: 800-800; D9-1: 800-400-400; DP10-10: 800-800-200),
+ε2 ∈ {1e-3, 1e-4, 1e-5, 1e-6} × λ ∈ {0, 0.1, 1, 10, ..., 1e10} × importance {FIM, MaSQ} ×
+init {torch, tf}, seed 0, dense-early evaluation with validation curves, bf16. MaSQ runs in
+one scale, ``mean`` (the paper's); every λ is reported in both conventions: MaSQ ``sum`` at
+λ_sum is MaSQ ``mean`` at λ_mean = B_MaSQ · λ_sum, so λ_sum = λ_mean / B_MaSQ
+(:func:`lam_sum`; FIM has one convention).
 
 1. Plane: the grid above (:func:`plane_configs`, run ids as ``masq grid`` gives them).
 2. Extension: a series (SLT, ε2, importance, init) whose seed-0 "last" accuracy is highest
@@ -39,6 +40,7 @@ import pandas as pd
 
 from masq.config import FIELD, hidden_text, round_sig
 from masq.consolidation import method_label
+from masq.defaults import PAPER_SLTS, paper_best
 from masq.errors import ConfigError
 from masq.grid import expand, grid_from_mapping
 from masq.grid.spec import AXIS_FIELDS
@@ -63,10 +65,8 @@ KEYS: tuple[str, ...] = ("select_on", "importance", "init", "slt", "criterion")
 class Campaign:
     """What Table 1, settled runs (module docstring); :data:`CAMPAIGN` is the one in use."""
 
-    architectures: tuple[tuple[str, tuple[int, ...]], ...] = (
-        ("D5-5", (800, 800)),
-        ("D9-1", (800, 400, 400)),
-        ("DP10-10", (800, 800, 200)),
+    architectures: tuple[tuple[str, tuple[int, ...]], ...] = tuple(
+        (slt, paper_best(slt)[0]) for slt in PAPER_SLTS
     )
     lr2s: tuple[float, ...] = (1e-3, 1e-4, 1e-5, 1e-6)
     lams: tuple[float, ...] = (0.0, 0.1, *(10.0**k for k in range(11)))

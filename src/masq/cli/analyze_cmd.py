@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from masq.cli.common import execute, plan_lines, resolve_workers, tasks_fn
-from masq.cli.options import add_execution_flags, hidden_from_tokens
+from masq.cli.common import (
+    at_least_one,
+    done_text,
+    execute,
+    print_failed,
+    print_plan,
+    resolve_workers,
+    tasks_fn,
+)
+from masq.cli.options import add_execution_flags, add_process_flags, hidden_from_tokens
 from masq.config import FIELD, Init, RunConfig, hidden_text
 from masq.defaults import PAPER_SLTS, paper_best
 from masq.errors import ConfigError
@@ -29,6 +36,7 @@ from masq.runtime import check_out_dir, setup_threads
 from masq.slt import parse_spec
 
 DEFAULT_OUT = "results/analysis"
+_PAPER = " ".join(PAPER_SLTS)  # "D5-5 D9-1 DP10-10" for help texts
 # Flags of `masq analyze lambda` that set one value of a grid axis for every run.
 SWEEP_FIELDS: tuple[str, ...] = (
     "iters1", "iters2", "eval_every", "eval_schedule", "precision", "init", "lr1", "batch_size",
@@ -51,12 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_diagonality(inner)
     _register_compare(inner)
     _register_lambda(inner)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, metavar="DIR", help=f"output dir ({DEFAULT_OUT})")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="directory with IDX files")
 
 
 def _training(
@@ -95,7 +97,7 @@ def _register_diagonality(sub: argparse._SubParsersAction) -> None:
     add("--tensors", nargs="+", default=None, metavar="NAME", help="only these (default: all)")
     add("--max-exact", type=int, default=25_000, metavar="P",
         help="exact up to P parameters, estimated above (default: 25000)")  # fmt: skip
-    _common(p)
+    add_process_flags(p, out_help=f"output dir ({DEFAULT_OUT})")
     p.set_defaults(func=run_diagonality)
 
 
@@ -115,13 +117,13 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
     add("--results", default=None, metavar="DIR", help="use each SLT's Table-1 winner of DIR")
     add("--criterion", choices=("best", "last"), default="best", help="winner's criterion")
     add("--select-on", choices=("test", "val"), default="test", help="winner selected on")
-    add("--slt", nargs="+", default=None, help="SLTs to train (default: D5-5 D9-1 DP10-10)")
+    add("--slt", nargs="+", default=None, help=f"SLTs to train (default: {_PAPER})")
     _training(p, "--iters1", FIELD["iters1"].default, "each SLT's paper-best")
     add("--masq-batch", type=int, default=FIELD["masq_batch"].default, help="B_MaSQ (1000)")
     add("--top", type=float, default=0.01, help="fraction q of top entries (default: 0.01)")
     add("--cancel-below", type=float, default=0.1, metavar="R",
         help="cancelling: MaSQ (sum) below R x FIM (default: 0.1)")  # fmt: skip
-    _common(p)
+    add_process_flags(p, out_help=f"output dir ({DEFAULT_OUT})")
     p.set_defaults(func=run_compare)
 
 
@@ -136,7 +138,7 @@ def _register_lambda(sub: argparse._SubParsersAction) -> None:
         "lambda.csv, lambda_needed.md/.csv and lambda.json.",
     )
     add = p.add_argument
-    add("--slt", nargs="+", default=list(PAPER_SLTS), help="SLTs (default: D5-5 D9-1 DP10-10)")
+    add("--slt", nargs="+", default=list(PAPER_SLTS), help=f"SLTs (default: {_PAPER})")
     add("--hidden", nargs="+", default=None, metavar="N", help="net (default: paper-best)")
     add("--lr2", type=float, default=None, help="ε2 for every SLT (default: paper-best)")
     add("--seeds", type=int, default=1, help="seeds 0..N-1 (bands; default: 1)")
@@ -349,12 +351,10 @@ def run_lambda(args: argparse.Namespace) -> int:
     """``masq analyze lambda``."""
     from masq import analysis
     from masq.runid import run_id
-    from masq.store import Store, load
+    from masq.store import load
 
     lams = analysis.lam_grid(args.lam_min, args.lam_max, args.per_decade)
-    for flag, value in (("--seeds", args.seeds), ("--stack", args.stack)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    at_least_one(("--seeds", args.seeds), ("--stack", args.stack))
     if not 0 <= args.tolerance < 1:
         raise ConfigError(f"--tolerance must lie in [0, 1), got {args.tolerance}")
     base = {n: getattr(args, n) for n in SWEEP_FIELDS if getattr(args, n) is not None}
@@ -369,20 +369,16 @@ def run_lambda(args: argparse.Namespace) -> int:
     print(f"λ sweep: {len(configs)} runs ({len(grids)} SLT(s) × {args.seeds} seed(s) × (λ = 0 + "
           f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × 3 importances))")  # fmt: skip
     if args.dry_run:
-        stored = Store(args.results).stored_ids() if Path(args.results).exists() else set()
-        lines, _ = plan_lines(configs, stored, stack=args.stack, workers=workers, threads=threads)
-        print("\n".join(lines))
+        print_plan(configs, args.results, stack=args.stack, workers=workers, threads=threads)
         return 0
     summary = execute("analyze lambda", configs, args.results, workers=workers,
                       stack=args.stack, threads=threads, progress=not args.no_progress,
                       tasks_fn=tasks_fn(args.data_dir))  # fmt: skip
     if summary is None:
         return 1
-    print(f"done: {summary.done} runs now, {summary.skipped} were stored, "
-          f"{len(summary.failed)} failed; {summary.seconds:.0f} s")  # fmt: skip
+    print(f"{done_text(summary)}; {summary.seconds:.0f} s")
     if summary.failed:
-        for rid, message in list(summary.failed.items())[:10]:
-            print(f"  {rid}: {message}", file=sys.stderr)
+        print_failed(summary.failed, args.results)
         return 1
     ids = {run_id(c) for c in configs}
     df = load(args.results)

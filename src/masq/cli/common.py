@@ -1,15 +1,25 @@
-"""What the grid-running commands (``masq grid``, ``masq analyze lambda``, ``masq table1``)
-share: workers and threads, the task builder of ``--data-dir``, the dry-run report and the
-execution that turns an aborted grid into one line."""
+"""What the grid-running commands (``masq grid``, ``masq consistency``, ``masq analyze
+lambda``, ``masq table1``) share: the check of counts, workers and threads, the task builder of
+``--data-dir``, the dry-run report and the execution that turns an aborted grid into one
+line. (Their flags: :func:`masq.cli.options.add_execution_flags`.)"""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from masq.errors import ConfigError
+
+
+def at_least_one(*flags: tuple[str, int]) -> None:
+    """A one-line ConfigError for the first (flag, value) whose value is below 1."""
+    for flag, value in flags:
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
 
 
 def resolve_workers(
@@ -17,16 +27,15 @@ def resolve_workers(
 ) -> tuple[int, int]:
     """(workers, threads per worker): ``workers`` defaults to the cores (one per GPU for a
     CUDA ``device``), ``threads`` to cores // workers (at least 1); < 1 is a ConfigError."""
-    from masq.grid import cpu_count
+    from masq.runtime import cpu_count, default_threads
 
     n = cpu_count() if workers is None else workers
     if workers is None and str(device or "").startswith("cuda"):
         import torch
 
         n = max(1, torch.cuda.device_count())  # one worker per GPU
-    if n < 1:
-        raise ConfigError(f"--workers must be >= 1, got {n}")
-    return n, threads or max(1, cpu_count() // n)
+    at_least_one(("--workers", n))
+    return n, threads or default_threads(n)
 
 
 def tasks_fn(data_dir: str | None) -> Any:
@@ -85,6 +94,57 @@ def plan_lines(
     return lines, est.total
 
 
+def stored_ids(results: str | os.PathLike[str] | None) -> set[str]:
+    """The ids of the runs stored validly in results dir ``results`` (none when it holds no
+    results yet), read without writing: a dry run creates nothing and sets no invalid record
+    aside. A results dir of another format or a foreign one is a one-line ConfigError."""
+    from masq.store import Store
+
+    root = Path(results) if results is not None else None
+    if root is None or not ((root / "meta.json").exists() or (root / "runs").exists()):
+        return set()
+    return Store(root, create=False).stored_ids(repair=False)
+
+
+def print_plan(
+    configs: Sequence[Any],
+    results: str | os.PathLike[str] | None,
+    *,
+    stack: int,
+    workers: int,
+    threads: int,
+    label: str = "",
+) -> float:
+    """The dry run of every grid-running command: prints :func:`plan_lines` of ``configs``
+    against the runs stored in ``results`` (:func:`stored_ids`); returns the estimated
+    seconds."""
+    lines, seconds = plan_lines(
+        configs, stored_ids(results), stack=stack, workers=workers, threads=threads, label=label
+    )
+    print("\n".join(lines), flush=True)
+    return seconds
+
+
+def done_text(summary: Any) -> str:
+    """ "done: 3 runs now, 5 were stored, 0 failed" of a grid's summary."""
+    return (
+        f"done: {summary.done} runs now, {summary.skipped} were stored, "
+        f"{len(summary.failed)} failed"
+    )
+
+
+def print_failed(
+    failed: Mapping[str, str], results: str | os.PathLike[str], limit: int = 10
+) -> None:
+    """The runs of a grid that failed, on stderr: where their tracebacks are, then the first
+    ``limit`` as "  RUN_ID: message" and how many more."""
+    print(f"failed runs (details in {Path(results) / 'errors'}):", file=sys.stderr)
+    for rid, message in list(failed.items())[:limit]:
+        print(f"  {rid}: {message}", file=sys.stderr)
+    if len(failed) > limit:
+        print(f"  ... and {len(failed) - limit} more", file=sys.stderr)
+
+
 def execute(command: str, configs: Sequence[Any], root: Any, **kwargs: Any) -> Any:
     """:func:`masq.grid.execute`; a grid aborted by a failure that would fail every run
     prints that run's traceback and one line, "masq COMMAND: ...", and gives None."""
@@ -98,4 +158,15 @@ def execute(command: str, configs: Sequence[Any], root: Any, **kwargs: Any) -> A
         return None
 
 
-__all__ = ["execute", "hours", "plan_lines", "resolve_workers", "tasks_fn"]
+__all__ = [
+    "at_least_one",
+    "done_text",
+    "execute",
+    "hours",
+    "plan_lines",
+    "print_failed",
+    "print_plan",
+    "resolve_workers",
+    "stored_ids",
+    "tasks_fn",
+]

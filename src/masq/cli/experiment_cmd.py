@@ -4,9 +4,6 @@ every later phase run without EWC, with EWC+FIM and with EWC+MaSQ in both scales
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -14,19 +11,35 @@ from pathlib import Path
 from typing import Any
 
 from masq import protocol
-from masq.cli.options import add_run_flags, check_consistent, given, hidden_from_tokens
+from masq.cli.options import (
+    add_run_flags,
+    add_single_run_flags,
+    check_consistent,
+    given,
+    hidden_from_tokens,
+)
 from masq.config import RunConfig, hidden_text, lam_per_lr2
 from masq.consolidation import check_config, get_method, method_label
 from masq.curves import task_name, union_name
 from masq.defaults import paper_best, paper_best_text
-from masq.errors import ConfigError
 from masq.fileio import atomic_write, error_text, rescue, rescue_dir, save_png
 from masq.protocol import Result
 from masq.report import figures
+from masq.report.runs import (
+    accuracy_text,
+    compare_rows,
+    csv_text,
+    curves_csv,
+    markdown_table,
+    run_stem,
+    safe_name,
+    summary_writer,
+    text_table,
+    write_tensorboard,
+)
 from masq.runtime import check_out_dir, resolve_device, setup_threads
 from masq.slt import parse_spec
 
-TENSORBOARD_HINT = "--tensorboard needs the tensorboard package: pip install masq-ewc[tensorboard]"
 _PER_SLT = paper_best_text()
 
 
@@ -75,13 +88,7 @@ def _knobs(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
             "device": "auto",
         },
     )
-    p.add_argument("--iters", type=int, default=None, help="iterations of every phase")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--data-dir", metavar="DIR", default=None, help="directory with the IDX files")
-    p.add_argument("--out", metavar="DIR", default=None, help="output directory")
-    p.add_argument("--csv", action="store_true", help="also write the curves as CSV")
-    p.add_argument("--tensorboard", metavar="DIR", default=None, help="write TensorBoard scalars")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_single_run_flags(p, curves=True)
 
 
 def config_from_args(args: argparse.Namespace, **changes: Any) -> RunConfig:
@@ -193,25 +200,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def accuracy_text(result: Result) -> str:
-    """The accuracy matrix R[i][j] (in %) and ACC, BWT and forgetting as text."""
-    n = len(result.accuracy)
-    head = "R[i][j] %     " + " ".join(f"{task_name(j):>6}" for j in range(n))
-    lines = [head]
-    for i, row in enumerate(result.accuracy):
-        cells = " ".join(f"{100 * v:6.1f}" for v in row)
-        lines.append(f"after {task_name(i):<7} {cells}")
-    m = result.metrics
-    lines.append(
-        f"ACC {100 * m['average_accuracy']:.2f} %, BWT {100 * m['bwt']:.2f} %, "
-        f"forgetting {100 * m['forgetting']:.2f} %"
-    )
-    return "\n".join(lines)
-
-
 def _compare(args: argparse.Namespace) -> int:
     base = config_from_args(args)
-    out = _prepare(args, base, f"results/compare-{_safe(base.slt)}")
+    out = _prepare(args, base, f"results/compare-{safe_name(base.slt)}")
     start = time.perf_counter()
     results = protocol.compare(base, progress=not args.quiet, data_dir=args.data_dir)
     seconds = time.perf_counter() - start
@@ -239,137 +230,3 @@ def _compare(args: argparse.Namespace) -> int:
     print(text_table(rows))
     print(f"{seconds:.0f} s in all; wrote {out}/compare.md, compare.csv, compare.png, *.json")
     return 0
-
-
-def compare_rows(results: Mapping[str, Result]) -> list[dict[str, Any]]:
-    """One row per method: best/last on the union of all tasks, each task at the end, and
-    (T > 2) ACC, BWT and forgetting, seconds."""
-    rows = []
-    for label, r in results.items():
-        n = len(r.curves)
-        union = union_name(n)
-        row: dict[str, Any] = {
-            "method": label,
-            f"best {union}": r.best[union],
-            "best at it": r.best["iteration"],
-            f"last {union}": r.last[union],
-        }
-        row |= {f"last {task_name(j)}": r.last[task_name(j)] for j in range(n)}
-        if n > 2:
-            row |= {name: r.metrics[name] for name in ("average_accuracy", "bwt", "forgetting")}
-        row["importance s"] = float(sum(r.timings.get("importance", [])))
-        row["re-train s"] = float(sum(r.timings.get("train", [0.0])[1:]))
-        rows.append(row)
-    return rows
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if value <= 1.0 else f"{value:.1f}"
-    return str(value)
-
-
-def _seconds_cell(key: str, value: object) -> str:
-    if key.endswith(" s") and isinstance(value, float):
-        return f"{value:.2f}"
-    return _cell(value)
-
-
-def text_table(rows: list[dict[str, Any]]) -> str:
-    """Fixed-width text table of ``rows``."""
-    keys = list(rows[0])
-    cells = [[_seconds_cell(k, row[k]) for k in keys] for row in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = [
-        "  ".join(
-            k.ljust(w) if i == 0 else k.rjust(w)
-            for i, (k, w) in enumerate(zip(keys, widths, strict=True))
-        )
-    ]
-    for c in cells:
-        lines.append(
-            "  ".join(
-                v.ljust(w) if i == 0 else v.rjust(w)
-                for i, (v, w) in enumerate(zip(c, widths, strict=True))
-            )
-        )
-    return "\n".join(lines)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """GitHub-flavoured Markdown table of ``rows``."""
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]
-    lines += ["| " + " | ".join(_seconds_cell(k, row[k]) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def csv_text(rows: list[dict[str, Any]]) -> str:
-    """CSV of ``rows`` (full precision)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def curves_csv(results: Mapping[str, Result]) -> str:
-    """Long CSV of the curves: run, phase (the task trained: D1, D2, ...), iteration (from the
-    phase's start), step (from the start of training on D1), then one column per set (empty
-    where a phase did not evaluate it, e.g. the union of the tasks seen so far)."""
-    sets: list[str] = []
-    for r in results.values():
-        for curve in r.curves:
-            sets += [k for k in curve if k != "iteration" and k not in sets]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", "phase", "iteration", "step", *sets])
-    for name, r in results.items():
-        for t, (curve, offset) in enumerate(zip(r.curves, figures.phase_offsets(r), strict=True)):
-            for i, it in enumerate(curve["iteration"]):
-                values = [curve[s][i] if s in curve else "" for s in sets]
-                writer.writerow([name, task_name(t), it, offset + it, *values])
-    return buffer.getvalue()
-
-
-def summary_writer() -> type:
-    """``torch.utils.tensorboard.SummaryWriter``, or a one-line ConfigError when missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(TENSORBOARD_HINT) from None
-    return SummaryWriter
-
-
-def write_tensorboard(results: Mapping[str, Result], directory: Path) -> None:
-    """Scalars ``accuracy/<set>`` per run under ``directory/<run>``, step from D1's start."""
-    writer_cls = summary_writer()
-    for name, r in results.items():
-        writer = writer_cls(log_dir=str(directory / _safe(name)))
-        try:
-            for curve, offset in zip(r.curves, figures.phase_offsets(r), strict=True):
-                sets = [k for k in curve if k != "iteration"]
-                for i, it in enumerate(curve["iteration"]):
-                    for s in sets:
-                        writer.add_scalar(f"accuracy/{s}", curve[s][i], global_step=offset + it)
-        finally:
-            writer.close()
-
-
-def run_stem(config: RunConfig) -> str:
-    """A file-name stem naming a run, e.g. D5-5_800-800_masq-mean_lr2-1e-05_lam-100000_seed0."""
-    method = str(config.importance)
-    if method == "masq":
-        method = f"masq-{config.scale}"
-    elif method == "fisher" and config.fisher_labels != "true":
-        method = f"fisher-{config.fisher_labels}"
-    if config.consolidation == "online-ewc" and method != "none":
-        method = f"online-{method}-g{config.gamma:g}"
-    hidden = hidden_text(config.hidden)
-    return _safe(
-        f"{config.slt}_{hidden}_{method}_lr2-{config.lr2:g}_lam-{config.lam:g}_seed{config.seed}"
-    )
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)

@@ -16,7 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from masq.cli.common import execute, hours, plan_lines, resolve_workers, tasks_fn
+from masq.cli.common import (
+    at_least_one,
+    done_text,
+    execute,
+    hours,
+    print_failed,
+    print_plan,
+    resolve_workers,
+    tasks_fn,
+)
 from masq.cli.options import add_execution_flags, add_grid_flags, dest
 from masq.config import FIELDS, Stage
 from masq.errors import ConfigError
@@ -171,18 +180,13 @@ def run_grid(args: argparse.Namespace) -> int:
     if args.executor == "local":  # Ray workers may have GPUs this machine lacks
         check_devices(configs)
     workers, threads = resolve_workers(args.workers, args.threads, args.device)
-    if args.stack < 1:
-        raise ConfigError(f"--stack must be >= 1, got {args.stack}")
+    at_least_one(("--stack", args.stack))
     print(
         f"grid: {len(configs)} runs ({describe_axes(grid)}; {grid.size()} combinations, "
         "merged where a setting cannot change the result, e.g. the importance at λ = 0)"
     )
     if args.dry_run:
-        stored: set[str] = set()
-        if args.results is not None and Path(args.results).exists():
-            stored = Store(args.results, create=False).stored_ids(repair=False)
-        lines, _ = plan_lines(configs, stored, stack=args.stack, workers=workers, threads=threads)
-        print("\n".join(lines))
+        print_plan(configs, args.results, stack=args.stack, workers=workers, threads=threads)
         return 0
     if args.results is None:
         raise ConfigError("masq grid: give --results DIR (or --dry-run)")
@@ -203,16 +207,11 @@ def run_grid(args: argparse.Namespace) -> int:
     if summary is None:
         return 1
     print(
-        f"done: {summary.done} runs now, {summary.skipped} were stored, "
-        f"{len(summary.failed)} failed; {summary.d1_trained} task-1 trainings and "
+        f"{done_text(summary)}; {summary.d1_trained} task-1 trainings and "
         f"{summary.importance_computed} importance passes computed; {hours(summary.seconds)}"
     )
     if summary.failed:
-        print(f"failed runs (details in {Path(args.results) / 'errors'}):", file=sys.stderr)
-        for rid, message in list(summary.failed.items())[:10]:
-            print(f"  {rid}: {message}", file=sys.stderr)
-        if len(summary.failed) > 10:
-            print(f"  ... and {len(summary.failed) - 10} more", file=sys.stderr)
+        print_failed(summary.failed, args.results)
         return 1
     return 0
 
@@ -250,6 +249,8 @@ def run_consistency(args: argparse.Namespace) -> int:
     from masq.runid import run_id
     from masq.store import Store, load
 
+    at_least_one(("--stack", args.stack))
+    workers, _ = resolve_workers(args.workers, args.threads)
     df = load(args.results)
     if df.empty:
         raise ConfigError(f"no stored runs in {args.results!r}; run `masq grid` first")
@@ -264,7 +265,6 @@ def run_consistency(args: argparse.Namespace) -> int:
             config = search.canonical(RunConfig.from_dict(d)).validate()
             runs[slt][label] = run_id(config)
             configs.append(config)
-    workers, _ = resolve_workers(args.workers, args.threads, getattr(args, "device", None))
     summary = execute(
         "consistency",
         configs,
@@ -280,8 +280,7 @@ def run_consistency(args: argparse.Namespace) -> int:
     if summary is None:
         return 1
     if summary.failed:
-        for rid, message in summary.failed.items():
-            print(f"  {rid}: {message}", file=sys.stderr)
+        print_failed(summary.failed, args.results)
         return 1
     print(report.consistency_summary(args.results, runs), end="")
     for path in report.consistency_figures(args.results, runs, out):

@@ -13,30 +13,20 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Mapping
-from typing import Any
 
 from masq import protocol
-from masq.cli.experiment_cmd import (
-    _safe,
-    config_from_args,
-    csv_text,
-    markdown_table,
-    run_stem,
-    text_table,
-)
-from masq.cli.options import add_run_flags
+from masq.cli.experiment_cmd import config_from_args
+from masq.cli.options import add_run_flags, add_single_run_flags
 from masq.config import RunConfig, hidden_text
 from masq.consolidation import method_label
-from masq.consolidation.imm import SHARE
-from masq.curves import VAL, task_name, union_name
 from masq.errors import ConfigError
 from masq.fileio import atomic_write, save_png
 from masq.grid import canonical
 from masq.importance import get_measure
 from masq.protocol.result import Result
 from masq.report.figures import FIGURE_DPI
-from masq.report.imm import mean_sweeps, report_figure, sweep_figure
+from masq.report.imm import alpha_rows, mean_sweeps, report_figure, summary_rows, sweep_figure
+from masq.report.runs import csv_text, markdown_table, run_stem, safe_name, text_table
 from masq.runtime import check_out_dir, resolve_device, setup_threads
 
 # The fields `masq imm` sets itself (it runs both merges; λ and γ are EWC's).
@@ -61,11 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         skip=OWN,
         defaults={"hidden": "per SLT (as masq run)", "lr2": "per SLT", "device": "auto"},
     )
-    p.add_argument("--iters", type=int, default=None, help="iterations of every phase")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--data-dir", metavar="DIR", default=None, help="directory with the IDX files")
-    p.add_argument("--out", metavar="DIR", default=None, help="output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_single_run_flags(p, curves=False)
     p.set_defaults(func=_imm)
 
     r = sub.add_parser(
@@ -106,31 +92,11 @@ def run_pair(
     return {method_label(r.config): r for r in results}
 
 
-def summary_rows(results: Mapping[str, Result]) -> list[dict[str, Any]]:
-    """One row per method: the val-selected and the test-best α_T with the accuracy there on
-    the union of all tasks and each task, the uniform α, and θ_T alone (α_T = 1)."""
-    rows = []
-    for label, r in results.items():
-        n = len(r.curves)
-        union = union_name(n)
-        val, best, uniform = r.imm["val_selected"], r.imm["test_best"], r.imm["uniform"]
-        row: dict[str, Any] = {"method": label, "val-selected α_T": val["share"]}
-        row[f"{union} (val-selected)"] = val[union]
-        row |= {f"{task_name(j)} (val-selected)": val[task_name(j)] for j in range(n)}
-        row["test-best α_T"] = best["share"]
-        row[f"{union} (test-best)"] = best[union]
-        row[f"{union} (uniform α)"] = uniform[union]
-        row[f"{union} (α_T = 1)"] = r.last[union]
-        row["merge s"] = float(sum(r.timings.get("merge", [])))
-        rows.append(row)
-    return rows
-
-
 def _imm(args: argparse.Namespace) -> int:
     base = config_from_args(args, consolidation="mean-imm")  # both: run_pair
     setup_threads(args.threads)
     resolve_device(base.device)
-    out = check_out_dir(args.out or f"results/imm-{_safe(base.slt)}")
+    out = check_out_dir(args.out or f"results/imm-{safe_name(base.slt)}")
     start = time.perf_counter()
     results = run_pair(base, progress=not args.quiet, data_dir=args.data_dir)
     seconds = time.perf_counter() - start
@@ -155,26 +121,11 @@ def _imm(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out or args.results)
     sweeps = mean_sweeps(args.results)
-    written = []
-    rows = []
-    for slt, by in sorted(sweeps.items()):
-        written.append(
-            save_png(report_figure(slt, by), out / f"imm_alpha_{_safe(slt)}.png", dpi=FIGURE_DPI)
-        )
-        for (transfer, method), s in sorted(by.items()):
-            union = next(k for k in s if "∪" in k and not k.startswith(VAL))
-            for i, share in enumerate(s[SHARE]):
-                rows.append(
-                    {
-                        "slt": slt,
-                        "transfer": transfer,
-                        "method": method,
-                        "seeds": s["seeds"],
-                        "alpha_T": share,
-                        "test_union": s[union][i],
-                        "val_union": s[VAL + union][i],
-                    }
-                )
+    written = [
+        save_png(report_figure(slt, by), out / f"imm_alpha_{safe_name(slt)}.png", dpi=FIGURE_DPI)
+        for slt, by in sorted(sweeps.items())
+    ]
+    rows = alpha_rows(sweeps)
     if rows:
         written.append(atomic_write(out / "imm_alpha.csv", csv_text(rows)))
     best = [r for r in rows if not math.isnan(r["test_union"])]

@@ -41,6 +41,8 @@ GRID_HIDDEN_HELP = (
     "architectures, one per value, each written with dashes: --hidden 800-800 800-400-400 is "
     "two architectures"
 )
+# Help of --data-dir wherever a command reads the dataset's IDX files from a directory.
+DATA_DIR_HELP = "directory with the dataset's IDX files"
 # A token that starts like a negative number (-5, -1e-5, -.5, -inf, -nan) is a value, never an
 # option: no flag of masq starts with "-" and a digit. (argparse's own rule, r"^-\d+$|^-\d*\.\d+$",
 # reads "--lr2 -1e-5" as a missing value.)
@@ -297,6 +299,27 @@ def add_execution_flags(p: argparse.ArgumentParser, *, ray: bool = False) -> Non
                        help="local processes or a Ray cluster")  # fmt: skip
         address = "Ray cluster address (auto or HOST:PORT; default: start a local Ray)"
         g.add_argument("--address", default=None, help=address)
-    g.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="directory with the dataset's IDX files")  # fmt: skip
+    g.add_argument("--data-dir", default=None, metavar="DIR", help=DATA_DIR_HELP)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_process_flags(p: argparse.ArgumentParser, *, out_help: str) -> None:
+    """``--out``, ``--threads`` and ``--data-dir`` of the commands that train in their own
+    process (``masq run``, ``compare``, ``imm``, ``analyze diagonality``, ``analyze compare``)."""
+    p.add_argument("--out", default=None, metavar="DIR", help=out_help)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help=DATA_DIR_HELP)
+
+
+def add_single_run_flags(p: argparse.ArgumentParser, *, curves: bool) -> None:
+    """The flags of ``masq run``, ``compare`` and ``imm`` beside the configuration:
+    ``--iters``, :func:`add_process_flags`, with ``curves`` ``--csv`` and ``--tensorboard``,
+    and ``--quiet``."""
+    p.add_argument("--iters", type=int, default=None, help="iterations of every phase")
+    add_process_flags(p, out_help="output directory")
+    if curves:
+        p.add_argument("--csv", action="store_true", help="also write the curves as CSV")
+        p.add_argument(
+            "--tensorboard", metavar="DIR", default=None, help="write TensorBoard scalars"
+        )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

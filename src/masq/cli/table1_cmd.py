@@ -18,12 +18,19 @@ Every run goes through :func:`masq.grid.execute` into --results, so re-running r
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from masq.cli.common import execute, plan_lines, resolve_workers, tasks_fn
+from masq.cli.common import (
+    at_least_one,
+    done_text,
+    execute,
+    print_failed,
+    print_plan,
+    resolve_workers,
+    tasks_fn,
+)
 from masq.cli.options import add_execution_flags
 from masq.errors import ConfigError
 from masq.runtime import check_out_dir
@@ -105,22 +112,11 @@ class Runner:
     """Runs (or, with --dry-run, counts) lists of configs into the results dir."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from masq import grid as search
-
-        for flag, value in (("--stack", args.stack), ("--workers", args.workers or 1)):
-            if value < 1:
-                raise ConfigError(f"{flag} must be >= 1, got {value}")
-        self.args, self.search = args, search
+        at_least_one(("--stack", args.stack))
+        self.args = args
         self.workers, self.threads = resolve_workers(args.workers, args.threads)
         self.tasks_fn = tasks_fn(args.data_dir)
         self.estimated: list[float] = []  # seconds per --dry-run estimate printed
-
-    def stored(self) -> set[str]:
-        """Run ids stored with a valid record."""
-        from masq.store import Store
-
-        root = Path(self.args.results)
-        return Store(root).stored_ids() if (root / "meta.json").exists() else set()
 
     def frame(self) -> Any:
         """The stored runs as a DataFrame (empty when none)."""
@@ -133,9 +129,9 @@ class Runner:
 
     def dry(self, label: str, configs: Sequence[Any], note: str = "") -> None:
         """Print the counts, the shared work and the time estimate of ``configs``."""
-        lines, seconds = plan_lines(
+        seconds = print_plan(
             configs,
-            self.stored(),
+            self.args.results,
             stack=self.args.stack,
             workers=self.workers,
             threads=self.threads,
@@ -143,7 +139,6 @@ class Runner:
         )
         if seconds:
             self.estimated.append(seconds)
-        print("\n".join(lines), flush=True)
 
     def run(self, configs: Sequence[Any]) -> bool:
         """Execute ``configs`` (stored ones are skipped); False when some failed."""
@@ -155,10 +150,9 @@ class Runner:
         )  # fmt: skip
         if summary is None:
             return False
-        print(f"  done: {summary.done} runs now, {summary.skipped} were stored, "
-              f"{len(summary.failed)} failed; {summary.seconds:.0f} s", flush=True)  # fmt: skip
-        for rid, message in list(summary.failed.items())[:10]:
-            print(f"  {rid}: {message}", file=sys.stderr)
+        print(f"  {done_text(summary)}; {summary.seconds:.0f} s", flush=True)
+        if summary.failed:
+            print_failed(summary.failed, self.args.results)
         return not summary.failed
 
 

@@ -14,7 +14,7 @@ from masq.config import RunConfig, n_params
 from masq.consolidation import get_method
 from masq.consolidation.imm import sweep_shares
 from masq.grid.plan import Group, chunks
-from masq.runtime import cpu_count
+from masq.runtime import default_threads
 from masq.slt import parse_spec
 from masq.training import eval_iterations
 
@@ -237,7 +237,7 @@ def estimate(
     from :func:`calibrate` per precision on the grid's device, with each group's evaluation
     schedule (assumes perfect parallel efficiency across workers); IMM chunks as
     :func:`imm_chunk_seconds`."""
-    threads = max(1, cpu_count() // workers) if threads is None else threads
+    threads = default_threads(workers) if threads is None else threads
     archs = [c.hidden for g in groups for c in g.configs[:1]]
     if not archs:
         return Estimate(0.0, 0.0, 0.0, 0.0, 0.0, workers, threads, (), 0)

@@ -41,7 +41,7 @@ from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
 from masq.grid.plan import one_by_one, plan
 from masq.runid import run_id
-from masq.runtime import cpu_count, resolve_device
+from masq.runtime import default_threads, resolve_device
 from masq.store import NotStored, Store
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -226,7 +226,7 @@ def execute(
     store.check_writable()
     all_ids = {run_id(c) for c in configs}
     if threads is None:
-        threads = max(1, cpu_count() // workers) if executor == Executor.LOCAL else 1
+        threads = default_threads(workers) if executor == Executor.LOCAL else 1
     with results_lock(store, wait=wait):
         check_device_kind(store, configs)
         stored = store.stored_ids()

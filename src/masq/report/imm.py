@@ -1,5 +1,5 @@
-"""Figures and averages of IMM runs (``masq imm``, ``masq imm-report``): the merged net's
-accuracy against the weight α_T of the last task, per method and transfer."""
+"""Figures, tables and averages of IMM runs (``masq imm``, ``masq imm-report``): the merged
+net's accuracy against the weight α_T of the last task, per method and transfer."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def sweep_figure(results: Mapping[str, Result], *, title: str = "") -> Figure:
     return fig
 
 
-def mean_sweeps(root: str | Path) -> dict[str, dict[tuple[str, str], dict[str, list[float]]]]:
+def mean_sweeps(root: str | Path) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
     """{SLT: {(transfer label, method label): mean sweep over seeds}} of the IMM runs of
     ``root``, with "val_share": the mean val-selected α_T and "seeds"."""
     df = load(root)
@@ -64,7 +64,7 @@ def mean_sweeps(root: str | Path) -> dict[str, dict[tuple[str, str], dict[str, l
     df = df[df["consolidation"].isin(["mean-imm", "mode-imm"])]
     if df.empty:
         raise ConfigError(f"no IMM runs in {str(root)!r}; run `masq grid --consolidation mode-imm`")
-    out: dict[str, dict[tuple[str, str], dict[str, list[float]]]] = {}
+    out: dict[str, dict[tuple[str, str], dict[str, list[Any]]]] = {}
     for _, row in df.sort_values("run_id").iterrows():
         record = load_record(root, row["run_id"])["result"]
         config = RunConfig.from_dict(record["config"])
@@ -74,9 +74,54 @@ def mean_sweeps(root: str | Path) -> dict[str, dict[tuple[str, str], dict[str, l
         n = config.n_tasks
         sweep = record["imm"]["sweep"]
         for key in (SHARE, union_name(n), VAL + union_name(n)):
-            slot.setdefault(key, []).append(sweep[key])  # type: ignore[arg-type]
+            slot.setdefault(key, []).append(sweep[key])
         slot.setdefault("val_share", []).append(record["imm"]["val_selected"]["share"])
     return {slt: {k: _mean(v) for k, v in d.items()} for slt, d in out.items()}
+
+
+def summary_rows(results: Mapping[str, Result]) -> list[dict[str, Any]]:
+    """One row per method of ``masq imm``: the val-selected and the test-best α_T with the
+    accuracy there on the union of all tasks and each task, the uniform α, and θ_T alone
+    (α_T = 1)."""
+    rows = []
+    for label, r in results.items():
+        n = len(r.curves)
+        union = union_name(n)
+        val, best, uniform = r.imm["val_selected"], r.imm["test_best"], r.imm["uniform"]
+        row: dict[str, Any] = {"method": label, "val-selected α_T": val["share"]}
+        row[f"{union} (val-selected)"] = val[union]
+        row |= {f"{task_name(j)} (val-selected)": val[task_name(j)] for j in range(n)}
+        row["test-best α_T"] = best["share"]
+        row[f"{union} (test-best)"] = best[union]
+        row[f"{union} (uniform α)"] = uniform[union]
+        row[f"{union} (α_T = 1)"] = r.last[union]
+        row["merge s"] = float(sum(r.timings.get("merge", [])))
+        rows.append(row)
+    return rows
+
+
+def alpha_rows(
+    sweeps: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]],
+) -> list[dict[str, Any]]:
+    """The rows of ``imm_alpha.csv``: per SLT, transfer, method (sorted) and α_T of
+    :func:`mean_sweeps`, the mean test and validation accuracy on the union of all tasks."""
+    rows = []
+    for slt, by in sorted(sweeps.items()):
+        for (transfer, method), s in sorted(by.items()):
+            union = next(k for k in s if "∪" in k and not k.startswith(VAL))
+            for i, share in enumerate(s[SHARE]):
+                rows.append(
+                    {
+                        "slt": slt,
+                        "transfer": transfer,
+                        "method": method,
+                        "seeds": s["seeds"],
+                        "alpha_T": share,
+                        "test_union": s[union][i],
+                        "val_union": s[VAL + union][i],
+                    }
+                )
+    return rows
 
 
 def imm_transfer_label(config: RunConfig) -> str:
@@ -128,4 +173,11 @@ def report_figure(slt: str, sweeps: Mapping[tuple[str, str], Mapping[str, Any]])
     return fig
 
 
-__all__ = ["imm_transfer_label", "mean_sweeps", "report_figure", "sweep_figure"]
+__all__ = [
+    "alpha_rows",
+    "imm_transfer_label",
+    "mean_sweeps",
+    "report_figure",
+    "summary_rows",
+    "sweep_figure",
+]
