@@ -44,7 +44,6 @@ from masq.config import (
     choice,
     n_params,
 )
-from masq.consolidation import METHODS, method_label
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
 from masq.store import load
@@ -87,6 +86,8 @@ def is_imm(df: pd.DataFrame) -> pd.Series:
     """Which rows of ``df`` are IMM runs."""
     if "consolidation" not in df.columns:
         return pd.Series(False, index=df.index)
+    from masq.consolidation import METHODS  # the registry loads torch: only when asked
+
     merged = [name for name, m in METHODS.items() if m.record_key == "imm"]
     return df["consolidation"].isin(merged)
 
@@ -177,6 +178,15 @@ def _same_except_lam(candidates: pd.DataFrame, winner: pd.Series) -> pd.DataFram
     return candidates[mask]
 
 
+def label(values: Any) -> str:
+    """The detailed method label of a run (:func:`masq.consolidation.method_label`, which
+    asks the method and measure registries; imported here so that importing the report
+    stays free of torch)."""
+    from masq.consolidation import method_label
+
+    return method_label(values, detailed=True)
+
+
 def table1(
     df: pd.DataFrame, *, select_on: str = "test", group_by: Sequence[str] = ()
 ) -> pd.DataFrame:
@@ -207,7 +217,7 @@ def table1(
                 lr2=win["lr2"],
                 lam=math.nan if merged else win["lam"],
                 alpha=win.get(f"{prefix}.alpha", math.nan),
-                method=method_label(win, detailed=True) + diverged_note(win),
+                method=label(win) + diverged_note(win),
                 tasks=int(win["tasks"]),
                 seed_list=win["seed_list"],
                 acc_mean=win[f"{prefix}.union"],
