@@ -45,11 +45,6 @@ def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:
     }
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write(path, text)
-
-
 def write_manifest(out: str | os.PathLike[str], analysis: str, body: Mapping[str, Any]) -> Path:
     """Write ``out/<analysis>.json``: the manifest of one analysis (module docstring)."""
     if analysis not in ANALYSES:

@@ -36,10 +36,10 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from masq import importance
-from masq.analysis.common import markdown, provenance, write_manifest, write_text
+from masq.analysis.common import markdown, provenance, write_manifest
 from masq.config import RunConfig, hidden_text
 from masq.errors import ConfigError
-from masq.fileio import save_png
+from masq.fileio import atomic_write, save_png
 from masq.protocol import labels_stream, stream_seed
 
 # The measures computed at each state, by label (FIM with its label source, MaSQ with its scale).
@@ -285,8 +285,8 @@ def write_outputs(
     figure = maxima_figure(rows, title="Maximum importance per tensor (log scale)")
     written = [
         save_png(figure, out / "compare_maxima.png"),
-        write_text(out / "compare.md", md),
-        write_text(out / "compare.csv", pd.DataFrame(rows).to_csv(index=False)),
+        atomic_write(out / "compare.md", md),
+        atomic_write(out / "compare.csv", pd.DataFrame(rows).to_csv(index=False)),
     ]
     files = {"markdown": "compare.md", "csv": "compare.csv", "figures": ["compare_maxima.png"]}
     manifest = {**body, "title": title, "provenance": provenance(), "files": files}

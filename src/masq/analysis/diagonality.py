@@ -34,10 +34,10 @@ from torch import Tensor, nn
 
 from masq import importance
 from masq import protocol as masq_protocol
-from masq.analysis.common import markdown, provenance, write_manifest, write_text
+from masq.analysis.common import markdown, provenance, write_manifest
 from masq.config import RunConfig, hidden_text
 from masq.errors import ConfigError
-from masq.fileio import save_png
+from masq.fileio import atomic_write, save_png
 from masq.importance.blocks import fisher_block as build_fisher_block
 
 # The largest tensor whose whole block :func:`fisher_block` builds (P² float64: 128 MiB).
@@ -265,8 +265,8 @@ def write_outputs(
     figure = heatmap_figure(result.blocks, title=result.title())
     written = [
         save_png(figure, out / "fisher_blocks.png"),
-        write_text(out / "table2.md", md),
-        write_text(out / "table2.csv", result.table.to_csv(index=False)),
+        atomic_write(out / "table2.md", md),
+        atomic_write(out / "table2.csv", result.table.to_csv(index=False)),
     ]
     body = {
         "command": command,

@@ -24,11 +24,11 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from masq.analysis.common import markdown, provenance, write_manifest, write_text
+from masq.analysis.common import markdown, provenance, write_manifest
 from masq.config import RunConfig, lam_per_lr2, round_sig
 from masq.consolidation import method_label
 from masq.errors import ConfigError
-from masq.fileio import save_png
+from masq.fileio import atomic_write, save_png
 from masq.grid import expand, grid_from_mapping, load_preset
 from masq.runid import run_id
 
@@ -263,10 +263,10 @@ def write_outputs(
         written.append(save_png(sweep_figure(frame, str(slt)), out / name))
         figures.append(name)
     written += [
-        write_text(out / "lambda.md", sweep_markdown(frame)),
-        write_text(out / "lambda.csv", frame.to_csv(index=False)),
-        write_text(out / "lambda_needed.md", needed_md),
-        write_text(out / "lambda_needed.csv", needed.to_csv(index=False)),
+        atomic_write(out / "lambda.md", sweep_markdown(frame)),
+        atomic_write(out / "lambda.csv", frame.to_csv(index=False)),
+        atomic_write(out / "lambda_needed.md", needed_md),
+        atomic_write(out / "lambda_needed.csv", needed.to_csv(index=False)),
     ]
     files = {
         "markdown": "lambda.md",
