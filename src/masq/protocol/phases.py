@@ -124,16 +124,12 @@ def continue_runs(
         runs.append(_Run(c, state, first, [float(seconds)] if wants else []))
     curves, train_s = [d1.curve], [d1.seconds]
     weights = [dict(d1.state_dict)] if keep_weights else None
-    lead_method = get_method(lead.consolidation)
+    lead_method, ctx = get_method(lead.consolidation), Context(lead, tasks, device)
     for phase in range(1, len(tasks)):
-        plan = lead_method.before_phase(
-            lead, runs[0].state, model, phase, Context(lead, tasks, device)
-        )
+        plan = lead_method.before_phase(lead, runs[0].state, model, phase, ctx)
         if diverged is not None:  # a non-finite state anchors nothing
             plan = PhasePlan(wrap=plan.wrap)
-        wanted = [
-            get_method(r.config.consolidation).wants_importance(r.config, phase) for r in runs
-        ]
+        wanted = [_wants(r.config, phase) for r in runs]
         tracker = make_tracker(lead, model, tasks[phase], phase, device) if any(wanted) else None
         curve, seconds = train_phase(
             lead, tasks, model, phase, plan=plan, tracker=tracker, device=device, progress=progress
@@ -157,7 +153,7 @@ def continue_runs(
                 run.seconds.append(s)
             method = get_method(run.config.consolidation)
             run.state = method.after_phase(run.config, run.state, model, imp, phase)
-    return [_record(r, curves, train_s, weights, diverged, tasks, device) for r in runs]
+    return [_record(r, curves, train_s, weights, diverged, ctx) for r in runs]
 
 
 def _record(
@@ -166,24 +162,23 @@ def _record(
     train_s: list[float],
     weights: list[dict[str, Tensor]] | None,
     diverged: str | None,
-    tasks: list[Task],
-    device: torch.device,
+    ctx: Context,
 ) -> Result:
-    """The record of ``run``: :func:`build_result`, then the method's end (unless diverged)."""
+    """The record of ``run``: :func:`build_result`, then the method's end (unless diverged),
+    evaluated through ``ctx``, one network for all the runs that trained alike (their seed,
+    tasks and precision are one)."""
     result = build_result(
         run.config,
         curves,
         importance=run.first,
         train_seconds=train_s,
         importance_seconds=run.seconds,
-        meta=run_meta(device),
+        meta=run_meta(ctx.device),
         weights=None if weights is None else [dict(w) for w in weights],
         diverged=diverged,
     )
     method = get_method(run.config.consolidation)
-    end = (
-        None if diverged else method.end(run.config, run.state, Context(run.config, tasks, device))
-    )
+    end = None if diverged else method.end(run.config, run.state, ctx)
     if end is not None:
         result.metrics.update(end.metrics)
         result.timings["merge"] = [end.seconds]
