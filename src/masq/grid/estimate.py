@@ -13,7 +13,7 @@ from masq import stacked
 from masq.config import RunConfig, n_params
 from masq.consolidation import get_method
 from masq.consolidation.imm import sweep_shares
-from masq.grid.plan import Group, chunks
+from masq.grid.plan import Group, chunks, placement
 from masq.runtime import default_threads
 from masq.slt import parse_spec
 from masq.training import eval_iterations
@@ -269,7 +269,7 @@ def estimate(
         for chunk in chunks(g.configs, stack):
             k = len(chunk)
             phases = chunk[0].n_tasks - 1
-            if get_method(chunk[0].consolidation).shared_training(chunk[0]) is not None:
+            if placement(chunk[0], stack)[0] == "alike":
                 merge_eval = task_sizes(chunk[0].slt, True)[1]
                 i_s, d2_s, ev_s = imm_chunk_seconds(chunk, c, n_train, n_eval, merge_eval)
                 imp, d2, ev = imp + i_s, d2 + d2_s, ev + ev_s

@@ -232,7 +232,7 @@ def execute(
         stored = store.stored_ids()
         todo = [c for c in configs if run_id(c) not in stored]
         if progress and stack > 1:
-            for reason, n in one_by_one(todo).items():
+            for reason, n in one_by_one(todo, stack).items():
                 print(f"grid: {n} run(s) go one by one: {reason}", file=sys.stderr)
         ray = executor == Executor.RAY
         jobs = [

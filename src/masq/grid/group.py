@@ -24,9 +24,8 @@ import torch
 
 from masq import protocol
 from masq.config import RunConfig
-from masq.consolidation import get_method
 from masq.fileio import error_text, warn
-from masq.grid.plan import alone, chunks, d1_key, importance_key, needs_first_pass
+from masq.grid.plan import alone, chunks, d1_key, importance_key, needs_first_pass, placement
 from masq.protocol import D1State
 from masq.runid import run_id
 from masq.store import NotStored, Store
@@ -160,15 +159,17 @@ def _continue(
     tasks: list[Task],
     stack: int,
 ) -> list[protocol.Result]:
-    """The records of one chunk (:func:`masq.grid.plan.chunks`): a run alone from its own
-    phase 1, runs trained alike through one phase loop, a stack, or one run."""
-    if alone(chunk[0]) is not None:
+    """The records of one chunk (:func:`masq.grid.plan.chunks`, its runs of one
+    :func:`~masq.grid.plan.placement`): runs alone from their own phase 1, runs trained alike
+    through one phase loop, a stack, or one run."""
+    kind, _ = placement(chunk[0], stack)
+    if kind == "alone":
         return [protocol.run(c, tasks=tasks, keep_weights=False) for c in chunk]
     assert d1 is not None
     imps = [importances[key_of(c)] for c in chunk]
-    if get_method(chunk[0].consolidation).shared_training(chunk[0]) is not None:
+    if kind == "alike":
         return protocol.continue_runs(chunk, d1, imps, tasks)
-    if stack > 1 and all(protocol.stackable(c) is None for c in chunk):
+    if kind == "stack":
         return protocol.continue_stacked(
             chunk, d1, [i for i, _ in imps], tasks, [s for _, s in imps]
         )

@@ -89,23 +89,34 @@ def work(groups: Sequence[Group], stack: int) -> Work:
     return Work(runs, len(groups), passes, runs, stacks)
 
 
+def placement(config: RunConfig, stack: int) -> tuple[str, Any]:
+    """How a worker runs ``config``, with what decides it: ("alone", why) from its own phase
+    1 (:func:`alone`); ("alike", training key) with the runs whose phases train alike
+    (:meth:`~masq.consolidation.Method.shared_training`); ("stack", iters2) in a stack of the
+    stacked engine (:func:`masq.protocol.stackable`); else ("single", why not stacked)."""
+    why = alone(config)
+    if why is not None:
+        return "alone", why
+    shared = get_method(config.consolidation).shared_training(config)
+    if shared is not None:
+        return "alike", shared
+    why = stackable(config) if stack > 1 else "--stack 1"
+    return ("stack", config.iters2) if why is None else ("single", why)
+
+
 def chunks(configs: Sequence[RunConfig], stack: int) -> list[list[RunConfig]]:
-    """The runs of one group cut into the units a worker runs at once: stacks of at most
-    ``stack`` runs with equal ``iters2`` that the stacked engine takes
-    (:func:`masq.protocol.stackable`); runs whose phases train alike
-    (:meth:`~masq.consolidation.Method.shared_training`: mean- and mode-IMM with any
-    importance) as one chunk, trained once; every other run alone (a chunk of one)."""
+    """The runs of one group cut into the units a worker runs at once (:func:`placement`):
+    stacks of at most ``stack`` runs with equal ``iters2``; the runs that train alike as one
+    chunk, trained once; every other run alone (a chunk of one)."""
     by_iters: dict[int, list[RunConfig]] = {}
     singles: list[list[RunConfig]] = []
     by_training: dict[tuple[Any, ...], list[RunConfig]] = {}
     for config in configs:
-        shared = get_method(config.consolidation).shared_training(config)
-        if alone(config) is not None:
-            singles.append([config])
-        elif shared is not None:
-            by_training.setdefault(shared, []).append(config)
-        elif stack > 1 and stackable(config) is None:
-            by_iters.setdefault(config.iters2, []).append(config)
+        kind, key = placement(config, stack)
+        if kind == "alike":
+            by_training.setdefault(key, []).append(config)
+        elif kind == "stack":
+            by_iters.setdefault(key, []).append(config)
         else:
             singles.append([config])
     out: list[list[RunConfig]] = []
@@ -114,13 +125,12 @@ def chunks(configs: Sequence[RunConfig], stack: int) -> list[list[RunConfig]]:
     return out + singles + list(by_training.values())
 
 
-def one_by_one(configs: Sequence[RunConfig]) -> dict[str, int]:
+def one_by_one(configs: Sequence[RunConfig], stack: int = 16) -> dict[str, int]:
     """{reason: number of runs} of the runs of ``configs`` that are neither stacked nor
     trained together with others (the line a grid prints about them)."""
     out: dict[str, int] = {}
     for config in configs:
-        shared = get_method(config.consolidation).shared_training(config)
-        reason = alone(config) or (None if shared is not None else stackable(config))
-        if reason is not None:
-            out[reason] = out.get(reason, 0) + 1
+        kind, why = placement(config, stack)
+        if kind in ("alone", "single"):
+            out[why] = out.get(why, 0) + 1
     return out
