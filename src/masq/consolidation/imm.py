@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -280,6 +280,8 @@ class MeanIMM(Method):
     fields = ("transfer", "alpha_step", "transfer_lam", "drop_p")
     record_key = "imm"
     description = "train on, then merge θ = Σ α_k θ_k (Lee et al. 2017)"
+    display: ClassVar[str] = "mean-IMM"
+    eps: ClassVar[float | None] = None  # the merge's relative guard (mode-IMM's only)
 
     def reads(self, config: RunConfig) -> tuple[str, ...]:
         l2 = config.transfer in (Transfer.L2, Transfer.L2_DROP)
@@ -288,8 +290,8 @@ class MeanIMM(Method):
                 *(("drop_p",) if drop else ()))  # fmt: skip
 
     def label(self, values: Mapping[str, Any], measure: Measure, detailed: bool) -> str:
-        label = "mode-IMM" if self.name == "mode-imm" else "mean-IMM"
-        if self.name == "mode-imm" and measure.gives_importance:
+        label = self.display
+        if self.eps is not None and measure.gives_importance:
             label += "+" + measure.text(values, detailed)
         transfer = str(values.get("transfer", Transfer.WEIGHT.value))
         parts = []
@@ -358,7 +360,7 @@ class MeanIMM(Method):
         points = sweep_points(sweep, config.n_tasks)
         record = {
             "method": self.name,
-            "eps": DEFAULT_EPS if self.name == "mode-imm" else None,
+            "eps": self.eps,
             "sweep": sweep,
             **points,
         }
@@ -385,6 +387,8 @@ class ModeIMM(MeanIMM):
 
     name = "mode-imm"
     description = "train on, then merge θ = Σ α_k F_k θ_k / Σ α_k F_k (Lee et al. 2017)"
+    display = "mode-IMM"
+    eps = DEFAULT_EPS
 
     def canonical(self, config: RunConfig) -> dict[str, Any]:
         return {}
@@ -405,7 +409,7 @@ class ModeIMM(MeanIMM):
         importances: Sequence[Params],
         alphas: Sequence[float],
     ) -> dict[str, Tensor]:
-        return mode_imm(states, importances, alphas)
+        return mode_imm(states, importances, alphas, eps=DEFAULT_EPS)
 
 
 MEAN_IMM = register_method(MeanIMM())
