@@ -94,7 +94,8 @@ def continue_stacked(
         eval_sets=sets,
         unions=unions,
         device=device,
-        **_units(tasks),
+        units=tasks[1].units,
+        eval_units=eval_units(tasks) or None,
     )
     synchronize(device)
     seconds = time.perf_counter() - start
@@ -120,10 +121,3 @@ def continue_stacked(
         )
         for c, curve, imp, s_imp, final in rows
     ]
-
-
-def _units(tasks: list[Task]) -> dict[str, object]:
-    """``units``/``eval_units`` of phase 2 for the task-incremental scenario ({} otherwise:
-    the class scenario's call is unchanged)."""
-    units = eval_units(tasks)
-    return {"units": tasks[1].units, "eval_units": units} if units else {}

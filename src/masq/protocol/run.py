@@ -40,7 +40,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -205,18 +204,11 @@ def train_phase(
     plan = plan or PhasePlan()
     trained = plan.wrap(model) if plan.wrap is not None else model
     penalty = plan.penalty
-    extra: dict[str, Any] = {}
-    if penalty is not None:  # the gradient at the network's own parameters (not a wrapper's)
 
-        def penalty_grad(net: nn.Module) -> None:
-            penalty.add_grad(dict((model if net is trained else net).named_parameters()))
+    def penalty_grad(net: nn.Module) -> None:  # at the network's own parameters, not a wrapper's
+        assert penalty is not None
+        penalty.add_grad(dict((model if net is trained else net).named_parameters()))
 
-        extra["penalty_grad"] = penalty_grad
-    if tracker is not None:
-        extra["step_hook"] = tracker.step
-    units = eval_units(tasks)
-    if units:
-        extra["units"], extra["eval_units"] = tasks[phase].units, units
     desc = f"train {task_name(phase)}" + ("" if phase == 0 else f" ({method_label(config)})")
     start = time.perf_counter()
     curve = train_task(
@@ -228,7 +220,10 @@ def train_phase(
         device=device,
         progress=progress,
         desc=desc,
-        **extra,
+        penalty_grad=None if penalty is None else penalty_grad,
+        step_hook=None if tracker is None else tracker.step,
+        units=tasks[phase].units,
+        eval_units=eval_units(tasks) or None,
     )
     synchronize(device)
     return curve, time.perf_counter() - start
@@ -318,9 +313,8 @@ def merged_accuracies(
     union = union_name(len(tasks))
     unions = {union: tuple(names), VAL + union: tuple(VAL + n for n in names)}
     model.load_state_dict(dict(params))
-    units = eval_units(tasks)
-    extra: dict[str, Any] = {"units": units} if units else {}
-    return accuracies(eval_counts(model, sets, precision=config.precision, **extra), unions)
+    units = eval_units(tasks) or None
+    return accuracies(eval_counts(model, sets, precision=config.precision, units=units), unions)
 
 
 __all__ = [
