@@ -14,16 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from masq.errors import ConfigError
+from masq.importance.persample import trainable_params
 from masq.importance.registry import Importance, Measure, MeasureContext, register_measure
 from masq.tasks import XY
 
 
 def uniform(model: nn.Module) -> Importance:
     """{name: ones_like(θ)} for every trainable parameter θ of ``model`` (F_k = 1)."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ConfigError("the model has no trainable parameters; set requires_grad on some")
+    params = trainable_params(model)  # a ConfigError when there are none
     return {n: torch.ones_like(p, memory_format=torch.contiguous_format) for n, p in params.items()}
 
 
