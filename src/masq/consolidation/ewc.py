@@ -20,7 +20,6 @@ silently zero (or NaN) penalty.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -30,7 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from masq.config import RunConfig
-from masq.consolidation.penalty import QuadraticPenalty, quadratic_value
+from masq.consolidation.penalty import (
+    QuadraticPenalty,
+    check_lam,
+    checked_anchors,
+    quadratic_value,
+)
+from masq.consolidation.penalty import key_diff as _diff
 from masq.consolidation.registry import Method, PhaseContext, PhasePlan, register_method
 from masq.errors import ConfigError
 from masq.importance import Importance, Measure, get_measure
@@ -107,35 +112,10 @@ def penalty(model: nn.Module, anchors: Anchor | Sequence[Anchor], lam: float) ->
     the model's shapes (a net of the same depth but other widths is an error, naming the
     tensor).
     """
-    try:
-        lam_value = float(lam)
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(f"lam: the EWC weight must be a number, got {lam!r}") from None
-    if not (math.isfinite(lam_value) and lam_value >= 0):
-        raise ConfigError(f"lam: the EWC weight must be a finite number >= 0, got {lam}")
-    anchor_list = [anchors] if isinstance(anchors, Anchor) else list(anchors)
-    if not anchor_list:
-        raise ConfigError("penalty: no anchors given; pass at least one Anchor")
+    lam_value = check_lam(lam)
     named = dict(model.named_parameters())
-    for a in anchor_list:
-        if set(named) != set(a.params):
-            raise ConfigError(
-                "penalty: anchor keys do not match the model's parameters "
-                f"({_diff(named, a.params, 'model', 'anchor')}); anchor this model's parameters"
-            )
-        for name, theta in named.items():
-            if theta.shape != a.params[name].shape:
-                raise ConfigError(
-                    f"penalty: anchor tensor {name!r} has shape {tuple(a.params[name].shape)}, "
-                    f"the model's {tuple(theta.shape)}; anchor a model of this architecture"
-                )
-    return quadratic_value(named, [(a.params, a.importance) for a in anchor_list], lam)
-
-
-def _diff(a: Mapping[str, object], b: Mapping[str, object], name_a: str, name_b: str) -> str:
-    only_a = sorted(set(a) - set(b))
-    only_b = sorted(set(b) - set(a))
-    return f"only in {name_a}: {only_a}, only in {name_b}: {only_b}"
+    anchor_list = checked_anchors(named, anchors)
+    return quadratic_value(named, [(a.params, a.importance) for a in anchor_list], lam_value)
 
 
 def online_importance(

@@ -90,6 +90,38 @@ def check_lam(lam: object, what: str = "lam") -> float:
     return value
 
 
+def key_diff(a: Mapping[str, object], b: Mapping[str, object], name_a: str, name_b: str) -> str:
+    """ "only in A: [...], only in B: [...]" of two mappings' keys (for error messages)."""
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    return f"only in {name_a}: {only_a}, only in {name_b}: {only_b}"
+
+
+def checked_anchors(
+    named: Mapping[str, Tensor], anchors: AnchorLike | Sequence[AnchorLike]
+) -> list[AnchorLike]:
+    """``anchors`` as a list, after checking that there is one at least and that each holds
+    the parameter names of ``named`` with their shapes (a net of the same depth but other
+    widths is an error naming the tensor); else a one-line ConfigError."""
+    anchor_list = list(anchors) if isinstance(anchors, Sequence) else [anchors]
+    if not anchor_list:
+        raise ConfigError("penalty: no anchors given; pass at least one Anchor")
+    for a in anchor_list:
+        if set(named) != set(a.params):
+            raise ConfigError(
+                "penalty: anchor keys do not match the model's parameters "
+                f"({key_diff(named, a.params, 'model', 'anchor')}); anchor this model's "
+                "parameters"
+            )
+        for name, theta in named.items():
+            if theta.shape != a.params[name].shape:
+                raise ConfigError(
+                    f"penalty: anchor tensor {name!r} has shape {tuple(a.params[name].shape)}, "
+                    f"the model's {tuple(theta.shape)}; anchor a model of this architecture"
+                )
+    return anchor_list
+
+
 class QuadraticPenalty:
     """The diagonal quadratic penalty of ``anchors`` (objects with ``params`` θ^a and
     ``importance`` F^a, e.g. :class:`masq.consolidation.ewc.Anchor`) at weight ``lam``, for
@@ -103,23 +135,8 @@ class QuadraticPenalty:
         self, model: nn.Module, anchors: AnchorLike | Sequence[AnchorLike], lam: float
     ) -> None:
         lam = check_lam(lam)
-        anchor_list = list(anchors) if isinstance(anchors, Sequence) else [anchors]
-        if not anchor_list:
-            raise ConfigError("penalty: no anchors given; pass at least one Anchor")
         named = dict(model.named_parameters())
-        for a in anchor_list:
-            stars = a.params
-            if set(stars) != set(named):
-                raise ConfigError(
-                    "penalty: anchor keys do not match the model's parameters; "
-                    "anchor this model's parameters"
-                )
-            for k, p in named.items():
-                if stars[k].shape != p.shape:
-                    raise ConfigError(
-                        f"penalty: anchor tensor {k!r} has shape {tuple(stars[k].shape)}, "
-                        f"the model's {tuple(p.shape)}; anchor this model's parameters"
-                    )
+        anchor_list = checked_anchors(named, anchors)
         self.names = list(named)
         self.lam = lam
         with torch.no_grad():
