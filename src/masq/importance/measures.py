@@ -32,7 +32,7 @@ def fisher_measure(model: nn.Module, data: XY, ctx: MeasureContext) -> Importanc
         labels=ctx.settings["fisher_labels"],
         generator=ctx.generator,
         device=ctx.device,
-        **_outputs(ctx),
+        outputs=ctx.outputs,
     )
 
 
@@ -44,14 +44,8 @@ def masq_measure(model: nn.Module, data: XY, ctx: MeasureContext) -> Importance:
         batches(x, y, ctx.settings["masq_batch"]),
         scale=ctx.settings["scale"],
         device=ctx.device,
-        **_outputs(ctx),
+        outputs=ctx.outputs,
     )
-
-
-def _outputs(ctx: MeasureContext) -> dict[str, Any]:
-    """``outputs=`` for the task-incremental scenario only (the class scenario's call is the
-    paper's, unchanged)."""
-    return {} if ctx.outputs is None else {"outputs": ctx.outputs}
 
 
 def fisher_label(values: Mapping[str, Any], detailed: bool = False) -> str:
