@@ -1,23 +1,5 @@
-"""Naive reference implementations: one backward pass per sample, in float64, no tricks.
-
-Each function computes the same quantity as its fast twin in :mod:`masq.importance`, by the
-shortest route: the gradient of every sample's own loss from its own backward pass. They are slow
-(N backward passes, C N for ``labels="exact"``) and meant for tiny models: to test the fast code,
-and to check a layer of your own against it::
-
-    from masq import importance
-    from masq.importance import reference
-
-    fast = importance.fisher(model, importance.batches(x, y, 50))
-    slow = reference.fisher(model, importance.batches(x, y, 50))
-    for name in fast:
-        torch.testing.assert_close(fast[name].double(), slow[name], rtol=1e-4, atol=1e-6)
-
-Every function works on a float64 copy of the model (``copy.deepcopy(model).double()``) in eval
-mode, with floating inputs cast to float64, so the caller's model is never touched and the result
-is the float64 value of the model's own (rounded) parameters, whatever their dtype. Results are
-float64 tensors (or a :class:`~masq.importance.BlockStats`) on the model's device.
-"""
+"""The naive twins of the diagonal measures and the Fisher block (module docstring of
+:mod:`masq.importance.reference`)."""
 
 from __future__ import annotations
 
@@ -37,36 +19,41 @@ __all__ = [
     "fisher",
     "fisher_block",
     "fisher_block_stats",
+    "float64_copy",
     "mas",
     "masq",
     "per_sample_gradients",
+    "positions",
+    "restricted",
     "sample_gradient",
+    "unit_list",
+    "wide",
 ]
 
 
-def _float64_copy(model: nn.Module) -> nn.Module:
+def float64_copy(model: nn.Module) -> nn.Module:
     """A float64 copy of ``model`` in eval mode."""
     return copy.deepcopy(model).double().eval()
 
 
-def _wide(x: Tensor) -> Tensor:
+def wide(x: Tensor) -> Tensor:
     """Floating inputs in float64; integer inputs (indices) as they are."""
     return x.double() if x.is_floating_point() else x
 
 
-def _units(outputs: Sequence[int] | Tensor | None) -> list[int] | None:
+def unit_list(outputs: Sequence[int] | Tensor | None) -> list[int] | None:
     """The active output units as a list of ints (None: all of them)."""
     return None if outputs is None else [int(u) for u in outputs]
 
 
-def _restricted(loss: LossFn, units: list[int] | None) -> LossFn:
+def restricted(loss: LossFn, units: list[int] | None) -> LossFn:
     """l(z, t) = loss(z[:, units], t): the loss on the task's active units only."""
     if units is None:
         return loss
     return lambda logits, targets: loss(logits[:, units], targets)
 
 
-def _positions(y: Tensor, units: list[int] | None) -> Tensor:
+def positions(y: Tensor, units: list[int] | None) -> Tensor:
     """Each label y_n (a unit of the full head) replaced by its position among ``units``."""
     if units is None:
         return y
@@ -95,8 +82,8 @@ def per_sample_gradients(
     model: nn.Module, x: Tensor, y: Tensor, loss: LossFn = cross_entropy
 ) -> dict[str, Tensor]:
     """{name: [N, *shape]}: row n is g_n = d loss(model(x_n), y_n) / d theta, in float64."""
-    work = _float64_copy(model)
-    x = _wide(x)
+    work = float64_copy(model)
+    x = wide(x)
     rows = [sample_gradient(work, x[n], y[n], loss) for n in range(len(x))]
     return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
 
@@ -133,18 +120,18 @@ def fisher(
     mode = choice(FisherLabels, labels, "labels")
     if mode is FisherLabels.SAMPLED and generator is None:
         raise ConfigError("labels='sampled' needs generator=torch.Generator().manual_seed(SEED)")
-    work = _float64_copy(model)
-    units = _units(outputs)
-    loss = _restricted(loss, units)
+    work = float64_copy(model)
+    units = unit_list(outputs)
+    loss = restricted(loss, units)
     sums = {n: torch.zeros_like(p) for n, p in trainable_params(work).items()}
     count = 0
     for x, y in batches:
-        x = _wide(x)
+        x = wide(x)
         with torch.no_grad():
             logits = work(x)
             probs = torch.softmax(logits if units is None else logits[:, units], dim=1)
         if mode is FisherLabels.TRUE:
-            y = _positions(y, units)
+            y = positions(y, units)
         if mode is FisherLabels.SAMPLED:
             drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
             y = drawn.squeeze(1).to(probs.device)
@@ -172,13 +159,13 @@ def masq(
     ``outputs`` U: l_n = loss(model(x_n)[U], position of y_n in U).
     """
     mode = choice(Scale, scale, "scale")
-    work = _float64_copy(model)
-    units = _units(outputs)
-    loss = _restricted(loss, units)
+    work = float64_copy(model)
+    units = unit_list(outputs)
+    loss = restricted(loss, units)
     sums = {n: torch.zeros_like(p) for n, p in trainable_params(work).items()}
     count = 0
     for x, y in batches:
-        x, y = _wide(x), _positions(y, units)
+        x, y = wide(x), positions(y, units)
         rows = [sample_gradient(work, x[n], y[n], loss) for n in range(len(x))]
         for k in sums:
             mean = sum(r[k] for r in rows) / len(x)
@@ -196,12 +183,12 @@ def mas(
     """Omega_k = (1/N) sum_n |d ||f(x_n)||_2^2 / d theta_k|, f(x_n) = model(x_n) (or
     model(x_n)[U] for ``outputs`` U): one backward of sample n's squared output norm per sample,
     its absolute gradient summed. The labels are not read."""
-    work = _float64_copy(model)
-    norm = _restricted(lambda logits, _: logits.flatten(1).square().sum(1), _units(outputs))
+    work = float64_copy(model)
+    norm = restricted(lambda logits, _: logits.flatten(1).square().sum(1), unit_list(outputs))
     sums = {n: torch.zeros_like(p) for n, p in trainable_params(work).items()}
     count = 0
     for x, y in batches:
-        x = _wide(x)
+        x = wide(x)
         for n in range(len(x)):
             g = sample_gradient(work, x[n], y[n], norm)
             for k in sums:
