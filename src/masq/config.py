@@ -43,11 +43,39 @@ class Scale(Choice):
 
 
 class FisherLabels(Choice):
-    """Where the labels of the FIM's per-sample gradients come from."""
+    """How the Fisher's per-sample gradients get their labels, named as van de Ven (2025, "On
+    the computation of the Fisher information in continual learning", arXiv:2502.11756) names
+    them; :func:`masq.importance.fisher` states each formula.
 
-    TRUE = "true"  # the data's labels: the empirical Fisher of the paper
-    SAMPLED = "sampled"  # one label per sample drawn from the model's softmax
+    masq 0.1's spellings are accepted and mean the same: "true" is ``empirical`` and
+    "sampled" is ``sample`` (``FisherLabels("true") is FisherLabels.EMPIRICAL``). Run ids keep
+    the old spellings (:data:`LEGACY_ID_VALUES`), so stored runs keep their ids.
+    """
+
+    EMPIRICAL = "empirical"  # the data's labels: the empirical Fisher (the paper's FIM)
+    SAMPLE = "sample"  # one label per sample drawn from the model's softmax
     EXACT = "exact"  # every class c, weighted by the softmax probability p_c(x_n)
+    PREDICTED = "predicted"  # the model's most probable class, argmax_c p_c(x_n)
+    BATCHED = "batched"  # squared gradient of the batch-mean loss (true labels) at B = b
+    TRUE = "empirical"  # alias of EMPIRICAL (masq 0.1's name)
+    SAMPLED = "sample"  # alias of SAMPLE (masq 0.1's name)
+
+    @classmethod
+    def _missing_(cls, value: object) -> FisherLabels | None:
+        """masq 0.1's spellings: "true" -> EMPIRICAL, "sampled" -> SAMPLE."""
+        return {"true": cls.EMPIRICAL, "sampled": cls.SAMPLE}.get(str(value))
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The accepted spellings: the five names, then masq 0.1's "true" and "sampled"."""
+        return (*(m.value for m in cls), "true", "sampled")
+
+
+LEGACY_ID_VALUES: dict[str, dict[str, str]] = {
+    "fisher_labels": {"empirical": "true", "sample": "sampled"},
+}
+"""{field: {value: the spelling its run id hashes}}: values renamed since masq 0.1 enter the run
+id (:func:`masq.runid.id_dict`) in their old spelling, so stored runs keep their ids."""
 
 
 class Scenario(Choice):
@@ -253,7 +281,25 @@ class RunConfig:
     )
     scale: Scale = _field(Scale.MEAN, IMP, "MaSQ scale: mean (the paper) | sum")
     fisher_labels: FisherLabels = _field(
-        FisherLabels.TRUE, IMP, "FIM labels: true (the paper) | sampled | exact"
+        FisherLabels.EMPIRICAL,
+        IMP,
+        "Fisher labels: empirical (the true labels: the paper) | sample | exact | predicted | "
+        "batched (squared batch-mean gradients at B = --masq-batch); masq 0.1's true = "
+        "empirical, sampled = sample",
+    )
+    fisher_samples: int = _field(
+        0,
+        IMP,
+        "Fisher on a seeded random subset of N training samples of the task (0: all of them)",
+        check="nonneg",
+        since_v1=True,
+    )
+    si_damping: float = _field(
+        0.1,
+        IMP,
+        "SI damping ξ: Ω_k = ω_k / ((Δθ_k)² + ξ) (Zenke et al. 2017)",
+        check="positive",
+        since_v1=True,
     )
     consolidation: str = _field(
         "ewc",

@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from masq.config import FIELD, Choice, Stage
+from masq.config import FIELD, LEGACY_ID_VALUES, Choice, Stage
 
 ID_LENGTH = 20
 
@@ -40,7 +40,8 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 def id_dict(config: Any) -> dict[str, Any]:
     """The fields that make a run's id: all but RUN fields, and fields added since format 1
-    only where they differ from their default."""
+    only where they differ from their default; renamed values in their old spelling
+    (:data:`masq.config.LEGACY_ID_VALUES`: ``fisher_labels="empirical"`` hashes as "true")."""
     d = config_dict(config)
     out = {}
     for k, v in d.items():
@@ -49,7 +50,7 @@ def id_dict(config: Any) -> dict[str, Any]:
             continue
         if spec is not None and spec.since_v1 and v == config_dict({k: spec.default})[k]:
             continue
-        out[k] = v
+        out[k] = LEGACY_ID_VALUES.get(k, {}).get(v, v) if isinstance(v, str) else v
     return out
 
 

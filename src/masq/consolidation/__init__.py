@@ -8,7 +8,13 @@ from masq.consolidation import (
     imm,  # registers mean-imm, mode-imm
 )
 from masq.consolidation.ewc import Anchor, anchor, online_importance, penalty
-from masq.consolidation.penalty import Penalty, QuadraticPenalty
+from masq.consolidation.penalty import (
+    PENALTY_KINDS,
+    Penalty,
+    QuadraticPenalty,
+    penalty_for,
+    register_penalty_kind,
+)
 from masq.consolidation.registry import (
     METHOD_FIELDS,
     METHODS,
@@ -27,6 +33,7 @@ from masq.consolidation.registry import (
 __all__ = [
     "METHODS",
     "METHOD_FIELDS",
+    "PENALTY_KINDS",
     "Anchor",
     "EndResult",
     "Method",
@@ -44,5 +51,7 @@ __all__ = [
     "method_names",
     "online_importance",
     "penalty",
+    "penalty_for",
     "register_method",
+    "register_penalty_kind",
 ]

@@ -19,13 +19,14 @@ penalty (a Kronecker-factored F) implements the same two methods (:class:`Penalt
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from masq.errors import ConfigError
+from masq.registry import Registry
 
 
 class AnchorLike(Protocol):
@@ -173,11 +174,43 @@ class QuadraticPenalty:
         self.add_grad(dict(model.named_parameters()))
 
 
+PenaltyFactory = Callable[[nn.Module, Sequence[AnchorLike], float], Penalty]
+"""``factory(model, anchors, lam) -> Penalty``: the penalty of a kind of importance."""
+
+PENALTY_KINDS: Registry[PenaltyFactory] = Registry(
+    "kind", "penalty kind", "masq.consolidation.penalty.register_penalty_kind"
+)
+"""{measure kind: penalty factory}: "diagonal" is :class:`QuadraticPenalty`; structured
+measures (:attr:`masq.importance.Measure.kind`) register theirs (K-FAC: "kfac")."""
+
+
+def register_penalty_kind(kind: str, factory: PenaltyFactory, *, replace: bool = False) -> None:
+    """Register the penalty ``factory(model, anchors, lam)`` of importances of ``kind``."""
+    PENALTY_KINDS.register(kind, factory, replace=replace)
+
+
+def penalty_for(
+    kind: str, model: nn.Module, anchors: Sequence[AnchorLike], lam: float
+) -> Penalty:
+    """The penalty of importances of ``kind`` for ``model``'s parameters: its registered
+    factory called with ``anchors`` and ``lam``; an unknown kind is a one-line ConfigError."""
+    return PENALTY_KINDS.lookup(kind)(model, anchors, lam)
+
+
+register_penalty_kind("diagonal", QuadraticPenalty)
+
+
 __all__ = [
+    "PENALTY_KINDS",
     "AnchorLike",
     "Penalty",
+    "PenaltyFactory",
     "QuadraticPenalty",
     "check_lam",
+    "checked_anchors",
+    "key_diff",
+    "penalty_for",
     "quadratic_grad_",
     "quadratic_value",
+    "register_penalty_kind",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from masq.config import FisherLabels
+from masq.config import FisherLabels, choice
 from masq.importance.diagonal import batches, fisher, masq
 from masq.importance.registry import Importance, Measure, MeasureContext, register_measure
 from masq.tasks import XY
@@ -49,9 +49,15 @@ def masq_measure(model: nn.Module, data: XY, ctx: MeasureContext) -> Importance:
 
 
 def fisher_label(values: Mapping[str, Any], detailed: bool = False) -> str:
-    """ "FIM", or "FIM (sampled)" / "FIM (exact)" for the other label sources."""
-    labels = str(values.get("fisher_labels", FisherLabels.TRUE.value))
-    return "FIM" + ("" if labels == FisherLabels.TRUE else f" ({labels})")
+    """ "FIM" (empirical labels: the paper's), else "FIM (sample)", "FIM (exact)", "FIM
+    (predicted)", "FIM (batched, b=128)"; a subset adds its size: "FIM (exact, n=500)"."""
+    labels = choice(FisherLabels, values.get("fisher_labels", "empirical"), "fisher_labels")
+    parts = [] if labels is FisherLabels.EMPIRICAL else [labels.value]
+    if labels is FisherLabels.BATCHED:
+        parts[-1] += f", b={int(values.get('masq_batch', 1000))}"
+    if int(values.get("fisher_samples", 0) or 0) > 0:
+        parts.append(f"n={int(values['fisher_samples'])}")
+    return "FIM" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def masq_label(values: Mapping[str, Any], detailed: bool = False) -> str:

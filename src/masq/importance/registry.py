@@ -81,7 +81,14 @@ class Measure:
     """One importance measure (module docstring). ``label`` is a string or a function
     ``(config values, detailed) -> str``; ``standalone`` measures name the method themselves
     ("MAS", "L2" rather than "EWC+MAS"); ``reads_data`` is False for a measure computed
-    without a pass over the task's data (then the pass's batch size does not matter)."""
+    without a pass over the task's data (then the pass's batch size does not matter).
+
+    ``kind`` says what the importance is and so which penalty uses it: "diagonal" (the
+    default) is one tensor F shaped like each parameter and the penalty
+    (λ/2) Σ_k F_k (θ_k − θ*_k)²; a structured measure (K-FAC's Kronecker factors, per-layer
+    Fisher blocks) names the kind its consolidation penalty is registered under
+    (:data:`masq.consolidation.PENALTY_KINDS`), and its importance holds that penalty's
+    factors by name."""
 
     name: str
     label: str | Label
@@ -91,6 +98,7 @@ class Measure:
     standalone: bool = False
     reads_data: bool = True  # False: computed without a pass (L2); masq_batch then unused
     description: str = ""
+    kind: str = "diagonal"  # the penalty its importance feeds (masq.consolidation.PENALTY_KINDS)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):

@@ -43,7 +43,7 @@ def consistency_plan(
         fim = {
             **base,
             "importance": "fisher",
-            "fisher_labels": "true",
+            "fisher_labels": "empirical",
             "lam": lam_per_lr2(1.0, lr2),
         }
         none = {**base, "importance": "none", "lam": 0.0}

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from masq.config import RunConfig, hidden_text
+from masq.config import FisherLabels, RunConfig, hidden_text
 from masq.curves import task_name, union_name
 from masq.errors import ConfigError
 from masq.report.figures import phase_offsets
@@ -33,7 +33,7 @@ def run_stem(config: RunConfig) -> str:
     method = str(config.importance)
     if method == "masq":
         method = f"masq-{config.scale}"
-    elif method == "fisher" and config.fisher_labels != "true":
+    elif method == "fisher" and config.fisher_labels != FisherLabels.EMPIRICAL:
         method = f"fisher-{config.fisher_labels}"
     if config.consolidation == "online-ewc" and method != "none":
         method = f"online-{method}-g{config.gamma:g}"
