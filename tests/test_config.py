@@ -60,6 +60,8 @@ CLI_DEFAULTS: frozenset[str] = frozenset({"hidden", "lr2", "lam", "device"})
 # The flags without which a field's flag contradicts the defaults (and is refused), per command.
 COMPANIONS: dict[tuple[str, str], tuple[str, ...]] = {
     ("run", "fisher_labels"): ("--importance", "fisher"),
+    ("run", "fisher_samples"): ("--importance", "fisher"),
+    ("run", "si_damping"): ("--importance", "si"),
     ("run", "gamma"): ("--consolidation", "online-ewc"),
     ("compare", "gamma"): ("--consolidation", "online-ewc"),
     **{

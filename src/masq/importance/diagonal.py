@@ -62,6 +62,23 @@ def batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Ten
     return generate()
 
 
+def subset(
+    x: Tensor, y: Tensor, n: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """n samples of (x, y) drawn without replacement, in their original order: the first n of
+    ``torch.randperm(N, generator=generator)``, sorted. n = 0 or n >= N: all of them, unchanged
+    (no draw is made, so the generator's later draws are as without a subset)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"fisher_samples: give a number of samples >= 0, got {n!r}")
+    if n == 0 or n >= len(x):
+        return x, y
+    if generator is None:
+        raise ConfigError("a subset of samples needs generator=torch.Generator().manual_seed(SEED)")
+    order = torch.randperm(len(x), generator=generator, device=generator.device)
+    index = order[:n].sort().values.to(x.device)
+    return x[index], y[index.to(y.device)]
+
+
 def summary(imp: Importance) -> dict[str, dict[str, float]]:
     """Per tensor F: {"max": max_k F_k, "mean": (1/P) sum_k F_k, "sum": sum_k F_k} (float64)."""
     return {
@@ -82,18 +99,21 @@ def _label_terms(
 ) -> list[tuple[Tensor, Tensor | None]]:
     """The (targets, per-sample weight w_n or None for 1) pairs whose sum_n w_n g_n^2 are summed.
 
-    true: [(y, 1)]; sampled: [(y~ drawn from softmax(logits), 1)]; exact: [(c, p_c) for every
-    class c], p = softmax(logits) taken as constant.
+    empirical: [(y, 1)]; sample: [(y~ drawn from softmax(logits), 1)]; predicted:
+    [(argmax_c logits_c, 1)]; exact: [(c, p_c) for every class c], p = softmax(logits) taken as
+    constant.
     """
-    if labels is FisherLabels.TRUE:
+    if labels is FisherLabels.EMPIRICAL:
         return [(y, None)]
     if logits.ndim != 2:
         raise ConfigError(
             f"labels={labels.value!r} needs logits of shape [B, classes], got "
-            f"{tuple(logits.shape)}; use labels='true'"
+            f"{tuple(logits.shape)}; use labels='empirical'"
         )
+    if labels is FisherLabels.PREDICTED:
+        return [(logits.detach().argmax(1), None)]
     probs = torch.softmax(logits.detach(), dim=1)
-    if labels is FisherLabels.SAMPLED:
+    if labels is FisherLabels.SAMPLE:
         assert generator is not None
         drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
         return [(drawn.squeeze(1).to(logits.device), None)]
@@ -130,12 +150,12 @@ class _FisherPass:
     @property
     def checks_labels(self) -> bool:
         """Whether the labels are those of the default cross-entropy (checked in range)."""
-        return self.labels is FisherLabels.TRUE and self.loss is cross_entropy
+        return self.labels is FisherLabels.EMPIRICAL and self.loss is cross_entropy
 
     @property
     def label_units(self) -> ActiveOutputs | None:
-        """The units the labels y are mapped from (only where y is used: labels="true")."""
-        return self.active if self.labels is FisherLabels.TRUE else None
+        """The units the labels y are mapped from (only where y is used: empirical labels)."""
+        return self.active if self.labels is FisherLabels.EMPIRICAL else None
 
 
 def _fisher_batch(
@@ -205,7 +225,7 @@ def fisher(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
     *,
-    labels: FisherLabels | str = FisherLabels.TRUE,
+    labels: FisherLabels | str = FisherLabels.EMPIRICAL,
     generator: torch.Generator | None = None,
     loss: LossFn = cross_entropy,
     device: torch.device | str | None = None,
@@ -215,21 +235,33 @@ def fisher(
     """The diagonal Fisher F_k = (1/N) sum_n g_nk^2 from exact per-sample gradients.
 
     g_n is the gradient of sample n's own loss l_n (no 1/B factor), so the result does not depend
-    on how the N samples are split into batches (for ``labels="sampled"`` the draws do).
+    on how the N samples are split into batches (for ``labels="sample"`` the draws do; for
+    ``"batched"`` the split is the formula).
 
-    ``labels`` (a :class:`~masq.config.FisherLabels` or its value):
-      - ``"true"``: l_n = loss(model(x_n), y_n), the empirical Fisher (the paper's FIM).
-      - ``"sampled"``: y_n is replaced by one label drawn from softmax(model(x_n)); per batch one
-        ``torch.multinomial(softmax(logits), 1, generator=generator)`` over the whole batch, in
-        batch order. ``generator`` (a seeded torch.Generator on the device where the draw should
-        happen) is required; the global RNG is never used.
+    ``labels`` (a :class:`~masq.config.FisherLabels` or its value; the names of van de Ven 2025,
+    "On the computation of the Fisher information in continual learning", arXiv:2502.11756):
+      - ``"empirical"`` (masq 0.1: ``"true"``): l_n = loss(model(x_n), y_n) with the data's
+        label, the empirical Fisher (the paper's FIM).
+      - ``"sample"`` (masq 0.1: ``"sampled"``): y_n is replaced by one label drawn from
+        softmax(model(x_n)); per batch one ``torch.multinomial(softmax(logits), 1,
+        generator=generator)`` over the whole batch, in batch order. ``generator`` (a seeded
+        torch.Generator on the device where the draw should happen) is required; the global
+        RNG is never used. An unbiased one-draw estimate of ``"exact"``.
       - ``"exact"``: F_k = (1/N) sum_n sum_c p_c(x_n) g_nk(c)^2, g_n(c) the gradient for label c
-        and p(x_n) = softmax(model(x_n)), taken as constant weights. Costs C backward passes.
+        and p(x_n) = softmax(model(x_n)), taken as constant weights: the true Fisher of the
+        model's predictive distribution. Costs C backward passes.
+      - ``"predicted"``: y_n = argmax_c p_c(x_n), the model's most probable label (what several
+        published codebases compute and call the Fisher); biased towards confident classes.
+      - ``"batched"``: F_k = (1/K) sum_b gbar_bk^2, gbar_b the gradient of the batch-MEAN loss
+        with the data's labels over the K batches of ``batches`` (size b): exactly
+        :func:`masq` with ``scale="mean"`` at B_MaSQ = b (the squared mini-batch gradient of
+        published code that says "Fisher"). One backward per batch; ``generator`` and
+        ``buffer_bytes`` are not used. With b = 1 it is ``"empirical"``.
 
     ``outputs`` (task-incremental heads): the task's active output units U; the logits are then
     model(x_n)[U] (the other units masked), a label y_n (a unit of the full head, which must be
-    in U) is replaced by its position in U, and sampled/exact labels range over U only, with
-    p = softmax(model(x_n)[U]). The entries of the head rows outside U come out exactly 0.
+    in U) is replaced by its position in U, and sample/exact/predicted labels range over U only,
+    with p = softmax(model(x_n)[U]). The entries of the head rows outside U come out exactly 0.
     None (the default): every unit.
 
     Cost: parameters of nn.Linear layers (called once per forward on a [B, in] input, parameters
@@ -242,14 +274,16 @@ def fisher(
     Samples must be independent in eval mode (no cross-sample operations in the model).
 
     Inputs are checked once per batch (two reductions, one host sync): NaN/inf in ``x``, a label
-    outside 0..C-1 (default loss, ``labels="true"``) or outside ``outputs``, ``x`` not
+    outside 0..C-1 (default loss, empirical labels) or outside ``outputs``, ``x`` not
     [B, in_features] (a model that is an ``nn.Sequential`` starting with ``nn.Linear``) are
     one-line ConfigErrors.
     """
     mode = choice(FisherLabels, labels, "labels")
-    if mode is FisherLabels.SAMPLED and generator is None:
+    if mode is FisherLabels.BATCHED:
+        return masq(model, batches, scale=Scale.MEAN, loss=loss, device=device, outputs=outputs)
+    if mode is FisherLabels.SAMPLE and generator is None:
         raise ConfigError(
-            "labels='sampled' needs generator=torch.Generator().manual_seed(SEED) for the draws"
+            "labels='sample' needs generator=torch.Generator().manual_seed(SEED) for the draws"
         )
     check_buffer_bytes(buffer_bytes)
     with evaluating(model, device) as (work, dev):

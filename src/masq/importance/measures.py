@@ -2,9 +2,11 @@
 no importance (``none``). Their formulas: :mod:`masq.importance.diagonal`.
 
 - ``fisher``: F_k = (1/N) Σ_n g_nk², g_n the gradient of sample n's own loss; the labels from
-  ``fisher_labels`` (true / sampled from the model, drawn from the context's generator / exact
-  expectation over the classes). The pass runs in batches of ``masq_batch`` samples, which
-  bounds memory and does not enter the formula.
+  ``fisher_labels`` (empirical: the data's / sample: drawn from the model with the context's
+  generator / exact: the expectation over the classes / predicted: the argmax), or
+  ``batched``: (1/K) Σ_b ḡ_bk² over batches of b = ``masq_batch`` (MaSQ mean). Otherwise the
+  pass runs in batches of ``masq_batch`` samples, which bounds memory and does not enter the
+  formula. ``fisher_samples`` > 0 takes a seeded random subset of that many samples.
 - ``masq``: F_k = (1/K) Σ_b ḡ_bk² (``scale`` mean) or (1/K) Σ_b |b| ḡ_bk² (``scale`` sum) over
   the K batches of ``masq_batch`` samples; ḡ_b the gradient of the batch-mean loss.
 - ``none``: no importance: plain fine-tuning (λ has no effect).
@@ -18,14 +20,17 @@ from typing import Any
 from torch import nn
 
 from masq.config import FisherLabels, choice
-from masq.importance.diagonal import batches, fisher, masq
+from masq.importance.diagonal import batches, fisher, masq, subset
 from masq.importance.registry import Importance, Measure, MeasureContext, register_measure
 from masq.tasks import XY
 
 
 def fisher_measure(model: nn.Module, data: XY, ctx: MeasureContext) -> Importance:
-    """The diagonal Fisher of ``model`` on ``data`` (:func:`masq.importance.fisher`)."""
-    x, y = data
+    """The diagonal Fisher of ``model`` on ``data`` (:func:`masq.importance.fisher`), on a
+    seeded subset of ``fisher_samples`` of them where that is > 0
+    (:func:`masq.importance.diagonal.subset`, drawn from the context's generator before any
+    label is)."""
+    x, y = subset(*data, int(ctx.settings.get("fisher_samples", 0)), ctx.generator)
     return fisher(
         model,
         batches(x, y, ctx.batch_size),
@@ -71,8 +76,9 @@ FISHER = register_measure(
         "fisher",
         label=fisher_label,
         compute=fisher_measure,
-        fields=("fisher_labels",),
-        description="the diagonal Fisher from exact per-sample gradients (the paper's FIM)",
+        fields=("fisher_labels", "fisher_samples"),
+        description="the diagonal Fisher from exact per-sample gradients (the paper's FIM); "
+        "labels empirical | sample | exact | predicted | batched",
     )
 )
 MASQ = register_measure(

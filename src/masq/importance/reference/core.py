@@ -91,7 +91,8 @@ def per_sample_gradients(
 def _label_terms(
     probs: Tensor, y: Tensor, n: int, labels: FisherLabels
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """(label, weight) pairs of sample n: its label with weight 1, or every class c with p_c."""
+    """(label, weight) pairs of sample n: its label (data, drawn or predicted) with weight 1,
+    or every class c with p_c."""
     if labels is FisherLabels.EXACT:
         for c in range(probs.shape[1]):
             yield torch.tensor(c, device=probs.device), probs[n, c]
@@ -103,23 +104,27 @@ def fisher(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
     *,
-    labels: FisherLabels | str = FisherLabels.TRUE,
+    labels: FisherLabels | str = FisherLabels.EMPIRICAL,
     generator: torch.Generator | None = None,
     loss: LossFn = cross_entropy,
     outputs: Sequence[int] | Tensor | None = None,
 ) -> Importance:
-    """F_k = (1/N) sum_n g_nk^2, or (1/N) sum_n sum_c p_c(x_n) g_nk(c)^2 for ``labels="exact"``.
+    """F_k = (1/N) sum_n g_nk^2 with y_n the data's label (``"empirical"``), one label drawn
+    from softmax(model(x_n)) (``"sample"``) or its argmax (``"predicted"``); for ``"exact"``
+    (1/N) sum_n sum_c p_c(x_n) g_nk(c)^2; for ``"batched"`` :func:`masq` with scale "mean".
 
-    ``labels="sampled"`` replaces y by the draws of one ``torch.multinomial(softmax(logits), 1,
+    ``labels="sample"`` replaces y by the draws of one ``torch.multinomial(softmax(logits), 1,
     generator=generator)`` per batch (the fast code draws the same labels from the same
     probabilities, so a float64 model with the same seed gives the same labels).
 
     ``outputs`` U: the logits are model(x_n)[U], the labels y_n their positions in U, and the
-    classes c of "sampled"/"exact" range over U (p = softmax(model(x_n)[U])).
+    classes c of sample/exact/predicted range over U (p = softmax(model(x_n)[U])).
     """
     mode = choice(FisherLabels, labels, "labels")
-    if mode is FisherLabels.SAMPLED and generator is None:
-        raise ConfigError("labels='sampled' needs generator=torch.Generator().manual_seed(SEED)")
+    if mode is FisherLabels.BATCHED:
+        return masq(model, batches, scale=Scale.MEAN, loss=loss, outputs=outputs)
+    if mode is FisherLabels.SAMPLE and generator is None:
+        raise ConfigError("labels='sample' needs generator=torch.Generator().manual_seed(SEED)")
     work = float64_copy(model)
     units = unit_list(outputs)
     loss = restricted(loss, units)
@@ -130,9 +135,11 @@ def fisher(
         with torch.no_grad():
             logits = work(x)
             probs = torch.softmax(logits if units is None else logits[:, units], dim=1)
-        if mode is FisherLabels.TRUE:
+        if mode is FisherLabels.EMPIRICAL:
             y = positions(y, units)
-        if mode is FisherLabels.SAMPLED:
+        if mode is FisherLabels.PREDICTED:
+            y = probs.argmax(1)
+        if mode is FisherLabels.SAMPLE:
             drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
             y = drawn.squeeze(1).to(probs.device)
         for n in range(len(x)):
