@@ -3,7 +3,7 @@
 An analysis writes into its output directory the data (CSV), a Markdown table, its figures
 (PNG) and a manifest ``<name>.json``::
 
-    {"format": "masq-analysis", "analysis": "diagonality" | "compare" | "lambda",
+    {"format": "masq-analysis", "analysis": "diagonality" | "compare" | "lambda" | "kfac",
      "command": "masq analyze ...", "provenance": {...}, "files": {...}, ...}
 
 which :mod:`masq.report.html` reads to place the analysis in the report with a caption
@@ -29,7 +29,7 @@ from masq.fileio import atomic_write
 from masq.runtime import cpu_count
 
 MANIFEST_FORMAT = "masq-analysis"
-ANALYSES: tuple[str, ...] = ("diagonality", "compare", "lambda")
+ANALYSES: tuple[str, ...] = ("diagonality", "compare", "lambda", "kfac")
 
 
 def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:

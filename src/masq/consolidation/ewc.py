@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from masq.config import RunConfig
 from masq.consolidation.penalty import (
-    QuadraticPenalty,
     check_lam,
     checked_anchors,
+    penalty_for,
     quadratic_value,
 )
 from masq.consolidation.penalty import key_diff as _diff
@@ -101,6 +101,34 @@ def anchor(model: nn.Module, importance: Mapping[str, Tensor]) -> Anchor:
         for k in named
     }
     return Anchor(MappingProxyType(params), MappingProxyType(imp))
+
+
+@dataclass(frozen=True, eq=False)
+class FactorAnchor:
+    """theta* (``params``, keyed like the model's parameters) and a structured importance
+    (``importance``: the factors a penalty kind reads, e.g. K-FAC's {"0.A", "0.G", ...}),
+    detached copies. Its penalty checks the factors against the layers."""
+
+    params: Mapping[str, Tensor]
+    importance: Mapping[str, Tensor]
+
+
+def factor_anchor(model: nn.Module, factors: Mapping[str, Tensor]) -> FactorAnchor:
+    """Anchor ``model``'s current parameters with the structured importance ``factors``
+    (copied, detached); a one-line ConfigError when a factor is empty or not finite."""
+    if not factors:
+        raise ConfigError("anchor: the structured importance holds no factors; compute it again")
+    for name, f in factors.items():
+        if not bool(torch.isfinite(f).all()):
+            raise ConfigError(
+                f"anchor: importance factor {name!r} has NaN/inf entries; check how it was "
+                "computed (a diverged network?)"
+            )
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    return FactorAnchor(
+        MappingProxyType(params),
+        MappingProxyType({k: f.detach().clone() for k, f in factors.items()}),
+    )
 
 
 def penalty(model: nn.Module, anchors: Anchor | Sequence[Anchor], lam: float) -> Tensor:
@@ -190,7 +218,8 @@ class EWC(Method):
     ) -> PhasePlan:
         if not state or config.lam <= 0:
             return PhasePlan()
-        return PhasePlan(penalty=QuadraticPenalty(model, state, config.lam))
+        kind = get_measure(config.importance).kind
+        return PhasePlan(penalty=penalty_for(kind, model, state, config.lam))
 
     def after_phase(
         self,
@@ -202,6 +231,8 @@ class EWC(Method):
     ) -> list[Anchor]:
         if importance is None:  # no importance taken (no measure, or a diverged state)
             return state
+        if get_measure(config.importance).kind != "diagonal":
+            return [*state, factor_anchor(model, importance)]
         return [*state, anchor(model, importance)]  # an empty or partial one is an error
 
 
@@ -215,6 +246,14 @@ class OnlineEWC(EWC):
     fields = ("lam", "gamma")
     description = "one running importance F <- γF + F_t, the latest anchor (Schwarz et al. 2018)"
     prefix = "online EWC"
+
+    def check(self, config: RunConfig, measure: Measure) -> None:
+        if measure.kind != "diagonal" and config.n_tasks > 2:
+            raise ConfigError(
+                f"consolidation online-ewc sums importances over tasks, which is defined for "
+                f"diagonal ones; {measure.name!r} is structured ({measure.kind}): use "
+                "--consolidation ewc (one anchor per task)"
+            )
 
     def init(self, config: RunConfig) -> tuple[dict[str, Tensor] | None, list[Anchor]]:  # type: ignore[override]
         return None, []

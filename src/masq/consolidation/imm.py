@@ -399,6 +399,11 @@ class ModeIMM(MeanIMM):
                 "consolidation mode-imm needs an importance; use --importance fisher or masq "
                 "(or --consolidation mean-imm)"
             )
+        if measure.kind != "diagonal":
+            raise ConfigError(
+                f"consolidation mode-imm merges with a diagonal importance; {measure.name!r} is "
+                f"structured ({measure.kind}): use --importance fisher, masq or mas"
+            )
 
     def wants_importance(self, config: RunConfig, phase: int) -> bool:
         return True

@@ -29,12 +29,19 @@ from masq.tasks import Task
 def stackable(config: RunConfig) -> str | None:
     """Why ``config`` cannot be stacked, or None when it can: the stacked engine trains the
     second phase of two-task runs of the MLP with a diagonal quadratic penalty, so it takes
-    the methods that declare ``stackable`` (EWC) with any measure computed before that phase."""
+    the methods that declare ``stackable`` (EWC) with any diagonal measure computed before
+    that phase (a structured one, K-FAC, goes one by one)."""
     method = get_method(config.consolidation)
     if config.n_tasks != 2:
         return f"{config.n_tasks} tasks (the stacked engine runs two-task runs)"
     if not method.stackable:
         return f"consolidation {method.name!r} is not stacked (its phases are not plain EWC)"
+    kind = get_measure(config.importance).kind
+    if kind != "diagonal":
+        return (
+            f"importance {config.importance!r} is structured ({kind}); the stacked engine's "
+            "penalty is diagonal"
+        )
     return None
 
 

@@ -57,7 +57,7 @@ def _manifests(path: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
 
     found: dict[str, tuple[Path, dict[str, Any]]] = {}
     for folder in (path, path / "analysis"):
-        for name in ("diagonality", "compare", "lambda"):
+        for name in ("diagonality", "compare", "lambda", "kfac"):
             record = read_manifest(folder / f"{name}.json")
             if record is not None and name not in found:
                 found[name] = (folder, record)
@@ -199,6 +199,7 @@ def _analysis_part(
         "diagonality": "masq analyze diagonality --out DIR",
         "compare": "masq analyze compare --results DIR --out DIR",
         "lambda": "masq analyze lambda --slt D5-5 D9-1 DP10-10 --results DIR",
+        "kfac": "masq analyze kfac --slt D5-5 --hidden 30-30 --seeds 5 --results DIR",
     }
     if not found:
         part.missing = f"{missing[name]}  (then: masq report --results DIR)"
@@ -423,6 +424,12 @@ def build_report(
         _analysis_part("compare", "FIM versus MaSQ", found.get("compare", []), figs),
         _analysis_part(
             "lambda", "λ sweeps: what λ does each measure need?", found.get("lambda", []), figs
+        ),
+        _analysis_part(
+            "kfac",
+            "Does the Fisher's off-diagonal part matter? Diagonal, K-FAC, per-layer blocks",
+            found.get("kfac", []),
+            figs,
         ),
         _bench_part(bench),
         _matrices_part(stores, figs, out_dir),

@@ -1,0 +1,294 @@
+"""Does the Fisher's off-diagonal part change what consolidation achieves? (``masq analyze
+kfac``)
+
+The paper's thesis is that the Fisher of a trained network is nearly diagonal, so a diagonal
+importance suffices. Table 2 measures the off-diagonal mass; this analysis measures what it
+is worth: EWC with the same Fisher in three structures, each at its own best λ,
+
+- ``diagonal``: F_kk only (the paper's FIM, :func:`masq.importance.fisher`);
+- ``K-FAC``: per Linear layer G ⊗ A (Kronecker factors, :mod:`masq.importance.kfac`);
+- ``blocks``: the exact Fisher within each layer, every off-diagonal entry of the layer's
+  [W | b] block (:mod:`masq.importance.kfac`, low-rank form; on small nets),
+
+and MaSQ (``mean``, on all samples) beside them. The three Fisher structures use the same
+labels (``exact`` by default: the Fisher of the model's predictive distribution) on the same
+seeded subset of ``fisher_samples`` training samples of each task (the subset is drawn first
+from the run's "fisher-labels" stream, so it is the same for every structure), so they differ
+in structure only.
+
+Per SLT and measure, λ is chosen on the validation sets (mean over seeds of the "last"
+accuracy on the union of all tasks' validation sets) and reported on the test sets: the mean
+and std over seeds there, and a paired t-test (pairs: the same seed, hence the same task-1
+state) of each structure against the diagonal at its own best λ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from masq.analysis.common import fmt, markdown, provenance, write_manifest
+from masq.analysis.paired import paired_test
+from masq.config import RunConfig
+from masq.consolidation import canonical
+from masq.errors import ConfigError
+from masq.fileio import atomic_write, save_png
+from masq.runid import run_id
+
+# The measures compared, by their name in the tables, as RunConfig changes ({} of the
+# Fisher's settings are filled in by :func:`structure_configs`).
+DIAGONAL = "diagonal FIM"
+STRUCTURES: dict[str, dict[str, Any]] = {
+    DIAGONAL: {"importance": "fisher"},
+    "K-FAC": {"importance": "kfac"},
+    "FIM blocks": {"importance": "fisher-blocks"},
+    "MaSQ (mean)": {"importance": "masq", "scale": "mean"},
+}
+NONE = "no EWC"
+COLOURS: dict[str, str] = {
+    DIAGONAL: "tab:blue",
+    "K-FAC": "tab:green",
+    "FIM blocks": "tab:purple",
+    "MaSQ (mean)": "tab:red",
+    NONE: "0.5",
+}
+SELECT = "last_val.union"  # λ chosen on the validation sets ...
+REPORT = "last.union"  # ... and reported on the test sets
+
+
+def structure_of(config: Mapping[str, Any]) -> str:
+    """The name in :data:`STRUCTURES` of a run's measure (``NONE`` for no importance or λ = 0)."""
+    importance = str(config.get("importance"))
+    if importance == "none" or float(config.get("lam", 0.0)) == 0:
+        return NONE
+    for name, changes in STRUCTURES.items():
+        if changes["importance"] == importance:
+            return name
+    return importance
+
+
+def structure_configs(
+    base: RunConfig,
+    lams: Sequence[float],
+    seeds: int,
+    *,
+    measures: Sequence[str] = tuple(STRUCTURES),
+    labels: str = "exact",
+    samples: int = 1000,
+) -> list[RunConfig]:
+    """Every run of one SLT's comparison: for seeds 0..seeds-1, λ = 0 (no EWC) and each of
+    ``measures`` (names of :data:`STRUCTURES`) at every λ of ``lams``; the Fisher structures
+    with ``fisher_labels=labels`` on ``fisher_samples=samples``. ``base`` holds everything
+    else (SLT, architecture, ε2, iterations, ``eval_val`` is switched on). Canonical, without
+    duplicates."""
+    unknown = [m for m in measures if m not in STRUCTURES]
+    if unknown:
+        raise ConfigError(
+            f"analyze kfac: unknown measures {unknown}; use some of {list(STRUCTURES)}"
+        )
+    if seeds < 1:
+        raise ConfigError(f"analyze kfac: --seeds must be >= 1, got {seeds}")
+    out: dict[str, RunConfig] = {}
+    for seed in range(seeds):
+        first = base.with_(seed=seed, eval_val=True)
+        runs = [first.with_(importance="none", lam=0.0)]
+        for name in measures:
+            changes = dict(STRUCTURES[name])
+            if changes["importance"] != "masq":
+                changes |= {"fisher_labels": labels, "fisher_samples": samples}
+            runs += [first.with_(**changes, lam=float(lam)) for lam in lams]
+        for config in runs:
+            config = canonical(config)
+            out.setdefault(run_id(config), config)
+    return list(out.values())
+
+
+def structure_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per stored run: slt, hidden, scenario, measure (:func:`structure_of`), λ, seed,
+    the validation and test "last" accuracy on the union of all tasks."""
+    if df.empty:
+        raise ConfigError("no stored runs for the comparison; run `masq analyze kfac` first")
+    missing = [c for c in (SELECT, REPORT) if c not in df.columns]
+    if missing:
+        raise ConfigError(
+            f"the stored runs have no {missing} metrics; they were run without --eval-val: "
+            "run `masq analyze kfac` (it evaluates the validation sets)"
+        )
+    rows = df.to_dict("records")
+    scenario = df["scenario"] if "scenario" in df.columns else pd.Series(["class"] * len(df))
+    return pd.DataFrame(
+        {
+            "slt": df["slt"].to_numpy(),
+            "hidden": df["hidden"].astype(str).to_numpy(),
+            "scenario": scenario.fillna("class").astype(str).to_numpy(),
+            "measure": [structure_of(r) for r in rows],
+            "lam": df["lam"].astype(float).to_numpy(),
+            "seed": df["seed"].astype(int).to_numpy(),
+            "val": df[SELECT].astype(float).to_numpy(),
+            "test": df[REPORT].astype(float).to_numpy(),
+        }
+    )
+
+
+def _winner(part: pd.DataFrame) -> tuple[float, pd.DataFrame]:
+    """(λ with the highest mean validation accuracy over seeds, smallest on ties; its rows)."""
+    means = part.groupby("lam")["val"].mean().sort_index()
+    lam = float(means.index[int(np.argmax(means.to_numpy()))])
+    return lam, part[part["lam"] == lam]
+
+
+def structure_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (slt, hidden, scenario, measure): the λ chosen on validation, the number of seeds,
+    the test accuracy's mean and std over seeds there, and against the diagonal FIM at its
+    own chosen λ the paired difference (mean, 95 % CI) and two-sided p."""
+    rows = []
+    keys = ["slt", "hidden", "scenario"]
+    for key, part in frame.groupby(keys, sort=False):
+        chosen = {m: _winner(p) for m, p in part.groupby("measure", sort=False)}
+        base = chosen.get(DIAGONAL)
+        for measure in [*STRUCTURES, NONE]:
+            if measure not in chosen:
+                continue
+            lam, at = chosen[measure]
+            test = at.sort_values("seed")["test"]
+            row = dict(zip(keys, key, strict=True)) | {
+                "measure": measure,
+                "lam": lam,
+                "seeds": len(at),
+                "test_mean": float(test.mean()),
+                "test_std": float(test.std(ddof=1)) if len(at) > 1 else math.nan,
+                "val_mean": float(at["val"].mean()),
+            }
+            if base is not None and measure != DIAGONAL:
+                a = at.set_index("seed")["test"]
+                b = base[1].set_index("seed")["test"]
+                common = sorted(set(a.index) & set(b.index))
+                test_ab = paired_test(a.loc[common].tolist(), b.loc[common].tolist())
+                row |= {
+                    "diff": test_ab["mean_diff"],
+                    "ci_low": test_ab["ci_low"],
+                    "ci_high": test_ab["ci_high"],
+                    "p": test_ab["p"],
+                }
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pp(x: float) -> str:
+    """A fraction as signed percentage points ("+0.42"), "–" for NaN."""
+    return "–" if not math.isfinite(x) else f"{100 * x:+.2f}"
+
+
+def structure_markdown(table: pd.DataFrame) -> str:
+    """:func:`structure_table` as Markdown: accuracies in %, differences in points."""
+    records = []
+    for r in table.to_dict("records"):
+        std = r["test_std"]
+        records.append(
+            {
+                "slt": r["slt"],
+                "net": f"784-{r['hidden']}-10",
+                "scenario": r["scenario"],
+                "measure": r["measure"],
+                "lam": fmt(r["lam"], 2) if r["lam"] else "0",
+                "acc": f"{100 * r['test_mean']:.2f}"
+                + ("" if not math.isfinite(std) else f" ± {100 * std:.2f}"),
+                "seeds": r["seeds"],
+                "diff": _pp(r.get("diff", math.nan)),
+                "ci": "–"
+                if not math.isfinite(r.get("ci_low", math.nan))
+                else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]",
+                "p": "–" if not math.isfinite(r.get("p", math.nan)) else f"{r['p']:.3f}",
+            }
+        )
+    columns = [
+        ("slt", "SLT"),
+        ("net", "net"),
+        ("scenario", "scenario"),
+        ("measure", "measure"),
+        ("lam", "λ (chosen on val)"),
+        ("acc", "test ACC % (mean ± std)"),
+        ("seeds", "seeds"),
+        ("diff", "− diagonal (pp)"),
+        ("ci", "95 % CI"),
+        ("p", "paired p"),
+    ]
+    title = (
+        "EWC with the Fisher in three structures and MaSQ, each at its own λ chosen on the "
+        "validation sets; test accuracy on the union of all tasks after the last one; "
+        "differences paired by seed against the diagonal FIM."
+    )
+    return markdown(records, columns, title)
+
+
+def structure_figure(table: pd.DataFrame) -> Figure:
+    """One panel per (SLT, net, scenario): test accuracy per measure (mean ± std over seeds)
+    at its chosen λ, the no-EWC run as a dashed line."""
+    groups = list(table.groupby(["slt", "hidden", "scenario"], sort=False))
+    fig = Figure(figsize=(3.2 * max(1, len(groups)), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(groups)), squeeze=False)[0])
+    for ax, ((slt, hidden, scenario), part) in zip(axes, groups, strict=False):
+        bars = part[part["measure"] != NONE]
+        xs = np.arange(len(bars))
+        ax.bar(
+            xs,
+            100 * bars["test_mean"].to_numpy(float),
+            yerr=100 * np.nan_to_num(bars["test_std"].to_numpy(float)),
+            color=[COLOURS.get(m, "0.3") for m in bars["measure"]],
+            capsize=3,
+        )
+        none = part[part["measure"] == NONE]
+        if not none.empty:
+            ax.axhline(100 * float(none["test_mean"].iloc[0]), color="0.3", linestyle="--",
+                       linewidth=1, label="no EWC")  # fmt: skip
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xticks(xs, list(bars["measure"]), rotation=30, ha="right", fontsize=8)
+        low = 100 * float(np.nanmin(part["test_mean"].to_numpy(float)))
+        ax.set_ylim(max(0.0, low - 10), 100)
+        ax.set_title(f"{slt}, 784-{hidden}-10, {scenario}", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("test ACC % (union of all tasks)")
+    return fig
+
+
+def write_outputs(
+    table: pd.DataFrame, frame: pd.DataFrame, out: str | Path, *, body: Mapping[str, Any]
+) -> tuple[str, list[Path]]:
+    """Write ``out``/kfac.md and .csv (:func:`structure_table`), kfac_points.csv (every run),
+    kfac.png and the manifest kfac.json (``body`` plus files and provenance); (the Markdown,
+    the paths written)."""
+    out = Path(out)
+    md = structure_markdown(table)
+    written = [
+        atomic_write(out / "kfac.md", md),
+        atomic_write(out / "kfac.csv", table.to_csv(index=False)),
+        atomic_write(out / "kfac_points.csv", frame.to_csv(index=False)),
+        save_png(structure_figure(table), out / "kfac.png"),
+    ]
+    files = {"markdown": "kfac.md", "csv": "kfac.csv", "points": "kfac_points.csv",
+             "figures": ["kfac.png"]}  # fmt: skip
+    manifest = {**body, "provenance": provenance(), "files": files}
+    written.append(write_manifest(out, "kfac", manifest))
+    return md, written
+
+
+__all__ = [
+    "DIAGONAL",
+    "NONE",
+    "STRUCTURES",
+    "structure_configs",
+    "structure_figure",
+    "structure_frame",
+    "structure_markdown",
+    "structure_of",
+    "structure_table",
+    "write_outputs",
+]

@@ -1,0 +1,112 @@
+"""masq analyze kfac: the comparison of the Fisher's structures (masq.analysis.structure)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import masq.data
+from masq.analysis import structure
+from masq.analysis.paired import paired_test
+from masq.cli import main
+from masq.config import RunConfig
+from masq.errors import ConfigError
+from masq.runid import run_id
+from tests.synthetic import learnable_dataset
+
+
+@pytest.fixture
+def tiny_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """masq.data.load gives a tiny learnable MNIST-shaped dataset (no disk, no network)."""
+    ds = learnable_dataset(n_train=300, n_val=50, n_test=100)
+    monkeypatch.setattr(masq.data, "load", lambda *a, **k: ds)
+
+
+def test_configs_cover_every_measure_lambda_and_seed_once() -> None:
+    base = RunConfig(slt="D5-5", hidden=(8,), lr2=1e-3)
+    configs = structure.structure_configs(base, [1.0, 10.0], 3, samples=50)
+    assert len(configs) == 3 * (1 + 4 * 2)
+    assert len({run_id(c) for c in configs}) == len(configs)
+    assert all(c.eval_val for c in configs)
+    fisher = [c for c in configs if c.importance in ("fisher", "kfac", "fisher-blocks")]
+    assert {(c.fisher_labels.value, c.fisher_samples) for c in fisher} == {("exact", 50)}
+    masq_runs = [c for c in configs if c.importance == "masq"]
+    assert {c.fisher_samples for c in masq_runs} == {0}  # MaSQ on every sample, its own way
+    assert sorted(structure.structure_of(c.to_dict()) for c in configs if c.seed == 0) == sorted(
+        ["no EWC", *[m for m in structure.STRUCTURES for _ in range(2)]]
+    )
+
+
+def test_configs_refuse_unknown_measures_and_no_seeds() -> None:
+    base = RunConfig(slt="D5-5", hidden=(8,))
+    with pytest.raises(ConfigError, match="unknown measures"):
+        structure.structure_configs(base, [1.0], 2, measures=["K-FAC", "Hessian"])
+    with pytest.raises(ConfigError, match="seeds"):
+        structure.structure_configs(base, [1.0], 0)
+
+
+def _frame() -> pd.DataFrame:
+    """Three seeds; λ = 10 is best on validation for the diagonal, λ = 100 on test (so a
+    selection on test would differ); K-FAC one point above the diagonal on every seed."""
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.01), (2, -0.01)):
+        common = {"slt": "D5-5", "hidden": "8", "scenario": "class", "seed": seed}
+        rows.append(common | {"measure": "no EWC", "lam": 0.0, "val": 0.5, "test": 0.5 + 3 * shift})
+        for lam, val, test in ((10.0, 0.80, 0.70), (100.0, 0.75, 0.78)):
+            rows.append(common | {"measure": structure.DIAGONAL, "lam": lam, "val": val,
+                                  "test": test + shift})  # fmt: skip
+            rows.append(common | {"measure": "K-FAC", "lam": lam, "val": val,
+                                  "test": test + shift + 0.01 * (seed + 1)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_table_chooses_lambda_on_validation_and_pairs_by_seed() -> None:
+    table = structure.structure_table(_frame()).set_index("measure")
+    diag, kfac = table.loc[structure.DIAGONAL], table.loc["K-FAC"]
+    assert diag["lam"] == 10.0 and kfac["lam"] == 10.0  # not 100, the best on test
+    assert diag["test_mean"] == pytest.approx(0.70)
+    assert diag["test_std"] == pytest.approx(0.01)
+    want = paired_test([0.71, 0.73, 0.72], [0.70, 0.71, 0.69])
+    assert kfac["diff"] == pytest.approx(want["mean_diff"]) == pytest.approx(0.02)
+    assert kfac["p"] == pytest.approx(want["p"])
+    assert math.isnan(diag.get("diff", math.nan))
+    assert table.loc["no EWC", "seeds"] == 3
+
+
+def test_frame_needs_validation_metrics() -> None:
+    df = pd.DataFrame({"slt": ["D5-5"], "hidden": ["8"], "importance": ["fisher"], "lam": [1.0],
+                       "seed": [0], "last.union": [0.5]})  # fmt: skip
+    with pytest.raises(ConfigError, match="--eval-val"):
+        structure.structure_frame(df)
+
+
+def test_outputs_are_written(tmp_path: Path) -> None:
+    frame = _frame()
+    table = structure.structure_table(frame)
+    md, written = structure.write_outputs(table, frame, tmp_path, body={"command": "x"})
+    assert "K-FAC" in md and "+2.00" in md
+    assert {p.name for p in written} >= {"kfac.md", "kfac.csv", "kfac.png", "kfac.json"}
+    assert (tmp_path / "kfac.png").stat().st_size > 5000
+    assert json.loads((tmp_path / "kfac.json").read_text(encoding="utf-8"))["command"] == "x"
+
+
+def test_analyze_kfac_end_to_end(
+    tmp_path: Path, tiny_data: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = tmp_path / "kfac"
+    args = ["analyze", "kfac", "--slt", "D5-5", "--hidden", "6", "--seeds", "2", "--iters1",
+            "20", "--iters2", "10", "--eval-every", "5", "--masq-batch", "50", "--lam-max",
+            "10", "--fisher-samples", "40", "--results", str(res), "--workers", "1",
+            "--threads", "1", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "kfac: 18 runs" in out  # 2 seeds × (1 + 4 measures × 2 λ)
+    table = pd.read_csv(res / "kfac.csv")
+    assert set(table["measure"]) == {*structure.STRUCTURES, "no EWC"}
+    assert table["seeds"].eq(2).all()
+    assert main([*args, "--tabulate"]) == 0  # tabulates what is stored, runs nothing
+    assert "done:" not in capsys.readouterr().out
