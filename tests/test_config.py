@@ -375,7 +375,7 @@ def test_with_coerces_and_leaves_the_original_alone() -> None:
         ({"importance": "masq", "lam": 0.0}, False, "no EWC"),
         ({"importance": "fisher"}, False, "EWC+FIM"),
         ({"importance": "fisher", "masq_batch": 7}, True, "EWC+FIM"),
-        ({"importance": "fisher", "fisher_labels": "sampled"}, False, "EWC+FIM (sampled)"),
+        ({"importance": "fisher", "fisher_labels": "sampled"}, False, "EWC+FIM (sample)"),
         ({"importance": "fisher", "fisher_labels": "exact"}, False, "EWC+FIM (exact)"),
         ({"importance": "masq"}, False, "EWC+MaSQ (mean)"),
         ({"importance": "masq", "scale": "sum"}, False, "EWC+MaSQ (sum)"),

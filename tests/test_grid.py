@@ -224,7 +224,7 @@ def test_lambda_zero_and_irrelevant_fields_are_merged(
     zero = [c for c in configs if c.lam == 0]
     assert all(c.importance == "none" for c in zero)
     assert len(zero) == (len(lr2) if 0.0 in lams else 0)
-    assert all(c.fisher_labels == "true" for c in configs if c.importance == "masq")
+    assert all(c.fisher_labels == "empirical" for c in configs if c.importance == "masq")
     assert all(c.scale == "mean" for c in configs if c.importance == "fisher")
     assert {c.consolidation for c in configs} == {"ewc"}
 
@@ -250,13 +250,16 @@ def test_canonical() -> None:
     assert canonical(t5.with_(lam=5.0, importance="none")) == canonical(t5)
     # only the fields of the importance kind in use stay
     masq_run = canonical(t5.with_(lam=5.0, importance="masq"))
-    assert (masq_run.masq_batch, masq_run.scale, masq_run.fisher_labels) == (7, "sum", "true")
+    assert (masq_run.masq_batch, masq_run.scale, masq_run.fisher_labels) == (7, "sum", "empirical")
     fisher_run = canonical(t5.with_(lam=5.0))
     assert (fisher_run.masq_batch, fisher_run.scale, fisher_run.fisher_labels) == (
         1000,
         "mean",
-        "sampled",
+        "sample",
     )
+    # batched labels: the pass's batch size is the Fisher's b, so it stays
+    batched = canonical(t5.with_(lam=5.0, fisher_labels="batched"))
+    assert (batched.masq_batch, batched.fisher_labels) == (7, "batched")
     # T = 3: online EWC and its γ are kept; EWC resets γ
     t3 = RunConfig(slt="D3-3-4", lam=10.0, consolidation="online-ewc", gamma=0.5)
     assert canonical(t3) == t3
@@ -308,7 +311,7 @@ def test_grid_from_mapping_and_errors(tmp_path: Path) -> None:
         grid.grid_from_mapping({"lam": []})
     with pytest.raises(ConfigError, match="takes float values"):
         grid.grid_from_mapping({"lr2": ["fast"]})
-    with pytest.raises(ConfigError, match=r"unknown consolidation method 'plain'.*ewc, mean-imm"):
+    with pytest.raises(ConfigError, match=r"unknown consolidation method 'plain'.*ewc, joint"):
         grid.grid_from_mapping({"consolidation": ["plain"]})
     with pytest.raises(ConfigError, match="either 'seeds'"):
         grid.grid_from_mapping({"seeds": 2, "seed": [1]})

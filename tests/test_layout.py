@@ -14,6 +14,7 @@ ORDER: tuple[str, ...] = (
     "fileio",
     "slt",
     "registry",
+    "choices",
     "config",
     "defaults",
     "streams",

@@ -147,7 +147,7 @@ def states_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
         ("hidden", (800, 0)),
         ("importance", "ewc"),
         ("scale", "median"),
-        ("fisher_labels", "empirical"),
+        ("fisher_labels", "posterior"),
         ("init", "xavier"),
         ("consolidation", "l2"),
         ("gamma", 1.5),

@@ -70,11 +70,14 @@ def test_canonical_keeps_exactly_what_the_measure_and_method_read(
     """Every importance and method field that neither the measure nor the method reads is at
     its default in the canonical config; those they read are kept (after the method's own
     rules, e.g. λ = 0 without importance). The pass's batch size counts as read only by
-    MaSQ, whose formula it enters (the FIM's does not depend on it: run ids of masq 0.1)."""
+    MaSQ and the Fisher with batched labels, whose formulas it enters (the other FIMs do not
+    depend on it: run ids of masq 0.1)."""
     changed = {
         "masq_batch": 10,
         "scale": "sum",
         "fisher_labels": "exact",
+        "fisher_samples": 5,
+        "si_damping": 0.5,
         "gamma": 0.5,
         "transfer": "l2-drop",
         "transfer_lam": 0.1,
@@ -84,13 +87,17 @@ def test_canonical_keeps_exactly_what_the_measure_and_method_read(
     config = RunConfig(slt="D4-3-3", importance=measure, consolidation=method, lam=7.0, **changed)
     if not get_measure(measure).gives_importance and method == "mode-imm":
         return  # not a run (checked elsewhere)
+    if get_measure(measure).kind != "diagonal" and method in ("online-ewc", "mode-imm"):
+        with pytest.raises(ConfigError, match="structured"):
+            check_config(config)  # a running sum / a merge of structured importances
+        return
     got = canonical(check_config(config))
     own = dataclasses.replace(config, **get_method(method).canonical(config))  # λ = 0: no EWC
     m, f = get_method(got.consolidation), get_measure(got.importance)
     for name in (*IMPORTANCE_FIELDS, *METHOD_FIELDS):
         if name == "importance":
             continue
-        read = name in f.fields or name in m.reads(got)
+        read = name in f.reads(got) or name in m.reads(got)
         expected = getattr(own, name) if read else FIELD[name].default
         assert getattr(got, name) == expected, (measure, method, name)
     assert canonical(got) == got

@@ -421,7 +421,7 @@ def test_curves_figure_of_two_tasks_keeps_the_papers_three_panels(tmp_path: Path
         ({"importance": "masq"}, "EWC+MaSQ (mean, B=1000)"),
         ({"importance": "masq", "scale": "sum", "masq_batch": 500}, "EWC+MaSQ (sum, B=500)"),
         ({"importance": "fisher"}, "EWC+FIM"),
-        ({"importance": "fisher", "fisher_labels": "sampled"}, "EWC+FIM (sampled)"),
+        ({"importance": "fisher", "fisher_labels": "sampled"}, "EWC+FIM (sample)"),
         ({"importance": "masq", "consolidation": "online-ewc", "gamma": 0.5},
          "online EWC+MaSQ (mean, B=1000)"),
         ({"importance": "fisher", "consolidation": "online-ewc"}, "online EWC+FIM"),

@@ -43,6 +43,8 @@ CHANGES: dict[str, Any] = {
     "masq_batch": 1,
     "scale": "sum",
     "fisher_labels": "sampled",
+    "fisher_samples": 500,
+    "si_damping": 0.5,
     "consolidation": "online-ewc",
     "gamma": 0.5,
     "transfer": "drop",
@@ -82,8 +84,10 @@ def test_run_id_is_sha256_of_the_sorted_config() -> None:
     config = RunConfig(slt="D9-1", hidden=(30, 20), lam=5.0, seed=2)
     d = config.to_dict()
     for name in ("device", "consolidation", "gamma", "eval_schedule", "precision", "transfer",
-                 "transfer_lam", "drop_p", "alpha_step", "scenario"):  # fmt: skip
+                 "transfer_lam", "drop_p", "alpha_step", "scenario", "fisher_samples",
+                 "si_damping"):  # fmt: skip
         del d[name]
+    d["fisher_labels"] = "true"  # masq 0.1's name of the empirical Fisher, kept in ids
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     assert run_id(config) == hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -105,7 +109,8 @@ def test_golden_run_ids_are_unchanged() -> None:
 def test_fields_added_since_format_1_are_in_the_id_only_off_their_default() -> None:
     since = {f.name for f in FIELDS if f.since_v1}
     assert since == {"consolidation", "gamma", "eval_schedule", "precision", "transfer",
-                     "transfer_lam", "drop_p", "alpha_step", "scenario"}  # fmt: skip
+                     "transfer_lam", "drop_p", "alpha_step", "scenario", "fisher_samples",
+                     "si_damping"}  # fmt: skip
     base = RunConfig(slt="D3-3-4")
     assert runid.id_dict(base).keys() == {f.name for f in FIELDS} - {"device"} - since
     online = base.with_(consolidation="online-ewc", gamma=0.25)

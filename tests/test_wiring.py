@@ -99,7 +99,7 @@ def importance_by_hand(config: RunConfig, state: dict[str, Tensor], xy: tuple[Te
     if config.importance == "masq":
         return importance.masq(model, batches, scale=config.scale)
     generator = None
-    if config.fisher_labels == "sampled":
+    if config.fisher_labels == "sample":
         seed = sha_seed(config.seed, "fisher-labels") if labels_seed is None else labels_seed
         generator = torch.Generator().manual_seed(seed)
     return importance.fisher(model, batches, labels=config.fisher_labels, generator=generator)

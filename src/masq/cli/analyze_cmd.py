@@ -1,4 +1,4 @@
-"""``masq analyze diagonality | compare | lambda``: the paper's analyses as commands.
+"""``masq analyze diagonality | compare | lambda | kfac``: the analyses as commands.
 
 masq analyze diagonality --out docs/analysis             # Table 2, all six tensors; heat maps
 masq analyze compare --results runs/paper --out docs/analysis   # FIM vs MaSQ at the winners
@@ -14,12 +14,19 @@ ran, where, when, the command) into its output directory; ``masq report`` reads 
 from __future__ import annotations
 
 import argparse
-import shlex
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from masq.cli import analyze_kfac
+from masq.cli.analyze_common import (
+    SWEEP_FIELDS,
+    SWEEP_NAMES,
+    command_text,
+    hidden_of,
+    print_written,
+    slt_text,
+)
 from masq.cli.common import (
     at_least_one,
     done_text,
@@ -29,26 +36,18 @@ from masq.cli.common import (
     resolve_workers,
     tasks_fn,
 )
-from masq.cli.options import add_execution_flags, add_process_flags, hidden_from_tokens
+from masq.cli.options import add_execution_flags, add_process_flags
 from masq.config import FIELD, Init, RunConfig, hidden_text
 from masq.defaults import PAPER_SLTS, paper_best
 from masq.errors import ConfigError
 from masq.runtime import check_out_dir, setup_threads
-from masq.slt import parse_spec
 
 DEFAULT_OUT = "results/analysis"
 _PAPER = " ".join(PAPER_SLTS)  # "D5-5 D9-1 DP10-10" for help texts
-# Flags of `masq analyze lambda` that set one value of a grid axis for every run.
-SWEEP_FIELDS: tuple[str, ...] = (
-    "iters1", "iters2", "eval_every", "eval_schedule", "precision", "init", "lr1", "batch_size",
-    "masq_batch",
-)  # fmt: skip
-# Of those, the ones whose values are names (checked by the grid, like its own flags).
-SWEEP_NAMES: tuple[str, ...] = ("eval_schedule", "precision", "init")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``analyze`` (with ``diagonality``, ``compare`` and ``lambda``) to ``sub``."""
+    """Add ``analyze`` (with ``diagonality``, ``compare``, ``lambda`` and ``kfac``) to ``sub``."""
     p = sub.add_parser(
         "analyze",
         help="the paper's analyses: Fisher diagonality, FIM vs MaSQ, λ sweeps",
@@ -60,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_diagonality(inner)
     _register_compare(inner)
     _register_lambda(inner)
-    _register_kfac(inner)
+    analyze_kfac.register(inner)
 
 
 def _training(
@@ -159,62 +158,7 @@ def _register_lambda(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_lambda)
 
 
-def _register_kfac(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "kfac",
-        help="does the Fisher's off-diagonal part matter? EWC with the diagonal FIM, K-FAC, "
-        "per-layer Fisher blocks and MaSQ, each at its own λ, over seeds",
-        description="For each SLT (at its paper-best architecture and ε2 unless given): EWC "
-        "with the Fisher as its diagonal, as K-FAC (G ⊗ A per layer) and as the exact "
-        "per-layer block (small nets), all with the same labels on the same subset of "
-        "training samples, and MaSQ mean; λ from --lam-min to --lam-max, chosen per measure "
-        "on the validation sets, reported on the test sets over --seeds seeds with a paired "
-        "t-test against the diagonal. A resumable grid. Writes kfac.md, kfac.csv, "
-        "kfac_points.csv, kfac.png and kfac.json.",
-    )
-    from masq.analysis.structure import STRUCTURES
-
-    add = p.add_argument
-    add("--slt", nargs="+", default=list(PAPER_SLTS), help=f"SLTs (default: {_PAPER})")
-    add("--hidden", nargs="+", default=None, metavar="N", help="net (default: paper-best)")
-    add("--lr2", type=float, default=None, help="ε2 for every SLT (default: paper-best)")
-    add("--scenario", default="class", help="class | task | domain (default: class)")
-    add("--seeds", type=int, default=5, help="seeds 0..N-1 (default: 5)")
-    add("--measures", nargs="+", default=list(STRUCTURES), metavar="M",
-        help=f"measures compared (default: all of {', '.join(STRUCTURES)})")  # fmt: skip
-    add("--fisher-labels", default="exact", help="labels of the Fisher structures (exact)")
-    add("--fisher-samples", type=int, default=1000,
-        help="training samples per task of the Fisher structures (default: 1000)")  # fmt: skip
-    for name in SWEEP_FIELDS:
-        spec = FIELD[name]
-        kind = str if name in SWEEP_NAMES else spec.kind
-        add(spec.flag, type=kind, default=None, metavar="V", help=f"({spec.default})")
-    add("--lam-min", type=float, default=1.0, help="smallest λ > 0 (default: 1)")
-    add("--lam-max", type=float, default=1e12, help="largest λ (default: 1e12)")
-    add("--per-decade", type=int, default=1, help="λ values per decade (default: 1)")
-    add("--results", default="results/kfac", metavar="DIR", help="the runs' results dir")
-    add("--out", default=None, metavar="DIR", help="tables, figure (default: the results dir)")
-    add("--dry-run", action="store_true", help="print the runs and a time estimate; run nothing")
-    add("--tabulate", action="store_true",
-        help="run nothing: tabulate the runs already stored (a partial campaign)")  # fmt: skip
-    add_execution_flags(p)
-    p.set_defaults(func=run_kfac)
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def command_text(words: Sequence[Any]) -> str:
-    """A shell command line from its words (each quoted where needed)."""
-    return " ".join(shlex.quote(str(w)) for w in words)
-
-
-def _hidden(tokens: Sequence[str] | None, default: tuple[int, ...]) -> tuple[int, ...]:
-    return default if tokens is None else hidden_from_tokens(tokens)
-
-
-def _slt_text(slt: str) -> str:
-    return parse_spec(slt).text
 
 
 def _first_config(args: argparse.Namespace, slt: str, hidden: tuple[int, ...]) -> RunConfig:
@@ -254,10 +198,6 @@ def _load_state(path: str) -> tuple[dict[str, Any], RunConfig | None]:
     raise ConfigError(f"--state {path!r}: not a state dict; give a d1/*.pt of a results dir")
 
 
-def _written(paths: Sequence[Path]) -> None:
-    print(f"written: {', '.join(str(p) for p in paths)}")
-
-
 # ----------------------------------------------------------------------------- diagonality
 
 
@@ -270,7 +210,7 @@ def run_diagonality(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-exact must be >= 0, got {args.max_exact}")
     if args.samples < 0:
         raise ConfigError(f"--samples must be >= 0 (0: all), got {args.samples}")
-    config = _first_config(args, _slt_text(args.slt), _hidden(args.hidden, args.hidden_default))
+    config = _first_config(args, slt_text(args.slt), hidden_of(args.hidden, args.hidden_default))
     state = None
     if args.state is not None:
         state, stored = _load_state(args.state)
@@ -299,7 +239,7 @@ def run_diagonality(args: argparse.Namespace) -> int:
     print(f"task-1 accuracy on these samples {result.train_accuracy:.4f}; training "
           f"{result.train_seconds:.1f} s, statistics {result.seconds:.1f} s, "
           f"in all {total:.1f} s")  # fmt: skip
-    _written(written)
+    print_written(written)
     return 0
 
 
@@ -342,11 +282,11 @@ def run_compare(args: argparse.Namespace) -> int:
         words = ["masq", "analyze", "compare", "--results", args.results,
                  "--criterion", args.criterion, "--select-on", args.select_on]  # fmt: skip
     else:
-        slts = [_slt_text(s) for s in (args.slt or PAPER_SLTS)]
+        slts = [slt_text(s) for s in (args.slt or PAPER_SLTS)]
         configs = []
         for slt in slts:
             default = paper_best(slt)[0]
-            configs.append(_first_config(args, slt, _hidden(args.hidden, default)))
+            configs.append(_first_config(args, slt, hidden_of(args.hidden, default)))
         words = ["masq", "analyze", "compare", "--slt", *slts]
         words += ["--hidden", *args.hidden] if args.hidden else []
         words += ["--iters1", args.iters1, "--seed", args.seed, "--init", args.init,
@@ -384,7 +324,7 @@ def run_compare(args: argparse.Namespace) -> int:
     md, written = analysis.compare_outputs(rows, out, title=title, body=body)
     print(md, end="")
     print(f"{total:.0f} s in all")
-    _written(written)
+    print_written(written)
     return 0
 
 
@@ -403,10 +343,10 @@ def run_lambda(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tolerance must lie in [0, 1), got {args.tolerance}")
     base = {n: getattr(args, n) for n in SWEEP_FIELDS if getattr(args, n) is not None}
     grids = []
-    for slt in [_slt_text(s) for s in args.slt]:
+    for slt in [slt_text(s) for s in args.slt]:
         hidden_d, lr2_d = paper_best(slt)
         lr2 = lr2_d if args.lr2 is None else args.lr2
-        hidden = _hidden(args.hidden, hidden_d)
+        hidden = hidden_of(args.hidden, hidden_d)
         grids.append(analysis.sweep_grid(slt, hidden, lr2, lams, seeds=args.seeds, base=base))
     configs = analysis.sweep_configs(grids)
     workers, threads = resolve_workers(args.workers, args.threads)
@@ -445,78 +385,5 @@ def run_lambda(args: argparse.Namespace) -> int:
             "seconds": {"grid": summary.seconds}, "runs_now": summary.done}  # fmt: skip
     md, written = analysis.sweep_outputs(frame, out, tolerance=args.tolerance, body=body)
     print(md, end="")
-    _written(written)
-    return 0
-
-
-def run_kfac(args: argparse.Namespace) -> int:
-    """``masq analyze kfac``."""
-    from masq.analysis import structure
-    from masq.analysis.sweep import lam_grid
-    from masq.runid import run_id
-    from masq.store import load
-
-    lams = lam_grid(args.lam_min, args.lam_max, args.per_decade)
-    at_least_one(("--seeds", args.seeds), ("--stack", args.stack))
-    if args.fisher_samples < 0:
-        raise ConfigError(f"--fisher-samples must be >= 0 (0: all), got {args.fisher_samples}")
-    base = {n: getattr(args, n) for n in SWEEP_FIELDS if getattr(args, n) is not None}
-    configs: list[RunConfig] = []
-    slts = [_slt_text(s) for s in args.slt]
-    described = []
-    for slt in slts:
-        hidden_d, lr2_d = paper_best(slt)
-        first = RunConfig(slt=slt, hidden=_hidden(args.hidden, hidden_d),
-                          lr2=lr2_d if args.lr2 is None else args.lr2,
-                          scenario=args.scenario).with_(**base)  # fmt: skip
-        described.append({"slt": slt, "hidden": hidden_text(first.hidden), "lr2": first.lr2})
-        configs += structure.structure_configs(
-            first, lams, args.seeds, measures=args.measures, labels=args.fisher_labels,
-            samples=args.fisher_samples,
-        )  # fmt: skip
-    workers, threads = resolve_workers(args.workers, args.threads)
-    print(f"kfac: {len(configs)} runs ({len(slts)} SLT(s) × {args.seeds} seed(s) × (λ = 0 + "
-          f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × {len(args.measures)} "
-          f"measure(s)))")  # fmt: skip
-    if args.dry_run:
-        print_plan(configs, args.results, stack=args.stack, workers=workers, threads=threads)
-        return 0
-    seconds = 0.0
-    if not args.tabulate:
-        summary = execute("analyze kfac", configs, args.results, workers=workers,
-                          stack=args.stack, threads=threads, progress=not args.no_progress,
-                          tasks_fn=tasks_fn(args.data_dir))  # fmt: skip
-        if summary is None:
-            return 1
-        print(f"{done_text(summary)}; {summary.seconds:.0f} s")
-        seconds = summary.seconds
-        if summary.failed:
-            print_failed(summary.failed, args.results)
-    ids = {run_id(c) for c in configs}
-    df = load(args.results)
-    stored = df[df["run_id"].isin(ids)] if not df.empty else df
-    if stored.empty:
-        raise ConfigError(f"none of these runs is stored in {args.results!r} yet; run them first")
-    frame = structure.structure_frame(stored)
-    table = structure.structure_table(frame)
-    out = check_out_dir(args.out or args.results)
-    words = ["masq", "analyze", "kfac", "--slt", *slts]
-    words += ["--hidden", *args.hidden] if args.hidden else []
-    words += ["--lr2", args.lr2] if args.lr2 is not None else []
-    words += ["--scenario", args.scenario, "--seeds", args.seeds, "--measures", *args.measures]
-    words += ["--fisher-labels", args.fisher_labels, "--fisher-samples", args.fisher_samples]
-    for name, value in base.items():
-        words += [FIELD[name].flag, value]
-    words += ["--lam-min", args.lam_min, "--lam-max", args.lam_max,
-              "--per-decade", args.per_decade, "--results", args.results]  # fmt: skip
-    words += ["--out", args.out] if args.out else []
-    body = {"command": command_text(words), "slts": described, "seeds": args.seeds,
-            "lams": lams, "runs": len(configs), "runs_stored": len(stored),
-            "results": str(args.results), "seconds": {"grid": seconds},
-            "config": {k: str(v) for k, v in base.items()}}  # fmt: skip
-    md, written = structure.write_outputs(table, frame, out, body=body)
-    print(md, end="")
-    if len(stored) < len(configs):
-        print(f"partial: {len(stored)} of {len(configs)} runs stored; run again to finish")
-    _written(written)
+    print_written(written)
     return 0

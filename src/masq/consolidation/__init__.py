@@ -6,8 +6,17 @@ mode-IMM (:mod:`~masq.consolidation.imm`)."""
 from masq.consolidation import (
     ewc,
     imm,  # registers mean-imm, mode-imm
+    joint,
+    structured,
 )
-from masq.consolidation.ewc import Anchor, anchor, online_importance, penalty
+from masq.consolidation.ewc import (
+    Anchor,
+    FactorAnchor,
+    anchor,
+    factor_anchor,
+    online_importance,
+    penalty,
+)
 from masq.consolidation.penalty import (
     PENALTY_KINDS,
     Penalty,
@@ -36,6 +45,7 @@ __all__ = [
     "PENALTY_KINDS",
     "Anchor",
     "EndResult",
+    "FactorAnchor",
     "Method",
     "Penalty",
     "PhaseContext",
@@ -45,8 +55,10 @@ __all__ = [
     "canonical",
     "check_config",
     "ewc",
+    "factor_anchor",
     "get_method",
     "imm",
+    "joint",
     "method_label",
     "method_names",
     "online_importance",
@@ -54,4 +66,5 @@ __all__ = [
     "penalty_for",
     "register_method",
     "register_penalty_kind",
+    "structured",
 ]

@@ -39,6 +39,7 @@ from masq.consolidation.penalty import key_diff as _diff
 from masq.consolidation.registry import Method, PhaseContext, PhasePlan, register_method
 from masq.errors import ConfigError
 from masq.importance import Importance, Measure, get_measure
+from masq.slt import parse_spec
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,6 +187,12 @@ class EWC(Method):
         if not measure.gives_importance or float(values.get("lam", 1.0)) == 0:
             return "no EWC"
         text = measure.text(values, detailed)
+        if measure.standalone and measure.online:  # SI: its own method is online, γ = 1
+            if self.prefix == "EWC":
+                tasks = len(parse_spec(str(values.get("slt", "D5-5"))).task_classes)
+                return text if tasks <= 2 else f"{text} (anchor per task)"
+            gamma = float(values.get("gamma", 1.0))
+            return text if gamma == 1 else f"{text} (γ={gamma:g})"
         if measure.standalone:
             return text if self.prefix == "EWC" else f"online {text}"
         return f"{self.prefix}+{text}"

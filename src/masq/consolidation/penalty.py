@@ -189,9 +189,7 @@ def register_penalty_kind(kind: str, factory: PenaltyFactory, *, replace: bool =
     PENALTY_KINDS.register(kind, factory, replace=replace)
 
 
-def penalty_for(
-    kind: str, model: nn.Module, anchors: Sequence[AnchorLike], lam: float
-) -> Penalty:
+def penalty_for(kind: str, model: nn.Module, anchors: Sequence[AnchorLike], lam: float) -> Penalty:
     """The penalty of importances of ``kind`` for ``model``'s parameters: its registered
     factory called with ``anchors`` and ``lam``; an unknown kind is a one-line ConfigError."""
     return PENALTY_KINDS.lookup(kind)(model, anchors, lam)

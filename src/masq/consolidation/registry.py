@@ -28,7 +28,7 @@ listing the known ones.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -40,6 +40,7 @@ from masq.consolidation.penalty import Penalty
 from masq.errors import ConfigError
 from masq.importance import Importance, Measure, get_measure
 from masq.registry import REGISTRIES, Registry
+from masq.tasks import XY, Task
 
 # The fields of the later phases that every run uses (the rest belong to some method).
 TRAINING_FIELDS: tuple[str, ...] = ("consolidation", "lr2", "iters2")
@@ -52,18 +53,28 @@ METHOD_FIELDS: tuple[str, ...] = tuple(
 class PhasePlan:
     """What training of one phase adds: a penalty (value and gradient,
     :class:`~masq.consolidation.penalty.Penalty`) and a wrapper of the network that training
-    (not evaluation) sees (IMM's drop-transfer)."""
+    (not evaluation) sees (IMM's drop-transfer).
+
+    ``train`` replaces the phase's training data (None: its task's own), e.g. joint
+    training's union of the tasks seen so far; ``train_tasks`` (int64 [N]) names each of its
+    samples' task (0-based), whose output units the sample's loss uses in the task-incremental
+    scenario (needed there, ignored in the others)."""
 
     penalty: Penalty | None = None
     wrap: Callable[[nn.Module], nn.Module] | None = None
+    train: XY | None = None
+    train_tasks: Tensor | None = None
 
 
 class PhaseContext(Protocol):
-    """What the protocol offers a method: the run's device, the seeds of its random streams
-    (:func:`masq.streams.stream_seed`), and evaluation of a parameter set on every task's
-    test and validation set and their unions."""
+    """What the protocol offers a method: the run's device, its tasks (in the run's
+    scenario), the seeds of its random streams (:func:`masq.streams.stream_seed`), and
+    evaluation of a parameter set on every task's test and validation set and their unions."""
 
     device: torch.device
+
+    @property
+    def tasks(self) -> Sequence[Task]: ...
 
     def seed(self, stream: str) -> int: ...
 
@@ -193,7 +204,7 @@ def values_of(config: Any) -> dict[str, Any]:
 
 def method_label(values: Any, *, detailed: bool = False) -> str:
     """A short human name of a run's consolidation, from a RunConfig or a mapping with its
-    fields: "no EWC" (λ = 0 or no importance), "EWC+FIM", "EWC+FIM (sampled)", "EWC+MaSQ
+    fields: "no EWC" (λ = 0 or no importance), "EWC+FIM", "EWC+FIM (sample)", "EWC+MaSQ
     (mean)", "online EWC+MaSQ (sum)", "MAS", "L2", "mode-IMM+FIM, drop p=0.5"; ``detailed``
     adds B_MaSQ: "EWC+MaSQ (mean, B=1000)". Asked of the method and the measure."""
     d = values_of(values)
@@ -205,10 +216,10 @@ def canonical(config: RunConfig) -> RunConfig:
     """``config`` with every field that cannot affect its result at its default: first the
     method's own rules (:meth:`Method.canonical`: λ = 0 is no EWC, ...), then every importance
     field its measure does not read and every method field its method does not read
-    (:meth:`Method.reads`, :attr:`Measure.fields`). Equivalent runs get one run id."""
+    (:meth:`Method.reads`, :meth:`Measure.reads`). Equivalent runs get one run id."""
     config = dataclasses.replace(config, **get_method(config.consolidation).canonical(config))
     method, measure = get_method(config.consolidation), get_measure(config.importance)
-    keep = {"importance", *measure.fields, *method.reads(config)}
+    keep = {"importance", *measure.reads(config), *method.reads(config)}
     changes = {
         name: FIELD[name].default
         for name in (*IMPORTANCE_FIELDS, *METHOD_FIELDS)

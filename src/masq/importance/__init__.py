@@ -57,9 +57,11 @@ from masq.config import FisherLabels, Scale
 # The measures register themselves when their module loads: measures (fisher, masq, none),
 # l2 and mas; a new one is one module plus its line here.
 from masq.importance import (
+    kfac,
     l2,
     measures,
     reference,
+    si,
 )
 from masq.importance.blocks import BlockStats, fisher_block_stats
 from masq.importance.diagonal import batches, cross_entropy, fisher, masq, summary
@@ -90,6 +92,7 @@ __all__ = [
     "fisher",
     "fisher_block_stats",
     "get_measure",
+    "kfac",
     "l2",
     "mas",
     "masq",
@@ -97,5 +100,6 @@ __all__ = [
     "measures",
     "reference",
     "register_measure",
+    "si",
     "summary",
 ]

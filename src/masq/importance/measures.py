@@ -71,12 +71,19 @@ def masq_label(values: Mapping[str, Any], detailed: bool = False) -> str:
     return f"MaSQ ({values.get('scale', 'mean')}{extra})"
 
 
+def fisher_more_fields(config: Any) -> tuple[str, ...]:
+    """``("masq_batch",)`` for batched labels (the pass's batch size is then b), else ()."""
+    labels = choice(FisherLabels, getattr(config, "fisher_labels", "empirical"), "fisher_labels")
+    return ("masq_batch",) if labels is FisherLabels.BATCHED else ()
+
+
 FISHER = register_measure(
     Measure(
         "fisher",
         label=fisher_label,
         compute=fisher_measure,
         fields=("fisher_labels", "fisher_samples"),
+        more_fields=fisher_more_fields,
         description="the diagonal Fisher from exact per-sample gradients (the paper's FIM); "
         "labels empirical | sample | exact | predicted | batched",
     )

@@ -64,7 +64,12 @@ class MeasureContext:
 class StepTracker(Protocol):
     """A measure accumulated during training: ``step(model)`` is called after every optimizer
     step of the phase (``.grad`` still holds the gradient that step used), ``importance()``
-    once at the end of the phase."""
+    once at the end of the phase.
+
+    A tracker may also define ``observe_grad(model)``: the loop then calls it right after the
+    backward pass of the task loss alone, before a penalty's gradient is added to ``.grad``
+    (``train_task(grad_hook=...)``), so it can keep the task's own gradient of the step (SI,
+    :mod:`masq.importance.si`). Without it a tracker sees only ``.grad`` after the step."""
 
     def step(self, model: nn.Module) -> None: ...
 
@@ -88,7 +93,13 @@ class Measure:
     (λ/2) Σ_k F_k (θ_k − θ*_k)²; a structured measure (K-FAC's Kronecker factors, per-layer
     Fisher blocks) names the kind its consolidation penalty is registered under
     (:data:`masq.consolidation.PENALTY_KINDS`), and its importance holds that penalty's
-    factors by name."""
+    factors by name.
+
+    ``online``: the measure's published method keeps one running importance and the latest
+    anchor (SI: online EWC with γ = 1); labels then say when a run differs from it.
+
+    ``more_fields(config)``: importance fields the measure reads only in some settings (the
+    Fisher's ``batched`` labels make the pass's batch size its b); :meth:`reads` adds them."""
 
     name: str
     label: str | Label
@@ -99,6 +110,8 @@ class Measure:
     reads_data: bool = True  # False: computed without a pass (L2); masq_batch then unused
     description: str = ""
     kind: str = "diagonal"  # the penalty its importance feeds (masq.consolidation.PENALTY_KINDS)
+    more_fields: Callable[[Any], tuple[str, ...]] | None = None  # fields read in some settings
+    online: bool = False  # its own method sums over tasks with the latest anchor (SI)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -131,6 +144,13 @@ class Measure:
         """Every importance field a run with this measure depends on: its ``fields`` and,
         for a pass over data, the pass's batch size ``masq_batch``."""
         extra = ("masq_batch",) if self.compute is not None and self.reads_data else ()
+        return tuple(dict.fromkeys((*self.fields, *extra)))
+
+    def reads(self, config: Any) -> tuple[str, ...]:
+        """The importance fields whose values change this measure's result for ``config``:
+        its ``fields`` and, where ``more_fields`` says so, more (the Fisher with batched
+        labels reads the pass's batch size, which is its b). Run ids keep exactly these."""
+        extra = self.more_fields(config) if self.more_fields is not None else ()
         return tuple(dict.fromkeys((*self.fields, *extra)))
 
     def settings(self, config: Any) -> dict[str, Any]:

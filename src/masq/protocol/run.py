@@ -174,6 +174,25 @@ def make_tracker(
     return measure.tracker(model, measure_context(config, task, task_index, device))
 
 
+def phase_units(
+    tasks: Sequence[Task], phase: int, plan: PhasePlan
+) -> tuple[tuple[int, ...] | None, Tensor | None, tuple[tuple[int, ...], ...] | None]:
+    """(units, sample_units, unit_sets) of ``train_task`` for phase ``phase``: the task's own
+    units (task-incremental; None otherwise) or, when the plan brings its own data in the
+    task-incremental scenario, each sample's task (``plan.train_tasks``) and every task's
+    units."""
+    units = tasks[phase].units
+    if plan.train is None or units is None:
+        return units, None, None
+    if plan.train_tasks is None:
+        raise ConfigError(
+            "phase plan: training data in the task-incremental scenario needs train_tasks "
+            "(each sample's task); give it"
+        )
+    sets = tuple(tuple(t.units) if t.units is not None else () for t in tasks)
+    return None, plan.train_tasks, sets
+
+
 def train_phase(
     config: RunConfig,
     tasks: list[Task],
@@ -188,8 +207,10 @@ def train_phase(
     """Train ``model`` on ``tasks[phase]`` (phase 0 at lr1 for iters1, later ones at lr2 for
     iters2; mini-batches from the phase's stream), evaluating on :func:`eval_sets` at the
     config's schedule and precision. ``plan`` (the method's): its penalty's gradient is added
-    after each backward pass, its wrapper is what training (not evaluation) runs; ``tracker``
-    is called after each optimizer step. Returns (curve, seconds)."""
+    after each backward pass, its wrapper is what training (not evaluation) runs, its
+    ``train`` data (if any) replaces the task's (:func:`phase_units`); ``tracker`` is called
+    after each optimizer step, and its ``observe_grad`` (if it has one) after the task loss's
+    backward pass, before the penalty's gradient. Returns (curve, seconds)."""
     lr, iters = (config.lr1, config.iters1) if phase == 0 else (config.lr2, config.iters2)
     sets, unions = eval_sets(config, tasks, phase)
     train_config = TrainConfig(
@@ -211,9 +232,10 @@ def train_phase(
 
     desc = f"train {task_name(phase)}" + ("" if phase == 0 else f" ({method_label(config)})")
     start = time.perf_counter()
+    units, sample_units, unit_sets = phase_units(tasks, phase, plan)
     curve = train_task(
         trained,
-        tasks[phase].train,
+        tasks[phase].train if plan.train is None else plan.train,
         train_config,
         eval_sets=sets,
         unions=unions,
@@ -222,7 +244,10 @@ def train_phase(
         desc=desc,
         penalty_grad=None if penalty is None else penalty_grad,
         step_hook=None if tracker is None else tracker.step,
-        units=tasks[phase].units,
+        grad_hook=getattr(tracker, "observe_grad", None),
+        units=units,
+        sample_units=sample_units,
+        unit_sets=unit_sets,
         eval_units=eval_units(tasks) or None,
     )
     synchronize(device)
@@ -289,10 +314,16 @@ def compute_importance(
     if not get_method(config.consolidation).wants_importance(config, 0):
         return {}, 0.0
     if measure.tracker is not None:
-        if d1.tracked is None:
+        if d1.tracked is None or d1.config.importance != config.importance:
             raise ConfigError(
                 f"importance {measure.name!r} accumulates during training: train task 1 "
                 "with it (masq.protocol.train_first)"
+            )
+        if measure.settings(d1.config) != measure.settings(config):
+            raise ConfigError(
+                f"importance {measure.name!r} was tracked during task 1 with "
+                f"{measure.settings(d1.config)}, this run has {measure.settings(config)}; "
+                "train task 1 with this run's settings"
             )
         return dict(d1.tracked), 0.0
     if measure.compute is None:
@@ -332,6 +363,7 @@ __all__ = [
     "measure_context",
     "merged_accuracies",
     "model_at",
+    "phase_units",
     "synchronize",
     "train_first",
     "train_phase",

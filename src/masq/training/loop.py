@@ -134,6 +134,49 @@ def make_adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+def unit_bias_rows(
+    unit_sets: Sequence[Sequence[int]], n: int, device: torch.device | str | None = None
+) -> Tensor:
+    """float32 [S, n]: row s is :func:`masq.scenarios.head_bias` of ``unit_sets[s]`` (0 on
+    its units, −inf elsewhere), so ``rows[index]`` is a per-sample [B, n] bias for logits."""
+    if not unit_sets:
+        raise ConfigError("sample units: unit_sets is empty; give one unit list per task")
+    out = []
+    for units in unit_sets:
+        row = head_bias(units, n, device)
+        if row is None:
+            raise ConfigError("sample units: a unit set is None; give every task its units")
+        out.append(row)
+    return torch.stack(out)
+
+
+def check_sample_units(
+    n: int,
+    units: Sequence[int] | None,
+    sample_units: Tensor | None,
+    unit_sets: Sequence[Sequence[int]] | None,
+) -> None:
+    """A one-line ConfigError unless ``sample_units`` and ``unit_sets`` are both given or
+    neither, not with ``units``, and ``sample_units`` is an int64 [n] index into
+    ``unit_sets``."""
+    if sample_units is None and unit_sets is None:
+        return
+    if sample_units is None or unit_sets is None:
+        raise ConfigError("train: give sample_units and unit_sets together, or neither")
+    if units is not None:
+        raise ConfigError("train: give units (one task) or sample_units (per sample), not both")
+    if sample_units.dtype != torch.int64 or tuple(sample_units.shape) != (n,):
+        raise ConfigError(
+            f"train: sample_units must be int64 [{n}] (one set index per sample), got "
+            f"{sample_units.dtype} {tuple(sample_units.shape)}"
+        )
+    if n and not (0 <= int(sample_units.min()) and int(sample_units.max()) < len(unit_sets)):
+        raise ConfigError(
+            f"train: sample_units must index unit_sets (0..{len(unit_sets) - 1}); "
+            "fix the per-sample task index"
+        )
+
+
 def train_task(
     model: nn.Module,
     train: XY,
@@ -149,6 +192,9 @@ def train_task(
     units: Sequence[int] | None = None,
     eval_units: Mapping[str, Sequence[int]] | None = None,
     step_hook: Callable[[nn.Module], None] | None = None,
+    grad_hook: Callable[[nn.Module], None] | None = None,
+    sample_units: Tensor | None = None,
+    unit_sets: Sequence[Sequence[int]] | None = None,
 ) -> Curve:
     """Train ``model`` in place: loss = cross_entropy(model(x), y) + penalty(model).
 
@@ -156,9 +202,18 @@ def train_task(
     gradient to the parameters' ``.grad`` directly (e.g.
     :class:`masq.consolidation.QuadraticPenalty`, the EWC term without autograd);
     ``step_hook(model)`` after every optimizer step (``.grad`` still holds that step's
-    gradient: a measure accumulated during training). ``units`` (task-incremental: the task's
-    output units) masks the other units' logits in the loss,
+    gradient: a measure accumulated during training). ``grad_hook(model)`` is called right
+    after the backward pass of the task loss alone, before ``penalty_grad`` adds to ``.grad``
+    (then ``.grad`` = ∇ CE of the mini-batch: SI's path integral reads it); with ``grad_hook``
+    an autograd ``penalty`` is backpropagated separately, after the hook. ``units``
+    (task-incremental: the task's output units) masks the other units' logits in the loss,
     CE(logits + head_bias(units), y); ``eval_units`` does so per evaluation set.
+
+    Per-sample units (joint training over several task-incremental tasks): sample n of
+    ``train`` uses the units ``unit_sets[sample_units[n]]`` (``sample_units``: int64 [N], an
+    index into ``unit_sets``, usually the sample's task), i.e. the loss of a mini-batch is
+    CE(logits + B, y) with row b of B the head bias (0 on the units, −inf elsewhere) of its
+    sample's set (:func:`unit_bias_rows`). Give both or neither, and not with ``units``.
 
     Returns the curve {"iteration": [...], set or union name: [accuracy, ...]} recorded at
     :func:`eval_iterations` (iteration 0 is before the first step; an evaluation at ``it``
@@ -172,6 +227,8 @@ def train_task(
         raise ConfigError(
             f"train: need as many labels as inputs, and some (got {x.shape[0]}, {y.shape[0]})"
         )
+    check_sample_units(x.shape[0], units, sample_units, unit_sets)
+    sample_set = None if sample_units is None else sample_units.to(device)
     sets = {k: (a.to(device), b.to(device)) for k, (a, b) in (eval_sets or {}).items()}
     unions = dict(unions or {})
     names = [*sets, *unions]
@@ -195,6 +252,7 @@ def train_task(
             bar.set_postfix_str(f"{shown} {acc[shown]:.4f}", refresh=False)
 
     bias: Tensor | None = None  # the head bias of ``units``, made at the first step
+    rows: Tensor | None = None  # the head-bias rows of ``unit_sets``, made at the first step
     optimizer = make_adam(model.parameters(), config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
@@ -210,11 +268,19 @@ def train_task(
                 if bias is None:
                     bias = head_bias(units, logits.shape[1], device)
                 logits = logits + bias
+            elif sample_set is not None and unit_sets is not None:
+                if rows is None:
+                    rows = unit_bias_rows(unit_sets, logits.shape[1], device)
+                logits = logits + rows[sample_set[idx]]
             loss = F.cross_entropy(logits, y[idx])
-            if penalty is not None:
+            if penalty is not None and grad_hook is None:
                 loss = loss + penalty(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_hook is not None:
+                grad_hook(model)  # .grad = the task loss's gradient alone
+                if penalty is not None:
+                    penalty(model).backward()  # accumulates into .grad
             if penalty_grad is not None:
                 penalty_grad(model)
             optimizer.step()

@@ -28,13 +28,27 @@ from masq.importance.reference.core import (
     per_sample_gradients,
     sample_gradient,
 )
+from masq.importance.reference.kfac import (
+    kfac_factors,
+    kfac_penalty,
+    layer_block_penalty,
+    layer_fisher_block,
+)
+from masq.importance.reference.si import path_integral, sgd_path, si_importance
 
 __all__ = [
     "fisher",
     "fisher_block",
     "fisher_block_stats",
+    "kfac_factors",
+    "kfac_penalty",
+    "layer_block_penalty",
+    "layer_fisher_block",
     "mas",
     "masq",
+    "path_integral",
     "per_sample_gradients",
     "sample_gradient",
+    "sgd_path",
+    "si_importance",
 ]

@@ -1,0 +1,40 @@
+"""What the ``masq analyze`` commands share: the λ-sweep flags, SLT and architecture parsing,
+the command line of a manifest and the list of files written."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from masq.cli.options import hidden_from_tokens
+from masq.slt import parse_spec
+
+# Flags of `masq analyze lambda` that set one value of a grid axis for every run.
+SWEEP_FIELDS: tuple[str, ...] = (
+    "iters1", "iters2", "eval_every", "eval_schedule", "precision", "init", "lr1", "batch_size",
+    "masq_batch",
+)  # fmt: skip
+# Of those, the ones whose values are names (checked by the grid, like its own flags).
+SWEEP_NAMES: tuple[str, ...] = ("eval_schedule", "precision", "init")
+
+
+def command_text(words: Sequence[Any]) -> str:
+    """A shell command line from its words (each quoted where needed)."""
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def hidden_of(tokens: Sequence[str] | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The architecture of ``--hidden`` tokens, or ``default`` where none were given."""
+    return default if tokens is None else hidden_from_tokens(tokens)
+
+
+def slt_text(slt: str) -> str:
+    """The canonical spelling of an SLT (a one-line ConfigError for a bad one)."""
+    return parse_spec(slt).text
+
+
+def print_written(paths: Sequence[Path]) -> None:
+    """Print the files an analysis wrote, on one line."""
+    print(f"written: {', '.join(str(p) for p in paths)}")
