@@ -94,7 +94,7 @@ def summary(imp: Importance) -> dict[str, dict[str, float]]:
 # ---------------------------------------------------------------------------- label terms
 
 
-def _label_terms(
+def label_terms(
     logits: Tensor, y: Tensor, labels: FisherLabels, generator: torch.Generator | None
 ) -> list[tuple[Tensor, Tensor | None]]:
     """The (targets, per-sample weight w_n or None for 1) pairs whose sum_n w_n g_n^2 are summed.
@@ -173,7 +173,7 @@ def _fisher_batch(
     check_values(x, y, logits, index, run.checks_labels, run.label_units)
     if run.label_units is not None:
         y = run.label_units.positions(y)
-    terms = _label_terms(logits, y, run.labels, run.generator)
+    terms = label_terms(logits, y, run.labels, run.generator)
     clean = {m: tap for m, tap in taps.items() if tap.clean(len(x))}
     d2: dict[str, Tensor] = {}  # sum over label terms of w_n delta_n^2, per clean layer
     for i, (targets, weight) in enumerate(terms):
