@@ -154,6 +154,7 @@ def main() -> None:
         )
         stats, imp = measure(lambda m=measure_, c=ctx: m.compute(model, (xs, ys), c))
         read = min(n, config.fisher_samples) if config.fisher_samples else n
+        read = read if measure_.reads_data else 0  # l2: no pass over data
         rows.append({"measure": label} | row(config.importance, imp, stats, read))
     si_row = row("si", si_imp, {"seconds": 0.0, "delta_mib": 0.0}, 0)
     rows.append(

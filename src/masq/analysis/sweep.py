@@ -2,9 +2,10 @@
 
 For an SLT at one architecture and ε2, every run starts from the same task-1 state and is
 re-trained on the later task with EWC at λ ∈ {λ_lo · 10^(k/m)} up to λ_hi (m points per
-decade; :func:`lam_grid`), once per importance (FIM; MaSQ ``mean``; MaSQ ``sum``), plus one
-run with λ = 0. It is a grid (:func:`sweep_grid`, run by :func:`masq.grid.execute`: shared
-task-1 state and importance passes, stacked re-training, resumable result store).
+decade; :func:`lam_grid`), once per importance (by default the paper's: FIM; MaSQ ``mean``;
+MaSQ ``sum``; any registered measure with ``measures=``), plus one run with λ = 0. It is a
+grid (:func:`sweep_grid`, run by :func:`masq.grid.execute`: shared task-1 state and
+importance passes, stacked re-training, resumable result store).
 
 :func:`sweep_frame` reads the store: per (SLT, method, λ) the mean and std over seeds of the
 "best" and "last" accuracy on the union of all tasks. :func:`needed_lambda` answers the
@@ -42,6 +43,16 @@ COLOURS: dict[str, str] = {
     "EWC+MaSQ (sum)": "tab:orange",
 }
 NO_EWC = "no EWC"
+# Colours of the curves of other measures, in order.
+EXTRA_COLOURS: tuple[str, ...] = ("tab:green", "tab:purple", "tab:brown", "tab:pink",
+                                  "tab:olive", "tab:cyan", "tab:gray")  # fmt: skip
+
+
+def curve_order(part: pd.DataFrame) -> list[str]:
+    """The methods of a sweep to draw: the paper's three first (:data:`METHODS`), then the
+    others sorted; never "no EWC" (a horizontal line)."""
+    present = [m for m in dict.fromkeys(part["method"]) if m != NO_EWC]
+    return [m for m in METHODS if m in present] + sorted(m for m in present if m not in METHODS)
 
 
 def paper_lams(lr2: float) -> tuple[list[float], list[float]]:
@@ -71,16 +82,19 @@ def sweep_grid(
     *,
     seeds: int = 1,
     base: Mapping[str, Any] | None = None,
+    measures: Sequence[str] = ("fisher", "masq"),
 ) -> Any:
-    """The grid of one SLT's sweep: λ ∈ {0} ∪ ``lams``, importance fisher | masq, scale mean |
-    sum, seeds 0..seeds-1; ``base`` sets any other axis (one value each, e.g. iters1)."""
+    """The grid of one SLT's sweep: λ ∈ {0} ∪ ``lams``, importance over ``measures`` (any
+    registered measure; the default is the paper's FIM and MaSQ), scale mean | sum (read by
+    MaSQ only: the grid drops the duplicates of the others), seeds 0..seeds-1; ``base`` sets
+    any other axis (one value each, e.g. iters1, fisher_labels)."""
     values: dict[str, Any] = dict(base or {})
     values.update(
         slt=slt,
         hidden=[list(hidden)],
         lr2=lr2,
         lam=[0.0, *lams],
-        importance=["fisher", "masq"],
+        importance=list(measures),
         scale=["mean", "sum"],
         seeds=seeds,
     )
@@ -209,16 +223,15 @@ def sweep_figure(frame: pd.DataFrame, slt: str, *, title: str = "") -> Figure:
                 linewidth=1.2,
                 label="no EWC (λ = 0)",
             )
-        for method in METHODS:
+        for k, method in enumerate(curve_order(part)):
             rows = part[part["method"] == method].sort_values("lam")
-            if rows.empty:
-                continue
+            colour = COLOURS.get(method, EXTRA_COLOURS[k % len(EXTRA_COLOURS)])
             xs, ys = rows["lam"].to_numpy(float), rows[mean].to_numpy(float)
-            ax.plot(xs, ys, marker="o", markersize=3, color=COLOURS[method], label=method)
+            ax.plot(xs, ys, marker="o", markersize=3, color=colour, label=method)
             sd = rows[std].to_numpy(float)
             if np.isfinite(sd).any():
                 sd = np.nan_to_num(sd)
-                ax.fill_between(xs, ys - sd, ys + sd, color=COLOURS[method], alpha=0.2)
+                ax.fill_between(xs, ys - sd, ys + sd, color=colour, alpha=0.2)
         ax.set_xscale("log")
         ax.set_xlabel("λ")
         ax.set_title(f'"{criterion}" accuracy on the union of all tasks')

@@ -20,6 +20,7 @@ from typing import Any
 
 from masq.cli import analyze_kfac
 from masq.cli.analyze_common import (
+    MEASURE_FIELDS,
     SWEEP_FIELDS,
     SWEEP_NAMES,
     command_text,
@@ -131,19 +132,23 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
 def _register_lambda(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lambda",
-        help="the λ sweep: best and last accuracy against λ for FIM, MaSQ mean and MaSQ sum",
+        help="the λ sweep: best and last accuracy against λ for FIM, MaSQ mean and MaSQ sum "
+        "(or any measures)",
         description="For each SLT (at its paper-best architecture and ε2 unless given), re-train "
-        "on task 2 from one task-1 state with EWC at λ from --lam-min to --lam-max (--per-decade "
-        "points per decade) with FIM, MaSQ mean and MaSQ sum, plus λ = 0; a grid, so it shares "
-        "task 1, stacks the re-training and resumes. Writes lambda_<SLT>.png, lambda.md, "
-        "lambda.csv, lambda_needed.md/.csv and lambda.json.",
+        "on the later tasks from one task-1 state with EWC at λ from --lam-min to --lam-max "
+        "(--per-decade points per decade) with each of --measures (default: FIM, MaSQ mean and "
+        "MaSQ sum), plus λ = 0; a grid, so it shares task 1, stacks the re-training and "
+        "resumes. Writes lambda_<SLT>.png, lambda.md, lambda.csv, lambda_needed.md/.csv and "
+        "lambda.json.",
     )
     add = p.add_argument
     add("--slt", nargs="+", default=list(PAPER_SLTS), help=f"SLTs (default: {_PAPER})")
     add("--hidden", nargs="+", default=None, metavar="N", help="net (default: paper-best)")
     add("--lr2", type=float, default=None, help="ε2 for every SLT (default: paper-best)")
     add("--seeds", type=int, default=1, help="seeds 0..N-1 (bands; default: 1)")
-    for name in SWEEP_FIELDS:
+    add("--measures", nargs="+", default=["fisher", "masq"], metavar="M",
+        help="importance measures swept (default: fisher masq; MaSQ in both scales)")  # fmt: skip
+    for name in (*SWEEP_FIELDS, *MEASURE_FIELDS):
         spec = FIELD[name]
         kind = str if name in SWEEP_NAMES else spec.kind
         add(spec.flag, type=kind, default=None, metavar="V", help=f"({spec.default})")
@@ -341,17 +346,25 @@ def run_lambda(args: argparse.Namespace) -> int:
     at_least_one(("--seeds", args.seeds), ("--stack", args.stack))
     if not 0 <= args.tolerance < 1:
         raise ConfigError(f"--tolerance must lie in [0, 1), got {args.tolerance}")
-    base = {n: getattr(args, n) for n in SWEEP_FIELDS if getattr(args, n) is not None}
+    fields = (*SWEEP_FIELDS, *MEASURE_FIELDS)
+    base = {n: getattr(args, n) for n in fields if getattr(args, n) is not None}
     grids = []
     for slt in [slt_text(s) for s in args.slt]:
         hidden_d, lr2_d = paper_best(slt)
         lr2 = lr2_d if args.lr2 is None else args.lr2
         hidden = hidden_of(args.hidden, hidden_d)
-        grids.append(analysis.sweep_grid(slt, hidden, lr2, lams, seeds=args.seeds, base=base))
+        grids.append(
+            analysis.sweep_grid(
+                slt, hidden, lr2, lams, seeds=args.seeds, base=base, measures=args.measures
+            )
+        )
     configs = analysis.sweep_configs(grids)
+    from masq.consolidation import method_label
+
+    n_imp = len({method_label(c) for c in configs if c.lam > 0})
     workers, threads = resolve_workers(args.workers, args.threads)
     print(f"λ sweep: {len(configs)} runs ({len(grids)} SLT(s) × {args.seeds} seed(s) × (λ = 0 + "
-          f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × 3 importances))")  # fmt: skip
+          f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × {n_imp} importances))")  # fmt: skip
     if args.dry_run:
         print_plan(configs, args.results, stack=args.stack, workers=workers, threads=threads)
         return 0

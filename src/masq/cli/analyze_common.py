@@ -16,8 +16,11 @@ SWEEP_FIELDS: tuple[str, ...] = (
     "iters1", "iters2", "eval_every", "eval_schedule", "precision", "init", "lr1", "batch_size",
     "masq_batch",
 )  # fmt: skip
+# Flags of `masq analyze lambda` for the measures' settings and the scenario.
+MEASURE_FIELDS: tuple[str, ...] = ("fisher_labels", "fisher_samples", "si_damping", "scenario")
 # Of those, the ones whose values are names (checked by the grid, like its own flags).
-SWEEP_NAMES: tuple[str, ...] = ("eval_schedule", "precision", "init")
+SWEEP_NAMES: tuple[str, ...] = ("eval_schedule", "precision", "init", "fisher_labels",
+                                "scenario")  # fmt: skip
 
 
 def command_text(words: Sequence[Any]) -> str:

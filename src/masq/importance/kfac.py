@@ -52,8 +52,7 @@ from masq.config import FisherLabels, choice
 from masq.errors import ConfigError
 
 # the label terms of the Fisher variants: one definition, shared with the diagonal Fisher
-from masq.importance.diagonal import label_terms
-from masq.importance.diagonal import batches, cross_entropy, subset
+from masq.importance.diagonal import batches, cross_entropy, label_terms, subset
 from masq.importance.measures import fisher_label
 from masq.importance.persample import (
     ActiveOutputs,
