@@ -240,3 +240,34 @@ def test_stacked_equals_separate_in_every_scenario(learnable: None, scenario: st
         for name in a.curves[1]:
             assert a.curves[1][name] == pytest.approx(b.curves[1][name], abs=2e-2), name
     assert dataclasses.asdict(configs[0]) == dataclasses.asdict(config)
+
+
+TINY = {**SMALL, "slt": "D3-3-4", "iters1": 20, "iters2": 20, "eval_every": 10,
+        "fisher_samples": 40}  # fmt: skip
+
+
+@pytest.mark.parametrize("scenario", ["class", "task", "domain"])
+def test_every_measure_and_method_runs_through_the_grid_in_every_scenario(
+    learnable: None, scenario: str, tmp_path
+) -> None:
+    """Every registered measure with EWC (and online EWC where it sums), and every other
+    method, through masq.grid.execute: one finite record each, stored, in three tasks."""
+    from masq import grid, store
+    from masq.consolidation import METHODS, canonical
+    from masq.importance import MEASURES
+
+    base = RunConfig(**TINY, scenario=scenario, lam=10.0)
+    configs = [base.with_(importance=m, fisher_labels="exact") for m in sorted(MEASURES)]
+    configs += [
+        base.with_(importance=m, consolidation="online-ewc", gamma=1.0)
+        for m, measure in sorted(MEASURES.items())
+        if measure.kind == "diagonal" and measure.gives_importance
+    ]
+    configs += [base.with_(importance="fisher", consolidation=name) for name in sorted(METHODS)]
+    unique = {run_id(canonical(c)): canonical(c) for c in configs}
+    summary = grid.execute(list(unique.values()), tmp_path, workers=1, progress=False)
+    assert not summary.failed and summary.done == len(unique)
+    df = store.load(tmp_path)
+    assert len(df) == len(unique)
+    assert df["last.union"].notna().all()
+    assert set(df["importance"]) >= {m for m in MEASURES if m != "none"}
