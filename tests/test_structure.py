@@ -102,9 +102,14 @@ def test_analyze_kfac_end_to_end(
             "20", "--iters2", "10", "--eval-every", "5", "--masq-batch", "50", "--lam-max",
             "10", "--fisher-samples", "40", "--results", str(res), "--workers", "1",
             "--threads", "1", "--no-progress"]  # fmt: skip
-    assert main(args) == 0
+    assert main([*args, "--blocks-window", "0"]) == 0
     out = capsys.readouterr().out
-    assert "kfac: 18 runs" in out  # 2 seeds × (1 + 4 measures × 2 λ)
+    assert "kfac: 14 runs" in out  # 2 seeds × (1 + 3 measures × 2 λ), then the blocks
+    assert "FIM blocks of D5-5: λ " in out  # at the diagonal's chosen λ only (window 0)
+    table = pd.read_csv(res / "kfac.csv").set_index("measure")
+    assert table.loc["FIM blocks", "lam"] == table.loc["diagonal FIM", "lam"]
+    assert main(args) == 0  # window 2: the whole (two-value) grid, the rest resumed
+    out = capsys.readouterr().out
     table = pd.read_csv(res / "kfac.csv")
     assert set(table["measure"]) == {*structure.STRUCTURES, "no EWC"}
     assert table["seeds"].eq(2).all()

@@ -45,17 +45,18 @@ from masq.runid import run_id
 # The measures compared, by their name in the tables, as RunConfig changes ({} of the
 # Fisher's settings are filled in by :func:`structure_configs`).
 DIAGONAL = "diagonal FIM"
+BLOCKS = "FIM blocks"
 STRUCTURES: dict[str, dict[str, Any]] = {
     DIAGONAL: {"importance": "fisher"},
     "K-FAC": {"importance": "kfac"},
-    "FIM blocks": {"importance": "fisher-blocks"},
+    BLOCKS: {"importance": "fisher-blocks"},
     "MaSQ (mean)": {"importance": "masq", "scale": "mean"},
 }
 NONE = "no EWC"
 COLOURS: dict[str, str] = {
     DIAGONAL: "tab:blue",
     "K-FAC": "tab:green",
-    "FIM blocks": "tab:purple",
+    BLOCKS: "tab:purple",
     "MaSQ (mean)": "tab:red",
     NONE: "0.5",
 }
@@ -108,6 +109,26 @@ def structure_configs(
             config = canonical(config)
             out.setdefault(run_id(config), config)
     return list(out.values())
+
+
+def lam_window(lams: Sequence[float], centre: float, decades: int) -> list[float]:
+    """The λ of ``lams`` within ``decades`` decades of ``centre``: |log10(λ / centre)| ≤
+    decades (the blocks' sweep around the diagonal FIM's best λ, whose diagonal they share)."""
+    if not centre > 0:
+        raise ConfigError(f"analyze kfac: the window needs a centre λ > 0, got {centre}")
+    return [lam for lam in lams if abs(math.log10(lam / centre)) <= decades + 1e-9]
+
+
+def chosen_lambda(
+    frame: pd.DataFrame, measure: str = DIAGONAL
+) -> dict[tuple[str, str, str], float]:
+    """{(slt, hidden, scenario): the λ of ``measure`` chosen on validation} (mean over the
+    seeds stored; the smallest λ on ties), for the groups where it has runs."""
+    out = {}
+    part = frame[frame["measure"] == measure]
+    for key, rows in part.groupby(["slt", "hidden", "scenario"], sort=False):
+        out[(str(key[0]), str(key[1]), str(key[2]))] = _winner(rows)[0]
+    return out
 
 
 def structure_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -281,9 +302,12 @@ def write_outputs(
 
 
 __all__ = [
+    "BLOCKS",
     "DIAGONAL",
     "NONE",
     "STRUCTURES",
+    "chosen_lambda",
+    "lam_window",
     "structure_configs",
     "structure_figure",
     "structure_frame",

@@ -65,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("--lam-min", type=float, default=1.0, help="smallest λ > 0 (default: 1)")
     add("--lam-max", type=float, default=1e12, help="largest λ (default: 1e12)")
     add("--per-decade", type=int, default=1, help="λ values per decade (default: 1)")
+    add("--blocks-window", type=int, default=2, metavar="DECADES",
+        help="the blocks (the costly structure) run after the others, at the λ within DECADES "
+        "decades of the diagonal FIM's λ chosen on validation (they share its diagonal); "
+        "-1: the whole λ grid (default: 2)")  # fmt: skip
     add("--results", default="results/kfac", metavar="DIR", help="the runs' results dir")
     add("--out", default=None, metavar="DIR", help="tables, figure (default: the results dir)")
     add("--dry-run", action="store_true", help="print the runs and a time estimate; run nothing")
@@ -86,7 +90,12 @@ def run_kfac(args: argparse.Namespace) -> int:
     if args.fisher_samples < 0:
         raise ConfigError(f"--fisher-samples must be >= 0 (0: all), got {args.fisher_samples}")
     base = {n: getattr(args, n) for n in SWEEP_FIELDS if getattr(args, n) is not None}
+    if args.blocks_window < -1:
+        raise ConfigError(f"--blocks-window must be >= 0 (or -1: all λ), got {args.blocks_window}")
+    windowed = structure.BLOCKS in args.measures and args.blocks_window >= 0
+    first_pass = [m for m in args.measures if not (windowed and m == structure.BLOCKS)]
     configs: list[RunConfig] = []
+    firsts: list[RunConfig] = []
     slts = [slt_text(s) for s in args.slt]
     described = []
     for slt in slts:
@@ -94,29 +103,45 @@ def run_kfac(args: argparse.Namespace) -> int:
         first = RunConfig(slt=slt, hidden=hidden_of(args.hidden, hidden_d),
                           lr2=lr2_d if args.lr2 is None else args.lr2,
                           scenario=args.scenario).with_(**base)  # fmt: skip
+        firsts.append(first)
         described.append({"slt": slt, "hidden": hidden_text(first.hidden), "lr2": first.lr2})
         configs += structure.structure_configs(
-            first, lams, args.seeds, measures=args.measures, labels=args.fisher_labels,
+            first, lams, args.seeds, measures=first_pass, labels=args.fisher_labels,
             samples=args.fisher_samples,
         )  # fmt: skip
     workers, threads = resolve_workers(args.workers, args.threads)
     print(f"kfac: {len(configs)} runs ({len(slts)} SLT(s) × {args.seeds} seed(s) × (λ = 0 + "
-          f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × {len(args.measures)} "
+          f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × {len(first_pass)} "
           f"measure(s)))")  # fmt: skip
+    window_runs = len(slts) * args.seeds * (2 * args.blocks_window + 1)
+    if windowed:
+        print(f"then {structure.BLOCKS}: at most {window_runs} runs, at the λ within "
+              f"{args.blocks_window} decade(s) of the diagonal FIM's chosen λ per SLT")  # fmt: skip
     if args.dry_run:
         print_plan(configs, args.results, stack=args.stack, workers=workers, threads=threads)
         return 0
     seconds = 0.0
-    if not args.tabulate:
-        summary = execute("analyze kfac", configs, args.results, workers=workers,
+
+    def run_all(todo: list[RunConfig]) -> bool:
+        nonlocal seconds
+        summary = execute("analyze kfac", todo, args.results, workers=workers,
                           stack=args.stack, threads=threads, progress=not args.no_progress,
                           tasks_fn=tasks_fn(args.data_dir))  # fmt: skip
         if summary is None:
-            return 1
+            return False
         print(f"{done_text(summary)}; {summary.seconds:.0f} s")
-        seconds = summary.seconds
+        seconds += summary.seconds
         if summary.failed:
             print_failed(summary.failed, args.results)
+        return True
+
+    if not args.tabulate and not run_all(configs):
+        return 1
+    if windowed:
+        blocks = _window_configs(args, firsts, lams, configs)
+        if blocks and not args.tabulate and not run_all(blocks):
+            return 1
+        configs += blocks
     ids = {run_id(c) for c in configs}
     df = load(args.results)
     stored = df[df["run_id"].isin(ids)] if not df.empty else df
@@ -133,7 +158,8 @@ def run_kfac(args: argparse.Namespace) -> int:
     for name, value in base.items():
         words += [FIELD[name].flag, value]
     words += ["--lam-min", args.lam_min, "--lam-max", args.lam_max,
-              "--per-decade", args.per_decade, "--results", args.results]  # fmt: skip
+              "--per-decade", args.per_decade, "--blocks-window", args.blocks_window,
+              "--results", args.results]  # fmt: skip
     words += ["--out", args.out] if args.out else []
     body = {"command": command_text(words), "slts": described, "seeds": args.seeds,
             "lams": lams, "runs": len(configs), "runs_stored": len(stored),
@@ -145,3 +171,38 @@ def run_kfac(args: argparse.Namespace) -> int:
         print(f"partial: {len(stored)} of {len(configs)} runs stored; run again to finish")
     print_written(written)
     return 0
+
+
+def _window_configs(
+    args: argparse.Namespace,
+    firsts: list[RunConfig],
+    lams: list[float],
+    done: list[RunConfig],
+) -> list[RunConfig]:
+    """The blocks' runs of each SLT at the λ of its window around the diagonal FIM's λ
+    chosen on validation over the stored runs of ``done`` (none where it has no runs yet)."""
+    from masq.analysis import structure
+    from masq.runid import run_id
+    from masq.store import load
+
+    ids = {run_id(c) for c in done}
+    df = load(args.results)
+    stored = df[df["run_id"].isin(ids)] if not df.empty else df
+    if stored.empty:
+        return []
+    centres = structure.chosen_lambda(structure.structure_frame(stored))
+    out: list[RunConfig] = []
+    for first in firsts:
+        key = (first.slt, hidden_text(first.hidden), str(first.scenario))
+        if key not in centres:
+            print(f"{structure.BLOCKS}: no diagonal FIM runs of {first.slt} stored; skipped")
+            continue
+        window = structure.lam_window(lams, centres[key], args.blocks_window)
+        print(f"{structure.BLOCKS} of {first.slt}: λ {', '.join(f'{v:g}' for v in window)} "
+              f"(the diagonal FIM's chosen λ is {centres[key]:g})")  # fmt: skip
+        runs = structure.structure_configs(
+            first, window, args.seeds, measures=[structure.BLOCKS], labels=args.fisher_labels,
+            samples=args.fisher_samples,
+        )  # fmt: skip
+        out += [c for c in runs if run_id(c) not in ids]
+    return out
