@@ -115,3 +115,24 @@ def test_analyze_kfac_end_to_end(
     assert table["seeds"].eq(2).all()
     assert main([*args, "--tabulate"]) == 0  # tabulates what is stored, runs nothing
     assert "done:" not in capsys.readouterr().out
+
+
+def test_the_report_shows_the_comparison(tmp_path: Path) -> None:
+    from masq.report import build_report
+
+    frame = _frame()
+    table = structure.structure_table(frame)
+    body = {"command": "masq analyze kfac --slt D5-5", "seeds": 3, "lams": [10.0, 100.0],
+            "runs": 15, "slts": [{"slt": "D5-5", "hidden": "8", "lr2": 1e-3}]}  # fmt: skip
+    structure.write_outputs(table, frame, tmp_path / "an", body=body)
+    report = build_report([tmp_path / "an"], tmp_path / "page")
+    (part,) = [p for p in report.parts if p.id == "kfac"]
+    assert part.present and part.figures and "masq analyze kfac" in part.command
+    assert any("K-FAC" in str(t) for t in part.tables)
+    (tmp_path / "an" / "kfac.json").unlink()  # without it, the part names its command
+    (tmp_path / "an" / "lambda.json").write_text(
+        json.dumps({"format": "masq-analysis", "analysis": "lambda", "files": {}}), "utf-8"
+    )
+    missing = build_report([tmp_path / "an"], tmp_path / "page2")
+    (empty,) = [p for p in missing.parts if p.id == "kfac"]
+    assert not empty.present and "masq analyze kfac" in empty.missing
