@@ -135,3 +135,33 @@ def print_table(
     """Print a title line and :func:`format_table`."""
     print(f"\n{title}\n")
     print(format_table(rows, columns), flush=True)
+
+
+D1_CLASSES = 5
+SYNTHETIC_SAMPLES = 28_000
+
+
+def load_d1(synthetic: bool) -> tuple[Any, Any, str]:
+    """(x [N, 784] float32 in [0, 1], y [N], a note on the source) for D1 of D5-5 (MNIST
+    classes 0-4); uniform random images of the same shape where MNIST cannot be loaded (or
+    ``synthetic``), which the note says."""
+    import torch
+
+    from masq.errors import MasqError
+
+    reason = "--synthetic given"
+    if not synthetic:
+        try:
+            from masq import data
+
+            train = data.load("mnist").train
+            keep = train.labels < D1_CLASSES
+            x = torch.from_numpy(train.images[keep]).reshape(-1, 784).float() / 255.0
+            y = torch.from_numpy(train.labels[keep]).long()
+            return x, y, f"MNIST D1 of D5-5 (classes 0-4 of the {len(train)}-image training split)"
+        except (AttributeError, ImportError, OSError, ValueError, MasqError) as err:
+            reason = f"MNIST unavailable ({type(err).__name__}: {err})"
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(SYNTHETIC_SAMPLES, 784, generator=g)
+    y = torch.randint(0, D1_CLASSES, (SYNTHETIC_SAMPLES,), generator=g)
+    return x, y, f"SYNTHETIC uniform random images, {SYNTHETIC_SAMPLES} samples: {reason}"

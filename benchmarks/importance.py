@@ -36,37 +36,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from _common import emit, measure, pin_threads, print_table, run_child
+from _common import emit, load_d1, measure, pin_threads, print_table, run_child
 from masq import importance
-from masq.errors import MasqError
 
 HIDDEN = (800, 800)
 BLOCK_HIDDEN = (30, 30)
-D1_CLASSES = 5
-SYNTHETIC_SAMPLES = 28_000
 
 
 # ------------------------------------------------------------------------------- data, models
-
-
-def load_d1(synthetic: bool) -> tuple[Tensor, Tensor, str]:
-    """(x [N, 784] float32 in [0, 1], y [N], a note on the source) for D1 of D5-5."""
-    reason = "--synthetic given"
-    if not synthetic:
-        try:
-            from masq import data
-
-            train = data.load("mnist").train
-            keep = train.labels < D1_CLASSES
-            x = torch.from_numpy(train.images[keep]).reshape(-1, 784).float() / 255.0
-            y = torch.from_numpy(train.labels[keep]).long()
-            return x, y, f"MNIST D1 of D5-5 (classes 0-4 of the {len(train)}-image training split)"
-        except (AttributeError, ImportError, OSError, ValueError, MasqError) as err:
-            reason = f"MNIST unavailable ({type(err).__name__}: {err})"
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(SYNTHETIC_SAMPLES, 784, generator=g)
-    y = torch.randint(0, D1_CLASSES, (SYNTHETIC_SAMPLES,), generator=g)
-    return x, y, f"SYNTHETIC uniform random images, {SYNTHETIC_SAMPLES} samples: {reason}"
 
 
 def mlp(hidden: tuple[int, ...], seed: int = 0) -> nn.Sequential:

@@ -28,14 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from _common import measure, pin_threads, print_table
+from _common import load_d1, measure, pin_threads, print_table
 from masq.config import RunConfig
 from masq.importance import MeasureContext, get_measure
 from masq.models import mlp
 from masq.training import TrainConfig, train_task
-
-D1_CLASSES = 5
-SYNTHETIC_SAMPLES = 28_000
 
 # (row name, RunConfig changes) of every measured variant.
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -56,27 +53,6 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("fisher-blocks exact n=1000",
      {"importance": "fisher-blocks", "fisher_labels": "exact", "fisher_samples": 1000}),
 )  # fmt: skip
-
-
-def load_d1(synthetic: bool) -> tuple[Tensor, Tensor, str]:
-    """(x [N, 784] float32 in [0, 1], y [N], a note on the source) for D1 of D5-5."""
-    if not synthetic:
-        try:
-            from masq import data
-
-            train = data.load("mnist").train
-            keep = train.labels < D1_CLASSES
-            x = torch.from_numpy(train.images[keep]).reshape(-1, 784).float() / 255.0
-            y = torch.from_numpy(train.labels[keep]).long()
-            return x, y, "MNIST D1 of D5-5 (classes 0-4 of the training split)"
-        except Exception as err:  # any failure to load: fall back, and say so
-            reason = f"MNIST unavailable ({type(err).__name__}: {err})"
-    else:
-        reason = "--synthetic given"
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(SYNTHETIC_SAMPLES, 784, generator=g)
-    y = torch.randint(0, D1_CLASSES, (SYNTHETIC_SAMPLES,), generator=g)
-    return x, y, f"SYNTHETIC uniform random images: {reason}"
 
 
 def diagonal(name: str, imp: dict[str, Tensor]) -> Tensor:

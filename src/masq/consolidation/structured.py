@@ -28,7 +28,7 @@ buffers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +192,25 @@ class _Structured:
         """Add ∇P to each parameter's .grad (each penalty defines it)."""
         raise NotImplementedError
 
+    def _load(
+        self,
+        names: tuple[str, str],
+        pick: Callable[[Mapping[str, Tensor], Layer, Tensor], tuple[Tensor, Tensor]],
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per anchor, per layer, the two factors ``names`` ("A", "G" or "U", "V") picked and
+        checked by ``pick(importance, layer, like)``, after refusing keys of no layer."""
+        known = {factor_key(layer.module, n) for layer in self.layers for n in names}
+        factors = []
+        for a in self.anchor_list:
+            _check_keys(a.importance, known, self.what)
+            factors.append(
+                [
+                    pick(a.importance, layer, like)
+                    for layer, like in zip(self.layers, self.like, strict=True)
+                ]
+            )
+        return factors
+
 
 class KFACPenalty(_Structured):
     """P(θ) = (λ/2) Σ_a Σ_layers trace(ΔW̄ᵀ G ΔW̄ A) for anchors holding K-FAC factors
@@ -203,18 +222,7 @@ class KFACPenalty(_Structured):
         self, model: nn.Module, anchors: AnchorLike | Sequence[AnchorLike], lam: float
     ) -> None:
         super().__init__(model, anchors, lam)
-        self.factors: list[list[tuple[Tensor, Tensor]]] = []
-        known = set()
-        for layer in self.layers:
-            known |= {factor_key(layer.module, "A"), factor_key(layer.module, "G")}
-        for a in self.anchor_list:
-            _check_keys(a.importance, known, self.what)
-            self.factors.append(
-                [
-                    self._pair_of(a.importance, layer, like)
-                    for layer, like in zip(self.layers, self.like, strict=True)
-                ]
-            )
+        self.factors = self._load(("A", "G"), self._pair_of)
         self.products = [torch.empty_like(s) for s in self.scratch]  # G ΔW̄ per layer
 
     def _pair_of(
@@ -258,18 +266,7 @@ class LayerFisherPenalty(_Structured):
         self, model: nn.Module, anchors: AnchorLike | Sequence[AnchorLike], lam: float
     ) -> None:
         super().__init__(model, anchors, lam)
-        self.factors: list[list[tuple[Tensor, Tensor]]] = []
-        known = set()
-        for layer in self.layers:
-            known |= {factor_key(layer.module, "U"), factor_key(layer.module, "V")}
-        for a in self.anchor_list:
-            _check_keys(a.importance, known, self.what)
-            self.factors.append(
-                [
-                    self._rows(a.importance, layer, like)
-                    for layer, like in zip(self.layers, self.like, strict=True)
-                ]
-            )
+        self.factors = self._load(("U", "V"), self._rows)
         rows = [max(f[i][0].shape[0] for f in self.factors) for i in range(len(self.layers))]
         self.buffers = [
             like.new_empty(m, layer.cols)

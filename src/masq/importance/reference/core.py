@@ -20,6 +20,7 @@ __all__ = [
     "fisher_block",
     "fisher_block_stats",
     "float64_copy",
+    "labelled_samples",
     "mas",
     "masq",
     "per_sample_gradients",
@@ -88,16 +89,38 @@ def per_sample_gradients(
     return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
 
 
-def _label_terms(
-    probs: Tensor, y: Tensor, n: int, labels: FisherLabels
-) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """(label, weight) pairs of sample n: its label (data, drawn or predicted) with weight 1,
-    or every class c with p_c."""
-    if labels is FisherLabels.EXACT:
-        for c in range(probs.shape[1]):
-            yield torch.tensor(c, device=probs.device), probs[n, c]
-    else:
-        yield y[n], None
+def labelled_samples(
+    work: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    mode: FisherLabels,
+    generator: torch.Generator | None,
+    units: list[int] | None,
+) -> Iterator[tuple[Tensor, list[tuple[Tensor, Tensor | None]]]]:
+    """(x_n in float64, its label terms [(target, weight or None)]) for every sample, in pass
+    order, from the float64 ``work`` model: the data's label (positions among ``units``), the
+    argmax, one draw per sample (one ``torch.multinomial`` per batch, as in the fast code) with
+    weight None, or every class c with weight p_c ("exact"); p = softmax(model(x)[units])."""
+    if mode is FisherLabels.SAMPLE and generator is None:
+        raise ConfigError("labels='sample' needs generator=torch.Generator().manual_seed(SEED)")
+    for x, y in batches:
+        x = wide(x)
+        with torch.no_grad():
+            logits = work(x)
+            probs = torch.softmax(logits if units is None else logits[:, units], dim=1)
+        if mode is FisherLabels.EMPIRICAL:
+            y = positions(y, units)
+        elif mode is FisherLabels.PREDICTED:
+            y = probs.argmax(1)
+        elif mode is FisherLabels.SAMPLE:
+            assert generator is not None
+            drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
+            y = drawn.squeeze(1).to(probs.device)
+        for n in range(len(x)):
+            if mode is FisherLabels.EXACT:
+                classes = range(probs.shape[1])
+                yield x[n], [(torch.tensor(c, device=probs.device), probs[n, c]) for c in classes]
+            else:
+                yield x[n], [(y[n], None)]
 
 
 def fisher(
@@ -123,31 +146,17 @@ def fisher(
     mode = choice(FisherLabels, labels, "labels")
     if mode is FisherLabels.BATCHED:
         return masq(model, batches, scale=Scale.MEAN, loss=loss, outputs=outputs)
-    if mode is FisherLabels.SAMPLE and generator is None:
-        raise ConfigError("labels='sample' needs generator=torch.Generator().manual_seed(SEED)")
     work = float64_copy(model)
     units = unit_list(outputs)
     loss = restricted(loss, units)
     sums = {n: torch.zeros_like(p) for n, p in trainable_params(work).items()}
     count = 0
-    for x, y in batches:
-        x = wide(x)
-        with torch.no_grad():
-            logits = work(x)
-            probs = torch.softmax(logits if units is None else logits[:, units], dim=1)
-        if mode is FisherLabels.EMPIRICAL:
-            y = positions(y, units)
-        if mode is FisherLabels.PREDICTED:
-            y = probs.argmax(1)
-        if mode is FisherLabels.SAMPLE:
-            drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
-            y = drawn.squeeze(1).to(probs.device)
-        for n in range(len(x)):
-            for label, weight in _label_terms(probs, y, n, mode):
-                g = sample_gradient(work, x[n], label, loss)
-                for k in sums:
-                    sums[k] += g[k] ** 2 if weight is None else weight * g[k] ** 2
-        count += len(x)
+    for xn, terms in labelled_samples(work, batches, mode, generator, units):
+        for label, weight in terms:
+            g = sample_gradient(work, xn, label, loss)
+            for k in sums:
+                sums[k] += g[k] ** 2 if weight is None else weight * g[k] ** 2
+        count += 1
     return {k: s / count for k, s in sums.items()}
 
 

@@ -28,11 +28,10 @@ from masq.importance.diagonal import cross_entropy
 from masq.importance.kfac import factor_key, kfac_labels
 from masq.importance.reference.core import (
     float64_copy,
-    positions,
+    labelled_samples,
     restricted,
     sample_gradient,
     unit_list,
-    wide,
 )
 
 __all__ = ["kfac_factors", "kfac_penalty", "layer_block_penalty", "layer_fisher_block"]
@@ -79,33 +78,9 @@ def _labelled(
     generator: torch.Generator | None,
     units: list[int] | None,
 ) -> Iterator[tuple[Tensor, list[tuple[Tensor, Tensor | None]]]]:
-    """(x_n, its label terms [(target, weight or None)]) for every sample, in pass order; the
-    draws of "sample" are one multinomial per batch, as in the fast code."""
-    mode = kfac_labels(labels)
-    if mode is FisherLabels.SAMPLE and generator is None:
-        raise ConfigError("labels='sample' needs generator=torch.Generator().manual_seed(SEED)")
-    for x, y in batches:
-        x = wide(x)
-        with torch.no_grad():
-            logits = work(x)
-            probs = torch.softmax(logits if units is None else logits[:, units], dim=1)
-        if mode is FisherLabels.EMPIRICAL:
-            y = positions(y, units)
-        elif mode is FisherLabels.PREDICTED:
-            y = probs.argmax(1)
-        elif mode is FisherLabels.SAMPLE:
-            assert generator is not None
-            drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
-            y = drawn.squeeze(1).to(probs.device)
-        for n in range(len(x)):
-            if mode is FisherLabels.EXACT:
-                terms = [
-                    (torch.tensor(c, device=probs.device), probs[n, c])
-                    for c in range(probs.shape[1])
-                ]
-            else:
-                terms = [(y[n], None)]
-            yield x[n], terms
+    """(x_n, its label terms) for every sample (:func:`~masq.importance.reference.core.
+    labelled_samples`), after refusing "batched"."""
+    return labelled_samples(work, batches, kfac_labels(labels), generator, units)
 
 
 @contextlib.contextmanager
