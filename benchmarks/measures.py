@@ -67,8 +67,8 @@ def diagonal(name: str, imp: dict[str, Tensor]) -> Tensor:
     if kind == "fisher-blocks":
         parts = []
         for key in (k for k in imp if k.endswith(".U")):
-            u, v = imp[key].double(), imp[key[:-2] + ".V"].double()
-            parts.append((u.square().T @ v.square()).flatten())
+            u, v = imp[key].double(), imp[key[:-2] + ".V"].double()  # [N, T, out], [N, cols]
+            parts.append((u.square().sum(1).T @ v.square()).flatten())
         return torch.cat(parts)
     return torch.cat([t.double().flatten() for t in imp.values()])
 

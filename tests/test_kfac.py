@@ -59,8 +59,9 @@ def close(got: Tensor, want: Tensor, dtype: torch.dtype) -> None:
 
 
 def explicit(u: Tensor, v: Tensor) -> Tensor:
-    """Σ_m kron(u_m, v_m) kron(u_m, v_m)ᵀ in float64: the P x P block of the rows."""
-    k = (u.double()[:, :, None] * v.double()[:, None, :]).flatten(1)
+    """Σ_n Σ_t kron(u_nt, v_n) kron(u_nt, v_n)ᵀ in float64 (U [N, T, out], V [N, cols]): the
+    P x P block of the rows."""
+    k = (u.double()[:, :, :, None] * v.double()[:, None, None, :]).flatten(2).flatten(0, 1)
     return k.T @ k
 
 
@@ -96,8 +97,8 @@ def test_layer_blocks_match_the_explicit_reference_block(dtype: torch.dtype, lab
     x, y = data(dtype)
     got = layer_fisher_factors(model, batches(x, y, 3), labels=labels, generator=gen())
     terms = 3 if labels == "exact" else 1
-    assert got["0.U"].shape == (7 * terms, 4) and got["0.V"].shape == (7 * terms, 6)
-    assert got["2.U"].dtype == dtype and got["2.V"].shape == (7 * terms, 5)
+    assert got["0.U"].shape == (7, terms, 4) and got["0.V"].shape == (7, 6)
+    assert got["2.U"].dtype == dtype and got["2.V"].shape == (7, 5)
     for m in MODULES:
         want = reference.layer_fisher_block(
             model, batches(x, y, 3), m, labels=labels, generator=gen()

@@ -108,7 +108,7 @@ def test_analyze_kfac_end_to_end(
     assert "FIM blocks of D5-5: λ " in out  # at the diagonal's chosen λ only (window 0)
     table = pd.read_csv(res / "kfac.csv").set_index("measure")
     assert table.loc["FIM blocks", "lam"] == table.loc["diagonal FIM", "lam"]
-    assert main(args) == 0  # window 2: the whole (two-value) grid, the rest resumed
+    assert main([*args, "--blocks-window", "2"]) == 0  # the whole (two-value) grid, resumed
     out = capsys.readouterr().out
     table = pd.read_csv(res / "kfac.csv")
     assert set(table["measure"]) == {*structure.STRUCTURES, "no EWC"}

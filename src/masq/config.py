@@ -236,6 +236,7 @@ class RunConfig:
                 f"slt: a continual-learning run needs at least two tasks, got {self.slt!r}"
             )
         check_device_name(self.device)
+        check_model_size(self.hidden)
         if self.drop_p >= 1:
             raise ConfigError(f"drop_p: must be < 1, got {self.drop_p!r}")
         return self
@@ -395,6 +396,24 @@ def lam_per_lr2(c: float, lr2: float) -> float:
     return round_sig(c / lr2)
 
 
+# The largest MLP a config may ask for: 2e9 parameters are 8 GB of float32 weights and about
+# 32 GB with their gradients and Adam's two moments, beyond the machines masq runs on; refused
+# before anything is allocated (a typo such as --hidden 99999999999999 must not reach torch).
+MAX_PARAMS = 2_000_000_000
+
+
+def check_model_size(hidden: Sequence[int], flag: str = "--hidden") -> None:
+    """A one-line ConfigError when the 784-``hidden``-10 MLP has more than :data:`MAX_PARAMS`
+    parameters (:func:`n_params`), naming its size, the memory it needs and ``flag``."""
+    n = n_params(hidden)
+    if n > MAX_PARAMS:
+        gb = 16 * n / 1e9  # float32 weights, gradients and Adam's two moments
+        raise ConfigError(
+            f"hidden: {hidden_text(hidden)} has {n:.3g} parameters (about {gb:.3g} GB to train), "
+            f"above masq's limit of {MAX_PARAMS:.0e}; give smaller layer sizes with {flag}"
+        )
+
+
 def mlp_widths(
     hidden: Sequence[int] | str, in_features: int = 784, classes: int = 10
 ) -> tuple[int, ...]:
@@ -419,6 +438,7 @@ __all__ = [
     "IMPORTANCE_FIELDS",
     "LAM_DIGITS",
     "LEGACY_ID_VALUES",
+    "MAX_PARAMS",
     "Choice",
     "Criterion",
     "EvalSchedule",
@@ -434,6 +454,7 @@ __all__ = [
     "Stage",
     "Transfer",
     "check_device_name",
+    "check_model_size",
     "check_registered",
     "check_value",
     "choice",

@@ -62,16 +62,36 @@ def paper_lams(lr2: float) -> tuple[list[float], list[float]]:
     return absolute, [lam_per_lr2(c, lr2) for c in PAPER_LAM_PER_LR2]
 
 
-def lam_grid(lo: float = 1.0, hi: float = 1e12, per_decade: int = 2) -> list[float]:
-    """λ = lo · 10^(k / per_decade) for k = 0, 1, ... while ≤ hi (12 significant digits)."""
-    if not (lo > 0 and math.isfinite(lo) and math.isfinite(hi)):
+# The most λ values a sweep may have: each is one re-training run per measure and seed (three
+# measures by default), so 1,000 values are already 3,000 runs; more is a typo (--per-decade
+# 1e6 would build twelve million values before running anything).
+MAX_LAMS = 1_000
+
+
+def lam_count(lo: float, hi: float, per_decade: int) -> int:
+    """How many λ :func:`lam_grid` gives, after checking its arguments (one-line ConfigErrors
+    naming the flag at fault: --lam-min, --lam-max, --per-decade)."""
+    if not (lo > 0 and math.isfinite(lo)):
         raise ConfigError(f"--lam-min must be a positive finite number, got {lo}")
+    if not math.isfinite(hi):
+        raise ConfigError(f"--lam-max must be a finite number, got {hi}")
     if hi < lo:
         raise ConfigError(f"--lam-max ({hi:g}) must be at least --lam-min ({lo:g})")
-    if per_decade < 1:
-        raise ConfigError(f"--per-decade must be >= 1, got {per_decade}")
-    steps = math.floor(round(per_decade * math.log10(hi / lo), 9))
-    return [round_sig(lo * 10 ** (k / per_decade)) for k in range(steps + 1)]
+    if isinstance(per_decade, bool) or not isinstance(per_decade, int) or per_decade < 1:
+        raise ConfigError(f"--per-decade must be an integer >= 1, got {per_decade}")
+    return math.floor(round(per_decade * math.log10(hi / lo), 9)) + 1
+
+
+def lam_grid(lo: float = 1.0, hi: float = 1e12, per_decade: int = 2) -> list[float]:
+    """λ = lo · 10^(k / per_decade) for k = 0, 1, ... while ≤ hi (12 significant digits); at
+    most :data:`MAX_LAMS` values, refused before any is made."""
+    n = lam_count(lo, hi, per_decade)
+    if n > MAX_LAMS:
+        raise ConfigError(
+            f"--per-decade {per_decade} from --lam-min {lo:g} to --lam-max {hi:g} gives {n:,} "
+            f"λ values, above the limit of {MAX_LAMS:,}; give fewer per decade or a narrower range"
+        )
+    return [round_sig(lo * 10 ** (k / per_decade)) for k in range(n)]
 
 
 def sweep_grid(

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from types import FrameType
 
 from masq import __version__
@@ -24,17 +24,48 @@ from masq.cli.waitpolicy import wait_policy_env
 from masq.errors import MasqError
 from masq.fileio import error_text
 
-# The sub-command modules, in the order of ``masq --help``; imported when the parser is built
-# (they load torch), so that :func:`main` can set the thread settings first.
-COMMANDS: tuple[str, ...] = (
-    "data_cmd",
-    "experiment_cmd",
-    "grid_cmd",
-    "analyze_cmd",
-    "report_cmd",
-    "imm_cmd",
-    "table1_cmd",
-)
+# Every sub-command in the order of ``masq --help``: (name, module of this package that
+# registers it, its one-line help). A module is imported only when its command runs (the
+# modules load torch, pandas or matplotlib), so that ``masq --help`` starts at once and
+# :func:`main` can set the thread settings first; ``tests/test_newcomer.py`` checks that each
+# help here is the one its module registers.
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("data", "data_cmd", "fetch and describe the datasets (MNIST, Fashion-MNIST)"),
+    ("run", "experiment_cmd",
+     "one run: train task 1, then each later task with EWC (FIM, MaSQ or none)"),
+    ("compare", "experiment_cmd",
+     "the headline: one task-1 state continued four ways (no EWC, FIM, MaSQ mean/sum)"),
+    ("grid", "grid_cmd", "run an exhaustive grid of experiments (resumable)"),
+    ("table", "grid_cmd", "the paper's Table 1 from stored results"),
+    ("consistency", "grid_cmd",
+     "re-run each SLT's best configuration with FIM and without EWC; figures"),
+    ("migrate", "grid_cmd", "convert a results directory of masq 0.1 (two-task records) in place"),
+    ("analyze", "analyze_cmd", "the paper's analyses: Fisher diagonality, FIM vs MaSQ, λ sweeps"),
+    ("report", "report_cmd", "one static HTML report (and Markdown) of results and analyses"),
+    ("imm", "imm_cmd",
+     "Incremental Moment Matching: train on, then merge (mean-IMM and mode-IMM) over α"),
+    ("imm-report", "imm_cmd",
+     "figures of accuracy against α for the IMM runs of a results directory"),
+    ("table1", "table1_cmd",
+     "Table 1, settled: ε2 × λ planes, extension, confirmation on fresh seeds, tests"),
+    ("export", "table1_cmd",
+     "every valid run record of a results dir into one .jsonl.gz (deterministic)"),
+    ("import", "table1_cmd", "restore the run records of a .jsonl.gz into a results dir"),
+)  # fmt: skip
+MODULES: tuple[str, ...] = tuple(dict.fromkeys(module for _, module, _ in COMMANDS))
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named by ``argv`` (its first token that is not an option), or None."""
+    first = next((token for token in argv if not token.startswith("-")), None)
+    return first if any(first == name for name, _, _ in COMMANDS) else None
+
+
+def modules_for(argv: Sequence[str]) -> tuple[str, ...]:
+    """The command modules that parsing ``argv`` needs: the one of its sub-command (none for
+    ``masq --help``, ``masq --version`` or an unknown command)."""
+    command = command_of(argv)
+    return tuple(module for name, module, _ in COMMANDS if name == command)
 
 
 class Terminated(KeyboardInterrupt):
@@ -46,16 +77,22 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, with one sub-parser per command."""
+def build_parser(modules: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser, with one sub-parser per command: complete for the commands of
+    ``modules`` (default: every module), a placeholder carrying only the one-line help for the
+    others (enough for ``masq --help``; none of their modules is imported)."""
     parser = argparse.ArgumentParser(
         prog="masq",
         description="EWC with the diagonal Fisher or MaSQ: reproduce Gepperth & Wiech and beyond.",
     )
     parser.add_argument("--version", action="version", version=f"masq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"masq.cli.{name}").register(sub)
+    load = set(MODULES if modules is None else modules)
+    for name, module, text in COMMANDS:
+        if module not in load:
+            sub.add_parser(name, help=text, add_help=False)
+        elif name not in sub.choices:  # the module registers all its commands, in this order
+            importlib.import_module(f"masq.cli.{module}").register(sub)
     return parser
 
 
@@ -65,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     oversubscribed machine unless the environment chose a policy
     (:func:`masq.cli.waitpolicy.wait_policy_env`); importing :mod:`masq.cli` changes nothing."""
     os.environ.update(wait_policy_env())
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(modules_for(argv))
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

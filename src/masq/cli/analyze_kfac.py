@@ -65,10 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("--lam-min", type=float, default=1.0, help="smallest λ > 0 (default: 1)")
     add("--lam-max", type=float, default=1e12, help="largest λ (default: 1e12)")
     add("--per-decade", type=int, default=1, help="λ values per decade (default: 1)")
-    add("--blocks-window", type=int, default=2, metavar="DECADES",
-        help="the blocks (the costly structure) run after the others, at the λ within DECADES "
-        "decades of the diagonal FIM's λ chosen on validation (they share its diagonal); "
-        "-1: the whole λ grid (default: 2)")  # fmt: skip
+    add("--blocks-window", type=int, default=-1, metavar="DECADES",
+        help="for big nets: the blocks (the costly structure) run after the others, only at "
+        "the λ within DECADES decades of the diagonal FIM's λ chosen on validation; -1: the "
+        "whole λ grid like the others (default: -1)")  # fmt: skip
     add("--results", default="results/kfac", metavar="DIR", help="the runs' results dir")
     add("--out", default=None, metavar="DIR", help="tables, figure (default: the results dir)")
     add("--dry-run", action="store_true", help="print the runs and a time estimate; run nothing")

@@ -161,12 +161,33 @@ def drop_transfer(
     return out
 
 
+# The most points an α sweep may have: each point merges the T solutions and evaluates the
+# merged net on every task's test and validation set (about a full evaluation pass each), so
+# 10,001 points (--alpha-step 1e-4) already cost hours at the paper's sizes; a smaller step is
+# a typo (1e-9 would build a list of a billion shares before evaluating any).
+MAX_ALPHA_POINTS = 10_001
+
+
+def check_alpha_step(step: float) -> int:
+    """The number of shares of the sweep at ``step`` (0, step, ..., 1); a one-line ConfigError
+    naming --alpha-step when ``step`` is not > 0 or the sweep would exceed
+    :data:`MAX_ALPHA_POINTS` (checked before anything is allocated or trained)."""
+    if not step > 0 or not math.isfinite(step):
+        raise ConfigError(f"alpha_step: must be a finite number > 0, got {step}")
+    n = max(1, math.ceil(1.0 / step - 1e-9)) + 1
+    if n > MAX_ALPHA_POINTS:
+        raise ConfigError(
+            f"alpha_step: {step:g} gives a sweep of {n:,} merges, above the limit of "
+            f"{MAX_ALPHA_POINTS:,}; give --alpha-step {1 / (MAX_ALPHA_POINTS - 1):g} or more"
+        )
+    return n
+
+
 def shares(step: float) -> list[float]:
     """The swept shares s of the last task: 0, step, 2 step, ..., 1 (1 always included),
-    rounded to 12 digits so that 0.01 steps read 0.07, not 0.07000000000000001."""
-    if not step > 0:
-        raise ConfigError(f"alpha_step: must be > 0, got {step}")
-    n = max(1, math.ceil(1.0 / step - 1e-9))
+    rounded to 12 digits so that 0.01 steps read 0.07, not 0.07000000000000001; at most
+    :data:`MAX_ALPHA_POINTS` of them (:func:`check_alpha_step`)."""
+    n = check_alpha_step(step) - 1
     return [round(min(1.0, i * step), 12) for i in range(n)] + [1.0]
 
 
@@ -304,6 +325,9 @@ class MeanIMM(Method):
     def canonical(self, config: RunConfig) -> dict[str, Any]:
         return {"importance": "none"}  # mean-IMM merges without an importance
 
+    def check(self, config: RunConfig, measure: Measure) -> None:
+        check_alpha_step(config.alpha_step)  # before training: the sweep's size
+
     def init(self, config: RunConfig) -> IMMState:
         return IMMState()
 
@@ -394,6 +418,7 @@ class ModeIMM(MeanIMM):
         return {}
 
     def check(self, config: RunConfig, measure: Measure) -> None:
+        super().check(config, measure)
         if not measure.gives_importance:
             raise ConfigError(
                 "consolidation mode-imm needs an importance; use --importance fisher or masq "
@@ -423,6 +448,7 @@ MODE_IMM = register_method(ModeIMM())
 
 __all__ = [
     "DEFAULT_EPS",
+    "MAX_ALPHA_POINTS",
     "MEAN_IMM",
     "MODE_IMM",
     "POINTS",
@@ -432,6 +458,7 @@ __all__ = [
     "MeanIMM",
     "ModeIMM",
     "argmax",
+    "check_alpha_step",
     "check_alphas",
     "drop_stream",
     "drop_transfer",

@@ -11,13 +11,14 @@ Per nn.Linear layer, ΔW̄ = W̄ − W̄* with W̄ = [W | b] [out, cols] (the tr
 
   Cost per layer and anchor: out² cols + out cols² multiply-adds; the Kronecker product is
   never formed.
-- :class:`LayerFisherPenalty` ("fisher-blocks"): with the rows U [M, out] and V [M, cols]
-  (F = Σ_m kron(u_m, v_m) kron(u_m, v_m)ᵀ) and s_m = u_mᵀ ΔW̄ v_m,
+- :class:`LayerFisherPenalty` ("fisher-blocks"): with the per-sample inputs V [N, cols] and
+  the label-term rows U [N, T, out] (F = Σ_n Σ_t kron(u_nt, v_n) kron(u_nt, v_n)ᵀ),
+  r_n = ΔW̄ v_n and s_nt = u_ntᵀ r_n,
 
-      P(θ) = (λ/2) Σ_a Σ_layers Σ_m s_m²,    ∇_W̄ P = λ Σ_a Uᵀ (s ⊙ V),
-      s = ((U ΔW̄) ⊙ V) 1   (a row sum).
+      P(θ) = (λ/2) Σ_a Σ_layers Σ_n Σ_t s_nt²,    ∇_W̄ P = λ Σ_a Qᵀ V,  q_n = Σ_t s_nt u_nt.
 
-  Cost per layer and anchor: 2 M out cols multiply-adds; a scratch buffer of M × cols.
+  Cost per layer and anchor: 2 N out cols + 2 N T out multiply-adds: the product with the
+  inputs is formed once per sample, not once per label term (C times less for "exact").
 
 Both check λ (:func:`~masq.consolidation.penalty.check_lam`), the anchors' parameters
 (:func:`~masq.consolidation.penalty.checked_anchors`) and the factors (present for every layer,
@@ -256,9 +257,11 @@ class KFACPenalty(_Structured):
 
 
 class LayerFisherPenalty(_Structured):
-    """P(θ) = (λ/2) Σ_a Σ_layers Σ_m (u_mᵀ ΔW̄ v_m)² for anchors holding per-layer Fisher
-    blocks ("{module}.U", "{module}.V": :func:`masq.importance.kfac.layer_fisher_factors`);
-    module docstring."""
+    """P(θ) = (λ/2) Σ_a Σ_layers Σ_n Σ_t (u_ntᵀ ΔW̄ v_n)² for anchors holding per-layer Fisher
+    blocks ("{module}.U" [N, T, out], "{module}.V" [N, cols]:
+    :func:`masq.importance.kfac.layer_fisher_factors`); module docstring. Per layer and step
+    r = V ΔW̄ᵀ [N, out] is formed once for all label terms, s_nt = u_ntᵀ r_n, and the gradient
+    is λ Qᵀ V with q_n = Σ_t s_nt u_nt."""
 
     what = "Fisher-block"
 
@@ -267,47 +270,41 @@ class LayerFisherPenalty(_Structured):
     ) -> None:
         super().__init__(model, anchors, lam)
         self.factors = self._load(("U", "V"), self._rows)
-        rows = [max(f[i][0].shape[0] for f in self.factors) for i in range(len(self.layers))]
-        self.buffers = [
-            like.new_empty(m, layer.cols)
-            for m, layer, like in zip(rows, self.layers, self.like, strict=True)
-        ]
-        self.sums = [like.new_empty(m) for m, like in zip(rows, self.like, strict=True)]
 
     def _rows(
         self, importance: Mapping[str, Tensor], layer: Layer, like: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """(U [M, out], V [M, cols]) of ``layer``, checked to have the same M."""
+        """(U [N, T, out], V [N, cols]) of ``layer``, checked to have the same N."""
         u_key, v_key = factor_key(layer.module, "U"), factor_key(layer.module, "V")
-        m = importance[u_key].shape[0] if u_key in importance else 0
-        u = _factor(importance, u_key, (m, layer.out), like, self.what)
-        v = _factor(importance, v_key, (m, layer.cols), like, self.what)
+        u_in = importance.get(u_key)
+        n, t = (u_in.shape[0], u_in.shape[1]) if u_in is not None and u_in.ndim == 3 else (0, 1)
+        u = _factor(importance, u_key, (n, t, layer.out), like, self.what)
+        v = _factor(importance, v_key, (n, layer.cols), like, self.what)
         return u, v
 
     def value(self, params: Mapping[str, Tensor]) -> Tensor:
-        """P(θ) at ``params``: Σ_m s_m², s = ((U ΔW̄) ⊙ V) 1 per layer (differentiable)."""
+        """P(θ) at ``params``: Σ s², s_nt = u_ntᵀ (ΔW̄ v_n), per layer (differentiable)."""
         terms = []
         for stars, factors in zip(self.stars, self.factors, strict=True):
             for layer, star, (u, v) in zip(self.layers, stars, factors, strict=True):
-                s = ((u @ self._delta(params, layer, star)) * v).sum(1)
+                r = v @ self._delta(params, layer, star).T  # [N, out]
+                s = (u @ r[:, :, None]).squeeze(2)  # [N, T]
                 terms.append((s * s).sum())
         return (0.5 * self.lam) * torch.stack(terms).sum()
 
     @torch.no_grad()
     def add_grad(self, params: Mapping[str, Tensor]) -> None:
-        """∇W̄ += λ Uᵀ (s ⊙ V) for every anchor and layer, without autograd."""
+        """∇W̄ += λ Qᵀ V, q_n = Σ_t s_nt u_nt, for every anchor and layer, without autograd."""
         for stars, factors in zip(self.stars, self.factors, strict=True):
             for i, (layer, star, (u, v)) in enumerate(
                 zip(self.layers, stars, factors, strict=True)
             ):
                 grad_w, grad_b = _grads(params, layer)
                 _difference_(self.scratch[i], params, layer, star)
-                buf, s = self.buffers[i][: len(u)], self.sums[i][: len(u)]
-                torch.mm(u, self.scratch[i], out=buf)
-                buf.mul_(v)
-                torch.sum(buf, 1, out=s)
-                torch.mul(v, s[:, None], out=buf)
-                _add_(grad_w, grad_b, u.T, buf, layer, self.lam)
+                r = v @ self.scratch[i].T  # [N, out]
+                s = torch.bmm(u, r[:, :, None])  # [N, T, 1]
+                q = torch.bmm(s.transpose(1, 2), u).squeeze(1)  # [N, out]
+                _add_(grad_w, grad_b, q.T, v, layer, self.lam)
 
 
 register_penalty_kind("kfac", KFACPenalty)

@@ -44,14 +44,36 @@ else:  # pragma: no cover
 
 AXIS_FIELDS: tuple[FieldSpec, ...] = tuple(f for f in FIELDS if f.stage != Stage.RUN)
 LAM_AXES: tuple[str, ...] = ("lam", "lam_per_lr2")
+# The most combinations a grid may have: the paper's grid has 576 runs (12.9 h on 2 cores);
+# a million runs of even a second each are eleven days, and expanding them holds a config per
+# run in memory, so a larger grid (1e9 cells from a typo) is refused before it is expanded.
+MAX_GRID_CELLS = 1_000_000
+
+
+def architecture_count(layers: Iterable[int], sizes: Iterable[int]) -> int:
+    """How many nets :func:`architectures` gives, counted without building them; a one-line
+    ConfigError when that (or a net's depth) is above :data:`MAX_GRID_CELLS`."""
+    k = len(tuple(sizes))
+    total = 0
+    for n in (int(v) for v in layers):
+        big = n > MAX_GRID_CELLS or (k > 1 and n * math.log10(k) > math.log10(MAX_GRID_CELLS))
+        total += MAX_GRID_CELLS + 1 if big else k**n
+        if total > MAX_GRID_CELLS:
+            raise ConfigError(
+                f"grid: --layers {n} with {k} --sizes gives more than {MAX_GRID_CELLS:,} "
+                "architectures (or layers per net); give fewer layers or sizes"
+            )
+    return total
 
 
 def architectures(layers: Iterable[int], sizes: Iterable[int]) -> tuple[tuple[int, ...], ...]:
     """Every net with L in ``layers`` hidden layers, each of a size in ``sizes`` independently.
 
-    ``architectures((2, 3), (200, 400, 800))`` has 3^2 + 3^3 = 36 entries.
+    ``architectures((2, 3), (200, 400, 800))`` has 3^2 + 3^3 = 36 entries. At most
+    :data:`MAX_GRID_CELLS` (:func:`architecture_count`, checked before any is built).
     """
-    sizes = tuple(sizes)
+    sizes, layers = tuple(sizes), tuple(layers)
+    architecture_count(layers, sizes)
     return tuple(arch for n in layers for arch in itertools.product(sizes, repeat=int(n)))
 
 
@@ -110,6 +132,7 @@ class Grid:
                 check_axis_value(name, value, "grid")
         if not self.lam and not self.lam_per_lr2:
             raise ConfigError("grid axis 'lam' is empty; give --lam and/or --lam-per-lr2 values")
+        check_grid_size(self)
         return self
 
     def size(self) -> int:
@@ -118,6 +141,23 @@ class Grid:
         axes = self.axes()
         n_lam = len(axes.pop("lam")) + len(axes.pop("lam_per_lr2"))
         return n_lam * math.prod(len(v) for v in axes.values())
+
+
+def check_grid_size(grid: Grid) -> int:
+    """:meth:`Grid.size`; a one-line ConfigError naming the largest axes when it is above
+    :data:`MAX_GRID_CELLS` (before anything is expanded)."""
+    n = grid.size()
+    if n > MAX_GRID_CELLS:
+        axes = grid.axes()
+        axes["lam"] = (*axes.pop("lam"), *axes.pop("lam_per_lr2"))
+        largest = sorted((kv for kv in axes.items() if len(kv[1]) > 1), key=lambda kv: -len(kv[1]))
+        named = " × ".join(f"{len(v):,} {k}" for k, v in largest[:3])
+        named += " × ..." if len(largest) > 3 else ""
+        raise ConfigError(
+            f"grid: {n:,} combinations ({named}), above the limit of {MAX_GRID_CELLS:,}; "
+            "give fewer values on those axes or split the grid into several"
+        )
+    return n
 
 
 GRID_KEYS: tuple[str, ...] = (*(f.name for f in dataclasses.fields(Grid)), "seeds", "layers",
@@ -196,6 +236,11 @@ def grid_from_mapping(values: Mapping[str, Any], base: Any = None, where: str = 
         if isinstance(seeds, int) and not isinstance(seeds, bool):
             if seeds <= 0:
                 raise ConfigError(f"{where}: 'seeds' must be a positive count, got {seeds}")
+            if seeds > MAX_GRID_CELLS:
+                raise ConfigError(
+                    f"{where}: 'seeds' (--seeds) {seeds:,} is above the grid limit of "
+                    f"{MAX_GRID_CELLS:,} runs; give fewer seeds"
+                )
             changes["seed"] = tuple(range(seeds))
         else:
             vals = _values(seeds, "seeds", where)

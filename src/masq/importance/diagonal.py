@@ -45,21 +45,39 @@ def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits, y, reduction="none")
 
 
-def batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """One pass over ``(x, y)`` in order: batch b holds samples [b B, (b + 1) B), B = batch_size.
+class Batches:
+    """The batches of ``(x, y)`` in order: batch b holds samples [b B, (b + 1) B), B =
+    ``batch_size``; the last one holds the N - (K - 1) B remaining samples, K = ceil(N / B).
 
-    The last batch holds the N - (K - 1) B remaining samples, K = ceil(N / B).
+    Re-iterable: every ``for`` over it starts again at the first batch (views of ``x`` and
+    ``y``, no copies), so one object serves several measures, e.g. the FIM and then MaSQ of
+    the same data. ``len()`` is K.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    if len(x) != len(y):
-        raise ConfigError(f"x has {len(x)} samples but y has {len(y)}; pass matching tensors")
 
-    def generate() -> Iterator[tuple[Tensor, Tensor]]:
-        for start in range(0, len(x), batch_size):
-            yield x[start : start + batch_size], y[start : start + batch_size]
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if len(x) != len(y):
+            raise ConfigError(f"x has {len(x)} samples but y has {len(y)}; pass matching tensors")
+        self.x, self.y, self.batch_size = x, y, batch_size
 
-    return generate()
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        b = self.batch_size
+        for start in range(0, len(self.x), b):
+            yield self.x[start : start + b], self.y[start : start + b]
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __repr__(self) -> str:
+        return f"Batches({len(self.x)} samples, batch_size={self.batch_size}, {len(self)} batches)"
+
+
+def batches(x: Tensor, y: Tensor, batch_size: int) -> Batches:
+    """The batches of ``(x, y)`` of size ``batch_size`` in order (:class:`Batches`): a
+    re-iterable object, so that the README's FIM-then-MaSQ on one ``data`` sees the same
+    batches twice (a one-shot generator would hand the second measure nothing)."""
+    return Batches(x, y, batch_size)
 
 
 def subset(

@@ -13,10 +13,12 @@ below), and M = N × (label terms per sample). The layer's exact Fisher block is
   ``"{module}.G"`` of every layer. Its penalty (:mod:`masq.consolidation.structured`) uses
   vec(ΔW̄)ᵀ (G ⊗ A) vec(ΔW̄) = trace(ΔW̄ᵀ G ΔW̄ A) and never forms the Kronecker product.
 - :func:`layer_fisher_factors` (the "fisher-blocks" measure): F itself, block-diagonal across
-  layers and full within one (W and b together), in low-rank form: per label term the rows
-  u_m = sqrt(w_m / N) δ_m and v_m = ā_m, F = Σ_m kron(u_m, v_m) kron(u_m, v_m)ᵀ, so that
-  vec(ΔW̄)ᵀ F vec(ΔW̄) = Σ_m (u_mᵀ ΔW̄ v_m)². The result holds ``"{module}.U"`` [M, out] and
-  ``"{module}.V"`` [M, in+1]; the P × P block is never formed.
+  layers and full within one (W and b together), in low-rank form: per sample n its input
+  v_n = ā_n and per label term t of it the row u_nt = sqrt(w_nt / N) δ_nt, so that
+  F = Σ_n Σ_t kron(u_nt, v_n) kron(u_nt, v_n)ᵀ and vec(ΔW̄)ᵀ F vec(ΔW̄) = Σ_n Σ_t (u_ntᵀ r_n)²
+  with r_n = ΔW̄ v_n: the product with the layer's input is formed once per sample, not once
+  per label term. The result holds ``"{module}.U"`` [N, T, out] (T label terms per sample: C
+  for "exact", 1 otherwise) and ``"{module}.V"`` [N, in+1]; the P × P block is never formed.
 
 Labels (:class:`~masq.config.FisherLabels`), as for :func:`masq.importance.fisher`: "empirical"
 (the data's label, w = 1), "sample" (one label per sample drawn from softmax(logits) by one
@@ -32,7 +34,7 @@ only (a conv, a norm layer or a shared weight is a one-line ConfigError).
 Cost per sample: one forward and, per label term, one backward of the summed batch loss (C for
 "exact"); hooks record ā_n and δ_n. K-FAC then adds (in+1)² + (terms) × out² multiply-adds per
 layer; the blocks only keep the rows. Memory of the result per layer: K-FAC (in+1)² + out²
-floats; blocks M (in+1+out) floats (for "exact" C times those of "empirical"). Products run in
+floats; blocks N (in+1) + N T out floats. Products run in
 the parameters' dtype per batch, the sums of A and G in float64; results come back in the dtype
 and on the device of each layer's weight. The model is used in eval mode and handed back as it
 was found (weights, grads, modes), as every measure of :mod:`masq.importance`.
@@ -313,24 +315,26 @@ def layer_fisher_factors(
     outputs: Sequence[int] | Tensor | None = None,
 ) -> Importance:
     """The exact per-layer Fisher blocks in low-rank form: {"{module}.U": U, "{module}.V": V}
-    with one row per label term m (sample n, target t, weight w):
+    with one row of V per sample n and T rows of U per sample (its label terms t, weights w):
 
-        u_m = sqrt(w_m / N) δ_m  (U [M, out]),   v_m = ā_m  (V [M, in+1]),
-        F_layer = Σ_m kron(u_m, v_m) kron(u_m, v_m)ᵀ = (1/N) Σ_m w_m (δ_m ā_mᵀ)(δ_m ā_mᵀ)ᵀ
+        v_n = ā_n  (V [N, in+1]),   u_nt = sqrt(w_nt / N) δ_nt  (U [N, T, out]),
+        F_layer = Σ_n Σ_t kron(u_nt, v_n) kron(u_nt, v_n)ᵀ = (1/N) Σ_n Σ_t w_nt (δ ā_nᵀ)(δ ā_nᵀ)ᵀ
 
-    (flattened row-major; module docstring). Rows come in pass order (batch, term, sample);
-    U and V are in the dtype and on the device of the layer's weight. ``outputs`` as for
-    :func:`kfac_factors`.
+    (flattened row-major; module docstring). Samples come in pass order; U and V are in the
+    dtype and on the device of the layer's weight. ``outputs`` as for :func:`kfac_factors`.
     """
     sites = linear_layers(model)
     rows: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
     count = 0
     for batch in _run(model, batches, labels, generator, device, outputs):
+        terms: dict[str, list[Tensor]] = {}
         for deltas, weight in batch.terms:
             for m, d in deltas.items():
-                us, vs = rows.setdefault(m, ([], []))
-                us.append(d if weight is None else d * weight.sqrt()[:, None])
-                vs.append(batch.inputs[m])
+                terms.setdefault(m, []).append(d if weight is None else d * weight.sqrt()[:, None])
+        for m, parts in terms.items():
+            us, vs = rows.setdefault(m, ([], []))
+            us.append(torch.stack(parts, dim=1))  # [B, T, out]
+            vs.append(batch.inputs[m])
         count += batch.size
     _check_count(count)
     result = {}
@@ -338,7 +342,7 @@ def layer_fisher_factors(
         home = _home(model, site)
         us, vs = rows.get(m, ([], []))
         cols = (site.module.in_features if site.weight else 0) + (1 if site.bias else 0)
-        u = torch.cat(us) if us else home.new_zeros(0, site.module.out_features)
+        u = torch.cat(us) if us else home.new_zeros(0, 1, site.module.out_features)
         v = torch.cat(vs) if vs else home.new_zeros(0, cols)
         del us[:], vs[:]  # free the parts once joined
         result[factor_key(m, "U")] = u.mul_(1 / math.sqrt(count)).to(home)  # u: a new tensor

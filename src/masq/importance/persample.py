@@ -251,9 +251,10 @@ def check_batch(
     labels: bool,
     units: ActiveOutputs | None = None,
 ) -> None:
-    """A one-line ConfigError unless batch ``index`` is a pair of tensors of equal length,
-    ``x`` has shape [B, ..., width] where the model's input ``width`` is known, (``labels``: the
-    class labels of the default cross-entropy) ``y`` is integer or soft labels [B, C], and
+    """A one-line ConfigError unless batch ``index`` is a pair of tensors of equal length
+    and not empty (an empty batch would count in MaSQ's K: one of two halves the result),
+    ``x`` has shape [B, ..., width] where the model's input ``width`` is known, (``labels``:
+    the class labels of the default cross-entropy) ``y`` is integer or soft labels [B, C], and
     (``units``: labels to be mapped to positions among these output units) ``y`` is integer."""
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise ConfigError(
@@ -264,6 +265,11 @@ def check_batch(
         raise ConfigError(
             f"batches: batch {index} has x of shape {tuple(x.shape)} and y of shape "
             f"{tuple(y.shape)}; pass one label per sample (x [B, ...], y [B])"
+        )
+    if len(x) == 0:  # it would count in K (MaSQ's mean over batches) with a zero gradient
+        raise ConfigError(
+            f"batches: batch {index} is empty (x of shape {tuple(x.shape)}); pass batches of "
+            "at least one sample (drop the empty ones)"
         )
     if width is not None and (x.ndim < 2 or x.shape[-1] != width):
         raise ConfigError(

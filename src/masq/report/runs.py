@@ -16,6 +16,7 @@ from masq.config import FisherLabels, RunConfig, hidden_text
 from masq.curves import task_name, union_name
 from masq.errors import ConfigError
 from masq.report.figures import phase_offsets
+from masq.runid import run_id
 
 if TYPE_CHECKING:
     from masq.protocol.result import Result
@@ -29,7 +30,12 @@ def safe_name(name: str) -> str:
 
 
 def run_stem(config: RunConfig) -> str:
-    """A file-name stem naming a run, e.g. D5-5_800-800_masq-mean_lr2-1e-05_lam-100000_seed0."""
+    """A file-name stem naming a run: a readable prefix, then the run id
+    (:func:`masq.runid.run_id`, the hash of everything that changes the numbers), e.g.
+    D5-5_800-800_masq-mean_lr2-1e-05_lam-100000_seed0_0123456789abcdef0123. Two runs that differ
+    in anything the prefix does not show (init, iterations, precision, ...) never share a name,
+    so a second ``masq run --out DIR`` never replaces the first one's files; a re-run of the same
+    configuration writes the same name."""
     method = str(config.importance)
     if method == "masq":
         method = f"masq-{config.scale}"
@@ -38,9 +44,8 @@ def run_stem(config: RunConfig) -> str:
     if config.consolidation == "online-ewc" and method != "none":
         method = f"online-{method}-g{config.gamma:g}"
     hidden = hidden_text(config.hidden)
-    return safe_name(
-        f"{config.slt}_{hidden}_{method}_lr2-{config.lr2:g}_lam-{config.lam:g}_seed{config.seed}"
-    )
+    prefix = f"{config.slt}_{hidden}_{method}_lr2-{config.lr2:g}_lam-{config.lam:g}"
+    return safe_name(f"{prefix}_seed{config.seed}_{run_id(config)}")
 
 
 def compare_rows(results: Mapping[str, Result]) -> list[dict[str, Any]]:
