@@ -91,6 +91,7 @@ def test_outputs_are_written(tmp_path: Path) -> None:
     assert "K-FAC" in md and "+2.00" in md
     assert {p.name for p in written} >= {"kfac.md", "kfac.csv", "kfac.png", "kfac.json"}
     assert (tmp_path / "kfac.png").stat().st_size > 5000
+    assert (tmp_path / "kfac_lambda.png").stat().st_size > 5000
     assert json.loads((tmp_path / "kfac.json").read_text(encoding="utf-8"))["command"] == "x"
 
 

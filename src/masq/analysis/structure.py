@@ -280,11 +280,44 @@ def structure_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
+def lambda_figure(frame: pd.DataFrame) -> Figure:
+    """One panel per (SLT, net, scenario): mean test accuracy over seeds against λ (log axis)
+    per measure, the validation mean dotted, no EWC as a dashed line: where each structure's
+    λ lies and how flat its optimum is."""
+    groups = list(frame.groupby(["slt", "hidden", "scenario"], sort=False))
+    fig = Figure(figsize=(4.2 * max(1, len(groups)), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(groups)), squeeze=False)[0])
+    for ax, ((slt, hidden, scenario), part) in zip(axes, groups, strict=False):
+        for measure in STRUCTURES:
+            rows = part[part["measure"] == measure]
+            if rows.empty:
+                continue
+            means = rows.groupby("lam")[["test", "val"]].mean().sort_index()
+            colour = COLOURS.get(measure, "0.3")
+            lams = means.index.to_numpy(float)
+            ax.plot(lams, 100 * means["test"].to_numpy(float), marker="o", markersize=3,
+                    color=colour, label=measure)  # fmt: skip
+            ax.plot(lams, 100 * means["val"].to_numpy(float), linestyle=":", color=colour)
+        none = part[part["measure"] == NONE]
+        if not none.empty:
+            ax.axhline(100 * float(none["test"].mean()), color="0.3", linestyle="--",
+                       linewidth=1, label="no EWC")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("λ")
+        ax.set_title(f"{slt}, 784-{hidden}-10, {scenario}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("ACC % after the last task (test; val dotted)")
+    axes[-1].legend(fontsize=7, loc="best")
+    return fig
+
+
 def write_outputs(
     table: pd.DataFrame, frame: pd.DataFrame, out: str | Path, *, body: Mapping[str, Any]
 ) -> tuple[str, list[Path]]:
     """Write ``out``/kfac.md and .csv (:func:`structure_table`), kfac_points.csv (every run),
-    kfac.png and the manifest kfac.json (``body`` plus files and provenance); (the Markdown,
+    kfac.png (:func:`structure_figure`), kfac_lambda.png (:func:`lambda_figure`) and the
+    manifest kfac.json (``body`` plus files and provenance); (the Markdown,
     the paths written)."""
     out = Path(out)
     md = structure_markdown(table)
@@ -293,9 +326,10 @@ def write_outputs(
         atomic_write(out / "kfac.csv", table.to_csv(index=False)),
         atomic_write(out / "kfac_points.csv", frame.to_csv(index=False)),
         save_png(structure_figure(table), out / "kfac.png"),
+        save_png(lambda_figure(frame), out / "kfac_lambda.png"),
     ]
     files = {"markdown": "kfac.md", "csv": "kfac.csv", "points": "kfac_points.csv",
-             "figures": ["kfac.png"]}  # fmt: skip
+             "figures": ["kfac.png", "kfac_lambda.png"]}  # fmt: skip
     manifest = {**body, "provenance": provenance(), "files": files}
     written.append(write_manifest(out, "kfac", manifest))
     return md, written
@@ -308,6 +342,7 @@ __all__ = [
     "STRUCTURES",
     "chosen_lambda",
     "lam_window",
+    "lambda_figure",
     "structure_configs",
     "structure_figure",
     "structure_frame",
