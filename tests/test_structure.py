@@ -77,6 +77,19 @@ def test_table_chooses_lambda_on_validation_and_pairs_by_seed() -> None:
     assert table.loc["no EWC", "seeds"] == 3
 
 
+def test_diverged_runs_are_never_chosen_nor_averaged() -> None:
+    frame = _frame()
+    row = frame[frame["measure"] == "K-FAC"].iloc[0].to_dict()
+    diverged = row | {"lam": 1000.0, "val": math.nan, "test": math.nan}
+    frame = pd.concat([frame, pd.DataFrame([diverged])], ignore_index=True)
+    nan_seed = (frame["measure"] == structure.DIAGONAL) & (frame["lam"] == 10.0)
+    frame.loc[nan_seed & (frame["seed"] == 2), ["val", "test"]] = math.nan
+    table = structure.structure_table(frame).set_index("measure")
+    assert table.loc["K-FAC", "lam"] == 10.0  # the NaN λ is not the winner
+    assert table.loc[structure.DIAGONAL, "seeds"] == 2  # the diverged seed is left out
+    assert table.loc[structure.DIAGONAL, "test_mean"] == pytest.approx(0.705)
+
+
 def test_frame_needs_validation_metrics() -> None:
     df = pd.DataFrame({"slt": ["D5-5"], "hidden": ["8"], "importance": ["fisher"], "lam": [1.0],
                        "seed": [0], "last.union": [0.5]})  # fmt: skip

@@ -159,10 +159,16 @@ def structure_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _winner(part: pd.DataFrame) -> tuple[float, pd.DataFrame]:
-    """(λ with the highest mean validation accuracy over seeds, smallest on ties; its rows)."""
-    means = part.groupby("lam")["val"].mean().sort_index()
+    """(λ with the highest mean validation accuracy over seeds, smallest on ties; its rows
+    with a finite test accuracy). Diverged runs (NaN accuracies) are left out of the means, and
+    a λ whose every run diverged is never chosen; a group where all diverged gives NaN."""
+    finite = part[np.isfinite(part["val"].to_numpy(float))]
+    means = finite.groupby("lam")["val"].mean().sort_index()
+    if means.empty:
+        return math.nan, part.iloc[0:0]
     lam = float(means.index[int(np.argmax(means.to_numpy()))])
-    return lam, part[part["lam"] == lam]
+    at = part[part["lam"] == lam]
+    return lam, at[np.isfinite(at["test"].to_numpy(float))]
 
 
 def structure_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -178,6 +184,8 @@ def structure_table(frame: pd.DataFrame) -> pd.DataFrame:
             if measure not in chosen:
                 continue
             lam, at = chosen[measure]
+            if at.empty:
+                continue  # every run of this measure diverged
             test = at.sort_values("seed")["test"]
             row = dict(zip(keys, key, strict=True)) | {
                 "measure": measure,
