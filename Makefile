@@ -1,9 +1,14 @@
 # Two commands: `make demo` (headline experiment) and `make test` (lint + the whole test suite).
-# Both create a local virtual environment in .venv and install everything into it.
+# Both create a local virtual environment in .venv: `make demo` (and every target that runs
+# masq) installs the core (what run, grid, table and report need), `make test` and
+# `make format` add the extra `dev` (test tools, lint, Ray and TensorBoard for their tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.masq-installed
+DEV_STAMP := $(VENV)/.masq-dev-installed
+HOW_TO_CALL := masq is installed into $(VENV): call $(BIN)/masq (e.g. $(BIN)/masq --help), \
+  or first 'source $(BIN)/activate', then masq
 # CPU build of PyTorch, installed only where the venv has no torch yet (GPU users: install
 # your torch into the venv first, or `pip install -e .` into an environment that has one).
 TORCH_CPU ?= torch==2.13.0
@@ -12,6 +17,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 .PHONY: install demo test format bench repro analyses report imm table1 clean
 
 install: $(STAMP)
+	@echo "$(HOW_TO_CALL)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +25,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 	  $(BIN)/python -m pip install --quiet --timeout 10 --retries 1 \
 	    --extra-index-url $(TORCH_CPU_INDEX) "$(TORCH_CPU)"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/masq data fetch
-	$(BIN)/masq compare --slt D5-5 --out results/demo
+	$(BIN)/masq compare --slt D5-5 --csv --out results/demo
+	@echo "results/demo is a results directory: $(BIN)/masq table --results results/demo," \
+	  "$(BIN)/masq report --results results/demo --out report"
+	@echo "$(HOW_TO_CALL)"
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
@@ -120,7 +133,7 @@ table1: $(STAMP)
 	$(BIN)/masq table1 --results $(TABLE1) --out $(TABLE1_DOCS); rc=$$?; \
 	  $(BIN)/masq export --results $(TABLE1) --to $(TABLE1_RECORDS) && exit $$rc
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 

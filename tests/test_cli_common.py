@@ -146,7 +146,7 @@ class Spy:
         return None
 sys.meta_path.insert(0, Spy())
 assert "torch" not in sys.modules
-masq.cli.main([])
+masq.cli.main(["run", "--lr2", "-1"])  # loads torch (the registries), then refuses the value
 sys.exit(seen != ["PASSIVE"])
 """
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}

@@ -16,6 +16,7 @@ from masq.cli import build_parser, experiment_cmd, main
 from masq.config import RunConfig
 from masq.protocol import Result
 from masq.protocol.result import load_weights
+from masq.runid import run_id
 from masq.training import eval_counts
 from tests.synthetic import learnable_dataset, synthetic_dataset
 
@@ -38,6 +39,14 @@ FAST = [
     "cpu",
     "--quiet",
 ]
+
+
+def stem_in(directory: Path, prefix: str) -> str:
+    """The file stem of the one record in ``directory``: the readable ``prefix``, then the
+    run id (two runs never share a name)."""
+    (path,) = directory.glob("*.json")
+    assert path.stem == f"{prefix}_{run_id(Result.load(path).config)}"
+    return path.stem
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +77,8 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "fisher.json",
         "masq-mean.json",
         "masq-sum.json",
+        "meta.json",  # --out is also a results directory (masq table, masq report)
+        "runs",
     }
     results = {k: Result.load(out / f"{k}.json") for k in ("none", "fisher", "masq-mean")}
     assert results["none"].curves[0] == results["fisher"].curves[0]  # one D1 state
@@ -98,7 +109,7 @@ def test_run_writes_a_record_and_a_figure(
     assert main([*args, "--out", str(tmp_path)]) == 0
     summary, wrote = capsys.readouterr().out.strip().splitlines()
     assert "best D1∪D2" in summary and "EWC+FIM" in summary and wrote.startswith("wrote ")
-    stem = "D5-5_12_fisher_lr2-0.001_lam-50_seed0"
+    stem = stem_in(tmp_path, "D5-5_12_fisher_lr2-0.001_lam-50_seed0")
     assert {p.name for p in tmp_path.iterdir()} == {f"{stem}.json", f"{stem}.png", f"{stem}.csv"}
     result = Result.load(tmp_path / f"{stem}.json")
     assert result.config.importance == "fisher" and result.config.lam == 50.0
@@ -121,7 +132,7 @@ def test_iters1_and_iters2_override_iters(tmp_path: Path) -> None:
         ("D5-5", (800, 800), 1e-5, 100000.0),
         ("d9-1", (800, 400, 400), 1e-4, 10000.0),
         ("DP10-10", (800, 800, 200), 1e-5, 100000.0),
-        ("D2-2-2-2-2", (800, 800), 1e-5, 100000.0),  # no paper default: D5-5's
+        ("D2-2-2-2-2", (800, 800), 1e-3, 1000.0),  # not the paper's: D5-5's net, ε2 = lr1
     ],
 )
 def test_per_slt_defaults(slt: str, hidden: tuple[int, ...], lr2: float, lam: float) -> None:
@@ -179,7 +190,7 @@ def test_online_ewc_flags(flag: str, value: str) -> None:
 def test_online_ewc_run_records_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["run", *FAST, "--slt", "D4-3-3", "--ewc", "online", "--gamma", "0.5"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
-    stem = "D4-3-3_12_online-masq-mean-g0.5_lr2-1e-05_lam-100000_seed0"
+    stem = stem_in(tmp_path, "D4-3-3_12_online-masq-mean-g0.5_lr2-0.001_lam-1000_seed0")
     result = Result.load(tmp_path / f"{stem}.json")
     assert result.config.consolidation == "online-ewc" and result.config.gamma == 0.5
     assert "online EWC+MaSQ (mean)" in capsys.readouterr().out
@@ -194,7 +205,7 @@ def test_run_of_five_tasks(
     argv += ["--masq-batch", "50", "--device", "cpu", "--quiet", "--save-weights"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    stem = "D2-2-2-2-2_8_masq-mean_lr2-1e-05_lam-100000_seed0"
+    stem = stem_in(tmp_path, "D2-2-2-2-2_8_masq-mean_lr2-0.001_lam-1000_seed0")
     weights = [f"{stem}_phase{t}.safetensors" for t in range(1, 6)]
     expected = {f"{stem}.json", f"{stem}.png", f"{stem}_accuracy.png", *weights}
     assert {p.name for p in tmp_path.iterdir()} == expected

@@ -55,6 +55,9 @@ OTHER_STR: dict[str, str] = {
 }
 # The fields `masq compare` chooses itself (its four methods), so it has no flags for them.
 COMPARE_OWN: frozenset[str] = frozenset({"importance", "scale"})
+# The fields of methods `masq compare` refuses (IMM: `masq imm` compares those), with the flags
+# that select such a method there.
+COMPARE_REFUSED: frozenset[str] = frozenset({"transfer", "transfer_lam", "drop_p", "alpha_step"})
 # The fields whose `masq run` default is per SLT or a CLI choice, not the registry default.
 CLI_DEFAULTS: frozenset[str] = frozenset({"hidden", "lr2", "lam", "device"})
 # The flags without which a field's flag contradicts the defaults (and is refused), per command.
@@ -181,6 +184,10 @@ def test_field_has_a_flag_in_run_and_compare(spec: FieldSpec) -> None:
     for command in ("run", "compare") if spec.name not in COMPARE_OWN else ("run",):
         extra = COMPANIONS.get((command, spec.name), ())
         args = build_parser().parse_args([command, *extra, *cli_tokens(spec, value)])
+        if command == "compare" and spec.name in COMPARE_REFUSED:
+            with pytest.raises(ConfigError, match="masq imm"):
+                experiment_cmd.config_from_args(args)
+            continue
         config = experiment_cmd.config_from_args(args)
         assert getattr(config, spec.name) == value
 

@@ -271,7 +271,8 @@ def test_a_second_grid_on_the_same_results_refuses_naming_the_first(
         err = capsys.readouterr().err.strip()
         assert err == (
             f"masq: error: results dir {str(results)!r} is in use by another masq process (pid "
-            f"{holder.pid}); wait for it to end, pass --wait, or use another --results directory"
+            f"{holder.pid}); wait for it to end (`masq grid --wait` waits by itself), or use "
+            "another --results directory"
         )
         assert stored(results) == []
         holder.kill()  # a crash releases the lock at once

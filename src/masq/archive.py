@@ -8,8 +8,10 @@ committed file changes only when a record does). :func:`import_records` restores
 into a results directory (created with its ``meta.json`` if needed): every line is validated
 as the store validates a record (:func:`masq.store.check_record`) before anything is
 written, run ids already stored are skipped, and each record is written atomically, so that
-``DIR/runs/<id>.json`` is byte for byte the file the store wrote. Cached task-1 states and
-importances are not part of the archive (a grid recomputes them when it needs them).
+``DIR/runs/<id>.json`` is byte for byte the file the store wrote; it holds the results dir's
+lock (``DIR/.lock``) as a grid does, so that two writers never fill one directory at once.
+Cached task-1 states and importances are not part of the archive (a grid recomputes them when
+it needs them).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from masq.errors import ConfigError
-from masq.fileio import atomic_write, error_text, warn
+from masq.fileio import LockHeld, atomic_write, error_text, exclusive_lock, warn
 from masq.store import InvalidRecord, Store, check_record, open_store
 
 SUFFIX = ".jsonl.gz"
@@ -104,15 +106,38 @@ def read_archive(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
 def import_records(path: str | os.PathLike[str], results_dir: str | os.PathLike[str]) -> Imported:
     """Restore the records of the archive ``path`` into ``results_dir`` (created with its
     meta.json if needed), skipping run ids already stored with a valid record; nothing is
-    written when any line of the archive is damaged (:func:`read_archive`)."""
+    written when any line of the archive is damaged (:func:`read_archive`). Holds DIR/.lock
+    as a grid does (another holder: a one-line ConfigError naming it and its process); a
+    record that cannot be written (disk full) stops the import with a one-line ConfigError
+    naming the file (the records written before it stay: a re-run skips them)."""
     records = read_archive(path)
     store = Store(results_dir)
     store.check_writable()
+    lock = store.root / ".lock"
     written = skipped = 0
-    for rid, text in records:
-        if store.has(rid):
-            skipped += 1
-            continue
-        store.write_record_text(rid, text)
-        written += 1
+    try:
+        with exclusive_lock(lock):
+            for rid, text in records:
+                if store.has(rid):
+                    skipped += 1
+                    continue
+                _write(store.run_path(rid), text, written, len(records))
+                written += 1
+    except LockHeld as err:
+        raise ConfigError(
+            f"results dir {str(store.root)!r} is in use: {lock} is held by process "
+            f"{err.pid if err.pid is not None else '?'}; wait for it to end, then run "
+            "`masq import` again"
+        ) from None
     return Imported(written, skipped)
+
+
+def _write(target: Path, text: str, written: int, total: int) -> None:
+    """Write one imported record atomically; a failure is a one-line ConfigError naming it."""
+    try:
+        atomic_write(target, text)
+    except OSError as err:
+        raise ConfigError(
+            f"could not write {target} ({error_text(err)}); {written} of {total} record(s) "
+            "were imported before it: once fixed, run `masq import` again (it skips those)"
+        ) from None

@@ -409,7 +409,8 @@ def check_model_size(hidden: Sequence[int], flag: str = "--hidden") -> None:
     if n > MAX_PARAMS:
         gb = 16 * n / 1e9  # float32 weights, gradients and Adam's two moments
         raise ConfigError(
-            f"hidden: {hidden_text(hidden)} has {n:.3g} parameters (about {gb:.3g} GB to train), "
+            f"hidden: the MLP {hidden_text(mlp_widths(hidden))} has {n:.3g} parameters (about "
+            f"{gb:.3g} GB to train), "
             f"above masq's limit of {MAX_PARAMS:.0e}; give smaller layer sizes with {flag}"
         )
 

@@ -1,7 +1,8 @@
 """File writes shared by the data cache, the result store and the command line (imports
 nothing of masq): atomic writes, a writability check done before any work, a rescue
-location for a finished result whose own location failed, an exclusive lock, and tensor
-files (safetensors) checked against a sidecar."""
+location for a finished result whose own location failed, an exclusive lock, a directory
+replaced by a new one with a commit step, and tensor files (safetensors) checked against a
+sidecar."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,13 +26,18 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
     """Write ``data`` to ``path`` atomically: a temp file beside it, fsync, then ``os.replace``.
 
     A reader never sees a half-written file, and an interruption (Ctrl-C, ``kill -9``) leaves
-    either the old file or the new one. The file is made readable by all (``0o644``), since
-    caches and result directories may be shared. ``str`` data is written as UTF-8.
+    either the old file or the new one. A failing write (disk full, quota, read-only file
+    system) removes the temporary file and raises an OSError naming ``path`` (:func:`naming`).
+    The file is made readable by all (``0o644``), since caches and result directories may be
+    shared. ``str`` data is written as UTF-8.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as err:
+        raise naming(err, target) from err
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
@@ -38,10 +45,22 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, target)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise naming(err, target) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def naming(err: OSError, target: Path) -> OSError:
+    """``err`` (e.g. ENOSPC from a write, whose ``filename`` is None or a temporary file) as an
+    OSError of the same class and errno whose ``filename`` is ``target``: what a message
+    names (``str(err)``: "[Errno 28] No space left on device: 'PATH'")."""
+    if err.filename == str(target) or err.errno is None:
+        return err
+    return OSError(err.errno, err.strerror or str(err), str(target))
 
 
 def save_png(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
@@ -158,6 +177,30 @@ def exclusive_lock(
         yield
     finally:
         os.close(fd)
+
+
+def replace_dir(target: Path, staged: Path, backup: Path, commit: Callable[[], object]) -> None:
+    """Put the directory ``staged`` in the place of ``target`` (moved to ``backup`` first), then
+    call ``commit`` (e.g. an atomic write saying the new content is valid). Any failure or
+    interruption up to the end of ``commit`` puts ``target`` back (:func:`restore_dir`, also
+    the repair after a ``kill -9``); ``backup`` is removed after the commit."""
+    try:
+        if target.exists():
+            os.rename(target, backup)
+        os.rename(staged, target)
+        commit()
+    except BaseException:
+        restore_dir(target, backup)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def restore_dir(target: Path, backup: Path) -> None:
+    """Undo a :func:`replace_dir` stopped before its commit: ``backup`` (when there) back in
+    the place of ``target``, whatever was moved there dropped."""
+    if backup.exists():
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(backup, target)
 
 
 def write_tensors(path: str | os.PathLike[str], tensors: dict[str, Any], meta: Any) -> None:

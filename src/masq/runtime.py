@@ -1,7 +1,8 @@
 """Where and how computations run: device resolution, thread setup, output directories.
 
 ``resolve_device("auto")`` is CUDA when a GPU is visible and the CPU otherwise;
-``"cuda"`` (or ``"cuda:N"``) without a GPU is a one-line :class:`ConfigError`.
+``"cuda"`` (or ``"cuda:N"``) without a GPU is a one-line :class:`ConfigError`, and so is a
+library call's ``device=`` that torch does not know or this machine lacks (:func:`torch_device`).
 Output directories are checked (created, a file created in them) before any work starts:
 :func:`check_out_dir`.
 """
@@ -51,11 +52,34 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def torch_device(device: torch.device | str) -> torch.device:
+    """The ``device=`` of a library call as a torch.device usable here; a one-line ConfigError
+    for a name torch does not know or a CUDA device this machine lacks (on a CPU-only torch:
+    "CUDA is not available in this torch build; use device='cpu'")."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device={device!r}: not a torch device; use 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    shown = f"device={str(device)!r}"
+    if target.type != "cuda":
+        return target
+    if not torch.backends.cuda.is_built():
+        raise ConfigError(f"{shown}: CUDA is not available in this torch build; use device='cpu'")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{shown}: no CUDA GPU is visible here; use device='cpu'")
+    count = torch.cuda.device_count()
+    if target.index is not None and target.index >= count:
+        raise ConfigError(f"{shown}: only {count} CUDA device(s) visible; pick an index below")
+    return target
+
+
 def setup_threads(threads: int | None = None) -> int:
     """Set PyTorch's intra-op thread count (``None`` keeps the default); returns the count."""
     if threads is not None:
         if threads <= 0:
-            raise ConfigError(f"threads: must be a positive integer, got {threads}")
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 

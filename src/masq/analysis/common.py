@@ -54,18 +54,47 @@ def write_manifest(out: str | os.PathLike[str], analysis: str, body: Mapping[str
     return atomic_write(Path(out) / f"{analysis}.json", text + "\n")
 
 
+def manifest_problem(record: object, name: str) -> str | None:
+    """What makes ``record`` (a parsed ``<name>.json``) not a well-formed analysis manifest,
+    or None: a JSON object with "format" :data:`MANIFEST_FORMAT`, "analysis" ``name`` (when
+    ``name`` is one of :data:`ANALYSES`) and "files" an object of file names (lists of them
+    for "figures")."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if record.get("format") != MANIFEST_FORMAT:
+        return f'"format" is {record.get("format")!r}, not {MANIFEST_FORMAT!r}'
+    expected = name if name in ANALYSES else None
+    if record.get("analysis") not in ANALYSES or (expected and record["analysis"] != expected):
+        return f'"analysis" is {record.get("analysis")!r}, not {expected or ANALYSES!r}'
+    files = record.get("files", {})
+    if not isinstance(files, dict):
+        return f'"files" is a JSON {type(files).__name__}, not an object of file names'
+    for key, value in files.items():
+        names = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) for v in names):
+            return f'"files"."{key}" is {value!r}, not a file name'
+    return None
+
+
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest at ``path``, None when the file is absent or not a masq analysis manifest;
-    a corrupt manifest is a one-line ConfigError naming it."""
+    """The manifest at ``path``, None when the file is absent. A file that is there but is not
+    a well-formed masq analysis manifest (unreadable, not JSON, or :func:`manifest_problem`)
+    is a one-line ConfigError naming it: never taken for a missing analysis."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         return None
     try:
         record = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{p}: unreadable analysis manifest ({err}); re-run it") from None
-    if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
-        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"{p}: unreadable analysis manifest ({err}); re-run its analysis or remove the file"
+        ) from None
+    problem = manifest_problem(record, p.stem)
+    if problem is not None:
+        raise ConfigError(
+            f"{p}: malformed analysis manifest ({problem}); re-run its analysis "
+            "(masq analyze ...) or remove the file"
+        )
     return record
 
 

@@ -78,7 +78,7 @@ def lam_count(lo: float, hi: float, per_decade: int) -> int:
     if hi < lo:
         raise ConfigError(f"--lam-max ({hi:g}) must be at least --lam-min ({lo:g})")
     if isinstance(per_decade, bool) or not isinstance(per_decade, int) or per_decade < 1:
-        raise ConfigError(f"--per-decade must be an integer >= 1, got {per_decade}")
+        raise ConfigError(f"--per-decade must be >= 1, got {per_decade}")
     return math.floor(round(per_decade * math.log10(hi / lo), 9)) + 1
 
 
@@ -136,11 +136,20 @@ def sweep_configs(grids: Sequence[Any]) -> list[RunConfig]:
 
 def sweep_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Per (slt, hidden, lr2, method, λ) over seeds: ``best_mean``, ``best_std``,
-    ``last_mean``, ``last_std`` (accuracy on the union of all tasks during the final phase)
-    and ``seeds``; ``method`` is :func:`masq.consolidation.method_label` ("no EWC" for λ = 0)."""
+    ``last_mean``, ``last_std`` (accuracy on the union of all tasks during the final phase),
+    ``seeds`` and ``diverged``; ``method`` is :func:`masq.consolidation.method_label` ("no
+    EWC" for λ = 0). Diverged runs and NaN accuracies (:func:`masq.report.tables.spoiled`'s
+    rule: ``meta.diverged`` set or a NaN accuracy) are never averaged in: ``seeds`` counts
+    every run, ``diverged`` those left out; a point whose runs all diverged has NaN means."""
     if df.empty:
         raise ConfigError("no stored runs for the λ sweep; run `masq analyze lambda` first")
-    data = df.assign(method=[method_label(r) for r in df.to_dict("records")])
+    bad = pd.Series(False, index=df.index)
+    if "diverged" in df.columns:
+        bad |= df["diverged"].fillna("").astype(str) != ""
+    for column in ("best.union", "last.union"):
+        bad |= pd.to_numeric(df[column], errors="coerce").isna()
+    data = df.assign(method=[method_label(r) for r in df.to_dict("records")], _bad=bad.astype(int))
+    data.loc[bad, ["best.union", "last.union"]] = math.nan  # never averaged in
     keys = ["slt", "hidden", "lr2", "method", "lam"]
     grouped = data.groupby(keys, sort=True)
     out = pd.DataFrame(
@@ -150,6 +159,7 @@ def sweep_frame(df: pd.DataFrame) -> pd.DataFrame:
             "last_mean": grouped["last.union"].mean(),
             "last_std": grouped["last.union"].std(ddof=1),
             "seeds": grouped.size(),
+            "diverged": grouped["_bad"].sum().astype(int),
         }
     )
     return out.reset_index()
@@ -164,7 +174,9 @@ def needed_lambda(frame: pd.DataFrame, tolerance: float = 0.01) -> pd.DataFrame:
         zero = frame[(frame["slt"] == slt) & (frame["method"] == NO_EWC)]
         for criterion in ("best", "last"):
             col = f"{criterion}_mean"
-            part_sorted = part.sort_values("lam", kind="mergesort")
+            part_sorted = part[part[col].notna()].sort_values("lam", kind="mergesort")
+            if part_sorted.empty:  # every λ of this method diverged: nothing to choose
+                continue
             top = part_sorted[col].max()
             winner = part_sorted[part_sorted[col] == top].iloc[0]
             near = part_sorted[part_sorted[col] >= top - tolerance]
@@ -266,8 +278,20 @@ def sweep_figure(frame: pd.DataFrame, slt: str, *, title: str = "") -> Figure:
     return fig
 
 
+def shown_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of ``frame`` for a table: a mean with no value because every run there
+    diverged reads "diverged" (never a number, never "—")."""
+    rows = frame.to_dict("records")
+    for row in rows:
+        for key in ("best_mean", "last_mean"):
+            if row.get("diverged") and not row[key] == row[key]:
+                row[key] = "diverged"
+    return rows
+
+
 def sweep_markdown(frame: pd.DataFrame) -> str:
-    """The sweep's numbers as Markdown (one row per SLT, method and λ)."""
+    """The sweep's numbers as Markdown (one row per SLT, method and λ; runs left out of the
+    means as diverged in their own column)."""
     cols = [
         ("slt", "SLT"),
         ("method", "method"),
@@ -277,8 +301,9 @@ def sweep_markdown(frame: pd.DataFrame) -> str:
         ("last_mean", "last"),
         ("last_std", "± std"),
         ("seeds", "seeds"),
+        ("diverged", "diverged"),
     ]
-    return markdown(frame.to_dict("records"), cols)
+    return markdown(shown_rows(frame), cols)
 
 
 def write_outputs(

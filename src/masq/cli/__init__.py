@@ -1,7 +1,10 @@
 """The ``masq`` command line: the only place that parses strings.
 
 Each sub-command lives in its own module of this package and exposes
-``register(subparsers)``; the parsed namespace carries ``func(args) -> int``.
+``register(subparsers)``; the parsed namespace carries ``func(args) -> int``. Only the module
+of the command named on the command line is imported (:data:`COMMANDS`), and the modules
+import torch, pandas and matplotlib inside the functions that run, so ``masq --help`` and a
+command's ``--help`` start at once (``benchmarks/cli_startup.py``).
 Errors caused by the user (:class:`masq.errors.MasqError`) print one line and
 exit with status 2; Ctrl-C exits with 130 and SIGTERM with 143, both without a traceback
 and with nothing half-written (every write is atomic; a grid's workers are terminated); a

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
         help="the paper's analyses: Fisher diagonality, FIM vs MaSQ, λ sweeps",
-        description="The paper's analyses (PAPER.md sections 5.3, 5.4) and the λ sweep; each "
+        description="The paper's analyses (its sections 5.3, 5.4) and the λ sweep; each "
         "writes Markdown, CSV, PNG and a manifest that `masq report` reads.",
     )
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])

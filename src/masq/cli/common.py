@@ -26,7 +26,8 @@ def resolve_workers(
     workers: int | None, threads: int | None, device: str | None = None
 ) -> tuple[int, int]:
     """(workers, threads per worker): ``workers`` defaults to the cores (one per GPU for a
-    CUDA ``device``), ``threads`` to cores // workers (at least 1); < 1 is a ConfigError."""
+    CUDA ``device``), ``threads`` (None) to cores // workers (at least 1); either given < 1
+    (``--threads 0`` included) is a one-line ConfigError."""
     from masq.runtime import cpu_count, default_threads
 
     n = cpu_count() if workers is None else workers
@@ -35,7 +36,9 @@ def resolve_workers(
 
         n = max(1, torch.cuda.device_count())  # one worker per GPU
     at_least_one(("--workers", n))
-    return n, threads or default_threads(n)
+    if threads is not None:
+        at_least_one(("--threads", threads))
+    return n, default_threads(n) if threads is None else threads
 
 
 def tasks_fn(data_dir: str | None) -> Any:

@@ -5,7 +5,7 @@ masq grid --preset paper --results runs/paper            # the whole paper grid
 masq grid --preset paper --results runs/paper --dry-run  # counts and a time estimate
 masq grid --slt D5-5 --hidden 200-200 --lam-per-lr2 0 0.1 1 10 --seeds 3 --results r
 masq table --results runs/paper [--select-on val] [--group-by importance scale]
-masq consistency --results runs/paper                    # PAPER.md section 5.2 figures
+masq consistency --results runs/paper                    # the paper's section 5.2 figures
 masq migrate runs/old                                    # a masq 0.1 results dir, in place
 """
 
@@ -26,12 +26,20 @@ from masq.cli.common import (
     resolve_workers,
     tasks_fn,
 )
-from masq.cli.options import add_execution_flags, add_grid_flags, dest
+from masq.cli.options import (
+    NO_CONSOLIDATION,
+    add_execution_flags,
+    add_grid_flags,
+    add_shorthand_flags,
+    dest,
+    shorthand_values,
+)
 from masq.config import FIELDS, Stage
 from masq.errors import ConfigError
 from masq.fileio import error_text
-from masq.grid.executors import check_devices
-from masq.runtime import check_out_dir
+
+# The library (torch, pandas) is imported inside the functions that run: building the parser,
+# and so `masq grid --help`, loads none of it.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,16 +55,21 @@ def _register_grid(sub: argparse._SubParsersAction) -> None:
         "grid",
         help="run an exhaustive grid of experiments (resumable)",
         description="Run every configuration of a grid into a results directory; re-running "
-        "skips what is stored. Axes: a preset (default: paper), then a TOML grid file, then flags.",
+        "skips what is stored. Axes: a preset (none unless --preset is given), then a TOML grid "
+        "file, then flags; an axis given by none of them has RunConfig's one default value.",
     )
     p.add_argument(
-        "--preset", default="paper", help="grid preset (default: paper; 'none': one run)"
+        "--preset",
+        default="none",
+        help="grid preset, e.g. paper (the paper's grid: 1,728 runs); default: none (one run of "
+        "RunConfig's defaults, changed by the grid file and the flags)",
     )
     p.add_argument(
         "--grid", dest="grid_file", default=None, help="TOML grid file (overrides preset)"
     )
     add_grid_flags(p)
     axes = p.add_argument_group("more axes")
+    add_shorthand_flags(axes)  # --iters, --lr: one value each, as in masq run
     axes.add_argument(
         "--lam-per-lr2",
         nargs="+",
@@ -115,7 +128,7 @@ def _register_consistency(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "consistency",
         help="re-run each SLT's best configuration with FIM and without EWC; figures",
-        description="PAPER.md section 5.2: for each SLT's best configuration, run it with "
+        description="The paper's section 5.2: for each SLT's best configuration, run it with "
         "λ = 0 and with FIM at λ = 1/ε2 (stored in the same results dir) and draw D1, D2 and "
         "D1∪D2 over training and re-training.",
     )
@@ -144,6 +157,13 @@ def grid_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, dest(spec))
         if value is not None:
             values[spec.name] = value
+    if NO_CONSOLIDATION in values.get("consolidation", ()):
+        raise ConfigError(
+            "--consolidation none: the runs without consolidation are --importance none (or "
+            "--lam 0); add none to --importance, e.g. --importance none fisher"
+        )
+    for name, value in shorthand_values(args).items():
+        values.setdefault(name, [value])
     for key in ("lam_per_lr2", "layers", "sizes"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -173,6 +193,7 @@ def describe_axes(grid: Any) -> str:
 def run_grid(args: argparse.Namespace) -> int:
     """``masq grid``."""
     from masq import grid as search
+    from masq.grid.executors import check_devices
     from masq.store import Store
 
     grid = grid_from_args(args)
@@ -199,6 +220,7 @@ def run_grid(args: argparse.Namespace) -> int:
         stack=args.stack,
         executor=args.executor,
         address=args.address,
+        ray_timeout=args.ray_timeout,
         threads=threads if args.executor == "local" else args.threads,
         progress=not args.no_progress,
         tasks_fn=tasks_fn(args.data_dir),
@@ -222,6 +244,7 @@ def run_grid(args: argparse.Namespace) -> int:
 def run_table(args: argparse.Namespace) -> int:
     """``masq table``."""
     from masq import report
+    from masq.runtime import check_out_dir
     from masq.store import open_store
 
     open_store(args.results)  # a missing or foreign dir first, then where the table goes
@@ -247,6 +270,7 @@ def run_consistency(args: argparse.Namespace) -> int:
     from masq import report
     from masq.config import RunConfig
     from masq.runid import run_id
+    from masq.runtime import check_out_dir
     from masq.store import Store, load
 
     at_least_one(("--stack", args.stack))
@@ -273,6 +297,7 @@ def run_consistency(args: argparse.Namespace) -> int:
         stack=args.stack,
         executor=args.executor,
         address=args.address,
+        ray_timeout=args.ray_timeout,
         threads=args.threads,
         progress=not args.no_progress,
         tasks_fn=tasks_fn(args.data_dir),

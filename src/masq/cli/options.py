@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -26,15 +27,26 @@ from masq.config import (
     Transfer,
     parse_hidden,
 )
-from masq.consolidation import METHOD_FIELDS, METHODS, get_method, method_names
 from masq.errors import ConfigError
-from masq.importance import MEASURES, get_measure, measure_names
+
+# masq.importance and masq.consolidation (the registries) load torch: they are imported inside
+# the functions that ask them, so that building a command's parser (and its --help) does not.
 
 # Short spellings accepted for choices on the command line.
 ALIASES: dict[str, str] = {"online": "online-ewc", "plain": "ewc"}
 # Extra names of some flags (kept for the commands' history and the issue's spelling).
 EXTRA_NAMES: dict[str, tuple[str, ...]] = {"consolidation": ("--ewc",)}
 GRID_EXTRA_NAMES: dict[str, tuple[str, ...]] = {"seed": ("--seed-list",)}
+# The value that means "no consolidation" where a user looks for it (--consolidation none): in
+# masq the baseline without consolidation is the measure "none" (--importance none, λ = 0).
+NO_CONSOLIDATION = "none"
+# What a field's help adds in every command, beside the registry's text.
+HELP_NOTES: dict[str, str] = {
+    "importance": "; none: no EWC, the baseline",
+    "consolidation": "; the baseline without consolidation is --importance none",
+}
+# One value for every phase (--iters, --lr): the fields each stands for where not given.
+SHORTHANDS: dict[str, tuple[str, ...]] = {"iters": ("iters1", "iters2"), "lr": ("lr1", "lr2")}
 # Help of --hidden: one architecture per value, written with dashes, for every command.
 RUN_HIDDEN_HELP = "one architecture: its hidden layer sizes joined by dashes, e.g. 800-400-400"
 GRID_HIDDEN_HELP = (
@@ -72,10 +84,55 @@ def registered(spec: FieldSpec) -> tuple[str, ...]:
     """The names a registry field takes: the measures for ``importance``, the methods for
     ``consolidation`` (built-in and registered by your code); () for other fields."""
     if spec.registry == "measure":
+        from masq.importance import measure_names
+
         return measure_names()
     if spec.registry == "method":
+        from masq.consolidation import method_names
+
         return method_names()
     return ()
+
+
+# The names built into each registry, for help texts shown without importing the registries
+# (they load torch: seconds); tests/test_newcomer.py checks them against the registries.
+BUILT_IN: dict[str, tuple[str, ...]] = {
+    "measure": ("fisher", "fisher-blocks", "kfac", "l2", "mas", "masq", "none", "si"),
+    "method": ("ewc", "joint", "mean-imm", "mode-imm", "online-ewc"),
+}
+REGISTRY_MODULES: dict[str, str] = {"measure": "masq.importance", "method": "masq.consolidation"}
+
+
+class RegisteredNames:
+    """The names a registry field takes, looked up when a help text shows them: the registry's
+    own (:func:`registered`, yours included) once it is imported, else the built-in ones
+    (:data:`BUILT_IN`), so that ``--help`` never waits for torch."""
+
+    def __init__(self, spec: FieldSpec) -> None:
+        self.spec = spec
+
+    def __str__(self) -> str:
+        if REGISTRY_MODULES[self.spec.registry] in sys.modules:
+            return ", ".join(registered(self.spec))
+        return ", ".join(BUILT_IN[self.spec.registry])
+
+
+class RegistryAxis(argparse.Action):
+    """A multi-valued flag that stores its values, as argparse's plain "store", and carries
+    the :class:`RegisteredNames` its help text shows as ``%(registered)s``."""
+
+    def __init__(self, *args: Any, registered: RegisteredNames, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.registered = registered
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
 
 
 def _is_choice(spec: FieldSpec) -> bool:
@@ -106,7 +163,7 @@ def add_run_flags(
         if spec.name in skip:
             continue
         names = (spec.flag, *EXTRA_NAMES.get(spec.name, ()))
-        base = RUN_HIDDEN_HELP if spec.kind is Hidden else spec.help
+        base = RUN_HIDDEN_HELP if spec.kind is Hidden else spec.help + HELP_NOTES.get(spec.name, "")
         text = f"{base} (default: {defaults[spec.name]})" if spec.name in defaults else None
         text = text or _help(dataclasses.replace(spec, help=base), spec.default)
         kw: dict[str, Any] = {"dest": dest(spec), "default": None, "help": text}
@@ -132,18 +189,23 @@ def add_grid_flags(parser: argparse.ArgumentParser) -> None:
         if spec.stage == Stage.RUN:
             continue
         names = (spec.flag, *GRID_EXTRA_NAMES.get(spec.name, ()))
-        kw: dict[str, Any] = {"dest": dest(spec), "default": None, "help": spec.help}
+        help_text = spec.help + HELP_NOTES.get(spec.name, "")
+        kw: dict[str, Any] = {"dest": dest(spec), "default": None, "help": help_text}
         if spec.kind is bool:
             group.add_argument(*names, action="store_true", **kw)
         elif spec.kind is Hidden:
             kw["help"] = GRID_HIDDEN_HELP
             group.add_argument(*names, nargs="+", metavar="ARCH", **kw)
-        elif _is_choice(spec):
-            values = registered(spec) or spec.kind.values()  # type: ignore[attr-defined]
-            kw["help"] = f"{spec.help}; values: {', '.join(values)}"
+        elif spec.registry:  # its names are listed when the help is shown (they load torch)
+            kw["help"] = f"{help_text}; values: %(registered)s"
             group.add_argument(
-                *names, nargs="+", type=_choice_type(spec.registry or spec.kind), metavar="V", **kw
-            )
+                *names, nargs="+", type=_choice_type(spec.registry), metavar="V",
+                action=RegistryAxis, registered=RegisteredNames(spec), **kw,
+            )  # fmt: skip
+        elif _is_choice(spec):
+            values = spec.kind.values()  # type: ignore[attr-defined]
+            kw["help"] = f"{help_text}; values: {', '.join(values)}"
+            group.add_argument(*names, nargs="+", type=_choice_type(spec.kind), metavar="V", **kw)
         else:
             group.add_argument(*names, nargs="+", type=spec.kind, metavar="V", **kw)
 
@@ -200,8 +262,15 @@ def check_consistent(config: Any, names: Collection[str], *, compare: bool = Fal
     ``--transfer-lam``, ``--drop-p``, ``--alpha-step``) need IMM; ``--drop-p`` needs
     drop-transfer and ``--transfer-lam`` L2-transfer.
     """
+    from masq.consolidation import get_method
+    from masq.importance import get_measure
+
     given = set(names)
     method, measure = get_method(config.consolidation), get_measure(config.importance)
+    if compare:
+        from masq.protocol.compare import check_comparable
+
+        check_comparable(config)  # IMM, joint: no EWC penalty to compare
     if "lam" not in method.fields:
         pass  # methods without λ (IMM) use the importance their own way
     elif compare:
@@ -246,6 +315,8 @@ def check_consistent(config: Any, names: Collection[str], *, compare: bool = Fal
 
 def _owners_of_importance_field(name: str) -> str:
     """``--importance masq or fisher``: the measures that use importance field ``name``."""
+    from masq.importance import MEASURES
+
     owners = [m.name for m in MEASURES.values() if name in m.uses]
     return "--importance " + " or ".join(owners) if owners else "a measure that uses it"
 
@@ -260,6 +331,8 @@ TRANSFER_USERS: dict[str, tuple[Transfer, ...]] = {
 def _check_method_fields(config: Any, given: Collection[str]) -> None:
     """One-line ConfigError when a method setting (:data:`masq.consolidation.METHOD_FIELDS`:
     γ, the IMM transfer settings, ...) is given where the run's method does not read it."""
+    from masq.consolidation import METHOD_FIELDS, METHODS, get_method
+
     method = get_method(config.consolidation)
     for name in METHOD_FIELDS:
         if name not in given or name == "lam" or name in method.reads(config):
@@ -299,6 +372,9 @@ def add_execution_flags(p: argparse.ArgumentParser, *, ray: bool = False) -> Non
                        help="local processes or a Ray cluster")  # fmt: skip
         address = "Ray cluster address (auto or HOST:PORT; default: start a local Ray)"
         g.add_argument("--address", default=None, help=address)
+        g.add_argument("--ray-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="seconds to reach the Ray cluster at --address before giving up "
+                       "(default: 30)")  # fmt: skip
     g.add_argument("--data-dir", default=None, metavar="DIR", help=DATA_DIR_HELP)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -313,13 +389,71 @@ def add_process_flags(p: argparse.ArgumentParser, *, out_help: str) -> None:
 
 def add_single_run_flags(p: argparse.ArgumentParser, *, curves: bool) -> None:
     """The flags of ``masq run``, ``compare`` and ``imm`` beside the configuration:
-    ``--iters``, :func:`add_process_flags`, with ``curves`` ``--csv`` and ``--tensorboard``,
-    and ``--quiet``."""
-    p.add_argument("--iters", type=int, default=None, help="iterations of every phase")
+    ``--iters`` and ``--lr`` (:func:`add_shorthand_flags`), :func:`add_process_flags`, with
+    ``curves`` ``--csv`` and ``--tensorboard``, and ``--quiet``."""
+    add_shorthand_flags(p)
     add_process_flags(p, out_help="output directory")
     if curves:
         p.add_argument("--csv", action="store_true", help="also write the curves as CSV")
         p.add_argument(
             "--tensorboard", metavar="DIR", default=None, help="write TensorBoard scalars"
         )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars: one line at the end of each phase"
+    )
+
+
+def add_shorthand_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--iters N`` and ``--lr V``: one value for every phase (:data:`SHORTHANDS`), the same
+    flags in ``masq run``, ``compare``, ``imm`` and ``grid``; see :func:`shorthand_values`."""
+    every = "of every phase: --{0}1 and --{0}2 where those are not given"
+    p.add_argument(
+        "--iters", type=int, default=None, metavar="N", help="iterations " + every.format("iters")
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        metavar="V",
+        help="Adam learning rate " + every.format("lr"),
+    )
+
+
+def shorthand_values(args: argparse.Namespace) -> dict[str, Any]:
+    """{field name: value} that ``--iters`` and ``--lr`` stand for (none when not given); the
+    caller fills in only the fields not given themselves."""
+    out: dict[str, Any] = {}
+    for flag, names in SHORTHANDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.update(dict.fromkeys(names, value))
+    return out
+
+
+def without_consolidation(values: Mapping[str, Any], *, compare: bool = False) -> dict[str, Any]:
+    """The configuration values of ``--consolidation none`` (no consolidation): the run
+    without EWC, spelled importance "none" (λ = 0 unless given) with the default method.
+    A contradicting ``--importance``, or ``masq compare`` (which runs that baseline already),
+    is a one-line ConfigError."""
+    out = dict(values)
+    if out.get("consolidation") != NO_CONSOLIDATION:
+        return out
+    if compare:
+        raise ConfigError(
+            "--consolidation none: masq compare runs the baseline without consolidation (no "
+            "EWC) beside the others already; drop --consolidation none"
+        )
+    measure = out.get("importance", NO_CONSOLIDATION)
+    if measure != NO_CONSOLIDATION:
+        raise ConfigError(
+            f"--consolidation none (no consolidation) contradicts --importance {measure}; drop "
+            "one of them (the baseline without EWC is --importance none)"
+        )
+    if out.get("lam", 0) != 0:
+        raise ConfigError(
+            f"--lam {out['lam']:g} has no effect with --consolidation none (no consolidation); "
+            "drop --lam"
+        )
+    out.pop("consolidation")
+    out["importance"] = NO_CONSOLIDATION
+    return out

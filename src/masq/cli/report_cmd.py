@@ -7,8 +7,12 @@ masq report --results runs/paper docs/analysis --bench docs/bench/importance_par
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from pathlib import Path
 
 from masq.config import SelectOn
+from masq.errors import ConfigError
+from masq.fileio import error_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,9 +53,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_report)
 
 
+def check_text_files(paths: Sequence[str], flag: str) -> None:
+    """A one-line ConfigError naming ``flag`` and the file when one of ``paths`` exists but
+    cannot be read or is not UTF-8 text (a missing one is refused by the report itself)."""
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            continue
+        try:
+            data = p.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"{flag} {path!r}: cannot read it ({error_text(err)})") from None
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{flag} {path!r}: not UTF-8 text (byte {data[err.start]:#04x} at offset "
+                f"{err.start}); give a benchmark output file saved as UTF-8"
+            ) from None
+
+
 def run_report(args: argparse.Namespace) -> int:
     """``masq report``."""
     from masq.report.html import build_report
+
+    check_text_files(args.bench, "--bench")  # before any work
 
     report = build_report(
         args.results, args.out, bench=args.bench, select_on=args.select_on, title=args.title

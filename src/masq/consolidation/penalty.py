@@ -98,16 +98,31 @@ def key_diff(a: Mapping[str, object], b: Mapping[str, object], name_a: str, name
     return f"only in {name_a}: {only_a}, only in {name_b}: {only_b}"
 
 
+def check_anchor_type(anchor: object, which: str = "") -> None:
+    """A one-line ConfigError unless ``anchor`` has ``params`` and ``importance`` (an Anchor);
+    ``which`` ("2 ") says which one of a list."""
+    if isinstance(anchor, Mapping) or not (
+        hasattr(anchor, "params") and hasattr(anchor, "importance")
+    ):
+        kind = "a dict" if isinstance(anchor, Mapping) else f"a {type(anchor).__name__}"
+        raise ConfigError(
+            f"penalty: anchor {which}is {kind}; give masq.consolidation.ewc.anchor(model, "
+            f"importance){', not a dict' if isinstance(anchor, Mapping) else ''}"
+        )
+
+
 def checked_anchors(
     named: Mapping[str, Tensor], anchors: AnchorLike | Sequence[AnchorLike]
 ) -> list[AnchorLike]:
     """``anchors`` as a list, after checking that there is one at least and that each holds
     the parameter names of ``named`` with their shapes (a net of the same depth but other
     widths is an error naming the tensor); else a one-line ConfigError."""
-    anchor_list = list(anchors) if isinstance(anchors, Sequence) else [anchors]
+    several = isinstance(anchors, Sequence)
+    anchor_list = list(anchors) if several else [anchors]
     if not anchor_list:
         raise ConfigError("penalty: no anchors given; pass at least one Anchor")
-    for a in anchor_list:
+    for index, a in enumerate(anchor_list):
+        check_anchor_type(a, f"{index} " if several else "")
         if set(named) != set(a.params):
             raise ConfigError(
                 "penalty: anchor keys do not match the model's parameters "
@@ -204,6 +219,7 @@ __all__ = [
     "Penalty",
     "PenaltyFactory",
     "QuadraticPenalty",
+    "check_anchor_type",
     "check_lam",
     "checked_anchors",
     "key_diff",

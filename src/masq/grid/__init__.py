@@ -9,7 +9,7 @@ state and importance), :mod:`~masq.grid.group` (one group's work, cached and res
 
 from masq.consolidation import canonical
 from masq.grid.estimate import Estimate, calibrate, estimate, measure, task_sizes
-from masq.grid.executors import GridAborted, Summary, execute
+from masq.grid.executors import GridAborted, GridStopped, Summary, execute
 from masq.grid.expand import expand, lam_values
 from masq.grid.group import (
     GroupJob,
@@ -38,6 +38,7 @@ __all__ = [
     "Estimate",
     "Grid",
     "GridAborted",
+    "GridStopped",
     "Group",
     "GroupJob",
     "GroupOutcome",

@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import ctypes
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -36,8 +37,9 @@ from typing import Any
 import torch
 
 from masq.config import Executor, RunConfig, choice
-from masq.errors import ConfigError
+from masq.errors import ConfigError, MasqError
 from masq.fileio import LockHeld, atomic_write, exclusive_lock
+from masq.grid.connect import RAY_TIMEOUT, connect_ray
 from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
 from masq.grid.plan import one_by_one, plan
 from masq.runid import run_id
@@ -45,6 +47,11 @@ from masq.runtime import default_threads, resolve_device
 from masq.store import NotStored, Store
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class GridStopped(MasqError):
+    """A worker process died (killed, e.g. ``kill -9`` or out of memory): the grid stopped,
+    the runs it had not finished are recorded as failed, and a re-run redoes them."""
 
 
 class GridAborted(RuntimeError):
@@ -148,8 +155,8 @@ def results_lock(store: Store, *, wait: bool = False) -> Iterator[None]:
     except LockHeld as err:
         raise ConfigError(
             f"results dir {str(store.root)!r} is in use by another masq process (pid "
-            f"{err.pid if err.pid is not None else 'unknown'}); wait for it to end, pass "
-            "--wait, or use another --results directory"
+            f"{err.pid if err.pid is not None else 'unknown'}); wait for it to end (`masq "
+            "grid --wait` waits by itself), or use another --results directory"
         ) from None
 
 
@@ -207,17 +214,23 @@ def execute(
     progress: bool = True,
     tasks_fn: TasksFn | None = None,
     wait: bool = False,
+    ray_timeout: float = RAY_TIMEOUT,
 ) -> Summary:
     """Run every configuration not yet stored in results dir ``root``; see the module doc.
 
     ``threads`` per worker defaults to ``cores // workers`` (at least 1); with Ray, each task
     asks for that many CPUs. ``wait``: wait for another grid holding ``root`` instead of
-    refusing. Returns a :class:`Summary`; failures are in DIR/errors.
+    refusing. ``ray_timeout``: seconds to reach the Ray cluster at ``address``
+    (:func:`connect_ray`). Returns a :class:`Summary`; failures are in DIR/errors. A worker
+    that dies (``kill -9``, out of memory) stops the grid with :class:`GridStopped` after its
+    unfinished runs are recorded as failed (a re-run redoes them).
     """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if stack < 1:
         raise ConfigError(f"--stack must be >= 1, got {stack}")
+    if not (isinstance(ray_timeout, int | float) and 0 < ray_timeout < math.inf):
+        raise ConfigError(f"--ray-timeout must be a number of seconds > 0, got {ray_timeout!r}")
     executor = choice(Executor, executor, "executor")
     if executor == Executor.LOCAL:  # Ray workers may have GPUs this machine lacks
         check_devices(configs)
@@ -243,7 +256,7 @@ def execute(
         bar = _progress_bar(len(all_ids), len(all_ids & stored), progress)
         try:
             if ray:
-                outcomes = _run_ray(jobs, store, address, threads, bar, all_ids)
+                outcomes = _run_ray(jobs, store, (address, ray_timeout), threads, bar, all_ids)
             elif workers == 1:
                 outcomes = _run_inline(jobs, threads, bar)
             else:
@@ -295,14 +308,20 @@ def _run_inline(
     return out
 
 
-def _failed_job(store: Store, job: GroupJob, err: BaseException) -> GroupOutcome:
+def _failed_job(store: Store, job: GroupJob, err: BaseException | str) -> GroupOutcome:
+    """Every run of ``job`` not stored, recorded as failed with ``err`` (an exception or a
+    message) in DIR/errors."""
     outcome = GroupOutcome()
-    trace = "".join(tb.format_exception(type(err), err, err.__traceback__))
+    if isinstance(err, BaseException):
+        message = f"{type(err).__name__}: {err}"
+        trace = "".join(tb.format_exception(type(err), err, err.__traceback__))
+    else:
+        message, trace = err, ""
     for c in job.configs:
         rid = run_id(c)
         if not store.has(rid):
             store.write_error(c, err)
-            outcome.failed[rid] = f"{type(err).__name__}: {err}"
+            outcome.failed[rid] = message
             outcome.traces[rid] = trace
     return outcome
 
@@ -322,21 +341,70 @@ def _run_pool(
     ) as pool:
         futures = {pool.submit(run_group, job): job for job in jobs}
         pending = set(futures)
+        workers_seen = dict(getattr(pool, "_processes", None) or {})
         try:
             while pending:
                 finished, pending = cf.wait(pending, timeout=2.0, return_when=cf.FIRST_COMPLETED)
+                workers_seen.update(getattr(pool, "_processes", None) or {})
+                broken = False
                 for fut in finished:
                     job = futures[fut]
                     try:
                         out.append((job, fut.result()))
-                    except Exception as err:  # a worker died (e.g. killed): record, go on
+                    except cf.process.BrokenProcessPool:  # a worker died: every job is lost
+                        broken = True
+                        continue
+                    except Exception as err:  # the group itself failed: record, go on
                         out.append((job, _failed_job(store, job, err)))
                     check_first(out)
+                if broken:  # the others are stopped first: their exit codes tell apart
+                    stop_workers(pool)
+                    raise _stopped(store, jobs, out, list(workers_seen.values()))
                 _poll(bar, store, ids)
         except BaseException:  # Ctrl-C, SIGTERM (masq.cli), a stop: no worker goes on
             stop_workers(pool)
             raise
     return out
+
+
+def death_text(processes: Sequence[Any]) -> str:
+    """How the dead ones among ``processes`` (multiprocessing processes, stopped) ended, e.g.
+    "killed by SIGKILL: kill -9 or the out-of-memory killer"; the SIGTERM of the workers the
+    grid stopped itself is left out when another cause is there."""
+    found = {p.exitcode for p in processes if p.exitcode not in (None, 0)}
+    if len(found) > 1:
+        found.discard(-signal.SIGTERM)
+    if not found:
+        return "it ended without a word"
+    words = []
+    for code in sorted(found):
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            why = ": kill -9 or the out-of-memory killer" if -code == signal.SIGKILL else ""
+            words.append(f"killed by {name}{why}")
+        else:
+            words.append(f"exit status {code}")
+    return ", ".join(words)
+
+
+def _stopped(
+    store: Store,
+    jobs: Sequence[GroupJob],
+    out: list[tuple[GroupJob, GroupOutcome]],
+    processes: Sequence[Any],
+) -> GridStopped:
+    """The :class:`GridStopped` of a broken pool: every run of a job not finished in ``out``
+    and not stored is recorded as failed in DIR/errors (so the next start redoes it)."""
+    finished = {id(job) for job, _ in out}
+    lost = [job for job in jobs if id(job) not in finished]
+    why = f"a grid worker process died ({death_text(processes)})"
+    failed = 0
+    for job in lost:
+        failed += len(_failed_job(store, job, f"WorkerDied: {why}").failed)
+    return GridStopped(
+        f"{why}, so the grid stopped; its {failed} unfinished run(s) are recorded as failed "
+        f"in {store.errors}, every finished run is kept: re-run the same command to redo them"
+    )
 
 
 def stop_workers(pool: cf.ProcessPoolExecutor, grace: float = 5.0) -> None:
@@ -356,7 +424,12 @@ def stop_workers(pool: cf.ProcessPoolExecutor, grace: float = 5.0) -> None:
 
 
 def _run_ray(
-    jobs: list[GroupJob], store: Store, address: str | None, threads: int, bar: Any, ids: set[str]
+    jobs: list[GroupJob],
+    store: Store,
+    where: tuple[str | None, float],
+    threads: int,
+    bar: Any,
+    ids: set[str],
 ) -> list[tuple[GroupJob, GroupOutcome]]:
     try:
         import ray
@@ -364,7 +437,7 @@ def _run_ray(
         raise ConfigError("--executor ray needs Ray: pip install 'masq-ewc[ray]'") from None
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        connect_ray(ray, *where)
         started = True
     try:
         devices = {str(c.device) for j in jobs for c in j.configs}

@@ -273,17 +273,31 @@ def grid_from_mapping(values: Mapping[str, Any], base: Any = None, where: str = 
     return dataclasses.replace(base, **changes).check()
 
 
-def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A TOML file as a dict; a missing or malformed file is a one-line ConfigError."""
-    p = Path(path)
+def toml_values(data: bytes, where: str) -> dict[str, Any]:
+    """The TOML document ``data`` (the bytes of a file) as a dict; bytes that are not UTF-8
+    text or not TOML are a one-line ConfigError starting with ``where``."""
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"grid file {str(p)!r}: cannot read it ({err.strerror})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{where}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"grid file {str(p)!r}: malformed TOML: {err}") from None
+        raise ConfigError(f"{where}: malformed TOML: {err}") from None
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML file as a dict; a missing, unreadable, non-UTF-8 or malformed file is a one-line
+    ConfigError naming it."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"grid file {str(p)!r}: cannot read it ({err.strerror})") from None
+    return toml_values(data, f"grid file {str(p)!r}")
 
 
 def load_grid_file(path: str | os.PathLike[str], base: Any = None) -> Any:
@@ -303,8 +317,5 @@ def load_preset(name: str) -> Any:
     if name not in names:
         raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(names)}")
     resource = resources.files("masq").joinpath("presets", f"{name}.toml")
-    try:
-        values = tomllib.loads(resource.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:  # pragma: no cover - shipped files are tested
-        raise ConfigError(f"preset {name!r}: malformed TOML: {err}") from None
+    values = toml_values(resource.read_bytes(), f"preset {name}")
     return grid_from_mapping(values, Grid(), where=f"preset {name}")

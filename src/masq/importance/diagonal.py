@@ -80,6 +80,18 @@ def batches(x: Tensor, y: Tensor, batch_size: int) -> Batches:
     return Batches(x, y, batch_size)
 
 
+def check_batches(batches: object) -> None:
+    """A one-line ConfigError when ``batches`` is a tensor, a dict or a pair (x, y), not an
+    iterable of (x, y) batches (iterating it would unpack the rows of x: a raw ValueError)."""
+    pair = isinstance(batches, tuple | list) and any(isinstance(b, Tensor) for b in batches)
+    if isinstance(batches, Tensor | dict) or pair:
+        what = f"a {type(batches).__name__}{' of tensors' if pair else ''}"
+        raise ConfigError(
+            f"batches: got {what}; pass an iterable of (x, y) batches, e.g. "
+            "importance.batches(x, y, batch_size)"
+        )
+
+
 def subset(
     x: Tensor, y: Tensor, n: int, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
@@ -296,6 +308,7 @@ def fisher(
     [B, in_features] (a model that is an ``nn.Sequential`` starting with ``nn.Linear``) are
     one-line ConfigErrors.
     """
+    check_batches(batches)
     mode = choice(FisherLabels, labels, "labels")
     if mode is FisherLabels.BATCHED:
         return masq(model, batches, scale=Scale.MEAN, loss=loss, device=device, outputs=outputs)
@@ -351,6 +364,7 @@ def masq(
     One forward and one ordinary backward per batch; ``.grad`` is not touched. The inputs are
     checked per batch as in :func:`fisher`.
     """
+    check_batches(batches)
     mode = choice(Scale, scale, "scale")
     with evaluating(model, device) as (work, dev):
         params = trainable_params(work)

@@ -124,6 +124,7 @@ def mas(
     each parameter's dtype and on its device (``device``: compute on a copy moved there). NaN/inf
     inputs and an ``x`` that does not fit the first linear layer are one-line ConfigErrors.
     """
+    diagonal.check_batches(batches)
     check_buffer_bytes(buffer_bytes)
     with evaluating(model, device) as (work, dev):
         params = trainable_params(work)

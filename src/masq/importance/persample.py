@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from masq.errors import ConfigError
+from masq.runtime import torch_device
 
 __all__ = [
     "DEFAULT_BUFFER_BYTES",
@@ -109,7 +110,7 @@ def placement(model: nn.Module, device: torch.device | str | None) -> tuple[torc
     home = next(iter(trainable_params(model).values())).device
     if device is None:
         return home, False
-    target = _resolve(torch.device(device))
+    target = _resolve(torch_device(device))  # a device this machine lacks: one line
     return target, target != _resolve(home)
 
 
@@ -280,6 +281,13 @@ def check_batch(
         raise ConfigError(
             f"y: batch {index} has labels of dtype {y.dtype}; class labels are integers (y.long())"
         )
+    soft = y.is_floating_point() and y.ndim == 2 and y.shape[1] > 1
+    if labels and y.ndim != 1 and not soft:  # torch's cross-entropy: "multi-target not supported"
+        raise ConfigError(
+            f"y: batch {index} has labels of dtype {y.dtype} and shape {tuple(y.shape)}; the "
+            "cross-entropy takes class indices y [B] (y.squeeze(1); one-hot: y.argmax(1)) or "
+            "float class probabilities [B, C]"
+        )
     if units is not None and (y.dtype == torch.bool or y.is_floating_point() or y.ndim != 1):
         raise ConfigError(
             f"y: batch {index} has labels of dtype {y.dtype} and shape {tuple(y.shape)}; with "
@@ -296,15 +304,21 @@ def check_values(
     units: ActiveOutputs | None = None,
 ) -> None:
     """A one-line ConfigError when batch ``index`` holds NaN/inf inputs, (``labels``: the
-    integer labels of a cross-entropy) a label outside 0..C-1, C = logits.shape[-1], or
+    integer labels of a cross-entropy) a label outside 0..C-1, C = logits.shape[-1], or soft
+    labels [B, C'] with C' != C, or
     (``units``: labels given as units of the full head) a label not among ``units``.
 
     Cheap: the sum of ``x`` is finite exactly when every entry is (barring an overflow of
     huge values, told apart on the error path only), so it takes one reduction of x, one of the
     labels and one host sync.
     """
-    flags = [torch.isfinite(x.sum())] if x.is_floating_point() else []
     classes = logits.shape[-1] if logits.ndim >= 1 else 0
+    if labels and y.is_floating_point() and y.ndim == 2 and y.shape[1] != classes:
+        raise ConfigError(
+            f"y: batch {index} has class probabilities for {y.shape[1]} classes but the model "
+            f"has {classes} outputs; give y [B, {classes}]"
+        )
+    flags = [torch.isfinite(x.sum())] if x.is_floating_point() else []
     if units is not None and y.numel() > 0:
         flags.append(torch.isin(y, units.index).all())
     elif labels and not y.is_floating_point() and y.numel() > 0:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from masq.config import RunConfig
+from masq.consolidation import get_method
+from masq.errors import ConfigError
 from masq.protocol.phases import continue_run
 from masq.protocol.result import Result
 from masq.protocol.run import compute_importance, make_tasks, train_first
@@ -20,8 +22,25 @@ COMPARE_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_comparable(config: RunConfig) -> None:
+    """A one-line ConfigError naming the command to use when ``config``'s method has no EWC
+    penalty (IMM merges after training, joint trains on every task's data): the four runs of
+    :func:`compare` differ only in that penalty."""
+    method = get_method(config.consolidation)
+    if "lam" not in method.fields:
+        command = (
+            "masq imm" if method.record_key == "imm" else f"masq run --consolidation {method.name}"
+        )
+        raise ConfigError(
+            f"masq compare compares EWC penalties (none, FIM, MaSQ mean and sum); --consolidation "
+            f"{method.name} has none ({method.description}): run `{command}` instead"
+        )
+
+
 def compare_configs(base: RunConfig) -> dict[str, RunConfig]:
-    """{method key: config}: ``base`` with each of :data:`COMPARE_METHODS`' changes."""
+    """{method key: config}: ``base`` with each of :data:`COMPARE_METHODS`' changes (a method
+    without an EWC penalty: :func:`check_comparable`)."""
+    check_comparable(base)
     return {key: base.with_(**changes).validate() for key, changes in COMPARE_METHODS.items()}
 
 

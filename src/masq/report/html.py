@@ -97,7 +97,10 @@ def _store_meta(root: Path, df: pd.DataFrame) -> dict[str, Any]:
 def _table1_part(stores: list[tuple[Path, pd.DataFrame]], select_on: str) -> Part:
     part = Part("table1", "Table 1: the best configuration per SLT")
     if not stores:
-        part.missing = "masq grid --preset paper --results DIR  (then: masq report --results DIR)"
+        part.missing = (
+            "masq grid --preset paper --results DIR  (the paper's grid: 1,728 runs; add --dry-run "
+            "for its time first; then: masq report --results DIR)"
+        )
         return part
     captions, commands = [], []
     for root, df in stores:
@@ -174,7 +177,7 @@ def _settled_part(folders: list[Path], figs: Figures) -> Part:
 
 
 def _consistency_part(stores: list[tuple[Path, pd.DataFrame]], figs: Figures) -> Part:
-    part = Part("consistency", "Consistency check (PAPER.md 5.2)")
+    part = Part("consistency", "Consistency check (Gepperth & Wiech 2019, section 5.2)")
     commands = []
     for i, (root, _) in enumerate(stores):
         pngs = sorted((root / "figures").glob("consistency_*.png"))
@@ -315,7 +318,10 @@ def _matrices_part(stores: list[tuple[Path, pd.DataFrame]], figs: Figures, out: 
         part.caption += f"{root}: the Table-1 winner (best) of each SLT with more than two tasks. "
         part.command += f"masq table --results {root}; "
     if not part.present:
-        part.missing = "masq grid --slt D2-2-2-2-2 --results DIR  (any SLT of more than 2 tasks)"
+        part.missing = (
+            "masq grid --slt D2-2-2-2-2 --hidden 200-200 --lr 1e-3 --lam 0 1000 --iters 1000 "
+            "--results DIR  (any SLT of more than 2 tasks)"
+        )
     return part
 
 

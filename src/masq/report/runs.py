@@ -88,9 +88,12 @@ def accuracy_text(result: Result) -> str:
 
 def cell(key: str, value: object) -> str:
     """A table cell: seconds (a key ending in " s") with two decimals, an accuracy (a float
-    <= 1) with four, other floats with one."""
+    <= 1) with four, other floats with one; a NaN accuracy (a diverged run's) as "diverged",
+    never as a number."""
     if key.endswith(" s") and isinstance(value, float):
         return f"{value:.2f}"
+    if isinstance(value, float) and value != value:
+        return "diverged"
     if isinstance(value, float):
         return f"{value:.4f}" if value <= 1.0 else f"{value:.1f}"
     return str(value)

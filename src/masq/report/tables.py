@@ -119,10 +119,25 @@ def with_wildcards(df: pd.DataFrame, group_by: Sequence[str]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def spoiled(df: pd.DataFrame) -> pd.Series:
+    """Which runs of ``df`` have no accuracy to average: diverged (``meta.diverged``: the
+    weights stopped being finite, so the accuracies are those of a broken net) or with a NaN
+    accuracy on the union of all tasks (a record whose numbers were not finite)."""
+    flag = pd.Series(False, index=df.index)
+    if "diverged" in df.columns:
+        flag |= df["diverged"].fillna("").astype(str) != ""
+    for column in ("best.union", "last.union"):
+        if column in df.columns:
+            flag |= pd.to_numeric(df[column], errors="coerce").isna()
+    return flag
+
+
 def aggregate(df: pd.DataFrame, select_on: str = "test") -> pd.DataFrame:
     """One row per configuration (seeds pooled): mean, std and count of the selection
     columns and the reported accuracies of both criteria, the number of tasks T, plus the
-    run ids."""
+    run ids. Diverged runs and runs with NaN accuracies (:func:`spoiled`) are never averaged
+    in: ``seeds`` counts every run, ``diverged`` those left out (all of them: the means are
+    NaN, shown as "diverged")."""
     fields = [f for f in CONFIG_FIELDS if f in df.columns]
     metrics: list[str] = []
     for criterion in (*CRITERIA, MERGED):
@@ -137,13 +152,15 @@ def aggregate(df: pd.DataFrame, select_on: str = "test") -> pd.DataFrame:
         ]
     metrics += list(TRANSFER)
     metrics = list(dict.fromkeys(m for m in metrics if m in df.columns))
+    bad = spoiled(df)
+    df = df.assign(_spoiled=bad.astype(int))
+    df.loc[bad, metrics] = math.nan  # never averaged in
     grouped = df.groupby(fields, dropna=False, sort=True)
     out = grouped[metrics].mean()
     std = grouped[metrics].std(ddof=1)
     out = out.join(std.add_suffix(":std"))
     out["seeds"] = grouped.size()
-    if "diverged" in df.columns:  # runs whose weights stopped being finite
-        out["diverged"] = grouped["diverged"].agg(lambda s: int(sum(bool(v) for v in s)))
+    out["diverged"] = grouped["_spoiled"].sum().astype(int)
     out["tasks"] = grouped["tasks"].max()  # T, fixed by the SLT
     out["run_ids"] = grouped["run_id"].agg(lambda s: ",".join(sorted(s)))
     out["seed_list"] = grouped["seed"].agg(lambda s: ",".join(str(v) for v in sorted(s)))
@@ -227,8 +244,10 @@ def table1(
                 iteration=win.get(f"{prefix}.iteration", math.nan),
                 seeds=int(win["seeds"]),
                 run_ids=win["run_ids"],
+                diverged=int(win.get("diverged", 0) or 0),
                 lam0_mean=math.nan,
                 lam0_std=math.nan,
+                lam0_diverged=0,
                 **{name: math.nan if merged else win.get(name, math.nan) for name in TRANSFER},
             )
             for name in ("init", "dataset", "iters1", "iters2", "eval_every"):
@@ -241,6 +260,7 @@ def table1(
                     z = zero.iloc[0]
                     row["lam0_mean"] = z[f"{prefix}.union"]
                     row["lam0_std"] = z[f"{prefix}.union:std"]
+                    row["lam0_diverged"] = int(z.get("diverged", 0) or 0)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -251,17 +271,48 @@ def diverged_note(win: Any) -> str:
     return f" [diverged in {k} of {int(win['seeds'])}]" if k else ""
 
 
-def _pct(mean: float, std: float) -> str:
+def _pct(mean: float, std: float, diverged: Any = 0) -> str:
+    """An accuracy cell in %: "mean ± std"; with no mean, "diverged" where runs were left out
+    of it as diverged (:func:`spoiled`), else "—"."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "—"
+        return "diverged" if _count(diverged) else "—"
     text = f"{100 * mean:.2f}"
     if std is not None and not (isinstance(std, float) and math.isnan(std)):
         text += f" ± {100 * std:.2f}"
     return text
 
 
+def _count(x: Any) -> int:
+    """A count from a table cell (NaN or missing: 0)."""
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return 0
+    return 0 if math.isnan(value) else int(value)
+
+
+def group_cell(row: Any, name: str) -> str:
+    """A ``--group-by`` value of a table row, or "—" where the row's measure does not read
+    that field (the FIM has no MaSQ scale: "fisher | — | no EWC", not "fisher | mean"); asked
+    of the measure registry (:attr:`masq.importance.Measure.uses`)."""
+    if name in IMPORTANCE_FIELDS and name != "importance" and "importance" in row:
+        from masq.importance import get_measure
+
+        if name not in get_measure(row["importance"]).uses:
+            return "—"
+    return _num(row[name])
+
+
 def _num(x: Any) -> str:
     return f"{x:g}" if isinstance(x, int | float) else str(x)
+
+
+def _alpha_or_iteration(r: pd.Series) -> str:
+    """The iteration of an EWC winner, α_T of an IMM one ("—" where no run gave one)."""
+    value = r["alpha"] if r["criterion"] == MERGED else r["iteration"]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"α_T {value:.2f}" if r["criterion"] == MERGED else _num(value)
 
 
 def _criterion_cell(r: pd.Series) -> str:
@@ -325,19 +376,21 @@ def to_markdown(table: pd.DataFrame, group_by: Sequence[str] = ()) -> str:
     for _, r in table.iterrows():
         cells = [
             str(r["slt"]),
-            *(_num(r[g]) for g in group_by),
+            *(group_cell(r, g) for g in group_by),
             _criterion_cell(r),
             f"784-{r['hidden']}-10",
             *([str(r["init"])] if "init" not in group_by else []),
             _num(r["lr2"]),
             "—" if r["criterion"] == MERGED else _num(r["lam"]),
             r["method"],
-            _pct(r["acc_mean"], r["acc_std"]),
-            _pct(r["d1_mean"], math.nan),
-            _pct(r["d2_mean"], math.nan),
-            f"α_T {r['alpha']:.2f}" if r["criterion"] == MERGED else _num(r["iteration"]),
-            _pct(r["lam0_mean"], r["lam0_std"]) if r["criterion"] == "last" else "",
-            *([_pct(r[name], math.nan) for name in TRANSFER] if many else []),
+            _pct(r["acc_mean"], r["acc_std"], r.get("diverged")),
+            _pct(r["d1_mean"], math.nan, r.get("diverged")),
+            _pct(r["d2_mean"], math.nan, r.get("diverged")),
+            _alpha_or_iteration(r),
+            _pct(r["lam0_mean"], r["lam0_std"], r.get("lam0_diverged"))
+            if r["criterion"] == "last"
+            else "",
+            *([_pct(r[name], math.nan, r.get("diverged")) for name in TRANSFER] if many else []),
             str(r["seeds"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -21,8 +21,11 @@ Evaluation costs as much as 18-30 training iterations per 10,000 images
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +180,29 @@ def check_sample_units(
         )
 
 
+def finite_parameters(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite (one reduction and sync per tensor)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def diverged_text(desc: str, it: int, iters: int, loss: float) -> str:
+    """The one line that says a phase diverged: where, at which check, what to try."""
+    return (
+        f"{desc}: the loss is {loss} at iteration {it} of {iters} (checked at every evaluation "
+        "and at the end of the phase): the run diverged and is recorded as diverged; a smaller "
+        "learning rate or λ usually helps"
+    )
+
+
+def say_diverged(bar: Any, text: str) -> None:
+    """``masq: warning: <text>`` as one line on stderr in one write (a stream that shows a
+    progress bar's last state per line, as ``masq run --quiet`` does, keeps it whole), the
+    bar cleared first so that the line does not run on from it; the bar redraws itself."""
+    bar.clear()
+    sys.stderr.write(f"masq: warning: {text}\n")
+    sys.stderr.flush()
+
+
 def train_task(
     model: nn.Module,
     train: XY,
@@ -219,6 +245,12 @@ def train_task(
     :func:`eval_iterations` (iteration 0 is before the first step; an evaluation at ``it``
     follows that iteration's optimizer step). Without ``eval_sets`` the curve is empty.
     ``device`` defaults to the model's; the model and the data are moved there.
+
+    Divergence: at every evaluation point and at the last iteration (not every step: no host
+    sync is added to the others) the mini-batch loss is checked; the first non-finite one
+    prints one line ``masq: warning: <desc>: the loss is nan at iteration N ...`` on stderr,
+    once per run: a phase that starts from non-finite weights (a run that diverged in an
+    earlier phase, already reported) says nothing.
     """
     device = model_device(model) if device is None else torch.device(device)
     model.to(device)
@@ -239,6 +271,8 @@ def train_task(
         else set()
     )
 
+    check_at = record_at | {config.iters}  # where the loss's finiteness is checked
+    watch = finite_parameters(model)  # diverged in an earlier phase: reported there
     bar = tqdm(total=config.iters, desc=desc, unit="it", disable=not progress, dynamic_ncols=True)
 
     def record(it: int) -> None:
@@ -286,6 +320,9 @@ def train_task(
             optimizer.step()
             if step_hook is not None:
                 step_hook(model)
+            if watch and it in check_at and not math.isfinite(value := float(loss.detach())):
+                say_diverged(bar, diverged_text(desc, it, config.iters, value))
+                watch = False
             if it in record_at:
                 record(it)
             bar.update(1)
