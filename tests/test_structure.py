@@ -41,6 +41,12 @@ def test_configs_cover_every_measure_lambda_and_seed_once() -> None:
     )
 
 
+def test_the_cli_names_the_structures_of_the_analysis() -> None:
+    from masq.cli import analyze_kfac
+
+    assert analyze_kfac.STRUCTURES == tuple(structure.STRUCTURES)
+
+
 def test_configs_refuse_unknown_measures_and_no_seeds() -> None:
     base = RunConfig(slt="D5-5", hidden=(8,))
     with pytest.raises(ConfigError, match="unknown measures"):

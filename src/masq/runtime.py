@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from masq.config import check_device_name
 from masq.errors import ConfigError
 from masq.fileio import out_dir_message, writable_dir
+
+if TYPE_CHECKING:  # torch loads when a function here needs it, not with the CLI's --help
+    import torch
 
 
 def cpu_count() -> int:
@@ -35,6 +37,8 @@ def default_threads(workers: int) -> int:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """ "cpu" | "cuda" | "cuda:N" | "auto" -> a torch.device that exists on this machine."""
+    import torch
+
     check_device_name(name)
     if name == "cpu":
         return torch.device("cpu")
@@ -56,6 +60,8 @@ def torch_device(device: torch.device | str) -> torch.device:
     """The ``device=`` of a library call as a torch.device usable here; a one-line ConfigError
     for a name torch does not know or a CUDA device this machine lacks (on a CPU-only torch:
     "CUDA is not available in this torch build; use device='cpu'")."""
+    import torch
+
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError):
@@ -77,6 +83,8 @@ def torch_device(device: torch.device | str) -> torch.device:
 
 def setup_threads(threads: int | None = None) -> int:
     """Set PyTorch's intra-op thread count (``None`` keeps the default); returns the count."""
+    import torch
+
     if threads is not None:
         if threads <= 0:
             raise ConfigError(f"--threads must be >= 1, got {threads}")

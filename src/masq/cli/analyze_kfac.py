@@ -30,6 +30,9 @@ from masq.errors import ConfigError
 from masq.runtime import check_out_dir
 
 _PAPER = " ".join(PAPER_SLTS)
+# The names of masq.analysis.structure.STRUCTURES, written here so that building the parser
+# (`masq --help`) does not load pandas and torch; tests/test_structure.py checks they agree.
+STRUCTURES: tuple[str, ...] = ("diagonal FIM", "K-FAC", "FIM blocks", "MaSQ (mean)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "t-test against the diagonal. A resumable grid. Writes kfac.md, kfac.csv, "
         "kfac_points.csv, kfac.png and kfac.json.",
     )
-    from masq.analysis.structure import STRUCTURES
-
     add = p.add_argument
     add("--slt", nargs="+", default=list(PAPER_SLTS), help=f"SLTs (default: {_PAPER})")
     add("--hidden", nargs="+", default=None, metavar="N", help="net (default: paper-best)")
