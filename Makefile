@@ -14,7 +14,7 @@ HOW_TO_CALL := masq is installed into $(VENV): call $(BIN)/masq (e.g. $(BIN)/mas
 TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test format bench repro analyses report imm table1 clean
+.PHONY: install demo test format bench repro analyses report imm table1 kfac clean
 
 install: $(STAMP)
 	@echo "$(HOW_TO_CALL)"
@@ -78,10 +78,25 @@ analyses: $(STAMP)
 	  --out $(ANALYSES); rc=$$?; \
 	  $(BIN)/masq export --results $(LAMBDA) --to $(LAMBDA_RECORDS) && exit $$rc
 
+# Does the Fisher's off-diagonal part matter? (README, Analyses): EWC with the diagonal FIM,
+# K-FAC, the per-layer Fisher blocks and MaSQ on 784-30-30-10, 5 seeds, λ from 1 to 1e12 per
+# decade, λ chosen on validation; a resumable grid that starts from the committed records.
+KFAC ?= results/kfac
+KFAC_RECORDS := docs/kfac/records.jsonl.gz
+KFAC_RUN = $(BIN)/masq analyze kfac --seeds 5 --fisher-samples 500 --hidden 30-30 --results $(KFAC)
+kfac: $(STAMP)
+	if [ -f $(KFAC_RECORDS) ]; then \
+	  $(BIN)/masq import --from $(KFAC_RECORDS) --results $(KFAC) || exit 1; \
+	fi
+	$(KFAC_RUN) --slt D5-5 D9-1 DP10-10 --out docs/kfac/paper-slts && \
+	  $(KFAC_RUN) --slt D2-2-2-2-2 --scenario task --lr2 1e-3 --iters1 2000 --iters2 2000 \
+	  --batch-size 128 --out docs/kfac/split; rc=$$?; \
+	  $(BIN)/masq export --results $(KFAC) --to $(KFAC_RECORDS) && exit $$rc
+
 # One browsable page (REPORT/index.html, report.md, PNGs) from whatever of the above exists.
 REPORT ?= report
 REPORT_FROM = $(wildcard $(REPRO)/meta.json $(LAMBDA)/meta.json $(IMM)/meta.json \
-  $(TABLE1_DOCS)/table1_settled_test.md)
+  $(TABLE1_DOCS)/table1_settled_test.md docs/kfac/paper-slts/kfac.json docs/kfac/split/kfac.json)
 report: $(STAMP)
 	$(BIN)/masq report --results $(dir $(REPORT_FROM)) $(ANALYSES) \
 	  --bench docs/bench/importance_part1.txt --out $(REPORT)
