@@ -164,7 +164,7 @@ def run_kfac(args: argparse.Namespace) -> int:
     words += ["--out", args.out] if args.out else []
     body = {"command": command_text(words), "slts": described, "seeds": args.seeds,
             "lams": lams, "runs": len(configs), "runs_stored": len(stored),
-            "results": str(args.results), "seconds": {"grid": seconds},
+            "results": str(args.results), "seconds": {} if args.tabulate else {"grid": seconds},
             "config": {k: str(v) for k, v in base.items()}}  # fmt: skip
     md, written = structure.write_outputs(table, frame, out, body=body)
     print(md, end="")
