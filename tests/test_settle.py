@@ -416,3 +416,11 @@ TICKS = [(0.1, "0.1"), (1.0, "1"), (100.0, "100"), (1e3, "1e3"), (1e9, "1e9"), (
 @pytest.mark.parametrize(("lam", "label"), TICKS)
 def test_plane_ticks_are_compact_decades(lam: float, label: str) -> None:
     assert lam_tick(lam) == label
+
+
+def test_the_table1_command_names_the_campaign_defaults() -> None:
+    from masq.analysis.settle import CAMPAIGN
+    from masq.cli import table1_cmd
+
+    assert table1_cmd.DEFAULT_SLTS == tuple(CAMPAIGN.slts)
+    assert table1_cmd.DEFAULT_SEEDS == tuple(CAMPAIGN.confirm_seeds)

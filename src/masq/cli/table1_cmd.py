@@ -39,10 +39,15 @@ from masq.slt import parse_spec
 STAGES: tuple[str, ...] = ("all", "plane", "extend", "confirm", "report")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``table1``, ``export`` and ``import`` to ``sub``."""
-    from masq.analysis.settle import CAMPAIGN
+# masq.analysis.settle.CAMPAIGN's SLTs and confirmation seeds, written here so that `--help`
+# does not load torch; tests/test_settle.py checks they agree.
+DEFAULT_SLTS: tuple[str, ...] = ("D5-5", "D9-1", "DP10-10")
+DEFAULT_SEEDS: tuple[int, ...] = (1, 2, 3, 4)
 
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``table1``, ``export`` and ``import`` to ``sub`` (without loading the campaign,
+    which loads torch: its defaults are :data:`DEFAULT_SLTS` and :data:`DEFAULT_SEEDS`)."""
     p = sub.add_parser(
         "table1",
         help="Table 1, settled: ε2 × λ planes, extension, confirmation on fresh seeds, tests",
@@ -55,9 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add = p.add_argument
     add("--results", required=True, metavar="DIR", help="the campaign's results dir")
     add("--out", default=None, metavar="DIR", help="tables and figures (default: --results)")
-    add("--slt", nargs="+", default=list(CAMPAIGN.slts), help="SLTs (default: all three)")
+    add("--slt", nargs="+", default=list(DEFAULT_SLTS), help="SLTs (default: all three)")
     add("--stage", choices=STAGES, default="all", help="what to do (default: all, then report)")
-    add("--seeds", nargs="+", type=int, default=list(CAMPAIGN.confirm_seeds),
+    add("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS),
         help="confirmation seeds (default: 1 2 3 4)")  # fmt: skip
     add("--dry-run", action="store_true", help="print the runs to do and the estimate; run none")
     add_execution_flags(p)
