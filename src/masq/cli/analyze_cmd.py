@@ -22,7 +22,7 @@ from masq.cli import analyze_kfac
 from masq.cli.analyze_common import (
     MEASURE_FIELDS,
     SWEEP_FIELDS,
-    SWEEP_NAMES,
+    add_lam_flags,
     command_text,
     hidden_of,
     print_written,
@@ -148,13 +148,7 @@ def _register_lambda(sub: argparse._SubParsersAction) -> None:
     add("--seeds", type=int, default=1, help="seeds 0..N-1 (bands; default: 1)")
     add("--measures", nargs="+", default=["fisher", "masq"], metavar="M",
         help="importance measures swept (default: fisher masq; MaSQ in both scales)")  # fmt: skip
-    for name in (*SWEEP_FIELDS, *MEASURE_FIELDS):
-        spec = FIELD[name]
-        kind = str if name in SWEEP_NAMES else spec.kind
-        add(spec.flag, type=kind, default=None, metavar="V", help=f"({spec.default})")
-    add("--lam-min", type=float, default=1.0, help="smallest λ > 0 (default: 1)")
-    add("--lam-max", type=float, default=1e12, help="largest λ (default: 1e12)")
-    add("--per-decade", type=int, default=2, help="λ values per decade (default: 2)")
+    add_lam_flags(add, (*SWEEP_FIELDS, *MEASURE_FIELDS), per_decade=2)
     add("--tolerance", type=float, default=0.01, help="'λ needed' range tolerance (0.01)")
     add("--results", default="results/lambda", metavar="DIR", help="the sweep's results dir")
     add("--out", default=None, metavar="DIR", help="tables, figures (default: the results dir)")

@@ -8,7 +8,7 @@ import argparse
 
 from masq.cli.analyze_common import (
     SWEEP_FIELDS,
-    SWEEP_NAMES,
+    add_lam_flags,
     command_text,
     hidden_of,
     print_written,
@@ -59,13 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("--fisher-labels", default="exact", help="labels of the Fisher structures (exact)")
     add("--fisher-samples", type=int, default=1000,
         help="training samples per task of the Fisher structures (default: 1000)")  # fmt: skip
-    for name in SWEEP_FIELDS:
-        spec = FIELD[name]
-        kind = str if name in SWEEP_NAMES else spec.kind
-        add(spec.flag, type=kind, default=None, metavar="V", help=f"({spec.default})")
-    add("--lam-min", type=float, default=1.0, help="smallest λ > 0 (default: 1)")
-    add("--lam-max", type=float, default=1e12, help="largest λ (default: 1e12)")
-    add("--per-decade", type=int, default=1, help="λ values per decade (default: 1)")
+    add_lam_flags(add, SWEEP_FIELDS, per_decade=1)
     add("--blocks-window", type=int, default=-1, metavar="DECADES",
         help="for big nets: the blocks (the costly structure) run after the others, only at "
         "the λ within DECADES decades of the diagonal FIM's λ chosen on validation; -1: the "
