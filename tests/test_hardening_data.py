@@ -332,6 +332,22 @@ def test_a_diverged_run_says_so_once_with_phase_and_iteration(
     assert capsys.readouterr().err == ""  # a healthy run says nothing
 
 
+def test_a_stacked_diverged_run_says_so_once(
+    learnable: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tasks = protocol.make_tasks(TINY)
+    d1 = protocol.train_first(TINY, tasks)
+    imp, seconds = protocol.compute_importance(TINY, d1, tasks)
+    configs = [TINY.with_(lr2=1e30), TINY, TINY.with_(lam=3.0, lr2=1e30)]
+    capsys.readouterr()
+    results = protocol.continue_stacked(configs, d1, [imp] * 3, tasks, [seconds] * 3)
+    assert [r.meta.get("diverged") for r in results] == ["phase 2", None, "phase 2"]
+    err = capsys.readouterr().err.strip().splitlines()  # before: nothing
+    assert len(err) == 2 and all(e.startswith("masq: warning: D") for e in err), err
+    assert "lr2 1e+30, seed 0" in err[0] and "λ 3, lr2 1e+30" in err[1]
+    assert "not finite at the end of phase 2" in err[0]
+
+
 def test_masq_run_of_a_diverging_run_prints_one_warning(tmp_path: Path) -> None:
     proc = masq("run", *RUN, "--lr1", "1e30", "--out", tmp_path / "out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

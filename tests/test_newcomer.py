@@ -227,6 +227,21 @@ def test_a_quiet_run_prints_the_lambda_one_line_per_phase_and_warns(tmp_path: Pa
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
+def test_a_quiet_imm_prints_one_line_per_phase(tmp_path: Path) -> None:
+    argv = ["imm", "--slt", "D4-3-3", "--lr2", "1e-3", *TINY, "--alpha-step", "0.5", "--quiet",
+            "--importance", "fisher", "--out", str(tmp_path)]  # fmt: skip
+    code = RUN_SNIPPET.format(root=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    phases = [line for line in done.stderr.splitlines() if line.startswith("train D")]
+    assert [p.split(":")[0].split(" (")[0] for p in phases] == ["train D1", "train D2", "train D3"]
+    assert all("10/10" in p for p in phases)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+
 # ----------------------------------------------------------------------------- the paper
 
 
@@ -299,7 +314,7 @@ def test_group_labels_follow_what_each_measure_reads(
 
 
 def test_help_loads_no_heavy_module() -> None:
-    light = ["", "run", "compare", "grid", "table", "consistency", "migrate", "report", "data"]
+    light = ["", *dict.fromkeys(name for name, _, _ in COMMANDS)]  # every command's help
     code = f"""
 import contextlib, io, sys
 from masq.cli import main

@@ -13,22 +13,19 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import TYPE_CHECKING
 
-from masq import protocol
-from masq.cli.experiment_cmd import config_from_args
+from masq.cli.experiment_cmd import config_from_args, quiet_stderr
 from masq.cli.options import add_run_flags, add_single_run_flags
 from masq.config import RunConfig, hidden_text
-from masq.consolidation import method_label
 from masq.errors import ConfigError
-from masq.fileio import atomic_write, save_png
-from masq.grid import canonical
-from masq.importance import get_measure
-from masq.protocol.result import Result
-from masq.report.figures import FIGURE_DPI
-from masq.report.imm import alpha_rows, mean_sweeps, report_figure, summary_rows, sweep_figure
-from masq.report.runs import csv_text, markdown_table, run_stem, safe_name, text_table
-from masq.runtime import check_out_dir, resolve_device, setup_threads
+from masq.fileio import atomic_write
 
+if TYPE_CHECKING:
+    from masq.protocol.result import Result
+
+# The library (torch, pandas, matplotlib) is imported inside the functions that run, so that
+# `masq imm --help` loads none of it (as every command's help).
 # The fields `masq imm` sets itself (it runs both merges; λ and γ are EWC's).
 OWN: tuple[str, ...] = ("consolidation", "lam", "gamma")
 
@@ -71,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def imm_configs(base: RunConfig) -> tuple[RunConfig, RunConfig]:
     """(mean-IMM, mode-IMM) configs of ``base``, canonical as in a grid (same run ids)."""
+    from masq.consolidation import canonical
+    from masq.importance import get_measure
+
     if not get_measure(base.importance).gives_importance:
         raise ConfigError("masq imm: mode-IMM needs an importance; use --importance fisher or masq")
     mean = canonical(base.with_(consolidation="mean-imm").validate())
@@ -82,6 +82,9 @@ def run_pair(
     base: RunConfig, *, progress: bool = False, data_dir: str | None = None
 ) -> dict[str, Result]:
     """Mean-IMM and mode-IMM of ``base`` from one training: {label: Result}."""
+    from masq import protocol
+    from masq.consolidation import method_label
+
     mean, mode = imm_configs(base)
     tasks = protocol.make_tasks(mode, data_dir=data_dir)
     d1 = protocol.train_first(mode, tasks, progress=progress)
@@ -93,12 +96,19 @@ def run_pair(
 
 
 def _imm(args: argparse.Namespace) -> int:
+    from masq.fileio import save_png
+    from masq.report.figures import FIGURE_DPI
+    from masq.report.imm import summary_rows, sweep_figure
+    from masq.report.runs import csv_text, markdown_table, run_stem, safe_name, text_table
+    from masq.runtime import check_out_dir, resolve_device, setup_threads
+
     base = config_from_args(args, consolidation="mean-imm")  # both: run_pair
     setup_threads(args.threads)
     resolve_device(base.device)
     out = check_out_dir(args.out or f"results/imm-{safe_name(base.slt)}")
     start = time.perf_counter()
-    results = run_pair(base, progress=not args.quiet, data_dir=args.data_dir)
+    with quiet_stderr(args.quiet):  # one line per phase
+        results = run_pair(base, progress=True, data_dir=args.data_dir)
     seconds = time.perf_counter() - start
     written = []
     for result in results.values():
@@ -119,6 +129,12 @@ def _imm(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from masq.fileio import save_png
+    from masq.report.figures import FIGURE_DPI
+    from masq.report.imm import alpha_rows, mean_sweeps, report_figure
+    from masq.report.runs import csv_text, safe_name
+    from masq.runtime import check_out_dir
+
     out = check_out_dir(args.out or args.results)
     sweeps = mean_sweeps(args.results)
     written = [

@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 
 from masq.config import RunConfig
-from masq.consolidation import check_config, get_method
+from masq.consolidation import check_config, get_method, method_label
 from masq.errors import ConfigError
+from masq.fileio import warn
 from masq.importance import get_measure
 from masq.protocol.result import Result, build_result, finite_state, run_meta
 from masq.protocol.run import D1State, check_same_d1, eval_sets, eval_units, synchronize
@@ -108,7 +109,12 @@ def continue_stacked(
     seconds = time.perf_counter() - start
     k = len(configs)
     meta = run_meta(device, stack=k, stack_seconds=seconds)
-    rows = zip(configs, curves, imps, seconds_imp, finals, strict=True)
+    start_finite = finite_state(d1.state_dict)  # else diverged in phase 1, reported there
+    diverged = [None if finite_state(f) else "phase 2" for f in finals]
+    for c, where in zip(configs, diverged, strict=True):
+        if start_finite and where:
+            warn(diverged_text(c))
+    rows = zip(configs, curves, imps, seconds_imp, finals, diverged, strict=True)
     return [
         build_result(
             c,
@@ -118,13 +124,18 @@ def continue_stacked(
             importance_seconds=[s_imp],
             meta=meta,
             weights=[dict(d1.state_dict), final] if keep_weights else None,
-            diverged=(
-                "phase 1"
-                if not finite_state(d1.state_dict)
-                else None
-                if finite_state(final)
-                else "phase 2"
-            ),
+            diverged="phase 1" if not start_finite else where,
         )
-        for c, curve, imp, s_imp, final in rows
+        for c, curve, imp, s_imp, final, where in rows
     ]
+
+
+def diverged_text(config: RunConfig) -> str:
+    """The one console line for a stacked run whose phase 2 ended with non-finite weights
+    (the stacked engine checks once, at the end of the phase)."""
+    return (
+        f"{config.slt} {method_label(config)}, λ {config.lam:g}, lr2 {config.lr2:g}, seed "
+        f"{config.seed}: the weights are not finite at the end of phase 2 (stacked; checked at "
+        "the end of the phase): the run diverged and is recorded as diverged; a smaller "
+        "learning rate or λ usually helps"
+    )
