@@ -156,3 +156,14 @@ def test_the_report_shows_the_comparison(tmp_path: Path) -> None:
     missing = build_report([tmp_path / "an"], tmp_path / "page2")
     (empty,) = [p for p in missing.parts if p.id == "kfac"]
     assert not empty.present and "masq analyze kfac" in empty.missing
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible")
+@pytest.mark.parametrize("analysis", ["kfac", "lambda"])
+def test_analyses_take_the_device(
+    tmp_path: Path, analysis: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["analyze", analysis, "--slt", "D5-5", "--hidden", "6", "--seeds", "1", "--lam-max",
+            "10", "--results", str(tmp_path / "r"), "--dry-run", "--device"]  # fmt: skip
+    assert main([*args, "cuda"]) == 2  # the runs' device, checked before anything runs
+    assert "device 'cuda': no CUDA GPU is visible here" in capsys.readouterr().err

@@ -356,7 +356,7 @@ def run_lambda(args: argparse.Namespace) -> int:
     from masq.consolidation import method_label
 
     n_imp = len({method_label(c) for c in configs if c.lam > 0})
-    workers, threads = resolve_workers(args.workers, args.threads)
+    workers, threads = resolve_workers(args.workers, args.threads, args.device)
     print(f"λ sweep: {len(configs)} runs ({len(grids)} SLT(s) × {args.seeds} seed(s) × (λ = 0 + "
           f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × {n_imp} importances))")  # fmt: skip
     if args.dry_run:

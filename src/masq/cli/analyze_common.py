@@ -15,7 +15,7 @@ from masq.slt import parse_spec
 # Flags of `masq analyze lambda` that set one value of a grid axis for every run.
 SWEEP_FIELDS: tuple[str, ...] = (
     "iters1", "iters2", "eval_every", "eval_schedule", "precision", "init", "lr1", "batch_size",
-    "masq_batch",
+    "masq_batch", "device",
 )  # fmt: skip
 # Flags of `masq analyze lambda` for the measures' settings and the scenario.
 MEASURE_FIELDS: tuple[str, ...] = ("fisher_labels", "fisher_samples", "si_damping", "scenario")

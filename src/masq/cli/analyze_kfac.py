@@ -104,7 +104,7 @@ def run_kfac(args: argparse.Namespace) -> int:
             first, lams, args.seeds, measures=first_pass, labels=args.fisher_labels,
             samples=args.fisher_samples,
         )  # fmt: skip
-    workers, threads = resolve_workers(args.workers, args.threads)
+    workers, threads = resolve_workers(args.workers, args.threads, args.device)
     print(f"kfac: {len(configs)} runs ({len(slts)} SLT(s) × {args.seeds} seed(s) × (λ = 0 + "
           f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × {len(first_pass)} "
           f"measure(s)))")  # fmt: skip
