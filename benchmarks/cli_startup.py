@@ -37,6 +37,7 @@ COMMANDS: tuple[str, ...] = (
     "table1",
     "export",
     "import",
+    "peers",
 )
 HEAVY: tuple[str, ...] = ("torch", "pandas", "matplotlib", "ray", "tensorboard")
 

@@ -349,6 +349,22 @@ def test_cache_keys_of_the_golden_runs_are_unchanged() -> None:
     assert grid.importance_key(online) == grid.importance_key(config)
 
 
+def test_a_measures_layout_version_is_part_of_its_cache_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from masq.importance import registry
+
+    config = RunConfig(slt="D5-5", importance="fisher-blocks", fisher_labels="exact")
+    blocks = registry.get_measure("fisher-blocks")
+    assert blocks.layout == 2  # its low-rank layout changed once
+    key = grid.importance_key(config)
+    old = dataclasses.replace(blocks, layout=1)
+    monkeypatch.setitem(registry.MEASURES, "fisher-blocks", old)
+    assert grid.importance_key(config) != key  # an older cache entry is not read back
+
+
 def test_chunks_stack_two_task_runs_by_iters2_and_run_longer_ones_alone() -> None:
     two = [RunConfig(lam=float(i), iters2=10) for i in range(5)]
     two_long = [RunConfig(lam=float(i), iters2=20) for i in range(2)]

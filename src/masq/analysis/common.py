@@ -29,7 +29,7 @@ from masq.fileio import atomic_write
 from masq.runtime import cpu_count
 
 MANIFEST_FORMAT = "masq-analysis"
-ANALYSES: tuple[str, ...] = ("diagonality", "compare", "lambda", "kfac")
+ANALYSES: tuple[str, ...] = ("diagonality", "compare", "lambda", "kfac", "peers")
 
 
 def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:

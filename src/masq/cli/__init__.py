@@ -54,6 +54,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("export", "table1_cmd",
      "every valid run record of a results dir into one .jsonl.gz (deterministic)"),
     ("import", "table1_cmd", "restore the run records of a .jsonl.gz into a results dir"),
+    ("peers", "peers_cmd", "a published table beside ours (its runs: masq grid --preset NAME)"),
 )  # fmt: skip
 MODULES: tuple[str, ...] = tuple(dict.fromkeys(module for _, module, _ in COMMANDS))
 

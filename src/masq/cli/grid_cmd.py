@@ -61,8 +61,9 @@ def _register_grid(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset",
         default="none",
-        help="grid preset, e.g. paper (the paper's grid: 1,728 runs); default: none (one run of "
-        "RunConfig's defaults, changed by the grid file and the flags)",
+        help="grid preset, e.g. paper (the paper's grid: 1,728 runs), or a published table "
+        "(`masq peers --list`: its runs, row by row; the flags override every cell); default: "
+        "none (one run of RunConfig's defaults, changed by the grid file and the flags)",
     )
     p.add_argument(
         "--grid", dest="grid_file", default=None, help="TOML grid file (overrides preset)"
@@ -150,6 +151,11 @@ def grid_from_args(args: argparse.Namespace) -> Any:
     base = masq_grid.Grid() if args.preset == "none" else masq_grid.load_preset(args.preset)
     if args.grid_file is not None:
         base = masq_grid.load_grid_file(args.grid_file, base)
+    return masq_grid.grid_from_mapping(flag_values(args), base, where="command line")
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The grid keys the command line gives (the axes its flags set)."""
     values: dict[str, Any] = {}
     for spec in FIELDS:
         if spec.stage == Stage.RUN:
@@ -173,7 +179,7 @@ def grid_from_args(args: argparse.Namespace) -> Any:
         values["seeds"] = args.seeds
     if args.device is not None:
         values["device"] = args.device
-    return masq_grid.grid_from_mapping(values, base, where="command line")
+    return values
 
 
 def describe_axes(grid: Any) -> str:
@@ -193,17 +199,30 @@ def describe_axes(grid: Any) -> str:
 def run_grid(args: argparse.Namespace) -> int:
     """``masq grid``."""
     from masq import grid as search
+    from masq.grid import peers
     from masq.grid.executors import check_devices
     from masq.store import Store
 
-    grid = grid_from_args(args)
-    configs = search.expand(grid)
+    preset = peers.load_peer_preset(args.preset) if peers.is_peer_preset(args.preset) else None
+    if preset is not None:
+        if args.grid_file is not None:
+            raise ConfigError(f"--preset {args.preset} is a published table; it takes flags, "
+                              "not a --grid file")  # fmt: skip
+        overrides = flag_values(args)
+        cells = preset.cells(overrides)
+        configs = preset.configs(overrides)
+        described = f"{len(preset.rows)} rows × {len(preset.columns)} columns of {preset.title}"
+        size = sum(len(c) for c in cells.values())
+    else:
+        grid = grid_from_args(args)
+        configs = search.expand(grid)
+        described, size = describe_axes(grid), grid.size()
     if args.executor == "local":  # Ray workers may have GPUs this machine lacks
         check_devices(configs)
     workers, threads = resolve_workers(args.workers, args.threads, args.device)
     at_least_one(("--stack", args.stack))
     print(
-        f"grid: {len(configs)} runs ({describe_axes(grid)}; {grid.size()} combinations, "
+        f"grid: {len(configs)} runs ({described}; {size} combinations, "
         "merged where a setting cannot change the result, e.g. the importance at λ = 0)"
     )
     if args.dry_run:
@@ -212,6 +231,8 @@ def run_grid(args: argparse.Namespace) -> int:
     if args.results is None:
         raise ConfigError("masq grid: give --results DIR (or --dry-run)")
     Store(args.results).check_writable()
+    if preset is not None:  # before the runs: an interrupted campaign tabulates what it has
+        peers.write_manifest(args.results, preset, overrides, cells)
     summary = execute(
         "grid",
         configs,

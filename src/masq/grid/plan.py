@@ -27,9 +27,12 @@ def d1_key(config: RunConfig) -> str:
 
 
 def importance_key(config: RunConfig) -> str:
-    """The cache key of task 1's importance: a hash of ``FIRST_FIELDS + IMPORTANCE_FIELDS``."""
+    """The cache key of task 1's importance: a hash of ``FIRST_FIELDS + IMPORTANCE_FIELDS``
+    and, for a measure whose stored layout changed (``Measure.layout`` > 1), that version."""
     d = id_dict(config)
-    return key_of({name: d[name] for name in (*FIRST_FIELDS, *IMPORTANCE_FIELDS) if name in d})
+    key = {name: d[name] for name in (*FIRST_FIELDS, *IMPORTANCE_FIELDS) if name in d}
+    layout = get_measure(config.importance).layout
+    return key_of(key if layout == 1 else {**key, "layout": layout})
 
 
 @dataclass(frozen=True)

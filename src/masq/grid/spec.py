@@ -315,7 +315,12 @@ def load_preset(name: str) -> Any:
     """The grid of preset ``name`` (e.g. "paper": PAPER.md section 5.1); unknown: ConfigError."""
     names = list_presets()
     if name not in names:
-        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(names)}")
+        folder = resources.files("masq").joinpath("presets", "peers")
+        tables = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+        raise ConfigError(
+            f"unknown preset {name!r}; available presets: {', '.join(names)}; published "
+            f"tables (masq peers): {', '.join(tables)}"
+        )
     resource = resources.files("masq").joinpath("presets", f"{name}.toml")
     values = toml_values(resource.read_bytes(), f"preset {name}")
     return grid_from_mapping(values, Grid(), where=f"preset {name}")

@@ -401,6 +401,7 @@ FISHER_BLOCKS = register_measure(
         compute=fisher_blocks_measure,
         fields=("fisher_labels", "fisher_samples"),
         kind="fisher-blocks",
+        layout=2,  # 2: blocks as V [N, cols] and U [N, T, out]
         description="the exact Fisher block of each Linear layer (W and b), in low-rank form",
     )
 )

@@ -99,7 +99,12 @@ class Measure:
     anchor (SI: online EWC with γ = 1); labels then say when a run differs from it.
 
     ``more_fields(config)``: importance fields the measure reads only in some settings (the
-    Fisher's ``batched`` labels make the pass's batch size its b); :meth:`reads` adds them."""
+    Fisher's ``batched`` labels make the pass's batch size its b); :meth:`reads` adds them.
+
+    ``layout``: the version of the layout of the importance it returns (which tensors, their
+    shapes). It is part of the key of the grid's on-disk importance cache, so raising it when
+    the layout changes makes a grid recompute what an older masq cached (run ids do not
+    change: the numbers a run reports do not depend on how its importance was stored)."""
 
     name: str
     label: str | Label
@@ -112,6 +117,7 @@ class Measure:
     kind: str = "diagonal"  # the penalty its importance feeds (masq.consolidation.PENALTY_KINDS)
     more_fields: Callable[[Any], tuple[str, ...]] | None = None  # fields read in some settings
     online: bool = False  # its own method sums over tasks with the latest anchor (SI)
+    layout: int = 1  # version of the stored importance's layout (the cache key holds it)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):

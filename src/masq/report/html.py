@@ -57,7 +57,7 @@ def _manifests(path: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
 
     found: dict[str, tuple[Path, dict[str, Any]]] = {}
     for folder in (path, path / "analysis"):
-        for name in ("diagonality", "compare", "lambda", "kfac"):
+        for name in ("diagonality", "compare", "lambda", "kfac", "peers"):
             record = read_manifest(folder / f"{name}.json")
             if record is not None and name not in found:
                 found[name] = (folder, record)
@@ -203,6 +203,8 @@ def _analysis_part(
         "compare": "masq analyze compare --results DIR --out DIR",
         "lambda": "masq analyze lambda --slt D5-5 D9-1 DP10-10 --results DIR",
         "kfac": "masq analyze kfac --slt D5-5 --hidden 30-30 --seeds 5 --results DIR",
+        "peers": "masq grid --preset vdv2019-split --results DIR; masq peers vdv2019-split "
+        "--results DIR",
     }
     if not found:
         part.missing = f"{missing[name]}  (then: masq report --results DIR)"
@@ -268,6 +270,11 @@ def _analysis_caption(name: str, m: dict[str, Any]) -> str:
                 f"{c.get('precision', 'fp32')}, N = {s.get('samples')})"
             )
         what = "task-1 states: " + "; ".join(parts)
+    elif name == "peers":
+        what = (
+            f"{m.get('title')} ({m.get('citation')}); {m.get('runs')} of its "
+            f"{m.get('expected')} runs stored; {m.get('marked')} cell(s) marked"
+        )
     else:
         slts = ", ".join(
             f"{s['slt']} 784-{s['hidden']}-10 at ε2 = {s['lr2']:g}" for s in m.get("slts", [])
@@ -435,6 +442,12 @@ def build_report(
             "kfac",
             "Does the Fisher's off-diagonal part matter? Diagonal, K-FAC, per-layer blocks",
             found.get("kfac", []),
+            figs,
+        ),
+        _analysis_part(
+            "peers",
+            "The field's reference tables: published numbers beside ours",
+            found.get("peers", []),
             figs,
         ),
         _bench_part(bench),

@@ -1,0 +1,270 @@
+"""A published table beside ours (``masq peers NAME``): rows are methods, columns scenarios.
+
+The runs of each cell are those ``masq grid --preset NAME`` recorded for it
+(:mod:`masq.grid.peers`). A cell's statistic is the average accuracy over all tasks after the
+last one, ACC = (1/T) Σ_j R[T-1][j] (the test accuracy of task j at the end, in %), as the
+field's tables report it. Per cell:
+
+- a cell with one λ: the mean and the standard error of the mean over seeds,
+  SEM = s / √n (s the sample standard deviation, n the seeds);
+- a cell with several λ (a sweep): λ is chosen on the validation sets, as the λ with the
+  highest mean over seeds of the same average accuracy on the tasks' validation parts
+  (smallest on ties), and the test mean ± SEM is reported there;
+- diverged runs (non-finite accuracies) are left out of the means and counted.
+
+Beside it: the published mean and spread, the difference Δ = ours − published, and a mark
+where |Δ| > 1 point and |Δ| > 2 √(SEM² + spread²) (the spread read as the publication's SEM;
+a published value without a spread counts with ours alone).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from masq.analysis.common import markdown, provenance, write_manifest
+from masq.consolidation import get_method
+from masq.curves import VAL, task_name
+from masq.errors import ConfigError
+from masq.fileio import atomic_write, save_png
+from masq.grid.peers import PeerPreset, cell_key
+
+MARK = "◆"  # a cell more than 1 point and two SEMs from the published value
+MIN_POINTS = 1.0
+
+
+def val_average(df: pd.DataFrame) -> np.ndarray:
+    """Per run, the average over its tasks of the final validation accuracy (NaN for runs
+    without validation curves)."""
+    out = np.full(len(df), math.nan)
+    for i, (_, row) in enumerate(df.iterrows()):
+        names = [f"last_val.{VAL}{task_name(j)}" for j in range(int(row["tasks"]))]
+        if all(n in df.columns for n in names):
+            out[i] = float(np.mean([float(row[n]) for n in names]))
+    return out
+
+
+def peer_frame(
+    df: pd.DataFrame, cells: Mapping[str, Sequence[str]], preset: PeerPreset
+) -> pd.DataFrame:
+    """One row per (cell, stored run): method (row), column, λ, seed, test and validation
+    average accuracy in % (NaN where a run diverged or evaluated no validation set)."""
+    if df.empty:
+        raise ConfigError(f"no stored runs; run `masq grid --preset {preset.name}` first")
+    df = df.set_index("run_id", drop=False)
+    parts = []
+    for row in preset.rows:
+        for column in preset.columns:
+            ids = [r for r in cells.get(cell_key(row.name, column), []) if r in df.index]
+            if not ids:
+                continue
+            part = df.loc[ids]
+            reads = [
+                "lam" in get_method(m).fields and i != "none"
+                for m, i in zip(part["consolidation"], part["importance"], strict=True)
+            ]
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "method": row.name,
+                        "column": column,
+                        "lam": part["lam"].astype(float).to_numpy(),
+                        "reads_lam": reads,
+                        "seed": part["seed"].astype(int).to_numpy(),
+                        "test": 100 * part["average_accuracy"].astype(float).to_numpy(),
+                        "val": 100 * val_average(part),
+                        "run_id": ids,
+                    }
+                )
+            )
+    if not parts:
+        raise ConfigError(
+            f"none of the runs of preset {preset.name} is stored yet; run `masq grid --preset "
+            f"{preset.name} --results DIR` (it resumes) and tabulate again"
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _chosen(part: pd.DataFrame) -> tuple[float, bool]:
+    """(λ of the cell, whether it was chosen on validation among several)."""
+    lams = sorted(part["lam"].unique())
+    if len(lams) == 1:
+        return float(lams[0]), False
+    finite = part[np.isfinite(part["val"].to_numpy(float))]
+    if finite.empty:
+        raise ConfigError(
+            "a λ sweep of the table has no validation accuracies: its runs evaluated no "
+            "validation set (set eval_val = true in the preset, or pass --eval-val true)"
+        )
+    means = finite.groupby("lam")["val"].mean().sort_index()
+    return float(means.index[int(np.argmax(means.to_numpy()))]), True
+
+
+def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
+    """One row per (method, column) in the table's order (module docstring's statistics)."""
+    rows = []
+    for row in preset.rows:
+        for column in preset.columns:
+            part = frame[(frame["method"] == row.name) & (frame["column"] == column)]
+            if part.empty:
+                continue
+            lam, swept = _chosen(part)
+            at = part[part["lam"] == lam]
+            test = at["test"].to_numpy(float)
+            ok = test[np.isfinite(test)]
+            n = len(ok)
+            mean = float(ok.mean()) if n else math.nan
+            sem = float(ok.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+            pub, spread = row.published.get(column, (math.nan, math.nan))
+            diff = mean - pub
+            bound = 2 * math.sqrt(np.nan_to_num(sem) ** 2 + np.nan_to_num(spread) ** 2)
+            rows.append(
+                {
+                    "method": row.name,
+                    "column": column,
+                    "label": preset.label(column),
+                    "lam": lam,
+                    "reads_lam": bool(at["reads_lam"].any()),
+                    "lam_chosen_on_val": swept,
+                    "lams": len(part["lam"].unique()),
+                    "seeds": n,
+                    "diverged": int(len(test) - n),
+                    "mean": mean,
+                    "sem": sem,
+                    "published": pub,
+                    "published_spread": spread,
+                    "diff": diff,
+                    "marked": bool(
+                        math.isfinite(diff) and abs(diff) > MIN_POINTS and abs(diff) > bound
+                    ),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _number(mean: float, spread: float) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    return f"{mean:.2f}" + ("" if not math.isfinite(spread) else f" ± {spread:.2f}")
+
+
+def _lam_text(r: Mapping[str, Any]) -> str:
+    if not r.get("reads_lam", True):
+        return "no λ"
+    lam = float(r["lam"])
+    text = "0" if lam == 0 else f"{lam:.0e}".replace("e+0", "e").replace("e+", "e")
+    return f"λ {text}" + (" (val)" if r["lam_chosen_on_val"] else "")
+
+
+def peer_markdown(table: pd.DataFrame, preset: PeerPreset) -> str:
+    """The table as the publication lays it out: one row per method; per column ours
+    (mean ± SEM, the λ used), the published value, Δ and the mark."""
+    columns: list[tuple[str, str]] = [("method", "method")]
+    for column in preset.columns:
+        label = preset.label(column)
+        columns += [(f"{column}:ours", f"{label}: ours"), (f"{column}:pub", f"{label}: published"),
+                    (f"{column}:diff", "Δ")]  # fmt: skip
+    records = []
+    for row in preset.rows:
+        record: dict[str, Any] = {"method": row.name + (" (ours)" if row.ours else "")}
+        for column in preset.columns:
+            hit = table[(table["method"] == row.name) & (table["column"] == column)]
+            if hit.empty:
+                record[f"{column}:ours"] = "not run yet"
+            else:
+                r = hit.iloc[0].to_dict()
+                seeds = f"n={r['seeds']}"
+                if r["diverged"]:
+                    seeds += f", {r['diverged']} diverged"
+                ours = _number(r["mean"], r["sem"])
+                record[f"{column}:ours"] = f"{ours} ({_lam_text(r)}; {seeds})"
+                if math.isfinite(r["diff"]):
+                    mark = f" {MARK}" if r["marked"] else ""
+                    record[f"{column}:diff"] = f"{r['diff']:+.2f}{mark}"
+            pub = row.published.get(column)
+            record[f"{column}:pub"] = _number(*pub) if pub else "—"
+            record.setdefault(f"{column}:diff", "—")
+        records.append(record)
+    title = (
+        f"{preset.title}. Ours: {preset.statistic}, mean ± SEM over seeds (n), at the λ given "
+        f"((val): chosen on the validation sets). Published: {preset.citation}, {preset.source} "
+        f"({preset.spread}). {MARK}: |Δ| > {MIN_POINTS:g} point and two combined SEMs."
+    )
+    notes = "".join(f"\n- {n}" for n in preset.notes)
+    return markdown(records, columns, title) + notes + ("\n" if notes else "")
+
+
+def peer_figure(table: pd.DataFrame, preset: PeerPreset) -> Figure:
+    """One panel per column: per method our mean ± SEM (bar) and the published value ±
+    its spread (black diamond)."""
+    columns = [c for c in preset.columns if c in set(table["column"])]
+    fig = Figure(figsize=(3.6 * max(1, len(columns)), 0.45 * len(preset.rows) + 1.6),
+                 layout="constrained")  # fmt: skip
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(columns)), squeeze=False, sharey=True)[0])
+    names = [r.name for r in preset.rows]
+    ys = np.arange(len(names))[::-1]
+    for ax, column in zip(axes, columns, strict=False):
+        part = table[table["column"] == column].set_index("method")
+        mean = np.array([part["mean"].get(n, math.nan) for n in names], float)
+        sem = np.array([part["sem"].get(n, math.nan) for n in names], float)
+        ax.barh(ys, np.nan_to_num(mean), xerr=np.nan_to_num(sem), color="tab:blue", alpha=0.7,
+                capsize=2, label="ours")  # fmt: skip
+        pub = np.array([part["published"].get(n, math.nan) for n in names], float)
+        spread = np.array([part["published_spread"].get(n, math.nan) for n in names], float)
+        ax.errorbar(pub, ys, xerr=np.nan_to_num(spread), fmt="D", color="black", markersize=4,
+                    capsize=2, label="published")  # fmt: skip
+        ax.set_title(preset.label(column), fontsize=9)
+        ax.set_xlim(0, 100)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_xlabel("average accuracy, %", fontsize=8)
+    axes[0].set_yticks(ys, names, fontsize=8)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(preset.title, fontsize=9)
+    return fig
+
+
+def write_outputs(
+    table: pd.DataFrame,
+    frame: pd.DataFrame,
+    preset: PeerPreset,
+    out: str | Path,
+    *,
+    body: Mapping[str, Any] | None = None,
+) -> tuple[str, list[Path]]:
+    """Write ``out``/peers.md and .csv (:func:`peer_table`), peers_points.csv (every run),
+    peers.png (:func:`peer_figure`) and the manifest peers.json (``body`` plus the preset,
+    files and provenance); (the Markdown, the paths written)."""
+    out = Path(out)
+    md = peer_markdown(table, preset)
+    written = [
+        atomic_write(out / "peers.md", md),
+        atomic_write(out / "peers.csv", table.to_csv(index=False)),
+        atomic_write(out / "peers_points.csv", frame.to_csv(index=False)),
+        save_png(peer_figure(table, preset), out / "peers.png"),
+    ]
+    files = {"markdown": "peers.md", "csv": "peers.csv", "points": "peers_points.csv",
+             "figures": ["peers.png"]}  # fmt: skip
+    own = {"preset": preset.name, "title": preset.title, "citation": preset.citation,
+           "marked": int(table["marked"].sum()) if not table.empty else 0}  # fmt: skip
+    manifest = {**(body or {}), **own, "provenance": provenance(), "files": files}
+    written.append(write_manifest(out, "peers", manifest))
+    return md, written
+
+
+__all__ = [
+    "MARK",
+    "peer_figure",
+    "peer_frame",
+    "peer_markdown",
+    "peer_table",
+    "val_average",
+    "write_outputs",
+]

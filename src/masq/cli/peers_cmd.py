@@ -1,0 +1,75 @@
+"""``masq peers``: a published table beside ours (:mod:`masq.analysis.peers`).
+
+Its runs come from ``masq grid --preset NAME --results DIR`` (resumable; it records which runs
+make each cell in DIR/peers-NAME.json); ``masq peers NAME --results DIR`` then lays the table
+out as the publication does: ours as mean ± SEM over seeds, the published value, the
+difference and a mark where they differ by more than a point and two SEMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from masq.errors import ConfigError
+
+HELP = "a published table beside ours (its runs: masq grid --preset NAME)"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``peers``."""
+    p = sub.add_parser(
+        "peers",
+        help=HELP,
+        description="Tabulate the runs of a peer preset (a published table: `masq peers "
+        "--list`) stored in --results by `masq grid --preset NAME --results DIR`: rows are "
+        "the publication's methods (and ours), columns its scenarios; each cell ours (mean ± "
+        "SEM over seeds, λ chosen on validation where the cell sweeps it) beside the "
+        "published value and the difference. Writes peers.md, peers.csv, peers_points.csv, "
+        "peers.png and peers.json into --out.",
+    )
+    p.add_argument("name", nargs="?", default=None, help="the preset, e.g. vdv2019-split")
+    p.add_argument("--results", default=None, help="results directory of its runs")
+    p.add_argument("--out", default=None, help="output directory (default: RESULTS/NAME)")
+    p.add_argument("--list", action="store_true", help="list the peer presets and stop")
+    p.set_defaults(func=_peers)
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from masq.analysis import peers as analysis
+    from masq.grid import peers
+    from masq.runid import run_id
+    from masq.runtime import check_out_dir
+    from masq.store import load, open_store
+
+    if args.list:
+        for name in peers.list_peer_presets():
+            preset = peers.load_peer_preset(name)
+            print(f"{name}: {preset.title} ({preset.citation}, {preset.source}); "
+                  f"{len(preset.configs())} runs")  # fmt: skip
+        return 0
+    if args.name is None or args.results is None:
+        raise ConfigError("masq peers: give a preset NAME and --results DIR (or --list)")
+    preset = peers.load_peer_preset(args.name)
+    open_store(args.results)
+    cells = peers.read_manifest(args.results, preset.name)
+    if cells is None:
+        where = peers.manifest_path(args.results, preset.name)
+        print(f"masq peers: {where} is missing: tabulating the runs of the preset as shipped "
+              "(no flags)", file=sys.stderr)  # fmt: skip
+        cells = {key: [run_id(c) for c in configs] for key, configs in preset.cells().items()}
+    df = load(args.results)
+    frame = analysis.peer_frame(df, cells, preset)
+    table = analysis.peer_table(frame, preset)
+    out = check_out_dir(args.out or Path(args.results) / preset.name)
+    expected = sorted({rid for ids in cells.values() for rid in ids})
+    stored = set(df["run_id"]) & set(expected) if not df.empty else set()
+    command = f"masq peers {preset.name} --results {shlex.quote(str(args.results))}"
+    body = {"runs": len(stored), "expected": len(expected), "command": command}
+    md, written = analysis.write_outputs(table, frame, preset, out, body=body)
+    print(md, end="")
+    print(f"{len(stored)} of {len(expected)} runs stored; written: "
+          f"{', '.join(str(p) for p in written)}")  # fmt: skip
+    return 0

@@ -1,0 +1,304 @@
+"""Peer presets: the runs behind a published table, row by row and column by column.
+
+A peer preset (``presets/peers/NAME.toml``, run with ``masq grid --preset NAME`` and tabulated
+with ``masq peers NAME``) states one table of a publication:
+
+- ``name``, ``title``, ``citation``, ``source`` (where in the publication the numbers are),
+  ``statistic`` (what a cell is) and ``spread`` (what its ± is, e.g. "SEM over 5 seeds");
+- ``[columns]``: the grid field the table's columns vary (``field``, e.g. "scenario"), its
+  ``values`` and the publication's ``labels`` for them;
+- ``[axes]``: the grid keys every cell shares (those of a grid file: ``slt``, ``hidden``,
+  ``seeds``, ...);
+- one ``[[rows]]`` per method: ``name`` (the publication's label), ``[rows.axes]`` (its grid
+  keys), ``[rows.columns.<value>]`` (keys of one column only: the publication's
+  hyper-parameters per scenario), ``published.<value> = [mean, spread]`` (in %; ``[mean]``
+  where the publication gives no spread; a column without it is ours only) and ``note``.
+
+A cell's grid is ``axes``, then the row's axes, then the row's column keys, then the column's
+own value, then ``overrides`` (the command line: e.g. fewer iterations for a test). A cell
+whose λ axis has several values is a sweep: its λ is chosen on the validation sets when the
+table is made (:mod:`masq.analysis.peers`). The preset's runs are the union of its cells'
+runs, de-duplicated by run id (cells that share a configuration share its run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from masq.config import RunConfig
+from masq.errors import ConfigError
+from masq.fileio import atomic_write
+from masq.grid.expand import expand
+from masq.grid.spec import GRID_KEYS, Grid, grid_from_mapping, toml_values
+from masq.runid import run_id
+
+FOLDER = "peers"  # presets/peers/NAME.toml
+MANIFEST_FORMAT = "masq-peers"
+TOP_KEYS = ("name", "title", "citation", "source", "statistic", "spread", "notes", "columns",
+            "axes", "rows")  # fmt: skip
+ROW_KEYS = ("name", "axes", "columns", "published", "note")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerRow:
+    """One method of the table: its grid keys, per-column keys and the published values."""
+
+    name: str
+    axes: Mapping[str, Any]
+    by_column: Mapping[str, Mapping[str, Any]]
+    published: Mapping[str, tuple[float, float]]  # column value -> (mean, spread), in %
+    note: str = ""
+
+    @property
+    def ours(self) -> bool:
+        """A row the publication does not have (no published value in any column)."""
+        return not self.published
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerPreset:
+    """A published table as runs (module docstring)."""
+
+    name: str
+    title: str
+    citation: str
+    source: str
+    statistic: str
+    spread: str
+    field: str
+    columns: tuple[str, ...]
+    labels: tuple[str, ...]
+    axes: Mapping[str, Any]
+    rows: tuple[PeerRow, ...]
+    notes: tuple[str, ...] = ()
+
+    def label(self, column: str) -> str:
+        """The publication's name of ``column``."""
+        return self.labels[self.columns.index(column)]
+
+    def cell_grids(self, overrides: Mapping[str, Any] | None = None) -> list[tuple[str, str, Grid]]:
+        """(row name, column value, grid) of every cell, in the table's order; ``overrides``
+        (grid keys) apply to every cell, and a value of the column field restricts the
+        columns to the ones it names."""
+        overrides = dict(overrides or {})
+        columns = self.columns
+        if self.field in overrides:
+            wanted = overrides.pop(self.field)
+            wanted = [str(v) for v in (wanted if isinstance(wanted, list | tuple) else [wanted])]
+            unknown = [v for v in wanted if v not in self.columns]
+            if unknown:
+                raise ConfigError(
+                    f"preset {self.name}: {self.field} {unknown[0]!r} is not a column of the "
+                    f"table; its columns: {', '.join(self.columns)}"
+                )
+            columns = tuple(c for c in self.columns if c in wanted)
+        cells = []
+        for row in self.rows:
+            for column in columns:
+                values = {**self.axes, **row.axes, **row.by_column.get(column, {})}
+                for given, other in (("seed", "seeds"), ("seeds", "seed"), ("hidden", "layers"),
+                                     ("hidden", "sizes"), ("layers", "hidden")):  # fmt: skip
+                    if given in overrides:
+                        values.pop(other, None)
+                values = {**values, self.field: column, **overrides}
+                where = f"preset {self.name}, row {row.name!r}, {self.field} {column}"
+                cells.append((row.name, column, grid_from_mapping(values, Grid(), where=where)))
+        return cells
+
+    def cells(self, overrides: Mapping[str, Any] | None = None) -> dict[str, list[RunConfig]]:
+        """{cell key (:func:`cell_key`): its run configurations}."""
+        return {
+            cell_key(row, column): expand(grid) for row, column, grid in self.cell_grids(overrides)
+        }
+
+    def configs(self, overrides: Mapping[str, Any] | None = None) -> list[RunConfig]:
+        """Every run of the table once (the union of the cells' runs, first occurrence kept)."""
+        seen: set[str] = set()
+        out = []
+        for configs in self.cells(overrides).values():
+            for config in configs:
+                rid = run_id(config)
+                if rid not in seen:
+                    seen.add(rid)
+                    out.append(config)
+        return out
+
+
+def cell_key(row: str, column: str) -> str:
+    """The key of one cell in a manifest: "<row> | <column>"."""
+    return f"{row} | {column}"
+
+
+def list_peer_presets() -> list[str]:
+    """The names of the peer presets shipped with masq."""
+    folder = resources.files("masq").joinpath("presets", FOLDER)
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def is_peer_preset(name: str) -> bool:
+    """Whether ``name`` is one of :func:`list_peer_presets`."""
+    return name in list_peer_presets()
+
+
+def _text(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _table(value: Any, key: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key!r} must be a table ([{key}]), got {value!r}")
+    unknown = sorted(set(value) - set(GRID_KEYS)) if key.endswith("axes") else []
+    if unknown:
+        raise ConfigError(f"{where}: unknown grid key {unknown[0]!r} in {key!r}")
+    return dict(value)
+
+
+def _published(value: Any, columns: Sequence[str], where: str) -> dict[str, tuple[float, float]]:
+    out = {}
+    for column, pair in _table(value, "published", where).items():
+        if column not in columns:
+            raise ConfigError(f"{where}: published value for {column!r}, not a column")
+        ok = isinstance(pair, list) and len(pair) in (1, 2)
+        if not ok or not all(isinstance(v, int | float) and math.isfinite(v) for v in pair):
+            raise ConfigError(
+                f"{where}: published.{column} must be [mean, spread] (or [mean] where the "
+                f"publication gives no spread), got {pair!r}"
+            )
+        out[column] = (float(pair[0]), float(pair[1]) if len(pair) == 2 else math.nan)
+    return out
+
+
+def peer_preset_from_mapping(data: Mapping[str, Any], where: str) -> PeerPreset:
+    """A :class:`PeerPreset` of a parsed TOML (module docstring); bad keys: ConfigError."""
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(TOP_KEYS)}")
+    cols = _table(data.get("columns"), "columns", where)
+    field = _text(cols.get("field"), "columns.field", where)
+    if field not in GRID_KEYS:
+        raise ConfigError(f"{where}: columns.field {field!r} is not a grid key")
+    columns = tuple(str(v) for v in cols.get("values", []))
+    labels = tuple(str(v) for v in cols.get("labels", columns))
+    if not columns or len(labels) != len(columns):
+        raise ConfigError(f"{where}: give columns.values and as many columns.labels")
+    rows = []
+    raw_rows = data.get("rows")
+    if not isinstance(raw_rows, list) or not raw_rows:
+        raise ConfigError(f"{where}: give at least one [[rows]] entry")
+    for i, raw in enumerate(raw_rows):
+        at = f"{where}, row {i + 1}"
+        extra = sorted(set(raw) - set(ROW_KEYS))
+        if extra:
+            raise ConfigError(f"{at}: unknown key {extra[0]!r}; known: {', '.join(ROW_KEYS)}")
+        by_column = _table(raw.get("columns", {}), "columns", at)
+        for column, keys in by_column.items():
+            if column not in columns:
+                raise ConfigError(f"{at}: keys for {column!r}, which is not a column")
+            by_column[column] = _table(keys, f"columns.{column}.axes", at)
+        rows.append(
+            PeerRow(
+                name=_text(raw.get("name"), "name", at),
+                axes=_table(raw.get("axes", {}), "axes", at),
+                by_column=by_column,
+                published=_published(raw.get("published", {}), columns, at),
+                note=str(raw.get("note", "")),
+            )
+        )
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: two rows share a name; names: {names}")
+    return PeerPreset(
+        name=_text(data.get("name"), "name", where),
+        title=_text(data.get("title"), "title", where),
+        citation=_text(data.get("citation"), "citation", where),
+        source=_text(data.get("source"), "source", where),
+        statistic=_text(data.get("statistic"), "statistic", where),
+        spread=_text(data.get("spread"), "spread", where),
+        field=field,
+        columns=columns,
+        labels=labels,
+        axes=_table(data.get("axes", {}), "axes", where),
+        rows=tuple(rows),
+        notes=tuple(str(n) for n in data.get("notes", [])),
+    )
+
+
+def load_peer_preset(name: str) -> PeerPreset:
+    """The peer preset ``name`` shipped with masq; unknown: a one-line ConfigError."""
+    names = list_peer_presets()
+    if name not in names:
+        raise ConfigError(f"unknown peer preset {name!r}; available: {', '.join(names)}")
+    resource = resources.files("masq").joinpath("presets", FOLDER, f"{name}.toml")
+    where = f"peer preset {name}"
+    preset = peer_preset_from_mapping(toml_values(resource.read_bytes(), where), where)
+    if preset.name != name:
+        raise ConfigError(f"{where}: its file says name = {preset.name!r}")
+    return preset
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def manifest_path(results: str | os.PathLike[str], name: str) -> Path:
+    """Where a results directory records the cells of peer preset ``name``."""
+    return Path(results) / f"peers-{name}.json"
+
+
+def write_manifest(
+    results: str | os.PathLike[str],
+    preset: PeerPreset,
+    overrides: Mapping[str, Any],
+    cells: Mapping[str, Sequence[RunConfig]],
+) -> Path:
+    """Record in ``results`` which runs make each cell of ``preset`` (run with
+    ``overrides``), so that ``masq peers`` tabulates exactly them."""
+    body = {
+        "format": MANIFEST_FORMAT,
+        "preset": preset.name,
+        "overrides": {k: v for k, v in overrides.items()},
+        "cells": {key: [run_id(c) for c in configs] for key, configs in cells.items()},
+    }
+    text = json.dumps(body, indent=1, ensure_ascii=False, default=str)
+    return atomic_write(manifest_path(results, preset.name), text + "\n")
+
+
+def read_manifest(results: str | os.PathLike[str], name: str) -> dict[str, list[str]] | None:
+    """{cell key: run ids} recorded by ``masq grid --preset name`` in ``results``; None when
+    it has not run there; a malformed file is a one-line ConfigError naming it."""
+    path = manifest_path(results, name)
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        cells = body["cells"]
+        if body.get("format") != MANIFEST_FORMAT or not isinstance(cells, dict):
+            raise ValueError("not a masq-peers manifest")
+        return {str(k): [str(r) for r in v] for k, v in cells.items()}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path}: malformed peers manifest ({err}); rerun `masq grid --preset {name}` "
+            "with the same flags to rewrite it"
+        ) from None
+
+
+__all__ = [
+    "PeerPreset",
+    "PeerRow",
+    "cell_key",
+    "is_peer_preset",
+    "list_peer_presets",
+    "load_peer_preset",
+    "manifest_path",
+    "peer_preset_from_mapping",
+    "read_manifest",
+    "write_manifest",
+]

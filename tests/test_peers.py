@@ -1,0 +1,204 @@
+"""Peer presets (masq.grid.peers) and the published-table comparison (masq.analysis.peers)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import masq.data
+from masq.analysis import peers as analysis
+from masq.cli import main
+from masq.errors import ConfigError
+from masq.grid import peers
+from masq.runid import run_id
+from tests.synthetic import learnable_dataset
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "title": "A tiny table",
+    "citation": "Someone (2019)",
+    "source": "Table 9",
+    "statistic": "average accuracy",
+    "spread": "SEM over 3 runs",
+    "notes": ["a note"],
+    "columns": {"field": "scenario", "values": ["task", "class"], "labels": ["Task", "Class"]},
+    "axes": {"slt": "D5-5", "hidden": "8", "iters1": 10, "iters2": 10, "eval_every": 5,
+             "batch_size": 20, "masq_batch": 50, "seeds": 2, "eval_val": True},
+    "rows": [
+        {"name": "None", "axes": {"importance": "none", "lam": 0},
+         "published": {"task": [90.0, 1.0], "class": [50.0, 0.5]}},
+        {"name": "EWC", "axes": {"importance": "fisher", "lam": 10},
+         "columns": {"class": {"lam": 100}}, "published": {"task": [95.0, 0.2], "class": [30]}},
+        {"name": "MaSQ", "axes": {"importance": "masq", "lam": [1, 10, 100]}},
+    ],
+}  # fmt: skip
+
+
+def tiny() -> peers.PeerPreset:
+    return peers.peer_preset_from_mapping(TINY, "test")
+
+
+# ----------------------------------------------------------------------------- the preset
+
+
+def test_cells_take_row_column_and_override_keys_in_order() -> None:
+    cells = tiny().cells()
+    assert list(cells) == [
+        "None | task", "None | class", "EWC | task", "EWC | class", "MaSQ | task", "MaSQ | class"
+    ]  # fmt: skip
+    assert [c.lam for c in cells["EWC | task"]] == [10.0, 10.0]  # the row's λ
+    assert [c.lam for c in cells["EWC | class"]] == [100.0, 100.0]  # the column's own λ
+    assert {c.scenario.value for c in cells["EWC | class"]} == {"class"}
+    assert sorted({c.lam for c in cells["MaSQ | task"]}) == [1.0, 10.0, 100.0]
+    assert {c.seed for c in cells["None | task"]} == {0, 1}
+    small = tiny().cells({"seed": [3], "iters1": 4, "scenario": ["class"]})
+    assert list(small) == ["None | class", "EWC | class", "MaSQ | class"]
+    assert {(c.seed, c.iters1) for cs in small.values() for c in cs} == {(3, 4)}
+
+
+def test_configs_are_the_union_of_the_cells_once() -> None:
+    preset = tiny()
+    ids = [run_id(c) for c in preset.configs()]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {run_id(c) for cs in preset.cells().values() for c in cs}
+    assert len(ids) == 2 * 2 * (1 + 1 + 3)  # seeds × columns × (None + EWC + 3 λ)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"colour": 1}, "unknown key 'colour'"),
+        ({"columns": {"field": "nope", "values": ["a"]}}, "columns.field 'nope'"),
+        ({"rows": []}, "at least one [[rows]]"),
+        ({"rows": [{"name": "A", "published": {"task": [1.0, 2, 3]}}]}, "[mean, spread]"),
+        ({"rows": [{"name": "A", "published": {"domain": [1.0, 2.0]}}]}, "not a column"),
+        ({"rows": [{"name": "A", "axes": {"lamb": 1}}]}, "unknown grid key 'lamb'"),
+        ({"rows": [{"name": "A"}, {"name": "A"}]}, "share a name"),
+    ],
+)
+def test_bad_presets_are_one_line_errors(change: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        peers.peer_preset_from_mapping({**TINY, **change}, "test")
+
+
+def test_an_unknown_column_override_names_the_columns() -> None:
+    with pytest.raises(ConfigError, match="its columns: task, class"):
+        tiny().cells({"scenario": "domain"})
+
+
+def test_shipped_peer_presets_load_and_cite() -> None:
+    names = peers.list_peer_presets()
+    assert {"vdv2019-split", "vdv2019-permuted", "vdv2025-fisher"} <= set(names)
+    for name in names:
+        preset = peers.load_peer_preset(name)
+        assert preset.citation and preset.source and preset.rows
+        assert any(row.published for row in preset.rows)
+        assert preset.configs()  # expands without an error
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def frame_of(values: dict[tuple[str, str], list[tuple[float, float, float]]]) -> pd.DataFrame:
+    """(method, column) -> [(λ, val %, test %)] per seed, as peer_frame gives."""
+    rows = []
+    for (method, column), runs in values.items():
+        for seed, (lam, val, test) in enumerate(runs):
+            rid = f"{method}{column}{seed}"
+            rows.append({"method": method, "column": column, "lam": lam, "seed": seed % 3,
+                         "test": test, "val": val, "run_id": rid,
+                         "reads_lam": lam > 0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_the_table_gives_mean_sem_difference_and_marks() -> None:
+    frame = frame_of({
+        ("None", "task"): [(0, 0, 89.0), (0, 0, 90.0), (0, 0, 91.0)],
+        ("None", "class"): [(0, 0, 40.0), (0, 0, 41.0), (0, 0, math.nan)],  # one diverged
+        ("EWC", "task"): [(10, 0, 95.1), (10, 0, 95.2), (10, 0, 95.3)],
+        ("MaSQ", "task"): [(1, 80, 70), (1, 82, 71), (10, 90, 60), (10, 91, 61),
+                           (100, 85, 99), (100, 86, 99)],
+    })  # fmt: skip
+    table = analysis.peer_table(frame, tiny()).set_index(["method", "column"])
+    none = table.loc[("None", "task")]
+    assert none["mean"] == pytest.approx(90.0) and none["sem"] == pytest.approx(1 / math.sqrt(3))
+    assert none["diff"] == pytest.approx(0.0) and not none["marked"]
+    bad = table.loc[("None", "class")]
+    assert bad["seeds"] == 2 and bad["diverged"] == 1 and bad["mean"] == pytest.approx(40.5)
+    assert bad["diff"] == pytest.approx(-9.5) and bad["marked"]  # 9.5 > 1 and > 2·SEMs
+    ewc = table.loc[("EWC", "task")]
+    assert ewc["diff"] == pytest.approx(0.2) and not ewc["marked"]  # within a point
+    masq_ = table.loc[("MaSQ", "task")]  # λ 10 has the best validation mean, not the best test
+    assert masq_["lam"] == 10 and masq_["lam_chosen_on_val"] and masq_["mean"] == 60.5
+    assert math.isnan(masq_["published"])
+    md = analysis.peer_markdown(table.reset_index(), tiny())
+    assert "| MaSQ (ours) | 60.50 ± 0.50 (λ 1e1 (val); n=2) | — | — |" in md
+    assert "40.50 ± 0.50 (no λ; n=2, 1 diverged) | 50.00 ± 0.50 | -9.50 ◆" in md
+    assert "| 30.00 |" in md  # a published value without a spread
+    assert "not run yet" in md  # EWC's class cell has no runs
+    assert "- a note" in md
+
+
+def test_a_sweep_without_validation_is_refused() -> None:
+    frame = frame_of({("MaSQ", "task"): [(1, math.nan, 70), (10, math.nan, 60)]})
+    with pytest.raises(ConfigError, match="eval_val = true"):
+        analysis.peer_table(frame, tiny())
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def tiny_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = learnable_dataset(n_train=300, n_val=50, n_test=100)
+    monkeypatch.setattr(masq.data, "load", lambda *a, **k: ds)
+
+
+def test_grid_then_peers_end_to_end(
+    tmp_path: Path, tiny_data: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = tmp_path / "peers"
+    small = ["--iters1", "10", "--iters2", "10", "--eval-every", "5", "--hidden", "8",
+             "--batch-size", "20", "--masq-batch", "50", "--seeds", "2", "--scenario", "task",
+             "--workers", "1", "--threads", "1", "--no-progress"]  # fmt: skip
+    argv = ["grid", "--preset", "vdv2025-fisher", "--results", str(res), *small]
+    assert main([*argv, "--dry-run"]) == 0
+    planned = int(capsys.readouterr().out.split("grid: ")[1].split(" runs")[0])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"done: {planned} runs now" in out
+    manifest = json.loads((res / "peers-vdv2025-fisher.json").read_text(encoding="utf-8"))
+    assert manifest["overrides"]["iters1"] == [10]
+    assert main(["peers", "vdv2025-fisher", "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert f"{planned} of {planned} runs stored" in out
+    table = pd.read_csv(res / "vdv2025-fisher" / "peers.csv")
+    preset = peers.load_peer_preset("vdv2025-fisher")
+    assert set(table["method"]) == {r.name for r in preset.rows}
+    assert np.isfinite(table["mean"]).all() and table["seeds"].eq(2).all()
+    assert (res / "vdv2025-fisher" / "peers.png").stat().st_size > 1000
+    again = ["peers", "vdv2025-fisher", "--results", str(res), "--out", str(tmp_path / "o")]
+    assert main(again) == 0  # tabulates only
+    assert "done:" not in capsys.readouterr().out
+    from masq.report import build_report
+
+    report = build_report([str(tmp_path / "o")], tmp_path / "report")
+    part = next(p for p in report.parts if p.id == "peers")
+    assert part.present and part.tables and part.figures
+
+
+def test_peers_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["peers", "nope", "--results", str(tmp_path)]) == 2
+    assert "unknown peer preset 'nope'; available: " in capsys.readouterr().err
+    assert main(["peers"]) == 2
+    assert "give a preset NAME and --results DIR" in capsys.readouterr().err
+    assert main(["peers", "--list"]) == 0
+    assert "vdv2019-split: " in capsys.readouterr().out
+    assert main(["grid", "--preset", "nope", "--dry-run"]) == 2
+    assert "published tables (masq peers): " in capsys.readouterr().err
