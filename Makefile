@@ -14,7 +14,7 @@ HOW_TO_CALL := masq is installed into $(VENV): call $(BIN)/masq (e.g. $(BIN)/mas
 TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test format bench repro analyses report imm table1 kfac clean
+.PHONY: install demo test format bench repro analyses report imm table1 kfac peers clean
 
 install: $(STAMP)
 	@echo "$(HOW_TO_CALL)"
@@ -93,10 +93,31 @@ kfac: $(STAMP)
 	  --batch-size 128 --out docs/kfac/split; rc=$$?; \
 	  $(BIN)/masq export --results $(KFAC) --to $(KFAC_RECORDS) && exit $$rc
 
+# The field's reference tables (masq peers --list): each preset's runs into $(PEERS), then each
+# table beside its publication into docs/peers/<preset>/. Resumable: the committed records
+# ($(PEERS_RECORDS)) are imported first and exported back at the end, also when a run failed.
+# `make peers PRESETS=vdv2025-fisher` runs one table.
+PEERS ?= results/peers
+PEERS_DOCS ?= docs/peers
+PEERS_RECORDS := $(PEERS_DOCS)/records.jsonl.gz
+PRESETS ?= vdv2025-fisher vdv2019-split vdv2019-permuted
+peers: $(STAMP)
+	if [ -f $(PEERS_RECORDS) ]; then \
+	  $(BIN)/masq import --from $(PEERS_RECORDS) --results $(PEERS) || exit 1; \
+	fi
+	rc=0; for preset in $(PRESETS); do \
+	  $(BIN)/masq grid --preset $$preset --results $(PEERS) || { rc=1; break; }; \
+	done; \
+	$(BIN)/masq export --results $(PEERS) --to $(PEERS_RECORDS) || exit 1; \
+	for preset in $(PRESETS); do \
+	  $(BIN)/masq peers $$preset --results $(PEERS) --out $(PEERS_DOCS)/$$preset || exit 1; \
+	done; exit $$rc
+
 # One browsable page (REPORT/index.html, report.md, PNGs) from whatever of the above exists.
 REPORT ?= report
 REPORT_FROM = $(wildcard $(REPRO)/meta.json $(LAMBDA)/meta.json $(IMM)/meta.json \
-  $(TABLE1_DOCS)/table1_settled_test.md docs/kfac/paper-slts/kfac.json docs/kfac/split/kfac.json)
+  $(TABLE1_DOCS)/table1_settled_test.md docs/kfac/paper-slts/kfac.json docs/kfac/split/kfac.json \
+  $(wildcard $(PEERS_DOCS)/*/peers.json))
 report: $(STAMP)
 	$(BIN)/masq report --results $(dir $(REPORT_FROM)) $(ANALYSES) \
 	  --bench docs/bench/importance_part1.txt --out $(REPORT)
