@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -27,6 +28,7 @@ TINY: dict[str, Any] = {
     "statistic": "average accuracy",
     "spread": "SEM over 3 runs",
     "notes": ["a note"],
+    "reference": "None",
     "columns": {"field": "scenario", "values": ["task", "class"], "labels": ["Task", "Class"]},
     "axes": {"slt": "D5-5", "hidden": "8", "iters1": 10, "iters2": 10, "eval_every": 5,
              "batch_size": 20, "masq_batch": 50, "seeds": 2, "eval_val": True},
@@ -143,6 +145,27 @@ def test_the_table_gives_mean_sem_difference_and_marks() -> None:
     assert "| 30.00 |" in md  # a published value without a spread
     assert "not run yet" in md  # EWC's class cell has no runs
     assert "- a note" in md
+
+
+def test_rows_are_paired_by_seed_against_the_reference() -> None:
+    frame = frame_of({
+        ("None", "task"): [(0, 0, 80.0), (0, 0, 90.0), (0, 0, 85.0)],
+        ("EWC", "task"): [(10, 0, 82.0), (10, 0, 93.0), (10, 0, 86.0)],
+        ("MaSQ", "task"): [(1, 80, 70), (1, 81, 71), (1, 82, 72), (10, 90, 81), (10, 91, 92),
+                           (10, 92, 86)],
+    })  # fmt: skip
+    paired = analysis.paired_table(frame, tiny()).set_index("method")
+    assert set(paired.index) == {"EWC", "MaSQ"}
+    ewc = paired.loc["EWC"]  # d = 2, 3, 1 over seeds 0, 1, 2
+    assert ewc["pairs"] == 3 and ewc["diff"] == pytest.approx(2.0)
+    assert ewc["p"] == pytest.approx(0.0742, abs=1e-3)  # t = 2 / (1 / √3) on 2 df
+    assert paired.loc["MaSQ", "diff"] == pytest.approx(4 / 3)  # at its λ (10): 1, 2, 1
+    md = analysis.paired_markdown(paired.reset_index(), tiny())
+    assert "| Task | EWC | 3 | +2.00 |" in md
+    no_reference = dataclasses.replace(tiny(), reference="")
+    assert analysis.paired_table(frame, no_reference).empty
+    with pytest.raises(ConfigError, match="reference 'Nope' is not a row"):
+        peers.peer_preset_from_mapping({**TINY, "reference": "Nope"}, "test")
 
 
 def test_a_sweep_without_validation_is_refused() -> None:

@@ -15,6 +15,11 @@ field's tables report it. Per cell:
 Beside it: the published mean and spread, the difference Δ = ours − published, and a mark
 where |Δ| > 1 point and |Δ| > 2 √(SEM² + spread²) (the spread read as the publication's SEM;
 a published value without a spread counts with ours alone).
+
+Where the preset names a ``reference`` row, :func:`paired_table` compares every other row
+with it per column, each at its own λ: runs of one seed share the task split, the
+initialisation and task 1's training, so the per-seed differences d = row − reference form
+pairs (:func:`masq.analysis.paired.paired_test`: mean of d, 95 % CI, two-sided p).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from masq.analysis.common import markdown, provenance, write_manifest
+from masq.analysis.paired import paired_test
 from masq.consolidation import get_method
 from masq.curves import VAL, task_name
 from masq.errors import ConfigError
@@ -149,6 +155,68 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _at_chosen(frame: pd.DataFrame, method: str, column: str) -> pd.Series | None:
+    """{seed: test accuracy} of one cell at its λ (finite values only), or None."""
+    part = frame[(frame["method"] == method) & (frame["column"] == column)]
+    if part.empty:
+        return None
+    lam, _ = _chosen(part)
+    at = part[(part["lam"] == lam) & np.isfinite(part["test"].to_numpy(float))]
+    return at.set_index("seed")["test"]
+
+
+def paired_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
+    """Per column and row other than the preset's ``reference``: the paired difference
+    (row − reference, points) over the seeds both have, its 95 % CI and p (module
+    docstring); empty without a reference."""
+    rows = []
+    if not preset.reference:
+        return pd.DataFrame(rows)
+    for column in preset.columns:
+        base = _at_chosen(frame, preset.reference, column)
+        if base is None:
+            continue
+        for row in preset.rows:
+            if row.name == preset.reference:
+                continue
+            other = _at_chosen(frame, row.name, column)
+            if other is None:
+                continue
+            seeds = sorted(set(base.index) & set(other.index))
+            test = paired_test(other.loc[seeds].tolist(), base.loc[seeds].tolist())
+            rows.append({"column": column, "label": preset.label(column), "method": row.name,
+                         "reference": preset.reference, "pairs": len(seeds),
+                         "diff": test["mean_diff"], "ci_low": test["ci_low"],
+                         "ci_high": test["ci_high"], "p": test["p"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def paired_markdown(paired: pd.DataFrame, preset: PeerPreset) -> str:
+    """:func:`paired_table` as Markdown ("" when it is empty)."""
+    if paired.empty:
+        return ""
+    records = [
+        {
+            "label": r["label"],
+            "method": r["method"],
+            "pairs": int(r["pairs"]),
+            "diff": "—" if not math.isfinite(r["diff"]) else f"{r['diff']:+.2f}",
+            "ci": "—"
+            if not math.isfinite(r["ci_low"])
+            else f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]",
+            "p": "—" if not math.isfinite(r["p"]) else f"{r['p']:.3f}",
+        }
+        for r in paired.to_dict("records")
+    ]
+    title = (
+        f"Ours, paired by seed against {preset.reference} (each row at its own λ): the mean "
+        "difference in points, its 95 % confidence interval and the paired t-test's p."
+    )
+    columns = [("label", "column"), ("method", "method"), ("pairs", "seeds"),
+               ("diff", f"− {preset.reference} (pp)"), ("ci", "95 % CI"), ("p", "p")]  # fmt: skip
+    return markdown(records, columns, title)
+
+
 def _number(mean: float, spread: float) -> str:
     if not math.isfinite(mean):
         return "—"
@@ -239,11 +307,15 @@ def write_outputs(
     *,
     body: Mapping[str, Any] | None = None,
 ) -> tuple[str, list[Path]]:
-    """Write ``out``/peers.md and .csv (:func:`peer_table`), peers_points.csv (every run),
-    peers.png (:func:`peer_figure`) and the manifest peers.json (``body`` plus the preset,
-    files and provenance); (the Markdown, the paths written)."""
+    """Write ``out``/peers.md (:func:`peer_markdown`, then :func:`paired_markdown`) and
+    peers.csv (:func:`peer_table`), peers_points.csv (every run), peers.png
+    (:func:`peer_figure`) and the manifest peers.json (``body`` plus the preset, files and
+    provenance); (the Markdown, the paths written)."""
     out = Path(out)
+    paired = paired_table(frame, preset)
     md = peer_markdown(table, preset)
+    if not paired.empty:
+        md += "\n" + paired_markdown(paired, preset)
     written = [
         atomic_write(out / "peers.md", md),
         atomic_write(out / "peers.csv", table.to_csv(index=False)),
@@ -261,6 +333,8 @@ def write_outputs(
 
 __all__ = [
     "MARK",
+    "paired_markdown",
+    "paired_table",
     "peer_figure",
     "peer_frame",
     "peer_markdown",

@@ -12,7 +12,8 @@ with ``masq peers NAME``) states one table of a publication:
 - one ``[[rows]]`` per method: ``name`` (the publication's label), ``[rows.axes]`` (its grid
   keys), ``[rows.columns.<value>]`` (keys of one column only: the publication's
   hyper-parameters per scenario), ``published.<value> = [mean, spread]`` (in %; ``[mean]``
-  where the publication gives no spread; a column without it is ours only) and ``note``.
+  where the publication gives no spread; a column without it is ours only) and ``note``;
+- ``reference`` (optional): the row every other row is compared with, paired by seed.
 
 A cell's grid is ``axes``, then the row's axes, then the row's column keys, then the column's
 own value, then ``overrides`` (the command line: e.g. fewer iterations for a test). A cell
@@ -42,7 +43,7 @@ from masq.runid import run_id
 FOLDER = "peers"  # presets/peers/NAME.toml
 MANIFEST_FORMAT = "masq-peers"
 TOP_KEYS = ("name", "title", "citation", "source", "statistic", "spread", "notes", "columns",
-            "axes", "rows")  # fmt: skip
+            "axes", "rows", "reference")  # fmt: skip
 ROW_KEYS = ("name", "axes", "columns", "published", "note")
 
 
@@ -78,6 +79,7 @@ class PeerPreset:
     axes: Mapping[str, Any]
     rows: tuple[PeerRow, ...]
     notes: tuple[str, ...] = ()
+    reference: str = ""  # the row the others are compared with, paired by seed ("": none)
 
     def label(self, column: str) -> str:
         """The publication's name of ``column``."""
@@ -216,6 +218,9 @@ def peer_preset_from_mapping(data: Mapping[str, Any], where: str) -> PeerPreset:
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: two rows share a name; names: {names}")
+    reference = str(data.get("reference", ""))
+    if reference and reference not in names:
+        raise ConfigError(f"{where}: reference {reference!r} is not a row; rows: {names}")
     return PeerPreset(
         name=_text(data.get("name"), "name", where),
         title=_text(data.get("title"), "title", where),
@@ -229,6 +234,7 @@ def peer_preset_from_mapping(data: Mapping[str, Any], where: str) -> PeerPreset:
         axes=_table(data.get("axes", {}), "axes", where),
         rows=tuple(rows),
         notes=tuple(str(n) for n in data.get("notes", [])),
+        reference=reference,
     )
 
 
