@@ -14,7 +14,7 @@ HOW_TO_CALL := masq is installed into $(VENV): call $(BIN)/masq (e.g. $(BIN)/mas
 TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test format bench repro analyses report imm table1 kfac peers clean
+.PHONY: install demo test format bench repro analyses report imm table1 kfac peers peers-tables clean
 
 install: $(STAMP)
 	@echo "$(HOW_TO_CALL)"
@@ -112,6 +112,13 @@ peers: $(STAMP)
 	for preset in $(PRESETS); do \
 	  $(BIN)/masq peers $$preset --results $(PEERS) --out $(PEERS_DOCS)/$$preset || exit 1; \
 	done; exit $$rc
+
+# The tables alone, from the committed records (nothing is run): `make peers-tables`.
+peers-tables: $(STAMP)
+	$(BIN)/masq import --from $(PEERS_RECORDS) --results $(PEERS)
+	for preset in $(PRESETS); do \
+	  $(BIN)/masq peers $$preset --results $(PEERS) --out $(PEERS_DOCS)/$$preset || exit 1; \
+	done
 
 # One browsable page (REPORT/index.html, report.md, PNGs) from whatever of the above exists.
 REPORT ?= report
