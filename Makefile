@@ -84,13 +84,18 @@ analyses: $(STAMP)
 KFAC ?= results/kfac
 KFAC_RECORDS := docs/kfac/records.jsonl.gz
 KFAC_RUN = $(BIN)/masq analyze kfac --seeds 5 --fisher-samples 500 --hidden 30-30 --results $(KFAC)
+# the paper's best architectures per SLT: the diagonal, K-FAC and MaSQ (not the blocks: their
+# penalty costs samples x classes x the layer's weights per layer and step)
+KFAC_PAPER = $(BIN)/masq analyze kfac --seeds 5 --fisher-samples 500 --results $(KFAC) \
+  --measures 'diagonal FIM' K-FAC 'MaSQ (mean)'
 kfac: $(STAMP)
 	if [ -f $(KFAC_RECORDS) ]; then \
 	  $(BIN)/masq import --from $(KFAC_RECORDS) --results $(KFAC) || exit 1; \
 	fi
 	$(KFAC_RUN) --slt D5-5 D9-1 DP10-10 --out docs/kfac/paper-slts && \
 	  $(KFAC_RUN) --slt D2-2-2-2-2 --scenario task --lr2 1e-3 --iters1 2000 --iters2 2000 \
-	  --batch-size 128 --out docs/kfac/split; rc=$$?; \
+	  --batch-size 128 --out docs/kfac/split && \
+	  $(KFAC_PAPER) --out docs/kfac/paper-arch; rc=$$?; \
 	  $(BIN)/masq export --results $(KFAC) --to $(KFAC_RECORDS) && exit $$rc
 
 # The field's reference tables (masq peers --list): each preset's runs into $(PEERS), then each
