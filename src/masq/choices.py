@@ -79,6 +79,7 @@ class Scenario(Choice):
     CLASS = "class"  # one shared head over all classes; no task identity (the paper's setting)
     TASK = "task"  # task identity given at training and test: the other tasks' units masked
     DOMAIN = "domain"  # every task onto one shared label set (its classes' positions)
+    CLASS_BLOCKS = "class-blocks"  # class-incremental with each task's classes new ones
 
 
 class Init(Choice):

@@ -115,7 +115,8 @@ class RunConfig:
         Scenario.CLASS,
         D,
         "class (one shared head, no task identity) | task (task identity given: the other "
-        "tasks' output units masked) | domain (every task onto one shared label set)",
+        "tasks' output units masked) | domain (every task onto one shared label set) | "
+        "class-blocks (every task's classes new ones: permuted MNIST on T·10 units)",
         since_v1=True,
     )
     seed: int = _field(0, D, "seed of every random stream of the run", check="nonneg")

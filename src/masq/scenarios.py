@@ -13,6 +13,11 @@ continual learning"): what the network is told and asked.
 - ``domain`` (domain-incremental): every task maps onto one shared label set: class
   ``classes[i]`` of a task becomes label i (split MNIST 0/1, 2/3, ... -> "first or second
   digit of the task", a 2-way head; permuted MNIST keeps its 10 classes).
+- ``class-blocks`` (class-incremental as van de Ven & Tolias define it for tasks that share
+  their classes): every task's classes are new classes, with no task identity. Task t's
+  label y becomes t·C + y and every unit of the T·C-unit head stays active (permuted MNIST:
+  100 units, the network must tell the permutations apart). With disjoint classes (split
+  MNIST) it is ``class``.
 
 Relabelling is pure and applies to the train, validation and test parts alike.
 """
@@ -63,19 +68,22 @@ def disjoint(tasks: Sequence[Task]) -> bool:
 def apply_scenario(tasks: Sequence[Task], scenario: Scenario | str) -> list[Task]:
     """The tasks of ``scenario`` (module docstring): unchanged for ``class``; for ``task`` each
     task's units (its classes, or its own block of C units when classes overlap); for
-    ``domain`` every task relabelled onto 0..k−1 by the position of its classes."""
+    ``domain`` every task relabelled onto 0..k−1 by the position of its classes; for
+    ``class-blocks`` overlapping classes relabelled into one block of C labels per task, every
+    unit active."""
     kind = choice(Scenario, scenario, "scenario")
     if kind == Scenario.CLASS or not tasks:
         return list(tasks)
     if kind == Scenario.DOMAIN:
         return [_mapped(t, range(len(t.classes)), None) for t in tasks]
+    masked = kind == Scenario.TASK
     if disjoint(tasks):
-        return [_mapped(t, t.classes, t.classes) for t in tasks]
+        return [_mapped(t, t.classes, t.classes) for t in tasks] if masked else list(tasks)
     width = max(max(t.classes) for t in tasks) + 1
     out = []
     for i, t in enumerate(tasks):
         units = [i * width + c for c in t.classes]
-        out.append(_mapped(t, units, units))
+        out.append(_mapped(t, units, units if masked else None))
     return out
 
 

@@ -313,6 +313,8 @@ def chance_level(config: RunConfig) -> tuple[float, int]:
         k = len(classes[-1])
     elif config.scenario == Scenario.DOMAIN:
         k = max(len(c) for c in classes)
+    elif config.scenario == Scenario.CLASS_BLOCKS and parse_spec(config.slt).permuted:
+        k = sum(len(c) for c in classes)
     else:
         k = 1 + max(max(c) for c in classes)
     return 1.0 / k, k
