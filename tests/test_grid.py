@@ -1063,6 +1063,35 @@ def test_estimate_of_imm_runs_counts_one_training_passes_and_merges(
     assert est.evaluation == pytest.approx(e_train + merges + 4 * 15_000 * cost("eval_sample_one"))
 
 
+def test_estimate_takes_each_measures_own_pass_step_and_anchors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A structured measure's runs go one by one at its own step cost plus what each anchor
+    beyond the first adds (EWC holds one per earlier task), its pass over its subset."""
+    seen: list[dict[str, Any]] = []
+    own = {"importance_sample:kfac": 1e-5, "d2_iter_one:kfac": 7e-3, "d2_anchor:kfac": 2e-3,
+           "d2_anchor": 1e-4}  # fmt: skip
+
+    def measure(hidden: tuple[int, ...], stack: int, *a: Any, **kw: Any) -> dict[str, float]:
+        seen.append(dict(kw.get("measures") or {}))
+        return {**UNIT, **own}
+
+    monkeypatch.setattr(estimate_module, "measure", measure)
+    kfac = RunConfig(slt="D4-2-2-2", hidden=(8,), iters1=12, iters2=10, eval_every=5,
+                     importance="kfac", fisher_labels="exact", fisher_samples=100,
+                     lam=10.0)  # fmt: skip
+    est = grid.estimate(grid.plan([kfac]), 4, workers=1, threads=1)
+    assert seen == [{"kfac": {"fisher_labels": kfac.fisher_labels, "fisher_samples": 100}}]
+    # 3 later phases of 10 iterations: 1, 2, 3 anchors, on average 1 beyond the first
+    evals = 3 * 3 * 10_000 * UNIT["eval_sample_one"]
+    assert est.d2 == pytest.approx(3 * 10 * (7e-3 + 1 * 2e-3) + evals)
+    # the passes over the 100-sample subset: after task 1, then after tasks 2 and 3 (not 4)
+    assert est.importance == pytest.approx(3 * 100 * 1e-5)
+    diagonal = kfac.with_(importance="fisher", consolidation="online-ewc")  # one anchor
+    est = grid.estimate(grid.plan([diagonal]), 4, workers=1, threads=1)
+    assert est.d2 == pytest.approx(3 * 10 * UNIT["d2_iter_one"] + evals)
+
+
 def test_calibrate_measures_three_and_interpolates_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,8 @@ from masq import stacked
 from masq.config import RunConfig, n_params
 from masq.consolidation import get_method
 from masq.consolidation.imm import sweep_shares
-from masq.grid.plan import Group, chunks, placement
+from masq.grid.plan import Group, chunks, importance_key, placement
+from masq.importance import get_measure
 from masq.runtime import default_threads
 from masq.slt import parse_spec
 from masq.training import eval_iterations
@@ -74,12 +75,19 @@ def measure(
     *,
     precision: str = "fp32",
     device: str = "cpu",
+    measures: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Seconds per: D1 training iteration (B = 100, Adam), D2 iteration of a stack of
     ``stack`` runs with the EWC penalty ("d2_iter"; ``stack=1``: one run, ``train_task``) and
     of one run ("d2_iter_one"), evaluated sample (one model / a stack), and importance sample
     (batches of 1000, forward and backward, float32), timed on random MNIST-shaped data
-    (``long - short`` iterations) in ``precision`` on ``device`` (the grid's)."""
+    (``long - short`` iterations) in ``precision`` on ``device`` (the grid's).
+
+    ``measures`` ({measure name: its settings}, those of the grid) adds, per measure computed
+    after a phase, the seconds per sample of its own pass ("importance_sample:<name>") and,
+    per structured penalty kind (K-FAC, the per-layer blocks), the seconds per iteration of
+    one run with that penalty ("d2_iter_one:<kind>"): their costs differ from the diagonal
+    case by factors (measured: 4-5x per step on 784-30-30-10)."""
     from masq import training
     from masq.consolidation import ewc
     from masq.consolidation.penalty import QuadraticPenalty
@@ -120,8 +128,15 @@ def measure(
             precision=precision,
         )
 
+    two = QuadraticPenalty(model, [anchor, ewc.anchor(model, importance)], 1000.0)
+
+    def one_two_anchors(iters: int) -> None:
+        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, precision=precision)
+        training.train_task(model, (x, y), cfg, penalty_grad=two)
+
     t_d1 = _per_iteration(d1, short, long)
     t_one = _per_iteration(one, short, long)
+    t_anchor = max(0.0, _per_iteration(one_two_anchors, short, long) - t_one)
     t_d2 = t_one if stack <= 1 else _per_iteration(stacked_runs, short, long)
     s = stacked.stack_state(state, max(1, stack), dev)
     low = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -137,14 +152,74 @@ def measure(
         torch.nn.functional.cross_entropy(model(xb), yb).backward()
 
     t_imp = _timeit(fwd_bwd, 2) / 1000
-    return {
+    out = {
         "d1_iter": t_d1,
         "d2_iter": t_d2,
         "d2_iter_one": t_one,
+        "d2_anchor": t_anchor,
         "eval_sample_one": t_eval_one,
         "eval_sample_stack": t_eval_stack,
         "importance_sample": t_imp,
     }
+    for name, settings in (measures or {}).items():
+        out |= _measure_costs(model, (x, y), name, settings, short, long, precision, dev)
+    return out
+
+
+# Samples of a measure's timed pass in the calibration.
+MEASURE_SAMPLES = 200
+
+
+def _measure_costs(
+    model: torch.nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    name: str,
+    settings: Mapping[str, Any],
+    short: int,
+    long: int,
+    precision: str,
+    dev: torch.device,
+) -> dict[str, float]:
+    """{"importance_sample:<name>": seconds per sample of the measure's pass over its
+    ``fisher_samples`` subset (else :data:`MEASURE_SAMPLES` samples)} and, for a structured
+    measure, {"d2_iter_one:<kind>": seconds per iteration of one run with its penalty of one
+    anchor at λ = 1000, "d2_anchor:<kind>": what each further anchor adds}."""
+    from masq import training
+    from masq.consolidation import ewc
+    from masq.consolidation.penalty import penalty_for
+    from masq.importance import MeasureContext, get_measure
+
+    measure = get_measure(name)
+    if measure.compute is None:
+        return {}
+    n = int(settings.get("fisher_samples") or 0) or MEASURE_SAMPLES  # the run's subset size
+    x, y = data[0][:n], data[1][:n]
+    ctx = MeasureContext(dict(settings), 100, torch.Generator(device=dev).manual_seed(0), dev)
+    imp: Any = None
+
+    def one_pass() -> None:
+        nonlocal imp
+        imp = measure.compute(model, (x, y), ctx)
+
+    out = {f"importance_sample:{name}": _timeit(one_pass, 1) / x.shape[0]}
+    if measure.kind != "diagonal":
+        anchor = ewc.factor_anchor(model, imp)
+
+        def step(anchors: int) -> Callable[[int], None]:
+            penalty = penalty_for(measure.kind, model, [anchor] * anchors, 1000.0)
+
+            def run(iters: int) -> None:
+                cfg = training.TrainConfig(
+                    lr=1e-5, iters=iters, batch_size=100, precision=precision
+                )
+                training.train_task(model, data, cfg, penalty_grad=penalty)
+
+            return run
+
+        one = _per_iteration(step(1), short, long)
+        out[f"d2_iter_one:{measure.kind}"] = one
+        out[f"d2_anchor:{measure.kind}"] = max(0.0, _per_iteration(step(2), short, long) - one)
+    return out
 
 
 def calibrate(
@@ -155,11 +230,12 @@ def calibrate(
     max_measured: int = 3,
     precision: str = "fp32",
     device: str = "cpu",
+    measures: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[dict[tuple[int, ...], dict[str, float]], tuple[tuple[int, ...], ...]]:
-    """Per architecture the costs of :func:`measure`, measured with ``threads`` torch threads
-    for up to ``max_measured`` architectures (smallest, largest, middle by parameter count)
-    and interpolated linearly in the parameter count for the others; in ``precision`` on
-    ``device``."""
+    """Per architecture the costs of :func:`measure` (with ``measures``), measured with
+    ``threads`` torch threads for up to ``max_measured`` architectures (smallest, largest,
+    middle by parameter count) and interpolated linearly in the parameter count for the
+    others; in ``precision`` on ``device``."""
     distinct = sorted(set(archs), key=n_params)
     if len(distinct) <= max_measured:
         picked = distinct
@@ -179,6 +255,8 @@ def calibrate(
                 "device": device,
             }
         )
+        if measures:
+            extra = {**extra, "measures": measures}
         measured = {h: measure(h, stack, **extra) for h in picked}
     finally:
         torch.set_num_threads(before)
@@ -230,6 +308,25 @@ def imm_chunk_seconds(
     return passes, train, e_train + merges
 
 
+def _run_costs(config: RunConfig, c: Mapping[str, float], n_train: int) -> tuple[float, float, int]:
+    """(seconds per later-phase iteration, seconds per sample of its measure's pass, samples
+    of the pass) of one run from the calibrated costs ``c``: the step with its measure's
+    penalty kind and, averaged over the later phases, as many anchors as its method holds
+    there (EWC one per earlier task, the others one); the pass of its measure on its
+    ``fisher_samples`` subset where it reads one (else the task's ``n_train`` samples); the
+    generic costs where none was measured."""
+    found = get_measure(config.importance)
+    suffix = "" if found.kind == "diagonal" else f":{found.kind}"
+    phases = config.n_tasks - 1
+    many = config.consolidation == "ewc" and found.gives_importance and config.lam > 0
+    extra = (phases - 1) / 2 if many else 0.0  # anchors beyond the first, on average
+    anchor = c.get(f"d2_anchor{suffix}", c.get("d2_anchor", 0.0))
+    step = c.get(f"d2_iter_one{suffix}", c["d2_iter_one"]) + extra * anchor
+    per_sample = c.get(f"importance_sample:{found.name}", c["importance_sample"])
+    subset = config.fisher_samples if "fisher_samples" in found.reads(config) else 0
+    return step, per_sample, min(n_train, subset) if subset > 0 else n_train
+
+
 def estimate(
     groups: Sequence[Group], stack: int, *, workers: int, threads: int | None = None
 ) -> Estimate:
@@ -242,6 +339,12 @@ def estimate(
     if not archs:
         return Estimate(0.0, 0.0, 0.0, 0.0, 0.0, workers, threads, (), 0)
     device = str(groups[0].configs[0].device)
+    measures: dict[str, Mapping[str, Any]] = {}
+    for g in groups:
+        for config in g.configs:
+            found = get_measure(config.importance)
+            if found.compute is not None and found.name not in measures:
+                measures[found.name] = found.settings(config)
     costs: dict[tuple[tuple[int, ...], str], dict[str, float]] = {}
     picked: tuple[tuple[int, ...], ...] = ()
     for precision in dict.fromkeys(str(g.configs[0].precision) for g in groups):
@@ -254,7 +357,7 @@ def estimate(
                 "device": device,
             }
         )
-        measured, chosen = calibrate(of_p, stack, threads=threads, **kw)
+        measured, chosen = calibrate(of_p, stack, threads=threads, measures=measures, **kw)
         costs |= {(h, precision): v for h, v in measured.items()}
         picked = tuple(dict.fromkeys((*picked, *chosen)))
     d1 = imp = d2 = ev = 0.0
@@ -265,7 +368,10 @@ def estimate(
         evals1 = len(eval_iterations(first.iters1, first.eval_every, first.eval_schedule))
         e1 = evals1 * n_eval * c["eval_sample_one"]
         d1 += first.iters1 * c["d1_iter"] + e1
-        imp += len(g.importance_keys) * n_train * c["importance_sample"]
+        for key in g.importance_keys:
+            config = next(x for x in g.configs if importance_key(x) == key)
+            _, per_sample, samples = _run_costs(config, c, n_train)
+            imp += samples * per_sample
         for chunk in chunks(g.configs, stack):
             k = len(chunk)
             phases = chunk[0].n_tasks - 1
@@ -274,17 +380,19 @@ def estimate(
                 i_s, d2_s, ev_s = imm_chunk_seconds(chunk, c, n_train, n_eval, merge_eval)
                 imp, d2, ev = imp + i_s, d2 + d2_s, ev + ev_s
                 continue
-            if phases > 1:  # runs of T > 2 tasks go one by one, an importance pass per phase
+            step, per_sample, samples = _run_costs(chunk[0], c, n_train)
+            structured = get_measure(chunk[0].importance).kind != "diagonal"
+            if phases > 1 or structured:  # one by one: T > 2 tasks, or a structured penalty
                 evals = len(
                     eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)
                 )
                 e_run = phases * evals * n_eval * c["eval_sample_one"]
-                d2 += phases * chunk[0].iters2 * c["d2_iter_one"] + e_run
-                ev += e_run
+                d2 += k * (phases * chunk[0].iters2 * step + e_run)
+                ev += k * e_run
                 method = get_method(chunk[0].consolidation)
                 # as continue_run: a pass after every phase its method takes one
                 later = sum(method.wants_importance(chunk[0], t) for t in range(1, phases + 1))
-                imp += later * n_train * c["importance_sample"]
+                imp += k * later * samples * per_sample
                 continue
             evals2 = len(
                 eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)
