@@ -931,6 +931,32 @@ def test_process_pool_equals_inline(tmp_path: Path) -> None:
     assert {k: _comparable(v) for k, v in a.items()} == {k: _comparable(v) for k, v in b.items()}
 
 
+def test_spread_cuts_groups_by_chunks_until_every_worker_has_a_job() -> None:
+    three = expand(tiny_grid(slt=("D3-3-4",), hidden=((8,),), lam=(0.0, 1.0, 10.0, 100.0)))
+    groups = grid.plan(three)
+    assert len(groups) == 1 and len(three) == 8  # one task-1 state; T = 3 runs one by one
+    assert grid.plan_spread(groups, 1, 4) == [tuple(three)]
+    parts = grid.plan_spread(groups, 3, 4)
+    assert len(parts) == 3 and sorted(run_id(c) for p in parts for c in p) == sorted(
+        run_id(c) for c in three
+    )  # every run once
+    two = expand(tiny_grid())  # 2 groups of 6 two-task runs: stacks of 4 and 2 each
+    parts = grid.plan_spread(grid.plan(two), 8, 4)
+    assert len(parts) == 4 and sorted(len(p) for p in parts) == [2, 2, 4, 4]  # stacks whole
+
+
+@pytest.mark.slow
+def test_one_group_of_single_runs_runs_on_every_worker(tmp_path: Path) -> None:
+    configs = expand(tiny_grid(slt=("D3-3-4",), hidden=((8,),), lr2=(1e-2,),
+                               lam=(0.0, 1.0, 10.0)))  # fmt: skip
+    _run(configs, tmp_path / "inline")
+    summary = _run(configs, tmp_path / "pool", workers=2)
+    assert summary.done == len(configs) == 3 and not summary.failed
+    assert summary.d1_trained == 2  # each of the two parts trained (or loaded) task 1
+    a, b = _records(tmp_path / "inline"), _records(tmp_path / "pool")
+    assert {k: _comparable(v) for k, v in a.items()} == {k: _comparable(v) for k, v in b.items()}
+
+
 @pytest.mark.slow
 def test_ray_executor_equals_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ray = pytest.importorskip("ray")

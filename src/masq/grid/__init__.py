@@ -21,6 +21,7 @@ from masq.grid.group import (
     tasks_for,
 )
 from masq.grid.plan import Group, Work, chunks, d1_key, importance_key, plan, work
+from masq.grid.plan import spread as plan_spread
 from masq.grid.spec import (
     GRID_KEYS,
     Grid,
@@ -64,6 +65,7 @@ __all__ = [
     "load_preset",
     "measure",
     "plan",
+    "plan_spread",
     "read_toml",
     "run_group",
     "task_sizes",

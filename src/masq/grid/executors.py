@@ -41,7 +41,7 @@ from masq.errors import ConfigError, MasqError
 from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.connect import RAY_TIMEOUT, connect_ray
 from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
-from masq.grid.plan import one_by_one, plan
+from masq.grid.plan import one_by_one, plan, spread
 from masq.runid import run_id
 from masq.runtime import default_threads, resolve_device
 from masq.store import NotStored, Store
@@ -248,9 +248,10 @@ def execute(
             for reason, n in one_by_one(todo, stack).items():
                 print(f"grid: {n} run(s) go one by one: {reason}", file=sys.stderr)
         ray = executor == Executor.RAY
+        pool = 1 if ray else workers  # a local pool: no worker idles while a group has runs
         jobs = [
-            GroupJob(str(root), g.configs, stack, threads, tasks_fn, return_records=ray)
-            for g in plan(todo)
+            GroupJob(str(root), part, stack, threads, tasks_fn, return_records=ray)
+            for part in spread(plan(todo), pool, stack)
         ]
         summary = Summary(len(all_ids), len(all_ids & stored), 0, {}, 0, 0, 0.0)
         bar = _progress_bar(len(all_ids), len(all_ids & stored), progress)

@@ -128,6 +128,21 @@ def chunks(configs: Sequence[RunConfig], stack: int) -> list[list[RunConfig]]:
     return out + singles + list(by_training.values())
 
 
+def spread(groups: Sequence[Group], workers: int, stack: int) -> list[tuple[RunConfig, ...]]:
+    """The runs of each job of a grid on ``workers`` workers: one group per job, except that
+    while there are fewer jobs than workers the job with the most chunks (:func:`chunks`) is
+    cut in two, its chunks dealt alternately, so that no worker idles. The parts of a group
+    each load its task-1 state and importance from the cache or compute them (deterministic,
+    written atomically: at worst computed once per part); a stack is never cut."""
+    parts = [chunks(g.configs, stack) for g in groups]
+    while parts and len(parts) < workers:
+        i = max(range(len(parts)), key=lambda j: len(parts[j]))
+        if len(parts[i]) < 2:
+            break
+        parts[i : i + 1] = [parts[i][0::2], parts[i][1::2]]
+    return [tuple(c for chunk in part for c in chunk) for part in parts]
+
+
 def one_by_one(configs: Sequence[RunConfig], stack: int = 16) -> dict[str, int]:
     """{reason: number of runs} of the runs of ``configs`` that are neither stacked nor
     trained together with others (the line a grid prints about them)."""
