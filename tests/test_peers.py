@@ -72,6 +72,23 @@ def test_configs_are_the_union_of_the_cells_once() -> None:
     assert len(ids) == 2 * 2 * (1 + 1 + 3)  # seeds × columns × (None + EWC + 3 λ)
 
 
+def test_rows_restrict_the_cells_and_the_manifest_keeps_earlier_cells(tmp_path: Path) -> None:
+    preset = tiny()
+    cells = preset.cells(rows=["EWC"])
+    assert list(cells) == ["EWC | task", "EWC | class"]
+    with pytest.raises(ConfigError, match="no row 'Nope'; its rows: 'None', 'EWC', 'MaSQ'"):
+        preset.cells(rows=["Nope"])
+    peers.write_manifest(tmp_path, preset, {}, cells)
+    later = preset.cells({"seed": [7]}, rows=["None", "EWC"])
+    peers.write_manifest(tmp_path, preset, {"seed": [7]}, later)
+    recorded = peers.read_manifest(tmp_path, "tiny")
+    assert recorded is not None and set(recorded) == set(later)
+    assert recorded["EWC | task"] == [run_id(c) for c in later["EWC | task"]]  # replaced
+    peers.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
+    recorded = peers.read_manifest(tmp_path, "tiny")
+    assert recorded is not None and len(recorded) == 6  # the other rows' cells are kept
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
@@ -225,3 +242,5 @@ def test_peers_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "vdv2019-split: " in capsys.readouterr().out
     assert main(["grid", "--preset", "nope", "--dry-run"]) == 2
     assert "published tables (masq peers): " in capsys.readouterr().err
+    assert main(["grid", "--rows", "EWC", "--dry-run"]) == 2
+    assert "--rows selects rows of a published table's preset" in capsys.readouterr().err

@@ -69,6 +69,14 @@ def _register_grid(sub: argparse._SubParsersAction) -> None:
         "--grid", dest="grid_file", default=None, help="TOML grid file (overrides preset)"
     )
     add_grid_flags(p)
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help="with a published table's preset: run only these rows (e.g. the published ones "
+        "first); default: every row",
+    )
     axes = p.add_argument_group("more axes")
     add_shorthand_flags(axes)  # --iters, --lr: one value each, as in masq run
     axes.add_argument(
@@ -209,11 +217,14 @@ def run_grid(args: argparse.Namespace) -> int:
             raise ConfigError(f"--preset {args.preset} is a published table; it takes flags, "
                               "not a --grid file")  # fmt: skip
         overrides = flag_values(args)
-        cells = preset.cells(overrides)
-        configs = preset.configs(overrides)
+        cells = preset.cells(overrides, args.rows)
+        configs = preset.configs(overrides, args.rows)
         described = f"{len(preset.rows)} rows × {len(preset.columns)} columns of {preset.title}"
         size = sum(len(c) for c in cells.values())
     else:
+        if args.rows is not None:
+            raise ConfigError("--rows selects rows of a published table's preset "
+                              "(`masq peers --list`); this grid has no rows")  # fmt: skip
         grid = grid_from_args(args)
         configs = search.expand(grid)
         described, size = describe_axes(grid), grid.size()

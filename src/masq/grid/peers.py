@@ -85,11 +85,19 @@ class PeerPreset:
         """The publication's name of ``column``."""
         return self.labels[self.columns.index(column)]
 
-    def cell_grids(self, overrides: Mapping[str, Any] | None = None) -> list[tuple[str, str, Grid]]:
+    def cell_grids(
+        self, overrides: Mapping[str, Any] | None = None, rows: Sequence[str] | None = None
+    ) -> list[tuple[str, str, Grid]]:
         """(row name, column value, grid) of every cell, in the table's order; ``overrides``
         (grid keys) apply to every cell, and a value of the column field restricts the
-        columns to the ones it names."""
+        columns to the ones it names; ``rows`` (names) restricts the rows."""
         overrides = dict(overrides or {})
+        unknown_rows = sorted(set(rows or ()) - {r.name for r in self.rows})
+        if unknown_rows:
+            raise ConfigError(
+                f"preset {self.name}: no row {unknown_rows[0]!r}; its rows: "
+                + ", ".join(repr(r.name) for r in self.rows)
+            )
         columns = self.columns
         if self.field in overrides:
             wanted = overrides.pop(self.field)
@@ -103,6 +111,8 @@ class PeerPreset:
             columns = tuple(c for c in self.columns if c in wanted)
         cells = []
         for row in self.rows:
+            if rows and row.name not in rows:
+                continue
             for column in columns:
                 values = {**self.axes, **row.axes, **row.by_column.get(column, {})}
                 for given, other in (("seed", "seeds"), ("seeds", "seed"), ("hidden", "layers"),
@@ -114,17 +124,22 @@ class PeerPreset:
                 cells.append((row.name, column, grid_from_mapping(values, Grid(), where=where)))
         return cells
 
-    def cells(self, overrides: Mapping[str, Any] | None = None) -> dict[str, list[RunConfig]]:
+    def cells(
+        self, overrides: Mapping[str, Any] | None = None, rows: Sequence[str] | None = None
+    ) -> dict[str, list[RunConfig]]:
         """{cell key (:func:`cell_key`): its run configurations}."""
         return {
-            cell_key(row, column): expand(grid) for row, column, grid in self.cell_grids(overrides)
+            cell_key(row, column): expand(grid)
+            for row, column, grid in self.cell_grids(overrides, rows)
         }
 
-    def configs(self, overrides: Mapping[str, Any] | None = None) -> list[RunConfig]:
+    def configs(
+        self, overrides: Mapping[str, Any] | None = None, rows: Sequence[str] | None = None
+    ) -> list[RunConfig]:
         """Every run of the table once (the union of the cells' runs, first occurrence kept)."""
         seen: set[str] = set()
         out = []
-        for configs in self.cells(overrides).values():
+        for configs in self.cells(overrides, rows).values():
             for config in configs:
                 rid = run_id(config)
                 if rid not in seen:
@@ -266,12 +281,15 @@ def write_manifest(
     cells: Mapping[str, Sequence[RunConfig]],
 ) -> Path:
     """Record in ``results`` which runs make each cell of ``preset`` (run with
-    ``overrides``), so that ``masq peers`` tabulates exactly them."""
+    ``overrides``), so that ``masq peers`` tabulates exactly them. The cells of an earlier
+    invocation that this one does not run (other rows or columns) are kept."""
+    earlier = read_manifest(results, preset.name) or {}
+    new = {key: [run_id(c) for c in configs] for key, configs in cells.items()}
     body = {
         "format": MANIFEST_FORMAT,
         "preset": preset.name,
         "overrides": {k: v for k, v in overrides.items()},
-        "cells": {key: [run_id(c) for c in configs] for key, configs in cells.items()},
+        "cells": {**earlier, **new},
     }
     text = json.dumps(body, indent=1, ensure_ascii=False, default=str)
     return atomic_write(manifest_path(results, preset.name), text + "\n")
