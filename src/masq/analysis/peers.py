@@ -25,6 +25,7 @@ pairs (:func:`masq.analysis.paired.paired_test`: mean of d, 95 % CI, two-sided p
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -273,8 +274,8 @@ def peer_figure(table: pd.DataFrame, preset: PeerPreset) -> Figure:
     """One panel per column: per method our mean ± SEM (bar) and the published value ±
     its spread (black diamond)."""
     columns = [c for c in preset.columns if c in set(table["column"])]
-    fig = Figure(figsize=(3.6 * max(1, len(columns)), 0.45 * len(preset.rows) + 1.6),
-                 layout="constrained")  # fmt: skip
+    width = max(6.0, 3.6 * len(columns))
+    fig = Figure(figsize=(width, 0.45 * len(preset.rows) + 1.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(1, max(1, len(columns)), squeeze=False, sharey=True)[0])
     names = [r.name for r in preset.rows]
@@ -290,12 +291,14 @@ def peer_figure(table: pd.DataFrame, preset: PeerPreset) -> Figure:
         ax.errorbar(pub, ys, xerr=np.nan_to_num(spread), fmt="D", color="black", markersize=4,
                     capsize=2, label="published")  # fmt: skip
         ax.set_title(preset.label(column), fontsize=9)
-        ax.set_xlim(0, 100)
+        shown = np.concatenate([mean - np.nan_to_num(sem), pub - np.nan_to_num(spread)])
+        low = np.nanmin(shown) if np.isfinite(shown).any() else 0.0
+        ax.set_xlim(max(0.0, 10 * math.floor((low - 2) / 10)), 100)  # room to see the gaps
         ax.grid(True, axis="x", alpha=0.3)
         ax.set_xlabel("average accuracy, %", fontsize=8)
     axes[0].set_yticks(ys, names, fontsize=8)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(preset.title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(preset.title, int(width * 13))), fontsize=9)
     return fig
 
 
