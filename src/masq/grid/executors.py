@@ -359,6 +359,8 @@ def _run_pool(
                         out.append((job, _failed_job(store, job, err)))
                     check_first(out)
                 if broken:  # the others are stopped first: their exit codes tell apart
+                    for proc in list(workers_seen.values()):  # the dead one's exit code now,
+                        proc.join(timeout=0.2)  # before a loaded machine reaps it elsewhere
                     stop_workers(pool)
                     raise _stopped(store, jobs, out, list(workers_seen.values()))
                 _poll(bar, store, ids)
