@@ -3,7 +3,7 @@
 An analysis writes into its output directory the data (CSV), a Markdown table, its figures
 (PNG) and a manifest ``<name>.json``::
 
-    {"format": "masq-analysis", "analysis": "diagonality" | "compare" | "lambda" | "kfac",
+    {"format": "masq-analysis", "analysis": "diagonality" | "compare" | "lambda" | "kfac" | "peers",
      "command": "masq analyze ...", "provenance": {...}, "files": {...}, ...}
 
 which :mod:`masq.report.html` reads to place the analysis in the report with a caption
@@ -17,15 +17,17 @@ import json
 import math
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 
 from masq import __version__
 from masq.errors import ConfigError
-from masq.fileio import atomic_write
+from masq.fileio import atomic_write, save_png
 from masq.runtime import cpu_count
 
 MANIFEST_FORMAT = "masq-analysis"
@@ -52,6 +54,44 @@ def write_manifest(out: str | os.PathLike[str], analysis: str, body: Mapping[str
     record = {"format": MANIFEST_FORMAT, "analysis": analysis, **body}
     text = json.dumps(record, indent=1, ensure_ascii=False, default=str, allow_nan=True)
     return atomic_write(Path(out) / f"{analysis}.json", text + "\n")
+
+
+def lam_on_validation(runs: pd.DataFrame) -> float:
+    """The λ of ``runs`` (columns ``lam`` and ``val``, one row per run) with the highest mean
+    validation accuracy over its runs, the smallest on ties; runs with a non-finite ``val``
+    (diverged, or no validation set) are left out, so a λ whose every run has none is never
+    chosen; NaN when no run has one."""
+    finite = runs[np.isfinite(runs["val"].to_numpy(float))]
+    means = finite.groupby("lam")["val"].mean().sort_index()
+    if means.empty:
+        return math.nan
+    return float(means.index[int(np.argmax(means.to_numpy()))])
+
+
+def write_analysis_files(
+    out: str | os.PathLike[str],
+    analysis: str,
+    markdown_text: str,
+    table: pd.DataFrame,
+    points: pd.DataFrame,
+    figures: Sequence[tuple[str, Any]],
+    body: Mapping[str, Any],
+) -> list[Path]:
+    """Write ``out``/<analysis>.md (``markdown_text``), <analysis>.csv (``table``),
+    <analysis>_points.csv (``points``), the (file name, figure) PNGs and the manifest
+    <analysis>.json (``body`` plus provenance and the files); the paths written."""
+    out = Path(out)
+    names = {"markdown": f"{analysis}.md", "csv": f"{analysis}.csv",
+             "points": f"{analysis}_points.csv", "figures": [n for n, _ in figures]}  # fmt: skip
+    written = [
+        atomic_write(out / names["markdown"], markdown_text),
+        atomic_write(out / names["csv"], table.to_csv(index=False)),
+        atomic_write(out / names["points"], points.to_csv(index=False)),
+        *(save_png(fig, out / name) for name, fig in figures),
+    ]
+    manifest = {**body, "provenance": provenance(), "files": names}
+    written.append(write_manifest(out, analysis, manifest))
+    return written
 
 
 def manifest_problem(record: object, name: str) -> str | None:

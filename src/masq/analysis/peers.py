@@ -35,12 +35,11 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from masq.analysis.common import markdown, provenance, write_manifest
+from masq.analysis.common import lam_on_validation, markdown, write_analysis_files
 from masq.analysis.paired import paired_test
 from masq.consolidation import get_method
 from masq.curves import VAL, task_name
 from masq.errors import ConfigError
-from masq.fileio import atomic_write, save_png
 from masq.grid.peers import PeerPreset, cell_key
 
 MARK = "◆"  # a cell more than 1 point and two SEMs from the published value
@@ -104,14 +103,13 @@ def _chosen(part: pd.DataFrame) -> tuple[float, bool]:
     lams = sorted(part["lam"].unique())
     if len(lams) == 1:
         return float(lams[0]), False
-    finite = part[np.isfinite(part["val"].to_numpy(float))]
-    if finite.empty:
+    lam = lam_on_validation(part)
+    if math.isnan(lam):
         raise ConfigError(
             "a λ sweep of the table has no validation accuracies: its runs evaluated no "
             "validation set (set eval_val = true in the preset, or pass --eval-val true)"
         )
-    means = finite.groupby("lam")["val"].mean().sort_index()
-    return float(means.index[int(np.argmax(means.to_numpy()))]), True
+    return lam, True
 
 
 def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
@@ -314,23 +312,14 @@ def write_outputs(
     peers.csv (:func:`peer_table`), peers_points.csv (every run), peers.png
     (:func:`peer_figure`) and the manifest peers.json (``body`` plus the preset, files and
     provenance); (the Markdown, the paths written)."""
-    out = Path(out)
     paired = paired_table(frame, preset)
     md = peer_markdown(table, preset)
     if not paired.empty:
         md += "\n" + paired_markdown(paired, preset)
-    written = [
-        atomic_write(out / "peers.md", md),
-        atomic_write(out / "peers.csv", table.to_csv(index=False)),
-        atomic_write(out / "peers_points.csv", frame.to_csv(index=False)),
-        save_png(peer_figure(table, preset), out / "peers.png"),
-    ]
-    files = {"markdown": "peers.md", "csv": "peers.csv", "points": "peers_points.csv",
-             "figures": ["peers.png"]}  # fmt: skip
     own = {"preset": preset.name, "title": preset.title, "citation": preset.citation,
            "marked": int(table["marked"].sum()) if not table.empty else 0}  # fmt: skip
-    manifest = {**(body or {}), **own, "provenance": provenance(), "files": files}
-    written.append(write_manifest(out, "peers", manifest))
+    figures = [("peers.png", peer_figure(table, preset))]
+    written = write_analysis_files(out, "peers", md, table, frame, figures, {**(body or {}), **own})
     return md, written
 
 

@@ -34,12 +34,11 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from masq.analysis.common import fmt, markdown, provenance, write_manifest
+from masq.analysis.common import fmt, lam_on_validation, markdown, write_analysis_files
 from masq.analysis.paired import paired_test
 from masq.config import RunConfig
 from masq.consolidation import canonical
 from masq.errors import ConfigError
-from masq.fileio import atomic_write, save_png
 from masq.runid import run_id
 
 # The measures compared, by their name in the tables, as RunConfig changes ({} of the
@@ -162,11 +161,9 @@ def _winner(part: pd.DataFrame) -> tuple[float, pd.DataFrame]:
     """(λ with the highest mean validation accuracy over seeds, smallest on ties; its rows
     with a finite test accuracy). Diverged runs (NaN accuracies) are left out of the means, and
     a λ whose every run diverged is never chosen; a group where all diverged gives NaN."""
-    finite = part[np.isfinite(part["val"].to_numpy(float))]
-    means = finite.groupby("lam")["val"].mean().sort_index()
-    if means.empty:
+    lam = lam_on_validation(part)
+    if math.isnan(lam):
         return math.nan, part.iloc[0:0]
-    lam = float(means.index[int(np.argmax(means.to_numpy()))])
     at = part[part["lam"] == lam]
     return lam, at[np.isfinite(at["test"].to_numpy(float))]
 
@@ -327,19 +324,9 @@ def write_outputs(
     kfac.png (:func:`structure_figure`), kfac_lambda.png (:func:`lambda_figure`) and the
     manifest kfac.json (``body`` plus files and provenance); (the Markdown,
     the paths written)."""
-    out = Path(out)
     md = structure_markdown(table)
-    written = [
-        atomic_write(out / "kfac.md", md),
-        atomic_write(out / "kfac.csv", table.to_csv(index=False)),
-        atomic_write(out / "kfac_points.csv", frame.to_csv(index=False)),
-        save_png(structure_figure(table), out / "kfac.png"),
-        save_png(lambda_figure(frame), out / "kfac_lambda.png"),
-    ]
-    files = {"markdown": "kfac.md", "csv": "kfac.csv", "points": "kfac_points.csv",
-             "figures": ["kfac.png", "kfac_lambda.png"]}  # fmt: skip
-    manifest = {**body, "provenance": provenance(), "files": files}
-    written.append(write_manifest(out, "kfac", manifest))
+    figures = [("kfac.png", structure_figure(table)), ("kfac_lambda.png", lambda_figure(frame))]
+    written = write_analysis_files(out, "kfac", md, table, frame, figures, body)
     return md, written
 
 
