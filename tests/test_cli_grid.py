@@ -202,7 +202,7 @@ def test_dry_run_of_a_three_task_grid(
     )
     assert (
         lines[2]
-        == "shared work: 4 task-1 trainings, 4 importance passes, 16 runs in 16 stacks of <= 16"
+        == "shared work: 4 task-1 trainings, 4 importance passes, 16 runs in 4 stacks of <= 16"
     )
 
 

@@ -373,7 +373,7 @@ def test_one_run_stack_and_errors(d1_setup: tuple) -> None:
         protocol.continue_stacked([config, config.with_(iters2=7)], d1, [imp, imp], tasks)
     three = config.with_(slt="D3-3-4")
     d1_three = D1State(three, d1.state_dict, d1.curve, d1.seconds)
-    with pytest.raises(ConfigError, match="the stacked engine runs two-task runs"):
+    with pytest.raises(ConfigError, match="has 3 tasks but 2 were given"):
         protocol.continue_stacked([three], d1_three, [imp], tasks)
     with pytest.raises(ConfigError, match="one lr"):
         stacked.train_stacked(

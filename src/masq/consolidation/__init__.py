@@ -21,6 +21,7 @@ from masq.consolidation.penalty import (
     PENALTY_KINDS,
     Penalty,
     QuadraticPenalty,
+    merged_anchor,
     penalty_for,
     register_penalty_kind,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "get_method",
     "imm",
     "joint",
+    "merged_anchor",
     "method_label",
     "method_names",
     "online_importance",

@@ -80,6 +80,41 @@ def quadratic_value(
     return (0.5 * lam) * torch.stack(terms).sum()
 
 
+def merged_anchor(
+    anchors: Sequence[tuple[Mapping[str, Tensor], Mapping[str, Tensor]]],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One anchor (θ̄, F̄) whose diagonal penalty has the gradient of the sum over ``anchors``
+    (pairs (θ^a, F^a) with the same keys): for every θ
+
+        Σ_a F^a_k (θ_k − θ^a_k) = F̄_k (θ_k − θ̄_k),   F̄ = Σ_a F^a,   θ̄ = Σ_a F^a θ^a / F̄
+
+    (θ̄ = θ^1 where F̄ = 0, where the term vanishes), formed in float64 and returned in the
+    anchors' dtype. The value differs from the sum's by a constant in θ. One anchor comes back
+    as it is (no rounding): what a stacked T-task run trains with (:mod:`masq.stacked`)."""
+    if not anchors:
+        raise ConfigError("merged_anchor: no anchors given; pass at least one (θ^a, F^a) pair")
+    if len(anchors) == 1:
+        stars, importance = anchors[0]
+        return dict(stars), dict(importance)
+    params: dict[str, Tensor] = {}
+    total: dict[str, Tensor] = {}
+    for key, first in anchors[0][0].items():
+        f_sum = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+        weighted = torch.zeros_like(f_sum)
+        for stars, importance in anchors:
+            f = importance[key].to(torch.float64)
+            f_sum += f
+            weighted += f * stars[key].to(torch.float64)
+        mean = torch.where(
+            f_sum > 0,
+            weighted / f_sum.clamp_min(torch.finfo(f_sum.dtype).tiny),
+            first.to(torch.float64),
+        )
+        params[key] = mean.to(first.dtype)
+        total[key] = f_sum.to(anchors[0][1][key].dtype)
+    return params, total
+
+
 def check_lam(lam: object, what: str = "lam") -> float:
     """λ as a float, else a one-line ConfigError: it must be a finite number >= 0."""
     try:
@@ -188,6 +223,16 @@ class QuadraticPenalty:
         """:meth:`add_grad` for ``model``'s parameters (``train_task(penalty_grad=...)``)."""
         self.add_grad(dict(model.named_parameters()))
 
+    def merged(self) -> tuple[float, dict[str, Tensor], dict[str, Tensor]]:
+        """(λ, θ̄, F̄): this penalty as one anchor with the same gradient
+        (:func:`merged_anchor`), keyed like the model's parameters."""
+        pairs = [
+            (dict(zip(self.names, stars, strict=True)), dict(zip(self.names, imps, strict=True)))
+            for stars, imps in zip(self.anchors, self.importances, strict=True)
+        ]
+        params, importance = merged_anchor(pairs)
+        return self.lam, params, importance
+
 
 PenaltyFactory = Callable[[nn.Module, Sequence[AnchorLike], float], Penalty]
 """``factory(model, anchors, lam) -> Penalty``: the penalty of a kind of importance."""
@@ -223,6 +268,7 @@ __all__ = [
     "check_lam",
     "checked_anchors",
     "key_diff",
+    "merged_anchor",
     "penalty_for",
     "quadratic_grad_",
     "quadratic_value",

@@ -381,26 +381,29 @@ def estimate(
                 imp, d2, ev = imp + i_s, d2 + d2_s, ev + ev_s
                 continue
             step, per_sample, samples = _run_costs(chunk[0], c, n_train)
-            structured = get_measure(chunk[0].importance).kind != "diagonal"
-            if phases > 1 or structured:  # one by one: T > 2 tasks, or a structured penalty
+            # as continue_run: a pass after every phase its method takes one, run by run
+            later = sum(
+                get_method(c.consolidation).wants_importance(c, t)
+                for c in chunk
+                for t in range(1, phases + 1)
+            )
+            if placement(chunk[0], stack)[0] != "stack":  # one by one (structured, SI, ...)
                 evals = len(
                     eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)
                 )
                 e_run = phases * evals * n_eval * c["eval_sample_one"]
                 d2 += k * (phases * chunk[0].iters2 * step + e_run)
                 ev += k * e_run
-                method = get_method(chunk[0].consolidation)
-                # as continue_run: a pass after every phase its method takes one
-                later = sum(method.wants_importance(chunk[0], t) for t in range(1, phases + 1))
-                imp += k * later * samples * per_sample
+                imp += later * samples * per_sample
                 continue
+            imp += later * samples * per_sample  # stacked: EWC's anchors merged into one
             evals2 = len(
                 eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)
             )
             scale = k / max(1, stack)  # a short stack costs about its share
             e2 = evals2 * n_eval * (c["eval_sample_stack"] if stack > 1 else c["eval_sample_one"])
-            d2 += (chunk[0].iters2 * c["d2_iter"] + e2) * (scale if stack > 1 else k)
-            ev += e2 * (scale if stack > 1 else k)
+            d2 += phases * (chunk[0].iters2 * c["d2_iter"] + e2) * (scale if stack > 1 else k)
+            ev += phases * e2 * (scale if stack > 1 else k)
         ev += e1
     total = (d1 + imp + d2) / workers
     return Estimate(

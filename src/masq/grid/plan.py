@@ -2,8 +2,8 @@
 
 Runs that agree on the fields of :data:`masq.config.FIRST_FIELDS` start from the same state
 after phase 1; each group trains it once and computes each importance of task 1 (the fields
-of :data:`masq.config.IMPORTANCE_FIELDS`) once. The later phases of a group's two-task runs
-are trained K at a time as one stacked model (:func:`chunks`).
+of :data:`masq.config.IMPORTANCE_FIELDS`) once. The later phases of a group's runs are
+trained K at a time as one stacked model where the stacked engine takes them (:func:`chunks`).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def work(groups: Sequence[Group], stack: int) -> Work:
 def placement(config: RunConfig, stack: int) -> tuple[str, Any]:
     """How a worker runs ``config``, with what decides it: ("alone", why) from its own phase
     1 (:func:`alone`); ("alike", training key) with the runs whose phases train alike
-    (:meth:`~masq.consolidation.Method.shared_training`); ("stack", iters2) in a stack of the
-    stacked engine (:func:`masq.protocol.stackable`); else ("single", why not stacked)."""
+    (:meth:`~masq.consolidation.Method.shared_training`); ("stack", (tasks, iters2)) in a stack
+    of the stacked engine (:func:`masq.protocol.stackable`); else ("single", why not stacked)."""
     why = alone(config)
     if why is not None:
         return "alone", why
@@ -104,14 +104,14 @@ def placement(config: RunConfig, stack: int) -> tuple[str, Any]:
     if shared is not None:
         return "alike", shared
     why = stackable(config) if stack > 1 else "--stack 1"
-    return ("stack", config.iters2) if why is None else ("single", why)
+    return ("stack", (config.n_tasks, config.iters2)) if why is None else ("single", why)
 
 
 def chunks(configs: Sequence[RunConfig], stack: int) -> list[list[RunConfig]]:
     """The runs of one group cut into the units a worker runs at once (:func:`placement`):
-    stacks of at most ``stack`` runs with equal ``iters2``; the runs that train alike as one
-    chunk, trained once; every other run alone (a chunk of one)."""
-    by_iters: dict[int, list[RunConfig]] = {}
+    stacks of at most ``stack`` runs with equal numbers of tasks and ``iters2``; the runs that
+    train alike as one chunk, trained once; every other run alone (a chunk of one)."""
+    by_iters: dict[tuple[int, int], list[RunConfig]] = {}
     singles: list[list[RunConfig]] = []
     by_training: dict[tuple[Any, ...], list[RunConfig]] = {}
     for config in configs:

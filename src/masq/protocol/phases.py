@@ -153,32 +153,42 @@ def continue_runs(
                 run.seconds.append(s)
             method = get_method(run.config.consolidation)
             run.state = method.after_phase(run.config, run.state, model, imp, phase)
-    return [_record(r, curves, train_s, weights, diverged, ctx) for r in runs]
+    return [
+        finish_record(
+            r.config, r.state, r.first, r.seconds, curves, train_s, weights, diverged, ctx
+        )
+        for r in runs
+    ]
 
 
-def _record(
-    run: _Run,
+def finish_record(
+    config: RunConfig,
+    state: Any,
+    first: Importance | None,
+    importance_seconds: list[float],
     curves: list[Any],
     train_s: list[float],
     weights: list[dict[str, Tensor]] | None,
     diverged: str | None,
     ctx: Context,
+    meta: Mapping[str, Any] | None = None,
 ) -> Result:
-    """The record of ``run``: :func:`build_result`, then the method's end (unless diverged),
-    evaluated through ``ctx``, one network for all the runs that trained alike (their seed,
-    tasks and precision are one)."""
+    """The record of one run: :func:`build_result` (``meta`` default:
+    :func:`~masq.protocol.result.run_meta` of the device), then the method's end (unless
+    diverged) evaluated through ``ctx``, one network for all the runs that trained alike (their
+    seed, tasks and precision are one)."""
     result = build_result(
-        run.config,
+        config,
         curves,
-        importance=run.first,
+        importance=first,
         train_seconds=train_s,
-        importance_seconds=run.seconds,
-        meta=run_meta(ctx.device),
+        importance_seconds=importance_seconds,
+        meta=dict(meta) if meta is not None else run_meta(ctx.device),
         weights=None if weights is None else [dict(w) for w in weights],
         diverged=diverged,
     )
-    method = get_method(run.config.consolidation)
-    end = None if diverged else method.end(run.config, run.state, ctx)
+    method = get_method(config.consolidation)
+    end = None if diverged else method.end(config, state, ctx)
     if end is not None:
         result.metrics.update(end.metrics)
         result.timings["merge"] = [end.seconds]
@@ -230,4 +240,4 @@ def run(
     )
 
 
-__all__ = ["Context", "continue_run", "continue_runs", "run"]
+__all__ = ["Context", "continue_run", "continue_runs", "finish_record", "run"]

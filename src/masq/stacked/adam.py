@@ -24,7 +24,8 @@ EPS = 1e-8
 class StackedAdam:
     """torch.optim.Adam (betas 0.9, 0.999, eps 1e-8, no weight decay) on stacked tensors with
     one learning rate per run; ``step`` first adds the EWC gradient λ_k F_k (θ_k − θ*) where
-    ``lam_f`` (λ_k F_k, stacked) and ``anchors`` (θ*, leading dimension 1) are given."""
+    ``lam_f`` (λ_k F_k, stacked) and ``anchors`` (θ*: leading dimension 1, shared by every
+    run, or K, run k's own) are given."""
 
     lrs: list[float]
     exp_avg: list[Tensor]
@@ -85,7 +86,8 @@ class StackedAdam:
         for run in range(len(self.lrs)):  # run by run: its tensors stay in cache
             p_run, g_run = [p[run] for p in params], [g[run] for g in grads]
             if penalty and (penalized is None or penalized[run]):
-                stars, lam_f_run = [a[0] for a in anchors], [lf[run] for lf in lam_f]
+                stars = [a[run] if a.shape[0] > 1 else a[0] for a in anchors]
+                lam_f_run = [lf[run] for lf in lam_f]
                 quadratic_grad_(g_run, p_run, stars, lam_f_run, self.scratch)
             if self.fused:
                 self._fused_step(run, p_run, g_run)

@@ -16,7 +16,7 @@ from masq.stacked.model import (
     StackedMLP,
     Workspace,
     loss_grads,
-    stack_state,
+    stack_states,
     stacked_accuracies,
     stored_layout,
     unstack,
@@ -53,8 +53,42 @@ def lam_importance(
     return out
 
 
+def stacked_anchors(
+    model: StackedMLP,
+    starts: Sequence[Mapping[str, Tensor]],
+    anchors: Sequence[Mapping[str, Tensor] | None] | None,
+    device: torch.device,
+) -> list[Tensor]:
+    """θ* per parameter in the stacked layout: [1, ...] (the one start state, shared by every
+    run) when no run has its own anchor, else [K, ...] (run k's anchor, or the start state
+    where it has none); one start state is needed for the shared default."""
+    own = list(anchors) if anchors is not None else [None] * model.k
+    if len(own) != model.k:
+        raise ConfigError(f"stacked: give one anchor (or None) per run (K = {model.k})")
+
+    def layout(state: Mapping[str, Tensor], key: str) -> Tensor:
+        return stored_layout(state[key].detach().to(device, torch.float32))
+
+    if all(a is None for a in own):
+        if len(starts) != 1:
+            raise ConfigError("stacked: runs from K start states need their anchors; give them")
+        return [layout(starts[0], key).unsqueeze(0).contiguous() for key in model.keys]
+    out = []
+    for key in model.keys:
+        rows = []
+        for run, a in enumerate(own):
+            state = a if a is not None else starts[0 if len(starts) == 1 else run]
+            if set(state) != set(model.keys):
+                raise ConfigError(
+                    f"stacked: anchor keys {sorted(state)} do not match the model's {model.keys}"
+                )
+            rows.append(layout(state, key))
+        out.append(torch.stack(rows).contiguous())
+    return out
+
+
 def train_stacked(
-    state_dict: Mapping[str, Tensor],
+    state_dict: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
     train: XY,
     *,
     lrs: Sequence[float],
@@ -71,11 +105,15 @@ def train_stacked(
     precision: Precision | str = Precision.FP32,
     units: Sequence[int] | None = None,
     eval_units: Mapping[str, Sequence[int]] | None = None,
+    anchors: Sequence[Mapping[str, Tensor] | None] | None = None,
 ) -> tuple[list[Curve], list[dict[str, Tensor]]]:
-    """Re-train K = len(lrs) copies of ``state_dict`` on ``train`` at once (module docstring).
+    """Re-train K = len(lrs) copies of ``state_dict`` on ``train`` at once (module docstring);
+    ``state_dict`` may also be K states, run k starting from the k-th (a later phase of T-task
+    runs).
 
-    Run k: Adam at ``lrs[k]``, penalty (λ_k/2) Σ F_k (θ − θ*)² with θ* = ``state_dict`` and
-    F_k = ``importances[k]`` ({} for none); mini-batches from ``Generator().manual_seed(seed)``
+    Run k: Adam at ``lrs[k]``, penalty (λ_k/2) Σ F_k (θ − θ*_k)² with F_k = ``importances[k]``
+    ({} for none) and θ*_k = ``anchors[k]`` (default, or None: the common start state, which
+    one start state requires); mini-batches from ``Generator().manual_seed(seed)``
     as :func:`masq.training.train_task`, evaluated at the same :func:`eval_iterations`;
     ``precision`` "bf16" runs the matmuls in bfloat16 (float32 master weights, Adam state and
     penalty). ``units`` and ``eval_units`` mask the other tasks' output units in the loss and
@@ -91,11 +129,13 @@ def train_stacked(
     if not (len(lams) == len(importances) == k) or k == 0:
         raise ConfigError("stacked: give one lr, one lam and one importance per run (K >= 1)")
     device = torch.device("cpu") if device is None else torch.device(device)
-    model = stack_state(state_dict, k, device)
-    anchors = [
-        stored_layout(state_dict[key].detach().to(device, torch.float32)).unsqueeze(0).contiguous()
-        for key in model.keys
-    ]
+    starts = [state_dict] if isinstance(state_dict, Mapping) else list(state_dict)
+    if len(starts) not in (1, k):
+        raise ConfigError(
+            f"stacked: give one start state or one per run (K = {k}), not {len(starts)}"
+        )
+    model = stack_states(starts * k if len(starts) == 1 else starts, device)
+    stars = stacked_anchors(model, starts, anchors, device)
     lam_f = lam_importance(model, lams, importances)
     penalized = [lam > 0 and bool(imp) for lam, imp in zip(lams, importances, strict=True)]
     optimizer = StackedAdam.create(model, lrs)
@@ -121,7 +161,7 @@ def train_stacked(
     order = phase_indices(x.shape[0], batch_size, iters, generator).to(device)
     for it, idx in enumerate(order, start=1):
         grads = loss_grads(model, workspace, x[idx], y[idx], bias)
-        optimizer.step(model.params, grads, lam_f, anchors, penalized)
+        optimizer.step(model.params, grads, lam_f, stars, penalized)
         if it in record_at:
             record(it)
     return curves, [unstack(model, run) for run in range(k)]
