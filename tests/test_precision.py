@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,6 +242,39 @@ def test_wait_policy_is_passive_only_on_a_busy_machine_and_never_overrides_the_u
     assert wait_policy_env({}, busy=True) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert wait_policy_env({}, busy=False) == {}
     assert wait_policy_env({"OMP_WAIT_POLICY": "ACTIVE"}, busy=True) == {}
+
+
+def test_the_wait_policy_reads_what_runs_now_not_the_load_average(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Busy means: other runnable threads (procs_running minus this one) fill the cores now;
+    a high load average left by a finished command does not count."""
+    from masq.cli import waitpolicy
+
+    assert waitpolicy.runnable_threads("cpu  1 2 3\nprocs_running 3\nprocs_blocked 0\n") == 3
+    assert waitpolicy.runnable_threads("cpu  1 2 3\n") is None
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(waitpolicy, "STAT", str(stat))
+    monkeypatch.setattr(waitpolicy, "usable_cores", lambda: 2)
+    monkeypatch.setattr(waitpolicy.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    stat.write_text("procs_running 1\n", encoding="ascii")  # only this process
+    assert waitpolicy.others_running(pause=0) == 0 and not waitpolicy.oversubscribed()
+    stat.write_text("procs_running 3\n", encoding="ascii")  # two others on two cores
+    assert waitpolicy.others_running(pause=0) == 2 and waitpolicy.oversubscribed()
+    stat.write_text("procs_running 2\n", encoding="ascii")
+    assert not waitpolicy.oversubscribed()
+    monkeypatch.setattr(waitpolicy, "STAT", str(tmp_path / "missing"))
+    assert waitpolicy.others_running() is None and waitpolicy.oversubscribed()  # load average
+
+
+def test_a_record_says_which_wait_policy_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    from masq.protocol.result import run_meta
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert run_meta(torch.device("cpu"))["omp_wait_policy"] == "default"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    meta = run_meta(torch.device("cpu"))
+    assert meta["omp_wait_policy"] == "PASSIVE" and meta["threads"] == torch.get_num_threads()
 
 
 def test_importing_the_cli_changes_no_environment_and_loads_no_torch() -> None:

@@ -365,8 +365,8 @@ def add_execution_flags(p: argparse.ArgumentParser, *, ray: bool = False) -> Non
                    help="torch threads per local worker (default: cores // workers)"
                    + (", CPUs per Ray task (default: 1)" if ray else ""))  # fmt: skip
     g.add_argument("--stack", type=int, default=16,
-                   help="two-task runs trained at once as one stacked model (default: 16; 1: one "
-                   "by one)")  # fmt: skip
+                   help="runs whose later phases train at once as one stacked model (default: "
+                   "16; 1: one by one)")  # fmt: skip
     if ray:
         g.add_argument("--executor", choices=Executor.values(), default=Executor.LOCAL.value,
                        help="local processes or a Ray cluster")  # fmt: skip

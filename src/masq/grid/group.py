@@ -4,10 +4,11 @@ The caches are safetensors files with a checksummed sidecar
 (:meth:`masq.store.Store.save_tensors`): one that is missing, truncated or changed is named in
 a warning and recomputed, and a cache that cannot be written only costs a recomputation later.
 
-Two-task runs are continued K at a time as one stacked model
-(:func:`masq.protocol.continue_stacked`); runs of more than two tasks go one by one
-(:func:`masq.protocol.continue_run`; README, "T-task grids", says why). A CUDA out-of-memory
-error in a stack retries it as two stacks of half the size.
+Runs the stacked engine takes (:func:`masq.protocol.stackable`: EWC and online EWC with a
+diagonal measure, any number of tasks) are continued K at a time as one stacked model
+(:func:`masq.protocol.continue_stacked`); the others go one by one
+(:func:`masq.protocol.continue_run`; README, "T-task grids"). A CUDA out-of-memory error in a
+stack retries it as two stacks of half the size.
 """
 
 from __future__ import annotations

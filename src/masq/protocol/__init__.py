@@ -1,7 +1,7 @@
 """The continual-learning protocol for T tasks: :mod:`~masq.protocol.run` (stages),
 :mod:`~masq.protocol.phases` (the one phase loop and ``run``), :mod:`~masq.protocol.result`
 (records, accuracy matrix, ACC/BWT/forgetting, best/last), :mod:`~masq.protocol.batched`
-(stacked re-training of two-task runs), :mod:`~masq.protocol.compare` (``masq compare``)."""
+(stacked re-training of the later phases), :mod:`~masq.protocol.compare` (``masq compare``)."""
 
 from masq.protocol.batched import continue_stacked, stackable
 from masq.protocol.compare import COMPARE_METHODS, compare, compare_configs

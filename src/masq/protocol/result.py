@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +179,9 @@ def summarize(importance: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
 
 
 def run_meta(device: torch.device, **extra: Any) -> dict[str, Any]:
-    """What produced a record and when: masq and torch versions, device, threads, ``finished``
+    """What produced a record and when: masq and torch versions, device, threads, OpenMP's
+    wait policy (``OMP_WAIT_POLICY`` as the environment set it, "default" where unset; the
+    command line sets PASSIVE on a busy machine, :mod:`masq.cli.waitpolicy`), ``finished``
     (UTC, ISO 8601, to the second; the report's dates come from it), and ``extra``."""
     finished = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     return {
@@ -186,6 +189,7 @@ def run_meta(device: torch.device, **extra: Any) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "finished": finished.isoformat(),
         **extra,
     }
