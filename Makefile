@@ -1,4 +1,4 @@
-# Two commands: `make demo` (headline experiment) and `make test` (lint + the whole test suite).
+# Two commands: `make demo` (headline experiment) and `make test` (lint, types, the tests).
 # Both create a local virtual environment in .venv: `make demo` (and every target that runs
 # masq) installs the core (what run, grid, table and report need), `make test` and
 # `make format` add the extra `dev` (test tools, lint, Ray and TensorBoard for their tests).
@@ -42,6 +42,7 @@ demo: $(STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 # The first reproduction (README): per SLT its paper-best architecture and eps2, both

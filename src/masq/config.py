@@ -97,7 +97,7 @@ def _field(
 
 
 D, F, IMP, L, R = Stage.DATA, Stage.FIRST, Stage.IMPORTANCE, Stage.LATER, Stage.RUN
-Hidden = tuple  # the element type of ``hidden``: a tuple of positive ints
+Hidden: type[tuple[int, ...]] = tuple  # the element type of ``hidden``: a tuple of positive ints
 
 
 # Adding a configuration field is one line here: it then reaches its validation, the CLI flags

@@ -16,6 +16,7 @@ import itertools
 import math
 import operator
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ def check_hidden(hidden: Sequence[int] | str) -> tuple[int, ...]:
         raise ConfigError("hidden: give at least one hidden layer size, e.g. hidden=(800, 800)")
     if any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
         raise ConfigError(f"hidden: layer sizes must be positive integers, got {list(sizes)}")
-    return sizes
+    return cast(tuple[int, ...], sizes)  # ints: checked just above
 
 
 def _integer(value: object) -> int | None:

@@ -34,7 +34,7 @@ import tempfile
 import traceback as tb
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 
@@ -257,7 +257,7 @@ class Store:
         for key, value in payload.items():
             if isinstance(value, Mapping) and value and all(map(torch.is_tensor, value.values())):
                 fields.append(key)
-                tensors |= {f"{key}/{name}": t for name, t in value.items()}
+                tensors.update({f"{key}/{name}": t for name, t in value.items()})
             else:
                 meta[key] = value
         if len(fields) == 1:
@@ -342,7 +342,7 @@ def check_record(path: Path, text: str | None = None) -> dict[str, Any]:
         raise InvalidRecord(path, f"its run_id {record.get('run_id')!r} is not its file name")
     if record.get("version") != FORMAT_VERSION:
         raise InvalidRecord(path, f"version {record.get('version')!r}, not {FORMAT_VERSION}")
-    result = record.get("result")
+    result: Any = record.get("result")  # a dict when nothing is missing
     missing = [k for k in RESULT_KEYS if not isinstance(result, dict) or k not in result]
     if missing:
         raise InvalidRecord(path, f"its result lacks {missing}")
@@ -422,7 +422,7 @@ def _stage_v2(runs: Path, root: Path) -> tuple[Path, int]:
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, staged / path.name)
                 continue
             try:
-                result = result_from_v1(record["result"])
+                result = result_from_v1(cast(Any, record["result"]))  # JSON; a bad one raises
                 new = {"run_id": record["run_id"], "version": FORMAT_VERSION, "result": result}
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
                 what = f"no {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"

@@ -19,7 +19,7 @@ import os
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -81,8 +81,9 @@ def write_analysis_files(
     <analysis>_points.csv (``points``), the (file name, figure) PNGs and the manifest
     <analysis>.json (``body`` plus provenance and the files); the paths written."""
     out = Path(out)
-    names = {"markdown": f"{analysis}.md", "csv": f"{analysis}.csv",
-             "points": f"{analysis}_points.csv", "figures": [n for n, _ in figures]}  # fmt: skip
+    names: dict[str, Any] = {"markdown": f"{analysis}.md", "csv": f"{analysis}.csv",
+                             "points": f"{analysis}_points.csv",
+                             "figures": [n for n, _ in figures]}  # fmt: skip
     written = [
         atomic_write(out / names["markdown"], markdown_text),
         atomic_write(out / names["csv"], table.to_csv(index=False)),
@@ -135,7 +136,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             f"{p}: malformed analysis manifest ({problem}); re-run its analysis "
             "(masq analyze ...) or remove the file"
         )
-    return record
+    return cast(dict[str, Any], record)  # an object: manifest_problem checked it
 
 
 def fmt(x: Any, digits: int = 4) -> str:
@@ -158,6 +159,11 @@ def _cell(text: str) -> str:
 def pct(x: float) -> str:
     """An accuracy as a percentage with two decimals; NaN as "—"."""
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """``df.to_dict("records")``: one dict per row, keyed by the frame's (string) column names."""
+    return cast(list[dict[str, Any]], df.to_dict("records"))
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str]], title: str = "") -> str:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from masq import importance
 from masq import protocol as masq_protocol
-from masq.analysis.common import markdown, provenance, write_manifest
+from masq.analysis.common import markdown, provenance, records, write_manifest
 from masq.config import RunConfig, hidden_text
 from masq.errors import ConfigError
 from masq.fileio import atomic_write, save_png
@@ -113,7 +113,7 @@ def _ratio(a: float, b: float) -> float:
 
 def table2_markdown(table: pd.DataFrame, title: str = "") -> str:
     """Table 2 (every tensor) as Markdown."""
-    return markdown(table.to_dict("records"), list(TABLE2_COLUMNS), title)
+    return markdown(records(table), list(TABLE2_COLUMNS), title)
 
 
 def fisher_block(model: nn.Module, x: Tensor, y: Tensor, name: str, *, chunk: int = 500) -> Tensor:
@@ -232,7 +232,8 @@ def diagonality(
             "give the --hidden it was trained with"
         ) from None
     model.eval()
-    x, y = d1_samples(*tasks[0].train, samples)
+    train: tuple[Tensor, Tensor] = tasks[0].train
+    x, y = d1_samples(*train, samples)
     with torch.no_grad():
         accuracy = float((model(x).argmax(1) == y).double().mean())
     start = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from masq.analysis.common import fmt, markdown, pct
+from masq.analysis.common import fmt, markdown, pct, records
 from masq.analysis.settle import IMPORTANCE_NAME, KEYS, Campaign
 from masq.config import round_sig
 
@@ -120,7 +120,7 @@ def paired_markdown(paired: pd.DataFrame) -> str:
         "MaSQ versus FIM, paired over the confirmation seeds (same seed = same task-1 state): "
         "mean of d = MaSQ − FIM in points, its 95 % CI and the two-sided p of a paired t-test."
     )
-    rows = [_rounded(r) for r in paired.to_dict("records")]
+    rows = [_rounded(r) for r in records(paired)]
     cols = [("select_on", "selected on"), ("slt", "SLT"), ("criterion", "criterion"),
             ("init", "init"), ("n", "n"), ("mean_diff", "mean d (points)"),
             ("ci_low", "95 % CI from"), ("ci_high", "to"), ("t", "t"), ("p", "p"),
@@ -147,7 +147,7 @@ def gain_markdown(gains: pd.DataFrame) -> str:
         "no-EWC winner's mean over those seeds, and the mean of d = EWC − no EWC in points "
         "with its 95 % CI and the two-sided p of a paired t-test."
     )
-    rows = [_rounded(r) | _gain_cells(r) for r in gains.to_dict("records")]
+    rows = [_rounded(r) | _gain_cells(r) for r in records(gains)]
     cols = [("select_on", "selected on"), ("slt", "SLT"), ("criterion", "criterion"),
             ("init", "init"), ("importance", "EWC"), ("lr2", "ε2"), ("lam", "λ"),
             ("mean", "EWC %"), ("none_lr2", "no EWC: ε2"), ("none_mean", "no EWC %"),

@@ -28,7 +28,7 @@ import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -161,14 +161,15 @@ def _at_chosen(frame: pd.DataFrame, method: str, column: str) -> pd.Series | Non
         return None
     lam, _ = _chosen(part)
     at = part[(part["lam"] == lam) & np.isfinite(part["test"].to_numpy(float))]
-    return at.set_index("seed")["test"]
+    series: pd.Series = at.set_index("seed")["test"]
+    return series
 
 
 def paired_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     """Per column and row other than the preset's ``reference``: the paired difference
     (row − reference, points) over the seeds both have, its 95 % CI and p (module
     docstring); empty without a reference."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not preset.reference:
         return pd.DataFrame(rows)
     for column in preset.columns:
@@ -246,7 +247,7 @@ def peer_markdown(table: pd.DataFrame, preset: PeerPreset) -> str:
             if hit.empty:
                 record[f"{column}:ours"] = "not run yet"
             else:
-                r = hit.iloc[0].to_dict()
+                r = cast(dict[str, Any], hit.iloc[0].to_dict())
                 seeds = f"n={r['seeds']}"
                 if r["diverged"]:
                     seeds += f", {r['diverged']} diverged"

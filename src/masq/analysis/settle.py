@@ -33,11 +33,12 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, SupportsFloat, cast
 
 import numpy as np
 import pandas as pd
 
+from masq.analysis.common import records
 from masq.config import FIELD, hidden_text, round_sig
 from masq.consolidation import method_label
 from masq.defaults import PAPER_SLTS, paper_best
@@ -182,14 +183,14 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def row_mapping(row: Mapping[str, Any]) -> dict[str, Any]:
+def row_mapping(row: Mapping[str, Any] | pd.Series) -> dict[str, Any]:
     """The grid mapping (one value per axis) of a stored run's row (:func:`masq.store.flat_row`)."""
     out = {f.name: _plain(row[f.name]) for f in AXIS_FIELDS if f.name in row}
     out["hidden"] = [int(h) for h in str(out["hidden"]).split("-") if h]
     return out
 
 
-def reseeded(row: Mapping[str, Any], seeds: Sequence[int], **changes: Any) -> list[Any]:
+def reseeded(row: Mapping[str, Any] | pd.Series, seeds: Sequence[int], **changes: Any) -> list[Any]:
     """The configs of run ``row`` on ``seeds`` (and ``changes``, e.g. lam=0), through
     :func:`masq.grid.expand`: canonical, with the run ids of an equivalent ``masq grid``."""
     values = row_mapping(row) | dict(changes)
@@ -210,7 +211,7 @@ def confirmation_configs(
     """Every winner of ``winners`` (rows of Table 1 on seed 0) on ``seeds``, and for EWC
     "last" winners also their λ = 0 counterpart on ``seeds``; duplicates dropped."""
     configs: list[Any] = []
-    for winner in winners.to_dict("records"):
+    for winner in records(winners):
         row = winner_row(df, winner)
         configs += reseeded(row, seeds)
         if has_counterpart(winner):
@@ -245,7 +246,9 @@ def extension_plan(df: pd.DataFrame, campaign: Campaign, slt: str) -> list[dict[
     for (lr2, imp, init), part in rows.groupby(["lr2", "importance", "init"], sort=True):
         lam = next_lambda(list(part["lam"]), list(part["last.union"]), campaign.lam_cap)
         if lam is not None:
-            out.append({"lr2": float(lr2), "importance": imp, "init": init, "lam": lam})
+            out.append(
+                {"lr2": float(cast(float, lr2)), "importance": imp, "init": init, "lam": lam}
+            )
     return out
 
 
@@ -277,7 +280,7 @@ def confirmation_values(
     by_id = df.set_index("run_id")
     seeds = [campaign.seed, *campaign.confirm_seeds]
     rows = []
-    for w in winners.to_dict("records"):
+    for w in records(winners):
         row = winner_row(df, w)
         column = value_column(w["selected_on"], w["criterion"])
         runs = reseeded(row, seeds)
@@ -303,13 +306,14 @@ def confirmation_values(
 
 def has_counterpart(winner: Mapping[str, Any]) -> bool:
     """Whether a winner has a λ = 0 counterpart to confirm: an EWC "last" winner."""
-    return winner["criterion"] == "last" and winner["importance"] != "none"
+    last: bool = winner["criterion"] == "last" and winner["importance"] != "none"
+    return last
 
 
 def _lookup(by_id: pd.DataFrame, rid: str, column: str) -> float:
     if rid not in by_id.index or column not in by_id.columns:
         return math.nan
-    return float(by_id.at[rid, column])
+    return float(cast(SupportsFloat, by_id.at[rid, column]))
 
 
 def _spread(values: pd.Series) -> tuple[float, float, int]:

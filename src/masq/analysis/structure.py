@@ -34,7 +34,13 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from masq.analysis.common import fmt, lam_on_validation, markdown, write_analysis_files
+from masq.analysis.common import (
+    fmt,
+    lam_on_validation,
+    markdown,
+    records,
+    write_analysis_files,
+)
 from masq.analysis.paired import paired_test
 from masq.config import RunConfig
 from masq.consolidation import canonical
@@ -141,7 +147,7 @@ def structure_frame(df: pd.DataFrame) -> pd.DataFrame:
             f"the stored runs have no {missing} metrics; they were run without --eval-val: "
             "run `masq analyze kfac` (it evaluates the validation sets)"
         )
-    rows = df.to_dict("records")
+    rows = records(df)
     scenario = df["scenario"] if "scenario" in df.columns else pd.Series(["class"] * len(df))
     return pd.DataFrame(
         {

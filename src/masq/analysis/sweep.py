@@ -25,7 +25,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from masq.analysis.common import markdown, provenance, write_manifest
+from masq.analysis.common import markdown, provenance, records, write_manifest
 from masq.config import RunConfig, lam_per_lr2, round_sig
 from masq.consolidation import method_label
 from masq.errors import ConfigError
@@ -213,7 +213,7 @@ def needed_markdown(needed: pd.DataFrame, tolerance: float = 0.01) -> str:
         f"λ each measure needs: the λ of the highest mean accuracy on the union of all tasks, "
         f"and the λ range within {100 * tolerance:g} point(s) of it."
     )
-    return markdown(needed.to_dict("records"), list(NEEDED_COLUMNS), title)
+    return markdown(records(needed), list(NEEDED_COLUMNS), title)
 
 
 def sweep_figure(frame: pd.DataFrame, slt: str, *, title: str = "") -> Figure:
@@ -281,7 +281,7 @@ def sweep_figure(frame: pd.DataFrame, slt: str, *, title: str = "") -> Figure:
 def shown_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """The rows of ``frame`` for a table: a mean with no value because every run there
     diverged reads "diverged" (never a number, never "—")."""
-    rows = frame.to_dict("records")
+    rows = records(frame)
     for row in rows:
         for key in ("best_mean", "last_mean"):
             if row.get("diverged") and not row[key] == row[key]:

@@ -47,7 +47,7 @@ DEFAULT_OUT = "results/analysis"
 _PAPER = " ".join(PAPER_SLTS)  # "D5-5 D9-1 DP10-10" for help texts
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``analyze`` (with ``diagonality``, ``compare``, ``lambda`` and ``kfac``) to ``sub``."""
     p = sub.add_parser(
         "analyze",
@@ -55,7 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The paper's analyses (its sections 5.3, 5.4) and the λ sweep; each "
         "writes Markdown, CSV, PNG and a manifest that `masq report` reads.",
     )
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+
+    def show_help(args: argparse.Namespace) -> int:
+        p.print_help()
+        return 0
+
+    p.set_defaults(func=show_help)
     inner = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
     _register_diagonality(inner)
     _register_compare(inner)
@@ -78,7 +83,7 @@ def _training(
     add("--batch-size", type=int, default=FIELD["batch_size"].default, help="batch size (100)")
 
 
-def _register_diagonality(sub: argparse._SubParsersAction) -> None:
+def _register_diagonality(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "diagonality",
         help="Table 2: full Fisher-block statistics of every weight matrix and bias vector",
@@ -103,7 +108,7 @@ def _register_diagonality(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_diagonality)
 
 
-def _register_compare(sub: argparse._SubParsersAction) -> None:
+def _register_compare(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compare",
         help="FIM versus MaSQ per tensor at trained task-1 states",
@@ -129,7 +134,7 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_compare)
 
 
-def _register_lambda(sub: argparse._SubParsersAction) -> None:
+def _register_lambda(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "lambda",
         help="the λ sweep: best and last accuracy against λ for FIM, MaSQ mean and MaSQ sum "

@@ -35,7 +35,7 @@ _PAPER = " ".join(PAPER_SLTS)
 STRUCTURES: tuple[str, ...] = ("diagonal FIM", "K-FAC", "FIM blocks", "MaSQ (mean)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "kfac",
         help="does the Fisher's off-diagonal part matter? EWC with the diagonal FIM, K-FAC, "

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from masq import data
 
 _ALL = "all"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``data fetch`` and ``data info`` to ``sub``."""
     parser = sub.add_parser(
         "data",
@@ -86,7 +87,7 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_info(facts: dict) -> str:
+def format_info(facts: dict[str, Any]) -> str:
     """A readable table of :func:`masq.data.info`'s facts."""
     lines = [
         f"dataset   {facts['dataset']}",

@@ -45,7 +45,7 @@ LR2_DEFAULT_HELP = (
 NEAR_CHANCE = 1.5
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``run`` and ``compare`` to ``sub``."""
     run = sub.add_parser(
         "run",

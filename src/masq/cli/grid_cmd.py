@@ -42,7 +42,7 @@ from masq.fileio import error_text
 # and so `masq grid --help`, loads none of it.
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``grid``, ``table`` and ``consistency`` to ``sub``."""
     _register_grid(sub)
     _register_table(sub)
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_migrate(sub)
 
 
-def _register_grid(sub: argparse._SubParsersAction) -> None:
+def _register_grid(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "grid",
         help="run an exhaustive grid of experiments (resumable)",
@@ -110,7 +110,7 @@ def _register_grid(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_grid)
 
 
-def _register_table(sub: argparse._SubParsersAction) -> None:
+def _register_table(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "table",
         help="the paper's Table 1 from stored results",
@@ -133,7 +133,7 @@ def _register_table(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_table)
 
 
-def _register_consistency(sub: argparse._SubParsersAction) -> None:
+def _register_consistency(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "consistency",
         help="re-run each SLT's best configuration with FIM and without EWC; figures",
@@ -348,7 +348,7 @@ def run_consistency(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- migrate
 
 
-def _register_migrate(sub: argparse._SubParsersAction) -> None:
+def _register_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "migrate",
         help="convert a results directory of masq 0.1 (two-task records) in place",

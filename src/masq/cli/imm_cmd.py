@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 OWN: tuple[str, ...] = ("consolidation", "lam", "gamma")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``imm`` and ``imm-report`` to ``sub``."""
     p = sub.add_parser(
         "imm",

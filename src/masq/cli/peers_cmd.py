@@ -18,7 +18,7 @@ from masq.errors import ConfigError
 HELP = "a published table beside ours (its runs: masq grid --preset NAME)"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``peers``."""
     p = sub.add_parser(
         "peers",

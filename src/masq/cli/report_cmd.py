@@ -15,7 +15,7 @@ from masq.errors import ConfigError
 from masq.fileio import error_text
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``report`` to ``sub``."""
     p = sub.add_parser(
         "report",

@@ -45,7 +45,7 @@ DEFAULT_SLTS: tuple[str, ...] = ("D5-5", "D9-1", "DP10-10")
 DEFAULT_SEEDS: tuple[int, ...] = (1, 2, 3, 4)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``table1``, ``export`` and ``import`` to ``sub`` (without loading the campaign,
     which loads torch: its defaults are :data:`DEFAULT_SLTS` and :data:`DEFAULT_SEEDS`)."""
     p = sub.add_parser(

@@ -70,7 +70,9 @@ def oversubscribed() -> bool:
         return False
 
 
-def wait_policy_env(environ: Mapping[str, str] | None = None, busy: bool | None = None) -> dict:
+def wait_policy_env(
+    environ: Mapping[str, str] | None = None, busy: bool | None = None
+) -> dict[str, str]:
     """The environment to add: ``{"OMP_WAIT_POLICY": "PASSIVE"}`` when the machine is
     oversubscribed and ``environ`` (default: this process's) sets no policy, else {}."""
     environ = os.environ if environ is None else environ

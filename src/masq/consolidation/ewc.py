@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -178,7 +178,7 @@ class EWC(Method):
 
     name = "ewc"
     family = "EWC"
-    fields = ("lam",)
+    fields: ClassVar[tuple[str, ...]] = ("lam",)
     stackable = True
     description = "one anchor per earlier task, penalties summed (Kirkpatrick et al. 2017)"
     prefix = "EWC"
@@ -212,13 +212,13 @@ class EWC(Method):
         gives = get_measure(config.importance).gives_importance
         return gives and config.lam > 0 and phase < config.n_tasks - 1
 
-    def init(self, config: RunConfig) -> list[Anchor]:
+    def init(self, config: RunConfig) -> list[Anchor | FactorAnchor]:
         return []
 
     def before_phase(
         self,
         config: RunConfig,
-        state: list[Anchor],
+        state: Sequence[Anchor | FactorAnchor],
         model: nn.Module,
         phase: int,
         ctx: PhaseContext,
@@ -231,11 +231,11 @@ class EWC(Method):
     def after_phase(
         self,
         config: RunConfig,
-        state: list[Anchor],
+        state: list[Anchor | FactorAnchor],
         model: nn.Module,
         importance: Importance | None,
         phase: int,
-    ) -> list[Anchor]:
+    ) -> list[Anchor | FactorAnchor]:
         if importance is None:  # no importance taken (no measure, or a diverged state)
             return state
         if get_measure(config.importance).kind != "diagonal":

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -86,9 +86,11 @@ def mean_imm(params_list: Sequence[Params], alphas: Sequence[float]) -> dict[str
     only = _single(alphas)
     if only is not None:
         return {k: params_list[only][k].detach().clone() for k in keys}
+    # a Tensor: sum of at least one term (check_alphas: one α per model, and there is one)
     return {
-        k: sum(a * p[k].detach() for a, p in zip(alphas, params_list, strict=True)) for k in keys
-    }  # type: ignore[misc]
+        k: cast(Tensor, sum(a * p[k].detach() for a, p in zip(alphas, params_list, strict=True)))
+        for k in keys
+    }
 
 
 def mode_imm(
@@ -231,10 +233,10 @@ class DropTransferNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
-            return self.net(x)
+            return cast(Tensor, self.net(x))
         params = dict(self.net.named_parameters())
         effective = drop_transfer(params, self.previous, self.p, self.generator)
-        return functional_call(self.net, effective, (x,))
+        return cast(Tensor, functional_call(self.net, effective, (x,)))
 
 
 def sweep_shares(alpha_step: float, n_tasks: int) -> list[float]:
@@ -252,7 +254,7 @@ def argmax(values: Sequence[float]) -> int:
     return max(finite, key=lambda i: (values[i], -i))
 
 
-def sweep_points(sweep: Mapping[str, Sequence[float]], n_tasks: int) -> dict[str, dict]:
+def sweep_points(sweep: Mapping[str, Sequence[float]], n_tasks: int) -> dict[str, dict[str, float]]:
     """The labelled points of a sweep: "val_selected" (max of the validation union),
     "test_best" (max of the test union), "uniform" (share 1/T, or the nearest share)."""
     union = union_name(n_tasks)

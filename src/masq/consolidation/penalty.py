@@ -153,7 +153,7 @@ def checked_anchors(
     the parameter names of ``named`` with their shapes (a net of the same depth but other
     widths is an error naming the tensor); else a one-line ConfigError."""
     several = isinstance(anchors, Sequence)
-    anchor_list = list(anchors) if several else [anchors]
+    anchor_list: list[AnchorLike] = list(anchors) if isinstance(anchors, Sequence) else [anchors]
     if not anchor_list:
         raise ConfigError("penalty: no anchors given; pass at least one Anchor")
     for index, a in enumerate(anchor_list):

@@ -198,7 +198,8 @@ def check_config(config: RunConfig) -> RunConfig:
 def values_of(config: Any) -> dict[str, Any]:
     """A config's values as a plain dict (a RunConfig or a mapping such as a record's row)."""
     if hasattr(config, "to_dict"):
-        return config.to_dict()
+        values: dict[str, Any] = config.to_dict()
+        return values
     return {k: getattr(v, "value", v) for k, v in dict(config).items()}
 
 

@@ -115,7 +115,7 @@ def _check_keys(importance: Mapping[str, Tensor], known: set[str], what: str) ->
 
 def _grads(params: Mapping[str, Tensor], layer: Layer) -> tuple[Tensor | None, Tensor | None]:
     """The .grad of the layer's weight and bias (a zero one created where None)."""
-    out = []
+    out: list[Tensor | None] = []
     for name in (layer.weight, layer.bias):
         if name is None:
             out.append(None)

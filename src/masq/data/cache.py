@@ -18,6 +18,7 @@ import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -31,7 +32,7 @@ __all__ = ["cache_dir", "discard", "paths", "read", "read_sidecar", "write"]
 log = logging.getLogger(__name__)
 
 _CACHE_FORMAT = 1
-_CACHE_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
+_CACHE_KEYS: tuple[str, ...] = ("train_images", "train_labels", "val_images", "val_labels")
 _CACHE_KEYS += ("test_images", "test_labels")
 _PARTS = ("train", "val", "test")
 
@@ -111,7 +112,7 @@ def write(spec: DatasetSpec, parts: tuple[Split, Split, Split], origin: str) -> 
     return digest
 
 
-def read_sidecar(spec: DatasetSpec) -> dict:
+def read_sidecar(spec: DatasetSpec) -> dict[str, Any]:
     """The sidecar of ``spec``'s cache entry; raises ValueError/OSError if unusable."""
     _, json_path = paths(spec.name)
     meta = json.loads(json_path.read_text())
@@ -122,7 +123,7 @@ def read_sidecar(spec: DatasetSpec) -> dict:
     return meta
 
 
-def read(spec: DatasetSpec) -> tuple[tuple[Split, Split, Split] | None, dict, str]:
+def read(spec: DatasetSpec) -> tuple[tuple[Split, Split, Split] | None, dict[str, Any], str]:
     """(parts, sidecar, "") from a verified cache entry, or (None, {}, why not).
 
     An entry that fails a check is logged, discarded, and reported as ``"invalid (...),
@@ -138,7 +139,10 @@ def read(spec: DatasetSpec) -> tuple[tuple[Split, Split, Split] | None, dict, st
             raise ValueError("sha256 mismatch: corrupted or truncated")
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in _CACHE_KEYS}
-        parts = tuple(Split(arrays[f"{p}_images"], arrays[f"{p}_labels"]) for p in _PARTS)
+        parts = cast(
+            tuple[Split, Split, Split],  # one per entry of _PARTS
+            tuple(Split(arrays[f"{p}_images"], arrays[f"{p}_labels"]) for p in _PARTS),
+        )
         for split in parts:
             if split.images.dtype != np.uint8 or split.labels.dtype != np.int64:
                 raise ValueError("wrong dtypes")
@@ -149,4 +153,4 @@ def read(spec: DatasetSpec) -> tuple[tuple[Split, Split, Split] | None, dict, st
         log.warning("masq: cache entry %s %s; discarded, fetching again", npz_path, reason)
         discard(spec.name)
         return None, {}, f"{reason}, discarded"
-    return parts, meta, ""  # type: ignore[return-value]
+    return parts, meta, ""

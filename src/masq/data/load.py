@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from masq.data import cache, sources
 from masq.data.dataset import Dataset, Split, classic_split
@@ -78,10 +79,10 @@ def load(
         return _finish(spec, parts, source)
     tried.append(("data dir", "not given", False))
 
-    parts, meta, why = cache.read(spec)
+    cached, meta, why = cache.read(spec)
     npz_path, _ = cache.paths(spec.name)
-    if parts is not None:
-        return _finish(spec, parts, f"cache {npz_path} (from {meta.get('origin', '?')})")
+    if cached is not None:
+        return _finish(spec, cached, f"cache {npz_path} (from {meta.get('origin', '?')})")
     tried.append((f"cache {npz_path}", why, False))
 
     for label, fetch in (("download", sources.download), (spec.offline, sources.offline)):
@@ -110,7 +111,7 @@ def source_order(name: str, data_dir: str | os.PathLike[str] | None = None) -> l
 
 def info(
     name: str, data_dir: str | os.PathLike[str] | None = None, *, progress: bool = False
-) -> dict:
+) -> dict[str, Any]:
     """Facts about ``name`` (loading it, so fetching it if needed): sizes, class counts
     per split, source, the cached npz's path and SHA-256, and the source order."""
     dataset = load(name, data_dir=data_dir, progress=progress)

@@ -22,6 +22,7 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -190,7 +191,7 @@ def _pkl_to_raw(obj: object, name: str) -> RawIdx:
     training file's order.
     """
     try:
-        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = obj  # type: ignore[misc]
+        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = cast(Any, obj)
     except (TypeError, ValueError):
         raise DataError(f"{name}: not the classic (train, valid, test) pickle") from None
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from masq import stacked
-from masq.config import RunConfig, n_params
+from masq.config import Precision, RunConfig, choice, n_params
 from masq.consolidation import get_method
 from masq.consolidation.imm import sweep_shares
 from masq.grid.plan import Group, chunks, importance_key, placement
@@ -95,6 +95,7 @@ def measure(
     from masq.runtime import resolve_device
 
     dev = resolve_device(device)
+    prec = choice(Precision, precision, "precision")
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(2000, 784, generator=gen).to(dev)
     y = torch.randint(0, 10, (2000,), generator=gen).to(dev)
@@ -104,13 +105,13 @@ def measure(
     anchor = ewc.anchor(model, importance)
 
     def d1(iters: int) -> None:
-        cfg = training.TrainConfig(lr=1e-3, iters=iters, batch_size=100, precision=precision)
+        cfg = training.TrainConfig(lr=1e-3, iters=iters, batch_size=100, precision=prec)
         training.train_task(model, (x, y), cfg)
 
     penalty = QuadraticPenalty(model, anchor, 1000.0)
 
     def one(iters: int) -> None:
-        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, precision=precision)
+        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, precision=prec)
         training.train_task(model, (x, y), cfg, penalty_grad=penalty)
 
     def stacked_runs(iters: int) -> None:
@@ -131,7 +132,7 @@ def measure(
     two = QuadraticPenalty(model, [anchor, ewc.anchor(model, importance)], 1000.0)
 
     def one_two_anchors(iters: int) -> None:
-        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, precision=precision)
+        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, precision=prec)
         training.train_task(model, (x, y), cfg, penalty_grad=two)
 
     t_d1 = _per_iteration(d1, short, long)
@@ -162,7 +163,7 @@ def measure(
         "importance_sample": t_imp,
     }
     for name, settings in (measures or {}).items():
-        out |= _measure_costs(model, (x, y), name, settings, short, long, precision, dev)
+        out |= _measure_costs(model, (x, y), name, settings, short, long, prec, dev)
     return out
 
 
@@ -177,7 +178,7 @@ def _measure_costs(
     settings: Mapping[str, Any],
     short: int,
     long: int,
-    precision: str,
+    precision: Precision,
     dev: torch.device,
 ) -> dict[str, float]:
     """{"importance_sample:<name>": seconds per sample of the measure's pass over its
@@ -190,7 +191,8 @@ def _measure_costs(
     from masq.importance import MeasureContext, get_measure
 
     measure = get_measure(name)
-    if measure.compute is None:
+    compute = measure.compute
+    if compute is None:
         return {}
     n = int(settings.get("fisher_samples") or 0) or MEASURE_SAMPLES  # the run's subset size
     x, y = data[0][:n], data[1][:n]
@@ -199,14 +201,18 @@ def _measure_costs(
 
     def one_pass() -> None:
         nonlocal imp
-        imp = measure.compute(model, (x, y), ctx)
+        imp = compute(model, (x, y), ctx)
 
     out = {f"importance_sample:{name}": _timeit(one_pass, 1) / x.shape[0]}
     if measure.kind != "diagonal":
         anchor = ewc.factor_anchor(model, imp)
 
         def step(anchors: int) -> Callable[[int], None]:
-            penalty = penalty_for(measure.kind, model, [anchor] * anchors, 1000.0)
+            # a structured penalty: callable on the model, as penalty_grad wants
+            penalty = cast(
+                Callable[[torch.nn.Module], None],
+                penalty_for(measure.kind, model, [anchor] * anchors, 1000.0),
+            )
 
             def run(iters: int) -> None:
                 cfg = training.TrainConfig(
@@ -247,7 +253,7 @@ def calibrate(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        extra = (
+        extra: dict[str, Any] = (
             {}
             if (precision, device) == ("fp32", "cpu")
             else {
@@ -349,7 +355,7 @@ def estimate(
     picked: tuple[tuple[int, ...], ...] = ()
     for precision in dict.fromkeys(str(g.configs[0].precision) for g in groups):
         of_p = [g.configs[0].hidden for g in groups if str(g.configs[0].precision) == precision]
-        kw = (
+        kw: dict[str, Any] = (
             {}
             if (precision, device) == ("fp32", "cpu")
             else {

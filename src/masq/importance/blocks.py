@@ -16,6 +16,7 @@ import math
 import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,24 +87,32 @@ class _Rows:
     delta: Tensor | None = None
     act: Tensor | None = None
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(delta, act) of rows built from the Kronecker factors (``dense`` is None)."""
+        assert self.delta is not None and self.act is not None
+        return self.delta, self.act
+
     def sums(self) -> Tensor:
         """sum_i g_ni per sample."""
         if self.dense is not None:
             return self.dense.sum(1)
-        return self.delta.sum(1) * self.act.sum(1)
+        delta, act = self.factors()
+        return delta.sum(1) * act.sum(1)
 
     def square_sums(self) -> Tensor:
         """sum_i g_ni^2 per sample."""
         if self.dense is not None:
             return self.dense.square().sum(1)
-        return self.delta.square().sum(1) * self.act.square().sum(1)
+        delta, act = self.factors()
+        return delta.square().sum(1) * act.square().sum(1)
 
     def columns(self, idx: Tensor) -> Tensor:
         """g_n[idx] for every sample: [n, len(idx)]."""
         if self.dense is not None:
             return self.dense[:, idx]
-        width = self.act.shape[1]
-        return self.delta[:, idx // width] * self.act[:, idx % width]
+        delta, act = self.factors()
+        width = act.shape[1]
+        return delta[:, idx // width] * act[:, idx % width]
 
 
 def _off_diag_abs_dense(block: Tensor, buffer_bytes: int) -> float:
@@ -192,7 +201,7 @@ class _KronBlock:
                 "the layer was not a plain once-per-forward linear layer in every batch; "
                 "keep the model's forward the same for all batches"
             )
-        self.pending.append((rows.delta, rows.act))
+        self.pending.append(rows.factors())
         if sum(len(d) for d, _ in self.pending) >= self._ROWS:
             self._flush()
 
@@ -252,7 +261,7 @@ class _SampledBlock:
         self.sums = torch.zeros(samples, dtype=torch.float64, device=device)
 
     def add(self, rows: _Rows) -> None:
-        n = len(rows.dense if rows.dense is not None else rows.delta)
+        n = len(rows.dense if rows.dense is not None else rows.factors()[0])
         step = max(1, self.small_bytes // (8 * n))
         for s in range(0, len(self.i), step):
             gi = rows.columns(self.i[s : s + step]).double()
@@ -418,8 +427,9 @@ def _new_block(
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         return _SampledBlock(size, samples, gen, device, buffer_bytes)
     if rows.delta is not None:
-        out_features, in_features = rows.delta.shape[1], rows.act.shape[1]
-        return _KronBlock(out_features, in_features, rows.delta.dtype, device, buffer_bytes)
+        delta, act = rows.factors()
+        out_features, in_features = delta.shape[1], act.shape[1]
+        return _KronBlock(out_features, in_features, delta.dtype, device, buffer_bytes)
     return _DenseBlock(size, device, buffer_bytes)
 
 
@@ -437,7 +447,7 @@ def _block_stats(
     def mean(s: float, k: int) -> float:
         return s / k if k else math.nan
 
-    common = {
+    common: dict[str, Any] = {
         "name": name,
         "num_params": size,
         "num_samples": count,

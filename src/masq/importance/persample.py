@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -382,7 +383,7 @@ class LinearSite:
 
         The bias is preferred: its gradient costs a column sum, the weight's a matrix product.
         """
-        return self.module.bias if self.bias is not None else self.module.weight
+        return cast(nn.Parameter, self.module.bias if self.bias is not None else self.module.weight)
 
 
 def linear_sites(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, LinearSite]:
@@ -420,7 +421,9 @@ class LinearTap:
         self.delta: Tensor | None = None
         self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
 
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+    def _on_forward(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor
+    ) -> None:
         if not self.enabled:
             return
         self.calls += 1

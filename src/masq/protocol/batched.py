@@ -143,9 +143,9 @@ def continue_stacked(
     firsts: list[dict[str, Tensor] | None] = []
     states: list[Any] = []
     imp_seconds: list[list[float]] = []
-    for c, method, imp, s in zip(configs, methods, importances, seconds_first, strict=True):
+    for c, method, given, s in zip(configs, methods, importances, seconds_first, strict=True):
         wants = method.wants_importance(c, 0)
-        own = dict(imp) if wants and get_measure(c.importance).gives_importance else None
+        own = dict(given) if wants and get_measure(c.importance).gives_importance else None
         if own is not None and set(own) != set(d1.state_dict):
             raise ConfigError(
                 f"stacked: importance keys {sorted(own)} do not match the model's "

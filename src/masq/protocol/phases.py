@@ -117,9 +117,9 @@ def continue_runs(
     model = model_at(lead, d1.state_dict, tasks).to(device)
     diverged = None if finite_state(d1.state_dict) else "phase 1"
     runs: list[_Run] = []
-    for c, (imp, seconds) in zip(configs, importances, strict=True):
+    for c, (given, seconds) in zip(configs, importances, strict=True):
         method, wants = get_method(c.consolidation), _wants(c, 0)
-        first = dict(imp) if wants and get_measure(c.importance).gives_importance else None
+        first = dict(given) if wants and get_measure(c.importance).gives_importance else None
         state = method.after_phase(c, method.init(c), model, first if not diverged else None, 0)
         runs.append(_Run(c, state, first, [float(seconds)] if wants else []))
     curves, train_s = [d1.curve], [d1.seconds]

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from masq.protocol.result import Result
 
 
-def _plot_sweep(ax: Axes, sweep: Mapping[str, Sequence[float]], n: int, style: Any, label: str):
+def _plot_sweep(
+    ax: Axes, sweep: Mapping[str, Sequence[float]], n: int, style: Any, label: str
+) -> None:
     colour, line = style
     x = sweep[SHARE]
     union = union_name(n)

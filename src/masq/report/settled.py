@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from masq.analysis import settle
-from masq.analysis.common import fmt, markdown, pct
+from masq.analysis.common import fmt, markdown, pct, records
 from masq.analysis.paired import gain_markdown, gain_tests, paired_markdown, paired_tests
 from masq.consolidation import method_label
 from masq.fileio import atomic_write, save_png
@@ -79,7 +79,7 @@ def settled_markdown(settled: pd.DataFrame, select_on: str, seeds: Sequence[int]
             continue
         lines += [f"**{settle.IMPORTANCE_NAME[imp]}, init {init}**", ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in part.to_dict("records"):
+        for r in records(part):
             last = settle.has_counterpart(r)
             cells = [r["slt"], r["criterion"], f"784-{r['hidden']}-10", fmt(r["lr2"]),
                      fmt(r["lam"]), fmt(r["lam_sum"]), r["method"],
@@ -99,7 +99,7 @@ def inflation_markdown(infl: pd.DataFrame) -> str:
         "counterpart (seed 0's luck, no λ chosen) and the difference of the two (net)."
     )
     points = ("seed0", "mean", "inflation", "lam0_inflation", "net")
-    rows = [r | {k: pct(r[k]) for k in points} for r in infl.to_dict("records")]
+    rows = [r | {k: pct(r[k]) for k in points} for r in records(infl)]
     cols = [("select_on", "selected on"), ("importance", "importance"), ("init", "init"),
             ("slt", "SLT"), ("criterion", "criterion"), ("lam", "λ"), ("seed0", "seed 0 %"),
             ("mean", "mean %"), ("n", "n"), ("inflation", "inflation (points)"),
@@ -194,8 +194,8 @@ def winner_runs(
     stored = set(df["run_id"])
     runs: dict[str, str] = {}
     part = winners[(winners["slt"] == slt) & (winners["criterion"] == criterion)]
-    records = part.to_dict("records")
-    for w in records:
+    rows = records(part)
+    for w in rows:
         rid = str(w["run_ids"]).split(",")[0]
         if rid in runs.values():
             continue
@@ -204,7 +204,7 @@ def winner_runs(
             continue
         name = method_label({"importance": w["importance"], "lam": w["lam"], "scale": "mean"})
         runs[f"{w['init']}: {name}, ε2 {w['lr2']:g}, λ {w['lam']:g}"] = rid
-    for w in records:
+    for w in rows:
         if w["importance"] == "masq":
             zero = run_id(settle.reseeded(settle.winner_row(df, w), [winner_seed(w)], lam=0.0)[0])
             if zero in stored and zero not in runs.values():

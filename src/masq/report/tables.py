@@ -32,7 +32,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -112,7 +112,7 @@ def with_wildcards(df: pd.DataFrame, group_by: Sequence[str]) -> pd.DataFrame:
         return df
     imm = is_imm(df)
     ewc, zero = df[(df["lam"] > 0) & ~imm], df[(df["lam"] == 0) & ~imm]
-    combos = ewc[keys].drop_duplicates().to_dict("records")
+    combos = cast(list[dict[str, Any]], ewc[keys].drop_duplicates().to_dict("records"))
     if not combos or zero.empty:
         return df
     parts = [df[imm], ewc] + [zero.assign(**combo) for combo in combos]

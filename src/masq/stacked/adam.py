@@ -85,7 +85,8 @@ class StackedAdam:
             self.scratch = [torch.empty_like(p[0]) for p in params]
         for run in range(len(self.lrs)):  # run by run: its tensors stay in cache
             p_run, g_run = [p[run] for p in params], [g[run] for g in grads]
-            if penalty and (penalized is None or penalized[run]):
+            # = penalty, spelled out so that mypy narrows lam_f and anchors
+            if lam_f is not None and anchors is not None and (penalized is None or penalized[run]):
                 stars = [a[run] if a.shape[0] > 1 else a[0] for a in anchors]
                 lam_f_run = [lf[run] for lf in lam_f]
                 quadratic_grad_(g_run, p_run, stars, lam_f_run, self.scratch)

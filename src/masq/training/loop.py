@@ -121,8 +121,9 @@ def fused_adam_available(device: torch.device) -> bool:
     """Whether this torch has the fused Adam kernel for ``device`` (CUDA; CPU from torch 2.4)."""
     if not hasattr(torch, "_fused_adam_"):
         return False
+    # TorchVersion (a str to mypy) compares with tuples: torch sets its comparisons at runtime
     return device.type == "cuda" or (
-        device.type == "cpu" and TorchVersion(torch.__version__) >= (2, 4)
+        device.type == "cpu" and TorchVersion(torch.__version__) >= (2, 4)  # type: ignore[operator]
     )
 
 

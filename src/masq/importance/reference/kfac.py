@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,10 +52,13 @@ def _trainable(layer: nn.Linear) -> tuple[bool, bool]:
     return layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
 
 
-def _bar(layer: nn.Linear, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _bar(layer: nn.Linear, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """[W | b] of the trainable parts (``weight``, ``bias``: tensors shaped like the layer's)."""
     use_w, use_b = _trainable(layer)
-    parts = [weight] if use_w else []
+    parts: list[Tensor] = []
+    if use_w:
+        assert weight is not None
+        parts.append(weight)
     if use_b:
         assert bias is not None
         parts.append(bias.reshape(-1, 1))
@@ -90,8 +94,8 @@ def _probed(
     """Forward hooks that record each layer's input and return its output plus a zero tensor
     e (requiring grad): d loss / d e is the layer's δ."""
 
-    def hook(name: str) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
-        def record(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor]:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             inputs[name] = args[0].detach()
             zeros[name] = torch.zeros_like(output, requires_grad=True)
             return output + zeros[name]
