@@ -1199,3 +1199,47 @@ def test_grid_is_a_written_dataclass_with_one_axis_per_field() -> None:
     default = Grid()
     for spec in AXIS_FIELDS:
         assert getattr(default, spec.name) == (spec.default,), spec.name
+
+
+def test_calibration_times_a_user_penalty_kind_through_add_grad_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A registered penalty kind needs only value and add_grad (the Penalty protocol): the
+    calibration of its step calls add_grad, as the phase loop does, never the object itself."""
+    from masq.config import Precision
+    from masq.consolidation.penalty import PENALTY_KINDS
+    from masq.consolidation.structured import KFACPenalty
+    from masq.importance import MEASURES, Measure
+    from masq.importance.kfac import KFAC
+
+    calls: list[int] = []
+
+    class Plain:  # value and add_grad, no __call__
+        def __init__(self, model: Any, anchors: Any, lam: float) -> None:
+            self.inner = KFACPenalty(model, anchors, lam)
+
+        def value(self, params: Any) -> torch.Tensor:
+            return self.inner.value(params)
+
+        def add_grad(self, params: Any) -> None:
+            calls.append(1)
+            self.inner.add_grad(params)
+
+    monkeypatch.setitem(PENALTY_KINDS, "plain-kfac", Plain)
+    measure = Measure(
+        "plain-kfac", label="plain K-FAC", compute=KFAC.compute, fields=KFAC.fields,
+        kind="plain-kfac",
+    )  # fmt: skip
+    monkeypatch.setitem(MEASURES, "plain-kfac", measure)
+    from masq.models import mlp
+
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.rand(300, 784, generator=gen), torch.randint(0, 10, (300,), generator=gen))
+    settings = {"fisher_labels": "exact", "fisher_samples": 50}
+    out = estimate_module._measure_costs(
+        mlp((8,), seed=0), data, "plain-kfac", settings, 2, 4, Precision.FP32, torch.device("cpu")
+    )
+    assert set(out) == {
+        "importance_sample:plain-kfac", "d2_iter_one:plain-kfac", "d2_anchor:plain-kfac"
+    }  # fmt: skip
+    assert len(calls) > 0

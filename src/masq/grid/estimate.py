@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -208,17 +208,16 @@ def _measure_costs(
         anchor = ewc.factor_anchor(model, imp)
 
         def step(anchors: int) -> Callable[[int], None]:
-            # a structured penalty: callable on the model, as penalty_grad wants
-            penalty = cast(
-                Callable[[torch.nn.Module], None],
-                penalty_for(measure.kind, model, [anchor] * anchors, 1000.0),
-            )
+            penalty = penalty_for(measure.kind, model, [anchor] * anchors, 1000.0)
+
+            def add_grad(net: torch.nn.Module) -> None:  # what the phase loop calls
+                penalty.add_grad(dict(net.named_parameters()))
 
             def run(iters: int) -> None:
                 cfg = training.TrainConfig(
                     lr=1e-5, iters=iters, batch_size=100, precision=precision
                 )
-                training.train_task(model, data, cfg, penalty_grad=penalty)
+                training.train_task(model, data, cfg, penalty_grad=add_grad)
 
             return run
 
