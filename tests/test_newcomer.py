@@ -362,3 +362,18 @@ def test_the_core_install_needs_no_extra() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_citation_file_is_valid_and_names_this_version() -> None:
+    """CITATION.cff parses, is of CFF 1.2.0, names masq's version and cites the paper's DOI
+    (the same DOI as the README's BibTeX entry)."""
+    yaml = pytest.importorskip("yaml")
+    import masq
+
+    root = Path(__file__).resolve().parents[1]
+    cff = yaml.safe_load((root / "CITATION.cff").read_text(encoding="utf-8"))
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software"
+    assert str(cff["version"]) == masq.__version__
+    (paper,) = cff["references"]
+    assert paper["doi"] == "10.1007/978-3-030-30484-3_39"
+    assert f"doi       = {{{paper['doi']}}}" in (root / "README.md").read_text(encoding="utf-8")
