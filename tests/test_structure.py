@@ -83,6 +83,24 @@ def test_table_chooses_lambda_on_validation_and_pairs_by_seed() -> None:
     assert table.loc["no EWC", "seeds"] == 3
 
 
+def test_a_lambda_chosen_at_the_edge_of_the_sweep_is_marked() -> None:
+    """In _frame() λ = 10 (the smaller of two) wins for both measures: marked "bottom" and ▼
+    with the note; with a third, smaller λ swept it is inside the sweep and unmarked."""
+    assert structure.sweep_edge(1e12, [1.0, 1e6, 1e12]) == "top"
+    assert structure.sweep_edge(1.0, [1.0, 1e6, 1e12]) == "bottom"
+    assert structure.sweep_edge(1e6, [1.0, 1e6, 1e12]) == ""
+    assert structure.sweep_edge(0.0, [0.0, 1.0, 10.0]) == "" == structure.sweep_edge(5.0, [5.0])
+    table = structure.structure_table(_frame())
+    assert set(table.set_index("measure")["edge"]) == {"bottom", ""}  # "" for no EWC
+    text = structure.structure_markdown(table)
+    assert "| 10 ▼ |" in text and "▲ / ▼: the λ chosen is the largest / smallest" in text
+    frame = _frame()
+    low = frame[frame["lam"] == 100.0].assign(lam=1.0, val=0.1)
+    table = structure.structure_table(pd.concat([frame, low], ignore_index=True))
+    assert set(table["edge"]) == {""}
+    assert "▼" not in structure.structure_markdown(table)
+
+
 def test_diverged_runs_are_never_chosen_nor_averaged() -> None:
     frame = _frame()
     row = frame[frame["measure"] == "K-FAC"].iloc[0].to_dict()

@@ -174,8 +174,19 @@ def _winner(part: pd.DataFrame) -> tuple[float, pd.DataFrame]:
     return lam, at[np.isfinite(at["test"].to_numpy(float))]
 
 
+def sweep_edge(lam: float, swept: Sequence[float]) -> str:
+    """ "top" when ``lam`` > 0 is the largest of the λ > 0 ``swept`` (of two or more), "bottom"
+    when the smallest, else "": a choice at the edge of the sweep, whose best λ may lie
+    beyond it."""
+    values = sorted({float(x) for x in swept if x > 0})
+    if lam <= 0 or len(values) < 2:
+        return ""
+    return "top" if lam == values[-1] else "bottom" if lam == values[0] else ""
+
+
 def structure_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (slt, hidden, scenario, measure): the λ chosen on validation, the number of seeds,
+    """Per (slt, hidden, scenario, measure): the λ chosen on validation (and whether it is at
+    an edge of the λ swept, :func:`sweep_edge`), the number of seeds,
     the test accuracy's mean and std over seeds there, and against the diagonal FIM at its
     own chosen λ the paired difference (mean, 95 % CI) and two-sided p."""
     rows = []
@@ -190,9 +201,11 @@ def structure_table(frame: pd.DataFrame) -> pd.DataFrame:
             if at.empty:
                 continue  # every run of this measure diverged
             test = at.sort_values("seed")["test"]
+            swept = part.loc[(part["measure"] == measure) & (part["lam"] > 0), "lam"]
             row = dict(zip(keys, key, strict=True)) | {
                 "measure": measure,
                 "lam": lam,
+                "edge": sweep_edge(lam, swept.tolist()),
                 "seeds": len(at),
                 "test_mean": float(test.mean()),
                 "test_std": float(test.std(ddof=1)) if len(at) > 1 else math.nan,
@@ -229,7 +242,8 @@ def structure_markdown(table: pd.DataFrame) -> str:
                 "net": f"784-{r['hidden']}-10",
                 "scenario": r["scenario"],
                 "measure": r["measure"],
-                "lam": fmt(r["lam"], 2) if r["lam"] else "0",
+                "lam": (fmt(r["lam"], 2) if r["lam"] else "0")
+                + EDGE_MARKS.get(str(r.get("edge") or ""), ""),
                 "acc": f"{100 * r['test_mean']:.2f}"
                 + ("" if not math.isfinite(std) else f" ± {100 * std:.2f}"),
                 "seeds": r["seeds"],
@@ -257,7 +271,17 @@ def structure_markdown(table: pd.DataFrame) -> str:
         "validation sets; test accuracy on the union of all tasks after the last one; "
         "differences paired by seed against the diagonal FIM."
     )
-    return markdown(records, columns, title)
+    text = markdown(records, columns, title)
+    if any(str(r.get("edge") or "") for r in table.to_dict("records")):
+        text += EDGE_NOTE
+    return text
+
+
+EDGE_MARKS = {"top": " ▲", "bottom": " ▼"}
+EDGE_NOTE = (
+    "\n▲ / ▼: the λ chosen is the largest / smallest of the sweep, so the best λ may lie beyond "
+    "it: extend the sweep (--lam-max / --lam-min) before reading that row.\n"
+)
 
 
 def structure_figure(table: pd.DataFrame) -> Figure:
