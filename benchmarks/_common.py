@@ -92,16 +92,17 @@ def emit(result: dict[str, Any]) -> None:
     print(_RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(argv: Sequence[str], threads: int) -> dict[str, Any]:
-    """Run ``python argv...`` in a fresh process with ``threads`` threads; return its result."""
+def run_child(argv: Sequence[str], threads: int, python: str | None = None) -> dict[str, Any]:
+    """Run ``python argv...`` (default: this interpreter) in a fresh process with ``threads``
+    threads; return its result."""
     env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
-    proc = subprocess.run(
-        [sys.executable, *argv], capture_output=True, text=True, env=env, check=False
-    )
+    python = python or sys.executable
+    proc = subprocess.run([python, *argv], capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
-            f"child {' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            f"child {python} {' '.join(argv)} failed (exit {proc.returncode}):\n"
+            f"{proc.stderr[-3000:]}"
         )
     return json.loads(lines[-1][len(_RESULT_PREFIX) :])
 

@@ -63,80 +63,21 @@ differ (different shuffling), so accuracies agree closely, not to the digit.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-RESULT_PREFIX = "BENCH-RESULT "
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# stdlib only at import: the Avalanche child (its own environment, no masq) loads it too
+from _common import emit, measure, pin_threads, print_table, run_child
+
 BATCH = 100
 HIDDEN = (800, 800)
 SIDES = ("masq", "avalanche")
-
-
-# ------------------------------------------------------------ helpers of both children
-# (self-contained: the Avalanche child must not import masq or _common)
-
-
-def pin(threads: int) -> None:
-    """``threads`` intra-op threads for torch (and OpenMP/BLAS, for what starts later)."""
-    import torch
-
-    for name in THREAD_VARIABLES:
-        os.environ[name] = str(threads)
-    torch.set_num_threads(threads)
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (since the last reset), in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def current_rss_mib() -> float:
-    """Resident set size now, in MiB (Linux; else the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except OSError:
-        return peak_rss_mib()
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def timed(work: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
-    """Run ``work()`` once: its wall seconds, the RSS before it and the peak during it (the
-    kernel's peak mark reset first where Linux allows; else the lifetime peak), its value."""
-    import gc
-
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        exact = True
-    except OSError:
-        exact = False
-    base = current_rss_mib()
-    start = time.perf_counter()
-    value = work()
-    seconds = time.perf_counter() - start
-    peak = peak_rss_mib()
-    stats = {"seconds": seconds, "base_rss_mib": base, "peak_rss_mib": peak,
-             "delta_mib": peak - base, "peak_is_lifetime": not exact}  # fmt: skip
-    return stats, value
-
-
-def emit(result: dict[str, Any]) -> None:
-    """A child's result: one JSON line for :func:`run_side`."""
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------ the masq child
@@ -167,7 +108,7 @@ def masq_config(args: argparse.Namespace, precision: str) -> Any:
 
 def masq_child(args: argparse.Namespace) -> None:
     """One masq run of the job; prints its result line."""
-    pin(args.threads)
+    pin_threads(args.threads)
     import torch
 
     import masq
@@ -175,7 +116,7 @@ def masq_child(args: argparse.Namespace) -> None:
 
     config = masq_config(args, args.child_precision)
     tasks = make_tasks(config)  # data loaded before the timed region
-    stats, result = timed(lambda: run(config, tasks=tasks, keep_weights=False))
+    stats, result = measure(lambda: run(config, tasks=tasks, keep_weights=False))
     last = result.last
     emit(stats | {
         "fisher_s": sum(result.timings.get("importance", [])),
@@ -189,7 +130,7 @@ def masq_child(args: argparse.Namespace) -> None:
 
 def avalanche_child(args: argparse.Namespace) -> None:
     """One Avalanche run of the job on the tasks in ``args.data``; prints its result line."""
-    pin(args.threads)
+    pin_threads(args.threads)
     import warnings
 
     import avalanche
@@ -293,7 +234,7 @@ def avalanche_child(args: argparse.Namespace) -> None:
             metrics = strategy.eval(bench.test_stream)
         return metrics
 
-    stats, metrics = timed(job)
+    stats, metrics = measure(job)
 
     def metric(kind: str, end: str = "") -> float:
         """The accuracy ``Top1_Acc_{kind}/eval_phase/test_stream[/Task000]...{end}``."""
@@ -331,18 +272,6 @@ def write_data(args: argparse.Namespace, path: Path) -> None:
         "fused_adam": fused_adam_available(torch.device("cpu")),
     }
     torch.save(data, path)
-
-
-def run_side(python: str, argv: Sequence[str], threads: int) -> dict[str, Any]:
-    """Run ``python argv...`` in a fresh process with ``threads`` threads; its result line."""
-    env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
-    proc = subprocess.run([python, *argv], capture_output=True, text=True, env=env, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"{python} {' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        )
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def child_argv(args: argparse.Namespace, side: str, precision: str, data: Path) -> list[str]:
@@ -387,8 +316,6 @@ COLUMNS = [
 
 def parent(args: argparse.Namespace) -> None:
     """Interleaved rounds (masq, Avalanche, masq, ...) per precision; the table."""
-    from _common import print_table
-
     if not args.avalanche_python:
         raise SystemExit("give --avalanche-python: the interpreter of Avalanche's environment")
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -401,7 +328,7 @@ def parent(args: argparse.Namespace) -> None:
                 for side in SIDES:
                     python = sys.executable if side == "masq" else args.avalanche_python
                     argv = child_argv(args, side, precision, data)
-                    result = run_side(python, argv, args.threads)
+                    result = run_child(argv, args.threads, python)
                     runs.setdefault((precision, side), []).append(result)
                     versions[side] = result["version"]
                     print(f"{precision} round {r + 1}/{args.rounds} {side}: "
