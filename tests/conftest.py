@@ -79,6 +79,24 @@ def data_fake(data_offline: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[.
     return make
 
 
+@pytest.fixture
+def data_learnable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """masq.data.load returns the learnable synthetic dataset
+    (:func:`tests.synthetic.learnable_dataset`) whatever the name."""
+    from tests.synthetic import learnable_dataset
+
+    dataset = learnable_dataset()
+    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
+
+
+@pytest.fixture
+def torch_one_thread() -> None:
+    """One torch thread for the test (:func:`torch_threads_restored` restores the count)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def torch_threads_restored() -> Iterator[None]:
     """Every test starts with the process's torch thread count: a command run in-process with

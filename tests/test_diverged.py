@@ -6,24 +6,14 @@ import json
 import math
 from pathlib import Path
 
-import pytest
-
-from masq import data as masq_data
 from masq import grid, protocol
 from masq.config import RunConfig
 from masq.protocol.result import finite_json
 from masq.report import table1
 from masq.store import Store, load
-from tests.synthetic import learnable_dataset
 
 TINY = RunConfig(hidden=(8,), iters1=20, iters2=10, batch_size=25, masq_batch=50, eval_every=10,
                  lr2=1e-3, lam=10.0)  # fmt: skip
-
-
-@pytest.fixture
-def learnable(monkeypatch: pytest.MonkeyPatch) -> None:
-    dataset = learnable_dataset()
-    monkeypatch.setattr(masq_data, "load", lambda name="mnist", **kw: dataset)
 
 
 def strict(text: str) -> object:
@@ -41,7 +31,7 @@ def test_finite_json_replaces_every_non_finite_float() -> None:
 
 
 def test_a_diverged_run_is_recorded_as_diverged_in_valid_json(
-    learnable: None, tmp_path: Path
+    data_learnable: None, tmp_path: Path
 ) -> None:
     result = protocol.run(TINY.with_(lr1=1e30))
     assert result.meta["diverged"] == "phase 1"
@@ -60,7 +50,7 @@ def test_a_diverged_run_is_recorded_as_diverged_in_valid_json(
     assert not any("diverged" in m for m in table1(df[df["diverged"] == ""])["method"])
 
 
-def test_a_diverged_grid_run_is_stored_and_marked(learnable: None, tmp_path: Path) -> None:
+def test_a_diverged_grid_run_is_stored_and_marked(data_learnable: None, tmp_path: Path) -> None:
     configs = grid.expand(grid.grid_from_mapping(
         {"hidden": "8", "iters1": 20, "iters2": 10, "batch_size": 25, "masq_batch": 50,
          "eval_every": 10, "lr1": [1e30], "lr2": [1e-3], "lam": [0.0, 10.0]}))  # fmt: skip

@@ -13,22 +13,14 @@ from typing import Any
 
 import pytest
 
-from masq import data, grid
+from masq import grid
 from masq import protocol as pr
 from masq.config import RunConfig
 from masq.runid import run_id
 from masq.store import Store
-from tests.synthetic import learnable_dataset
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_t2_v1.json").read_text("utf-8"))
 COMPARED = ("best", "last", "importance_summary")
-
-
-@pytest.fixture
-def learnable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """masq.data.load returns the learnable synthetic dataset whatever the name."""
-    dataset = learnable_dataset()
-    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
 
 
 def test_golden_file_is_what_these_tests_expect() -> None:
@@ -41,7 +33,7 @@ def test_golden_file_is_what_these_tests_expect() -> None:
 
 @pytest.mark.parametrize("record", GOLDEN["separate"], ids=lambda r: r["run_id"])
 def test_separate_path_reproduces_the_golden_records_exactly(
-    learnable: None, record: dict[str, Any]
+    data_learnable: None, record: dict[str, Any]
 ) -> None:
     golden = record["result"]
     config = RunConfig.from_dict(golden["config"])
@@ -63,7 +55,7 @@ def test_run_ids_and_cache_keys_are_those_of_masq_0_1(keys: dict[str, str]) -> N
 
 
 def test_stacked_grid_path_reproduces_the_golden_records_exactly(
-    learnable: None, tmp_path: Path
+    data_learnable: None, tmp_path: Path
 ) -> None:
     records = GOLDEN["stacked"]
     configs = [RunConfig.from_dict(r["result"]["config"]) for r in records]

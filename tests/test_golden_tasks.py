@@ -14,22 +14,13 @@ from typing import Any
 
 import pytest
 
-from masq import data
 from masq import protocol as pr
 from masq.config import RunConfig
 from masq.grid.plan import d1_key, importance_key
 from masq.runid import run_id
-from tests.synthetic import learnable_dataset
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_t3_v2.json").read_text("utf-8"))
 COMPARED = ("curves", "best", "last", "accuracy", "metrics", "importance_summary", "imm")
-
-
-@pytest.fixture
-def learnable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """masq.data.load returns the learnable synthetic dataset whatever the name."""
-    dataset = learnable_dataset()
-    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
 
 
 def test_golden_file_covers_every_method_and_measure() -> None:
@@ -44,7 +35,7 @@ def test_golden_file_covers_every_method_and_measure() -> None:
 
 @pytest.mark.parametrize("record", GOLDEN["records"], ids=lambda r: r["run_id"])
 def test_t_task_runs_reproduce_the_golden_records_exactly(
-    learnable: None, record: dict[str, Any]
+    data_learnable: None, record: dict[str, Any]
 ) -> None:
     golden = record["result"]
     config = RunConfig.from_dict(golden["config"])

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from masq import data
 from masq import protocol as pr
 from masq.config import RunConfig
 from masq.consolidation import PhasePlan, canonical, check_config, get_method, method_label
@@ -22,18 +21,11 @@ from masq.runid import run_id
 from masq.scenarios import head_bias
 from masq.training import TrainConfig
 from masq.training.loop import train_task, unit_bias_rows
-from tests.synthetic import learnable_dataset
 
 run_module = importlib.import_module("masq.protocol.run")
 
 JOINT = RunConfig(slt="D5-5", hidden=(32,), iters1=60, iters2=60, eval_every=30,
                   batch_size=20, lr1=3e-3, lr2=3e-3, consolidation="joint")  # fmt: skip
-
-
-@pytest.fixture
-def learnable(monkeypatch: pytest.MonkeyPatch) -> None:
-    dataset = learnable_dataset()
-    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
 
 
 @pytest.fixture
@@ -50,7 +42,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return seen
 
 
-def test_joint_keeps_task_one_where_fine_tuning_forgets_it(learnable: None) -> None:
+def test_joint_keeps_task_one_where_fine_tuning_forgets_it(data_learnable: None) -> None:
     joint = pr.run(JOINT)
     tuned = pr.run(JOINT.with_(consolidation="ewc", importance="none", lam=0.0))
     assert joint.accuracy[0][0] == tuned.accuracy[0][0] > 0.9  # phase 1 is everyone's
@@ -58,7 +50,9 @@ def test_joint_keeps_task_one_where_fine_tuning_forgets_it(learnable: None) -> N
     assert joint.accuracy[1][0] > 0.6  # joint trained on it again
 
 
-def test_the_union_is_what_phase_t_trains_on(learnable: None, calls: list[dict[str, Any]]) -> None:
+def test_the_union_is_what_phase_t_trains_on(
+    data_learnable: None, calls: list[dict[str, Any]]
+) -> None:
     config = JOINT.with_(slt="D4-3-3", iters1=5, iters2=5)
     tasks = pr.make_tasks(config)
     pr.run(config, tasks=tasks)
@@ -72,7 +66,7 @@ def test_the_union_is_what_phase_t_trains_on(learnable: None, calls: list[dict[s
         assert call["sample_units"] is None  # class scenario: one head, no masks
 
 
-def test_union_of_names_each_samples_task(learnable: None) -> None:
+def test_union_of_names_each_samples_task(data_learnable: None) -> None:
     built = pr.make_tasks(RunConfig(slt="D4-3-3"))
     (x, y), index = union_of(built, 1)
     sizes = [t.train[0].shape[0] for t in built[:2]]
@@ -171,7 +165,9 @@ def test_bad_sample_units_are_one_line_errors(kwargs: dict[str, Any], match: str
     assert "\n" not in str(info.value)
 
 
-def test_a_plan_with_data_needs_each_samples_task_when_tasks_have_units(learnable: None) -> None:
+def test_a_plan_with_data_needs_each_samples_task_when_tasks_have_units(
+    data_learnable: None,
+) -> None:
     tasks = pr.make_tasks(RunConfig(slt="D4-3-3", scenario="task"))
     plan = PhasePlan(train=tasks[1].train)
     with pytest.raises(ConfigError, match="train_tasks"):
@@ -182,7 +178,7 @@ def test_a_plan_with_data_needs_each_samples_task_when_tasks_have_units(learnabl
 
 @pytest.mark.parametrize("scenario", ["class", "domain", "task"])
 def test_joint_runs_in_every_scenario(
-    learnable: None, calls: list[dict[str, Any]], scenario: str
+    data_learnable: None, calls: list[dict[str, Any]], scenario: str
 ) -> None:
     config = JOINT.with_(slt="D4-3-3", iters1=20, iters2=20, eval_every=10, scenario=scenario)
     tasks = pr.make_tasks(config)

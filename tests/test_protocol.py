@@ -27,7 +27,7 @@ from masq.consolidation import ewc, method_label
 from masq.errors import ConfigError
 from masq.models import mlp
 from masq.protocol.result import load_weights, result_from_v1, transfer_metrics
-from tests.synthetic import learnable_dataset, synthetic_dataset
+from tests.synthetic import synthetic_dataset
 
 run_module = importlib.import_module("masq.protocol.run")  # masq.protocol.run is the function
 
@@ -41,7 +41,7 @@ TINY = RunConfig(
     batch_size=25,
     eval_every=5,
 )
-# three tasks (classes 0-3, 4-6, 7-9) on the learnable dataset: curves that move
+# three tasks (classes 0-3, 4-6, 7-9) on the data_learnable dataset: curves that move
 T3 = RunConfig(
     slt="D4-3-3",
     hidden=(64,),
@@ -62,13 +62,6 @@ GOLDEN = Path(__file__).parent / "data" / "golden_t2_v1.json"
 def synthetic(monkeypatch: pytest.MonkeyPatch) -> None:
     """masq.data.load returns the tiny synthetic dataset whatever the name."""
     dataset = synthetic_dataset()
-    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
-
-
-@pytest.fixture
-def learnable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """masq.data.load returns the learnable synthetic dataset whatever the name."""
-    dataset = learnable_dataset()
     monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
 
 
@@ -325,7 +318,7 @@ def test_a_d1_state_of_another_config_is_refused(synthetic: None) -> None:
         pr.continue_run(TINY.with_(lr1=1e-2), d1, {}, tasks)
 
 
-def test_tasks_of_another_slt_are_refused(learnable: None) -> None:
+def test_tasks_of_another_slt_are_refused(data_learnable: None) -> None:
     tasks = pr.make_tasks(TINY)  # two tasks
     with pytest.raises(ConfigError, match="3 tasks but 2"):
         pr.train_first(T3, tasks)
@@ -406,8 +399,8 @@ def test_accuracy_matrix_reads_the_last_point_of_each_phase() -> None:
 
 
 @pytest.fixture
-def three_task(learnable: None, calls: list[Call]) -> tuple[pr.Result, list[Call], list[Any]]:
-    """A 3-task EWC+MaSQ run on the learnable data, its train_task calls and its tasks."""
+def three_task(data_learnable: None, calls: list[Call]) -> tuple[pr.Result, list[Call], list[Any]]:
+    """A 3-task EWC+MaSQ run on the data_learnable data, its train_task calls and its tasks."""
     tasks = pr.make_tasks(T3)
     result = pr.run(T3, tasks=tasks)
     return result, list(calls), tasks
@@ -453,7 +446,7 @@ def test_union_accuracies_are_pooled_counts(
                 assert curve["D1∪D2"][i] == pytest.approx(pooled, abs=1e-12)
 
 
-def test_eval_sets_of_each_phase(learnable: None) -> None:
+def test_eval_sets_of_each_phase(data_learnable: None) -> None:
     tasks = pr.make_tasks(T3)
     names = ("D1", "D2", "D3")
     for phase in range(3):
@@ -488,7 +481,7 @@ def test_eval_sets_of_each_phase(learnable: None) -> None:
     ]
 
 
-def test_curves_of_each_phase_hold_its_sets(learnable: None) -> None:
+def test_curves_of_each_phase_hold_its_sets(data_learnable: None) -> None:
     result = pr.run(T3.with_(eval_val=True, importance="none", iters1=10, iters2=10))
     tests = {"D1", "D2", "D3", "D1∪D2∪D3"}
     vals = {"val:" + n for n in tests}
@@ -550,7 +543,7 @@ def added_grad(penalty_grad: Any, model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
-def test_online_ewc_with_two_tasks_is_plain_ewc(learnable: None, gamma: float) -> None:
+def test_online_ewc_with_two_tasks_is_plain_ewc(data_learnable: None, gamma: float) -> None:
     config = T3.with_(slt="D5-5")
     tasks = pr.make_tasks(config)
     plain = pr.run(config, tasks=tasks)
@@ -564,7 +557,7 @@ def test_online_ewc_with_two_tasks_is_plain_ewc(learnable: None, gamma: float) -
 
 @pytest.mark.parametrize("gamma", [0.5, 1.0])
 def test_online_ewc_with_three_tasks_decays_the_importance_and_keeps_the_latest_anchor(
-    learnable: None, calls: list[Call], gamma: float
+    data_learnable: None, calls: list[Call], gamma: float
 ) -> None:
     config = T3.with_(consolidation="online-ewc", gamma=gamma)
     tasks = pr.make_tasks(config)

@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masq import data, protocol, scenarios, tasks
+from masq import protocol, scenarios, tasks
 from masq.config import RunConfig, Scenario
 from masq.errors import ConfigError
 from masq.runid import run_id
 from masq.stacked import Workspace, loss_grads, stack_state, stacked_accuracies
 from masq.training import TrainConfig, eval_counts, train_task
-from tests.synthetic import learnable_dataset, synthetic_dataset
+from tests.synthetic import synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_class_blocks_makes_each_permuted_tasks_classes_new_with_every_unit_acti
     assert scenarios.apply_scenario(split, "class-blocks") == split  # disjoint: as class
 
 
-def test_a_class_blocks_run_learns_the_permutations_apart(learnable: None) -> None:
+def test_a_class_blocks_run_learns_the_permutations_apart(data_learnable: None) -> None:
     # 256 units, 600 iterations: with fewer most ReLUs are dead by the third task (this data)
     small = {**SMALL, "slt": "DP10-10-10", "hidden": (256,), "iters1": 600, "iters2": 600}
     config = RunConfig(**small, scenario="class-blocks", importance="none", lam=0.0)
@@ -226,17 +226,13 @@ def test_the_scenario_is_in_the_run_id_only_off_its_default() -> None:
     assert len(ids) == 3
 
 
-@pytest.fixture
-def learnable(monkeypatch: pytest.MonkeyPatch) -> None:
-    dataset = learnable_dataset()
-    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
-
-
 SMALL = {"slt": "D2-2-2-2-2", "hidden": (32,), "iters1": 60, "iters2": 60, "batch_size": 20,
          "eval_every": 30, "lr1": 1e-3, "lr2": 1e-3, "masq_batch": 50}  # fmt: skip
 
 
-def test_task_incremental_keeps_earlier_tasks_without_any_consolidation(learnable: None) -> None:
+def test_task_incremental_keeps_earlier_tasks_without_any_consolidation(
+    data_learnable: None,
+) -> None:
     """With the task identity given, plain fine-tuning keeps the earlier tasks far above the
     chance of their 2-way heads, while the class scenario forgets them."""
     task_il = protocol.run(RunConfig(**SMALL, scenario="task", importance="none", lam=0.0))
@@ -247,7 +243,7 @@ def test_task_incremental_keeps_earlier_tasks_without_any_consolidation(learnabl
 
 
 @pytest.mark.parametrize("scenario", ["task", "domain"])
-def test_stacked_equals_separate_in_every_scenario(learnable: None, scenario: str) -> None:
+def test_stacked_equals_separate_in_every_scenario(data_learnable: None, scenario: str) -> None:
     config = RunConfig(**{**SMALL, "slt": "D5-5"}, scenario=scenario, importance="fisher",
                        lam=50.0)  # fmt: skip
     run_tasks = protocol.make_tasks(config)
@@ -271,7 +267,7 @@ TINY = {**SMALL, "slt": "D3-3-4", "iters1": 20, "iters2": 20, "eval_every": 10,
 
 @pytest.mark.parametrize("scenario", ["class", "task", "domain"])
 def test_every_measure_and_method_runs_through_the_grid_in_every_scenario(
-    learnable: None, scenario: str, tmp_path
+    data_learnable: None, scenario: str, tmp_path
 ) -> None:
     """Every registered measure with EWC (and online EWC where it sums), and every other
     method, through masq.grid.execute: one finite record each, stored, in three tasks."""

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from masq import data
 from masq import protocol as pr
 from masq.config import RunConfig
 from masq.consolidation import Anchor, QuadraticPenalty, method_label
@@ -21,7 +20,6 @@ from masq.importance.si import SITracker, si_tracker
 from masq.models import mlp
 from masq.training import TrainConfig
 from masq.training.loop import phase_indices, train_task
-from tests.synthetic import learnable_dataset
 
 
 class Vector(nn.Module):
@@ -184,12 +182,6 @@ def test_damping_changes_omega_and_nothing_else() -> None:
 # ----------------------------------------------------------------------------- protocol
 
 
-@pytest.fixture
-def learnable(monkeypatch: pytest.MonkeyPatch) -> None:
-    dataset = learnable_dataset()
-    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
-
-
 SI_RUN = RunConfig(slt="D4-3-3", hidden=(8,), iters1=15, iters2=10, eval_every=5,
                    batch_size=20, importance="si", lam=10.0, lr2=1e-2)  # fmt: skip
 
@@ -207,7 +199,7 @@ def finite(values: object) -> bool:
 
 
 @pytest.mark.parametrize("method", ["ewc", "online-ewc"])
-def test_si_runs_through_the_protocol(learnable: None, method: str) -> None:
+def test_si_runs_through_the_protocol(data_learnable: None, method: str) -> None:
     config = SI_RUN.with_(consolidation=method, gamma=1.0)
     result = pr.run(config)
     assert get_measure("si").timing == "during"
@@ -233,7 +225,7 @@ def test_si_runs_through_the_protocol(learnable: None, method: str) -> None:
                for k in plain.weights[1])  # fmt: skip  # the SI penalty changed phase 2
 
 
-def test_si_damping_changes_task_one_importance_not_its_training(learnable: None) -> None:
+def test_si_damping_changes_task_one_importance_not_its_training(data_learnable: None) -> None:
     tasks = pr.make_tasks(SI_RUN)
     a = pr.train_first(SI_RUN, tasks)
     b = pr.train_first(SI_RUN.with_(si_damping=1e-3), tasks)

@@ -24,12 +24,7 @@ from tests.synthetic import learnable_dataset, synthetic_dataset
 GOLDEN = Path(__file__).parent / "data" / "golden_t2_v1.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _states(hidden: tuple[int, ...], k: int) -> list[dict[str, torch.Tensor]]:

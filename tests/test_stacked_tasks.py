@@ -4,38 +4,24 @@ EWC's anchors into one per run (masq.consolidation.penalty.merged_anchor)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masq import data, protocol
+from masq import protocol
 from masq.config import RunConfig
 from masq.consolidation import QuadraticPenalty, ewc, merged_anchor
 from masq.errors import ConfigError
 from masq.grid.plan import one_by_one, placement
 from masq.models import mlp
-from tests.synthetic import learnable_dataset
 
 FIVE = {"slt": "D2-2-2-2-2", "hidden": (16,), "iters1": 40, "iters2": 30, "batch_size": 20,
         "eval_every": 15, "lr1": 1e-3, "lr2": 1e-3, "masq_batch": 50, "fisher_samples": 60,
         "eval_val": True}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def learnable(monkeypatch: pytest.MonkeyPatch) -> None:
-    dataset = learnable_dataset()
-    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: dataset)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _configs(base: RunConfig) -> list[RunConfig]:
@@ -52,7 +38,7 @@ def _configs(base: RunConfig) -> list[RunConfig]:
 
 
 @pytest.mark.parametrize("scenario", ["class", "task", "domain"])
-def test_five_task_stack_equals_runs_one_by_one(learnable: None, scenario: str) -> None:
+def test_five_task_stack_equals_runs_one_by_one(data_learnable: None, scenario: str) -> None:
     base = RunConfig(**FIVE, scenario=scenario)
     configs = _configs(base)
     tasks = protocol.make_tasks(base)
@@ -83,7 +69,7 @@ def test_five_task_stack_equals_runs_one_by_one(learnable: None, scenario: str) 
 
 
 def test_a_stack_diverging_in_a_later_phase_says_so_and_keeps_the_rest(
-    learnable: None, capsys: pytest.CaptureFixture[str]
+    data_learnable: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = RunConfig(**{**FIVE, "hidden": (8,)}, importance="fisher", lam=10.0)
     configs = [base, base.with_(lr2=1e30)]  # Adam at lr 1e30 leaves the weights non-finite
