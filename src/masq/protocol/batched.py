@@ -178,12 +178,11 @@ def continue_stacked(
             if diverged[run] is None and not finite_state(finals[run]):
                 diverged[run] = f"phase {phase + 1}"
                 warn(diverged_text(c, phase + 1))
+            model.load_state_dict(finals[run])  # run's state: its pass and its method's
             imp = None
             if method.wants_importance(c, phase) and diverged[run] is None:
-                model.load_state_dict(finals[run])
                 imp, s = importance_of(c, model, tasks[phase], phase, device)
                 imp_seconds[run].append(s)
-            model.load_state_dict(finals[run])
             states[run] = method.after_phase(c, states[run], model, imp, phase)
     meta = run_meta(device, stack=k, stack_seconds=stack_seconds)
     return [
