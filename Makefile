@@ -14,7 +14,7 @@ HOW_TO_CALL := masq is installed into $(VENV): call $(BIN)/masq (e.g. $(BIN)/mas
 TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test format bench repro analyses report imm table1 kfac peers peers-tables clean
+.PHONY: install demo test docs format bench repro analyses report imm table1 kfac peers peers-tables clean
 
 install: $(STAMP)
 	@echo "$(HOW_TO_CALL)"
@@ -43,7 +43,20 @@ test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(DOCS_CHECK)
 	$(BIN)/pytest
+
+# The documentation site (mkdocs.yml, docs/): `make docs` builds it into site/ (open
+# site/index.html); `make test` builds it with --strict into a scratch directory.
+DOCS_CHECK ?= .site-check
+DOCS_STAMP := $(VENV)/.masq-docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	@echo "the site is in site/: open site/index.html"
 
 # The first reproduction (README): per SLT its paper-best architecture and eps2, both
 # readings of lambda, MaSQ mean/sum and FIM, both inits; one seed, 90 runs (~58 min on 2 cores).
@@ -191,4 +204,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache site .site-check

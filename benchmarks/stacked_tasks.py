@@ -76,7 +76,7 @@ def main() -> None:
                 "stacked (s)": f"{t_stacked:.1f}",
                 "speed-up": f"{t_alone / t_stacked:.2f}x",
                 "per run, stacked (s)": f"{t_stacked / len(configs):.1f}",
-                "max |Δ ACC| (pp)": f"{100 * diff:.2f}",
+                "max abs Δ ACC (pp)": f"{100 * diff:.2f}",
             }
         )
     title = (

@@ -178,7 +178,7 @@ class RunConfig:
         L,
         "consolidation method (masq.consolidation.METHODS): ewc (one anchor per earlier task) | "
         "online-ewc (running importance) | mean-imm | mode-imm (train on, then merge: Lee et "
-        "al. 2017)",
+        "al. 2017) | joint (every task seen so far trained together: the upper bound)",
         since_v1=True,
         registry="method",
     )

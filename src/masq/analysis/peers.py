@@ -2,7 +2,7 @@
 
 The runs of each cell are those ``masq grid --preset NAME`` recorded for it
 (:mod:`masq.grid.peers`). A cell's statistic is the average accuracy over all tasks after the
-last one, ACC = (1/T) Σ_j R[T-1][j] (the test accuracy of task j at the end, in %), as the
+last one, ACC = (1/T) Σ_j ``R[T-1][j]`` (the test accuracy of task j at the end, in %), as the
 field's tables report it. Per cell:
 
 - a cell with one λ: the mean and the standard error of the mean over seeds,

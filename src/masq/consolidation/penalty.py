@@ -45,9 +45,13 @@ class Penalty(Protocol):
     """A consolidation penalty: its value (differentiable in ``params``) and its gradient
     added to each parameter's ``.grad`` (module docstring)."""
 
-    def value(self, params: Mapping[str, Tensor]) -> Tensor: ...
+    def value(self, params: Mapping[str, Tensor]) -> Tensor:
+        """P(θ) at ``params``, differentiable."""
+        ...
 
-    def add_grad(self, params: Mapping[str, Tensor]) -> None: ...
+    def add_grad(self, params: Mapping[str, Tensor]) -> None:
+        """``.grad`` += ∂P/∂θ for every parameter in ``params`` (a zero gradient where none)."""
+        ...
 
 
 def quadratic_grad_(

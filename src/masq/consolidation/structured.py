@@ -1,7 +1,7 @@
 """Structured consolidation penalties: K-FAC and per-layer Fisher blocks (the importances of
 :mod:`masq.importance.kfac`), behind the :class:`~masq.consolidation.penalty.Penalty` interface.
 
-Per nn.Linear layer, ΔW̄ = W̄ − W̄* with W̄ = [W | b] [out, cols] (the trainable parts,
+Per nn.Linear layer, ΔW̄ = W̄ − W̄* with W̄ = ``[W | b]``, shape ``[out, cols]`` (the trainable parts,
 :func:`masq.importance.kfac.stacked`); over anchors a (θ*^a and their factors) and layers:
 
 - :class:`KFACPenalty` ("kfac"): with the layer's factors A [cols, cols] and G [out, out],

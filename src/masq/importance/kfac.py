@@ -1,10 +1,11 @@
 """K-FAC and per-layer Fisher blocks: two structured importance measures for nn.Linear layers.
 
 Notation: a layer z = W a + b on an input a [B, in]; ā = [a; 1] (a 1 appended for the bias) and
-W̄ = [W | b] [out, in+1]; δ_n = d l_n / d z_n, the gradient of sample n's own loss with respect
-to the layer's pre-activations. Sample n's gradient of W̄ is δ_n ā_nᵀ, flattened row-major
-kron(δ_n, ā_n). A label term m = (n, t, w) is a sample n with a target t of weight w (the labels
-below), and M = N × (label terms per sample). The layer's exact Fisher block is
+W̄ = ``[W | b]``, shape ``[out, in+1]``; δ_n = d l_n / d z_n, the gradient of sample n's own
+loss with respect to the layer's pre-activations. Sample n's gradient of W̄ is δ_n ā_nᵀ,
+flattened row-major kron(δ_n, ā_n). A label term m = (n, t, w) is a sample n with a target t
+of weight w (the labels below), and M = N × (label terms per sample). The layer's exact Fisher
+block is
 
     F = (1/N) Σ_m w_m kron(δ_m, ā_m) kron(δ_m, ā_m)ᵀ = E[δδᵀ ⊗ āāᵀ]     (row-major order)
 
@@ -144,7 +145,7 @@ def augmented(a: Tensor, site: LinearSite) -> Tensor:
 
 
 def stacked(weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """W̄ = [W | b] [out, cols] of the trainable parts (None: frozen or absent)."""
+    """W̄ = ``[W | b]``, shape ``[out, cols]``, of the trainable parts (None: frozen or absent)."""
     parts = [] if weight is None else [weight]
     if bias is not None:
         parts.append(bias[:, None])

@@ -71,9 +71,13 @@ class StepTracker(Protocol):
     (``train_task(grad_hook=...)``), so it can keep the task's own gradient of the step (SI,
     :mod:`masq.importance.si`). Without it a tracker sees only ``.grad`` after the step."""
 
-    def step(self, model: nn.Module) -> None: ...
+    def step(self, model: nn.Module) -> None:
+        """Accumulate after an optimizer step of ``model``."""
+        ...
 
-    def importance(self) -> Importance: ...
+    def importance(self) -> Importance:
+        """The importance accumulated over the phase, keyed like the parameters."""
+        ...
 
 
 Compute = Callable[[nn.Module, XY, MeasureContext], Importance]

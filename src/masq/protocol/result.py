@@ -2,10 +2,12 @@
 
 For a run over T tasks with curves recorded during each phase t = 1..T:
 
-- the accuracy matrix R[i][j] = test accuracy on task j at the end of phase i (0-based);
-- average accuracy ACC = (1/T) Σ_j R[T-1][j];
-- backward transfer BWT = (1/(T-1)) Σ_{j<T-1} (R[T-1][j] - R[j][j]) (Lopez-Paz & Ranzato 2017);
-- forgetting F = (1/(T-1)) Σ_{j<T-1} (max_{l<T-1} R[l][j] - R[T-1][j]) (Chaudhry et al. 2018);
+- the accuracy matrix ``R[i][j]`` = test accuracy on task j at the end of phase i (0-based);
+- average accuracy ACC = (1/T) Σ_j ``R[T-1][j]``;
+- backward transfer BWT = (1/(T-1)) Σ_{j<T-1} (``R[T-1][j]`` - ``R[j][j]``)
+  (Lopez-Paz & Ranzato 2017);
+- forgetting F = (1/(T-1)) Σ_{j<T-1} (max_{l<T-1} ``R[l][j]`` - ``R[T-1][j]``)
+  (Chaudhry et al. 2018);
 - the paper's "best" and "last": the point of the final phase where the accuracy on the
   union of all tasks is highest (after at least one step; the earliest on ties) and its end.
 
@@ -144,7 +146,7 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
 
 
 def accuracy_matrix(curves: Sequence[Mapping[str, Sequence[float]]]) -> list[list[float]]:
-    """R[i][j] = the last value of task j's test accuracy in phase i's curve."""
+    """``R[i][j]`` = the last value of task j's test accuracy in phase i's curve."""
     n = len(curves)
     missing = [task_name(j) for j in range(n) if task_name(j) not in curves[-1]]
     if missing:

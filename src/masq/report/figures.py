@@ -4,7 +4,7 @@
   phases of a run (task 1 from iteration 0 to iters1, then each later task for iters2,
   shaded), one line style per method; runs that share their first phase (as in
   ``masq compare``) draw it once. For two tasks: the paper's three panels D1, D2, D1∪D2.
-- :func:`accuracy_figure`: the accuracy matrix R[i][j] of a run as a heat map.
+- :func:`accuracy_figure`: the accuracy matrix ``R[i][j]`` of a run as a heat map.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _plot(
 
 
 def accuracy_figure(result: Result, *, title: str | None = None) -> Figure:
-    """The accuracy matrix R[i][j] (test accuracy on task j after phase i) as a heat map, the
+    """The accuracy matrix ``R[i][j]`` (test accuracy on task j after phase i) as a heat map, the
     values written in the cells, with ACC, BWT and forgetting in the title."""
     r = result.accuracy
     n = len(r)

@@ -38,7 +38,7 @@ from masq import __version__
 from masq.config import hidden_text
 from masq.errors import ConfigError
 from masq.fileio import atomic_write, save_png
-from masq.report.page import Figures, Part, Table, markdown_tables
+from masq.report.page import Figures, FigureSink, Part, Table, markdown_tables
 from masq.report.tables import table1, to_markdown
 from masq.store import load, load_result, open_store
 
@@ -147,7 +147,7 @@ def _is_settled(path: Path) -> bool:
     return (path / SETTLED_TABLES[0]).is_file()
 
 
-def _settled_part(folders: list[Path], figs: Figures) -> Part:
+def _settled_part(folders: list[Path], figs: FigureSink) -> Part:
     part = Part("settled", "Table 1, settled: selection on seed 0, confirmation on seeds 1-4")
     for i, folder in enumerate(folders):
         for name in SETTLED_TABLES:
@@ -176,7 +176,7 @@ def _settled_part(folders: list[Path], figs: Figures) -> Part:
     return part
 
 
-def _consistency_part(stores: list[tuple[Path, pd.DataFrame]], figs: Figures) -> Part:
+def _consistency_part(stores: list[tuple[Path, pd.DataFrame]], figs: FigureSink) -> Part:
     part = Part("consistency", "Consistency check (Gepperth & Wiech 2019, section 5.2)")
     commands = []
     for i, (root, _) in enumerate(stores):
@@ -195,7 +195,7 @@ def _consistency_part(stores: list[tuple[Path, pd.DataFrame]], figs: Figures) ->
 
 
 def _analysis_part(
-    name: str, title: str, found: list[tuple[Path, dict[str, Any]]], figs: Figures
+    name: str, title: str, found: list[tuple[Path, dict[str, Any]]], figs: FigureSink
 ) -> Part:
     part = Part(name, title)
     missing = {
@@ -306,7 +306,7 @@ def _bench_part(bench: Sequence[str | os.PathLike[str]]) -> Part:
     return part
 
 
-def _matrices_part(stores: list[tuple[Path, pd.DataFrame]], figs: Figures, out: Path) -> Part:
+def _matrices_part(stores: list[tuple[Path, pd.DataFrame]], figs: FigureSink) -> Part:
     from masq.report import figures
 
     part = Part("matrices", "Accuracy matrices of runs of more than two tasks")
@@ -318,10 +318,9 @@ def _matrices_part(stores: list[tuple[Path, pd.DataFrame]], figs: Figures, out: 
         for _, row in table[table["criterion"] == "best"].iterrows():
             rid = sorted(str(row["run_ids"]).split(","))[0]
             result = load_result(root, rid)
-            name = f"accuracy_{len(figs.used)}_{str(row['slt']).replace('/', '_')}.png"
-            save_png(figures.accuracy_figure(result), out / name, dpi=figures.FIGURE_DPI)
-            figs.used.add(name)
-            part.figures.append((name, f"{row['slt']}: accuracy matrix of the best run"))
+            path, link = figs.draw(f"accuracy_{str(row['slt']).replace('/', '_')}.png")
+            save_png(figures.accuracy_figure(result), path, dpi=figures.FIGURE_DPI)
+            part.figures.append((link, f"{row['slt']}: accuracy matrix of the best run"))
         part.caption += f"{root}: the Table-1 winner (best) of each SLT with more than two tasks. "
         part.command += f"masq table --results {root}; "
     if not part.present:
@@ -388,21 +387,31 @@ class Report:
     parts: list[Part]
 
 
-def build_report(
+def templates() -> jinja2.Environment:
+    """The report's Jinja2 templates (``report/templates``): ``report.html.j2``,
+    ``report.md.j2`` and ``part.md.j2`` (one part as Markdown, also used by the site)."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("masq.report", "templates"),
+        autoescape=lambda name: name is not None and ".html" in name,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["mdcell"] = lambda cell: str(cell).replace("|", "\\|")
+    return env
+
+
+def collect_parts(
     results: Sequence[str | os.PathLike[str]],
-    out: str | os.PathLike[str],
+    figs: FigureSink,
     *,
     bench: Sequence[str | os.PathLike[str]] = (),
     select_on: str = "test",
-    title: str = "masq report",
-) -> Report:
-    """Read ``results`` (module docstring) and write ``out``/index.html, report.md and the
-    figures; every part that has nothing to show names the command that produces it."""
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {str(out_dir)!r} is an existing file; give a directory path")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_earlier(out_dir)
+) -> list[Part]:
+    """The report's parts (module docstring), in order, from ``results`` and ``bench``:
+    figures and data files go through ``figs`` (copied next to the page, or linked where they
+    are: :mod:`masq.report.site`)."""
     stores: list[tuple[Path, pd.DataFrame]] = []
     found: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
     settled: list[Path] = []
@@ -424,8 +433,7 @@ def build_report(
             )
         for name, value in manifests.items():
             found.setdefault(name, []).append(value)
-    figs = Figures(out_dir)
-    parts = [
+    return [
         _table1_part(stores, select_on),
         _consistency_part(stores, figs),
         _analysis_part(
@@ -451,19 +459,30 @@ def build_report(
             figs,
         ),
         _bench_part(bench),
-        _matrices_part(stores, figs, out_dir),
+        _matrices_part(stores, figs),
         _imm_part(stores),
         _settled_part(settled, figs),
     ]
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("masq.report", "templates"),
-        autoescape=lambda name: name is not None and ".html" in name,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters["mdcell"] = lambda cell: str(cell).replace("|", "\\|")
+
+
+def build_report(
+    results: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    bench: Sequence[str | os.PathLike[str]] = (),
+    select_on: str = "test",
+    title: str = "masq report",
+) -> Report:
+    """Read ``results`` (module docstring) and write ``out``/index.html, report.md and the
+    figures; every part that has nothing to show names the command that produces it."""
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is an existing file; give a directory path")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_earlier(out_dir)
+    figs = Figures(out_dir)
+    parts = collect_parts(results, figs, bench=bench, select_on=select_on)
+    env = templates()
     context = {
         "title": title,
         "parts": parts,

@@ -7,6 +7,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 _PIPE_ROW = re.compile(r"^\s*\|.*\|\s*$")
 _RULE_ROW = re.compile(r"^\s*\|(\s*:?-{3,}:?\s*\|)+\s*$")
@@ -77,19 +78,40 @@ def _cells(line: str) -> list[str]:
     return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
 
 
+class FigureSink(Protocol):
+    """Where a part's figures and data files go, and the link the page uses for each."""
+
+    def add(self, source: Path, prefix: str) -> str:
+        """Make the existing file ``source`` reachable from the page; its link."""
+        ...
+
+    def draw(self, name: str) -> tuple[Path, str]:
+        """Where to save a figure drawn for the page (named like ``name``), and its link."""
+        ...
+
+
 class Figures:
-    """Copies figures next to the page under unique names."""
+    """Copies figures next to the page under unique names (the ``masq report`` page)."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self.used: set[str] = set()
 
-    def add(self, source: Path, prefix: str) -> str:
-        name = f"{prefix}_{source.name}"
+    def _unique(self, name: str) -> str:
         stem, n = name, 1
         while name in self.used:
             n += 1
-            name = f"{Path(stem).stem}_{n}{source.suffix}"
+            name = f"{Path(stem).stem}_{n}{Path(stem).suffix}"
         self.used.add(name)
+        return name
+
+    def add(self, source: Path, prefix: str) -> str:
+        """Copy ``source`` next to the page as ``prefix_name``; the copy's name."""
+        name = self._unique(f"{prefix}_{source.name}")
         shutil.copyfile(source, self.out / name)
         return name
+
+    def draw(self, name: str) -> tuple[Path, str]:
+        """A unique file next to the page for a figure drawn for it, and its name."""
+        unique = self._unique(name)
+        return self.out / unique, unique

@@ -1,0 +1,167 @@
+"""The documentation site (mkdocs.yml, docs/) and the README: the markers that fill the results
+pages from the committed datasets (masq.report.site), the API reference's docstrings, the nav,
+and the README's headline table against the dataset it comes from. ``make test`` builds the
+site itself with ``mkdocs build --strict``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from masq.report.site import DocsError, LinkFigures, expand, include_text
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+MKDOCS = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+
+
+def api_modules() -> list[str]:
+    """The modules the API reference pages render (``::: module`` lines)."""
+    found = []
+    for page in sorted((DOCS / "reference" / "api").glob("*.md")):
+        found += re.findall(r"^::: (\S+)", page.read_text(encoding="utf-8"), re.M)
+    return found
+
+
+# ----------------------------------------------------------------------------- markers
+
+
+def test_include_keeps_tables_and_fences_the_other_lines() -> None:
+    text = "header line\n\n| a | b |\n|---|---|\n| 1 | 2 |\nreal 1m2s\n"
+    out = include_text(text, markdown=False)
+    table = "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert out == f"```text\nheader line\n```\n\n{table}\n\n```text\nreal 1m2s\n```\n"
+    assert include_text("# T\n\n| a |\n|---|\n", markdown=True) == "# T\n\n| a |\n|---|\n"
+
+
+def test_a_pipe_inside_a_fixed_width_cell_is_escaped() -> None:
+    rows = [
+        "| x | off |.| sum |",
+        "|---|-------------|",
+        "| 1 |       6754  |",
+    ]
+    out = include_text("\n".join(rows), markdown=False).splitlines()
+    assert out[0] == "| x | off \\|.\\| sum |" and out[1:] == rows[1:]
+
+
+def test_a_part_marker_renders_the_report_part_with_links_to_the_committed_files() -> None:
+    page = DOCS / "results" / "diagonality.md"
+    out = expand("a\n<!-- masq:part kfac kfac/split -->\nb\n", page, DOCS)
+    assert out.startswith("a\n### ") and out.rstrip().endswith("b")
+    assert "| diagonal FIM |" in out and "K-FAC" in out
+    links = re.findall(r"\]\(([^)]+)\)", out)
+    assert links and all((page.parent / link).resolve().is_file() for link in links), links
+    assert any(link.endswith("kfac_lambda.png") for link in links)
+
+
+def test_include_and_cli_markers() -> None:
+    page = DOCS / "results" / "table1.md"
+    out = expand("<!-- masq:include table1/paired.md -->\n", page, DOCS)
+    assert out == (DOCS / "table1" / "paired.md").read_text(encoding="utf-8").strip() + "\n"
+    cli = expand("<!-- masq:cli -->\n", page, DOCS)
+    assert "### masq grid\n" in cli and "usage: masq grid" in cli
+    assert "### masq analyze kfac\n" in cli and "--blocks-window" in cli
+
+
+@pytest.mark.parametrize(
+    ("marker", "needle"),
+    [
+        ("<!-- masq:include table1/nothing.md -->", "does not exist"),
+        ("<!-- masq:part kfac table1 -->", "nothing to show"),
+        ("<!-- masq:part nope kfac/split -->", "no report part 'nope'"),
+        ("<!-- masq:frobnicate -->", "not a marker"),
+    ],
+)
+def test_a_marker_that_cannot_be_filled_is_a_one_line_error(marker: str, needle: str) -> None:
+    with pytest.raises(DocsError) as err:
+        expand(marker + "\n", DOCS / "index.md", DOCS)
+    message = str(err.value)
+    assert needle in message and "index.md" in message and "\n" not in message
+
+
+def test_link_figures_refuses_what_the_site_cannot_serve(tmp_path: Path) -> None:
+    figs = LinkFigures(DOCS / "results", DOCS)
+    assert figs.add(DOCS / "kfac" / "split" / "kfac.png", "x") == "../kfac/split/kfac.png"
+    with pytest.raises(DocsError, match="outside the site's docs directory"):
+        figs.add(tmp_path / "a.png", "x")
+    with pytest.raises(DocsError, match="committed figures only"):
+        figs.draw("accuracy.png")
+
+
+# ----------------------------------------------------------------------------- the site
+
+
+def test_every_page_is_in_the_nav() -> None:
+    """Every hand-written page (not the analyses' own outputs) is reachable from the nav."""
+    pages = [DOCS / "index.md", DOCS / "quickstart.md", DOCS / "paper.md"]
+    for folder in ("concepts", "howto", "results", "reference"):
+        pages += sorted((DOCS / folder).rglob("*.md"))
+    nav = set(re.findall(r"([\w/.-]+\.md)\s*$", MKDOCS, re.M))
+    missing = [str(p.relative_to(DOCS)) for p in pages if str(p.relative_to(DOCS)) not in nav]
+    assert not missing, missing
+
+
+def test_the_api_reference_has_a_docstring_for_every_public_name() -> None:
+    """mkdocstrings renders what the docstrings say: every module of the API pages, and every
+    public function, class and method defined there (inherited docstrings count), has one."""
+    missing = []
+    for name in api_modules():
+        module = importlib.import_module(name)
+        if not module.__doc__:
+            missing.append(name)
+        for attr, obj in vars(module).items():
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                continue
+            if inspect.isfunction(obj) and not obj.__doc__:
+                missing.append(f"{name}.{attr}")
+            if inspect.isclass(obj):
+                if not obj.__doc__:
+                    missing.append(f"{name}.{attr}")
+                for method, fn in vars(obj).items():
+                    if method.startswith("_") or not inspect.isfunction(fn):
+                        continue
+                    if not inspect.getdoc(getattr(obj, method)):
+                        missing.append(f"{name}.{attr}.{method}")
+    assert len(api_modules()) >= 40
+    assert not missing, missing
+
+
+# ----------------------------------------------------------------------------- the README
+
+
+def test_the_readme_is_short_and_its_links_resolve() -> None:
+    assert len(README.splitlines()) < 200
+    for link in re.findall(r"\]\(((?:docs|examples)/[^)#]+)", README):
+        assert (ROOT / link).is_file(), link
+
+
+def _cells(path: Path, *keys: str) -> list[str]:
+    """The cells of the one row of the pipe table in ``path`` whose leading cells are ``keys``."""
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.startswith("|")
+    ]
+    (row,) = [r for r in rows if tuple(r[: len(keys)]) == keys]
+    return row
+
+
+def test_the_readme_headline_table_is_the_settled_dataset() -> None:
+    """Each row of the README's headline table equals the committed gain.md (EWC and the tuned
+    no-EWC baseline) and paired.md (MaSQ − FIM) rows it was taken from."""
+    start = README.index("| SLT | no EWC, ε2 tuned |")
+    lines = README[start:].split("\n\n")[0].splitlines()[2:]
+    assert len(lines) == 3
+    for line in lines:
+        slt, no_ewc, fim, masq, diff = (c.strip() for c in line.strip().strip("|").split("|"))
+        fim_row = _cells(DOCS / "table1" / "gain.md", "test", slt, "last", "torch", "FIM")
+        masq_row = _cells(DOCS / "table1" / "gain.md", "test", slt, "last", "torch", "MaSQ")
+        assert no_ewc == fim_row[9].split(" ±")[0] == masq_row[9].split(" ±")[0]
+        assert fim == f"{fim_row[7]} ({fim_row[6]})" and masq == f"{masq_row[7]} ({masq_row[6]})"
+        paired = _cells(DOCS / "table1" / "paired.md", "test", slt, "last", "torch")
+        assert diff == f"{paired[5]} [{paired[6]}, {paired[7]}]"
