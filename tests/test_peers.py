@@ -164,6 +164,28 @@ def test_the_table_gives_mean_sem_difference_and_marks() -> None:
     assert "- a note" in md
 
 
+def test_a_lam_chosen_at_the_edge_of_its_sweep_is_marked() -> None:
+    """MaSQ's task cell chooses λ 100, the top of its sweep (▲), its class cell λ 1, the bottom
+    (▼); EWC's single λ is no sweep, so no mark; the note says how to extend the sweep."""
+    frame = frame_of({
+        ("EWC", "task"): [(10, 0, 95.0), (10, 0, 95.0)],
+        ("MaSQ", "task"): [(1, 80, 70), (10, 85, 71), (100, 90, 72)],
+        ("MaSQ", "class"): [(1, 90, 70), (10, 85, 71), (100, 80, 72)],
+    })  # fmt: skip
+    table = analysis.peer_table(frame, tiny()).set_index(["method", "column"])
+    assert table.loc[("MaSQ", "task"), "edge"] == "top"
+    assert table.loc[("MaSQ", "class"), "edge"] == "bottom"
+    assert table.loc[("EWC", "task"), "edge"] == ""
+    md = analysis.peer_markdown(table.reset_index(), tiny())
+    assert "(λ 1e2 ▲ (val); n=1)" in md and "(λ 1e0 ▼ (val); n=1)" in md
+    assert "(λ 1e1; n=2)" in md
+    assert "--preset tiny --rows ROW --lam" in md
+    plain = analysis.peer_markdown(
+        table.drop(index=[("MaSQ", "task"), ("MaSQ", "class")]).reset_index(), tiny()
+    )
+    assert "▲" not in plain and "--lam" not in plain
+
+
 def test_rows_are_paired_by_seed_against_the_reference() -> None:
     frame = frame_of({
         ("None", "task"): [(0, 0, 80.0), (0, 0, 90.0), (0, 0, 85.0)],

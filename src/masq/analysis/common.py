@@ -68,6 +68,28 @@ def lam_on_validation(runs: pd.DataFrame) -> float:
     return float(means.index[int(np.argmax(means.to_numpy()))])
 
 
+def sweep_edge(lam: float, swept: Sequence[float]) -> str:
+    """ "top" when ``lam`` > 0 is the largest of the λ > 0 ``swept`` (of two or more), "bottom"
+    when the smallest, else "": a choice at the edge of the sweep, whose best λ may lie
+    beyond it."""
+    values = sorted({float(x) for x in swept if x > 0})
+    if lam <= 0 or len(values) < 2:
+        return ""
+    return "top" if lam == values[-1] else "bottom" if lam == values[0] else ""
+
+
+EDGE_MARKS = {"top": " ▲", "bottom": " ▼"}
+"""The mark after a λ chosen at an edge of its sweep (:func:`sweep_edge`)."""
+
+
+def edge_note(how: str) -> str:
+    """The note under a table with an edge mark: what the marks mean and ``how`` to extend."""
+    return (
+        "\n▲ / ▼: the λ chosen is the largest / smallest of the sweep, so the best λ may lie "
+        f"beyond it: {how} before reading that row.\n"
+    )
+
+
 def write_analysis_files(
     out: str | os.PathLike[str],
     analysis: str,

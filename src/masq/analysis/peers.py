@@ -35,7 +35,14 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from masq.analysis.common import lam_on_validation, markdown, write_analysis_files
+from masq.analysis.common import (
+    EDGE_MARKS,
+    edge_note,
+    lam_on_validation,
+    markdown,
+    sweep_edge,
+    write_analysis_files,
+)
 from masq.analysis.paired import paired_test
 from masq.consolidation import get_method
 from masq.curves import VAL, task_name
@@ -139,6 +146,7 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
                     "reads_lam": bool(at["reads_lam"].any()),
                     "lam_chosen_on_val": swept,
                     "lams": len(part["lam"].unique()),
+                    "edge": sweep_edge(lam, part["lam"].tolist()) if swept else "",
                     "seeds": n,
                     "diverged": int(len(test) - n),
                     "mean": mean,
@@ -228,7 +236,8 @@ def _lam_text(r: Mapping[str, Any]) -> str:
         return "no λ"
     lam = float(r["lam"])
     text = "0" if lam == 0 else f"{lam:.0e}".replace("e+0", "e").replace("e+", "e")
-    return f"λ {text}" + (" (val)" if r["lam_chosen_on_val"] else "")
+    edge = EDGE_MARKS.get(str(r.get("edge") or ""), "")
+    return f"λ {text}{edge}" + (" (val)" if r["lam_chosen_on_val"] else "")
 
 
 def peer_markdown(table: pd.DataFrame, preset: PeerPreset) -> str:
@@ -266,7 +275,12 @@ def peer_markdown(table: pd.DataFrame, preset: PeerPreset) -> str:
         f"({preset.spread}). {MARK}: |Δ| > {MIN_POINTS:g} point and two combined SEMs."
     )
     notes = "".join(f"\n- {n}" for n in preset.notes)
-    return markdown(records, columns, title) + notes + ("\n" if notes else "")
+    text = markdown(records, columns, title) + notes + ("\n" if notes else "")
+    if any(str(r.get("edge") or "") for r in table.to_dict("records")):
+        text += edge_note(
+            f"extend the row's λ values (masq grid --preset {preset.name} --rows ROW --lam ...)"
+        )
+    return text
 
 
 def peer_figure(table: pd.DataFrame, preset: PeerPreset) -> Figure:

@@ -35,10 +35,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from masq.analysis.common import (
+    EDGE_MARKS,
+    edge_note,
     fmt,
     lam_on_validation,
     markdown,
     records,
+    sweep_edge,
     write_analysis_files,
 )
 from masq.analysis.paired import paired_test
@@ -174,16 +177,6 @@ def _winner(part: pd.DataFrame) -> tuple[float, pd.DataFrame]:
     return lam, at[np.isfinite(at["test"].to_numpy(float))]
 
 
-def sweep_edge(lam: float, swept: Sequence[float]) -> str:
-    """ "top" when ``lam`` > 0 is the largest of the λ > 0 ``swept`` (of two or more), "bottom"
-    when the smallest, else "": a choice at the edge of the sweep, whose best λ may lie
-    beyond it."""
-    values = sorted({float(x) for x in swept if x > 0})
-    if lam <= 0 or len(values) < 2:
-        return ""
-    return "top" if lam == values[-1] else "bottom" if lam == values[0] else ""
-
-
 def structure_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (slt, hidden, scenario, measure): the λ chosen on validation (and whether it is at
     an edge of the λ swept, :func:`sweep_edge`), the number of seeds,
@@ -277,11 +270,7 @@ def structure_markdown(table: pd.DataFrame) -> str:
     return text
 
 
-EDGE_MARKS = {"top": " ▲", "bottom": " ▼"}
-EDGE_NOTE = (
-    "\n▲ / ▼: the λ chosen is the largest / smallest of the sweep, so the best λ may lie beyond "
-    "it: extend the sweep (--lam-max / --lam-min) before reading that row.\n"
-)
+EDGE_NOTE = edge_note("extend the sweep (--lam-max / --lam-min)")
 
 
 def structure_figure(table: pd.DataFrame) -> Figure:
