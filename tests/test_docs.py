@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from masq.report.site import DocsError, LinkFigures, expand, include_text
+from masq.report.site import DocsError, LinkFigures, expand, include_text, link_roles
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -91,6 +91,18 @@ def test_link_figures_refuses_what_the_site_cannot_serve(tmp_path: Path) -> None
         figs.add(tmp_path / "a.png", "x")
     with pytest.raises(DocsError, match="committed figures only"):
         figs.draw("accuracy.png")
+
+
+def test_docstring_roles_become_cross_references_or_code() -> None:
+    html = (
+        "see :func:<code>~masq.store.load</code>, :mod:<code>masq.importance</code>, "
+        ":class:<code>Method</code> and :data:<code>x[0]</code>"
+    )
+    assert link_roles(html) == (
+        'see <autoref identifier="masq.store.load" optional><code>load</code></autoref>, '
+        '<autoref identifier="masq.importance" optional><code>masq.importance</code></autoref>, '
+        "<code>Method</code> and <code>x[0]</code>"
+    )
 
 
 # ----------------------------------------------------------------------------- the site

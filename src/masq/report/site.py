@@ -126,6 +126,25 @@ def cli_reference() -> str:
     return "\n".join(sections)
 
 
+_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):<code>(~?)([^<]*)</code>")
+
+
+def link_roles(html: str) -> str:
+    """The Sphinx roles the docstrings use (``:func:`masq.x.f```), as mkdocstrings renders them
+    (the role's name, then the target as code), turned into links of the API reference: a
+    dotted ``masq.`` target becomes an optional cross-reference resolved by mkdocs-autorefs
+    (shown as its last part after ``~``, else in full); any other target stays as code."""
+
+    def link(match: re.Match[str]) -> str:
+        tilde, target = match[1], match[2]
+        shown = target.rsplit(".", 1)[-1] if tilde else target
+        if target.startswith("masq.") and re.fullmatch(r"[\w.]+", target):
+            return f'<autoref identifier="{target}" optional><code>{shown}</code></autoref>'
+        return f"<code>{shown}</code>"
+
+    return _ROLE.sub(link, html)
+
+
 def expand(markdown: str, page: Path, docs_dir: Path) -> str:
     """``markdown`` (the page ``page``) with every marker (module docstring) replaced."""
     from masq.report.html import collect_parts
