@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py [--iters 200] [--threads 1] [--stacks 1 16]
         [--archs 400-400 800-800] [--batches 100 128] [--precision fp32 bf16]
+        [--steps eager compiled]
 
 For each architecture (784-H-H-10), mini-batch size B, precision and stack size K, the stacked
 engine's iteration (:func:`masq.stacked.train_stacked`, what grids run; K = 1 is one run of
@@ -13,7 +14,9 @@ alone over as many:
 - backward: :func:`masq.stacked.loss_grads` (forward, softmax and back-propagation) minus
   the forward;
 - penalty: the EWC gradient λF ⊙ (θ − θ*) over the stacked parameters;
-- Adam: :class:`masq.stacked.StackedAdam`'s step without the penalty;
+- Adam: :class:`masq.stacked.StackedAdam`'s step without the penalty; with ``--steps
+  compiled`` the compiled step (``masq grid --compile-step``), which does both at once: its
+  time is the Adam column's and the penalty column is 0;
 - evaluation: the per-iteration share of evaluating 15,000 images (a test and a validation
   set) every 500 iterations;
 - rest: the whole iteration (with the evaluation share) minus the parts.
@@ -68,7 +71,9 @@ def flops(sizes: list[int], batch: int, k: int) -> float:
     return 2.0 * batch * k * macs
 
 
-def profile(hidden: tuple[int, ...], batch: int, precision: str, k: int, iters: int) -> dict:
+def profile(
+    hidden: tuple[int, ...], batch: int, precision: str, k: int, iters: int, step_kind: str
+) -> dict:
     """The parts of one iteration in milliseconds (module docstring)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     gen = torch.Generator().manual_seed(0)
@@ -79,7 +84,8 @@ def profile(hidden: tuple[int, ...], batch: int, precision: str, k: int, iters: 
     anchors = [p[:1].clone() for p in model.params]
     lam_f = [torch.rand_like(p) * 1e-3 for p in model.params]
     ws = Workspace.create(model, batch, dtype)
-    optimizer = stacked.StackedAdam.create(model, [1e-4] * k)
+    compiled = step_kind == "compiled"
+    optimizer = stacked.StackedAdam.create(model, [1e-4] * k, compiled=compiled)
     order = phase_indices(x.shape[0], batch, iters + 2, gen)
     idx = order[0]
     xb, yb = x[idx], y[idx]
@@ -98,9 +104,14 @@ def profile(hidden: tuple[int, ...], batch: int, precision: str, k: int, iters: 
         "gather": _per_call(lambda: (x[idx], y[idx]), iters),
         "forward": _per_call(lambda: forward(model, xb, dtype), iters),
         "fwd+bwd": _per_call(lambda: loss_grads(model, ws, xb, yb), iters),
-        "penalty": _per_call(penalty, iters),
-        "Adam": _per_call(lambda: optimizer.step(model.params, ws.grads), iters),
+        "penalty": 0.0 if compiled else _per_call(penalty, iters),
+        "Adam": _per_call(
+            lambda: optimizer.step(model.params, ws.grads, *((lam_f, anchors) if compiled else ())),
+            iters,
+        ),
     }
+    if compiled and not optimizer.compiled:
+        raise SystemExit("the compiled step failed here (see the warning above)")
     eval_s = _per_call(lambda: stacked.stacked_correct(model, x_eval, y_eval, dtype), 2)
     parts["evaluation"] = eval_s / EVAL_EVERY
     total = _per_call(step, iters) + parts["evaluation"]
@@ -109,6 +120,7 @@ def profile(hidden: tuple[int, ...], batch: int, precision: str, k: int, iters: 
     sizes = [784, *hidden, 10]
     limit = flops(sizes, batch, k) / matmul_rate(batch, max(hidden), dtype)
     row = {"net": "-".join(map(str, sizes)), "B": batch, "precision": precision, "K": k}
+    row |= {"step": step_kind}
     row |= {f"{name} (ms)": 1e3 * parts[name] for name in PARTS}
     row |= {
         "total (ms)": 1e3 * total,
@@ -130,14 +142,16 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["400-400", "800-800"])
     parser.add_argument("--batches", type=int, nargs="+", default=[100, 128])
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--steps", nargs="+", default=["eager"], choices=["eager", "compiled"])
     args = parser.parse_args()
     pin_threads(args.threads)
     rows = [
-        profile(tuple(int(h) for h in arch.split("-")), batch, precision, k, args.iters)
+        profile(tuple(int(h) for h in arch.split("-")), batch, precision, k, args.iters, kind)
         for arch in args.archs
         for batch in args.batches
         for precision in args.precision
         for k in args.stacks
+        for kind in args.steps
     ]
     title = (
         f"one iteration of the stacked engine, ms (torch {torch.__version__}, "

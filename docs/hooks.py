@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from masq.cli import build_parser
 from masq.report.site import expand, link_roles
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """The page's Markdown with its markers filled."""
-    return expand(markdown, Path(page.file.abs_src_path), Path(config["docs_dir"]))
+    return expand(markdown, Path(page.file.abs_src_path), Path(config["docs_dir"]), build_parser())
 
 
 def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from masq.cli import build_parser
 from masq.report.site import DocsError, LinkFigures, expand, include_text, link_roles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_include_and_cli_markers() -> None:
     page = DOCS / "results" / "table1.md"
     out = expand("<!-- masq:include table1/paired.md -->\n", page, DOCS)
     assert out == (DOCS / "table1" / "paired.md").read_text(encoding="utf-8").strip() + "\n"
-    cli = expand("<!-- masq:cli -->\n", page, DOCS)
+    cli = expand("<!-- masq:cli -->\n", page, DOCS, build_parser())
     assert "### masq grid\n" in cli and "usage: masq grid" in cli
     assert "### masq analyze kfac\n" in cli and "--blocks-window" in cli
 
@@ -75,6 +76,7 @@ def test_include_and_cli_markers() -> None:
         ("<!-- masq:part kfac table1 -->", "nothing to show"),
         ("<!-- masq:part nope kfac/split -->", "no report part 'nope'"),
         ("<!-- masq:frobnicate -->", "not a marker"),
+        ("<!-- masq:cli -->", "parser"),
     ],
 )
 def test_a_marker_that_cannot_be_filled_is_a_one_line_error(marker: str, needle: str) -> None:
@@ -116,6 +118,16 @@ def test_every_page_is_in_the_nav() -> None:
     nav = set(re.findall(r"([\w/.-]+\.md)\s*$", MKDOCS, re.M))
     missing = [str(p.relative_to(DOCS)) for p in pages if str(p.relative_to(DOCS)) not in nav]
     assert not missing, missing
+
+
+def test_snippets_name_existing_files() -> None:
+    """Every ``--8<--`` include of a page is intact (a Python fence would let ruff's Markdown
+    formatting rewrite it to ``--8 < --``) and names a file of the repository."""
+    for page in DOCS.rglob("*.md"):
+        text = page.read_text(encoding="utf-8")
+        assert "--8 <" not in text, page
+        for path in re.findall(r'^\s*--8<-- "([^"]+)"', text, re.M):
+            assert (ROOT / path).is_file(), (page, path)
 
 
 def test_the_api_reference_has_a_docstring_for_every_public_name() -> None:

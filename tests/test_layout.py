@@ -14,6 +14,7 @@ ORDER: tuple[str, ...] = (
     "fileio",
     "slt",
     "registry",
+    "plugins",  # imports the user's modules by name (they register into the registries)
     "choices",
     "config",
     "defaults",

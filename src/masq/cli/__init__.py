@@ -65,6 +65,23 @@ def command_of(argv: Sequence[str]) -> str | None:
     return first if any(first == name for name, _, _ in COMMANDS) else None
 
 
+def split_plugins(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the modules of the leading ``--plugin MODULE`` / ``--plugin=MODULE`` options, the rest
+    of ``argv``): plugins come before the command, as every top-level option."""
+    plugins: list[str] = []
+    rest = list(argv)
+    while rest:
+        if rest[0] == "--plugin" and len(rest) > 1:
+            plugins.append(rest[1])
+            rest = rest[2:]
+        elif rest[0].startswith("--plugin="):
+            plugins.append(rest[0].split("=", 1)[1])
+            rest = rest[1:]
+        else:
+            break
+    return plugins, rest
+
+
 def modules_for(argv: Sequence[str]) -> tuple[str, ...]:
     """The command modules that parsing ``argv`` needs: the one of its sub-command (none for
     ``masq --help``, ``masq --version`` or an unknown command)."""
@@ -90,6 +107,14 @@ def build_parser(modules: Collection[str] | None = None) -> argparse.ArgumentPar
         description="EWC with the diagonal Fisher or MaSQ: reproduce Gepperth & Wiech and beyond.",
     )
     parser.add_argument("--version", action="version", version=f"masq {__version__}")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (it registers a measure, method or penalty kind of your own), "
+        "here and in every worker of a grid; repeatable; also MASQ_PLUGINS=MODULE[,MODULE]",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     load = set(MODULES if modules is None else modules)
     for name, module, text in COMMANDS:
@@ -107,14 +132,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     (:func:`masq.cli.waitpolicy.wait_policy_env`); importing :mod:`masq.cli` changes nothing."""
     os.environ.update(wait_policy_env())
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(modules_for(argv))
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0
+    plugins, rest = split_plugins(argv)
+    parser = build_parser(modules_for(rest))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
+        if plugins or os.environ.get("MASQ_PLUGINS"):
+            from masq.plugins import load_from_env, load_plugins
+
+            load_from_env()
+            load_plugins(plugins)
+        args = parser.parse_args(argv)
+        if getattr(args, "compile_step", False):  # read by the stacked engine, in every worker
+            os.environ["MASQ_COMPILE_STEP"] = "1"
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 0
         return int(args.func(args) or 0)
     except MasqError as err:
         print(f"masq: error: {err}", file=sys.stderr)

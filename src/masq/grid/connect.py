@@ -6,12 +6,16 @@ failure is a one-line ConfigError naming the address and ``--ray-timeout``.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from typing import Any
 
 from masq.errors import ConfigError
 from masq.fileio import error_text
+from masq.plugins import ENV as PLUGINS_ENV
+
+COMPILE_ENV = "MASQ_COMPILE_STEP"  # masq.stacked.adam.COMPILE_ENV (that module loads torch)
 
 # Seconds to reach a Ray cluster given by --address before giving up (--ray-timeout): long
 # enough for a cluster across a slow network, short enough that a wrong address is an error
@@ -52,6 +56,10 @@ def connect_ray(ray: Any, address: str | None, timeout: float) -> None:
     timeout of its own and retries for minutes). A one-line ConfigError when it does not
     connect in time or fails; without an address a local Ray is started as before."""
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    # masq --plugin and --compile-step: the workers import the same modules, take the same step
+    passed = {k: os.environ[k] for k in (PLUGINS_ENV, COMPILE_ENV) if os.environ.get(k)}
+    if passed:
+        kwargs["runtime_env"] = {"env_vars": passed}
     if address is None:
         ray.init(**kwargs)
         return

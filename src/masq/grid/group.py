@@ -27,6 +27,7 @@ from masq import protocol
 from masq.config import RunConfig
 from masq.fileio import error_text, warn
 from masq.grid.plan import alone, chunks, d1_key, importance_key, needs_first_pass, placement
+from masq.plugins import load_from_env
 from masq.protocol import D1State
 from masq.runid import run_id
 from masq.store import NotStored, Store
@@ -194,6 +195,7 @@ def run_group(
     """
     start = time.perf_counter()
     outcome = GroupOutcome()
+    load_from_env()  # a Ray worker's first group: the plugins of masq --plugin (masq.plugins)
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     store = Store(job.root)

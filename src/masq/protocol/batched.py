@@ -48,6 +48,7 @@ from masq.protocol.run import (
 )
 from masq.runtime import resolve_device
 from masq.stacked import train_stacked
+from masq.stacked.adam import compiled_step_active
 from masq.streams import batches_stream, stream_seed
 from masq.tasks import Task
 
@@ -184,7 +185,8 @@ def continue_stacked(
                 imp, s = importance_of(c, model, tasks[phase], phase, device)
                 imp_seconds[run].append(s)
             states[run] = method.after_phase(c, states[run], model, imp, phase)
-    meta = run_meta(device, stack=k, stack_seconds=stack_seconds)
+    compiled = compiled_step_active() and device.type == "cpu"
+    meta = run_meta(device, stack=k, stack_seconds=stack_seconds, compiled_step=compiled)
     return [
         finish_record(
             c,

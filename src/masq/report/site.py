@@ -10,7 +10,8 @@ Markdown); paths are relative to the site's ``docs/`` directory:
   ``PATH...``, its figures and data files linked where they lie;
 - ``<!-- masq:include PATH -->``: a committed table or benchmark output: its pipe tables as
   tables, its other lines as a text block (a ``.md`` file is included as it is);
-- ``<!-- masq:cli -->``: every command's ``--help``, as the installed ``masq`` prints it.
+- ``<!-- masq:cli -->``: every command's ``--help``, as the installed ``masq`` prints it (the
+  caller passes :func:`masq.cli.build_parser`'s parser: this module sits below the CLI).
 
 A marker that names a missing file, or a part that has nothing to show, is an error
 (:class:`DocsError`), so a broken dataset fails the build instead of leaving a hole.
@@ -105,11 +106,9 @@ def _escape_cell_pipes(rows: list[str]) -> list[str]:
     return out
 
 
-def cli_reference() -> str:
-    """Every command's ``--help`` (and each ``analyze`` sub-command's), as ``masq`` prints it,
-    one section per command."""
-    from masq.cli import build_parser
-
+def cli_reference(parser: argparse.ArgumentParser) -> str:
+    """``masq --help`` and every command's ``--help`` (and each ``analyze`` sub-command's), as
+    ``parser`` (:func:`masq.cli.build_parser`) prints them, one section per command."""
     sections = []
 
     def walk(parser: argparse.ArgumentParser, words: list[str]) -> None:
@@ -122,7 +121,8 @@ def cli_reference() -> str:
                     walk(sub, cmd)
 
     os.environ.setdefault("COLUMNS", "100")  # argparse wraps at the terminal's width
-    walk(build_parser(), [])
+    sections.append(f"### masq\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+    walk(parser, [])
     return "\n".join(sections)
 
 
@@ -145,8 +145,11 @@ def link_roles(html: str) -> str:
     return _ROLE.sub(link, html)
 
 
-def expand(markdown: str, page: Path, docs_dir: Path) -> str:
-    """``markdown`` (the page ``page``) with every marker (module docstring) replaced."""
+def expand(
+    markdown: str, page: Path, docs_dir: Path, parser: argparse.ArgumentParser | None = None
+) -> str:
+    """``markdown`` (the page ``page``) with every marker (module docstring) replaced; the
+    ``masq:cli`` marker needs the command line's ``parser``."""
     from masq.report.html import collect_parts
 
     def fill(match: re.Match[str]) -> str:
@@ -160,7 +163,9 @@ def expand(markdown: str, page: Path, docs_dir: Path) -> str:
             text = paths[0].read_text(encoding="utf-8")
             return include_text(text, markdown=paths[0].suffix == ".md")
         if kind == "cli" and not args:
-            return cli_reference()
+            if parser is None:
+                raise DocsError(f"{where}: give expand the command line's parser")
+            return cli_reference(parser)
         if kind == "part" and len(args) >= 2:
             figs = LinkFigures(page.parent, docs_dir)
             name = args[0]
