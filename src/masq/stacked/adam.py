@@ -4,12 +4,14 @@ kernel (:func:`masq.consolidation.penalty.quadratic_grad_`) run by run; the vect
 (CUDA) step forms the same two operations over whole stacked tensors, with a run mask.
 
 The compiled step (opt-in: ``masq grid --compile-step``, the environment variable
-:data:`COMPILE_ENV`) fuses both into one loop per tensor with ``torch.compile`` (inductor):
-per run and tensor, g' = g + λF ⊙ (θ − θ*), m ← β1 m + (1 − β1) g', v ← β2 v + (1 − β2) g'²,
-θ ← θ − (lr / (1 − β1ᵗ)) m / (√v / √(1 − β2ᵗ) + ε): the same update as the fused kernel up to
-float rounding, with one pass over the run's memory instead of three. It compiles once per
-process and architecture (about 25 s on the 2-core CPU); where compiling fails, the step
-falls back to the eager path with a warning (:func:`compiled_step_active` says which ran)."""
+:data:`COMPILE_ENV`) fuses both into one loop per tensor with ``torch.compile`` (inductor),
+over the stacked tensors of all K runs at once: per entry, g' = g + λF ⊙ (θ − θ*) (penalized
+runs), m ← β1 m + (1 − β1) g', v ← β2 v + (1 − β2) g'²,
+θ ← θ − (lr / (1 − β1ᵗ)) m / (√v / √(1 − β2ᵗ) + ε): the same update as the fused kernel up
+to float rounding, with one pass over the stack's memory instead of three per run. It compiles
+once per process, architecture and stack size (5 to 25 s on the 2-core CPU); where compiling
+fails, the step falls back to the eager path with a warning (:func:`compiled_step_active` says
+which ran)."""
 
 from __future__ import annotations
 
@@ -55,18 +57,22 @@ def _penalty_adam(
     exp_avg_sq: list[Tensor],
     lam_f: list[Tensor] | None,
     anchors: list[Tensor] | None,
+    mask: Tensor,
     lr: Tensor,
     bias1: Tensor,
     bias2_sqrt: Tensor,
 ) -> None:
-    """One run's step (module docstring), in place; scalars as 0-dim tensors so that one
-    compiled graph serves every step."""
+    """The step of all K runs (module docstring), in place, over the stacked tensors: ``mask``
+    [K] (1: penalized) and ``lr`` [K] broadcast over each run's entries, anchors of leading
+    dimension 1 over every run; scalars as 0-dim tensors so that one compiled graph serves
+    every step."""
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avg, exp_avg_sq, strict=True)):
+        shape = (-1,) + (1,) * (p.ndim - 1)
         if lam_f is not None and anchors is not None:
-            g = g + lam_f[i] * (p - anchors[i])
+            g = g + mask.view(shape) * lam_f[i] * (p - anchors[i])
         m.lerp_(g, 1 - BETAS[0])
         v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
-        p.sub_(lr / bias1 * m / (v.sqrt() / bias2_sqrt + EPS))
+        p.sub_(lr.view(shape) / bias1 * m / (v.sqrt() / bias2_sqrt + EPS))
 
 
 def _compiled_step(penalty: bool) -> Any:
@@ -164,36 +170,30 @@ class StackedAdam:
         anchors: Sequence[Tensor] | None,
         penalized: Sequence[bool] | None,
     ) -> bool:
-        """The compiled step of every run; False (nothing changed) where compiling failed, and
-        from then on this optimizer takes the eager path."""
-        bias1 = torch.tensor(1 - BETAS[0] ** self.t)
-        bias2_sqrt = torch.tensor(math.sqrt(1 - BETAS[1] ** self.t))
-        for run, lr in enumerate(self.lrs):
-            with_penalty = (
-                lam_f is not None and anchors is not None and (penalized is None or penalized[run])
-            )
-            args = (
-                [p[run] for p in params],
-                [g[run] for g in grads],
-                [m[run] for m in self.exp_avg],
-                [v[run] for v in self.exp_avg_sq],
-                [lf[run] for lf in lam_f] if with_penalty and lam_f is not None else None,
-                [a[run] if a.shape[0] > 1 else a[0] for a in anchors]
-                if with_penalty and anchors is not None
-                else None,
-                torch.tensor(lr),
-                bias1,
-                bias2_sqrt,
-            )
-            try:
-                _compiled_step(with_penalty)(*args)
-            except Exception as err:  # no C++ compiler, an unsupported torch: go eager
-                if run > 0:  # the earlier runs stepped already: a failure now is a bug
-                    raise
-                _compile_failed.append(f"{type(err).__name__}: {err}".splitlines()[0][:200])
-                warn(f"the compiled step failed ({_compile_failed[0]}); continuing without it")
-                self.compiled = False
-                return False
+        """The compiled step of every run at once; False (nothing changed) where compiling
+        failed, and from then on this optimizer takes the eager path."""
+        penalty = lam_f is not None and anchors is not None
+        device = params[0].device
+        on = [1.0 if penalized is None or flag else 0.0 for flag in (penalized or self.lrs)]
+        args = (
+            list(params),
+            list(grads),
+            self.exp_avg,
+            self.exp_avg_sq,
+            list(lam_f) if penalty and lam_f is not None else None,
+            list(anchors) if penalty and anchors is not None else None,
+            torch.tensor(on, device=device),
+            torch.tensor(self.lrs, device=device),
+            torch.tensor(1 - BETAS[0] ** self.t, device=device),
+            torch.tensor(math.sqrt(1 - BETAS[1] ** self.t), device=device),
+        )
+        try:
+            _compiled_step(penalty)(*args)
+        except Exception as err:  # no C++ compiler, an unsupported torch: go eager
+            _compile_failed.append(f"{type(err).__name__}: {err}".splitlines()[0][:200])
+            warn(f"the compiled step failed ({_compile_failed[0]}); continuing without it")
+            self.compiled = False
+            return False
         for steps in self.steps:  # the fused kernel's counters stay in step with self.t
             torch._foreach_add_(steps, 1)
         return True
