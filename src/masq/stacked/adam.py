@@ -77,6 +77,11 @@ def _penalty_adam(
 
 def _compiled_step(penalty: bool) -> Any:
     if penalty not in _compiled:
+        # one graph per architecture and stack size: a grid over many nets needs more than
+        # dynamo's default of 8 before it would quietly fall back to eager
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(int(dynamo_config.recompile_limit), 256)
         _compiled[penalty] = torch.compile(_penalty_adam, dynamic=False, fullgraph=True)
     return _compiled[penalty]
 
