@@ -61,7 +61,7 @@ def test_leading_plugin_options_are_split_off() -> None:
 def test_plugins_load_once_into_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(plugins.ENV, raising=False)
+    monkeypatch.setenv(plugins.ENV, "")  # restored (unset) afterwards, whatever load_plugins sets
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "plug_a.py").write_text("LOADED = True\n", encoding="utf-8")
     assert plugins.load_plugins(["plug_a", "plug_a"]) == ["plug_a"]
@@ -72,7 +72,7 @@ def test_plugins_load_once_into_the_environment(
 def test_a_plugin_that_cannot_load_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(plugins.ENV, raising=False)
+    monkeypatch.setenv(plugins.ENV, "")  # restored (unset) afterwards, whatever load_plugins sets
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError) as err:
         plugins.load_plugins(["no_such_plugin_module"])
@@ -81,7 +81,7 @@ def test_a_plugin_that_cannot_load_is_a_one_line_error(
     with pytest.raises(ConfigError, match=r"plug_boom.*ValueError: boom") as err:
         plugins.load_plugins(["plug_boom"])
     assert "\n" not in str(err.value)
-    assert plugins.ENV not in os.environ
+    assert os.environ[plugins.ENV] == ""
 
 
 def _grid(tmp_path: Path, *top: str) -> subprocess.CompletedProcess[str]:
