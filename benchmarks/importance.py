@@ -1,4 +1,4 @@
-"""Speed and peak memory of importance computations (PAPER.md section 6), printed as tables.
+"""Speed and peak memory of importance computations (MaSQ's claimed low cost), printed as tables.
 
     python benchmarks/importance.py [--synthetic] [--threads 2] [--naive-samples 2000]
     python benchmarks/importance.py --block-stats [--synthetic] [--threads 2]

@@ -9,7 +9,7 @@ from masq.defaults import PAPER_SLTS, paper_best, paper_best_table, paper_best_t
 
 
 def test_the_paper_best_settings_of_each_slt() -> None:
-    """PAPER.md section 5: 800-800 at 1e-5 (D5-5), 800-400-400 at 1e-4 (D9-1), 800-800-200 at
+    """The paper's §5: 800-800 at 1e-5 (D5-5), 800-400-400 at 1e-4 (D9-1), 800-800-200 at
     1e-5 (DP10-10); any other SLT takes D5-5's."""
     assert paper_best("D5-5") == ((800, 800), 1e-5)
     assert paper_best("d9-1") == ((800, 400, 400), 1e-4)

@@ -121,7 +121,7 @@ class Executor(Choice):
 
 
 class Criterion(Choice):
-    """The paper's two selection criteria (PAPER.md section 3)."""
+    """The paper's two selection criteria of a configuration: "best" and "last"."""
 
     BEST = "best"  # the highest union accuracy reached during the final phase
     LAST = "last"  # the union accuracy at the end of the final phase

@@ -393,7 +393,7 @@ def round_sig(x: float, digits: int = LAM_DIGITS) -> float:
 
 
 def lam_per_lr2(c: float, lr2: float) -> float:
-    """The λ of the reading "λ = c / ε2" (PAPER.md section 2), rounded by :func:`round_sig`."""
+    """The λ of the reading "λ = c / ε2" (the paper's setting), rounded by :func:`round_sig`."""
     return round_sig(c / lr2)
 
 

@@ -1,4 +1,4 @@
-"""Curves and the points read off them (PAPER.md section 3), torch-free.
+"""Curves and the points read off them (the paper's protocol), torch-free.
 
 A curve is ``{"iteration": [...], "<set name>": [accuracy, ...], ...}``, recorded during one
 phase of a run. Set names: "D1", "D2", ... (test sets), unions such as "D1∪D2" computed

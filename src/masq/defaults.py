@@ -47,7 +47,7 @@ PAPER_SLTS: tuple[str, ...] = tuple(paper_best_table())
 
 
 def paper_best(slt: str) -> tuple[tuple[int, ...], float]:
-    """(hidden sizes, ε2) of ``slt`` in the paper (PAPER.md section 5); other SLTs get the
+    """(hidden sizes, ε2) of ``slt`` in the paper (the paper's §5); other SLTs get the
     preset's fallback (D5-5's 800-800 at 1e-5)."""
     table, fallback = _preset()
     return table.get(parse_spec(slt).text, table[fallback])

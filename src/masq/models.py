@@ -1,4 +1,4 @@
-"""Fully-connected ReLU networks with one shared output layer (PAPER.md section 2).
+"""Fully-connected ReLU networks with one shared output layer (the paper's setting).
 
 ``mlp((800, 800))`` is ``784 -> 800 -> ReLU -> 800 -> ReLU -> 10``; parameter names are
 those of ``nn.Sequential`` ("0.weight", "0.bias", "2.weight", ...). Initialization is

@@ -1,6 +1,6 @@
 """SLT specs (torch-free): ``"D5-5"`` -> the classes of each task.
 
-Spec grammar (PAPER.md section 1 and its generalisations)::
+Spec grammar (the paper's D5-5, D9-1, DP10-10 and their generalisations)::
 
     D<a>-<b>[-<c>...]            class splits: consecutive blocks of a, b, c... classes
                                  in the order 0, 1, ..., summing to the number of classes

@@ -2,7 +2,7 @@
 
 Specs are parsed by :mod:`masq.slt` (torch-free); this module builds the tensors.
 
-Spec grammar (PAPER.md section 1 and its generalisations)::
+Spec grammar (the paper's D5-5, D9-1, DP10-10 and their generalisations)::
 
     D<a>-<b>[-<c>...]            class splits: consecutive blocks of a, b, c... classes
                                  in the order 0, 1, ..., summing to the number of classes

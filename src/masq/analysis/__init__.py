@@ -1,6 +1,6 @@
 """The paper's analyses, computed from trained states or read from stored results.
 
-- :mod:`~masq.analysis.diagonality`: Table 2 (PAPER.md section 5.3), full Fisher-block
+- :mod:`~masq.analysis.diagonality`: Table 2 (the paper's §5.3), full Fisher-block
   statistics of every weight matrix and bias vector, and heat maps of small blocks;
 - :mod:`~masq.analysis.compare`: FIM versus MaSQ per tensor (section 5.4: maxima; beyond it:
   ratio of means, rank correlation, top-q overlap, the share of cancelling gradients);

@@ -1,4 +1,4 @@
-"""FIM versus MaSQ at trained task-1 states (PAPER.md section 5.4, and what it did not measure).
+"""FIM versus MaSQ at trained task-1 states (the paper's §5.4, and what it did not measure).
 
 For one state and task 1's training data (N samples, batches of B_MaSQ), per tensor:
 

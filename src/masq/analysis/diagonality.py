@@ -1,4 +1,4 @@
-"""How diagonal is the Fisher? Table 2 of the paper (PAPER.md section 5.3), for every tensor.
+"""How diagonal is the Fisher? Table 2 of the paper (§5.3), for every tensor.
 
 For a trained network and N samples (x_n, y_n) of task 1's training data, every weight
 matrix and bias vector gets the statistics of its full empirical Fisher block

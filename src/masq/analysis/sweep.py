@@ -33,7 +33,7 @@ from masq.fileio import atomic_write, save_png
 from masq.grid import expand, grid_from_mapping, load_preset
 from masq.runid import run_id
 
-# The other reading of the paper's λ grid: c / ε2 (PAPER.md section 2).
+# The other reading of the paper's λ grid: c / ε2 (the paper's setting).
 PAPER_LAM_PER_LR2: tuple[float, ...] = (0.1, 1.0, 10.0)
 # The curves of a sweep, in drawing order, and their colours.
 METHODS: tuple[str, ...] = ("EWC+FIM", "EWC+MaSQ (mean)", "EWC+MaSQ (sum)")

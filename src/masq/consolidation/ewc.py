@@ -1,4 +1,4 @@
-"""The EWC penalty (PAPER.md section 3, step 4), pure: state goes in, a scalar comes out.
+"""The EWC penalty (the paper's EWC step), pure: state goes in, a scalar comes out.
 
 Online EWC (Schwarz et al. 2018) keeps one running importance F <- γF + F_t and anchors
 only the latest task's weights (:func:`online_importance`); with two tasks it is plain EWC.

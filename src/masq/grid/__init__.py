@@ -1,4 +1,4 @@
-"""Exhaustive grid search (PAPER.md section 5.1): grids, shared work, executors, estimates.
+"""Exhaustive grid search (the paper's §5.1): grids, shared work, executors, estimates.
 
 Rooms: :mod:`~masq.grid.spec` (Grid, TOML files, presets), :mod:`~masq.grid.expand` (the
 product of the axes, canonical configs), :mod:`~masq.grid.plan` (groups that share task 1's

@@ -1,8 +1,8 @@
-"""Grids (PAPER.md section 5.1): values per axis, from presets, TOML files and flags.
+"""Grids (the paper's §5.1): values per axis, from presets, TOML files and flags.
 
 Every configuration field except the RUN ones (:data:`masq.config.FIELDS`) is an axis of the
-same name; in addition ``lam_per_lr2`` (values c giving λ = c / ε2, the other reading of λ,
-PAPER.md section 2) and ``device`` (one value, not an axis). TOML keys are the axis names
+same name; in addition ``lam_per_lr2`` (values c giving λ = c / ε2, the other reading of the
+paper's λ) and ``device`` (one value, not an axis). TOML keys are the axis names
 plus ``seeds`` (a count N: seeds 0..N-1), ``layers`` and ``sizes`` (every architecture with
 that many hidden layers of those sizes, instead of ``hidden``).
 """
@@ -312,7 +312,7 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name: str) -> Any:
-    """The grid of preset ``name`` (e.g. "paper": PAPER.md section 5.1); unknown: ConfigError."""
+    """The grid of preset ``name`` (e.g. "paper": the paper's §5.1); unknown: ConfigError."""
     names = list_presets()
     if name not in names:
         folder = resources.files("masq").joinpath("presets", "peers")

@@ -1,6 +1,6 @@
 """Parameter importance: the diagonal empirical Fisher, MaSQ, and full Fisher-block statistics.
 
-Notation (PAPER.md section 4): a pass over N samples x_n with labels y_n, split into K
+Notation (the paper's): a pass over N samples x_n with labels y_n, split into K
 batches b; the per-sample loss is l_n = loss(model(x_n), y_n) and the per-sample gradient
 is g_n = d l_n / d theta.
 

@@ -1,4 +1,4 @@
-"""The diagonal measures: the diagonal empirical Fisher (FIM) and MaSQ (PAPER.md section 4).
+"""The diagonal measures: the diagonal empirical Fisher (FIM) and MaSQ (the paper's).
 
 N samples in K batches b, per-sample losses l_n and gradients g_n = d l_n / d theta:
 

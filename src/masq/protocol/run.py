@@ -1,4 +1,4 @@
-"""The continual-learning protocol for T tasks (PAPER.md section 3, for any T >= 2): one
+"""The continual-learning protocol for T tasks (the paper's, for any T >= 2): one
 phase loop for every consolidation method and importance measure.
 
 Phase 1 trains a fresh network on task 1 at lr1 for iters1 (no penalty): the state a grid's

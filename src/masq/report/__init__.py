@@ -1,6 +1,6 @@
 """Tables and figures from results: :mod:`~masq.report.tables` (the paper's Table 1 for runs
 of any T), :mod:`~masq.report.settled` (Table 1, settled), :mod:`~masq.report.consistency`
-(PAPER.md section 5.2), :mod:`~masq.report.figures` (curves over the phases, accuracy-matrix
+(the paper's §5.2), :mod:`~masq.report.figures` (curves over the phases, accuracy-matrix
 heat maps), :mod:`~masq.report.imm` (IMM's α sweeps), :mod:`~masq.report.runs` (the tables
 and files of ``masq run``, ``compare`` and ``imm``) and :mod:`~masq.report.html`
 (``masq report``: one HTML page and its Markdown twin)."""

@@ -1,4 +1,4 @@
-"""The consistency check (PAPER.md section 5.2): each SLT's winner re-run with the FIM at
+"""The consistency check (the paper's §5.2): each SLT's winner re-run with the FIM at
 λ = 1/ε2 and without EWC, drawn over every phase."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from masq.store import load_record, load_result
 def consistency_plan(
     df: pd.DataFrame, *, select_on: str = "test", criterion: str = "best"
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per SLT, the configurations of the consistency check (PAPER.md section 5.2), as
+    """Per SLT, the configurations of the consistency check (the paper's §5.2), as
     config dicts (seed: the lowest seed of the winner):
 
     - "EWC+MaSQ": the SLT's best MaSQ configuration with λ > 0 by ``criterion`` (as stored;

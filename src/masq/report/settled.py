@@ -14,7 +14,7 @@ criterion) over ε2 at λ = 0) and writes, into one directory:
 - ``winners_<SLT>_<criterion>_<init>.png``: the curves (seed 0) of the test-selected FIM,
   MaSQ and no-EWC winners and of λ = 0 at the MaSQ winner's ε2, drawn by
   :mod:`masq.report.figures`
-  (the consistency check's figure, PAPER.md section 5.2, of the settled winners).
+  (the consistency check's figure, the paper's §5.2, of the settled winners).
 
 What is not stored yet is named, with the ``masq table1`` stage that produces it.
 """

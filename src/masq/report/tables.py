@@ -1,4 +1,4 @@
-"""The paper's Table 1 from stored results (PAPER.md section 5), for runs of any T.
+"""The paper's Table 1 from stored results (§5), for runs of any T.
 
 Reads a results directory through :mod:`masq.store` (JSON only; no torch). Table 1 of the
 paper, per SLT (accuracy on the union of all tasks during the final phase):

@@ -4,7 +4,7 @@ The batched (stacked) re-training of :mod:`masq.stacked` reuses :func:`minibatch
 and :mod:`masq.training.evaluate`, so K stacked runs see exactly the mini-batches and
 evaluation points of K separate :func:`train_task` calls.
 
-The loop, written out (PAPER.md section 2-3)::
+The loop, written out (the paper's protocol)::
 
     optimizer = Adam(model.parameters(), lr)           # fresh state for every task
     for it, idx in enumerate(minibatch_indices(...), start=1):
