@@ -243,6 +243,8 @@ def test_contradictory_compare_flags_are_refused(
         ("run", ["--transfer", "drop"], ["--transfer drop", "only applies to IMM"]),
         ("run", ["--drop-p", "0.2"], ["--drop-p 0.2", "only applies to IMM"]),
         ("compare", ["--alpha-step", "0.1"], ["--alpha-step 0.1", "only applies to IMM"]),
+        ("run", ["--consolidation", "joint", "--lam", "10"], ["--lam 10", "joint", "drop --lam"]),
+        ("run", ["--consolidation", "mean-imm", "--lam", "5"], ["--lam 5", "mean-imm"]),
     ],
 )
 def test_imm_settings_without_their_transfer_are_refused(

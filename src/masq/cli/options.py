@@ -258,7 +258,8 @@ def check_consistent(config: Any, names: Collection[str], *, compare: bool = Fal
     ``--fisher-labels`` the FIM (``--masq-batch``, the batch size of the importance pass,
     serves both); ``--importance fisher|masq`` contradicts ``--lam 0``. For ``masq compare``
     (every method at once) ``--lam 0`` would turn EWC off in all its runs. For every
-    consolidation, ``--gamma`` needs online EWC. The IMM settings (``--transfer``,
+    consolidation, ``--gamma`` needs online EWC, and ``--lam`` a method with a penalty weight
+    (not IMM or joint training). The IMM settings (``--transfer``,
     ``--transfer-lam``, ``--drop-p``, ``--alpha-step``) need IMM; ``--drop-p`` needs
     drop-transfer and ``--transfer-lam`` L2-transfer.
     """
@@ -271,8 +272,12 @@ def check_consistent(config: Any, names: Collection[str], *, compare: bool = Fal
         from masq.protocol.compare import check_comparable
 
         check_comparable(config)  # IMM, joint: no EWC penalty to compare
-    if "lam" not in method.fields:
-        pass  # methods without λ (IMM) use the importance their own way
+    if "lam" not in method.fields:  # IMM, joint: no penalty weight to give
+        if "lam" in given:
+            raise ConfigError(
+                f"{_flag_value(config, 'lam')} has no effect with "
+                f"{_flag_value(config, 'consolidation')} (it has no penalty weight); drop --lam"
+            )
     elif compare:
         if "lam" in given and config.lam == 0:
             raise ConfigError(
