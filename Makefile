@@ -58,7 +58,7 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 	@echo "the site is in site/: open site/index.html"
 
-# The first reproduction (README): per SLT its paper-best architecture and eps2, both
+# The first reproduction (docs/results/first-reproduction.md): per SLT its paper-best architecture and eps2, both
 # readings of lambda, MaSQ mean/sum and FIM, both inits; one seed, 90 runs (~58 min on 2 cores).
 REPRO ?= results/repro
 REPRO_AXES := --lam 0 100 1000 10000 --lam-per-lr2 0.1 1 10 --importance masq fisher \
@@ -72,7 +72,7 @@ repro: $(STAMP)
 	$(BIN)/masq table --results $(REPRO) --select-on val
 	$(BIN)/masq consistency --results $(REPRO)
 
-# The paper's analyses (README, "Analyses"): Table 2 for all six tensors of 784-30-30-10
+# The paper's analyses (docs/results/analyses.md): Table 2 for all six tensors of 784-30-30-10
 # (~14 min), FIM versus MaSQ at each SLT's task-1 state (the winners of $(REPRO) or $(IMM) when
 # one exists, else freshly trained paper-best nets), and the λ sweeps of the three SLTs at
 # their paper-best nets (228 runs, bf16; `masq analyze lambda --dry-run` prints the estimate).
@@ -92,7 +92,7 @@ analyses: $(STAMP)
 	  --out $(ANALYSES); rc=$$?; \
 	  $(BIN)/masq export --results $(LAMBDA) --to $(LAMBDA_RECORDS) && exit $$rc
 
-# Does the Fisher's off-diagonal part matter? (README, Analyses): EWC with the diagonal FIM,
+# Does the Fisher's off-diagonal part matter? (docs/results/diagonality.md): EWC with the diagonal FIM,
 # K-FAC, the per-layer Fisher blocks and MaSQ on 784-30-30-10, 5 seeds, λ from 1 to 1e12 per
 # decade, λ chosen on validation; a resumable grid that starts from the committed records.
 KFAC ?= results/kfac
@@ -180,7 +180,7 @@ imm: $(STAMP)
 	$(BIN)/masq table --results $(IMM) $(IMM_GROUPS) --select-on test --out $(IMM_DOCS)
 	$(BIN)/masq imm-report --results $(IMM) --out $(IMM_DOCS)
 
-# Table 1, settled (README): per SLT its paper-best architecture, eps2 in {1e-3, 1e-4, 1e-5,
+# Table 1, settled (docs/results/table1.md): per SLT its paper-best architecture, eps2 in {1e-3, 1e-4, 1e-5,
 # 1e-6} x lambda in {0, 0.1, 1, 10, ..., 1e10} (extended x10 while "last" still rises at the top)
 # x FIM / MaSQ (mean) x init torch / tf on seed 0 (dense-early, validation curves, bf16); the
 # winners selected on test and on validation re-run on seeds 1-4; settled tables, paired

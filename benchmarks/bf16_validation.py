@@ -5,7 +5,7 @@ importance; several seeds each), prints best and last on the union of all tasks 
 mean ± std over seeds in fp32 and in bf16, the difference of the means, and the seed standard
 deviation it is measured against, then the largest |difference| / std.
 
-Usage (after the grids in the README's "Speed" section):
+Usage (after the grids of docs/results/speed.md, "Is bf16 within seed noise?"):
     python benchmarks/bf16_validation.py results/bf16val
 """
 

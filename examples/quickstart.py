@@ -1,4 +1,4 @@
-"""EWC with MaSQ or the Fisher in your own training loop (the README's quickstart).
+"""EWC with MaSQ or the Fisher in your own training loop (docs/howto/own-loop.md).
 
 Trains D1 (digits 0-4), computes the Fisher there, then trains D2 (digits 5-9) twice from that
 same state: without EWC (λ = 0, the baseline) and with EWC, and prints both rows, so you can

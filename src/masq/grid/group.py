@@ -7,8 +7,9 @@ a warning and recomputed, and a cache that cannot be written only costs a recomp
 Runs the stacked engine takes (:func:`masq.protocol.stackable`: EWC and online EWC with a
 diagonal measure, any number of tasks) are continued K at a time as one stacked model
 (:func:`masq.protocol.continue_stacked`); the others go one by one
-(:func:`masq.protocol.continue_run`; README, "T-task grids"). A CUDA out-of-memory error in a
-stack retries it as two stacks of half the size.
+(:func:`masq.protocol.continue_run`; the documentation's speed page, "Stacked runs of more
+than two tasks"). A CUDA out-of-memory error in a stack retries it as two stacks of half the
+size.
 """
 
 from __future__ import annotations
