@@ -342,3 +342,13 @@ def test_ctrl_c_keeps_no_record(
     assert main([command, *FAST, "--out", str(tmp_path)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_plan_line_names_lambda_only_for_methods_that_read_it() -> None:
+    from masq.cli.experiment_cmd import plan_text
+
+    ewc = parse("run", "--lam", "1000")
+    assert ", λ 1000 (given);" in plan_text(ewc, "EWC+MaSQ", " (given)")
+    for method in ("joint", "mean-imm"):
+        line = plan_text(parse("run", "--consolidation", method), method, "")
+        assert "λ" not in line and line.startswith("D5-5, hidden 800-800, ")

@@ -296,9 +296,13 @@ def lam_default_note(config: RunConfig, names: Collection[str]) -> str:
 def plan_text(config: RunConfig, label: str, lam_note: str) -> str:
     """The line printed before training: what runs, with the λ used (and whether it was a
     default), the learning rates and iterations of the phases."""
+    from masq.consolidation import get_method
+
     later = "task 2" if config.n_tasks == 2 else f"tasks 2..{config.n_tasks}"
+    weighted = "lam" in get_method(config.consolidation).fields  # IMM, joint: no λ to print
+    lam = f", λ {config.lam:g}{lam_note}" if weighted else ""
     return (
-        f"{config.slt}, hidden {hidden_text(config.hidden)}, {label}, λ {config.lam:g}{lam_note}; "
+        f"{config.slt}, hidden {hidden_text(config.hidden)}, {label}{lam}; "
         f"task 1: lr1 {config.lr1:g} × {config.iters1} iterations, {later}: lr2 "
         f"{config.lr2:g} × {config.iters2} each; seed {config.seed}"
     )
