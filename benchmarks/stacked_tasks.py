@@ -27,7 +27,7 @@ import torch
 from _common import pin_threads, print_table
 from masq import protocol
 from masq.config import RunConfig
-from masq.stacked.adam import COMPILE_ENV
+from masq.runtime import COMPILE_ENV
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from masq.runtime import COMPILE_ENV
 from masq.stacked import adam as stacked_adam
 from masq.stacked.adam import BETAS, EPS, StackedAdam
 
@@ -98,7 +99,7 @@ def test_a_failed_compile_falls_back_to_the_eager_step(
         return fail
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setenv(stacked_adam.COMPILE_ENV, "1")
+    monkeypatch.setenv(COMPILE_ENV, "1")
     assert stacked_adam.compiled_step_active()
     opt, params = _run(compiled=True)
     _, eager = _run(compiled=False)
@@ -113,11 +114,11 @@ def test_the_environment_chooses_the_default(
     fresh_compile: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     params, _, _ = _state(0)
-    monkeypatch.delenv(stacked_adam.COMPILE_ENV, raising=False)
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
     assert not StackedAdam.create(_Model(params), LRS).compiled
-    monkeypatch.setenv(stacked_adam.COMPILE_ENV, "1")
+    monkeypatch.setenv(COMPILE_ENV, "1")
     assert StackedAdam.create(_Model(params), LRS).compiled
-    monkeypatch.setenv(stacked_adam.COMPILE_ENV, "0")
+    monkeypatch.setenv(COMPILE_ENV, "0")
     assert not StackedAdam.create(_Model(params), LRS).compiled
 
 
@@ -132,7 +133,7 @@ def test_grid_compile_step_records_it_and_matches_the_eager_grid(
 
     data = learnable_dataset(n_train=300, n_val=50, n_test=100)
     monkeypatch.setattr(masq.data, "load", lambda *a, **k: data)
-    monkeypatch.setenv(stacked_adam.COMPILE_ENV, "0")  # main sets it: restored afterwards
+    monkeypatch.setenv(COMPILE_ENV, "0")  # main sets it: restored afterwards
     argv = ["grid", "--slt", "D5-5", "--hidden", "8", "--iters", "30", "--eval-every", "10",
             "--batch-size", "20", "--masq-batch", "50", "--importance", "fisher",
             "--lam", "10", "1000", "--workers", "1", "--threads", "1", "--no-progress"]  # fmt: skip

@@ -4,9 +4,9 @@ or a penalty kind when it is imported.
 
 ``masq --plugin MODULE ...`` (or ``MASQ_PLUGINS=MODULE[,MODULE...]``) imports the modules
 before the command runs, and the names travel in the environment variable :data:`ENV` to the
-processes a grid starts: the local pool's spawned workers import them when they start, and a
-Ray cluster's workers get the variable through the job's runtime environment
-(:func:`masq.grid.connect.connect_ray`) and import them before their first group. The module
+processes a grid starts, whose workers import them before each group they run (a cached import
+after the first): the local pool's spawned workers inherit the variable, a Ray cluster's get
+it through the job's runtime environment (:func:`masq.grid.connect.connect_ray`). The module
 must be importable there: on ``PYTHONPATH``, or installed.
 """
 

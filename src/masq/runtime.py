@@ -21,6 +21,18 @@ if TYPE_CHECKING:  # torch loads when a function here needs it, not with the CLI
     import torch
 
 
+COMPILE_ENV = "MASQ_COMPILE_STEP"
+"""Set to 1 (``masq grid --compile-step``) to run the stacked CPU engine's penalty and Adam
+as one compiled step (:mod:`masq.stacked.adam`); an execution choice like the thread count,
+recorded in a stacked record's ``meta["compiled_step"]``, not in its run id. The environment
+carries it to a grid's workers (and to Ray's, :func:`masq.grid.connect.connect_ray`)."""
+
+
+def compile_step_requested() -> bool:
+    """Whether :data:`COMPILE_ENV` asks for the compiled step."""
+    return os.environ.get(COMPILE_ENV, "") not in ("", "0")
+
+
 def cpu_count() -> int:
     """The cores this process may use (its CPU affinity; all cores where there is none)."""
     try:

@@ -26,6 +26,7 @@ from masq import __version__
 from masq.cli.waitpolicy import wait_policy_env
 from masq.errors import MasqError
 from masq.fileio import error_text
+from masq.plugins import ENV as PLUGINS_ENV
 
 # Every sub-command in the order of ``masq --help``: (name, module of this package that
 # registers it, its one-line help). A module is imported only when its command runs (the
@@ -137,14 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        if plugins or os.environ.get("MASQ_PLUGINS"):
+        if plugins or os.environ.get(PLUGINS_ENV):
             from masq.plugins import load_from_env, load_plugins
 
             load_from_env()
             load_plugins(plugins)
         args = parser.parse_args(argv)
         if getattr(args, "compile_step", False):  # read by the stacked engine, in every worker
-            os.environ["MASQ_COMPILE_STEP"] = "1"
+            from masq.runtime import COMPILE_ENV
+
+            os.environ[COMPILE_ENV] = "1"
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 0

@@ -14,8 +14,7 @@ from typing import Any
 from masq.errors import ConfigError
 from masq.fileio import error_text
 from masq.plugins import ENV as PLUGINS_ENV
-
-COMPILE_ENV = "MASQ_COMPILE_STEP"  # masq.stacked.adam.COMPILE_ENV (that module loads torch)
+from masq.runtime import COMPILE_ENV
 
 # Seconds to reach a Ray cluster given by --address before giving up (--ray-timeout): long
 # enough for a cluster across a slow network, short enough that a wrong address is an error

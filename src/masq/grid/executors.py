@@ -42,7 +42,6 @@ from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.connect import RAY_TIMEOUT, connect_ray
 from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
 from masq.grid.plan import one_by_one, plan, spread
-from masq.plugins import load_from_env
 from masq.runid import run_id
 from masq.runtime import default_threads, resolve_device
 from masq.store import NotStored, Store
@@ -105,7 +104,6 @@ class Summary:
 def _init_worker(threads: int, parent: int, gpu_slot: Any = None) -> None:
     die_with_parent(parent)
     torch.set_num_threads(threads)
-    load_from_env()  # the user's own measures and methods (masq --plugin), as in the parent
     if gpu_slot is not None and torch.cuda.is_available():  # one worker per GPU
         with gpu_slot.get_lock():
             index = gpu_slot.value

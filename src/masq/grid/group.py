@@ -196,7 +196,7 @@ def run_group(
     """
     start = time.perf_counter()
     outcome = GroupOutcome()
-    load_from_env()  # a Ray worker's first group: the plugins of masq --plugin (masq.plugins)
+    load_from_env()  # a pool or Ray worker: the modules of masq --plugin (imported once)
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     store = Store(job.root)

@@ -155,7 +155,7 @@ def expand(
     def fill(match: re.Match[str]) -> str:
         kind, args = match["kind"], shlex.split(match["args"])
         where = f"{page.name}: <!-- masq:{kind} {' '.join(args)} -->"
-        paths = [docs_dir / a for a in args[1:] if kind == "part"] or [docs_dir / a for a in args]
+        paths = [docs_dir / a for a in (args[1:] if kind == "part" else args)]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
             raise DocsError(f"{where}: {', '.join(missing)} does not exist")

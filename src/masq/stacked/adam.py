@@ -4,9 +4,9 @@ kernel (:func:`masq.consolidation.penalty.quadratic_grad_`) run by run; the vect
 (CUDA) step forms the same two operations over whole stacked tensors, with a run mask.
 
 The compiled step (opt-in: ``masq grid --compile-step``, the environment variable
-:data:`COMPILE_ENV`) fuses both into one loop per tensor with ``torch.compile`` (inductor),
-over the stacked tensors of all K runs at once: per entry, g' = g + λF ⊙ (θ − θ*) (penalized
-runs), m ← β1 m + (1 − β1) g', v ← β2 v + (1 − β2) g'²,
+:data:`masq.runtime.COMPILE_ENV`) fuses both into one loop per tensor with ``torch.compile``
+(inductor), over the stacked tensors of all K runs at once: per entry, g' = g + λF ⊙ (θ − θ*)
+(penalized runs), m ← β1 m + (1 − β1) g', v ← β2 v + (1 − β2) g'²,
 θ ← θ − (lr / (1 − β1ᵗ)) m / (√v / √(1 − β2ᵗ) + ε): the same update as the fused kernel up
 to float rounding, with one pass over the stack's memory instead of three per run. It compiles
 once per process, architecture and stack size (5 to 25 s on the 2-core CPU); where compiling
@@ -16,7 +16,6 @@ which ran)."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,23 +25,14 @@ from torch import Tensor
 
 from masq.consolidation.penalty import quadratic_grad_
 from masq.fileio import warn
+from masq.runtime import compile_step_requested
 from masq.stacked.model import StackedMLP
 from masq.training import fused_adam_available
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
-COMPILE_ENV = "MASQ_COMPILE_STEP"
-"""Set to 1 (``masq grid --compile-step``) to run the stacked CPU engine's penalty and Adam
-as one compiled step (module docstring); an execution choice like the thread count, recorded
-in a stacked record's ``meta["compiled_step"]``, not in its run id."""
-
 _compiled: dict[bool, Any] = {}  # with penalty or not -> the torch.compile'd step
 _compile_failed: list[str] = []  # the reason, once compiling failed in this process
-
-
-def compile_step_requested() -> bool:
-    """Whether :data:`COMPILE_ENV` asks for the compiled step."""
-    return os.environ.get(COMPILE_ENV, "") not in ("", "0")
 
 
 def compiled_step_active() -> bool:
@@ -179,7 +169,7 @@ class StackedAdam:
         failed, and from then on this optimizer takes the eager path."""
         penalty = lam_f is not None and anchors is not None
         device = params[0].device
-        on = [1.0 if penalized is None or flag else 0.0 for flag in (penalized or self.lrs)]
+        on = [1.0] * len(self.lrs) if penalized is None else [float(f) for f in penalized]
         args = (
             list(params),
             list(grads),
