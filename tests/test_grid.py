@@ -28,6 +28,7 @@ from masq import tasks as masq_tasks
 from masq.config import RunConfig, round_sig
 from masq.errors import ConfigError
 from masq.grid import Grid, GridAborted, GroupJob, canonical, chunks, execute, expand
+from masq.grid.plan import one_by_one
 from masq.protocol import stream_seed
 from masq.runid import run_id
 from masq.store import Store
@@ -966,6 +967,42 @@ def test_spread_cuts_groups_by_chunks_until_every_worker_has_a_job() -> None:
     assert len(parts) == 4 and sorted(len(p) for p in parts) == [2, 2, 4, 4]  # stacks whole
 
 
+def test_job_weight_is_the_arithmetic_of_the_job() -> None:
+    from masq.config import n_params
+    from masq.grid.plan import job_weight
+
+    two = expand(tiny_grid(hidden=((8,),)))  # one task-1 state, 6 two-task runs
+    p = n_params((8,))
+    assert p == 784 * 8 + 8 + 8 * 10 + 10
+    assert job_weight(two) == 12 * 20 * p + 6 * 1 * 10 * 20 * p  # iters1·B·P + Σ (T−1)·iters2·B·P
+    three = expand(tiny_grid(slt=("D3-3-4",), hidden=((8,),), lam=(1.0,)))  # 2 runs, T = 3
+    assert job_weight(three) == 12 * 20 * p + 2 * 2 * 10 * 20 * p
+
+
+def test_spread_orders_jobs_largest_first_only_when_asked() -> None:
+    small = expand(tiny_grid(hidden=((4,),), lr2=(1e-2,), lam=(1.0,)))
+    large = expand(tiny_grid(hidden=((32, 32),), lr2=(1e-2,), lam=(1.0,)))
+    groups = grid.plan(small + large)
+    assert grid.plan_spread(groups, 2, 4) == [tuple(small), tuple(large)]  # as they appear
+    assert grid.plan_spread(groups, 2, 4, order=True) == [tuple(large), tuple(small)]
+
+
+def test_estimate_is_the_wall_time_of_the_largest_job_when_it_dominates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two groups on two workers, one 100 times the other's cost: the grid ends when the large
+    one does, not after half the work (the old estimate, (a + b) / 2)."""
+    monkeypatch.setattr(estimate_module, "measure", _fake_measure([]))
+    small = expand(tiny_grid(hidden=((1,),), lr2=(1e-2,), lam=(1.0,)))
+    large = expand(tiny_grid(hidden=((100,),), lr2=(1e-2,), lam=(1.0,)))
+    groups = grid.plan(small + large)
+    a = grid.estimate(grid.plan(small), 4, workers=1, threads=1).total
+    b = grid.estimate(grid.plan(large), 4, workers=1, threads=1).total
+    assert b == pytest.approx(100 * a)
+    assert grid.estimate(groups, 4, workers=2, threads=1).total == pytest.approx(b)
+    assert grid.estimate(groups, 4, workers=1, threads=1).total == pytest.approx(a + b)
+
+
 @pytest.mark.slow
 def test_one_group_of_single_runs_runs_on_every_worker(tmp_path: Path) -> None:
     configs = expand(tiny_grid(slt=("D3-3-4",), hidden=((8,),), lr2=(1e-2,),
@@ -1042,32 +1079,46 @@ def test_estimate_is_the_arithmetic_of_the_measured_costs(monkeypatch: pytest.Mo
     def cost(hidden: tuple[int, ...], key: str) -> float:
         return UNIT[key] * _weight(hidden)
 
-    d1 = imp = d2 = ev = 0.0
+    # per group: [task-1 training, importance, re-training, evaluation]
+    parts = {name: [0.0, 0.0, 0.0, 0.0] for name in ("two (8,)", "two (6, 4)", "three")}
     # task 1 of every group: 12 iterations, evaluated at 0, 5, 10, 12 on 10,000 test images
-    for hidden in ((8,), (6, 4), (8,)):
-        d1 += 12 * cost(hidden, "d1_iter") + 4 * 10_000 * cost(hidden, "eval_sample_one")
-        ev += 4 * 10_000 * cost(hidden, "eval_sample_one")
+    for name, hidden in (("two (8,)", (8,)), ("two (6, 4)", (6, 4)), ("three", (8,))):
+        e1 = 4 * 10_000 * cost(hidden, "eval_sample_one")
+        parts[name][0] += 12 * cost(hidden, "d1_iter") + e1
+        parts[name][3] += e1
     # D5-5: one importance pass over 27,500 training images per group; 6 runs in stacks of
     # 4 and 2 (a short stack costs its share, 2/4), 10 iterations, evaluated at 0, 5, 10
-    for hidden in ((8,), (6, 4)):
-        imp += 27_500 * cost(hidden, "importance_sample")
+    for name, hidden in (("two (8,)", (8,)), ("two (6, 4)", (6, 4))):
+        parts[name][1] += 27_500 * cost(hidden, "importance_sample")
         eval_stack = 3 * 10_000 * cost(hidden, "eval_sample_stack")
-        d2 += (10 * cost(hidden, "d2_iter") + eval_stack) * (4 / 4 + 2 / 4)
-        ev += eval_stack * (4 / 4 + 2 / 4)
+        parts[name][2] += (10 * cost(hidden, "d2_iter") + eval_stack) * (4 / 4 + 2 / 4)
+        parts[name][3] += eval_stack * (4 / 4 + 2 / 4)
     # D3-3-4 (task 1: 3 of 10 classes, 16,500 images): one pass for task 1, then the 10 runs
     # in stacks of 4, 4 and 2 over T - 1 = 2 phases each, and T - 2 = 1 more pass (run by run)
     # for each of the 8 λ > 0
     h = (8,)
-    imp += 16_500 * cost(h, "importance_sample") + 8 * 1 * 16_500 * cost(h, "importance_sample")
+    parts["three"][1] += 9 * 16_500 * cost(h, "importance_sample")
     eval_stack = 3 * 10_000 * cost(h, "eval_sample_stack")
-    d2 += 2 * (10 * cost(h, "d2_iter") + eval_stack) * (4 / 4 + 4 / 4 + 2 / 4)
-    ev += 2 * eval_stack * (4 / 4 + 4 / 4 + 2 / 4)
-    assert est.d1 == pytest.approx(d1 / 2)
-    assert est.importance == pytest.approx(imp / 2)
-    assert est.d2 == pytest.approx(d2 / 2)
-    assert est.evaluation == pytest.approx(ev / 2)
-    assert est.total == pytest.approx((d1 + imp + d2) / 2)
+    parts["three"][2] += 2 * (10 * cost(h, "d2_iter") + eval_stack) * (4 / 4 + 4 / 4 + 2 / 4)
+    parts["three"][3] += 2 * eval_stack * (4 / 4 + 4 / 4 + 2 / 4)
+    d1, imp, d2, ev = (sum(p[i] for p in parts.values()) for i in range(4))
+    # the wall time on 2 workers: the largest job first (the 10 three-task runs), then the
+    # (8,) group (more parameters than (6, 4)) on the other worker, then (6, 4) on whichever
+    # worker is free first
+    seconds = {name: p[0] + p[1] + p[2] for name, p in parts.items()}
+    free = [seconds["three"], seconds["two (8,)"]]
+    free[free.index(min(free))] += seconds["two (6, 4)"]
+    wall = max(free)
+    assert wall > (d1 + imp + d2) / 2  # these groups do not divide evenly
+    assert est.total == pytest.approx(wall)
+    share = wall / (d1 + imp + d2)  # the parts: the work's shares of the wall time
+    assert est.d1 == pytest.approx(d1 * share)
+    assert est.importance == pytest.approx(imp * share)
+    assert est.d2 == pytest.approx(d2 * share)
+    assert est.evaluation == pytest.approx(ev * share)
     assert est.total == pytest.approx(est.d1 + est.importance + est.d2)
+    one = grid.estimate(groups, 4, workers=1, threads=1)  # one worker: the work itself
+    assert one.total == pytest.approx(d1 + imp + d2)
     assert (est.workers, est.threads, est.architectures) == (2, 1, 2)
     assert est.measured == ((6, 4), (8,))  # by parameter count: 4,788 < 6,370
     assert grid.estimate([], 4, workers=1, threads=1).total == 0.0
@@ -1243,3 +1294,42 @@ def test_calibration_times_a_user_penalty_kind_through_add_grad_alone(
         "importance_sample:plain-kfac", "d2_iter_one:plain-kfac", "d2_anchor:plain-kfac"
     }  # fmt: skip
     assert len(calls) > 0
+
+
+def test_adam_state_keep_through_the_grid_and_its_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, learnable_mnist: None
+) -> None:
+    """adam_state keep: its own task-1 state, cached with Adam's moments; its runs go one by
+    one (with the line saying why); each record is the record of the run on its own, also
+    when task 1 and its moments come back from the cache."""
+    torch.set_num_threads(1)
+    g = tiny_grid(slt=("D3-3-4",), hidden=((16,),), lr1=(1e-2,), iters1=(30,), iters2=(20,),
+                  lr2=(1e-2,), lam=(0.0, 1e3), importance=("fisher",),
+                  adam_state=("reset", "keep"))  # fmt: skip
+    configs = expand(g)
+    assert len(configs) == 4 and len(grid.plan(configs)) == 2  # keep trains its own task 1
+    keep = [c for c in configs if c.adam_state == "keep"]
+    assert one_by_one(keep, 16) == {
+        "--adam-state keep carries each run's Adam state, which the stacked engine does not": 2
+    }
+    count = Counter(monkeypatch)
+    summary = execute(configs, tmp_path, stack=16, progress=False, threads=1)
+    assert summary.done == 4 and not summary.failed
+    assert count.stacks == [2] and count.singles == 2  # reset stacked, keep one by one
+    key = grid.d1_key(keep[0])
+    cached = Store(tmp_path).load_tensors(tmp_path / "d1" / f"{key}.safetensors")
+    assert cached is not None and cached["adam_step"] == 30
+    assert set(cached["adam_exp_avg"]) == set(cached["state_dict"])
+    records = _records(tmp_path)
+    for config in configs:
+        alone = protocol.run(config, keep_weights=False).to_dict()
+        rec = records[run_id(config)]
+        _assert_close(_without_timings(rec), json.loads(json.dumps(_without_timings(alone))))
+    assert records[run_id(keep[1])]["curves"][2] != records[run_id(configs[1])]["curves"][2]
+    # more λ later: task 1 and Adam's moments come from the cache
+    more = expand(dataclasses.replace(g, lam=(1e2,), adam_state=("keep",)))
+    summary = execute(more, tmp_path, stack=16, progress=False, threads=1)
+    assert summary.done == 1 and summary.d1_trained == 0
+    alone = protocol.run(more[0], keep_weights=False).to_dict()
+    rec = _records(tmp_path)[run_id(more[0])]
+    _assert_close(_without_timings(rec), json.loads(json.dumps(_without_timings(alone))))

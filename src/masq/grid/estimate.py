@@ -13,7 +13,7 @@ from masq import stacked
 from masq.config import Precision, RunConfig, choice, n_params
 from masq.consolidation import get_method
 from masq.consolidation.imm import sweep_shares
-from masq.grid.plan import Group, chunks, importance_key, placement
+from masq.grid.plan import Group, chunks, cut, importance_key, job_weight, placement
 from masq.importance import get_measure
 from masq.runtime import default_threads
 from masq.slt import parse_spec
@@ -332,13 +332,72 @@ def _run_costs(config: RunConfig, c: Mapping[str, float], n_train: int) -> tuple
     return step, per_sample, min(n_train, subset) if subset > 0 else n_train
 
 
+def _chunk_costs(
+    chunk: Sequence[RunConfig], stack: int, c: dict[str, float], n_train: int, n_eval: int
+) -> tuple[float, float, float]:
+    """(importance passes, re-training, of which evaluation) seconds of one chunk of a group
+    (:func:`masq.grid.plan.chunks`): runs trained alike as :func:`imm_chunk_seconds`, runs one
+    by one each with its phases, a stack as one (a short stack costs about its share)."""
+    k = len(chunk)
+    phases = chunk[0].n_tasks - 1
+    if placement(chunk[0], stack)[0] == "alike":
+        merge_eval = task_sizes(chunk[0].slt, True)[1]
+        return imm_chunk_seconds(chunk, c, n_train, n_eval, merge_eval)
+    step, per_sample, samples = _run_costs(chunk[0], c, n_train)
+    # as continue_run: a pass after every phase its method takes one, run by run
+    later = sum(
+        get_method(x.consolidation).wants_importance(x, t)
+        for x in chunk
+        for t in range(1, phases + 1)
+    )
+    imp = later * samples * per_sample  # stacked: EWC's anchors merged into one
+    evals = len(eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule))
+    if placement(chunk[0], stack)[0] != "stack":  # one by one (structured, SI, ...)
+        e_run = phases * evals * n_eval * c["eval_sample_one"]
+        return imp, k * (phases * chunk[0].iters2 * step + e_run), k * e_run
+    scale = k / max(1, stack) if stack > 1 else k
+    e2 = evals * n_eval * (c["eval_sample_stack"] if stack > 1 else c["eval_sample_one"])
+    return imp, phases * (chunk[0].iters2 * c["d2_iter"] + e2) * scale, phases * e2 * scale
+
+
+def _makespan(
+    parts: Sequence[Sequence[tuple[tuple[RunConfig, ...], float]]],
+    shared: Sequence[float],
+    workers: int,
+) -> float:
+    """The wall time of the jobs the executor makes of ``parts`` (per group its chunks with
+    their seconds; :func:`masq.grid.plan.spread`): groups cut while fewer than ``workers``
+    (each part pays its group's ``shared`` seconds), taken largest first
+    (:func:`masq.grid.plan.longest_first`) by the first free worker; the time at which the
+    last worker finishes."""
+    owned = [[(g, *chunk) for chunk in group] for g, group in enumerate(parts)]
+    jobs = [
+        (
+            shared[part[0][0]] + sum(seconds for _, _, seconds in part),
+            tuple(x for _, chunk, _ in part for x in chunk),
+        )
+        for part in cut(owned, workers)
+        if part
+    ]
+    if workers > 1:
+        jobs.sort(key=lambda job: job_weight(job[1]), reverse=True)
+    free = [0.0] * max(1, workers)
+    for seconds, _ in jobs:
+        i = min(range(len(free)), key=free.__getitem__)
+        free[i] += seconds
+    return max(free)
+
+
 def estimate(
     groups: Sequence[Group], stack: int, *, workers: int, threads: int | None = None
 ) -> Estimate:
     """Time to run ``groups`` with ``workers`` workers of ``threads`` threads, extrapolated
     from :func:`calibrate` per precision on the grid's device, with each group's evaluation
-    schedule (assumes perfect parallel efficiency across workers); IMM chunks as
-    :func:`imm_chunk_seconds`."""
+    schedule; IMM chunks as :func:`imm_chunk_seconds`. The total is the wall time of the
+    executor's jobs on ``workers`` workers (:func:`_makespan`: largest job first, each to the
+    first free worker), not the work divided by ``workers``: a grid whose largest job is
+    longer than the rest's share ends with that job alone. The parts (task-1 training,
+    importance, re-training, evaluation) are the work's shares of that wall time."""
     threads = default_threads(workers) if threads is None else threads
     archs = [c.hidden for g in groups for c in g.configs[:1]]
     if not archs:
@@ -365,6 +424,8 @@ def estimate(
         measured, chosen = calibrate(of_p, stack, threads=threads, measures=measures, **kw)
         costs |= {(h, precision): v for h, v in measured.items()}
         picked = tuple(dict.fromkeys((*picked, *chosen)))
+    parts: list[list[tuple[tuple[RunConfig, ...], float]]] = []  # per group: (chunk, seconds)
+    shared: list[float] = []  # per group: task-1 training and its importance passes
     d1 = imp = d2 = ev = 0.0
     for g in groups:
         first = g.configs[0]
@@ -372,51 +433,28 @@ def estimate(
         n_train, n_eval = task_sizes(first.slt, first.eval_val)
         evals1 = len(eval_iterations(first.iters1, first.eval_every, first.eval_schedule))
         e1 = evals1 * n_eval * c["eval_sample_one"]
-        d1 += first.iters1 * c["d1_iter"] + e1
+        g_d1 = first.iters1 * c["d1_iter"] + e1
+        g_imp = 0.0
         for key in g.importance_keys:
             config = next(x for x in g.configs if importance_key(x) == key)
             _, per_sample, samples = _run_costs(config, c, n_train)
-            imp += samples * per_sample
+            g_imp += samples * per_sample
+        d1, imp, ev = d1 + g_d1, imp + g_imp, ev + e1
+        shared.append(g_d1 + g_imp)
+        parts.append([])
         for chunk in chunks(g.configs, stack):
-            k = len(chunk)
-            phases = chunk[0].n_tasks - 1
-            if placement(chunk[0], stack)[0] == "alike":
-                merge_eval = task_sizes(chunk[0].slt, True)[1]
-                i_s, d2_s, ev_s = imm_chunk_seconds(chunk, c, n_train, n_eval, merge_eval)
-                imp, d2, ev = imp + i_s, d2 + d2_s, ev + ev_s
-                continue
-            step, per_sample, samples = _run_costs(chunk[0], c, n_train)
-            # as continue_run: a pass after every phase its method takes one, run by run
-            later = sum(
-                get_method(c.consolidation).wants_importance(c, t)
-                for c in chunk
-                for t in range(1, phases + 1)
-            )
-            if placement(chunk[0], stack)[0] != "stack":  # one by one (structured, SI, ...)
-                evals = len(
-                    eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)
-                )
-                e_run = phases * evals * n_eval * c["eval_sample_one"]
-                d2 += k * (phases * chunk[0].iters2 * step + e_run)
-                ev += k * e_run
-                imp += later * samples * per_sample
-                continue
-            imp += later * samples * per_sample  # stacked: EWC's anchors merged into one
-            evals2 = len(
-                eval_iterations(chunk[0].iters2, chunk[0].eval_every, chunk[0].eval_schedule)
-            )
-            scale = k / max(1, stack)  # a short stack costs about its share
-            e2 = evals2 * n_eval * (c["eval_sample_stack"] if stack > 1 else c["eval_sample_one"])
-            d2 += phases * (chunk[0].iters2 * c["d2_iter"] + e2) * (scale if stack > 1 else k)
-            ev += phases * e2 * (scale if stack > 1 else k)
-        ev += e1
-    total = (d1 + imp + d2) / workers
+            i_s, d2_s, ev_s = _chunk_costs(chunk, stack, c, n_train, n_eval)
+            imp, d2, ev = imp + i_s, d2 + d2_s, ev + ev_s
+            parts[-1].append((tuple(chunk), i_s + d2_s))
+    work = d1 + imp + d2
+    wall = _makespan(parts, shared, workers)
+    share = wall / work if work > 0 else 0.0
     return Estimate(
-        total,
-        d1 / workers,
-        imp / workers,
-        d2 / workers,
-        ev / workers,
+        wall,
+        d1 * share,
+        imp * share,
+        d2 * share,
+        ev * share,
         workers,
         threads,
         picked,

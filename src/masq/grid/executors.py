@@ -251,7 +251,7 @@ def execute(
         pool = 1 if ray else workers  # a local pool: no worker idles while a group has runs
         jobs = [
             GroupJob(str(root), part, stack, threads, tasks_fn, return_records=ray)
-            for part in spread(plan(todo), pool, stack)
+            for part in spread(plan(todo), pool, stack, order=ray or workers > 1)
         ]
         summary = Summary(len(all_ids), len(all_ids & stored), 0, {}, 0, 0, 0.0)
         bar = _progress_bar(len(all_ids), len(all_ids & stored), progress)

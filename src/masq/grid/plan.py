@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from masq.config import FIRST_FIELDS, IMPORTANCE_FIELDS, RunConfig
+from masq.config import FIRST_FIELDS, IMPORTANCE_FIELDS, RunConfig, n_params
 from masq.consolidation import get_method
 from masq.importance import get_measure
 from masq.protocol import stackable
 from masq.runid import id_dict, key_of
+
+T = TypeVar("T")
 
 
 def d1_key(config: RunConfig) -> str:
@@ -128,19 +130,51 @@ def chunks(configs: Sequence[RunConfig], stack: int) -> list[list[RunConfig]]:
     return out + singles + list(by_training.values())
 
 
-def spread(groups: Sequence[Group], workers: int, stack: int) -> list[tuple[RunConfig, ...]]:
-    """The runs of each job of a grid on ``workers`` workers: one group per job, except that
-    while there are fewer jobs than workers the job with the most chunks (:func:`chunks`) is
-    cut in two, its chunks dealt alternately, so that no worker idles. The parts of a group
-    each load its task-1 state and importance from the cache or compute them (deterministic,
-    written atomically: at worst computed once per part); a stack is never cut."""
-    parts = [chunks(g.configs, stack) for g in groups]
+def job_weight(configs: Sequence[RunConfig]) -> float:
+    """An arithmetic proxy of what running ``configs`` costs, to start the largest job first:
+    with P the network's parameter count and B its batch size (a step's multiply-adds are
+    ∝ B·P),
+
+        w = Σ_{task-1 states} iters1·B·P + Σ_{runs} (T − 1)·iters2·B·P.
+
+    Only the order of jobs is read from it (:func:`spread`), never a time."""
+    states = {d1_key(c): c.iters1 * c.batch_size * n_params(c.hidden) for c in configs}
+    later = sum((c.n_tasks - 1) * c.iters2 * c.batch_size * n_params(c.hidden) for c in configs)
+    return float(sum(states.values()) + later)
+
+
+def cut(parts: list[list[T]], workers: int) -> list[list[T]]:
+    """While there are fewer parts than ``workers``, the part with the most items is cut in
+    two, its items dealt alternately (a part of one item is never cut)."""
+    parts = list(parts)
     while parts and len(parts) < workers:
         i = max(range(len(parts)), key=lambda j: len(parts[j]))
         if len(parts[i]) < 2:
             break
         parts[i : i + 1] = [parts[i][0::2], parts[i][1::2]]
-    return [tuple(c for chunk in part for c in chunk) for part in parts]
+    return parts
+
+
+def longest_first(jobs: Sequence[tuple[RunConfig, ...]]) -> list[tuple[RunConfig, ...]]:
+    """``jobs`` by :func:`job_weight`, largest first (stable: equal weights keep their order).
+    On ``W`` workers, taking the largest first bounds the wall time by 4/3 of the best
+    possible (Graham's LPT rule), where the order of appearance can leave the largest job to
+    run alone at the end."""
+    return sorted(jobs, key=job_weight, reverse=True)
+
+
+def spread(
+    groups: Sequence[Group], workers: int, stack: int, order: bool = False
+) -> list[tuple[RunConfig, ...]]:
+    """The runs of each job of a grid on ``workers`` workers: one group per job, except that
+    while there are fewer jobs than workers the job with the most chunks (:func:`chunks`) is
+    cut in two (:func:`cut`), so that no worker idles. The parts of a group each load its
+    task-1 state and importance from the cache or compute them (deterministic, written
+    atomically: at worst computed once per part); a stack is never cut. ``order``: the jobs
+    largest first (:func:`longest_first`), else in order of appearance."""
+    parts = cut([chunks(g.configs, stack) for g in groups], workers)
+    jobs = [tuple(c for chunk in part for c in chunk) for part in parts]
+    return longest_first(jobs) if order else jobs
 
 
 def one_by_one(configs: Sequence[RunConfig], stack: int = 16) -> dict[str, int]:
