@@ -89,6 +89,39 @@ def test_rows_restrict_the_cells_and_the_manifest_keeps_earlier_cells(tmp_path: 
     assert recorded is not None and len(recorded) == 6  # the other rows' cells are kept
 
 
+def test_a_changed_preset_does_not_tabulate_the_runs_of_its_old_definition(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cells recorded by an earlier definition of the preset (its settings since changed, e.g.
+    Adam's state) are another table's: a new invocation drops them, and `masq peers` does not
+    tabulate them."""
+    old = tiny()
+    peers.write_manifest(tmp_path, old, {"seed": [7]}, old.cells({"seed": [7]}))
+    assert peers.manifest_definition(tmp_path, "tiny") == peers.definition(old)
+    edited = peers.peer_preset_from_mapping(
+        {**TINY, "axes": {**TINY["axes"], "adam_state": "keep"}}, "test"
+    )
+    assert peers.definition(edited) != peers.definition(old)
+    peers.write_manifest(tmp_path, edited, {}, edited.cells(rows=["MaSQ"]))
+    recorded = peers.read_manifest(tmp_path, "tiny")
+    assert recorded is not None and set(recorded) == {"MaSQ | task", "MaSQ | class"}  # old gone
+    assert recorded["MaSQ | task"] == [run_id(c) for c in edited.cells()["MaSQ | task"]]
+    # `masq peers` with a manifest of another definition: the preset as shipped, and a line
+    from masq.store import Store
+
+    res = tmp_path / "res"
+    Store(res)
+    preset = peers.load_peer_preset("vdv2025-fisher")
+    cells = preset.cells({"seed": [0]})
+    peers.write_manifest(res, preset, {"seed": [0]}, cells)
+    path = peers.manifest_path(res, "vdv2025-fisher")
+    body = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**body, "definition": "an-older-one"}), encoding="utf-8")
+    out = ["--out", str(tmp_path / "o")]
+    assert main(["peers", "vdv2025-fisher", "--results", str(res), *out]) == 2  # nothing stored
+    assert "another definition of vdv2025-fisher" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [

@@ -27,6 +27,7 @@ from masq.consolidation import ewc, method_label
 from masq.errors import ConfigError
 from masq.models import mlp
 from masq.protocol.result import load_weights, result_from_v1, transfer_metrics
+from masq.training import minibatch_indices
 from tests.synthetic import synthetic_dataset
 
 run_module = importlib.import_module("masq.protocol.run")  # masq.protocol.run is the function
@@ -213,7 +214,14 @@ def test_stream_names_of_phases_and_tasks() -> None:
     assert [pr.batches_stream(p) for p in range(3)] == ["d1-batches", "d2-batches", "d3-batches"]
     assert pr.labels_stream(0) == "fisher-labels"
     assert [pr.labels_stream(t) for t in (1, 2)] == ["fisher-labels-d2", "fisher-labels-d3"]
-    assert set(pr.STREAMS) == {"tasks", "init", "d1-batches", "d2-batches", "fisher-labels"}
+    assert set(pr.STREAMS) == {
+        "tasks",
+        "class-order",
+        "init",
+        "d1-batches",
+        "d2-batches",
+        "fisher-labels",
+    }
 
 
 def test_later_minibatches_do_not_depend_on_lr2_or_lambda(
@@ -691,3 +699,49 @@ def test_real_mnist_d5_5_forgets_without_ewc() -> None:
     result = pr.run(config)
     assert result.curves[0]["D1"][-1] > 0.95  # D1 (digits 0-4) is learnt
     assert result.last["D2"] > 0.9 and result.last["D1"] < 0.3  # ... and forgotten
+
+
+# ----------------------------------------------------------------------------- adam_state keep
+
+
+def test_adam_state_keep_is_one_adam_through_every_phase(data_learnable: None) -> None:
+    """A three-task fine-tuning run with adam_state keep equals an independent loop: one
+    torch.optim.Adam over the network through all three tasks, lr1 then lr2, the phases'
+    mini-batch streams; with reset (the default) each phase starts a fresh Adam."""
+    config = T3.with_(importance="none", lam=0.0, adam_state="keep")
+    tasks = pr.make_tasks(config)
+    result = pr.run(config, tasks=tasks)
+    ref = pr.build_model(config, tasks)
+    adam = torch.optim.Adam(ref.parameters(), lr=config.lr1, foreach=False)
+    for phase, task in enumerate(tasks):
+        lr, iters = (config.lr1, config.iters1) if phase == 0 else (config.lr2, config.iters2)
+        for group in adam.param_groups:
+            group["lr"] = lr
+        generator = torch.Generator().manual_seed(
+            pr.stream_seed(config.seed, f"d{phase + 1}-batches")
+        )
+        x, y = task.train
+        for idx in minibatch_indices(x.shape[0], config.batch_size, iters, generator):
+            loss = torch.nn.functional.cross_entropy(ref(x[idx]), y[idx])
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+        assert result.weights is not None
+        for name, p in ref.state_dict().items():
+            torch.testing.assert_close(result.weights[phase][name], p, rtol=1e-4, atol=1e-6)
+    reset = pr.run(config.with_(adam_state="reset"), tasks=tasks)
+    assert reset.weights is not None
+    assert states_equal(reset.weights[0], result.weights[0])  # phase 1 is the same training
+    assert not torch.allclose(reset.weights[-1]["0.weight"], result.weights[-1]["0.weight"])
+
+
+def test_adam_state_keep_needs_the_moments_of_task_1(data_learnable: None) -> None:
+    config = T3.with_(importance="none", lam=0.0, adam_state="keep", iters1=5, iters2=5)
+    tasks = pr.make_tasks(config)
+    d1 = pr.train_first(config, tasks)
+    assert d1.adam is not None and d1.adam.step == 5
+    assert pr.train_first(config.with_(adam_state="reset"), tasks).adam is None
+    lost = dataclasses.replace(d1, adam=None)
+    with pytest.raises(ConfigError, match="no Adam state") as err:
+        pr.continue_run(config, lost, {}, tasks)
+    assert "\n" not in str(err.value)

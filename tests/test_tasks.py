@@ -36,6 +36,56 @@ def test_malformed_specs_show_accepted_forms(bad: str) -> None:
         parse_spec(bad)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**40), case=st.sampled_from(["D2-2-2-2-2", "D5-5", "D9-1", "D3-3-4"]))
+def test_seeded_class_order_permutes_the_classes_by_the_seed(seed: int, case: str) -> None:
+    from masq.tasks import seeded_blocks
+
+    fixed = make(case, dataset=DATA)
+    tasks = make(case, dataset=DATA, class_seed=seed)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(seed)).tolist()
+    assert [c for t in tasks for c in t.classes] == order  # the blocks over the permutation
+    assert [len(t.classes) for t in tasks] == [len(t.classes) for t in fixed]
+    assert tuple(t.classes for t in tasks) == seeded_blocks([t.classes for t in fixed], 10, seed)
+    for t in tasks:  # each task holds exactly its classes' samples, as a fixed split does
+        expected = make("D" + "-".join(str(len(u.classes)) for u in tasks) + ":"
+                        + ",".join(map(str, order)), dataset=DATA)  # fmt: skip
+        same = next(e for e in expected if e.classes == t.classes)
+        for part in PARTS:
+            assert torch.equal(getattr(t, part)[1], getattr(same, part)[1])
+            assert torch.equal(getattr(t, part)[0], getattr(same, part)[0])
+    assert make(case, dataset=DATA, class_seed=seed)[0].classes == tasks[0].classes  # same seed
+
+
+def test_seeded_class_order_differs_between_seeds_and_refuses_what_it_cannot_permute() -> None:
+    orders = {tuple(t.classes for t in make("D2-2-2-2-2", dataset=DATA, class_seed=s))
+              for s in range(8)}  # fmt: skip
+    assert len(orders) == 8
+    for spec in ("DP10-10", "D5-5:3,7,0,1,2,4,5,6,8,9"):
+        with pytest.raises(ConfigError, match="--class-order seeded") as err:
+            make(spec, dataset=DATA, class_seed=1)
+        assert "\n" not in str(err.value)
+
+
+def test_class_order_of_a_run_config_reaches_its_tasks_and_its_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from masq import data
+    from masq.config import RunConfig
+    from masq.protocol import make_tasks
+    from masq.runid import run_id
+    from masq.streams import stream_seed
+
+    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: DATA)
+    base = RunConfig(slt="D2-2-2-2-2", seed=3)
+    seeded = RunConfig(slt="D2-2-2-2-2", seed=3, class_order="seeded")
+    assert run_id(base) == run_id(RunConfig(slt="D2-2-2-2-2", seed=3, class_order="fixed"))
+    assert run_id(seeded) != run_id(base)  # the default leaves old ids as they were
+    assert [t.classes for t in make_tasks(base)] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    expected = make("D2-2-2-2-2", dataset=DATA, class_seed=stream_seed(3, "class-order"))
+    assert [t.classes for t in make_tasks(seeded)] == [t.classes for t in expected]
+
+
 @st.composite
 def class_splits(draw: st.DrawFn) -> tuple[str, list[int]]:
     order = draw(st.permutations(list(range(10))))

@@ -10,8 +10,11 @@ from masq.models import mlp
 from masq.training import (
     TrainConfig,
     accuracies,
+    adam_moments,
     eval_counts,
     eval_iterations,
+    load_adam_moments,
+    make_adam,
     minibatch_indices,
     train_task,
 )
@@ -249,3 +252,81 @@ def test_progress_bar_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None
 def test_bad_train_config(bad: dict) -> None:
     with pytest.raises(ConfigError, match=next(iter(bad))):
         TrainConfig(**bad)
+
+
+# ----------------------------------------------------------------------------- Adam's state
+
+
+def _adam_reference(
+    model: torch.nn.Module, x: Tensor, y: Tensor, phases: list[TrainConfig]
+) -> None:
+    """One torch.optim.Adam (for-each kernel) stepped through every phase, its learning rate
+    set per phase, the mini-batches of each phase's seed: the meaning of adam_state keep."""
+    adam = torch.optim.Adam(model.parameters(), lr=phases[0].lr, foreach=False)
+    for config in phases:
+        for group in adam.param_groups:
+            group["lr"] = config.lr
+        generator = torch.Generator().manual_seed(config.seed)
+        for idx in minibatch_indices(x.shape[0], config.batch_size, config.iters, generator):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+
+
+def test_a_carried_optimizer_continues_adam_across_calls() -> None:
+    x, y = blobs(90, seed=1, classes=3, features=20)
+    phases = [
+        TrainConfig(lr=1e-2, iters=17, batch_size=16, eval_every=100, seed=5),
+        TrainConfig(lr=3e-3, iters=11, batch_size=16, eval_every=100, seed=6),
+    ]
+    model, ref, fresh = (mlp((8,), in_features=20, classes=3, seed=2) for _ in range(3))
+    adam = make_adam(model.parameters(), phases[0].lr)
+    for config in phases:
+        train_task(model, (x, y), config, optimizer=adam)
+    assert adam.param_groups[0]["lr"] == phases[1].lr
+    _adam_reference(ref, x, y, phases)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for config in phases:  # a fresh Adam per call (the default) is another trajectory
+        train_task(fresh, (x, y), config)
+    assert not torch.allclose(fresh[0].weight, model[0].weight, atol=1e-4)
+
+
+def test_adam_moments_round_trip_into_a_new_optimizer() -> None:
+    """The moments read after one phase, loaded into a new Adam over a copy of the network,
+    continue exactly as the original optimizer does (the d1 cache of adam_state keep)."""
+    x, y = blobs(90, seed=1, classes=3, features=20)
+    first = TrainConfig(lr=1e-2, iters=13, batch_size=16, eval_every=100, seed=5)
+    second = TrainConfig(lr=3e-3, iters=9, batch_size=16, eval_every=100, seed=6)
+    model = mlp((8,), in_features=20, classes=3, seed=2)
+    adam = make_adam(model.parameters(), first.lr)
+    train_task(model, (x, y), first, optimizer=adam)
+    moments = adam_moments(adam, model)
+    assert moments.step == first.iters
+    assert set(moments.exp_avg) == {n for n, _ in model.named_parameters()}
+    copy = mlp((8,), in_features=20, classes=3, seed=0)
+    copy.load_state_dict(model.state_dict())
+    again = make_adam(copy.parameters(), second.lr)
+    load_adam_moments(again, copy, moments)
+    train_task(model, (x, y), second, optimizer=adam)
+    train_task(copy, (x, y), second, optimizer=again)
+    for (name, p), q in zip(model.named_parameters(), copy.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert adam_moments(again, copy).step == first.iters + second.iters
+
+
+def test_adam_moments_refuse_another_architecture() -> None:
+    x, y = blobs(40, seed=1, classes=3, features=20)
+    model = mlp((8,), in_features=20, classes=3, seed=2)
+    adam = make_adam(model.parameters(), 1e-2)
+    with pytest.raises(ConfigError, match="no Adam state"):
+        adam_moments(adam, model)
+    train_task(model, (x, y), TrainConfig(lr=1e-2, iters=3, batch_size=8, seed=1), optimizer=adam)
+    moments = adam_moments(adam, model)
+    other = mlp((9,), in_features=20, classes=3, seed=2)
+    with pytest.raises(ConfigError, match="shape"):
+        load_adam_moments(make_adam(other.parameters(), 1e-2), other, moments)
+    deeper = mlp((8, 8), in_features=20, classes=3, seed=2)
+    with pytest.raises(ConfigError, match="architecture"):
+        load_adam_moments(make_adam(deeper.parameters(), 1e-2), deeper, moments)

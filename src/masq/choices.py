@@ -82,6 +82,20 @@ class Scenario(Choice):
     CLASS_BLOCKS = "class-blocks"  # class-incremental with each task's classes new ones
 
 
+class AdamState(Choice):
+    """What Adam's state does between tasks."""
+
+    RESET = "reset"  # a fresh Adam for every task (the paper's protocol)
+    KEEP = "keep"  # one Adam across all tasks: moments and step count carried on
+
+
+class ClassOrder(Choice):
+    """Which classes form each task of a class-split SLT (``D<a>-<b>...``)."""
+
+    FIXED = "fixed"  # the SLT's blocks over its order (0, 1, ..., or the spec's explicit one)
+    SEEDED = "seeded"  # the blocks over a permutation of the classes drawn from the run's seed
+
+
 class Init(Choice):
     """Initialization of the MLP (see :mod:`masq.models`)."""
 

@@ -16,7 +16,9 @@ from typing import Any
 from masq.choices import (
     DEVICE_HELP,
     LEGACY_ID_VALUES,
+    AdamState,
     Choice,
+    ClassOrder,
     Criterion,
     EvalSchedule,
     Executor,
@@ -120,11 +122,25 @@ class RunConfig:
         since_v1=True,
     )
     seed: int = _field(0, D, "seed of every random stream of the run", check="nonneg")
+    class_order: ClassOrder = _field(
+        ClassOrder.FIXED,
+        D,
+        "fixed (the SLT's classes in its order) | seeded (a class split's classes permuted by "
+        "the seed: a new class-to-task assignment per seed, as van de Ven's split MNIST)",
+        since_v1=True,
+    )
     hidden: tuple[int, ...] = _field((800, 800), F, "hidden layer sizes, e.g. 800-400-400")
     init: Init = _field(Init.TORCH, F, "initialization: torch | tf")
     lr1: float = _field(1e-3, F, "Adam learning rate on task 1 (ε1)", check="positive")
     iters1: int = _field(5000, F, "iterations on task 1", check="positive")
     batch_size: int = _field(100, F, "mini-batch size B of every phase", check="positive")
+    adam_state: AdamState = _field(
+        AdamState.RESET,
+        F,
+        "reset (a fresh Adam for every task: the paper) | keep (one Adam across all tasks, its "
+        "moments and step count carried on, the learning rate set per phase: van de Ven's code)",
+        since_v1=True,
+    )
     eval_every: int = _field(
         250, F, "evaluate every N iterations (and at 0 and the end)", check="positive"
     )
@@ -441,7 +457,9 @@ __all__ = [
     "LAM_DIGITS",
     "LEGACY_ID_VALUES",
     "MAX_PARAMS",
+    "AdamState",
     "Choice",
+    "ClassOrder",
     "Criterion",
     "EvalSchedule",
     "Executor",

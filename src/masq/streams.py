@@ -4,6 +4,8 @@
 big-endian integer, masked to 63 bits. Streams:
 
 - "tasks": the pixel permutations of permuted SLTs;
+- "class-order": the permutation of the classes of a class split with ``class_order``
+  seeded (:func:`masq.tasks.seeded_blocks`);
 - "init": the initialization of the network;
 - "d<t>-batches": the mini-batch stream of phase t (training on task t), t = 1, 2, ...;
 - "d<t>-drop": the drop-transfer masks of IMM's phase t (:mod:`masq.consolidation.imm`);
@@ -20,9 +22,16 @@ from __future__ import annotations
 import hashlib
 import re
 
-STREAMS: tuple[str, ...] = ("tasks", "init", "d1-batches", "d2-batches", "fisher-labels")
+STREAMS: tuple[str, ...] = (
+    "tasks",
+    "class-order",
+    "init",
+    "d1-batches",
+    "d2-batches",
+    "fisher-labels",
+)
 _STREAM_RE = re.compile(
-    r"^(tasks|init|d[1-9]\d*-(batches|drop)|fisher-labels(-d[2-9]|-d[1-9]\d+)?)$"
+    r"^(tasks|class-order|init|d[1-9]\d*-(batches|drop)|fisher-labels(-d[2-9]|-d[1-9]\d+)?)$"
 )
 
 

@@ -79,14 +79,36 @@ def select(xy: XY, classes: Sequence[int], permutation: Tensor | None) -> XY:
     return x_sel.contiguous(), y_sel.contiguous()
 
 
+def seeded_blocks(
+    blocks: Sequence[Sequence[int]], num_classes: int, class_seed: int
+) -> tuple[tuple[int, ...], ...]:
+    """The class split with ``blocks``' sizes over π, a permutation of 0..num_classes−1 drawn
+    by ``torch.randperm`` from a generator seeded with ``class_seed``: block t holds
+    π[s_t], ..., π[s_t + |block t| − 1] with s_t = Σ_{u<t} |block u|."""
+    generator = torch.Generator().manual_seed(class_seed)
+    order = torch.randperm(num_classes, generator=generator).tolist()
+    out, start = [], 0
+    for block in blocks:
+        out.append(tuple(order[start : start + len(block)]))
+        start += len(block)
+    return tuple(out)
+
+
 def make(
-    spec: str, *, dataset: str | Dataset = "mnist", seed: int = 0, data_dir: str | None = None
+    spec: str,
+    *,
+    dataset: str | Dataset = "mnist",
+    seed: int = 0,
+    data_dir: str | None = None,
+    class_seed: int | None = None,
 ) -> list[Task]:
     """Build the tasks of SLT ``spec`` from ``dataset`` (a name for masq.data.load, or a Dataset).
 
     Every construction applies to the train, validation and test parts alike. ``spec`` must be
     a string, ``dataset`` a name or a Dataset, ``seed`` an integer >= 0 (one-line ConfigError
-    otherwise).
+    otherwise). ``class_seed``: a class split's blocks are taken over a permutation of the
+    classes drawn from it (:func:`seeded_blocks`) instead of the spec's order; a one-line
+    ConfigError for a permuted SLT or a spec with its own class order.
     """
     if not isinstance(spec, str):
         raise ConfigError(f"spec: give an SLT spec string such as 'D5-5', got {spec!r}")
@@ -99,6 +121,15 @@ def make(
         raise ConfigError(f"seed: must be an integer >= 0, got {seed!r}")
     data = masq_data.load(dataset, data_dir=data_dir) if isinstance(dataset, str) else dataset
     parsed = parse_spec(spec, num_classes=data.num_classes)
+    task_classes = parsed.task_classes
+    if class_seed is not None:
+        if parsed.permuted or ":" in spec:
+            raise ConfigError(
+                f"--class-order seeded: {spec!r} "
+                + ("has every class in every task" if parsed.permuted else "fixes its class order")
+                + "; use --class-order fixed, or a class split without an order (e.g. D2-2-2-2-2)"
+            )
+        task_classes = seeded_blocks(task_classes, data.num_classes, class_seed)
     parts = {name: to_xy(getattr(data, name)) for name in ("train", "val", "test")}
     pixels = parts["train"][0].shape[1]
     n_tasks = len(parsed.task_classes)
@@ -112,7 +143,7 @@ def make(
             val=select(parts["val"], classes, perm),
             test=select(parts["test"], classes, perm),
         )
-        for i, (classes, perm) in enumerate(zip(parsed.task_classes, perms, strict=True))
+        for i, (classes, perm) in enumerate(zip(task_classes, perms, strict=True))
     ]
 
 

@@ -55,10 +55,18 @@ def _peers(args: argparse.Namespace) -> int:
     preset = peers.load_peer_preset(args.name)
     open_store(args.results)
     cells = peers.read_manifest(args.results, preset.name)
-    if cells is None:
-        where = peers.manifest_path(args.results, preset.name)
+    where = peers.manifest_path(args.results, preset.name)
+    if cells is not None and peers.manifest_definition(args.results, preset.name) != (
+        peers.definition(preset)
+    ):
+        print(f"masq peers: {where} was written by another definition of {preset.name} (its "
+              "settings have changed since): tabulating the runs of the preset as shipped",
+              file=sys.stderr)  # fmt: skip
+        cells = None
+    elif cells is None:
         print(f"masq peers: {where} is missing: tabulating the runs of the preset as shipped "
               "(no flags)", file=sys.stderr)  # fmt: skip
+    if cells is None:
         cells = {key: [run_id(c) for c in configs] for key, configs in preset.cells().items()}
     df = load(args.results)
     frame = analysis.peer_frame(df, cells, preset)

@@ -33,6 +33,7 @@ from masq.protocol import D1State
 from masq.runid import run_id
 from masq.store import NotStored, Store
 from masq.tasks import Task
+from masq.training import AdamMoments
 
 TasksFn = Callable[[RunConfig], list[Task]]
 
@@ -101,11 +102,17 @@ def load_or_train_d1(store: Store, config: RunConfig, tasks: list[Task]) -> tupl
     path = store.d1 / f"{d1_key(config)}.safetensors"
     saved = store.load_tensors(path)
     if saved is not None:
+        adam = None
+        if "adam_step" in saved:  # adam_state keep: Adam's moments after task 1
+            adam = AdamMoments(
+                int(saved["adam_step"]), saved["adam_exp_avg"], saved["adam_exp_avg_sq"]
+            )
         state = D1State(
             config=RunConfig.from_dict(saved["config"]),
             state_dict=saved["state_dict"],
             curve=saved["curve"],
             seconds=float(saved["seconds"]),
+            adam=adam,
         )
         return state, False
     state = protocol.train_first(config, tasks)
@@ -115,6 +122,12 @@ def load_or_train_d1(store: Store, config: RunConfig, tasks: list[Task]) -> tupl
         "curve": state.curve,
         "seconds": float(state.seconds),
     }
+    if state.adam is not None:
+        payload |= {
+            "adam_step": state.adam.step,
+            "adam_exp_avg": state.adam.exp_avg,
+            "adam_exp_avg_sq": state.adam.exp_avg_sq,
+        }
     _save_cache(store, path, payload)
     return state, True
 

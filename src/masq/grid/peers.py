@@ -38,7 +38,7 @@ from masq.errors import ConfigError
 from masq.fileio import atomic_write
 from masq.grid.expand import expand
 from masq.grid.spec import GRID_KEYS, Grid, grid_from_mapping, toml_values
-from masq.runid import run_id
+from masq.runid import key_of, run_id
 
 FOLDER = "peers"  # presets/peers/NAME.toml
 MANIFEST_FORMAT = "masq-peers"
@@ -274,6 +274,25 @@ def manifest_path(results: str | os.PathLike[str], name: str) -> Path:
     return Path(results) / f"peers-{name}.json"
 
 
+def definition(preset: PeerPreset) -> str:
+    """A fingerprint of what ``preset`` runs as shipped: the hash of its cells' run ids, which
+    change with any setting that changes a number (an edited preset gets a new one)."""
+    cells = {key: sorted(run_id(c) for c in cs) for key, cs in preset.cells().items()}
+    return key_of(cells)
+
+
+def manifest_definition(results: str | os.PathLike[str], name: str) -> str | None:
+    """The :func:`definition` of the preset that wrote the manifest of ``name`` in
+    ``results`` (None: no manifest, or one written before manifests recorded it)."""
+    path = manifest_path(results, name)
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    value = body.get("definition") if isinstance(body, dict) else None
+    return str(value) if value is not None else None
+
+
 def write_manifest(
     results: str | os.PathLike[str],
     preset: PeerPreset,
@@ -282,12 +301,17 @@ def write_manifest(
 ) -> Path:
     """Record in ``results`` which runs make each cell of ``preset`` (run with
     ``overrides``), so that ``masq peers`` tabulates exactly them. The cells of an earlier
-    invocation that this one does not run (other rows or columns) are kept."""
-    earlier = read_manifest(results, preset.name) or {}
+    invocation that this one does not run (other rows or columns) are kept, unless that
+    invocation ran another definition of the preset (:func:`definition`: the preset's settings
+    have changed since), whose runs are not this table's."""
+    current = definition(preset)
+    same = manifest_definition(results, preset.name) == current
+    earlier = (read_manifest(results, preset.name) or {}) if same else {}
     new = {key: [run_id(c) for c in configs] for key, configs in cells.items()}
     body = {
         "format": MANIFEST_FORMAT,
         "preset": preset.name,
+        "definition": current,
         "overrides": {k: v for k, v in overrides.items()},
         "cells": {**earlier, **new},
     }
@@ -318,9 +342,11 @@ __all__ = [
     "PeerPreset",
     "PeerRow",
     "cell_key",
+    "definition",
     "is_peer_preset",
     "list_peer_presets",
     "load_peer_preset",
+    "manifest_definition",
     "manifest_path",
     "peer_preset_from_mapping",
     "read_manifest",

@@ -21,6 +21,8 @@ from typing import Any
 
 from masq.config import (
     FIELDS,
+    AdamState,
+    ClassOrder,
     EvalSchedule,
     FieldSpec,
     FisherLabels,
@@ -89,11 +91,13 @@ class Grid:
     dataset: tuple[str, ...] = ("mnist",)
     scenario: tuple[Scenario, ...] = (Scenario.CLASS,)
     seed: tuple[int, ...] = (0,)
+    class_order: tuple[ClassOrder, ...] = (ClassOrder.FIXED,)
     hidden: tuple[tuple[int, ...], ...] = ((800, 800),)
     init: tuple[Init, ...] = (Init.TORCH,)
     lr1: tuple[float, ...] = (0.001,)
     iters1: tuple[int, ...] = (5000,)
     batch_size: tuple[int, ...] = (100,)
+    adam_state: tuple[AdamState, ...] = (AdamState.RESET,)
     eval_every: tuple[int, ...] = (250,)
     eval_val: tuple[bool, ...] = (False,)
     eval_schedule: tuple[EvalSchedule, ...] = (EvalSchedule.EVERY,)

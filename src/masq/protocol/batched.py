@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from masq.config import RunConfig
+from masq.config import AdamState, RunConfig
 from masq.consolidation import PhasePlan, QuadraticPenalty, check_config, get_method, method_label
 from masq.errors import ConfigError
 from masq.fileio import warn
@@ -57,7 +57,10 @@ def stackable(config: RunConfig) -> str | None:
     """Why ``config`` cannot be stacked, or None when it can: the stacked engine trains the
     later phases of runs of the MLP with a diagonal quadratic penalty, so it takes the methods
     that declare ``stackable`` (EWC, online EWC) with any diagonal measure computed after a
-    phase (a structured one, K-FAC, and one accumulated during training, SI, go one by one)."""
+    phase (a structured one, K-FAC, and one accumulated during training, SI, go one by one),
+    with a fresh Adam per phase (``adam_state`` keep goes one by one)."""
+    if config.adam_state == AdamState.KEEP:
+        return "--adam-state keep carries each run's Adam state, which the stacked engine does not"
     method = get_method(config.consolidation)
     if not method.stackable:
         return f"consolidation {method.name!r} is not stacked (its phases are not plain EWC)"

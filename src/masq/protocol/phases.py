@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from masq.config import RunConfig
+from masq.config import AdamState, RunConfig
 from masq.consolidation import PhasePlan, check_config, get_method
 from masq.errors import ConfigError
 from masq.importance import Importance, get_measure
@@ -34,6 +34,7 @@ from masq.protocol.run import (
     make_tracker,
     merged_accuracies,
     model_at,
+    phase_optimizer,
     train_first,
     train_phase,
 )
@@ -115,6 +116,12 @@ def continue_runs(
     lead = configs[0]
     device = resolve_device(lead.device)
     model = model_at(lead, d1.state_dict, tasks).to(device)
+    if lead.adam_state == AdamState.KEEP and d1.adam is None:
+        raise ConfigError(
+            "--adam-state keep: the task-1 state holds no Adam state; train task 1 with "
+            "--adam-state keep (masq.protocol.train_first)"
+        )
+    optimizer = phase_optimizer(lead, model, d1.adam)  # None: a fresh Adam per phase
     diverged = None if finite_state(d1.state_dict) else "phase 1"
     runs: list[_Run] = []
     for c, (given, seconds) in zip(configs, importances, strict=True):
@@ -132,7 +139,15 @@ def continue_runs(
         wanted = [_wants(r.config, phase) for r in runs]
         tracker = make_tracker(lead, model, tasks[phase], phase, device) if any(wanted) else None
         curve, seconds = train_phase(
-            lead, tasks, model, phase, plan=plan, tracker=tracker, device=device, progress=progress
+            lead,
+            tasks,
+            model,
+            phase,
+            plan=plan,
+            tracker=tracker,
+            device=device,
+            progress=progress,
+            optimizer=optimizer,
         )
         curves.append(curve)
         train_s.append(seconds)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from masq import tasks as masq_tasks
-from masq.config import FIRST_FIELDS, RunConfig
+from masq.config import FIRST_FIELDS, AdamState, ClassOrder, RunConfig
 from masq.consolidation import PhasePlan, check_config, get_method, method_label
 from masq.curves import VAL, Curve, task_name, union_name
 from masq.errors import ConfigError
@@ -55,30 +55,44 @@ from masq.runtime import resolve_device
 from masq.scenarios import apply_scenario, n_outputs
 from masq.streams import batches_stream, labels_stream, stream_seed
 from masq.tasks import XY, Task
-from masq.training import TrainConfig, accuracies, eval_counts, train_task
+from masq.training import (
+    AdamMoments,
+    TrainConfig,
+    accuracies,
+    adam_moments,
+    eval_counts,
+    load_adam_moments,
+    make_adam,
+    train_task,
+)
 
 
 @dataclass
 class D1State:
     """The state after phase 1 (training on task 1): what every run of a grid group starts
     from. ``state_dict`` lives on the CPU (cloned), whatever device trained it. ``tracked``
-    holds task 1's importance where the measure accumulates it during training."""
+    holds task 1's importance where the measure accumulates it during training; ``adam`` Adam's
+    moments and step count after it where the run keeps them (``adam_state`` keep)."""
 
     config: RunConfig
     state_dict: dict[str, Tensor]
     curve: Curve
     seconds: float
     tracked: Importance | None = None
+    adam: AdamMoments | None = None  # Adam's state after phase 1 (``adam_state`` keep)
 
 
 def make_tasks(config: RunConfig, *, data_dir: str | None = None) -> list[Task]:
-    """The SLT's tasks from ``config.dataset`` (permutations seeded by the "tasks" stream),
+    """The SLT's tasks from ``config.dataset`` (permutations seeded by the "tasks" stream; with
+    ``class_order`` seeded, a class split's classes permuted by the "class-order" stream),
     relabelled for ``config.scenario`` (:func:`masq.scenarios.apply_scenario`)."""
+    seeded = config.class_order == ClassOrder.SEEDED
     tasks = masq_tasks.make(
         config.slt,
         dataset=config.dataset,
         seed=stream_seed(config.seed, "tasks"),
         data_dir=data_dir,
+        class_seed=stream_seed(config.seed, "class-order") if seeded else None,
     )
     return apply_scenario(tasks, config.scenario)
 
@@ -203,6 +217,7 @@ def train_phase(
     tracker: StepTracker | None = None,
     device: torch.device,
     progress: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[Curve, float]:
     """Train ``model`` on ``tasks[phase]`` (phase 0 at lr1 for iters1, later ones at lr2 for
     iters2; mini-batches from the phase's stream), evaluating on :func:`eval_sets` at the
@@ -210,7 +225,8 @@ def train_phase(
     after each backward pass, its wrapper is what training (not evaluation) runs, its
     ``train`` data (if any) replaces the task's (:func:`phase_units`); ``tracker`` is called
     after each optimizer step, and its ``observe_grad`` (if it has one) after the task loss's
-    backward pass, before the penalty's gradient. Returns (curve, seconds)."""
+    backward pass, before the penalty's gradient. ``optimizer``: the one to step (``adam_state``
+    keep: :func:`phase_optimizer`), default a fresh Adam. Returns (curve, seconds)."""
     lr, iters = (config.lr1, config.iters1) if phase == 0 else (config.lr2, config.iters2)
     sets, unions = eval_sets(config, tasks, phase)
     train_config = TrainConfig(
@@ -224,6 +240,14 @@ def train_phase(
     )
     plan = plan or PhasePlan()
     trained = plan.wrap(model) if plan.wrap is not None else model
+    if optimizer is not None and trained is not model:
+        own = {id(p) for p in model.parameters()}
+        if any(id(p) not in own for p in trained.parameters()):
+            raise ConfigError(
+                f"--adam-state keep: {config.consolidation} trains parameters of its own in "
+                f"phase {phase + 1}, which one Adam over the network cannot carry; use "
+                "--adam-state reset"
+            )
     penalty = plan.penalty
 
     def penalty_grad(net: nn.Module) -> None:  # at the network's own parameters, not a wrapper's
@@ -249,6 +273,7 @@ def train_phase(
         sample_units=sample_units,
         unit_sets=unit_sets,
         eval_units=eval_units(tasks) or None,
+        optimizer=optimizer,
     )
     synchronize(device)
     return curve, time.perf_counter() - start
@@ -262,11 +287,34 @@ def train_first(config: RunConfig, tasks: list[Task], *, progress: bool = False)
     device = resolve_device(config.device)
     model = build_model(config, tasks).to(device)
     tracker = make_tracker(config, model, tasks[0], 0, device)
+    optimizer = phase_optimizer(config, model, None)
     curve, seconds = train_phase(
-        config, tasks, model, 0, tracker=tracker, device=device, progress=progress
+        config,
+        tasks,
+        model,
+        0,
+        tracker=tracker,
+        device=device,
+        progress=progress,
+        optimizer=optimizer,
     )
     tracked = None if tracker is None else tracker.importance()
-    return D1State(config, cpu_state(model), curve, seconds, tracked)
+    adam = None if optimizer is None else adam_moments(optimizer, model)
+    return D1State(config, cpu_state(model), curve, seconds, tracked, adam)
+
+
+def phase_optimizer(
+    config: RunConfig, model: nn.Module, moments: AdamMoments | None
+) -> torch.optim.Optimizer | None:
+    """The Adam a run with ``adam_state`` keep steps through all its phases: over ``model``'s
+    parameters, with ``moments`` (the state after phase 1) loaded when given; None (a fresh
+    Adam per phase, made by :func:`masq.training.train_task`) for ``adam_state`` reset."""
+    if config.adam_state != AdamState.KEEP:
+        return None
+    optimizer = make_adam(model.parameters(), config.lr1)
+    if moments is not None:
+        load_adam_moments(optimizer, model, moments)
+    return optimizer
 
 
 def check_same_d1(config: RunConfig, d1: D1State) -> None:

@@ -9,8 +9,11 @@ from masq.training.evaluate import (
     model_device,
 )
 from masq.training.loop import (
+    AdamMoments,
     TrainConfig,
+    adam_moments,
     fused_adam_available,
+    load_adam_moments,
     make_adam,
     minibatch_indices,
     phase_indices,
@@ -19,11 +22,14 @@ from masq.training.loop import (
 
 __all__ = [
     "DEFAULT_EVAL_EVERY",
+    "AdamMoments",
     "TrainConfig",
     "accuracies",
+    "adam_moments",
     "eval_counts",
     "eval_iterations",
     "fused_adam_available",
+    "load_adam_moments",
     "make_adam",
     "minibatch_indices",
     "model_device",

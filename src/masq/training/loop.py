@@ -138,6 +138,68 @@ def make_adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+@dataclass(frozen=True)
+class AdamMoments:
+    """Adam's state between tasks (``adam_state`` keep): the step count t and, per parameter
+    name, the first and second moment estimates m and v (CPU copies), so that the next task's
+    first step is Adam's step t + 1: m ← β1 m + (1 − β1) g, v ← β2 v + (1 − β2) g²,
+    θ ← θ − lr · (m / (1 − β1^{t+1})) / (√(v / (1 − β2^{t+1})) + ε)."""
+
+    step: int
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+
+
+def adam_moments(optimizer: torch.optim.Optimizer, model: nn.Module) -> AdamMoments:
+    """The state of ``optimizer`` (an Adam over ``model``'s parameters) by parameter name, on
+    the CPU; a one-line ConfigError for a parameter it has not stepped."""
+    step, exp_avg, exp_avg_sq = None, {}, {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p)
+        if not state:
+            raise ConfigError(
+                f"adam state: parameter {name!r} has no Adam state; train a phase before reading it"
+            )
+        step = int(float(state["step"])) if step is None else step
+        exp_avg[name] = state["exp_avg"].detach().to("cpu", copy=True)
+        exp_avg_sq[name] = state["exp_avg_sq"].detach().to("cpu", copy=True)
+    return AdamMoments(step or 0, exp_avg, exp_avg_sq)
+
+
+def load_adam_moments(
+    optimizer: torch.optim.Optimizer, model: nn.Module, moments: AdamMoments
+) -> None:
+    """Give ``optimizer`` (an Adam over ``model``'s parameters, not yet stepped) the state
+    ``moments``: its next step is step ``moments.step + 1`` with those m and v. A one-line
+    ConfigError where the names or shapes do not match the model."""
+    named = dict(model.named_parameters())
+    if set(named) != set(moments.exp_avg) or set(named) != set(moments.exp_avg_sq):
+        raise ConfigError(
+            f"adam state: the moments hold {sorted(moments.exp_avg)[:4]}, the model has "
+            f"{sorted(named)[:4]}; carry the state of a model of this architecture"
+        )
+    for name, p in named.items():
+        m, v = moments.exp_avg[name], moments.exp_avg_sq[name]
+        if m.shape != p.shape or v.shape != p.shape:
+            raise ConfigError(
+                f"adam state: moments of {name!r} have shape {tuple(m.shape)}, the parameter "
+                f"{tuple(p.shape)}; carry the state of a model of this architecture"
+            )
+        # the step as Adam keeps it: a float32 tensor, on the device for the fused kernel
+        on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
+        optimizer.state[p] = {
+            "step": torch.tensor(
+                float(moments.step),
+                dtype=torch.float64
+                if torch.get_default_dtype() == torch.float64
+                else torch.float32,
+                device=p.device if on_device else None,
+            ),
+            "exp_avg": m.to(p.device, p.dtype, copy=True),
+            "exp_avg_sq": v.to(p.device, p.dtype, copy=True),
+        }
+
+
 def unit_bias_rows(
     unit_sets: Sequence[Sequence[int]], n: int, device: torch.device | str | None = None
 ) -> Tensor:
@@ -222,8 +284,13 @@ def train_task(
     grad_hook: Callable[[nn.Module], None] | None = None,
     sample_units: Tensor | None = None,
     unit_sets: Sequence[Sequence[int]] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Curve:
     """Train ``model`` in place: loss = cross_entropy(model(x), y) + penalty(model).
+
+    ``optimizer``: the optimizer to step (its state carries over between calls: ``adam_state``
+    keep), its learning rate set to ``config.lr``; default a fresh Adam (:func:`make_adam`)
+    over ``model``'s parameters.
 
     ``penalty_grad(model)``, if given, is called after ``loss.backward()`` to add a penalty's
     gradient to the parameters' ``.grad`` directly (e.g.
@@ -288,7 +355,11 @@ def train_task(
 
     bias: Tensor | None = None  # the head bias of ``units``, made at the first step
     rows: Tensor | None = None  # the head-bias rows of ``unit_sets``, made at the first step
-    optimizer = make_adam(model.parameters(), config.lr)
+    if optimizer is None:
+        optimizer = make_adam(model.parameters(), config.lr)
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     try:
