@@ -1299,8 +1299,8 @@ def test_calibration_times_a_user_penalty_kind_through_add_grad_alone(
 def test_adam_state_keep_through_the_grid_and_its_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, learnable_mnist: None
 ) -> None:
-    """adam_state keep: its own task-1 state, cached with Adam's moments; its runs go one by
-    one (with the line saying why); each record is the record of the run on its own, also
+    """adam_state keep: its own task-1 state, cached with Adam's moments; its runs stacked,
+    each starting from those moments; each record is the record of the run on its own, also
     when task 1 and its moments come back from the cache."""
     torch.set_num_threads(1)
     g = tiny_grid(slt=("D3-3-4",), hidden=((16,),), lr1=(1e-2,), iters1=(30,), iters2=(20,),
@@ -1309,13 +1309,11 @@ def test_adam_state_keep_through_the_grid_and_its_cache(
     configs = expand(g)
     assert len(configs) == 4 and len(grid.plan(configs)) == 2  # keep trains its own task 1
     keep = [c for c in configs if c.adam_state == "keep"]
-    assert one_by_one(keep, 16) == {
-        "--adam-state keep carries each run's Adam state, which the stacked engine does not": 2
-    }
+    assert one_by_one(keep, 16) == {}
     count = Counter(monkeypatch)
     summary = execute(configs, tmp_path, stack=16, progress=False, threads=1)
     assert summary.done == 4 and not summary.failed
-    assert count.stacks == [2] and count.singles == 2  # reset stacked, keep one by one
+    assert count.stacks == [2, 2] and count.singles == 0  # reset and keep: a stack each
     key = grid.d1_key(keep[0])
     cached = Store(tmp_path).load_tensors(tmp_path / "d1" / f"{key}.safetensors")
     assert cached is not None and cached["adam_step"] == 30

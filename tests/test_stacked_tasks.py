@@ -37,9 +37,16 @@ def _configs(base: RunConfig) -> list[RunConfig]:
     ]
 
 
-@pytest.mark.parametrize("scenario", ["class", "task", "domain"])
-def test_five_task_stack_equals_runs_one_by_one(data_learnable: None, scenario: str) -> None:
-    base = RunConfig(**FIVE, scenario=scenario)
+@pytest.mark.parametrize(
+    ("scenario", "adam_state"),
+    [("class", "reset"), ("task", "reset"), ("domain", "reset"), ("task", "keep")],
+)
+def test_five_task_stack_equals_runs_one_by_one(
+    data_learnable: None, scenario: str, adam_state: str
+) -> None:
+    """Also with adam_state keep: each run's Adam state (moments, step count) goes from the
+    task-1 state through the stack's phases as it goes through the phases of its own run."""
+    base = RunConfig(**FIVE, scenario=scenario, adam_state=adam_state)
     configs = _configs(base)
     tasks = protocol.make_tasks(base)
     d1 = protocol.train_first(base, tasks)
@@ -152,3 +159,36 @@ def test_a_merged_penalty_has_the_gradient_of_the_penalty() -> None:
     for key, p in net.named_parameters():
         assert p.grad is not None
         torch.testing.assert_close(lam * total[key] * (p.detach() - params[key]), p.grad)
+
+
+def test_stacked_adam_states_round_trip_and_refuse_mixed_step_counts() -> None:
+    from masq.stacked import stack_state
+    from masq.stacked.adam import StackedAdam
+    from masq.training import AdamMoments
+
+    state = mlp((6,), in_features=10, classes=3, seed=1).state_dict()
+    model = stack_state(state, 2)
+    g = torch.Generator().manual_seed(0)
+    moments = [
+        AdamMoments(
+            7,
+            {k: torch.randn(v.shape, generator=g) for k, v in state.items()},
+            {k: torch.rand(v.shape, generator=g) for k, v in state.items()},
+        )
+        for _ in range(2)
+    ]
+    adam = StackedAdam.create(model, [1e-3, 1e-3], fused=False)
+    adam.load(model, moments)
+    assert adam.t == 7
+    for run in range(2):
+        back = adam.moments(model, run)
+        assert back.step == 7
+        for key in state:
+            assert torch.equal(back.exp_avg[key], moments[run].exp_avg[key])
+            assert torch.equal(back.exp_avg_sq[key], moments[run].exp_avg_sq[key])
+    mixed = [moments[0], AdamMoments(8, moments[1].exp_avg, moments[1].exp_avg_sq)]
+    with pytest.raises(ConfigError, match="one step count"):
+        StackedAdam.create(model, [1e-3, 1e-3]).load(model, mixed)
+    other = stack_state(mlp((5,), in_features=10, classes=3, seed=1).state_dict(), 2)
+    with pytest.raises(ConfigError, match=r"shape|architecture|size"):
+        StackedAdam.create(other, [1e-3, 1e-3]).load(other, moments)

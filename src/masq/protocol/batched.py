@@ -51,16 +51,14 @@ from masq.stacked import train_stacked
 from masq.stacked.adam import compiled_step_active
 from masq.streams import batches_stream, stream_seed
 from masq.tasks import Task
+from masq.training import AdamMoments
 
 
 def stackable(config: RunConfig) -> str | None:
     """Why ``config`` cannot be stacked, or None when it can: the stacked engine trains the
     later phases of runs of the MLP with a diagonal quadratic penalty, so it takes the methods
     that declare ``stackable`` (EWC, online EWC) with any diagonal measure computed after a
-    phase (a structured one, K-FAC, and one accumulated during training, SI, go one by one),
-    with a fresh Adam per phase (``adam_state`` keep goes one by one)."""
-    if config.adam_state == AdamState.KEEP:
-        return "--adam-state keep carries each run's Adam state, which the stacked engine does not"
+    phase (a structured one, K-FAC, and one accumulated during training, SI, go one by one)."""
     method = get_method(config.consolidation)
     if not method.stackable:
         return f"consolidation {method.name!r} is not stacked (its phases are not plain EWC)"
@@ -164,6 +162,14 @@ def continue_stacked(
     curves: list[list[Any]] = [[d1.curve] for _ in configs]
     train_s: list[list[float]] = [[d1.seconds] for _ in configs]
     weights = [[dict(d1.state_dict)] for _ in configs] if keep_weights else None
+    adam: list[AdamMoments] | None = None  # adam_state keep: each run's Adam state
+    if first.adam_state == AdamState.KEEP:
+        if d1.adam is None:
+            raise ConfigError(
+                "--adam-state keep: the task-1 state holds no Adam state; train task 1 with "
+                "--adam-state keep (masq.protocol.train_first)"
+            )
+        adam = [d1.adam] * k
     stack_seconds = 0.0
     for phase in range(1, len(tasks)):
         penalties = []
@@ -171,7 +177,9 @@ def continue_stacked(
             model.load_state_dict(current[run])
             plan = method.before_phase(c, states[run], model, phase, ctx)
             penalties.append(None if diverged[run] else diagonal_penalty(plan, c))
-        phase_curves, finals, seconds = _train_phase(configs, tasks, phase, current, penalties)
+        phase_curves, finals, seconds = _train_phase(
+            configs, tasks, phase, current, penalties, adam
+        )
         stack_seconds += seconds
         for run, (c, method) in enumerate(zip(configs, methods, strict=True)):
             curves[run].append(phase_curves[run])
@@ -213,9 +221,11 @@ def _train_phase(
     phase: int,
     starts: Sequence[Mapping[str, Tensor]],
     penalties: Sequence[tuple[float, dict[str, Tensor], dict[str, Tensor]] | None],
+    adam: list[AdamMoments] | None = None,
 ) -> tuple[list[Any], list[dict[str, Tensor]], float]:
     """Phase ``phase`` of the K runs from ``starts`` with their (λ, θ̄, F̄) penalties, stacked:
-    (K curves, K final states, seconds)."""
+    (K curves, K final states, seconds). ``adam`` (``adam_state`` keep): the runs' Adam states
+    at the start, replaced in place by those at the end."""
     first = configs[0]
     device = resolve_device(first.device)
     sets, unions = eval_sets(first, tasks, phase)
@@ -241,6 +251,8 @@ def _train_phase(
         device=device,
         units=tasks[phase].units,
         eval_units=eval_units(tasks) or None,
+        adam=adam,
+        adam_out=adam,
     )
     synchronize(device)
     return curves, finals, time.perf_counter() - start

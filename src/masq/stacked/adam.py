@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 
 from masq.consolidation.penalty import quadratic_grad_
+from masq.errors import ConfigError
 from masq.fileio import warn
 from masq.runtime import compile_step_requested
-from masq.stacked.model import StackedMLP
-from masq.training import fused_adam_available
+from masq.stacked.model import StackedMLP, stored_layout
+from masq.training import AdamMoments, fused_adam_available
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -124,6 +125,51 @@ class StackedAdam:
             vectorized=bool(vectorized and fused),
             compiled=bool(compiled_step_active() if compiled is None else compiled),
         )
+
+    @torch.no_grad()
+    def load(self, model: StackedMLP, moments: Sequence[AdamMoments]) -> None:
+        """Start run k from Adam's state ``moments[k]`` (``adam_state`` keep: the moments and
+        step count its earlier phases left) instead of a fresh state. The runs of a stack have
+        trained the same number of steps; a one-line ConfigError otherwise, or where the
+        moments are not of ``model``'s parameters."""
+        if len(moments) != model.k:
+            raise ConfigError(f"stacked: give one Adam state per run (K = {model.k})")
+        steps = {m.step for m in moments}
+        if len(steps) != 1:
+            raise ConfigError(
+                f"stacked: the runs' Adam states have taken {sorted(steps)} steps; stack runs "
+                "of one step count"
+            )
+        for run, m in enumerate(moments):
+            if set(m.exp_avg) != set(model.keys) or set(m.exp_avg_sq) != set(model.keys):
+                raise ConfigError(
+                    f"stacked: Adam state of {sorted(m.exp_avg)[:4]}, the model has "
+                    f"{model.keys[:4]}; carry the state of this architecture"
+                )
+            for i, key in enumerate(model.keys):
+                first, second = stored_layout(m.exp_avg[key]), stored_layout(m.exp_avg_sq[key])
+                if first.shape != self.exp_avg[i][run].shape or second.shape != first.shape:
+                    raise ConfigError(
+                        f"stacked: Adam state of {key!r} has shape {tuple(m.exp_avg[key].shape)}, "
+                        "not that of the parameter; carry the state of this architecture"
+                    )
+                self.exp_avg[i][run].copy_(first)
+                self.exp_avg_sq[i][run].copy_(second)
+            for counter in self.steps[run]:
+                counter.fill_(float(m.step))
+        self.t = steps.pop()
+
+    def moments(self, model: StackedMLP, run: int) -> AdamMoments:
+        """Run ``run``'s Adam state (its step count, m and v in the parameters' own layouts,
+        on the CPU): what :meth:`load` takes back."""
+
+        def own(tensors: list[Tensor]) -> dict[str, Tensor]:
+            return {
+                key: stored_layout(t[run]).detach().to("cpu", copy=True).contiguous()
+                for key, t in zip(model.keys, tensors, strict=True)
+            }
+
+        return AdamMoments(self.t, own(self.exp_avg), own(self.exp_avg_sq))
 
     @torch.no_grad()
     def step(

@@ -22,7 +22,7 @@ from masq.stacked.model import (
     unstack,
 )
 from masq.tasks import XY
-from masq.training import eval_iterations
+from masq.training import AdamMoments, eval_iterations
 from masq.training.loop import phase_indices
 
 
@@ -106,6 +106,8 @@ def train_stacked(
     units: Sequence[int] | None = None,
     eval_units: Mapping[str, Sequence[int]] | None = None,
     anchors: Sequence[Mapping[str, Tensor] | None] | None = None,
+    adam: Sequence[AdamMoments] | None = None,
+    adam_out: list[AdamMoments] | None = None,
 ) -> tuple[list[Curve], list[dict[str, Tensor]]]:
     """Re-train K = len(lrs) copies of ``state_dict`` on ``train`` at once (module docstring);
     ``state_dict`` may also be K states, run k starting from the k-th (a later phase of T-task
@@ -117,8 +119,10 @@ def train_stacked(
     as :func:`masq.training.train_task`, evaluated at the same :func:`eval_iterations`;
     ``precision`` "bf16" runs the matmuls in bfloat16 (float32 master weights, Adam state and
     penalty). ``units`` and ``eval_units`` mask the other tasks' output units in the loss and
-    per evaluation set (task-incremental), as :func:`masq.training.train_task`'s. Returns (K
-    curves as train_task's, K final state dicts).
+    per evaluation set (task-incremental), as :func:`masq.training.train_task`'s. ``adam``:
+    run k's Adam starts from ``adam[k]`` (``adam_state`` keep) instead of a fresh state, and
+    ``adam_out`` (a list) receives each run's Adam state at the end. Returns (K curves as
+    train_task's, K final state dicts).
     """
     dtype = (
         torch.bfloat16
@@ -139,6 +143,8 @@ def train_stacked(
     lam_f = lam_importance(model, lams, importances)
     penalized = [lam > 0 and bool(imp) for lam, imp in zip(lams, importances, strict=True)]
     optimizer = StackedAdam.create(model, lrs)
+    if adam is not None:
+        optimizer.load(model, adam)
     x, y = train[0].to(device), train[1].to(device)
     sets = {name: (a.to(device), b.to(device)) for name, (a, b) in (eval_sets or {}).items()}
     unions = dict(unions or {})
@@ -164,4 +170,6 @@ def train_stacked(
         optimizer.step(model.params, grads, lam_f, stars, penalized)
         if it in record_at:
             record(it)
+    if adam_out is not None:
+        adam_out[:] = [optimizer.moments(model, run) for run in range(k)]
     return curves, [unstack(model, run) for run in range(k)]
