@@ -240,6 +240,28 @@ def test_rows_are_paired_by_seed_against_the_reference() -> None:
         peers.peer_preset_from_mapping({**TINY, "reference": "Nope"}, "test")
 
 
+def test_a_partial_cell_says_so_and_is_neither_marked_nor_at_an_edge() -> None:
+    """A cell with part of its runs stored (its λ sweep or seeds still running) is shown as
+    partial: no ◆ and no ▲ / ▼, which would read a half-run sweep as a result."""
+    frame = frame_of({
+        ("None", "task"): [(0, 0, 70.0), (0, 0, 71.0), (0, 0, 72.0)],  # 19 below: marked
+        ("MaSQ", "task"): [(1, 80, 70), (1, 82, 71), (10, 90, 60), (10, 91, 61)],  # top: 10
+    })  # fmt: skip
+    frame["expected"] = 3
+    frame.loc[frame["method"] == "MaSQ", "expected"] = 6  # λ = 100 not stored yet
+    table = analysis.peer_table(frame, tiny()).set_index(["method", "column"])
+    assert table.loc[("None", "task"), "marked"]  # complete: read as a result
+    masq = table.loc[("MaSQ", "task")]
+    assert (masq["runs"], masq["expected"], masq["edge"]) == (4, 6, "")
+    frame.loc[frame["method"] == "None", "expected"] = 5
+    table = analysis.peer_table(frame, tiny())
+    row = table.set_index(["method", "column"]).loc[("None", "task")]
+    assert not row["marked"]
+    md = analysis.peer_markdown(table, tiny())
+    assert "partial: 3 of 5 runs" in md and "partial: 4 of 6 runs" in md
+    assert "◆" not in md.split("\n\n")[1]  # the table body carries no mark
+
+
 def test_a_sweep_without_validation_is_refused() -> None:
     frame = frame_of({("MaSQ", "task"): [(1, math.nan, 70), (10, math.nan, 60)]})
     with pytest.raises(ConfigError, match="eval_val = true"):

@@ -68,7 +68,8 @@ def peer_frame(
     df: pd.DataFrame, cells: Mapping[str, Sequence[str]], preset: PeerPreset
 ) -> pd.DataFrame:
     """One row per (cell, stored run): method (row), column, λ, seed, test and validation
-    average accuracy in % (NaN where a run diverged or evaluated no validation set)."""
+    average accuracy in % (NaN where a run diverged or evaluated no validation set), and the
+    number of runs the cell has in all (``expected``: fewer stored is a partial cell)."""
     if df.empty:
         raise ConfigError(f"no stored runs; run `masq grid --preset {preset.name}` first")
     df = df.set_index("run_id", drop=False)
@@ -94,6 +95,7 @@ def peer_frame(
                         "test": 100 * part["average_accuracy"].astype(float).to_numpy(),
                         "val": 100 * val_average(part),
                         "run_id": ids,
+                        "expected": len(cells[cell_key(row.name, column)]),
                     }
                 )
             )
@@ -137,6 +139,8 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
             pub, spread = row.published.get(column, (math.nan, math.nan))
             diff = mean - pub
             bound = 2 * math.sqrt(np.nan_to_num(sem) ** 2 + np.nan_to_num(spread) ** 2)
+            expected = int(part["expected"].iloc[0]) if "expected" in part else len(part)
+            partial = len(part) < expected  # λ and seeds still missing: not read as a result
             rows.append(
                 {
                     "method": row.name,
@@ -146,7 +150,9 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
                     "reads_lam": bool(at["reads_lam"].any()),
                     "lam_chosen_on_val": swept,
                     "lams": len(part["lam"].unique()),
-                    "edge": sweep_edge(lam, part["lam"].tolist()) if swept else "",
+                    "edge": sweep_edge(lam, part["lam"].tolist()) if swept and not partial else "",
+                    "runs": len(part),
+                    "expected": expected,
                     "seeds": n,
                     "diverged": int(len(test) - n),
                     "mean": mean,
@@ -155,7 +161,10 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
                     "published_spread": spread,
                     "diff": diff,
                     "marked": bool(
-                        math.isfinite(diff) and abs(diff) > MIN_POINTS and abs(diff) > bound
+                        not partial
+                        and math.isfinite(diff)
+                        and abs(diff) > MIN_POINTS
+                        and abs(diff) > bound
                     ),
                 }
             )
@@ -260,6 +269,8 @@ def peer_markdown(table: pd.DataFrame, preset: PeerPreset) -> str:
                 seeds = f"n={r['seeds']}"
                 if r["diverged"]:
                     seeds += f", {r['diverged']} diverged"
+                if r.get("runs", 0) < r.get("expected", 0):
+                    seeds += f"; partial: {r['runs']} of {r['expected']} runs"
                 ours = _number(r["mean"], r["sem"])
                 record[f"{column}:ours"] = f"{ours} ({_lam_text(r)}; {seeds})"
                 if math.isfinite(r["diff"]):
@@ -272,7 +283,8 @@ def peer_markdown(table: pd.DataFrame, preset: PeerPreset) -> str:
     title = (
         f"{preset.title}. Ours: {preset.statistic}, mean ± SEM over seeds (n), at the λ given "
         f"((val): chosen on the validation sets). Published: {preset.citation}, {preset.source} "
-        f"({preset.spread}). {MARK}: |Δ| > {MIN_POINTS:g} point and two combined SEMs."
+        f"({preset.spread}). {MARK}: |Δ| > {MIN_POINTS:g} point and two combined SEMs (never "
+        "on a partial cell, whose λ sweep or seeds are not all stored yet)."
     )
     notes = "".join(f"\n- {n}" for n in preset.notes)
     text = markdown(records, columns, title) + notes + ("\n" if notes else "")
