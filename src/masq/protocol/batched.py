@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from masq.config import AdamState, RunConfig
+from masq.config import RunConfig
 from masq.consolidation import PhasePlan, QuadraticPenalty, check_config, get_method, method_label
 from masq.errors import ConfigError
 from masq.fileio import warn
@@ -38,6 +38,7 @@ from masq.protocol.phases import Context, finish_record
 from masq.protocol.result import Result, finite_state, run_meta
 from masq.protocol.run import (
     D1State,
+    carried_adam,
     check_same_d1,
     check_tasks,
     eval_sets,
@@ -162,14 +163,8 @@ def continue_stacked(
     curves: list[list[Any]] = [[d1.curve] for _ in configs]
     train_s: list[list[float]] = [[d1.seconds] for _ in configs]
     weights = [[dict(d1.state_dict)] for _ in configs] if keep_weights else None
-    adam: list[AdamMoments] | None = None  # adam_state keep: each run's Adam state
-    if first.adam_state == AdamState.KEEP:
-        if d1.adam is None:
-            raise ConfigError(
-                "--adam-state keep: the task-1 state holds no Adam state; train task 1 with "
-                "--adam-state keep (masq.protocol.train_first)"
-            )
-        adam = [d1.adam] * k
+    carried = carried_adam(first, d1)
+    adam = None if carried is None else [carried] * k  # adam_state keep: each run's Adam state
     stack_seconds = 0.0
     for phase in range(1, len(tasks)):
         penalties = []

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from masq.config import AdamState, RunConfig
+from masq.config import RunConfig
 from masq.consolidation import PhasePlan, check_config, get_method
 from masq.errors import ConfigError
 from masq.importance import Importance, get_measure
@@ -25,6 +25,7 @@ from masq.protocol.result import Result, build_result, finite_state, run_meta
 from masq.protocol.run import (
     D1State,
     build_model,
+    carried_adam,
     check_same_d1,
     check_tasks,
     compute_importance,
@@ -116,12 +117,7 @@ def continue_runs(
     lead = configs[0]
     device = resolve_device(lead.device)
     model = model_at(lead, d1.state_dict, tasks).to(device)
-    if lead.adam_state == AdamState.KEEP and d1.adam is None:
-        raise ConfigError(
-            "--adam-state keep: the task-1 state holds no Adam state; train task 1 with "
-            "--adam-state keep (masq.protocol.train_first)"
-        )
-    optimizer = phase_optimizer(lead, model, d1.adam)  # None: a fresh Adam per phase
+    optimizer = phase_optimizer(lead, model, carried_adam(lead, d1))  # None: fresh per phase
     diverged = None if finite_state(d1.state_dict) else "phase 1"
     runs: list[_Run] = []
     for c, (given, seconds) in zip(configs, importances, strict=True):

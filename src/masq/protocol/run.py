@@ -303,6 +303,20 @@ def train_first(config: RunConfig, tasks: list[Task], *, progress: bool = False)
     return D1State(config, cpu_state(model), curve, seconds, tracked, adam)
 
 
+def carried_adam(config: RunConfig, d1: D1State) -> AdamMoments | None:
+    """Adam's state after phase 1 that ``config``'s later phases continue from (``adam_state``
+    keep), None for ``adam_state`` reset; a one-line ConfigError where keep meets a task-1
+    state trained without it."""
+    if config.adam_state != AdamState.KEEP:
+        return None
+    if d1.adam is None:
+        raise ConfigError(
+            "--adam-state keep: the task-1 state holds no Adam state; train task 1 with "
+            "--adam-state keep (masq.protocol.train_first)"
+        )
+    return d1.adam
+
+
 def phase_optimizer(
     config: RunConfig, model: nn.Module, moments: AdamMoments | None
 ) -> torch.optim.Optimizer | None:

@@ -178,6 +178,8 @@ def load_adam_moments(
             f"adam state: the moments hold {sorted(moments.exp_avg)[:4]}, the model has "
             f"{sorted(named)[:4]}; carry the state of a model of this architecture"
         )
+    # the step as Adam keeps it: a float tensor, on the device for the fused kernel
+    on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
     for name, p in named.items():
         m, v = moments.exp_avg[name], moments.exp_avg_sq[name]
         if m.shape != p.shape or v.shape != p.shape:
@@ -185,8 +187,6 @@ def load_adam_moments(
                 f"adam state: moments of {name!r} have shape {tuple(m.shape)}, the parameter "
                 f"{tuple(p.shape)}; carry the state of a model of this architecture"
             )
-        # the step as Adam keeps it: a float32 tensor, on the device for the fused kernel
-        on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
         optimizer.state[p] = {
             "step": torch.tensor(
                 float(moments.step),
