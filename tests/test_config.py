@@ -65,6 +65,7 @@ COMPANIONS: dict[tuple[str, str], tuple[str, ...]] = {
     ("run", "fisher_labels"): ("--importance", "fisher"),
     ("run", "fisher_samples"): ("--importance", "fisher"),
     ("run", "si_damping"): ("--importance", "si"),
+    ("run", "si_gradient"): ("--importance", "si"),
     ("run", "gamma"): ("--consolidation", "online-ewc"),
     ("compare", "gamma"): ("--consolidation", "online-ewc"),
     **{

@@ -16,8 +16,9 @@ from masq.config import RunConfig
 from masq.consolidation import Anchor, QuadraticPenalty, method_label
 from masq.errors import ConfigError
 from masq.importance import MeasureContext, get_measure, reference
-from masq.importance.si import SITracker, si_tracker
+from masq.importance.si import SITotalTracker, SITracker, si_tracker
 from masq.models import mlp
+from masq.runid import id_dict, run_id
 from masq.training import TrainConfig
 from masq.training.loop import phase_indices, train_task
 
@@ -80,10 +81,13 @@ def test_path_integral_with_sgd_on_a_quadratic_is_the_loss_decrease(diagonal: bo
 
 
 def adam_run(
-    dtype: torch.dtype, damping: float = 0.1
-) -> tuple[SITracker, list[dict[str, Tensor]], list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+    dtype: torch.dtype, damping: float = 0.1, *, total: bool = False
+) -> tuple[
+    SITotalTracker, list[dict[str, Tensor]], list[dict[str, Tensor]], list[dict[str, Tensor]]
+]:
     """A tiny MLP trained 7 Adam steps by train_task with an EWC-like penalty added through
-    ``penalty_grad`` and the tracker's hooks. Returns the tracker, the trajectory θ(0..S), and
+    ``penalty_grad`` and the tracker's hooks (``total``: an :class:`SITotalTracker`, whose
+    step reads the gradient the step used). Returns the tracker, the trajectory θ(0..S), and
     the task loss's and the full loss's gradients at θ(s), recomputed independently (copies
     of the net, the loop's own mini-batches and loss: CE of the logits in float32)."""
     g = torch.Generator().manual_seed(3)
@@ -96,15 +100,15 @@ def adam_run(
     lam = 2.0
     penalty = QuadraticPenalty(model, [Anchor(stars, imp)], lam)
     config = TrainConfig(lr=0.05, iters=7, batch_size=8, seed=5)
-    tracker = SITracker(model, damping)
+    tracker = SITotalTracker(model, damping) if total else SITracker(model, damping)
     trajectory = [{k: p.detach().clone() for k, p in model.named_parameters()}]
 
     def after_step(net: nn.Module) -> None:
         tracker.step(net)
         trajectory.append({k: p.detach().clone() for k, p in model.named_parameters()})
 
-    train_task(model, (x, y), config, penalty_grad=penalty, grad_hook=tracker.observe_grad,
-               step_hook=after_step)  # fmt: skip
+    train_task(model, (x, y), config, penalty_grad=penalty,
+               grad_hook=getattr(tracker, "observe_grad", None), step_hook=after_step)  # fmt: skip
     order = phase_indices(30, 8, 7, torch.Generator().manual_seed(5))
     task, full = [], []
     for theta, idx in zip(trajectory, order, strict=False):
@@ -145,6 +149,42 @@ def test_the_tracker_equals_its_naive_twin_under_adam_with_a_penalty(
         negative = sum(int((w < 0).sum()) for w in omega.values())
         assert tracker.clamped == negative > 0
         assert all(bool((v >= 0).all()) for v in fast.values())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol"), [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-5, 1e-7)]
+)
+def test_the_total_gradient_tracker_equals_its_twin_with_the_penalty(
+    dtype: torch.dtype, rtol: float, atol: float
+) -> None:
+    """--si-gradient total: g(s) = ∇(CE + penalty) at θ(s), the gradient the step used; the
+    trajectory is the task-gradient run's (the hook does not change training)."""
+    tracker, trajectory, task, full = adam_run(dtype, total=True)
+    assert not hasattr(tracker, "observe_grad") and tracker.steps == 7
+    _, same, _, _ = adam_run(dtype)
+    for a, b in zip(trajectory, same, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    fast = tracker.importance()
+    slow = reference.si_importance(trajectory, full, 0.1)
+    for name in fast:
+        assert fast[name].dtype == dtype
+        torch.testing.assert_close(fast[name].double(), slow[name], rtol=rtol, atol=atol)
+    omega = reference.path_integral(trajectory, full)
+    for name, w in tracker.path_integral().items():
+        torch.testing.assert_close(w, omega[name], rtol=rtol, atol=atol)
+    without = reference.si_importance(trajectory, task, 0.1)
+    assert max(float((without[k] - slow[k]).abs().max()) for k in slow) > 1e3 * atol
+
+
+def test_si_tracker_follows_si_gradient() -> None:
+    model = Vector(torch.zeros(3, dtype=torch.float64))
+    ctx = MeasureContext(settings={"si_damping": 0.1})
+    assert type(si_tracker(model, ctx)) is SITracker  # task, the default
+    for value, kind in (("task", SITracker), ("total", SITotalTracker)):
+        ctx = MeasureContext(settings={"si_damping": 0.1, "si_gradient": value})
+        assert type(si_tracker(model, ctx)) is kind
+    with pytest.raises(ConfigError, match="si_gradient"):
+        si_tracker(model, MeasureContext(settings={"si_damping": 0.1, "si_gradient": "both"}))
 
 
 def test_without_observe_grad_the_step_reads_grad_and_damping_is_checked() -> None:
@@ -234,6 +274,22 @@ def test_si_damping_changes_task_one_importance_not_its_training(data_learnable:
     assert all(not torch.allclose(a.tracked[k], b.tracked[k]) for k in a.tracked)
     imp, seconds = pr.compute_importance(SI_RUN, a, tasks)
     assert seconds == 0.0 and all(torch.equal(imp[k], a.tracked[k]) for k in imp)
+
+
+def test_si_gradient_total_changes_the_later_phases_only(data_learnable: None) -> None:
+    """On task 1 (no penalty) the two gradients are one; from task 2 on the penalty's
+    gradient enters ω, so Ω_2 and the weights after task 3 differ. The default keeps old run
+    ids; total is in the id."""
+    task_run = SI_RUN.with_(consolidation="online-ewc", gamma=1.0)
+    total_run = task_run.with_(si_gradient="total")
+    assert "si_gradient" not in id_dict(task_run)
+    assert id_dict(total_run)["si_gradient"] == "total"
+    assert run_id(total_run) != run_id(task_run)
+    a, b = pr.run(task_run), pr.run(total_run)
+    assert a.weights is not None and b.weights is not None
+    assert all(torch.equal(a.weights[0][k], b.weights[0][k]) for k in a.weights[0])
+    assert all(torch.equal(a.weights[1][k], b.weights[1][k]) for k in a.weights[1])
+    assert any(not torch.equal(a.weights[2][k], b.weights[2][k]) for k in a.weights[2])
 
 
 def test_grad_hook_sees_the_task_gradient_with_an_autograd_penalty_too() -> None:

@@ -89,6 +89,13 @@ class AdamState(Choice):
     KEEP = "keep"  # one Adam across all tasks: moments and step count carried on
 
 
+class SIGradient(Choice):
+    """Which gradient SI's path integral ω = Σ_s −g(s)·Δθ(s) takes (:mod:`masq.importance.si`)."""
+
+    TASK = "task"  # ∇ of the task's loss alone (Zenke et al.'s code)
+    TOTAL = "total"  # ∇ of the loss the step minimised, penalty included (van de Ven's code)
+
+
 class ClassOrder(Choice):
     """Which classes form each task of a class-split SLT (``D<a>-<b>...``)."""
 

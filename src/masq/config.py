@@ -28,6 +28,7 @@ from masq.choices import (
     Scale,
     Scenario,
     SelectOn,
+    SIGradient,
     Transfer,
     check_device_name,
     choice,
@@ -187,6 +188,13 @@ class RunConfig:
         IMP,
         "SI damping ξ: Ω_k = ω_k / ((Δθ_k)² + ξ) (Zenke et al. 2017)",
         check="positive",
+        since_v1=True,
+    )
+    si_gradient: SIGradient = _field(
+        SIGradient.TASK,
+        IMP,
+        "SI's gradient g in ω = Σ −g·Δθ: task (the task loss alone: Zenke et al.) | total "
+        "(task loss + penalty, the gradient of the step: van de Ven's code)",
         since_v1=True,
     )
     consolidation: str = _field(
@@ -468,6 +476,7 @@ __all__ = [
     "Init",
     "Precision",
     "RunConfig",
+    "SIGradient",
     "Scale",
     "Scenario",
     "SelectOn",

@@ -30,6 +30,7 @@ from masq.config import (
     Precision,
     Scale,
     Scenario,
+    SIGradient,
     Stage,
     Transfer,
     check_registered,
@@ -108,6 +109,7 @@ class Grid:
     fisher_labels: tuple[FisherLabels, ...] = (FisherLabels.EMPIRICAL,)
     fisher_samples: tuple[int, ...] = (0,)
     si_damping: tuple[float, ...] = (0.1,)
+    si_gradient: tuple[SIGradient, ...] = (SIGradient.TASK,)
     consolidation: tuple[str, ...] = ("ewc",)
     gamma: tuple[float, ...] = (1.0,)
     transfer: tuple[Transfer, ...] = (Transfer.WEIGHT,)

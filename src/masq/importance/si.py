@@ -16,14 +16,18 @@ line integral by ½ ΔθᵀHΔθ per step: ``tests/test_si.py``).
 
 Choices, and why:
 
-- g is the gradient of the task loss ALONE (the cross-entropy of the phase's mini-batch),
-  without the consolidation penalty's gradient, although Adam's step was computed from their
-  sum: ω measures how much each parameter's movement decreased this task's loss, and the
-  penalty's gradient would count the pull back towards the earlier tasks' anchor as the new
-  task's contribution (Zenke et al.'s reference code accumulates the gradient of the
-  unregularised loss too). The training loop hands it over through
-  :meth:`SITracker.observe_grad`, called right after the backward pass of the task loss and
-  before the penalty's gradient is added (``train_task(grad_hook=...)``).
+- g is by default the gradient of the task loss ALONE (``--si-gradient task``: the
+  cross-entropy of the phase's mini-batch), without the consolidation penalty's gradient,
+  although Adam's step was computed from their sum: ω measures how much each parameter's
+  movement decreased this task's loss, and the penalty's gradient would count the pull back
+  towards the earlier tasks' anchor as the new task's contribution (Zenke et al.'s reference
+  code accumulates the gradient of the unregularised loss too). The training loop hands it
+  over through :meth:`SITracker.observe_grad`, called right after the backward pass of the
+  task loss and before the penalty's gradient is added (``train_task(grad_hook=...)``).
+  ``--si-gradient total`` takes the gradient the step used, penalty included
+  (:class:`SITotalTracker`, which has no ``observe_grad``): van de Ven's code
+  (GMvandeVen/continual-learning) accumulates ``p.grad`` after the backward pass of its total
+  loss, and its peer tables were made so. On task 1, with no penalty, the two are equal.
 - Negative Ω: Zenke et al. keep ω (and so Ω) as it is, negative entries included. masq clamps
   Ω at 0, because an importance enters the penalty (λ/2) Σ_k Ω_k (θ_k − θ*_k)² and EWC's
   anchor check refuses negative importance (a negative entry would reward moving away from
@@ -49,6 +53,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from masq.choices import SIGradient, choice
 from masq.errors import ConfigError
 from masq.importance.persample import trainable_params
 from masq.importance.registry import Importance, Measure, MeasureContext, register_measure
@@ -68,15 +73,16 @@ def si_omega(omega: Tensor, delta: Tensor, damping: float) -> tuple[Tensor, int]
     return omega.clamp(min=0) / (delta.square() + damping), clamped
 
 
-class SITracker:
-    """SI's path integral over one phase (module docstring): a
-    :class:`~masq.importance.StepTracker` with the optional ``observe_grad`` hook.
+class SITotalTracker:
+    """SI's path integral over one phase (module docstring) with g(s) the gradient the
+    optimizer step used, penalty included (``--si-gradient total``): a
+    :class:`~masq.importance.StepTracker`.
 
     Built at the start of the phase (θ(start) is copied then). Per step the loop calls
-    :meth:`observe_grad` after the task loss's backward pass and :meth:`step` after the
-    optimizer step; :meth:`importance` gives Ω at the end. The tracker follows the parameters
-    of the ``model`` it was built on (the network itself, not a training wrapper); the
-    ``model`` argument of the hooks is not read. ``dtype`` is the accumulator's (float64)."""
+    :meth:`step` after the optimizer step (``.grad`` is then the step's gradient);
+    :meth:`importance` gives Ω at the end. The tracker follows the parameters of the
+    ``model`` it was built on (the network itself, not a training wrapper); the ``model``
+    argument of the hooks is not read. ``dtype`` is the accumulator's (float64)."""
 
     def __init__(
         self, model: nn.Module, damping: float, *, dtype: torch.dtype = torch.float64
@@ -94,12 +100,6 @@ class SITracker:
         self.steps = 0
         self.clamped = 0
 
-    def observe_grad(self, model: nn.Module) -> None:
-        """Copy g(s) = the parameters' ``.grad`` now (the task loss's gradient; None counts
-        as 0) for the next :meth:`step`."""
-        self._copy_grads()
-        self.observed = True
-
     def _copy_grads(self) -> None:
         with torch.no_grad():
             dst, src = [], []
@@ -113,9 +113,9 @@ class SITracker:
                 torch._foreach_copy_(dst, src)
 
     def step(self, model: nn.Module) -> None:
-        """ω += −g(s) · (θ(s+1) − θ(s)) after an optimizer step, with g(s) from
-        :meth:`observe_grad` (without that call: ``.grad`` now, the gradient the step used,
-        which is the task loss's alone when no penalty was added)."""
+        """ω += −g(s) · (θ(s+1) − θ(s)) after an optimizer step, with g(s) the ``.grad`` now
+        (the gradient the step used; None counts as 0), or the one an ``observe_grad`` of
+        this step copied (:class:`SITracker`)."""
         if not self.observed:
             self._copy_grads()
         self.observed = False
@@ -148,12 +148,28 @@ class SITracker:
         return out
 
 
-def si_tracker(model: nn.Module, ctx: MeasureContext) -> SITracker:
+class SITracker(SITotalTracker):
+    """SI's path integral over one phase with g(s) the gradient of the task loss alone (the
+    default, ``--si-gradient task``): :class:`SITotalTracker` with the ``observe_grad`` hook,
+    which the loop calls after the task loss's backward pass, before the penalty's gradient
+    is added."""
+
+    def observe_grad(self, model: nn.Module) -> None:
+        """Copy g(s) = the parameters' ``.grad`` now (the task loss's gradient; None counts
+        as 0) for the next :meth:`step`."""
+        self._copy_grads()
+        self.observed = True
+
+
+def si_tracker(model: nn.Module, ctx: MeasureContext) -> SITotalTracker:
     """The registry's ``si`` tracker of ``model`` for one phase, with ξ from
-    ``ctx.settings["si_damping"]``."""
+    ``ctx.settings["si_damping"]`` and the gradient from ``ctx.settings["si_gradient"]``
+    (``task`` when absent: :class:`SITracker`; ``total``: :class:`SITotalTracker`)."""
     if "si_damping" not in ctx.settings:
         raise ConfigError("importance 'si': the context lacks si_damping; pass it in settings")
-    return SITracker(model, ctx.settings["si_damping"])
+    gradient = choice(SIGradient, ctx.settings.get("si_gradient", SIGradient.TASK), "si_gradient")
+    kind = SITracker if gradient == SIGradient.TASK else SITotalTracker
+    return kind(model, ctx.settings["si_damping"])
 
 
 SI = register_measure(
@@ -161,7 +177,7 @@ SI = register_measure(
         "si",
         label="SI",
         tracker=si_tracker,
-        fields=("si_damping",),
+        fields=("si_damping", "si_gradient"),
         standalone=True,
         online=True,
         reads_data=False,
@@ -170,4 +186,4 @@ SI = register_measure(
     )
 )
 
-__all__ = ["SI", "SITracker", "check_damping", "si_omega", "si_tracker"]
+__all__ = ["SI", "SITotalTracker", "SITracker", "check_damping", "si_omega", "si_tracker"]
