@@ -34,6 +34,7 @@ from masq.config import (
     Init,
     RunConfig,
     Scale,
+    Scenario,
     Stage,
     hidden_text,
     lam_per_lr2,
@@ -336,7 +337,9 @@ def test_an_slt_of_one_task_and_a_bad_device_are_errors() -> None:
 
 
 def all_other() -> RunConfig:
-    return RunConfig(**{f.name: other_value(f) for f in FIELDS}).validate()
+    values = {f.name: other_value(f) for f in FIELDS}
+    values["scenario"] = Scenario.CLASS_BLOCKS  # not the default, and class_units seen applies
+    return RunConfig(**values).validate()
 
 
 @pytest.mark.parametrize("config", [RunConfig(), all_other()], ids=["defaults", "others"])

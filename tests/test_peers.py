@@ -64,6 +64,29 @@ def test_cells_take_row_column_and_override_keys_in_order() -> None:
     assert {(c.seed, c.iters1) for cs in small.values() for c in cs} == {(3, 4)}
 
 
+def test_column_axes_apply_to_every_row_of_their_column_below_the_rows_keys() -> None:
+    columns = {**TINY["columns"], "axes": {"class": {"class_units": "seen", "lam": 7}}}
+    cells = peers.peer_preset_from_mapping({**TINY, "columns": columns}, "test").cells()
+    assert {c.class_units.value for c in cells["None | class"]} == {"seen"}
+    assert {c.class_units.value for c in cells["None | task"]} == {"all"}
+    assert {c.lam for c in cells["None | class"]} == {0.0}  # the row's λ wins
+    assert {c.lam for c in cells["EWC | class"]} == {100.0}  # the row's column λ wins
+    for bad, problem in (
+        ({"domain": {"lam": 1}}, "keys for 'domain', not a column"),
+        ({"class": {"lamb": 1}}, "unknown grid key 'lamb'"),
+        ([1], "columns.axes must be a table"),
+    ):
+        with pytest.raises(ConfigError, match=problem):
+            peers.peer_preset_from_mapping(
+                {**TINY, "columns": {**TINY["columns"], "axes": bad}}, "test"
+            )
+    with pytest.raises(ConfigError, match=r"unknown key columns\.width"):
+        peers.peer_preset_from_mapping({**TINY, "columns": {**columns, "width": 3}}, "test")
+    split = peers.load_peer_preset("vdv2019-split").cells(rows=["EWC"])
+    assert {c.class_units.value for c in split["EWC | class"]} == {"seen"}
+    assert {c.class_units.value for c in split["EWC | task"]} == {"all"}
+
+
 def test_configs_are_the_union_of_the_cells_once() -> None:
     preset = tiny()
     ids = [run_id(c) for c in preset.configs()]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from masq import protocol, scenarios, tasks
 from masq.config import RunConfig, Scenario
 from masq.errors import ConfigError
-from masq.runid import run_id
+from masq.runid import id_dict, run_id
 from masq.stacked import Workspace, loss_grads, stack_state, stacked_accuracies
 from masq.training import TrainConfig, eval_counts, train_task
 from tests.synthetic import synthetic_dataset
@@ -290,3 +290,68 @@ def test_every_measure_and_method_runs_through_the_grid_in_every_scenario(
     assert len(df) == len(unique)
     assert df["last.union"].notna().all()
     assert set(df["importance"]) >= {m for m in MEASURES if m != "none"}
+
+
+# ----------------------------------------------------------------------------- seen units
+
+
+def test_seen_units_are_the_classes_of_the_tasks_so_far(
+    split: list[tasks.Task], permuted: list[tasks.Task]
+) -> None:
+    seen: list[int] = []
+    for phase, task in enumerate(split):
+        seen += list(task.classes)
+        view = scenarios.seen_units(split, phase)
+        for before, after in zip(split, view, strict=True):
+            assert after.units == tuple(sorted(seen))
+            assert after.train is before.train and after.classes == before.classes
+    assert set(scenarios.seen_units(split, 4)[0].units or ()) == set(range(10))
+    blocks = scenarios.apply_scenario(permuted, "class-blocks")
+    assert scenarios.seen_units(blocks, 1)[2].units == tuple(range(20))  # labels, not classes
+    with pytest.raises(ConfigError, match="units of their own"):
+        scenarios.seen_units(scenarios.apply_scenario(split, "task"), 0)
+    with pytest.raises(ConfigError, match="phase 5"):
+        scenarios.seen_units(split, 5)
+
+
+def test_class_units_seen_leaves_the_units_of_unseen_classes_untouched(
+    data_learnable: None,
+) -> None:
+    """With class_units seen a class's output row (weights and bias) gets no gradient, so no
+    Adam step and no importance, until its task comes: it is still at its initial value after
+    the phases before (an identity independent of the masking code); its task's accuracy is 0
+    until then, and after the last phase every unit counts. With every unit active the rows
+    move from phase 1 on."""
+    three = {**SMALL, "slt": "D4-3-3", "adam_state": "keep"}
+    seen = RunConfig(**three, class_units="seen", importance="fisher", fisher_labels="exact",
+                     lam=100.0)  # fmt: skip
+    tasks_ = protocol.make_tasks(seen)
+    start = protocol.build_model(seen, tasks_).state_dict()
+    result = protocol.run(seen)
+    every = protocol.run(seen.with_(class_units="all"))
+    assert result.weights is not None and every.weights is not None
+    rows = [list(t.classes) for t in tasks_]  # 0-3, 4-6, 7-9
+    for key in ("2.weight", "2.bias"):
+        for phase in range(3):
+            later = [c for r in rows[phase + 1 :] for c in r]
+            now = result.weights[phase][key]
+            assert torch.equal(now[later], start[key][later]), (key, phase)
+            assert not torch.equal(now[rows[phase]], start[key][rows[phase]])
+        assert not torch.equal(every.weights[0][key][rows[1]], start[key][rows[1]])
+    d1 = protocol.train_first(seen, tasks_)
+    imp, _ = protocol.compute_importance(seen, d1, tasks_)
+    assert float(imp["2.weight"][rows[1] + rows[2]].abs().sum()) == 0.0
+    assert float(imp["2.weight"][rows[0]].abs().sum()) > 0.0
+    assert result.accuracy[0][1:] == [0.0, 0.0] and result.accuracy[1][2] == 0.0
+    assert result.accuracy[0][0] > 0.6  # task 1 among its own 4 classes
+    assert "class_units" not in id_dict(seen.with_(class_units="all"))
+    assert run_id(seen) != run_id(seen.with_(class_units="all"))
+
+
+@pytest.mark.parametrize("scenario", ["task", "domain"])
+def test_class_units_seen_is_refused_outside_the_class_incremental_scenarios(
+    scenario: str,
+) -> None:
+    with pytest.raises(ConfigError, match="class_units: seen applies"):
+        RunConfig(slt="D4-3-3", scenario=scenario, class_units="seen").validate()
+    RunConfig(slt="D4-3-3", scenario="class-blocks", class_units="seen").validate()

@@ -38,15 +38,22 @@ def _configs(base: RunConfig) -> list[RunConfig]:
 
 
 @pytest.mark.parametrize(
-    ("scenario", "adam_state"),
-    [("class", "reset"), ("task", "reset"), ("domain", "reset"), ("task", "keep")],
+    ("scenario", "adam_state", "class_units"),
+    [
+        ("class", "reset", "all"),
+        ("task", "reset", "all"),
+        ("domain", "reset", "all"),
+        ("task", "keep", "all"),
+        ("class", "keep", "seen"),
+    ],
 )
 def test_five_task_stack_equals_runs_one_by_one(
-    data_learnable: None, scenario: str, adam_state: str
+    data_learnable: None, scenario: str, adam_state: str, class_units: str
 ) -> None:
     """Also with adam_state keep: each run's Adam state (moments, step count) goes from the
-    task-1 state through the stack's phases as it goes through the phases of its own run."""
-    base = RunConfig(**FIVE, scenario=scenario, adam_state=adam_state)
+    task-1 state through the stack's phases as it goes through the phases of its own run;
+    and with class_units seen, each phase's units those of the classes seen so far."""
+    base = RunConfig(**FIVE, scenario=scenario, adam_state=adam_state, class_units=class_units)
     configs = _configs(base)
     tasks = protocol.make_tasks(base)
     d1 = protocol.train_first(base, tasks)

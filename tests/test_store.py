@@ -48,6 +48,7 @@ CHANGES: dict[str, Any] = {
     "fisher_samples": 500,
     "si_damping": 0.5,
     "si_gradient": "total",
+    "class_units": "seen",
     "consolidation": "online-ewc",
     "gamma": 0.5,
     "transfer": "drop",
@@ -88,7 +89,8 @@ def test_run_id_is_sha256_of_the_sorted_config() -> None:
     d = config.to_dict()
     for name in ("device", "consolidation", "gamma", "eval_schedule", "precision", "transfer",
                  "transfer_lam", "drop_p", "alpha_step", "scenario", "fisher_samples",
-                 "si_damping", "si_gradient", "adam_state", "class_order"):  # fmt: skip
+                 "si_damping", "si_gradient", "adam_state", "class_order",
+                 "class_units"):  # fmt: skip
         del d[name]
     d["fisher_labels"] = "true"  # masq 0.1's name of the empirical Fisher, kept in ids
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
@@ -113,7 +115,8 @@ def test_fields_added_since_format_1_are_in_the_id_only_off_their_default() -> N
     since = {f.name for f in FIELDS if f.since_v1}
     assert since == {"consolidation", "gamma", "eval_schedule", "precision", "transfer",
                      "transfer_lam", "drop_p", "alpha_step", "scenario", "fisher_samples",
-                     "si_damping", "si_gradient", "adam_state", "class_order"}  # fmt: skip
+                     "si_damping", "si_gradient", "adam_state", "class_order",
+                     "class_units"}  # fmt: skip
     base = RunConfig(slt="D3-3-4")
     assert runid.id_dict(base).keys() == {f.name for f in FIELDS} - {"device"} - since
     online = base.with_(consolidation="online-ewc", gamma=0.25)

@@ -96,6 +96,14 @@ class SIGradient(Choice):
     TOTAL = "total"  # ∇ of the loss the step minimised, penalty included (van de Ven's code)
 
 
+class ClassUnits(Choice):
+    """Which output units a class-incremental run (scenario ``class`` or ``class-blocks``)
+    trains and evaluates with (:func:`masq.scenarios.seen_units`)."""
+
+    ALL = "all"  # every unit of the head active from task 1 on
+    SEEN = "seen"  # only the units of the classes seen so far (van de Ven & Tolias's code)
+
+
 class ClassOrder(Choice):
     """Which classes form each task of a class-split SLT (``D<a>-<b>...``)."""
 

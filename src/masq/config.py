@@ -19,6 +19,7 @@ from masq.choices import (
     AdamState,
     Choice,
     ClassOrder,
+    ClassUnits,
     Criterion,
     EvalSchedule,
     Executor,
@@ -142,6 +143,14 @@ class RunConfig:
         "moments and step count carried on, the learning rate set per phase: van de Ven's code)",
         since_v1=True,
     )
+    class_units: ClassUnits = _field(
+        ClassUnits.ALL,
+        F,
+        "class-incremental scenarios (class, class-blocks): all (every output unit active from "
+        "task 1 on) | seen (in phase t only the units of the classes of tasks 1..t, in training, "
+        "the importance pass and evaluation: van de Ven & Tolias's code)",
+        since_v1=True,
+    )
     eval_every: int = _field(
         250, F, "evaluate every N iterations (and at 0 and the end)", check="positive"
     )
@@ -262,6 +271,14 @@ class RunConfig:
             )
         check_device_name(self.device)
         check_model_size(self.hidden)
+        if self.class_units == ClassUnits.SEEN and self.scenario not in (
+            Scenario.CLASS,
+            Scenario.CLASS_BLOCKS,
+        ):
+            raise ConfigError(
+                f"class_units: seen applies to the class-incremental scenarios (class, "
+                f"class-blocks), not {self.scenario}; use --class-units all"
+            )
         if self.drop_p >= 1:
             raise ConfigError(f"drop_p: must be < 1, got {self.drop_p!r}")
         return self
@@ -468,6 +485,7 @@ __all__ = [
     "AdamState",
     "Choice",
     "ClassOrder",
+    "ClassUnits",
     "Criterion",
     "EvalSchedule",
     "Executor",

@@ -110,6 +110,34 @@ def _outputs_used(task: Task) -> tuple[int, ...]:
     return (*labels, *(task.units or ()))
 
 
+def seen_units(tasks: Sequence[Task], phase: int) -> list[Task]:
+    """The tasks as phase ``phase`` (0-based) of a class-incremental run with ``class_units``
+    seen sees them: every task's ``units`` set to
+
+        U_phase = ∪_{j ≤ phase} labels(task j)
+
+    (labels as :func:`n_outputs` reads them), so training, the importance pass and every
+    evaluation of that phase mask the units of classes not seen yet (van de Ven & Tolias's
+    code: its ``active_classes`` in training, ``allowed_classes`` in the Fisher). After the
+    last phase U is every label, so the final accuracies equal those with every unit active
+    wherever the tasks use every unit of the head. For tasks already relabelled by
+    :func:`apply_scenario` in the ``class`` or ``class-blocks`` scenario (no units of their
+    own); a task with units of its own is a one-line ConfigError."""
+    if not 0 <= phase < len(tasks):
+        raise ConfigError(f"seen units: phase {phase} is not one of 0..{len(tasks) - 1}")
+    if any(t.units is not None for t in tasks):
+        raise ConfigError(
+            "seen units: the tasks have units of their own (task-incremental); seen units "
+            "are for the class-incremental scenarios"
+        )
+    seen: list[int] = []
+    for task in tasks[: phase + 1]:
+        labels = task.labels if task.labels is not None else task.classes
+        seen += [int(v) for v in labels if int(v) not in seen]
+    units = tuple(sorted(seen))
+    return [dataclasses.replace(t, units=units) for t in tasks]
+
+
 def head_bias(
     units: Sequence[int] | None, n: int, device: torch.device | str | None = None
 ) -> Tensor | None:
@@ -127,4 +155,4 @@ def head_bias(
     return bias
 
 
-__all__ = ["apply_scenario", "disjoint", "head_bias", "n_outputs"]
+__all__ = ["apply_scenario", "disjoint", "head_bias", "n_outputs", "seen_units"]

@@ -6,7 +6,9 @@ with ``masq peers NAME``) states one table of a publication:
 - ``name``, ``title``, ``citation``, ``source`` (where in the publication the numbers are),
   ``statistic`` (what a cell is) and ``spread`` (what its ± is, e.g. "SEM over 5 seeds");
 - ``[columns]``: the grid field the table's columns vary (``field``, e.g. "scenario"), its
-  ``values`` and the publication's ``labels`` for them;
+  ``values``, the publication's ``labels`` for them and, optionally, ``axes.<value>``: grid
+  keys of every row in that column (e.g. ``class_units = "seen"`` for the class-incremental
+  column only);
 - ``[axes]``: the grid keys every cell shares (those of a grid file: ``slt``, ``hidden``,
   ``seeds``, ...);
 - one ``[[rows]]`` per method: ``name`` (the publication's label), ``[rows.axes]`` (its grid
@@ -15,11 +17,12 @@ with ``masq peers NAME``) states one table of a publication:
   where the publication gives no spread; a column without it is ours only) and ``note``;
 - ``reference`` (optional): the row every other row is compared with, paired by seed.
 
-A cell's grid is ``axes``, then the row's axes, then the row's column keys, then the column's
-own value, then ``overrides`` (the command line: e.g. fewer iterations for a test). A cell
-whose λ axis has several values is a sweep: its λ is chosen on the validation sets when the
-table is made (:mod:`masq.analysis.peers`). The preset's runs are the union of its cells'
-runs, de-duplicated by run id (cells that share a configuration share its run).
+A cell's grid is ``axes``, then the column's ``columns.axes``, then the row's axes, then the
+row's column keys, then the column's own value, then ``overrides`` (the command line: e.g.
+fewer iterations for a test). A cell whose λ axis has several values is a sweep: its λ is
+chosen on the validation sets when the table is made (:mod:`masq.analysis.peers`). The
+preset's runs are the union of its cells' runs, de-duplicated by run id (cells that share a
+configuration share its run).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class PeerPreset:
     rows: tuple[PeerRow, ...]
     notes: tuple[str, ...] = ()
     reference: str = ""  # the row the others are compared with, paired by seed ("": none)
+    column_axes: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def label(self, column: str) -> str:
         """The publication's name of ``column``."""
@@ -114,7 +118,8 @@ class PeerPreset:
             if rows and row.name not in rows:
                 continue
             for column in columns:
-                values = {**self.axes, **row.axes, **row.by_column.get(column, {})}
+                values = {**self.axes, **self.column_axes.get(column, {}), **row.axes,
+                          **row.by_column.get(column, {})}  # fmt: skip
                 for given, other in (("seed", "seeds"), ("seeds", "seed"), ("hidden", "layers"),
                                      ("hidden", "sizes"), ("layers", "hidden")):  # fmt: skip
                     if given in overrides:
@@ -170,10 +175,13 @@ def _text(value: Any, key: str, where: str) -> str:
     return value
 
 
-def _table(value: Any, key: str, where: str) -> dict[str, Any]:
+def _table(value: Any, key: str, where: str, *, grid: bool | None = None) -> dict[str, Any]:
+    """``value`` as a dict; a one-line ConfigError unless it is a table whose keys, where it
+    holds grid keys (``grid``; default: ``key`` ends in "axes"), are grid keys."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: {key!r} must be a table ([{key}]), got {value!r}")
-    unknown = sorted(set(value) - set(GRID_KEYS)) if key.endswith("axes") else []
+    grid = key.endswith("axes") if grid is None else grid
+    unknown = sorted(set(value) - set(GRID_KEYS)) if grid else []
     if unknown:
         raise ConfigError(f"{where}: unknown grid key {unknown[0]!r} in {key!r}")
     return dict(value)
@@ -207,6 +215,18 @@ def peer_preset_from_mapping(data: Mapping[str, Any], where: str) -> PeerPreset:
     labels = tuple(str(v) for v in cols.get("labels", columns))
     if not columns or len(labels) != len(columns):
         raise ConfigError(f"{where}: give columns.values and as many columns.labels")
+    column_axes = cols.get("axes", {})
+    if not isinstance(column_axes, dict):
+        raise ConfigError(f"{where}: columns.axes must be a table of columns, got {column_axes!r}")
+    for column, keys in column_axes.items():
+        if column not in columns:
+            raise ConfigError(f"{where}: columns.axes has keys for {column!r}, not a column")
+        column_axes[column] = _table(keys, f"columns.axes.{column}", where, grid=True)
+    unknown_keys = sorted(set(cols) - {"field", "values", "labels", "axes"})
+    if unknown_keys:
+        raise ConfigError(
+            f"{where}: unknown key columns.{unknown_keys[0]}; known: field, values, labels, axes"
+        )
     rows = []
     raw_rows = data.get("rows")
     if not isinstance(raw_rows, list) or not raw_rows:
@@ -250,6 +270,7 @@ def peer_preset_from_mapping(data: Mapping[str, Any], where: str) -> PeerPreset:
         rows=tuple(rows),
         notes=tuple(str(n) for n in data.get("notes", [])),
         reference=reference,
+        column_axes=column_axes,
     )
 
 

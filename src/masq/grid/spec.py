@@ -23,6 +23,7 @@ from masq.config import (
     FIELDS,
     AdamState,
     ClassOrder,
+    ClassUnits,
     EvalSchedule,
     FieldSpec,
     FisherLabels,
@@ -99,6 +100,7 @@ class Grid:
     iters1: tuple[int, ...] = (5000,)
     batch_size: tuple[int, ...] = (100,)
     adam_state: tuple[AdamState, ...] = (AdamState.RESET,)
+    class_units: tuple[ClassUnits, ...] = (ClassUnits.ALL,)
     eval_every: tuple[int, ...] = (250,)
     eval_val: tuple[bool, ...] = (False,)
     eval_schedule: tuple[EvalSchedule, ...] = (EvalSchedule.EVERY,)

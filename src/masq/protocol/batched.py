@@ -45,6 +45,7 @@ from masq.protocol.run import (
     eval_units,
     importance_of,
     model_at,
+    phase_tasks,
     synchronize,
 )
 from masq.runtime import resolve_device
@@ -188,7 +189,7 @@ def continue_stacked(
             model.load_state_dict(finals[run])  # run's state: its pass and its method's
             imp = None
             if method.wants_importance(c, phase) and diverged[run] is None:
-                imp, s = importance_of(c, model, tasks[phase], phase, device)
+                imp, s = importance_of(c, model, phase_tasks(c, tasks, phase)[phase], phase, device)
                 imp_seconds[run].append(s)
             states[run] = method.after_phase(c, states[run], model, imp, phase)
     compiled = compiled_step_active() and device.type == "cpu"
@@ -223,6 +224,7 @@ def _train_phase(
     at the start, replaced in place by those at the end."""
     first = configs[0]
     device = resolve_device(first.device)
+    tasks = phase_tasks(first, tasks, phase)
     sets, unions = eval_sets(first, tasks, phase)
     same_start = all(s is starts[0] for s in starts)
     start = time.perf_counter()

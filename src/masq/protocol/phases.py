@@ -36,6 +36,7 @@ from masq.protocol.run import (
     merged_accuracies,
     model_at,
     phase_optimizer,
+    phase_tasks,
     train_first,
     train_phase,
 )
@@ -133,7 +134,8 @@ def continue_runs(
         if diverged is not None:  # a non-finite state anchors nothing
             plan = PhasePlan(wrap=plan.wrap)
         wanted = [_wants(r.config, phase) for r in runs]
-        tracker = make_tracker(lead, model, tasks[phase], phase, device) if any(wanted) else None
+        seen = phase_tasks(lead, tasks, phase)[phase]  # its units where class_units is seen
+        tracker = make_tracker(lead, model, seen, phase, device) if any(wanted) else None
         curve, seconds = train_phase(
             lead,
             tasks,
@@ -159,7 +161,7 @@ def continue_runs(
                 key = (measure.name, tuple(sorted(measure.settings(run.config).items())))
                 if key not in passes:
                     own = tracker if run.config.importance == lead.importance else None
-                    passes[key] = importance_of(run.config, model, tasks[phase], phase, device, own)
+                    passes[key] = importance_of(run.config, model, seen, phase, device, own)
                 imp, s = passes[key]
                 run.seconds.append(s)
             method = get_method(run.config.consolidation)

@@ -45,14 +45,14 @@ import torch
 from torch import Tensor, nn
 
 from masq import tasks as masq_tasks
-from masq.config import FIRST_FIELDS, AdamState, ClassOrder, RunConfig
+from masq.config import FIRST_FIELDS, AdamState, ClassOrder, ClassUnits, RunConfig
 from masq.consolidation import PhasePlan, check_config, get_method, method_label
 from masq.curves import VAL, Curve, task_name, union_name
 from masq.errors import ConfigError
 from masq.importance import Importance, MeasureContext, StepTracker, get_measure
 from masq.models import mlp
 from masq.runtime import resolve_device
-from masq.scenarios import apply_scenario, n_outputs
+from masq.scenarios import apply_scenario, n_outputs, seen_units
 from masq.streams import batches_stream, labels_stream, stream_seed
 from masq.tasks import XY, Task
 from masq.training import (
@@ -115,6 +115,15 @@ def eval_sets(
             unions[prefix + union_name(phase + 1)] = tuple(prefix + m for m in names[: phase + 1])
         unions[prefix + union_name(n)] = tuple(prefix + m for m in names)
     return sets, unions
+
+
+def phase_tasks(config: RunConfig, tasks: Sequence[Task], phase: int) -> list[Task]:
+    """The tasks as phase ``phase`` (0-based) trains, passes and evaluates them: as they are,
+    or, with ``class_units`` seen, every task's units the labels of tasks 1..phase+1
+    (:func:`masq.scenarios.seen_units`)."""
+    if config.class_units == ClassUnits.SEEN:
+        return seen_units(tasks, phase)
+    return list(tasks)
 
 
 def eval_units(tasks: Sequence[Task]) -> dict[str, tuple[int, ...]]:
@@ -228,6 +237,7 @@ def train_phase(
     backward pass, before the penalty's gradient. ``optimizer``: the one to step (``adam_state``
     keep: :func:`phase_optimizer`), default a fresh Adam. Returns (curve, seconds)."""
     lr, iters = (config.lr1, config.iters1) if phase == 0 else (config.lr2, config.iters2)
+    tasks = phase_tasks(config, tasks, phase)
     sets, unions = eval_sets(config, tasks, phase)
     train_config = TrainConfig(
         lr=lr,
@@ -286,7 +296,7 @@ def train_first(config: RunConfig, tasks: list[Task], *, progress: bool = False)
     check_tasks(config, tasks)
     device = resolve_device(config.device)
     model = build_model(config, tasks).to(device)
-    tracker = make_tracker(config, model, tasks[0], 0, device)
+    tracker = make_tracker(config, model, phase_tasks(config, tasks, 0)[0], 0, device)
     optimizer = phase_optimizer(config, model, None)
     curve, seconds = train_phase(
         config,
@@ -392,7 +402,7 @@ def compute_importance(
         return {}, 0.0
     device = resolve_device(config.device)
     model = model_at(config, d1.state_dict, tasks).to(device)
-    return importance_of(config, model, tasks[0], 0, device)
+    return importance_of(config, model, phase_tasks(config, tasks, 0)[0], 0, device)
 
 
 def merged_accuracies(
@@ -425,6 +435,7 @@ __all__ = [
     "measure_context",
     "merged_accuracies",
     "model_at",
+    "phase_tasks",
     "phase_units",
     "synchronize",
     "train_first",
