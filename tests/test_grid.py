@@ -398,6 +398,12 @@ def test_work_counts_shared_task_1_states_and_importance_passes() -> None:
     three = expand(tiny_grid(slt=("D3-3-4",), consolidation=("ewc", "online-ewc")))
     assert len(three) == 20  # λ = 0 once per lr2, EWC and online EWC for λ > 0
     assert grid.work(grid.plan(three), 4) == grid.Work(20, 2, 2, 20, 6)  # stacked as two-task runs
+    # runs that go alone are counted as such: SI (its own phase 1) and K-FAC (not stacked)
+    alone = [three[1].with_(importance="si", slt="D3-3-4"), three[1].with_(importance="kfac")]
+    w = grid.work(grid.plan([*configs[:4], *alone]), 4)
+    assert (w.later_runs, w.stacks, w.one_by_one) == (6, 3, 2)
+    assert w.text(4).endswith("6 runs in 3 stacks of <= 4, of which 2 one by one")
+    assert "one by one" not in grid.work(groups, 4).text(4)
 
 
 # ----------------------------------------------------------------------------- execution

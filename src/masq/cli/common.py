@@ -79,8 +79,7 @@ def plan_lines(
     w = search.work(groups, stack)
     lines = [
         f"{label}stored already: {len(configs) - len(todo)}; to run: {len(todo)}",
-        f"shared work: {w.d1_trainings} task-1 trainings, {w.importance_passes} importance "
-        f"passes, {w.later_runs} runs in {w.stacks} stacks of <= {stack}",
+        f"shared work: {w.text(stack)}",
     ]
     if not todo:
         return lines, 0.0

@@ -83,15 +83,27 @@ class Work:
     d1_trainings: int
     importance_passes: int
     later_runs: int
-    stacks: int
+    stacks: int  # the chunks a worker runs at once (:func:`chunks`), one-run chunks included
+    one_by_one: int = 0  # the runs that go alone (no stack, no shared training)
+
+    def text(self, stack: int) -> str:
+        """The shared work in words, e.g. "4 task-1 trainings, 8 importance passes, 24 runs
+        in 4 stacks of <= 16" (", of which 3 one by one" where some runs go alone)."""
+        alone = f", of which {self.one_by_one} one by one" if self.one_by_one else ""
+        return (
+            f"{self.d1_trainings} task-1 trainings, {self.importance_passes} importance passes, "
+            f"{self.later_runs} runs in {self.stacks} stacks of <= {stack}{alone}"
+        )
 
 
 def work(groups: Sequence[Group], stack: int) -> Work:
-    """The counts of task-1 trainings, importance passes, runs and stacks of ``groups``."""
-    stacks = sum(len(chunks(g.configs, stack)) for g in groups)
+    """The counts of task-1 trainings, importance passes, runs, stacks and runs that go one
+    by one (:func:`placement` "alone" or "single") of ``groups``."""
+    parts = [c for g in groups for c in chunks(g.configs, stack)]
+    alone = sum(1 for c in parts if placement(c[0], stack)[0] in ("alone", "single"))
     runs = sum(len(g.configs) for g in groups)
     passes = sum(len(g.importance_keys) for g in groups)
-    return Work(runs, len(groups), passes, runs, stacks)
+    return Work(runs, len(groups), passes, runs, len(parts), alone)
 
 
 def placement(config: RunConfig, stack: int) -> tuple[str, Any]:
