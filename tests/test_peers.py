@@ -285,6 +285,63 @@ def test_a_partial_cell_says_so_and_is_neither_marked_nor_at_an_edge() -> None:
     assert "◆" not in md.split("\n\n")[1]  # the table body carries no mark
 
 
+def test_tuning_seeds_split_a_sweep_and_count_its_runs() -> None:
+    tuned = peers.peer_preset_from_mapping({**TINY, "tune_seeds": 1, "axes": {
+        **TINY["axes"], "seeds": 3}}, "test")  # fmt: skip
+    cells = tuned.cells()
+    tuning, held = peers.tuning_split(cells["MaSQ | task"], 1)
+    assert {(c.seed, c.lam) for c in tuning} == {(0, 1.0), (0, 10.0), (0, 100.0)}
+    assert {c.seed for c in held} == {1, 2} and len(held) == 6
+    assert peers.tuning_split(cells["EWC | task"], 1) == (cells["EWC | task"], [])  # one λ
+    assert peers.tuning_split(cells["MaSQ | task"], 3)[1] == []  # no seed left to hold
+    expected = peers.expected_runs(cells, 1)
+    assert expected["MaSQ | task"] == 3 + 2 and expected["EWC | task"] == 3
+    untuned = dataclasses.replace(tuned, tune_seeds=0)
+    assert len(tuned.configs()) == len(untuned.configs()) - 2 * 6  # held runs wait
+    assert peers.definition(tuned) != peers.definition(untuned)
+    with pytest.raises(ConfigError, match="tune_seeds must be a whole number"):
+        peers.peer_preset_from_mapping({**TINY, "tune_seeds": -1}, "test")
+
+
+def test_a_tuned_cell_chooses_lambda_on_its_tuning_seeds_only() -> None:
+    """λ from seed 0's validation sets; the other seeds count at that λ only (a run of seed 1
+    at another λ, left by an earlier full sweep, chooses nothing and counts for nothing)."""
+    tuned = dataclasses.replace(tiny(), tune_seeds=1)
+    frame = frame_of({
+        ("MaSQ", "task"): [(1, 50, 60), (10, 80, 70), (100, 60, 65)],  # seed 0, 1, 2 ...
+    })  # fmt: skip
+    frame["seed"] = 0
+    extra = frame_of({("MaSQ", "task"): [(10, 70, 74), (100, 99, 99)]})
+    extra["seed"] = 1
+    frame = pd.concat([frame, extra], ignore_index=True)
+    frame["expected"] = 4  # 3 tuning runs + 1 other seed
+    row = analysis.peer_table(frame, tuned).set_index(["method", "column"]).loc[("MaSQ", "task")]
+    assert row["lam"] == 10.0 and row["lam_chosen_on_val"]
+    assert row["mean"] == pytest.approx(72.0) and row["seeds"] == 2
+    assert (row["runs"], row["lams"]) == (4, 3)  # complete: no partial mark
+    full = analysis.peer_table(frame, tiny()).set_index(["method", "column"])
+    assert full.loc[("MaSQ", "task"), "lam"] == 100.0  # without tuning seed 1's 99 % wins
+    only_tuning = frame[frame["seed"] == 0]
+    row = analysis.peer_table(only_tuning, tuned).set_index(["method", "column"])
+    assert row.loc[("MaSQ", "task"), "runs"] == 3  # the other seed still to run: partial
+
+
+def test_held_runs_start_once_the_tuning_sweep_is_stored() -> None:
+    tuned = peers.peer_preset_from_mapping({**TINY, "tune_seeds": 1}, "test")
+    cells = {k: v for k, v in tuned.cells().items() if k == "MaSQ | task"}
+    tuning, _ = peers.tuning_split(cells["MaSQ | task"], 1)
+    vals = {1.0: 0.5, 10.0: 0.9, 100.0: 0.7}
+    records = [{"run_id": run_id(c), "lam": c.lam, "seed": c.seed, "consolidation": "ewc",
+                "importance": "masq", "tasks": 2, "average_accuracy": 0.8,
+                "last_val.val:D1": vals[c.lam], "last_val.val:D2": vals[c.lam]}
+               for c in tuning]  # fmt: skip
+    df = pd.DataFrame(records)
+    runs, waiting = analysis.held_configs(tuned, cells, df)
+    assert waiting == 0 and [(c.seed, c.lam) for c in runs] == [(1, 10.0)]
+    runs, waiting = analysis.held_configs(tuned, cells, df.iloc[:2])
+    assert runs == [] and waiting == 1
+
+
 def test_a_sweep_without_validation_is_refused() -> None:
     frame = frame_of({("MaSQ", "task"): [(1, math.nan, 70), (10, math.nan, 60)]})
     with pytest.raises(ConfigError, match="eval_val = true"):
@@ -309,15 +366,22 @@ def test_grid_then_peers_end_to_end(
              "--workers", "1", "--threads", "1", "--no-progress"]  # fmt: skip
     argv = ["grid", "--preset", "vdv2025-fisher", "--results", str(res), *small]
     assert main([*argv, "--dry-run"]) == 0
-    planned = int(capsys.readouterr().out.split("grid: ")[1].split(" runs")[0])
+    dry = capsys.readouterr().out
+    planned = int(dry.split("grid: ")[1].split(" runs")[0])
+    held = int(dry.split("then ")[1].split(" runs")[0])  # seed 1 of each sweep, at its λ
+    assert held == 9  # the 9 rows that sweep λ (fine-tuning has none)
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert f"done: {planned} runs now" in out
+    assert f"done: {planned} runs now" in out and f"done: {held} runs now" in out
     manifest = json.loads((res / "peers-vdv2025-fisher.json").read_text(encoding="utf-8"))
     assert manifest["overrides"]["iters1"] == [10]
+    expected = manifest["expected"]  # per cell (cells that the small flags merge count twice)
+    assert expected["None (fine-tuning) | task"] == 2 and expected["EXACT | task"] == 14 + 1
     assert main(["peers", "vdv2025-fisher", "--results", str(res)]) == 0
     out = capsys.readouterr().out
-    assert f"{planned} of {planned} runs stored" in out
+    total = sum(expected.values())
+    assert f"{total} of {total} runs stored" in out
+    assert "partial:" not in out
     table = pd.read_csv(res / "vdv2025-fisher" / "peers.csv")
     preset = peers.load_peer_preset("vdv2025-fisher")
     assert set(table["method"]) == {r.name for r in preset.rows}

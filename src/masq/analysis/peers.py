@@ -9,7 +9,9 @@ field's tables report it. Per cell:
   SEM = s / √n (s the sample standard deviation, n the seeds);
 - a cell with several λ (a sweep): λ is chosen on the validation sets, as the λ with the
   highest mean over seeds of the same average accuracy on the tasks' validation parts
-  (smallest on ties), and the test mean ± SEM is reported there;
+  (smallest on ties), and the test mean ± SEM is reported there, over every seed run at it;
+  where the preset has ``tune_seeds`` k, the mean is over the cell's k smallest seeds (its
+  tuning seeds, :func:`masq.grid.peers.tuning_split`), which alone sweep λ;
 - diverged runs (non-finite accuracies) are left out of the means and counted.
 
 Beside it: the published mean and spread, the difference Δ = ours − published, and a mark
@@ -44,10 +46,12 @@ from masq.analysis.common import (
     write_analysis_files,
 )
 from masq.analysis.paired import paired_test
+from masq.config import RunConfig
 from masq.consolidation import get_method
 from masq.curves import VAL, task_name
 from masq.errors import ConfigError
-from masq.grid.peers import PeerPreset, cell_key
+from masq.grid.peers import PeerPreset, cell_key, tuning_split
+from masq.runid import run_id
 
 MARK = "◆"  # a cell more than 1 point and two SEMs from the published value
 MIN_POINTS = 1.0
@@ -65,11 +69,15 @@ def val_average(df: pd.DataFrame) -> np.ndarray:
 
 
 def peer_frame(
-    df: pd.DataFrame, cells: Mapping[str, Sequence[str]], preset: PeerPreset
+    df: pd.DataFrame,
+    cells: Mapping[str, Sequence[str]],
+    preset: PeerPreset,
+    expected: Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
     """One row per (cell, stored run): method (row), column, λ, seed, test and validation
     average accuracy in % (NaN where a run diverged or evaluated no validation set), and the
-    number of runs the cell has in all (``expected``: fewer stored is a partial cell)."""
+    number of runs the cell has once complete (``expected``, from the given mapping, else
+    every run of ``cells``: fewer stored is a partial cell)."""
     if df.empty:
         raise ConfigError(f"no stored runs; run `masq grid --preset {preset.name}` first")
     df = df.set_index("run_id", drop=False)
@@ -95,7 +103,9 @@ def peer_frame(
                         "test": 100 * part["average_accuracy"].astype(float).to_numpy(),
                         "val": 100 * val_average(part),
                         "run_id": ids,
-                        "expected": len(cells[cell_key(row.name, column)]),
+                        "expected": (expected or {}).get(
+                            cell_key(row.name, column), len(cells[cell_key(row.name, column)])
+                        ),
                     }
                 )
             )
@@ -107,8 +117,19 @@ def peer_frame(
     return pd.concat(parts, ignore_index=True)
 
 
-def _chosen(part: pd.DataFrame) -> tuple[float, bool]:
-    """(λ of the cell, whether it was chosen on validation among several)."""
+def tuning_runs(part: pd.DataFrame, tune_seeds: int) -> pd.DataFrame:
+    """The runs of one cell that choose its λ: those of its ``tune_seeds`` smallest stored
+    seeds (all of them for ``tune_seeds`` 0)."""
+    if tune_seeds <= 0:
+        return part
+    seeds = sorted(part["seed"].unique())[:tune_seeds]
+    return part[part["seed"].isin(seeds)]
+
+
+def _chosen(part: pd.DataFrame, tune_seeds: int = 0) -> tuple[float, bool]:
+    """(λ of the cell, whether it was chosen on validation among several): on the runs of
+    its tuning seeds (:func:`tuning_runs`)."""
+    part = tuning_runs(part, tune_seeds)
     lams = sorted(part["lam"].unique())
     if len(lams) == 1:
         return float(lams[0]), False
@@ -121,6 +142,29 @@ def _chosen(part: pd.DataFrame) -> tuple[float, bool]:
     return lam, True
 
 
+def held_configs(
+    preset: PeerPreset, cells: Mapping[str, Sequence[RunConfig]], df: pd.DataFrame
+) -> tuple[list[RunConfig], int]:
+    """(runs, cells waiting): for every cell with held seeds (the preset's ``tune_seeds``,
+    :func:`masq.grid.peers.tuning_split`) whose tuning runs are all stored in ``df``, the held
+    seeds' runs at the λ chosen on the tuning runs' validation sets; and how many such cells
+    still wait for their tuning sweep."""
+    out: list[RunConfig] = []
+    waiting = 0
+    stored = set() if df.empty else set(df["run_id"])
+    for key, configs in cells.items():
+        tuning, held = tuning_split(configs, preset.tune_seeds)
+        if not held:
+            continue
+        ids = list(dict.fromkeys(run_id(c) for c in tuning))
+        if not set(ids) <= stored:
+            waiting += 1
+            continue
+        lam, _ = _chosen(peer_frame(df, {key: ids}, preset))
+        out += [c for c in held if c.lam == lam]
+    return out, waiting
+
+
 def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     """One row per (method, column) in the table's order (module docstring's statistics)."""
     rows = []
@@ -129,8 +173,9 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
             part = frame[(frame["method"] == row.name) & (frame["column"] == column)]
             if part.empty:
                 continue
-            lam, swept = _chosen(part)
+            lam, swept = _chosen(part, preset.tune_seeds)
             at = part[part["lam"] == lam]
+            swept_lams = tuning_runs(part, preset.tune_seeds)["lam"].tolist()
             test = at["test"].to_numpy(float)
             ok = test[np.isfinite(test)]
             n = len(ok)
@@ -140,7 +185,12 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
             diff = mean - pub
             bound = 2 * math.sqrt(np.nan_to_num(sem) ** 2 + np.nan_to_num(spread) ** 2)
             expected = int(part["expected"].iloc[0]) if "expected" in part else len(part)
-            partial = len(part) < expected  # λ and seeds still missing: not read as a result
+            counted = len(part)
+            if preset.tune_seeds:  # the tuning sweep, and one run per other seed at its λ
+                tuned = tuning_runs(part, preset.tune_seeds)
+                others = at[~at["seed"].isin(tuned["seed"].unique())]
+                counted = len(tuned) + others["seed"].nunique()
+            partial = counted < expected  # λ and seeds still missing: not read as a result
             rows.append(
                 {
                     "method": row.name,
@@ -149,9 +199,9 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
                     "lam": lam,
                     "reads_lam": bool(at["reads_lam"].any()),
                     "lam_chosen_on_val": swept,
-                    "lams": len(part["lam"].unique()),
-                    "edge": sweep_edge(lam, part["lam"].tolist()) if swept and not partial else "",
-                    "runs": len(part),
+                    "lams": len(set(swept_lams)),
+                    "edge": sweep_edge(lam, swept_lams) if swept and not partial else "",
+                    "runs": counted,
                     "expected": expected,
                     "seeds": n,
                     "diverged": int(len(test) - n),
@@ -171,12 +221,14 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _at_chosen(frame: pd.DataFrame, method: str, column: str) -> pd.Series | None:
+def _at_chosen(
+    frame: pd.DataFrame, method: str, column: str, tune_seeds: int = 0
+) -> pd.Series | None:
     """{seed: test accuracy} of one cell at its λ (finite values only), or None."""
     part = frame[(frame["method"] == method) & (frame["column"] == column)]
     if part.empty:
         return None
-    lam, _ = _chosen(part)
+    lam, _ = _chosen(part, tune_seeds)
     at = part[(part["lam"] == lam) & np.isfinite(part["test"].to_numpy(float))]
     series: pd.Series = at.set_index("seed")["test"]
     return series
@@ -190,13 +242,13 @@ def paired_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     if not preset.reference:
         return pd.DataFrame(rows)
     for column in preset.columns:
-        base = _at_chosen(frame, preset.reference, column)
+        base = _at_chosen(frame, preset.reference, column, preset.tune_seeds)
         if base is None:
             continue
         for row in preset.rows:
             if row.name == preset.reference:
                 continue
-            other = _at_chosen(frame, row.name, column)
+            other = _at_chosen(frame, row.name, column, preset.tune_seeds)
             if other is None:
                 continue
             seeds = sorted(set(base.index) & set(other.index))
@@ -352,12 +404,14 @@ def write_outputs(
 
 __all__ = [
     "MARK",
+    "held_configs",
     "paired_markdown",
     "paired_table",
     "peer_figure",
     "peer_frame",
     "peer_markdown",
     "peer_table",
+    "tuning_runs",
     "val_average",
     "write_outputs",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from masq.cli.options import (
     dest,
     shorthand_values,
 )
-from masq.config import FIELDS, Stage
+from masq.config import FIELDS, RunConfig, Stage
 from masq.errors import ConfigError
 from masq.fileio import error_text
 
@@ -238,36 +239,73 @@ def run_grid(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         print_plan(configs, args.results, stack=args.stack, workers=workers, threads=threads)
+        if preset is not None and preset.tune_seeds:
+            print(_held_text(preset, cells, args.results))
         return 0
     if args.results is None:
         raise ConfigError("masq grid: give --results DIR (or --dry-run)")
     Store(args.results).check_writable()
     if preset is not None:  # before the runs: an interrupted campaign tabulates what it has
         peers.write_manifest(args.results, preset, overrides, cells)
-    summary = execute(
-        "grid",
-        configs,
-        args.results,
-        workers=workers,
-        stack=args.stack,
-        executor=args.executor,
-        address=args.address,
-        ray_timeout=args.ray_timeout,
-        threads=threads if args.executor == "local" else args.threads,
-        progress=not args.no_progress,
-        tasks_fn=tasks_fn(args.data_dir),
-        wait=args.wait,
-    )
-    if summary is None:
-        return 1
-    print(
-        f"{done_text(summary)}; {summary.d1_trained} task-1 trainings and "
-        f"{summary.importance_computed} importance passes computed; {hours(summary.seconds)}"
-    )
-    if summary.failed:
-        print_failed(summary.failed, args.results)
-        return 1
-    return 0
+
+    def run_all(todo: list[RunConfig]) -> int:
+        summary = execute(
+            "grid",
+            todo,
+            args.results,
+            workers=workers,
+            stack=args.stack,
+            executor=args.executor,
+            address=args.address,
+            ray_timeout=args.ray_timeout,
+            threads=threads if args.executor == "local" else args.threads,
+            progress=not args.no_progress,
+            tasks_fn=tasks_fn(args.data_dir),
+            wait=args.wait,
+        )
+        if summary is None:
+            return 1
+        print(
+            f"{done_text(summary)}; {summary.d1_trained} task-1 trainings and "
+            f"{summary.importance_computed} importance passes computed; "
+            f"{hours(summary.seconds)}"
+        )
+        if summary.failed:
+            print_failed(summary.failed, args.results)
+            return 1
+        return 0
+
+    rc = run_all(configs)
+    if rc or preset is None or not preset.tune_seeds:
+        return rc
+    from masq.analysis import peers as peer_analysis
+    from masq.store import load
+
+    held, waiting = peer_analysis.held_configs(preset, cells, load(args.results))
+    print(f"grid: {len(held)} runs of the other seeds at each sweep's λ chosen on its "
+          f"{preset.tune_seeds} tuning seed(s)" + (f"; {waiting} sweep(s) not complete"
+                                                   if waiting else ""))  # fmt: skip
+    return run_all(held) if held else 0
+
+
+def _held_text(preset: Any, cells: Mapping[str, Sequence[RunConfig]], results: Any) -> str:
+    """What a peer preset with tuning seeds runs after its sweeps (the dry run's last line)."""
+    from masq.analysis import peers as peer_analysis
+    from masq.grid import peers
+    from masq.runid import run_id
+    from masq.store import load
+
+    seeds = sum(len({c.seed for c in peers.tuning_split(cs, preset.tune_seeds)[1]})
+                for cs in cells.values())  # fmt: skip
+    known = stored = 0
+    if results is not None and Path(results).is_dir():
+        df = load(results)
+        held = peer_analysis.held_configs(preset, cells, df)[0]
+        ids = set() if df.empty else set(df["run_id"])
+        known, stored = len(held), sum(1 for c in held if run_id(c) in ids)
+    return (f"then {seeds} runs: the other seeds of each λ sweep at the λ chosen on its "
+            f"{preset.tune_seeds} tuning seed(s) (λ known for {known} of them, {stored} "
+            "stored)")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- table

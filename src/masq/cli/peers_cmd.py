@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _peers(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from masq.analysis import peers as analysis
     from masq.grid import peers
     from masq.runid import run_id
@@ -66,18 +68,26 @@ def _peers(args: argparse.Namespace) -> int:
     elif cells is None:
         print(f"masq peers: {where} is missing: tabulating the runs of the preset as shipped "
               "(no flags)", file=sys.stderr)  # fmt: skip
+    expected = peers.read_expected(args.results, preset.name) if cells is not None else None
     if cells is None:
-        cells = {key: [run_id(c) for c in configs] for key, configs in preset.cells().items()}
+        shipped = preset.cells()
+        cells = {key: [run_id(c) for c in configs] for key, configs in shipped.items()}
+        expected = peers.expected_runs(shipped, preset.tune_seeds)
     df = load(args.results)
-    frame = analysis.peer_frame(df, cells, preset)
+    frame = analysis.peer_frame(df, cells, preset, expected)
     table = analysis.peer_table(frame, preset)
     out = check_out_dir(args.out or Path(args.results) / preset.name)
-    expected = sorted({rid for ids in cells.values() for rid in ids})
-    stored = set(df["run_id"]) & set(expected) if not df.empty else set()
+    if preset.tune_seeds and expected:  # the runs that count: tuning sweeps, chosen λ
+        total = sum(expected.values())
+        done = int(np.minimum(table["runs"], table["expected"]).sum()) if len(table) else 0
+    else:
+        ids = {rid for rids in cells.values() for rid in rids}
+        total = len(ids)
+        done = len(set(df["run_id"]) & ids) if not df.empty else 0
     command = f"masq peers {preset.name} --results {shlex.quote(str(args.results))}"
-    body = {"runs": len(stored), "expected": len(expected), "command": command}
+    body = {"runs": done, "expected": total, "command": command}
     md, written = analysis.write_outputs(table, frame, preset, out, body=body)
     print(md, end="")
-    print(f"{len(stored)} of {len(expected)} runs stored; written: "
+    print(f"{done} of {total} runs stored; written: "
           f"{', '.join(str(p) for p in written)}")  # fmt: skip
     return 0

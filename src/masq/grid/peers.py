@@ -15,7 +15,11 @@ with ``masq peers NAME``) states one table of a publication:
   keys), ``[rows.columns.<value>]`` (keys of one column only: the publication's
   hyper-parameters per scenario), ``published.<value> = [mean, spread]`` (in %; ``[mean]``
   where the publication gives no spread; a column without it is ours only) and ``note``;
-- ``reference`` (optional): the row every other row is compared with, paired by seed.
+- ``reference`` (optional): the row every other row is compared with, paired by seed;
+- ``tune_seeds`` (optional, default 0: every seed sweeps): a λ sweep runs on the first
+  ``tune_seeds`` seeds of its cell only (the tuning seeds); its λ is chosen on their
+  validation sets, and the cell's other seeds run at that λ alone (:func:`tuning_split`;
+  ``masq grid --preset`` runs them once the tuning sweep is stored).
 
 A cell's grid is ``axes``, then the column's ``columns.axes``, then the row's axes, then the
 row's column keys, then the column's own value, then ``overrides`` (the command line: e.g.
@@ -46,7 +50,7 @@ from masq.runid import key_of, run_id
 FOLDER = "peers"  # presets/peers/NAME.toml
 MANIFEST_FORMAT = "masq-peers"
 TOP_KEYS = ("name", "title", "citation", "source", "statistic", "spread", "notes", "columns",
-            "axes", "rows", "reference")  # fmt: skip
+            "axes", "rows", "reference", "tune_seeds")  # fmt: skip
 ROW_KEYS = ("name", "axes", "columns", "published", "note")
 
 
@@ -84,6 +88,7 @@ class PeerPreset:
     notes: tuple[str, ...] = ()
     reference: str = ""  # the row the others are compared with, paired by seed ("": none)
     column_axes: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    tune_seeds: int = 0  # a sweep's tuning seeds (module docstring); 0: every seed sweeps
 
     def label(self, column: str) -> str:
         """The publication's name of ``column``."""
@@ -141,16 +146,41 @@ class PeerPreset:
     def configs(
         self, overrides: Mapping[str, Any] | None = None, rows: Sequence[str] | None = None
     ) -> list[RunConfig]:
-        """Every run of the table once (the union of the cells' runs, first occurrence kept)."""
+        """Every run the table starts with, once (the union of the cells' runs, first
+        occurrence kept; of a sweep with tuning seeds only their runs: :func:`tuning_split`)."""
         seen: set[str] = set()
         out = []
         for configs in self.cells(overrides, rows).values():
-            for config in configs:
+            for config in tuning_split(configs, self.tune_seeds)[0]:
                 rid = run_id(config)
                 if rid not in seen:
                     seen.add(rid)
                     out.append(config)
         return out
+
+
+def tuning_split(
+    configs: Sequence[RunConfig], tune_seeds: int
+) -> tuple[list[RunConfig], list[RunConfig]]:
+    """(tuning runs, held runs) of one cell: for a λ sweep (two or more λ) over more than
+    ``tune_seeds`` > 0 seeds, the runs of its ``tune_seeds`` smallest seeds, and those of the
+    other seeds (of which only the ones at the λ chosen on the tuning runs' validation sets
+    are run); every other cell is all tuning runs, with no held ones."""
+    seeds = sorted({c.seed for c in configs})
+    if tune_seeds <= 0 or len({c.lam for c in configs}) < 2 or len(seeds) <= tune_seeds:
+        return list(configs), []
+    tuning = set(seeds[:tune_seeds])
+    return [c for c in configs if c.seed in tuning], [c for c in configs if c.seed not in tuning]
+
+
+def expected_runs(cells: Mapping[str, Sequence[RunConfig]], tune_seeds: int) -> dict[str, int]:
+    """{cell key: the runs the cell has once complete}: its tuning runs (distinct ids) and one
+    run per held seed (:func:`tuning_split`)."""
+    out = {}
+    for key, configs in cells.items():
+        tuning, held = tuning_split(configs, tune_seeds)
+        out[key] = len({run_id(c) for c in tuning}) + len({c.seed for c in held})
+    return out
 
 
 def cell_key(row: str, column: str) -> str:
@@ -172,6 +202,12 @@ def is_peer_preset(name: str) -> bool:
 def _text(value: Any, key: str, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _count(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: {key} must be a whole number >= 0, got {value!r}")
     return value
 
 
@@ -271,6 +307,7 @@ def peer_preset_from_mapping(data: Mapping[str, Any], where: str) -> PeerPreset:
         notes=tuple(str(n) for n in data.get("notes", [])),
         reference=reference,
         column_axes=column_axes,
+        tune_seeds=_count(data.get("tune_seeds", 0), "tune_seeds", where),
     )
 
 
@@ -299,6 +336,8 @@ def definition(preset: PeerPreset) -> str:
     """A fingerprint of what ``preset`` runs as shipped: the hash of its cells' run ids, which
     change with any setting that changes a number (an edited preset gets a new one)."""
     cells = {key: sorted(run_id(c) for c in cs) for key, cs in preset.cells().items()}
+    if preset.tune_seeds:  # the sweeps run on fewer seeds: another table
+        return key_of({"cells": cells, "tune_seeds": preset.tune_seeds})
     return key_of(cells)
 
 
@@ -329,12 +368,14 @@ def write_manifest(
     same = manifest_definition(results, preset.name) == current
     earlier = (read_manifest(results, preset.name) or {}) if same else {}
     new = {key: [run_id(c) for c in configs] for key, configs in cells.items()}
+    expected = (read_expected(results, preset.name) or {}) if same else {}
     body = {
         "format": MANIFEST_FORMAT,
         "preset": preset.name,
         "definition": current,
         "overrides": {k: v for k, v in overrides.items()},
         "cells": {**earlier, **new},
+        "expected": {**expected, **expected_runs(cells, preset.tune_seeds)},
     }
     text = json.dumps(body, indent=1, ensure_ascii=False, default=str)
     return atomic_write(manifest_path(results, preset.name), text + "\n")
@@ -359,17 +400,31 @@ def read_manifest(results: str | os.PathLike[str], name: str) -> dict[str, list[
         ) from None
 
 
+def read_expected(results: str | os.PathLike[str], name: str) -> dict[str, int] | None:
+    """{cell key: runs once complete} of the manifest of ``name`` in ``results`` (None: no
+    manifest, or one written before manifests recorded it: then every recorded run counts)."""
+    path = manifest_path(results, name)
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): int(v) for k, v in body["expected"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return None
+
+
 __all__ = [
     "PeerPreset",
     "PeerRow",
     "cell_key",
     "definition",
+    "expected_runs",
     "is_peer_preset",
     "list_peer_presets",
     "load_peer_preset",
     "manifest_definition",
     "manifest_path",
     "peer_preset_from_mapping",
+    "read_expected",
     "read_manifest",
+    "tuning_split",
     "write_manifest",
 ]
