@@ -110,6 +110,16 @@ def test_rows_restrict_the_cells_and_the_manifest_keeps_earlier_cells(tmp_path: 
     peers.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
     recorded = peers.read_manifest(tmp_path, "tiny")
     assert recorded is not None and len(recorded) == 6  # the other rows' cells are kept
+    manifest = peers.load_manifest(tmp_path, "tiny")
+    assert manifest is not None and manifest.definition == peers.definition(preset)
+    assert manifest.expected == {key: len(ids) for key, ids in recorded.items()}  # no tuning
+    path = peers.manifest_path(tmp_path, "tiny")
+    path.write_text('{"format": "masq-peers", "cells": [1]}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="malformed peers manifest"):
+        peers.load_manifest(tmp_path, "tiny")
+    assert peers.manifest_definition(tmp_path, "tiny") is None
+    peers.write_manifest(tmp_path, preset, {}, cells)  # a malformed manifest is replaced
+    assert set(peers.read_manifest(tmp_path, "tiny") or {}) == set(cells)
 
 
 def test_a_changed_preset_does_not_tabulate_the_runs_of_its_old_definition(

@@ -56,23 +56,23 @@ def _peers(args: argparse.Namespace) -> int:
         raise ConfigError("masq peers: give a preset NAME and --results DIR (or --list)")
     preset = peers.load_peer_preset(args.name)
     open_store(args.results)
-    cells = peers.read_manifest(args.results, preset.name)
+    manifest = peers.load_manifest(args.results, preset.name)
     where = peers.manifest_path(args.results, preset.name)
-    if cells is not None and peers.manifest_definition(args.results, preset.name) != (
-        peers.definition(preset)
-    ):
+    if manifest is not None and manifest.definition != peers.definition(preset):
         print(f"masq peers: {where} was written by another definition of {preset.name} (its "
               "settings have changed since): tabulating the runs of the preset as shipped",
               file=sys.stderr)  # fmt: skip
-        cells = None
-    elif cells is None:
+        manifest = None
+    elif manifest is None:
         print(f"masq peers: {where} is missing: tabulating the runs of the preset as shipped "
               "(no flags)", file=sys.stderr)  # fmt: skip
-    expected = peers.read_expected(args.results, preset.name) if cells is not None else None
-    if cells is None:
+    expected: dict[str, int] | None
+    if manifest is None:
         shipped = preset.cells()
         cells = {key: [run_id(c) for c in configs] for key, configs in shipped.items()}
         expected = peers.expected_runs(shipped, preset.tune_seeds)
+    else:
+        cells, expected = manifest.cells, manifest.expected
     df = load(args.results)
     frame = analysis.peer_frame(df, cells, preset, expected)
     table = analysis.peer_table(frame, preset)

@@ -341,16 +341,53 @@ def definition(preset: PeerPreset) -> str:
     return key_of(cells)
 
 
-def manifest_definition(results: str | os.PathLike[str], name: str) -> str | None:
-    """The :func:`definition` of the preset that wrote the manifest of ``name`` in
-    ``results`` (None: no manifest, or one written before manifests recorded it)."""
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What ``masq grid --preset NAME`` recorded in a results directory (``peers-NAME.json``)."""
+
+    cells: dict[str, list[str]]  # {cell key: run ids}
+    definition: str | None = None  # :func:`definition` of the preset that wrote it
+    expected: dict[str, int] | None = None  # {cell key: runs once complete}
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def load_manifest(results: str | os.PathLike[str], name: str) -> Manifest | None:
+    """The manifest of peer preset ``name`` in ``results``, read once; None when ``masq grid
+    --preset name`` has not run there; a malformed file is a one-line ConfigError naming it.
+    A manifest written before manifests recorded the definition or the expected runs has None
+    there (then every recorded run of a cell counts)."""
     path = manifest_path(results, name)
+    if not path.is_file():
+        return None
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        cells = body["cells"]
+        if body.get("format") != MANIFEST_FORMAT or not isinstance(cells, dict):
+            raise ValueError("not a masq-peers manifest")
+        definition = body.get("definition")
+        expected = body.get("expected")
+        return Manifest(
+            cells={str(k): [str(r) for r in v] for k, v in cells.items()},
+            definition=None if definition is None else str(definition),
+            expected=None if expected is None else {str(k): int(v) for k, v in expected.items()},
+            overrides=dict(body.get("overrides") or {}),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path}: malformed peers manifest ({err}); rerun `masq grid --preset {name}` "
+            "with the same flags to rewrite it"
+        ) from None
+
+
+def manifest_definition(results: str | os.PathLike[str], name: str) -> str | None:
+    """The :func:`definition` of the preset that wrote the manifest of ``name`` in
+    ``results`` (None: no manifest, a malformed one, or one written before manifests
+    recorded it)."""
+    try:
+        manifest = load_manifest(results, name)
+    except ConfigError:
         return None
-    value = body.get("definition") if isinstance(body, dict) else None
-    return str(value) if value is not None else None
+    return None if manifest is None else manifest.definition
 
 
 def write_manifest(
@@ -360,21 +397,25 @@ def write_manifest(
     cells: Mapping[str, Sequence[RunConfig]],
 ) -> Path:
     """Record in ``results`` which runs make each cell of ``preset`` (run with
-    ``overrides``), so that ``masq peers`` tabulates exactly them. The cells of an earlier
-    invocation that this one does not run (other rows or columns) are kept, unless that
-    invocation ran another definition of the preset (:func:`definition`: the preset's settings
-    have changed since), whose runs are not this table's."""
+    ``overrides``) and how many runs each has once complete, so that ``masq peers`` tabulates
+    exactly them. The cells of an earlier invocation that this one does not run (other rows
+    or columns) are kept, unless that invocation ran another definition of the preset
+    (:func:`definition`: the preset's settings have changed since), whose runs are not this
+    table's; a malformed manifest is replaced."""
     current = definition(preset)
-    same = manifest_definition(results, preset.name) == current
-    earlier = (read_manifest(results, preset.name) or {}) if same else {}
-    new = {key: [run_id(c) for c in configs] for key, configs in cells.items()}
-    expected = (read_expected(results, preset.name) or {}) if same else {}
+    try:
+        old = load_manifest(results, preset.name)
+    except ConfigError:
+        old = None
+    same = old is not None and old.definition == current
+    earlier = old.cells if old is not None and same else {}
+    expected = (old.expected or {}) if old is not None and same else {}
     body = {
         "format": MANIFEST_FORMAT,
         "preset": preset.name,
         "definition": current,
         "overrides": {k: v for k, v in overrides.items()},
-        "cells": {**earlier, **new},
+        "cells": {**earlier, **{key: [run_id(c) for c in cs] for key, cs in cells.items()}},
         "expected": {**expected, **expected_runs(cells, preset.tune_seeds)},
     }
     text = json.dumps(body, indent=1, ensure_ascii=False, default=str)
@@ -382,36 +423,13 @@ def write_manifest(
 
 
 def read_manifest(results: str | os.PathLike[str], name: str) -> dict[str, list[str]] | None:
-    """{cell key: run ids} recorded by ``masq grid --preset name`` in ``results``; None when
-    it has not run there; a malformed file is a one-line ConfigError naming it."""
-    path = manifest_path(results, name)
-    if not path.is_file():
-        return None
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-        cells = body["cells"]
-        if body.get("format") != MANIFEST_FORMAT or not isinstance(cells, dict):
-            raise ValueError("not a masq-peers manifest")
-        return {str(k): [str(r) for r in v] for k, v in cells.items()}
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            f"{path}: malformed peers manifest ({err}); rerun `masq grid --preset {name}` "
-            "with the same flags to rewrite it"
-        ) from None
-
-
-def read_expected(results: str | os.PathLike[str], name: str) -> dict[str, int] | None:
-    """{cell key: runs once complete} of the manifest of ``name`` in ``results`` (None: no
-    manifest, or one written before manifests recorded it: then every recorded run counts)."""
-    path = manifest_path(results, name)
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-        return {str(k): int(v) for k, v in body["expected"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        return None
+    """{cell key: run ids} of :func:`load_manifest` (None when there is no manifest)."""
+    manifest = load_manifest(results, name)
+    return None if manifest is None else manifest.cells
 
 
 __all__ = [
+    "Manifest",
     "PeerPreset",
     "PeerRow",
     "cell_key",
@@ -419,11 +437,11 @@ __all__ = [
     "expected_runs",
     "is_peer_preset",
     "list_peer_presets",
+    "load_manifest",
     "load_peer_preset",
     "manifest_definition",
     "manifest_path",
     "peer_preset_from_mapping",
-    "read_expected",
     "read_manifest",
     "tuning_split",
     "write_manifest",
