@@ -114,6 +114,28 @@ def test_diverged_runs_are_never_chosen_nor_averaged() -> None:
     assert table.loc[structure.DIAGONAL, "test_mean"] == pytest.approx(0.705)
 
 
+def test_tuning_seeds_choose_lambda_alone_and_every_seed_counts_there() -> None:
+    """With tune_seeds 1, λ is chosen on seed 0's validation accuracy; the mean is over every
+    seed stored at that λ. Seed 0 of _frame() made to prefer λ = 100 on validation, the others
+    to prefer 10: with tuning λ = 100 over 3 seeds, without it 10."""
+    frame = _frame()
+    zero = (frame["seed"] == 0) & (frame["lam"] == 100.0)
+    frame.loc[zero, "val"] = 0.9
+    tuned = structure.structure_table(frame, tune_seeds=1).set_index("measure")
+    assert tuned.loc[structure.DIAGONAL, "lam"] == 100.0
+    assert tuned.loc[structure.DIAGONAL, "seeds"] == 3
+    assert tuned.loc[structure.DIAGONAL, "test_mean"] == pytest.approx(0.78)
+    assert tuned.loc[structure.DIAGONAL, "edge"] == "top"
+    full = structure.structure_table(frame).set_index("measure")
+    assert full.loc[structure.DIAGONAL, "lam"] == 10.0  # (0.9 + 0.75 + 0.75) / 3 < 0.8
+    assert structure.chosen_lambda(frame, tune_seeds=1) == {("D5-5", "8", "class"): 100.0}
+    # seed 1 ran at λ = 100 only (as a held seed does): it counts there, chooses nothing
+    held = frame[~((frame["seed"] == 1) & (frame["lam"] == 10.0))]
+    again = structure.structure_table(held, tune_seeds=1).set_index("measure")
+    assert again.loc[structure.DIAGONAL, "lam"] == 100.0 and again.loc[structure.DIAGONAL,
+                                                                       "seeds"] == 3  # fmt: skip
+
+
 def test_frame_needs_validation_metrics() -> None:
     df = pd.DataFrame({"slt": ["D5-5"], "hidden": ["8"], "importance": ["fisher"], "lam": [1.0],
                        "seed": [0], "last.union": [0.5]})  # fmt: skip
@@ -153,6 +175,38 @@ def test_analyze_kfac_end_to_end(
     assert table["seeds"].eq(2).all()
     assert main([*args, "--tabulate"]) == 0  # tabulates what is stored, runs nothing
     assert "done:" not in capsys.readouterr().out
+
+
+def test_analyze_kfac_with_tuning_seeds_end_to_end(
+    tmp_path: Path, tiny_data: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tune-seeds 1: the sweeps on seed 0 (and no EWC on both seeds), then seed 1 of each
+    measure at the λ chosen on seed 0's validation sets only."""
+    res = tmp_path / "kfac"
+    args = ["analyze", "kfac", "--slt", "D5-5", "--hidden", "6", "--seeds", "2", "--iters1",
+            "20", "--iters2", "10", "--eval-every", "5", "--masq-batch", "50", "--lam-max",
+            "100", "--fisher-samples", "40", "--measures", "diagonal FIM", "MaSQ (mean)",
+            "--tune-seeds", "1", "--results", str(res), "--workers", "1", "--threads", "1",
+            "--no-progress"]  # fmt: skip
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "with --tune-seeds 1: 8 runs" in out and "then 2 runs" in out  # 2 + 2 × 3; 2 × 1
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "done: 8 runs now" in out and "kfac: 2 runs of the other seeds" in out
+    assert "done: 2 runs now" in out
+    table = pd.read_csv(res / "kfac.csv").set_index("measure")
+    assert table["seeds"].eq(2).all()
+    points = pd.read_csv(res / "kfac_points.csv")
+    for measure in ("diagonal FIM", "MaSQ (mean)"):
+        runs = points[points["measure"] == measure]
+        zero = runs[runs["seed"] == 0]
+        assert len(zero) == 3 and runs[runs["seed"] == 1]["lam"].tolist() == [
+            table.loc[measure, "lam"]
+        ]
+        best = zero[zero["val"] == zero["val"].max()]["lam"].min()  # smallest on ties
+        assert best == table.loc[measure, "lam"]
+    assert json.loads((res / "kfac.json").read_text(encoding="utf-8"))["runs"] == 10
 
 
 def test_the_report_shows_the_comparison(tmp_path: Path) -> None:

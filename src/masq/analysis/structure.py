@@ -128,15 +128,24 @@ def lam_window(lams: Sequence[float], centre: float, decades: int) -> list[float
 
 
 def chosen_lambda(
-    frame: pd.DataFrame, measure: str = DIAGONAL
+    frame: pd.DataFrame, measure: str = DIAGONAL, tune_seeds: int = 0
 ) -> dict[tuple[str, str, str], float]:
     """{(slt, hidden, scenario): the λ of ``measure`` chosen on validation} (mean over the
-    seeds stored; the smallest λ on ties), for the groups where it has runs."""
+    seeds stored, or over the ``tune_seeds`` smallest of them; the smallest λ on ties), for
+    the groups where it has runs."""
     out = {}
     part = frame[frame["measure"] == measure]
     for key, rows in part.groupby(["slt", "hidden", "scenario"], sort=False):
-        out[(str(key[0]), str(key[1]), str(key[2]))] = _winner(rows)[0]
+        out[(str(key[0]), str(key[1]), str(key[2]))] = _winner(rows, tune_seeds)[0]
     return out
+
+
+def tuning_rows(part: pd.DataFrame, tune_seeds: int) -> pd.DataFrame:
+    """The runs of one measure's λ sweep that choose its λ: those of its ``tune_seeds``
+    smallest seeds (every run for ``tune_seeds`` 0; ``masq analyze kfac --tune-seeds``)."""
+    if tune_seeds <= 0:
+        return part
+    return part[part["seed"].isin(sorted(part["seed"].unique())[:tune_seeds])]
 
 
 def structure_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -166,26 +175,28 @@ def structure_frame(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _winner(part: pd.DataFrame) -> tuple[float, pd.DataFrame]:
-    """(λ with the highest mean validation accuracy over seeds, smallest on ties; its rows
-    with a finite test accuracy). Diverged runs (NaN accuracies) are left out of the means, and
-    a λ whose every run diverged is never chosen; a group where all diverged gives NaN."""
-    lam = lam_on_validation(part)
+def _winner(part: pd.DataFrame, tune_seeds: int = 0) -> tuple[float, pd.DataFrame]:
+    """(λ with the highest mean validation accuracy over seeds (the ``tune_seeds`` smallest
+    ones, :func:`tuning_rows`), smallest on ties; its rows, of every seed, with a finite test
+    accuracy). Diverged runs (NaN accuracies) are left out of the means, and a λ whose every
+    run diverged is never chosen; a group where all diverged gives NaN."""
+    lam = lam_on_validation(tuning_rows(part, tune_seeds))
     if math.isnan(lam):
         return math.nan, part.iloc[0:0]
     at = part[part["lam"] == lam]
     return lam, at[np.isfinite(at["test"].to_numpy(float))]
 
 
-def structure_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (slt, hidden, scenario, measure): the λ chosen on validation (and whether it is at
-    an edge of the λ swept, :func:`sweep_edge`), the number of seeds,
-    the test accuracy's mean and std over seeds there, and against the diagonal FIM at its
-    own chosen λ the paired difference (mean, 95 % CI) and two-sided p."""
+def structure_table(frame: pd.DataFrame, tune_seeds: int = 0) -> pd.DataFrame:
+    """Per (slt, hidden, scenario, measure): the λ chosen on validation (over the
+    ``tune_seeds`` smallest seeds where given, else every seed; and whether it is at an edge
+    of the λ swept, :func:`sweep_edge`), the number of seeds, the test accuracy's mean and std
+    over seeds there, and against the diagonal FIM at its own chosen λ the paired difference
+    (mean, 95 % CI) and two-sided p."""
     rows = []
     keys = ["slt", "hidden", "scenario"]
     for key, part in frame.groupby(keys, sort=False):
-        chosen = {m: _winner(p) for m, p in part.groupby("measure", sort=False)}
+        chosen = {m: _winner(p, tune_seeds) for m, p in part.groupby("measure", sort=False)}
         base = chosen.get(DIAGONAL)
         for measure in [*STRUCTURES, NONE]:
             if measure not in chosen:
@@ -194,7 +205,8 @@ def structure_table(frame: pd.DataFrame) -> pd.DataFrame:
             if at.empty:
                 continue  # every run of this measure diverged
             test = at.sort_values("seed")["test"]
-            swept = part.loc[(part["measure"] == measure) & (part["lam"] > 0), "lam"]
+            mine = tuning_rows(part[part["measure"] == measure], tune_seeds)
+            swept = mine.loc[mine["lam"] > 0, "lam"]
             row = dict(zip(keys, key, strict=True)) | {
                 "measure": measure,
                 "lam": lam,
@@ -363,5 +375,6 @@ __all__ = [
     "structure_markdown",
     "structure_of",
     "structure_table",
+    "tuning_rows",
     "write_outputs",
 ]

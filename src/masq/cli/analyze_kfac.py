@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="for big nets: the blocks (the costly structure) run after the others, only at "
         "the λ within DECADES decades of the diagonal FIM's λ chosen on validation; -1: the "
         "whole λ grid like the others (default: -1)")  # fmt: skip
+    add("--tune-seeds", type=int, default=0, metavar="K",
+        help="sweep λ on the K smallest seeds only, choose it on their validation sets, and "
+        "run the other seeds at that λ alone (0: every seed sweeps; default: 0)")  # fmt: skip
     add("--results", default="results/kfac", metavar="DIR", help="the runs' results dir")
     add("--out", default=None, metavar="DIR", help="tables, figure (default: the results dir)")
     add("--dry-run", action="store_true", help="print the runs and a time estimate; run nothing")
@@ -84,6 +87,9 @@ def run_kfac(args: argparse.Namespace) -> int:
     at_least_one(("--seeds", args.seeds), ("--stack", args.stack))
     if args.fisher_samples < 0:
         raise ConfigError(f"--fisher-samples must be >= 0 (0: all), got {args.fisher_samples}")
+    if args.tune_seeds < 0:
+        raise ConfigError(f"--tune-seeds must be >= 0 (0: every seed sweeps), got "
+                          f"{args.tune_seeds}")  # fmt: skip
     base = {n: getattr(args, n) for n in SWEEP_FIELDS if getattr(args, n) is not None}
     if args.blocks_window < -1:
         raise ConfigError(f"--blocks-window must be >= 0 (or -1: all λ), got {args.blocks_window}")
@@ -105,15 +111,22 @@ def run_kfac(args: argparse.Namespace) -> int:
             samples=args.fisher_samples,
         )  # fmt: skip
     workers, threads = resolve_workers(args.workers, args.threads, args.device)
+    sweeps = _sweeps(configs, args.tune_seeds)
+    first_runs = [c for tuning, _ in sweeps for c in tuning]
+    held_seeds = sum(len({c.seed for c in held}) for _, held in sweeps)
     print(f"kfac: {len(configs)} runs ({len(slts)} SLT(s) × {args.seeds} seed(s) × (λ = 0 + "
           f"{len(lams)} λ from {lams[0]:g} to {lams[-1]:g} × {len(first_pass)} "
           f"measure(s)))")  # fmt: skip
+    if args.tune_seeds:
+        print(f"with --tune-seeds {args.tune_seeds}: {len(first_runs)} runs (the sweeps on "
+              f"seed(s) 0..{args.tune_seeds - 1}, no EWC on every seed), then {held_seeds} "
+              "runs: the other seeds at each sweep's λ chosen on validation")  # fmt: skip
     window_runs = len(slts) * args.seeds * (2 * args.blocks_window + 1)
     if windowed:
         print(f"then {structure.BLOCKS}: at most {window_runs} runs, at the λ within "
               f"{args.blocks_window} decade(s) of the diagonal FIM's chosen λ per SLT")  # fmt: skip
     if args.dry_run:
-        print_plan(configs, args.results, stack=args.stack, workers=workers, threads=threads)
+        print_plan(first_runs, args.results, stack=args.stack, workers=workers, threads=threads)
         return 0
     seconds = 0.0
 
@@ -130,8 +143,13 @@ def run_kfac(args: argparse.Namespace) -> int:
             print_failed(summary.failed, args.results)
         return True
 
-    if not args.tabulate and not run_all(configs):
+    if not args.tabulate and not run_all(first_runs):
         return 1
+    if args.tune_seeds and not args.tabulate:
+        held = _held_configs(args.results, sweeps, args.tune_seeds)
+        print(f"kfac: {len(held)} runs of the other seeds at the λ chosen on validation")
+        if held and not run_all(held):
+            return 1
     if windowed:
         blocks = _window_configs(args, firsts, lams, configs)
         if blocks and not args.tabulate and not run_all(blocks):
@@ -143,7 +161,7 @@ def run_kfac(args: argparse.Namespace) -> int:
     if stored.empty:
         raise ConfigError(f"none of these runs is stored in {args.results!r} yet; run them first")
     frame = structure.structure_frame(stored)
-    table = structure.structure_table(frame)
+    table = structure.structure_table(frame, args.tune_seeds)
     out = check_out_dir(args.out or args.results)
     words = ["masq", "analyze", "kfac", "--slt", *slts]
     words += ["--hidden", *args.hidden] if args.hidden else []
@@ -155,9 +173,12 @@ def run_kfac(args: argparse.Namespace) -> int:
     words += ["--lam-min", args.lam_min, "--lam-max", args.lam_max,
               "--per-decade", args.per_decade, "--blocks-window", args.blocks_window,
               "--results", args.results]  # fmt: skip
+    words += ["--tune-seeds", args.tune_seeds] if args.tune_seeds else []
     words += ["--out", args.out] if args.out else []
     body = {"command": command_text(words), "slts": described, "seeds": args.seeds,
-            "lams": lams, "runs": len(configs), "runs_stored": len(stored),
+            "lams": lams, "tune_seeds": args.tune_seeds,
+            "runs": len(first_runs) + held_seeds if args.tune_seeds else len(configs),
+            "runs_stored": len(stored),
             "results": str(args.results), "seconds": {} if args.tabulate else {"grid": seconds},
             "config": {k: str(v) for k, v in base.items()}}  # fmt: skip
     md, written = structure.write_outputs(table, frame, out, body=body)
@@ -166,6 +187,44 @@ def run_kfac(args: argparse.Namespace) -> int:
         print(f"partial: {len(stored)} of {len(configs)} runs stored; run again to finish")
     print_written(written)
     return 0
+
+
+def _sweeps(
+    configs: list[RunConfig], tune_seeds: int
+) -> list[tuple[list[RunConfig], list[RunConfig]]]:
+    """(tuning runs, held runs) of each measure's λ sweep per SLT, net and scenario
+    (:func:`masq.grid.peers.tuning_split`; no EWC, one λ, runs on every seed)."""
+    from masq.analysis.structure import structure_of
+    from masq.grid.peers import tuning_split
+
+    groups: dict[tuple[str, str, str, str], list[RunConfig]] = {}
+    for c in configs:
+        key = (c.slt, hidden_text(c.hidden), str(c.scenario), structure_of(c.to_dict()))
+        groups.setdefault(key, []).append(c)
+    return [tuning_split(cs, tune_seeds) for cs in groups.values()]
+
+
+def _held_configs(
+    results: str, sweeps: list[tuple[list[RunConfig], list[RunConfig]]], tune_seeds: int
+) -> list[RunConfig]:
+    """The held seeds' runs at the λ each sweep chose on its stored tuning runs' validation
+    sets (:func:`masq.analysis.structure.chosen_lambda`); a sweep not fully stored waits."""
+    from masq.analysis import structure
+    from masq.runid import run_id
+    from masq.store import load
+
+    df = load(results)
+    stored = set() if df.empty else set(df["run_id"])
+    out: list[RunConfig] = []
+    for tuning, held in sweeps:
+        ids = {run_id(c) for c in tuning}
+        if not held or not ids <= stored:
+            continue
+        frame = structure.structure_frame(df[df["run_id"].isin(ids)])
+        measure = str(frame["measure"].iloc[0])
+        lam = next(iter(structure.chosen_lambda(frame, measure, tune_seeds).values()))
+        out += [c for c in held if c.lam == lam]
+    return out
 
 
 def _window_configs(
@@ -185,7 +244,7 @@ def _window_configs(
     stored = df[df["run_id"].isin(ids)] if not df.empty else df
     if stored.empty:
         return []
-    centres = structure.chosen_lambda(structure.structure_frame(stored))
+    centres = structure.chosen_lambda(structure.structure_frame(stored), tune_seeds=args.tune_seeds)
     out: list[RunConfig] = []
     for first in firsts:
         key = (first.slt, hidden_text(first.hidden), str(first.scenario))
