@@ -95,16 +95,19 @@ analyses: $(STAMP)
 # Does the Fisher's off-diagonal part matter? (docs/results/diagonality.md): EWC with the diagonal FIM,
 # K-FAC, the per-layer Fisher blocks and MaSQ on 784-30-30-10, 5 seeds, λ from 1 to 1e12 per
 # decade, λ chosen on validation; a resumable grid that starts from the committed records.
+# RUN_FLAGS: flags for the runs of `make kfac` and `make peers`, e.g. RUN_FLAGS='--device cuda'.
+RUN_FLAGS ?=
 KFAC ?= results/kfac
 KFAC_RECORDS := docs/kfac/records.jsonl.gz
-KFAC_RUN = $(BIN)/masq analyze kfac --seeds 5 --fisher-samples 500 --hidden 30-30 --results $(KFAC)
+KFAC_RUN = $(BIN)/masq analyze kfac --seeds 5 --fisher-samples 500 --hidden 30-30 --results $(KFAC) \
+  $(RUN_FLAGS)
 # the paper's best architectures per SLT: the diagonal, K-FAC and MaSQ (not the blocks: their
 # penalty costs samples x classes x the layer's weights per layer and step); λ up to 1e17,
 # because on D5-5 (784-800-800-10) the diagonal FIM and MaSQ mean both chose 1e12, the top
 # of the first sweep, and MaSQ mean then 1e15, the top of the second; each λ swept on seed 0
 # and chosen on its validation sets, seeds 1-4 at that λ (a K-FAC run takes 7-12 min here)
 KFAC_PAPER = $(BIN)/masq analyze kfac --seeds 5 --fisher-samples 500 --results $(KFAC) \
-  --measures 'diagonal FIM' K-FAC 'MaSQ (mean)' --lam-max 1e17 --tune-seeds 1
+  --measures 'diagonal FIM' K-FAC 'MaSQ (mean)' --lam-max 1e17 --tune-seeds 1 $(RUN_FLAGS)
 kfac: $(STAMP)
 	if [ -f $(KFAC_RECORDS) ]; then \
 	  $(BIN)/masq import --from $(KFAC_RECORDS) --results $(KFAC) || exit 1; \
@@ -118,7 +121,8 @@ kfac: $(STAMP)
 # The field's reference tables (masq peers --list): each preset's runs into $(PEERS), then each
 # table beside its publication into docs/peers/<preset>/. Resumable: the committed records
 # ($(PEERS_RECORDS)) are imported first and exported back at the end, also when a run failed.
-# `make peers PRESETS=vdv2025-fisher` runs one table.
+# `make peers PRESETS=vdv2025-fisher` runs one table; on a GPU:
+# `make peers PRESETS=vdv2019-permuted RUN_FLAGS='--device cuda'`.
 PEERS ?= results/peers
 PEERS_DOCS ?= docs/peers
 PEERS_RECORDS := $(PEERS_DOCS)/records.jsonl.gz
@@ -128,7 +132,7 @@ peers: $(STAMP)
 	  $(BIN)/masq import --from $(PEERS_RECORDS) --results $(PEERS) || exit 1; \
 	fi
 	rc=0; for preset in $(PRESETS); do \
-	  $(BIN)/masq grid --preset $$preset --results $(PEERS) || { rc=1; break; }; \
+	  $(BIN)/masq grid --preset $$preset --results $(PEERS) $(RUN_FLAGS) || { rc=1; break; }; \
 	done; \
 	$(BIN)/masq export --results $(PEERS) --to $(PEERS_RECORDS) || exit 1; \
 	for preset in $(PRESETS); do \
