@@ -304,6 +304,7 @@ def test_tuning_seeds_split_a_sweep_and_count_its_runs() -> None:
     assert {c.seed for c in held} == {1, 2} and len(held) == 6
     assert peers.tuning_split(cells["EWC | task"], 1) == (cells["EWC | task"], [])  # one λ
     assert peers.tuning_split(cells["MaSQ | task"], 3)[1] == []  # no seed left to hold
+    assert peers.held_count(cells, 1) == 2 * 2  # seeds 1 and 2 of the two MaSQ cells
     expected = peers.expected_runs(cells, 1)
     assert expected["MaSQ | task"] == 3 + 2 and expected["EWC | task"] == 3
     untuned = dataclasses.replace(tuned, tune_seeds=0)
@@ -413,7 +414,8 @@ def test_peers_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["peers"]) == 2
     assert "give a preset NAME and --results DIR" in capsys.readouterr().err
     assert main(["peers", "--list"]) == 0
-    assert "vdv2019-split: " in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "vdv2019-split: " in listed and "315 runs + 60 at the λ chosen on the tuning" in listed
     assert main(["grid", "--preset", "nope", "--dry-run"]) == 2
     assert "published tables (masq peers): " in capsys.readouterr().err
     assert main(["grid", "--rows", "EWC", "--dry-run"]) == 2

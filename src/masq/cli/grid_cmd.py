@@ -295,8 +295,7 @@ def _held_text(preset: Any, cells: Mapping[str, Sequence[RunConfig]], results: A
     from masq.runid import run_id
     from masq.store import load
 
-    seeds = sum(len({c.seed for c in peers.tuning_split(cs, preset.tune_seeds)[1]})
-                for cs in cells.values())  # fmt: skip
+    seeds = peers.held_count(cells, preset.tune_seeds)
     known = stored = 0
     if results is not None and Path(results).is_dir():
         df = load(results)

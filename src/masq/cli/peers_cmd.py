@@ -49,8 +49,10 @@ def _peers(args: argparse.Namespace) -> int:
     if args.list:
         for name in peers.list_peer_presets():
             preset = peers.load_peer_preset(name)
+            held = peers.held_count(preset.cells(), preset.tune_seeds)
+            later = f" + {held} at the λ chosen on the tuning seeds" if held else ""
             print(f"{name}: {preset.title} ({preset.citation}, {preset.source}); "
-                  f"{len(preset.configs())} runs")  # fmt: skip
+                  f"{len(preset.configs())} runs{later}")  # fmt: skip
         return 0
     if args.name is None or args.results is None:
         raise ConfigError("masq peers: give a preset NAME and --results DIR (or --list)")

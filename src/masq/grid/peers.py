@@ -183,6 +183,12 @@ def expected_runs(cells: Mapping[str, Sequence[RunConfig]], tune_seeds: int) -> 
     return out
 
 
+def held_count(cells: Mapping[str, Sequence[RunConfig]], tune_seeds: int) -> int:
+    """How many runs the cells' held seeds add once their sweeps have chosen λ: one per held
+    seed of each cell (:func:`tuning_split`)."""
+    return sum(len({c.seed for c in tuning_split(cs, tune_seeds)[1]}) for cs in cells.values())
+
+
 def cell_key(row: str, column: str) -> str:
     """The key of one cell in a manifest: "<row> | <column>"."""
     return f"{row} | {column}"
@@ -435,6 +441,7 @@ __all__ = [
     "cell_key",
     "definition",
     "expected_runs",
+    "held_count",
     "is_peer_preset",
     "list_peer_presets",
     "load_manifest",
