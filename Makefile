@@ -139,10 +139,12 @@ peers: $(STAMP)
 	  $(BIN)/masq peers $$preset --results $(PEERS) --out $(PEERS_DOCS)/$$preset || exit 1; \
 	done; exit $$rc
 
-# The tables alone, from the committed records (nothing is run): `make peers-tables`.
+# The tables alone, from the committed records (nothing is run): `make peers-tables` remakes
+# every committed table (docs/peers/<preset>/peers.md); PEER_TABLES=NAME for another.
+PEER_TABLES ?= $(patsubst $(PEERS_DOCS)/%/peers.md,%,$(wildcard $(PEERS_DOCS)/*/peers.md))
 peers-tables: $(STAMP)
 	$(BIN)/masq import --from $(PEERS_RECORDS) --results $(PEERS)
-	for preset in $(PRESETS); do \
+	for preset in $(PEER_TABLES); do \
 	  $(BIN)/masq peers $$preset --results $(PEERS) --out $(PEERS_DOCS)/$$preset || exit 1; \
 	done
 
