@@ -189,3 +189,19 @@ def test_the_readme_headline_table_is_the_settled_dataset() -> None:
         assert fim == f"{fim_row[7]} ({fim_row[6]})" and masq == f"{masq_row[7]} ({masq_row[6]})"
         paired = _cells(DOCS / "table1" / "paired.md", "test", slt, "last", "torch")
         assert diff == f"{paired[5]} [{paired[6]}, {paired[7]}]"
+
+
+def test_the_readme_peer_tables_are_the_committed_tables() -> None:
+    """Every row of the README's peer tables is a row of the committed table it was taken
+    from (docs/peers/<preset>/peers.md), word for word: the README shows no number that the
+    committed records do not give."""
+    start = README.index("## The field's reference tables")
+    section = README[start:].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    tables = {p.parent.name: p.read_text(encoding="utf-8")
+              for p in (DOCS / "peers").glob("*/peers.md")}  # fmt: skip
+    body_rows = [r for r in rows if not r.startswith("| method")]
+    assert len(body_rows) >= 10
+    for row in body_rows:
+        assert any(row in text.splitlines() for text in tables.values()), row
+
