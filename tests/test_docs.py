@@ -204,4 +204,3 @@ def test_the_readme_peer_tables_are_the_committed_tables() -> None:
     assert len(body_rows) >= 10
     for row in body_rows:
         assert any(row in text.splitlines() for text in tables.values()), row
-
