@@ -204,3 +204,18 @@ def test_the_readme_peer_tables_are_the_committed_tables() -> None:
     assert len(body_rows) >= 10
     for row in body_rows:
         assert any(row in text.splitlines() for text in tables.values()), row
+
+
+def test_the_records_page_names_every_field_of_every_stage() -> None:
+    """The stage table of docs/concepts/records.md lists exactly each stage's fields, and its
+    list of the fields added since store format 1 is exact: a new field must be added there."""
+    from masq.config import FIELDS
+
+    text = (DOCS / "concepts" / "records.md").read_text(encoding="utf-8")
+    for stage in ("data", "first", "importance", "later", "run"):
+        (line,) = [ln for ln in text.splitlines() if ln.startswith(f"| {stage} |")]
+        listed = re.findall(r"`([a-z0-9_]+)`", line.split("|")[2])
+        assert listed == [f.name for f in FIELDS if f.stage.value == stage], stage
+    since = text.split("leaves out a field added after store format 1")[1].split(". A run")[0]
+    named = set(re.findall(r"`([a-z0-9_]+)`", since))
+    assert named == {f.name for f in FIELDS if f.since_v1}
