@@ -68,6 +68,15 @@ def lam_on_validation(runs: pd.DataFrame) -> float:
     return float(means.index[int(np.argmax(means.to_numpy()))])
 
 
+def tuning_runs(runs: pd.DataFrame, tune_seeds: int) -> pd.DataFrame:
+    """The runs of one λ sweep that choose its λ (``tune_seeds``: a peer preset's, or
+    ``masq analyze kfac --tune-seeds``): those of its ``tune_seeds`` smallest seeds (column
+    ``seed``); every run for ``tune_seeds`` 0."""
+    if tune_seeds <= 0:
+        return runs
+    return runs[runs["seed"].isin(sorted(runs["seed"].unique())[:tune_seeds])]
+
+
 def sweep_edge(lam: float, swept: Sequence[float]) -> str:
     """ "top" when ``lam`` > 0 is the largest of the λ > 0 ``swept`` (of two or more), "bottom"
     when the smallest, else "": a choice at the edge of the sweep, whose best λ may lie

@@ -43,6 +43,7 @@ from masq.analysis.common import (
     lam_on_validation,
     markdown,
     sweep_edge,
+    tuning_runs,
     write_analysis_files,
 )
 from masq.analysis.paired import paired_test
@@ -117,18 +118,9 @@ def peer_frame(
     return pd.concat(parts, ignore_index=True)
 
 
-def tuning_runs(part: pd.DataFrame, tune_seeds: int) -> pd.DataFrame:
-    """The runs of one cell that choose its λ: those of its ``tune_seeds`` smallest stored
-    seeds (all of them for ``tune_seeds`` 0)."""
-    if tune_seeds <= 0:
-        return part
-    seeds = sorted(part["seed"].unique())[:tune_seeds]
-    return part[part["seed"].isin(seeds)]
-
-
 def _chosen(part: pd.DataFrame, tune_seeds: int = 0) -> tuple[float, bool]:
     """(λ of the cell, whether it was chosen on validation among several): on the runs of
-    its tuning seeds (:func:`tuning_runs`)."""
+    its tuning seeds (:func:`masq.analysis.common.tuning_runs`)."""
     part = tuning_runs(part, tune_seeds)
     lams = sorted(part["lam"].unique())
     if len(lams) == 1:
@@ -175,7 +167,8 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
                 continue
             lam, swept = _chosen(part, preset.tune_seeds)
             at = part[part["lam"] == lam]
-            swept_lams = tuning_runs(part, preset.tune_seeds)["lam"].tolist()
+            tuned = tuning_runs(part, preset.tune_seeds)  # the runs that chose λ
+            swept_lams = tuned["lam"].tolist()
             test = at["test"].to_numpy(float)
             ok = test[np.isfinite(test)]
             n = len(ok)
@@ -187,7 +180,6 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
             expected = int(part["expected"].iloc[0]) if "expected" in part else len(part)
             counted = len(part)
             if preset.tune_seeds:  # the tuning sweep, and one run per other seed at its λ
-                tuned = tuning_runs(part, preset.tune_seeds)
                 others = at[~at["seed"].isin(tuned["seed"].unique())]
                 counted = len(tuned) + others["seed"].nunique()
             partial = counted < expected  # λ and seeds still missing: not read as a result
@@ -411,7 +403,6 @@ __all__ = [
     "peer_frame",
     "peer_markdown",
     "peer_table",
-    "tuning_runs",
     "val_average",
     "write_outputs",
 ]

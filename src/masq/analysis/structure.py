@@ -42,6 +42,7 @@ from masq.analysis.common import (
     markdown,
     records,
     sweep_edge,
+    tuning_runs,
     write_analysis_files,
 )
 from masq.analysis.paired import paired_test
@@ -140,14 +141,6 @@ def chosen_lambda(
     return out
 
 
-def tuning_rows(part: pd.DataFrame, tune_seeds: int) -> pd.DataFrame:
-    """The runs of one measure's λ sweep that choose its λ: those of its ``tune_seeds``
-    smallest seeds (every run for ``tune_seeds`` 0; ``masq analyze kfac --tune-seeds``)."""
-    if tune_seeds <= 0:
-        return part
-    return part[part["seed"].isin(sorted(part["seed"].unique())[:tune_seeds])]
-
-
 def structure_frame(df: pd.DataFrame) -> pd.DataFrame:
     """One row per stored run: slt, hidden, scenario, measure (:func:`structure_of`), λ, seed,
     the validation and test "last" accuracy on the union of all tasks."""
@@ -177,10 +170,11 @@ def structure_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 def _winner(part: pd.DataFrame, tune_seeds: int = 0) -> tuple[float, pd.DataFrame]:
     """(λ with the highest mean validation accuracy over seeds (the ``tune_seeds`` smallest
-    ones, :func:`tuning_rows`), smallest on ties; its rows, of every seed, with a finite test
-    accuracy). Diverged runs (NaN accuracies) are left out of the means, and a λ whose every
-    run diverged is never chosen; a group where all diverged gives NaN."""
-    lam = lam_on_validation(tuning_rows(part, tune_seeds))
+    ones, :func:`masq.analysis.common.tuning_runs`), smallest on ties; its rows, of every
+    seed, with a finite test accuracy). Diverged runs (NaN accuracies) are left out of the
+    means, and a λ whose every run diverged is never chosen; a group where all diverged gives
+    NaN."""
+    lam = lam_on_validation(tuning_runs(part, tune_seeds))
     if math.isnan(lam):
         return math.nan, part.iloc[0:0]
     at = part[part["lam"] == lam]
@@ -205,7 +199,7 @@ def structure_table(frame: pd.DataFrame, tune_seeds: int = 0) -> pd.DataFrame:
             if at.empty:
                 continue  # every run of this measure diverged
             test = at.sort_values("seed")["test"]
-            mine = tuning_rows(part[part["measure"] == measure], tune_seeds)
+            mine = tuning_runs(part[part["measure"] == measure], tune_seeds)
             swept = mine.loc[mine["lam"] > 0, "lam"]
             row = dict(zip(keys, key, strict=True)) | {
                 "measure": measure,
@@ -375,6 +369,5 @@ __all__ = [
     "structure_markdown",
     "structure_of",
     "structure_table",
-    "tuning_rows",
     "write_outputs",
 ]
