@@ -353,6 +353,23 @@ def test_held_runs_start_once_the_tuning_sweep_is_stored() -> None:
     assert runs == [] and waiting == 1
 
 
+def test_held_at_chosen_asks_each_stored_sweep_once_and_counts_the_waiting() -> None:
+    tuned = peers.peer_preset_from_mapping({**TINY, "tune_seeds": 1}, "test")
+    cells = tuned.cells()
+    sweeps = {key: peers.tuning_split(configs, 1) for key, configs in cells.items()}
+    stored = {run_id(c) for c in sweeps["MaSQ | task"][0]}  # one sweep stored, one not
+    asked: list[tuple[str, list[str]]] = []
+
+    def choose(key: str, ids: list[str]) -> float:
+        asked.append((key, ids))
+        return 100.0
+
+    runs, waiting = peers.held_at_chosen(sweeps, stored, choose)
+    assert [key for key, _ in asked] == ["MaSQ | task"] and set(asked[0][1]) == stored
+    assert [(c.seed, c.lam) for c in runs] == [(1, 100.0)]
+    assert waiting == sum(1 for _, held in sweeps.values() if held) - 1
+
+
 def test_a_sweep_without_validation_is_refused() -> None:
     frame = frame_of({("MaSQ", "task"): [(1, math.nan, 70), (10, math.nan, 60)]})
     with pytest.raises(ConfigError, match="eval_val = true"):

@@ -51,8 +51,7 @@ from masq.config import RunConfig
 from masq.consolidation import get_method
 from masq.curves import VAL, task_name
 from masq.errors import ConfigError
-from masq.grid.peers import PeerPreset, cell_key, tuning_split
-from masq.runid import run_id
+from masq.grid.peers import PeerPreset, cell_key, held_at_chosen, tuning_split
 
 MARK = "◆"  # a cell more than 1 point and two SEMs from the published value
 MIN_POINTS = 1.0
@@ -140,21 +139,14 @@ def held_configs(
     """(runs, cells waiting): for every cell with held seeds (the preset's ``tune_seeds``,
     :func:`masq.grid.peers.tuning_split`) whose tuning runs are all stored in ``df``, the held
     seeds' runs at the λ chosen on the tuning runs' validation sets; and how many such cells
-    still wait for their tuning sweep."""
-    out: list[RunConfig] = []
-    waiting = 0
+    still wait for their tuning sweep (:func:`masq.grid.peers.held_at_chosen`)."""
     stored = set() if df.empty else set(df["run_id"])
-    for key, configs in cells.items():
-        tuning, held = tuning_split(configs, preset.tune_seeds)
-        if not held:
-            continue
-        ids = list(dict.fromkeys(run_id(c) for c in tuning))
-        if not set(ids) <= stored:
-            waiting += 1
-            continue
-        lam, _ = _chosen(peer_frame(df, {key: ids}, preset))
-        out += [c for c in held if c.lam == lam]
-    return out, waiting
+    sweeps = {key: tuning_split(configs, preset.tune_seeds) for key, configs in cells.items()}
+
+    def choose(key: str, ids: list[str]) -> float:
+        return _chosen(peer_frame(df, {key: ids}, preset))[0]
+
+    return held_at_chosen(sweeps, stored, choose)
 
 
 def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:

@@ -208,23 +208,21 @@ def _held_configs(
     results: str, sweeps: list[tuple[list[RunConfig], list[RunConfig]]], tune_seeds: int
 ) -> list[RunConfig]:
     """The held seeds' runs at the λ each sweep chose on its stored tuning runs' validation
-    sets (:func:`masq.analysis.structure.chosen_lambda`); a sweep not fully stored waits."""
+    sets (:func:`masq.analysis.structure.chosen_lambda`, :func:`masq.grid.peers.held_at_chosen`);
+    a sweep not fully stored waits."""
     from masq.analysis import structure
-    from masq.runid import run_id
+    from masq.grid.peers import held_at_chosen
     from masq.store import load
 
     df = load(results)
-    stored = set() if df.empty else set(df["run_id"])
-    out: list[RunConfig] = []
-    for tuning, held in sweeps:
-        ids = {run_id(c) for c in tuning}
-        if not held or not ids <= stored:
-            continue
+
+    def choose(_: int, ids: list[str]) -> float:
         frame = structure.structure_frame(df[df["run_id"].isin(ids)])
         measure = str(frame["measure"].iloc[0])
-        lam = next(iter(structure.chosen_lambda(frame, measure, tune_seeds).values()))
-        out += [c for c in held if c.lam == lam]
-    return out
+        return next(iter(structure.chosen_lambda(frame, measure, tune_seeds).values()))
+
+    stored = set() if df.empty else set(df["run_id"])
+    return held_at_chosen(dict(enumerate(sweeps)), stored, choose)[0]
 
 
 def _window_configs(

@@ -35,10 +35,10 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from masq.config import RunConfig
 from masq.errors import ConfigError
@@ -52,6 +52,7 @@ MANIFEST_FORMAT = "masq-peers"
 TOP_KEYS = ("name", "title", "citation", "source", "statistic", "spread", "notes", "columns",
             "axes", "rows", "reference", "tune_seeds")  # fmt: skip
 ROW_KEYS = ("name", "axes", "columns", "published", "note")
+K = TypeVar("K")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,29 @@ def tuning_split(
         return list(configs), []
     tuning = set(seeds[:tune_seeds])
     return [c for c in configs if c.seed in tuning], [c for c in configs if c.seed not in tuning]
+
+
+def held_at_chosen(
+    sweeps: Mapping[K, tuple[Sequence[RunConfig], Sequence[RunConfig]]],
+    stored: Set[str],
+    choose: Callable[[K, list[str]], float],
+) -> tuple[list[RunConfig], int]:
+    """(runs, sweeps waiting): for every sweep ``key: (tuning runs, held runs)`` of
+    :func:`tuning_split` with held runs whose tuning runs' ids are all in ``stored``, the held
+    runs at λ = ``choose(key, tuning ids)`` (the λ chosen on their validation sets); and how
+    many such sweeps still wait for tuning runs to be stored."""
+    out: list[RunConfig] = []
+    waiting = 0
+    for key, (tuning, held) in sweeps.items():
+        if not held:
+            continue
+        ids = list(dict.fromkeys(run_id(c) for c in tuning))
+        if not set(ids) <= stored:
+            waiting += 1
+            continue
+        lam = choose(key, ids)
+        out += [c for c in held if c.lam == lam]
+    return out, waiting
 
 
 def expected_runs(cells: Mapping[str, Sequence[RunConfig]], tune_seeds: int) -> dict[str, int]:
@@ -441,6 +465,7 @@ __all__ = [
     "cell_key",
     "definition",
     "expected_runs",
+    "held_at_chosen",
     "held_count",
     "is_peer_preset",
     "list_peer_presets",
