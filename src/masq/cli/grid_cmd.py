@@ -220,7 +220,9 @@ def run_grid(args: argparse.Namespace) -> int:
         overrides = flag_values(args)
         cells = preset.cells(overrides, args.rows)
         configs = preset.configs(overrides, args.rows)
-        described = f"{len(preset.rows)} rows × {len(preset.columns)} columns of {preset.title}"
+        n_rows = len(set(args.rows)) if args.rows else len(preset.rows)
+        of = f" of its {len(preset.rows)}" if n_rows < len(preset.rows) else ""
+        described = f"{n_rows}{of} rows × {len(preset.columns)} columns of {preset.title}"
         size = sum(len(c) for c in cells.values())
     else:
         if args.rows is not None:
