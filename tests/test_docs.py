@@ -206,6 +206,27 @@ def test_the_readme_peer_tables_are_the_committed_tables() -> None:
         assert any(row in text.splitlines() for text in tables.values()), row
 
 
+def split_row(line: str) -> list[str]:
+    """The cells of a Markdown table row (a ``\\|`` inside a cell does not split it)."""
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def test_the_readme_measures_table_is_the_measured_one() -> None:
+    """Every row of the README's table of measures carries, after its formula, the figures of
+    the measured row of the same name on the measures page, word for word."""
+
+    def rows(text: str, header: str) -> dict[str, list[str]]:
+        lines = text[text.index(header) :].split("\n\n")[0].splitlines()[2:]
+        return {cells[0]: cells[1:] for cells in (split_row(line) for line in lines)}
+
+    page = (DOCS / "concepts" / "measures.md").read_text(encoding="utf-8")
+    measured = rows(page, "| measure | s / 10k samples |")
+    ours = rows(README, "| measure | F | s / 10k samples |")
+    assert len(ours) >= 10
+    for name, cells in ours.items():
+        assert cells[1:] == measured[name], name
+
+
 def test_the_records_page_names_every_field_of_every_stage() -> None:
     """The stage table of docs/concepts/records.md lists exactly each stage's fields, and its
     list of the fields added since store format 1 is exact: a new field must be added there."""
