@@ -151,7 +151,7 @@ peers-tables: $(STAMP)
 # One browsable page (REPORT/index.html, report.md, PNGs) from whatever of the above exists.
 REPORT ?= report
 REPORT_FROM = $(wildcard $(REPRO)/meta.json $(LAMBDA)/meta.json $(IMM)/meta.json \
-  $(TABLE1_DOCS)/table1_settled_test.md docs/kfac/paper-slts/kfac.json docs/kfac/split/kfac.json \
+  $(TABLE1_DOCS)/table1_settled_test.md docs/kfac/paper-slts/kfac.json docs/kfac/split/kfac.json docs/kfac/paper-arch/kfac.json \
   $(wildcard $(PEERS_DOCS)/*/peers.json))
 report: $(STAMP)
 	$(BIN)/masq report --results $(dir $(REPORT_FROM)) $(ANALYSES) \

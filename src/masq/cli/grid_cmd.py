@@ -251,20 +251,7 @@ def run_grid(args: argparse.Namespace) -> int:
         peers.write_manifest(args.results, preset, overrides, cells)
 
     def run_all(todo: list[RunConfig]) -> int:
-        summary = execute(
-            "grid",
-            todo,
-            args.results,
-            workers=workers,
-            stack=args.stack,
-            executor=args.executor,
-            address=args.address,
-            ray_timeout=args.ray_timeout,
-            threads=threads if args.executor == "local" else args.threads,
-            progress=not args.no_progress,
-            tasks_fn=tasks_fn(args.data_dir),
-            wait=args.wait,
-        )
+        summary = _execute("grid", todo, args, workers, threads, wait=args.wait)
         if summary is None:
             return 1
         print(
@@ -288,6 +275,24 @@ def run_grid(args: argparse.Namespace) -> int:
           f"{preset.tune_seeds} tuning seed(s)" + (f"; {waiting} sweep(s) not complete"
                                                    if waiting else ""))  # fmt: skip
     return run_all(held) if held else 0
+
+
+def _execute(
+    command: str,
+    configs: Sequence[RunConfig],
+    args: argparse.Namespace,
+    workers: int,
+    threads: int,
+    **extra: Any,
+) -> Any:
+    """:func:`masq.cli.common.execute` with the executor flags ``masq grid`` and ``masq
+    consistency`` share: the resolved threads per worker locally, the flag's value on Ray
+    (whose workers may have other cores)."""
+    return execute(command, configs, args.results, workers=workers, stack=args.stack,
+                   executor=args.executor, address=args.address, ray_timeout=args.ray_timeout,
+                   threads=threads if args.executor == "local" else args.threads,
+                   progress=not args.no_progress, tasks_fn=tasks_fn(args.data_dir),
+                   **extra)  # fmt: skip
 
 
 def _held_text(preset: Any, cells: Mapping[str, Sequence[RunConfig]], results: Any) -> str:
@@ -345,7 +350,7 @@ def run_consistency(args: argparse.Namespace) -> int:
     from masq.store import Store, load
 
     at_least_one(("--stack", args.stack))
-    workers, _ = resolve_workers(args.workers, args.threads)
+    workers, threads = resolve_workers(args.workers, args.threads)
     df = load(args.results)
     if df.empty:
         raise ConfigError(f"no stored runs in {args.results!r}; run `masq grid` first")
@@ -360,19 +365,7 @@ def run_consistency(args: argparse.Namespace) -> int:
             config = search.canonical(RunConfig.from_dict(d)).validate()
             runs[slt][label] = run_id(config)
             configs.append(config)
-    summary = execute(
-        "consistency",
-        configs,
-        args.results,
-        workers=workers,
-        stack=args.stack,
-        executor=args.executor,
-        address=args.address,
-        ray_timeout=args.ray_timeout,
-        threads=args.threads,
-        progress=not args.no_progress,
-        tasks_fn=tasks_fn(args.data_dir),
-    )
+    summary = _execute("consistency", configs, args, workers, threads)
     if summary is None:
         return 1
     if summary.failed:
