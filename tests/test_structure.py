@@ -143,6 +143,16 @@ def test_frame_needs_validation_metrics() -> None:
         structure.structure_frame(df)
 
 
+def test_frame_reads_validation_and_test_accuracy_from_their_own_columns() -> None:
+    """``last_val.union`` is the TEST accuracy at the point the validation curve selects;
+    the validation accuracy that selects λ is ``last_val.val_union``."""
+    df = pd.DataFrame({"slt": ["D5-5"], "hidden": ["8"], "importance": ["fisher"], "lam": [1.0],
+                       "seed": [0], "last.union": [0.5], "last_val.union": [0.5],
+                       "last_val.val_union": [0.7]})  # fmt: skip
+    frame = structure.structure_frame(df)
+    assert (frame["val"].iloc[0], frame["test"].iloc[0]) == (0.7, 0.5)
+
+
 def test_outputs_are_written(tmp_path: Path) -> None:
     frame = _frame()
     table = structure.structure_table(frame)

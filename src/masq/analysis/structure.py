@@ -69,7 +69,7 @@ COLOURS: dict[str, str] = {
     "MaSQ (mean)": "tab:red",
     NONE: "0.5",
 }
-SELECT = "last_val.union"  # λ chosen on the validation sets ...
+SELECT = "last_val.val_union"  # λ chosen on the validation accuracy ...
 REPORT = "last.union"  # ... and reported on the test sets
 
 
