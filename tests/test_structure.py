@@ -16,6 +16,7 @@ from masq.cli import main
 from masq.config import RunConfig
 from masq.errors import ConfigError
 from masq.runid import run_id
+from masq.store import load
 from tests.synthetic import learnable_dataset
 
 
@@ -217,6 +218,11 @@ def test_analyze_kfac_with_tuning_seeds_end_to_end(
         best = zero[zero["val"] == zero["val"].max()]["lam"].min()  # smallest on ties
         assert best == table.loc[measure, "lam"]
     assert json.loads((res / "kfac.json").read_text(encoding="utf-8"))["runs"] == 10
+    assert "partial" not in out
+    df = load(res)  # one held run lost: the study is partial again
+    (res / "runs" / f"{df[(df['seed'] == 1) & (df['lam'] > 0)]['run_id'].iloc[0]}.json").unlink()
+    assert main([*args, "--tabulate"]) == 0
+    assert "partial: 9 of 10 runs stored" in capsys.readouterr().out
 
 
 def test_the_report_shows_the_comparison(tmp_path: Path) -> None:

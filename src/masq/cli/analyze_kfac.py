@@ -150,6 +150,7 @@ def run_kfac(args: argparse.Namespace) -> int:
         print(f"kfac: {len(held)} runs of the other seeds at the λ chosen on validation")
         if held and not run_all(held):
             return 1
+    blocks: list[RunConfig] = []
     if windowed:
         blocks = _window_configs(args, firsts, lams, configs)
         if blocks and not args.tabulate and not run_all(blocks):
@@ -183,8 +184,14 @@ def run_kfac(args: argparse.Namespace) -> int:
             "config": {k: str(v) for k, v in base.items()}}  # fmt: skip
     md, written = structure.write_outputs(table, frame, out, body=body)
     print(md, end="")
-    if len(stored) < len(configs):
-        print(f"partial: {len(stored)} of {len(configs)} runs stored; run again to finish")
+    if args.tune_seeds:  # the sweeps, then one run per held seed at its sweep's λ
+        wanted = first_runs + _held_configs(args.results, sweeps, args.tune_seeds) + blocks
+        expected = len({run_id(c) for c in first_runs}) + held_seeds + len(blocks)
+    else:
+        wanted, expected = configs, len(ids)
+    have = len({run_id(c) for c in wanted} & set(stored["run_id"]))
+    if have < expected:
+        print(f"partial: {have} of {expected} runs stored; run again to finish")
     print_written(written)
     return 0
 
