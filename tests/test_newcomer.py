@@ -366,7 +366,7 @@ def test_the_core_install_needs_no_extra() -> None:
 
 def test_citation_file_is_valid_and_names_this_version() -> None:
     """CITATION.cff parses, is of CFF 1.2.0, names masq's version and cites the paper's DOI
-    (the same DOI as the README's BibTeX entry)."""
+    (the same DOI as the BibTeX entry of docs/paper.md and the README's link)."""
     yaml = pytest.importorskip("yaml")
     import masq
 
@@ -376,4 +376,5 @@ def test_citation_file_is_valid_and_names_this_version() -> None:
     assert str(cff["version"]) == masq.__version__
     (paper,) = cff["references"]
     assert paper["doi"] == "10.1007/978-3-030-30484-3_39"
-    assert f"doi       = {{{paper['doi']}}}" in (root / "README.md").read_text(encoding="utf-8")
+    assert f"doi       = {{{paper['doi']}}}" in (root / "docs" / "paper.md").read_text("utf-8")
+    assert f"https://doi.org/{paper['doi']}" in (root / "README.md").read_text(encoding="utf-8")
