@@ -310,17 +310,22 @@ def structure_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def lambda_figure(frame: pd.DataFrame) -> Figure:
+def lambda_figure(
+    frame: pd.DataFrame, table: pd.DataFrame | None = None, tune_seeds: int = 0
+) -> Figure:
     """One panel per (SLT, net, scenario): mean test accuracy over seeds against λ (log axis)
     per measure, the validation mean dotted, no EWC as a dashed line: where each structure's
-    λ lies and how flat its optimum is."""
+    λ lies and how flat its optimum is. With ``tune_seeds`` the lines are the sweep on the
+    tuning seeds alone (:func:`masq.analysis.common.tuning_runs`; a mean over other seeds at
+    one λ would make a step in them), and each measure's row of ``table`` (every seed at its
+    chosen λ) is a diamond with its std over seeds."""
     groups = list(frame.groupby(["slt", "hidden", "scenario"], sort=False))
     fig = Figure(figsize=(4.2 * max(1, len(groups)), 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(1, max(1, len(groups)), squeeze=False)[0])
     for ax, ((slt, hidden, scenario), part) in zip(axes, groups, strict=False):
         for measure in STRUCTURES:
-            rows = part[part["measure"] == measure]
+            rows = tuning_runs(part[part["measure"] == measure], tune_seeds)
             if rows.empty:
                 continue
             means = rows.groupby("lam")[["test", "val"]].mean().sort_index()
@@ -329,6 +334,13 @@ def lambda_figure(frame: pd.DataFrame) -> Figure:
             ax.plot(lams, 100 * means["test"].to_numpy(float), marker="o", markersize=3,
                     color=colour, label=measure)  # fmt: skip
             ax.plot(lams, 100 * means["val"].to_numpy(float), linestyle=":", color=colour)
+            if tune_seeds and table is not None:
+                key = (slt, hidden, scenario, measure)
+                mine = table[(table[["slt", "hidden", "scenario", "measure"]] == key).all(axis=1)]
+                for _, r in mine.iterrows():
+                    std = 100 * np.nan_to_num(float(r["test_std"]))
+                    ax.errorbar([float(r["lam"])], [100 * float(r["test_mean"])], yerr=[std],
+                                marker="D", markersize=5, color=colour, capsize=3)  # fmt: skip
         none = part[part["measure"] == NONE]
         if not none.empty:
             ax.axhline(100 * float(none["test"].mean()), color="0.3", linestyle="--",
@@ -338,19 +350,28 @@ def lambda_figure(frame: pd.DataFrame) -> Figure:
         ax.set_title(f"{slt}, 784-{hidden}-10, {scenario}", fontsize=9)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("ACC % after the last task (test; val dotted)")
+    if tune_seeds:
+        fig.suptitle(f"lines: the sweep on the {tune_seeds} tuning seed(s); ◆: every seed at "
+                     "the λ chosen on validation (± std)", fontsize=9)  # fmt: skip
     axes[-1].legend(fontsize=7, loc="best")
     return fig
 
 
 def write_outputs(
-    table: pd.DataFrame, frame: pd.DataFrame, out: str | Path, *, body: Mapping[str, Any]
+    table: pd.DataFrame,
+    frame: pd.DataFrame,
+    out: str | Path,
+    *,
+    body: Mapping[str, Any],
+    tune_seeds: int = 0,
 ) -> tuple[str, list[Path]]:
     """Write ``out``/kfac.md and .csv (:func:`structure_table`), kfac_points.csv (every run),
     kfac.png (:func:`structure_figure`), kfac_lambda.png (:func:`lambda_figure`) and the
     manifest kfac.json (``body`` plus files and provenance); (the Markdown,
     the paths written)."""
     md = structure_markdown(table)
-    figures = [("kfac.png", structure_figure(table)), ("kfac_lambda.png", lambda_figure(frame))]
+    figures = [("kfac.png", structure_figure(table)),
+               ("kfac_lambda.png", lambda_figure(frame, table, tune_seeds))]  # fmt: skip
     written = write_analysis_files(out, "kfac", md, table, frame, figures, body)
     return md, written
 

@@ -182,7 +182,7 @@ def run_kfac(args: argparse.Namespace) -> int:
             "runs_stored": len(stored),
             "results": str(args.results), "seconds": {} if args.tabulate else {"grid": seconds},
             "config": {k: str(v) for k, v in base.items()}}  # fmt: skip
-    md, written = structure.write_outputs(table, frame, out, body=body)
+    md, written = structure.write_outputs(table, frame, out, body=body, tune_seeds=args.tune_seeds)
     print(md, end="")
     if args.tune_seeds:  # the sweeps, then one run per held seed at its sweep's λ
         wanted = first_runs + _held_configs(args.results, sweeps, args.tune_seeds) + blocks
