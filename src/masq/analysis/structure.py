@@ -335,8 +335,9 @@ def lambda_figure(
                     color=colour, label=measure)  # fmt: skip
             ax.plot(lams, 100 * means["val"].to_numpy(float), linestyle=":", color=colour)
             if tune_seeds and table is not None:
-                key = (slt, hidden, scenario, measure)
-                mine = table[(table[["slt", "hidden", "scenario", "measure"]] == key).all(axis=1)]
+                mine = table[(table["slt"] == slt) & (table["hidden"] == hidden)
+                             & (table["scenario"] == scenario)
+                             & (table["measure"] == measure)]  # fmt: skip
                 for _, r in mine.iterrows():
                     std = 100 * np.nan_to_num(float(r["test_std"]))
                     ax.errorbar([float(r["lam"])], [100 * float(r["test_mean"])], yerr=[std],
