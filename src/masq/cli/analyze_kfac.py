@@ -5,6 +5,7 @@ achieves? EWC with the diagonal FIM, K-FAC, per-layer Fisher blocks and MaSQ, ea
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from masq.cli.analyze_common import (
     SWEEP_FIELDS,
@@ -28,6 +29,9 @@ from masq.config import FIELD, RunConfig, hidden_text
 from masq.defaults import PAPER_SLTS, paper_best
 from masq.errors import ConfigError
 from masq.runtime import check_out_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _PAPER = " ".join(PAPER_SLTS)
 # The names of masq.analysis.structure.STRUCTURES, written here so that building the parser
@@ -146,7 +150,7 @@ def run_kfac(args: argparse.Namespace) -> int:
     if not args.tabulate and not run_all(first_runs):
         return 1
     if args.tune_seeds and not args.tabulate:
-        held = _held_configs(args.results, sweeps, args.tune_seeds)
+        held = _held_configs(load(args.results), sweeps, args.tune_seeds)
         print(f"kfac: {len(held)} runs of the other seeds at the λ chosen on validation")
         if held and not run_all(held):
             return 1
@@ -185,7 +189,7 @@ def run_kfac(args: argparse.Namespace) -> int:
     md, written = structure.write_outputs(table, frame, out, body=body, tune_seeds=args.tune_seeds)
     print(md, end="")
     if args.tune_seeds:  # the sweeps, then one run per held seed at its sweep's λ
-        wanted = first_runs + _held_configs(args.results, sweeps, args.tune_seeds) + blocks
+        wanted = first_runs + _held_configs(df, sweeps, args.tune_seeds) + blocks
         expected = len({run_id(c) for c in first_runs}) + held_seeds + len(blocks)
     else:
         wanted, expected = configs, len(ids)
@@ -212,16 +216,14 @@ def _sweeps(
 
 
 def _held_configs(
-    results: str, sweeps: list[tuple[list[RunConfig], list[RunConfig]]], tune_seeds: int
+    df: pd.DataFrame, sweeps: list[tuple[list[RunConfig], list[RunConfig]]], tune_seeds: int
 ) -> list[RunConfig]:
-    """The held seeds' runs at the λ each sweep chose on its stored tuning runs' validation
-    sets (:func:`masq.analysis.structure.chosen_lambda`, :func:`masq.grid.peers.held_at_chosen`);
-    a sweep not fully stored waits."""
+    """The held seeds' runs at the λ each sweep chose on the validation sets of its tuning
+    runs stored in ``df`` (the results dir's :func:`masq.store.load`;
+    :func:`masq.analysis.structure.chosen_lambda`, :func:`masq.grid.peers.held_at_chosen`); a
+    sweep not fully stored waits."""
     from masq.analysis import structure
     from masq.grid.peers import held_at_chosen
-    from masq.store import load
-
-    df = load(results)
 
     def choose(_: int, ids: list[str]) -> float:
         frame = structure.structure_frame(df[df["run_id"].isin(ids)])
