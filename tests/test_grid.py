@@ -1220,6 +1220,43 @@ def test_calibrate_measures_three_and_interpolates_the_rest(
     assert set(costs) == set(archs)
 
 
+def test_estimate_calibrates_at_each_batch_size_of_the_grid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grid's costs are measured at its own mini-batch size (a step of B = 128 costs more
+    than one of 100); groups of two batch sizes are calibrated, and priced, separately."""
+    seen: list[tuple[tuple[int, ...], int]] = []
+
+    def by_batch(hidden: tuple[int, ...], stack: int, *a: Any, **kw: Any) -> dict[str, float]:
+        seen.append((hidden, kw["batch_size"]))
+        return {k: v * kw["batch_size"] for k, v in UNIT.items()}
+
+    monkeypatch.setattr(estimate_module, "measure", by_batch)
+    small, large = (
+        expand(tiny_grid(hidden=((8,),))),
+        expand(tiny_grid(hidden=((8,),), batch_size=(40,))),
+    )
+    est_small = grid.estimate(grid.plan(small), 4, workers=1, threads=1)
+    est_large = grid.estimate(grid.plan(large), 4, workers=1, threads=1)
+    assert seen == [((8,), 20), ((8,), 40)]
+    assert est_large.total == pytest.approx(2 * est_small.total)
+    seen.clear()
+    both = grid.estimate(grid.plan(small + large), 4, workers=1, threads=1)
+    assert sorted(seen) == [((8,), 20), ((8,), 40)]
+    assert both.total == pytest.approx(est_small.total + est_large.total)
+
+
+def test_per_iteration_is_the_median_of_its_timed_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(t(long) − t(short)) / (long − short) per pair, the median of three: one pair slowed by
+    the machine does not move the estimate."""
+    # three pairs of (start, after short, after long): per iteration 1.0, 5.0 and 2.0 s
+    clock = iter([0.0, 1.0, 4.0, 10.0, 11.0, 22.0, 30.0, 31.0, 36.0])
+    monkeypatch.setattr(estimate_module.time, "perf_counter", lambda: next(clock))
+    runs: list[int] = []
+    assert estimate_module._per_iteration(runs.append, 2, 4) == pytest.approx(2.0)
+    assert runs == [2, 2, 4, 2, 4, 2, 4]  # a warm-up, then three pairs
+
+
 def test_task_sizes() -> None:
     assert grid.task_sizes("DP10-10", False) == (55_000, 20_000)
     assert grid.task_sizes("D5-5", True) == (27_500, 15_000)

@@ -55,16 +55,28 @@ def _timeit(fn: Callable[[], Any], repeat: int) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def _per_iteration(run: Callable[[int], Any], short: int, long: int) -> float:
-    """Seconds per iteration of ``run(iters)``: (t(long) − t(short)) / (long − short), so the
-    fixed cost of a call (setup, the evaluation at 0 and the end) cancels out."""
+# Timed (short, long) pairs per cost; their median is taken. One pair misjudged a stack of
+# 784-1000-1000 nets by up to a factor 2 (the fixed cost of a call, its allocations, varies
+# from call to call by as much as the iterations it is subtracted from).
+REPEATS = 3
+
+
+def _per_iteration(
+    run: Callable[[int], Any], short: int, long: int, repeats: int = REPEATS
+) -> float:
+    """Seconds per iteration of ``run(iters)``: the median over ``repeats`` pairs of
+    (t(long) − t(short)) / (long − short), so the fixed cost of a call (setup, the evaluation
+    at 0 and the end) cancels out."""
     run(short)  # warm-up
-    t0 = time.perf_counter()
-    run(short)
-    t1 = time.perf_counter()
-    run(long)
-    t2 = time.perf_counter()
-    return max((t2 - t1) - (t1 - t0), 1e-9) / (long - short)
+    per: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(short)
+        t1 = time.perf_counter()
+        run(long)
+        t2 = time.perf_counter()
+        per.append(max((t2 - t1) - (t1 - t0), 1e-9) / (long - short))
+    return sorted(per)[len(per) // 2]
 
 
 def measure(
@@ -76,12 +88,14 @@ def measure(
     precision: str = "fp32",
     device: str = "cpu",
     measures: Mapping[str, Mapping[str, Any]] | None = None,
+    batch_size: int = 100,
 ) -> dict[str, float]:
-    """Seconds per: D1 training iteration (B = 100, Adam), D2 iteration of a stack of
-    ``stack`` runs with the EWC penalty ("d2_iter"; ``stack=1``: one run, ``train_task``) and
-    of one run ("d2_iter_one"), evaluated sample (one model / a stack), and importance sample
-    (batches of 1000, forward and backward, float32), timed on random MNIST-shaped data
-    (``long - short`` iterations) in ``precision`` on ``device`` (the grid's).
+    """Seconds per: D1 training iteration (mini-batches of ``batch_size``, Adam), D2
+    iteration of a stack of ``stack`` runs with the EWC penalty ("d2_iter"; ``stack=1``: one
+    run, ``train_task``) and of one run ("d2_iter_one"), evaluated sample (one model / a
+    stack), and importance sample (batches of 1000, forward and backward, float32), timed on
+    random MNIST-shaped data (2,000 images, ``long - short`` iterations, the median of
+    :data:`REPEATS` pairs) in ``precision`` on ``device`` (the grid's).
 
     ``measures`` ({measure name: its settings}, those of the grid) adds, per measure computed
     after a phase, the seconds per sample of its own pass ("importance_sample:<name>") and,
@@ -105,13 +119,13 @@ def measure(
     anchor = ewc.anchor(model, importance)
 
     def d1(iters: int) -> None:
-        cfg = training.TrainConfig(lr=1e-3, iters=iters, batch_size=100, precision=prec)
+        cfg = training.TrainConfig(lr=1e-3, iters=iters, batch_size=batch_size, precision=prec)
         training.train_task(model, (x, y), cfg)
 
     penalty = QuadraticPenalty(model, anchor, 1000.0)
 
     def one(iters: int) -> None:
-        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, precision=prec)
+        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=batch_size, precision=prec)
         training.train_task(model, (x, y), cfg, penalty_grad=penalty)
 
     def stacked_runs(iters: int) -> None:
@@ -122,7 +136,7 @@ def measure(
             lams=[1000.0] * stack,
             importances=[importance] * stack,
             iters=iters,
-            batch_size=100,
+            batch_size=batch_size,
             eval_every=iters,
             seed=0,
             device=dev,
@@ -132,7 +146,7 @@ def measure(
     two = QuadraticPenalty(model, [anchor, ewc.anchor(model, importance)], 1000.0)
 
     def one_two_anchors(iters: int) -> None:
-        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=100, precision=prec)
+        cfg = training.TrainConfig(lr=1e-5, iters=iters, batch_size=batch_size, precision=prec)
         training.train_task(model, (x, y), cfg, penalty_grad=two)
 
     t_d1 = _per_iteration(d1, short, long)
@@ -163,7 +177,7 @@ def measure(
         "importance_sample": t_imp,
     }
     for name, settings in (measures or {}).items():
-        out |= _measure_costs(model, (x, y), name, settings, short, long, prec, dev)
+        out |= _measure_costs(model, (x, y), name, settings, short, long, prec, dev, batch_size)
     return out
 
 
@@ -180,6 +194,7 @@ def _measure_costs(
     long: int,
     precision: Precision,
     dev: torch.device,
+    batch_size: int = 100,
 ) -> dict[str, float]:
     """{"importance_sample:<name>": seconds per sample of the measure's pass over its
     ``fisher_samples`` subset (else :data:`MEASURE_SAMPLES` samples)} and, for a structured
@@ -215,7 +230,7 @@ def _measure_costs(
 
             def run(iters: int) -> None:
                 cfg = training.TrainConfig(
-                    lr=1e-5, iters=iters, batch_size=100, precision=precision
+                    lr=1e-5, iters=iters, batch_size=batch_size, precision=precision
                 )
                 training.train_task(model, data, cfg, penalty_grad=add_grad)
 
@@ -236,11 +251,12 @@ def calibrate(
     precision: str = "fp32",
     device: str = "cpu",
     measures: Mapping[str, Mapping[str, Any]] | None = None,
+    batch_size: int = 100,
 ) -> tuple[dict[tuple[int, ...], dict[str, float]], tuple[tuple[int, ...], ...]]:
-    """Per architecture the costs of :func:`measure` (with ``measures``), measured with
-    ``threads`` torch threads for up to ``max_measured`` architectures (smallest, largest,
-    middle by parameter count) and interpolated linearly in the parameter count for the
-    others; in ``precision`` on ``device``."""
+    """Per architecture the costs of :func:`measure` (with ``measures``, mini-batches of
+    ``batch_size``), measured with ``threads`` torch threads for up to ``max_measured``
+    architectures (smallest, largest, middle by parameter count) and interpolated linearly in
+    the parameter count for the others; in ``precision`` on ``device``."""
     distinct = sorted(set(archs), key=n_params)
     if len(distinct) <= max_measured:
         picked = distinct
@@ -262,7 +278,7 @@ def calibrate(
         )
         if measures:
             extra = {**extra, "measures": measures}
-        measured = {h: measure(h, stack, **extra) for h in picked}
+        measured = {h: measure(h, stack, batch_size=batch_size, **extra) for h in picked}
     finally:
         torch.set_num_threads(before)
     xs = [n_params(h) for h in picked]
@@ -388,6 +404,11 @@ def _makespan(
     return max(free)
 
 
+def _calibration_key(config: RunConfig) -> tuple[str, int]:
+    """What a calibration is measured at besides the architecture: (precision, batch size)."""
+    return str(config.precision), int(config.batch_size)
+
+
 def estimate(
     groups: Sequence[Group], stack: int, *, workers: int, threads: int | None = None
 ) -> Estimate:
@@ -409,10 +430,11 @@ def estimate(
             found = get_measure(config.importance)
             if found.compute is not None and found.name not in measures:
                 measures[found.name] = found.settings(config)
-    costs: dict[tuple[tuple[int, ...], str], dict[str, float]] = {}
+    costs: dict[tuple[tuple[int, ...], str, int], dict[str, float]] = {}
     picked: tuple[tuple[int, ...], ...] = ()
-    for precision in dict.fromkeys(str(g.configs[0].precision) for g in groups):
-        of_p = [g.configs[0].hidden for g in groups if str(g.configs[0].precision) == precision]
+    for precision, batch in dict.fromkeys(_calibration_key(g.configs[0]) for g in groups):
+        of_p = [g.configs[0].hidden for g in groups
+                if _calibration_key(g.configs[0]) == (precision, batch)]  # fmt: skip
         kw: dict[str, Any] = (
             {}
             if (precision, device) == ("fp32", "cpu")
@@ -421,15 +443,17 @@ def estimate(
                 "device": device,
             }
         )
-        measured, chosen = calibrate(of_p, stack, threads=threads, measures=measures, **kw)
-        costs |= {(h, precision): v for h, v in measured.items()}
+        measured, chosen = calibrate(
+            of_p, stack, threads=threads, measures=measures, batch_size=batch, **kw
+        )
+        costs |= {(h, precision, batch): v for h, v in measured.items()}
         picked = tuple(dict.fromkeys((*picked, *chosen)))
     parts: list[list[tuple[tuple[RunConfig, ...], float]]] = []  # per group: (chunk, seconds)
     shared: list[float] = []  # per group: task-1 training and its importance passes
     d1 = imp = d2 = ev = 0.0
     for g in groups:
         first = g.configs[0]
-        c = costs[(first.hidden, str(first.precision))]
+        c = costs[(first.hidden, *_calibration_key(first))]
         n_train, n_eval = task_sizes(first.slt, first.eval_val)
         evals1 = len(eval_iterations(first.iters1, first.eval_every, first.eval_schedule))
         e1 = evals1 * n_eval * c["eval_sample_one"]
