@@ -50,3 +50,24 @@ def learnable_dataset(n_train: int = 600, n_val: int = 100, n_test: int = 200) -
         test=learnable_split(n_test, 13),
         source="synthetic",
     )
+
+
+# Relative tolerance of a golden record's importance summary on another CPU: its float32
+# sums take the order of additions the CPU's kernels choose (an Intel and an AMD machine differ
+# in the last 1-4 bits, i.e. below 3e-7 relative); the training curves stay bit-exact.
+SUMMARY_RTOL = 1e-5
+
+
+def assert_same_summary(got: dict, golden: dict, what: object = "importance_summary") -> None:
+    """``got`` and ``golden`` ({tensor: {statistic: value}}) have the same tensors and
+    statistics, each value within :data:`SUMMARY_RTOL` of the golden one."""
+    import pytest
+
+    assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in golden.items()}, what
+    for name, stats in golden.items():
+        for stat, value in stats.items():
+            assert got[name][stat] == pytest.approx(value, rel=SUMMARY_RTOL, abs=0), (
+                what,
+                name,
+                stat,
+            )

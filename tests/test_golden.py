@@ -1,4 +1,6 @@
-"""The T-task protocol with T = 2 reproduces masq 0.1's two-task numbers to the last digit.
+"""The T-task protocol with T = 2 reproduces masq 0.1's two-task numbers: the curves and
+accuracies to the last digit, the importance summaries to :data:`tests.synthetic.SUMMARY_RTOL`
+(their float32 sums differ between CPUs in the last bits).
 
 tests/data/golden_t2_v1.json holds records of masq 0.1.0 (made on the CPU with the default
 thread count) on :func:`tests.synthetic.learnable_dataset`: runs of the separate path, runs
@@ -18,9 +20,10 @@ from masq import protocol as pr
 from masq.config import RunConfig
 from masq.runid import run_id
 from masq.store import Store
+from tests.synthetic import assert_same_summary
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_t2_v1.json").read_text("utf-8"))
-COMPARED = ("best", "last", "importance_summary")
+COMPARED = ("best", "last")
 
 
 def test_golden_file_is_what_these_tests_expect() -> None:
@@ -43,6 +46,7 @@ def test_separate_path_reproduces_the_golden_records_exactly(
     assert result.curves[1] == golden["curve_d2"]
     for key in COMPARED:
         assert getattr(result, key) == golden[key], key
+    assert_same_summary(result.importance_summary, golden["importance_summary"])
 
 
 @pytest.mark.parametrize("keys", GOLDEN["cache_keys"], ids=lambda k: k["run_id"])
@@ -73,3 +77,6 @@ def test_stacked_grid_path_reproduces_the_golden_records_exactly(
         assert got["curves"][1] == golden["curve_d2"], record["run_id"]
         for key in COMPARED:
             assert got[key] == golden[key], (record["run_id"], key)
+        assert_same_summary(
+            got["importance_summary"], golden["importance_summary"], record["run_id"]
+        )
