@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def _per_iteration(
         run(long)
         t2 = time.perf_counter()
         per.append(max((t2 - t1) - (t1 - t0), 1e-9) / (long - short))
-    return sorted(per)[len(per) // 2]
+    return statistics.median(per)
 
 
 def measure(
@@ -432,9 +433,10 @@ def estimate(
                 measures[found.name] = found.settings(config)
     costs: dict[tuple[tuple[int, ...], str, int], dict[str, float]] = {}
     picked: tuple[tuple[int, ...], ...] = ()
-    for precision, batch in dict.fromkeys(_calibration_key(g.configs[0]) for g in groups):
-        of_p = [g.configs[0].hidden for g in groups
-                if _calibration_key(g.configs[0]) == (precision, batch)]  # fmt: skip
+    archs_at: dict[tuple[str, int], list[tuple[int, ...]]] = {}  # per calibration key
+    for g in groups:
+        archs_at.setdefault(_calibration_key(g.configs[0]), []).append(g.configs[0].hidden)
+    for (precision, batch), of_p in archs_at.items():
         kw: dict[str, Any] = (
             {}
             if (precision, device) == ("fp32", "cpu")
