@@ -167,3 +167,49 @@ def test_union_test_concatenates_every_task() -> None:
     assert union_test(dp)[0].shape[0] == 2 * len(DATA.test)
     with pytest.raises(ConfigError):
         union_test(tasks, part="nope")
+
+
+@pytest.mark.parametrize("pad", [1, 2])
+def test_padding_frames_each_image_with_zeros_before_the_permutation(pad: int) -> None:
+    side = 28 + 2 * pad
+    plain, padded = (
+        make("DP10-10", dataset=DATA, seed=5),
+        make("DP10-10", dataset=DATA, seed=5, pad=pad),
+    )
+    for part in PARTS:
+        x0, y0 = getattr(plain[0], part)
+        x, y = getattr(padded[0], part)
+        assert x.shape == (x0.shape[0], side * side) and torch.equal(y, y0)
+        image = x.reshape(-1, side, side)
+        assert torch.equal(image[:, pad : pad + 28, pad : pad + 28].reshape(-1, 784), x0)
+        frame = image.clone()
+        frame[:, pad : pad + 28, pad : pad + 28] = 0
+        assert not frame.any()  # the frame is all zeros
+        perm = padded[1].permutation  # a permutation of all (28 + 2·pad)² pixels, frame included
+        assert perm is not None and torch.equal(torch.sort(perm).values, torch.arange(side * side))
+        assert torch.equal(getattr(padded[1], part)[0], x[:, perm])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_a_bad_pad_is_a_one_line_config_error(bad: object) -> None:
+    with pytest.raises(ConfigError, match="pad: must be an integer >= 0") as err:
+        make("DP10-10", dataset=DATA, pad=bad)  # type: ignore[arg-type]
+    assert "\n" not in str(err.value)
+
+
+def test_pad_of_a_run_config_reaches_its_tasks_its_model_and_its_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from masq import data
+    from masq.config import RunConfig
+    from masq.protocol import build_model, make_tasks
+    from masq.runid import run_id
+
+    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: DATA)
+    base = RunConfig(slt="DP10-10", hidden=(8,))
+    padded = RunConfig(slt="DP10-10", hidden=(8,), pad=2)
+    assert run_id(base) == run_id(RunConfig(slt="DP10-10", hidden=(8,), pad=0))
+    assert run_id(padded) != run_id(base)  # the default leaves old ids as they were
+    tasks = make_tasks(padded)
+    assert tasks[0].train[0].shape[1] == 32 * 32
+    assert build_model(padded, tasks)[0].in_features == 32 * 32

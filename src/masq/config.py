@@ -131,6 +131,9 @@ class RunConfig:
         "the seed: a new class-to-task assignment per seed, as van de Ven's split MNIST)",
         since_v1=True,
     )
+    pad: int = _field(0, D, "zero pixels added on every side of each image before any "
+                      "permutation (2: the 32×32 inputs of van de Ven & Tolias's code)",
+                      check="nonneg", since_v1=True)  # fmt: skip
     hidden: tuple[int, ...] = _field((800, 800), F, "hidden layer sizes, e.g. 800-400-400")
     init: Init = _field(Init.TORCH, F, "initialization: torch | tf")
     lr1: float = _field(1e-3, F, "Adam learning rate on task 1 (ε1)", check="positive")

@@ -61,9 +61,13 @@ def permutations(n_tasks: int, pixels: int, seed: int) -> list[Tensor | None]:
     return perms
 
 
-def to_xy(split: Split) -> XY:
-    """uint8 images [N, 28, 28] -> (x float32 [N, 784] = pixel / 255, y int64 [N])."""
+def to_xy(split: Split, pad: int = 0) -> XY:
+    """uint8 images [N, H, W] -> (x float32 [N, (H + 2·pad)(W + 2·pad)] = pixel / 255, y int64
+    [N]): each image framed by ``pad`` rows and columns of zeros on every side, then flattened
+    row by row (MNIST with pad 2: the 32×32 images of van de Ven & Tolias's code)."""
     images = torch.from_numpy(np.ascontiguousarray(split.images))
+    if pad:
+        images = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     x = images.reshape(images.shape[0], -1).to(torch.float32).div_(255.0)
     y = torch.from_numpy(np.ascontiguousarray(split.labels)).to(torch.int64)
     return x, y
@@ -101,6 +105,7 @@ def make(
     seed: int = 0,
     data_dir: str | None = None,
     class_seed: int | None = None,
+    pad: int = 0,
 ) -> list[Task]:
     """Build the tasks of SLT ``spec`` from ``dataset`` (a name for masq.data.load, or a Dataset).
 
@@ -108,7 +113,8 @@ def make(
     a string, ``dataset`` a name or a Dataset, ``seed`` an integer >= 0 (one-line ConfigError
     otherwise). ``class_seed``: a class split's blocks are taken over a permutation of the
     classes drawn from it (:func:`seeded_blocks`) instead of the spec's order; a one-line
-    ConfigError for a permuted SLT or a spec with its own class order.
+    ConfigError for a permuted SLT or a spec with its own class order. ``pad``: zero pixels
+    added on every side of each image before any permutation (:func:`to_xy`); an integer >= 0.
     """
     if not isinstance(spec, str):
         raise ConfigError(f"spec: give an SLT spec string such as 'D5-5', got {spec!r}")
@@ -119,6 +125,8 @@ def make(
         )
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ConfigError(f"seed: must be an integer >= 0, got {seed!r}")
+    if isinstance(pad, bool) or not isinstance(pad, int | np.integer) or pad < 0:
+        raise ConfigError(f"pad: must be an integer >= 0 (pixels per side), got {pad!r}")
     data = masq_data.load(dataset, data_dir=data_dir) if isinstance(dataset, str) else dataset
     parsed = parse_spec(spec, num_classes=data.num_classes)
     task_classes = parsed.task_classes
@@ -130,7 +138,7 @@ def make(
                 + "; use --class-order fixed, or a class split without an order (e.g. D2-2-2-2-2)"
             )
         task_classes = seeded_blocks(task_classes, data.num_classes, class_seed)
-    parts = {name: to_xy(getattr(data, name)) for name in ("train", "val", "test")}
+    parts = {name: to_xy(getattr(data, name), int(pad)) for name in ("train", "val", "test")}
     pixels = parts["train"][0].shape[1]
     n_tasks = len(parsed.task_classes)
     perms = permutations(n_tasks, pixels, seed) if parsed.permuted else [None] * n_tasks

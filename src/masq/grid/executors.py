@@ -42,6 +42,8 @@ from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.connect import RAY_TIMEOUT, connect_ray
 from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
 from masq.grid.plan import one_by_one, plan, spread
+from masq.grid.progress import clear as clear_progress
+from masq.grid.progress import in_flight
 from masq.runid import run_id
 from masq.runtime import default_threads, resolve_device
 from masq.store import NotStored, Store
@@ -151,6 +153,7 @@ def results_lock(store: Store, *, wait: bool = False) -> Iterator[None]:
             for folder in (store.root, store.runs, store.errors, store.d1, store.importance):
                 for tmp in folder.glob(".*.tmp"):
                     tmp.unlink(missing_ok=True)
+            clear_progress(store.root, -1)  # of workers of a grid that was stopped
             yield
     except LockHeld as err:
         raise ConfigError(
@@ -273,7 +276,12 @@ def execute(
     return summary
 
 
+BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    """Runs stored plus the fraction done of the stacks in flight (:mod:`masq.grid.progress`),
+    so the bar and its ETA move while a long stack trains."""
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -284,13 +292,20 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
         disable=not enabled,
         dynamic_ncols=True,
         smoothing=0.05,
+        bar_format=BAR_FORMAT,
     )
 
 
+def advance(bar: Any, runs: float) -> None:
+    """Move ``bar`` up to ``runs`` (stored runs plus the fractions in flight); it never goes
+    back (a stack's fraction ends where its runs are stored)."""
+    if runs > bar.n + 1e-9:
+        bar.update(runs - bar.n)
+
+
 def _poll(bar: Any, store: Store, ids: set[str]) -> None:
-    n = len(store.listed_ids() & ids)
-    if n > bar.n:
-        bar.update(n - bar.n)
+    stored = store.listed_ids() & ids
+    advance(bar, len(stored) + in_flight(store.root, stored))
 
 
 def _run_inline(
@@ -299,10 +314,19 @@ def _run_inline(
     before = torch.get_num_threads()
     out = []
     cache = TasksCache()  # the groups of one grid share their tasks
+    stored = [float(bar.n)]  # the runs stored so far
+
+    def done(n: int) -> None:
+        stored[0] += n
+        advance(bar, stored[0])
+
+    def moving(runs: Sequence[str], fraction: float) -> None:
+        advance(bar, stored[0] + fraction * len(runs))
+
     try:
         for job in jobs:
             one = dataclasses.replace(job, threads=threads)
-            out.append((job, run_group(one, bar.update, cache)))
+            out.append((job, run_group(one, done, cache, moving)))
             check_first(out)
     finally:
         torch.set_num_threads(before)

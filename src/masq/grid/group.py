@@ -18,7 +18,7 @@ import math
 import time
 import traceback as tb
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +27,14 @@ import torch
 from masq import protocol
 from masq.config import RunConfig
 from masq.fileio import error_text, warn
+from masq.grid import progress
 from masq.grid.plan import alone, chunks, d1_key, importance_key, needs_first_pass, placement
 from masq.plugins import load_from_env
 from masq.protocol import D1State
 from masq.runid import run_id
 from masq.store import NotStored, Store
 from masq.tasks import Task
-from masq.training import AdamMoments
+from masq.training import AdamMoments, heartbeat
 
 TasksFn = Callable[[RunConfig], list[Task]]
 
@@ -199,6 +200,7 @@ def run_group(
     job: GroupJob,
     on_done: Callable[[int], None] | None = None,
     cache: TasksCache | None = None,
+    on_progress: Callable[[Sequence[str], float], None] | None = None,
 ) -> GroupOutcome:
     """Run one group: task 1 (cached), its importance passes (cached), the runs in stacks.
 
@@ -206,6 +208,9 @@ def run_group(
     its stack ends; a failure is recorded in DIR/errors for the runs it concerns (a failed
     task-1 training or importance pass fails every run that needs it) and never raised.
     ``on_done(n)`` is called after each stack with the number of runs it stored.
+    ``on_progress(run ids, fraction)`` every few seconds with how far the stack in flight is
+    (:mod:`masq.grid.progress`); without it a pool worker writes that to DIR/progress (Ray
+    workers, whose results come back with them, report nothing).
     """
     start = time.perf_counter()
     outcome = GroupOutcome()
@@ -257,12 +262,28 @@ def run_group(
         if not math.isnan(importances[key][1]):
             runnable.append(config)
 
+    def clear_progress() -> None:
+        if on_progress is not None:
+            on_progress([], 0.0)
+        elif not job.return_records:
+            progress.clear(job.root)
+
     queue = deque(chunks(runnable, max(1, job.stack)))
     while queue:
         chunk = queue.popleft()
+        report = on_progress
+        if report is None and not job.return_records:
+            report = progress.file_reporter(job.root)
+        counter = progress.StepCounter(
+            [run_id(c) for c in chunk],
+            progress.expected_steps(chunk, placement(chunk[0], job.stack)[0]),
+            report or (lambda runs, fraction: None),
+        )
         try:
-            results = _continue(chunk, d1, importances, key_of, tasks, job.stack)
+            with heartbeat.listening(counter):
+                results = _continue(chunk, d1, importances, key_of, tasks, job.stack)
         except Exception as err:
+            clear_progress()
             if is_out_of_memory(err) and len(chunk) > 1:
                 torch.cuda.empty_cache()
                 half = (len(chunk) + 1) // 2
@@ -272,6 +293,7 @@ def run_group(
             fail(chunk, err)
             continue
         stored = 0
+        clear_progress()  # stored below, or failed: either way no longer in flight
         for result in results:
             try:
                 rid = store.write_result(result)

@@ -94,6 +94,7 @@ class Grid:
     scenario: tuple[Scenario, ...] = (Scenario.CLASS,)
     seed: tuple[int, ...] = (0,)
     class_order: tuple[ClassOrder, ...] = (ClassOrder.FIXED,)
+    pad: tuple[int, ...] = (0,)
     hidden: tuple[tuple[int, ...], ...] = ((800, 800),)
     init: tuple[Init, ...] = (Init.TORCH,)
     lr1: tuple[float, ...] = (0.001,)

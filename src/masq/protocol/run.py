@@ -83,7 +83,8 @@ class D1State:
 
 
 def make_tasks(config: RunConfig, *, data_dir: str | None = None) -> list[Task]:
-    """The SLT's tasks from ``config.dataset`` (permutations seeded by the "tasks" stream; with
+    """The SLT's tasks from ``config.dataset`` (images padded by ``config.pad`` zero pixels per
+    side; permutations seeded by the "tasks" stream; with
     ``class_order`` seeded, a class split's classes permuted by the "class-order" stream),
     relabelled for ``config.scenario`` (:func:`masq.scenarios.apply_scenario`)."""
     seeded = config.class_order == ClassOrder.SEEDED
@@ -93,6 +94,7 @@ def make_tasks(config: RunConfig, *, data_dir: str | None = None) -> list[Task]:
         seed=stream_seed(config.seed, "tasks"),
         data_dir=data_dir,
         class_seed=stream_seed(config.seed, "class-order") if seeded else None,
+        pad=config.pad,
     )
     return apply_scenario(tasks, config.scenario)
 

@@ -22,7 +22,7 @@ from masq.stacked.model import (
     unstack,
 )
 from masq.tasks import XY
-from masq.training import AdamMoments, eval_iterations
+from masq.training import AdamMoments, eval_iterations, heartbeat
 from masq.training.loop import phase_indices
 
 
@@ -170,6 +170,7 @@ def train_stacked(
         optimizer.step(model.params, grads, lam_f, stars, penalized)
         if it in record_at:
             record(it)
+        heartbeat.beat()
     if adam_out is not None:
         adam_out[:] = [optimizer.moments(model, run) for run in range(k)]
     return curves, [unstack(model, run) for run in range(k)]

@@ -38,6 +38,7 @@ from masq.curves import Curve
 from masq.errors import ConfigError
 from masq.scenarios import head_bias
 from masq.tasks import XY
+from masq.training import heartbeat
 from masq.training.evaluate import (
     DEFAULT_EVAL_EVERY,
     accuracies,
@@ -398,6 +399,7 @@ def train_task(
             if it in record_at:
                 record(it)
             bar.update(1)
+            heartbeat.beat()
     finally:
         bar.close()
     return curve

@@ -1,0 +1,122 @@
+"""Progress within a chunk: how far the stacks in flight are, for the grid's bar and its ETA.
+
+A grid stores a chunk's runs (a stack, or one run) when the chunk ends; a stack of 10 permuted
+MNIST tasks trains for most of an hour first. So the worker running a chunk counts the
+optimizer steps its training loops take (:mod:`masq.training.heartbeat`) against the steps the
+chunk needs (:func:`expected_steps`), and reports the fraction f: to a callback in the same
+process, or every few seconds to a small file DIR/progress/<pid>.json that the grid's parent
+reads (:func:`in_flight`). The bar then stands at stored + Σ f·(runs of the chunk), and tqdm's
+rate and ETA follow from it. The fraction counts steps only: evaluation and importance passes
+between phases move it not at all, so it is held below 1 until the chunk's runs are stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from masq.config import RunConfig
+from masq.fileio import atomic_write
+
+PROGRESS_DIR = "progress"
+WRITE_EVERY = 5.0  # seconds between two writes of a worker's progress file
+HELD_BELOW = 0.99  # a chunk's fraction before its runs are stored
+
+
+def expected_steps(chunk: Sequence[RunConfig], kind: str) -> int:
+    """The optimizer steps one chunk of :func:`masq.grid.plan.chunks` takes: for a stack or
+    runs trained alike (one loop for all), (T − 1)·iters2 once; for runs one by one, that per
+    run; for runs alone (from their own phase 1), iters1 + (T − 1)·iters2 per run."""
+    if not chunk:
+        return 0
+
+    def later(c: RunConfig) -> int:
+        return (c.n_tasks - 1) * c.iters2
+
+    if kind in ("stack", "alike"):
+        return later(chunk[0])
+    if kind == "alone":
+        return sum(c.iters1 + later(c) for c in chunk)
+    return sum(later(c) for c in chunk)
+
+
+class StepCounter:
+    """The heartbeat listener of one chunk of ``runs`` run ids needing ``total`` steps: every
+    ``every`` seconds (default :data:`WRITE_EVERY`) it passes ``report(runs, fraction)``, the
+    fraction held in [0, :data:`HELD_BELOW`]."""
+
+    def __init__(
+        self,
+        runs: Sequence[str],
+        total: int,
+        report: Callable[[Sequence[str], float], None],
+        *,
+        every: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runs, self.total, self.report = tuple(runs), max(1, int(total)), report
+        self.every = WRITE_EVERY if every is None else every
+        self.clock = clock
+        self.steps = 0
+        self._last = clock()
+
+    @property
+    def fraction(self) -> float:
+        """steps / total, held below :data:`HELD_BELOW`."""
+        return min(self.steps / self.total, HELD_BELOW)
+
+    def __call__(self, steps: int) -> None:
+        self.steps += steps
+        now = self.clock()
+        if now - self._last >= self.every:
+            self._last = now
+            self.report(self.runs, self.fraction)
+
+
+def progress_file(root: str | os.PathLike[str], pid: int | None = None) -> Path:
+    """DIR/progress/<pid>.json: the progress of the chunk worker ``pid`` (default: this
+    process) is running."""
+    return Path(root) / PROGRESS_DIR / f"{os.getpid() if pid is None else pid}.json"
+
+
+def file_reporter(root: str | os.PathLike[str]) -> Callable[[Sequence[str], float], None]:
+    """A report for :class:`StepCounter` that writes {"runs": [...], "fraction": f} to this
+    process's :func:`progress_file` (atomically; a failed write only costs the display)."""
+    path = progress_file(root)
+
+    def report(runs: Sequence[str], fraction: float) -> None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, json.dumps({"runs": list(runs), "fraction": fraction}))
+
+    return report
+
+
+def clear(root: str | os.PathLike[str], pid: int | None = None) -> None:
+    """Remove the progress file of ``pid`` (default: this process), or with ``pid`` -1 every
+    one (a grid starting: files of workers killed earlier)."""
+    folder = Path(root) / PROGRESS_DIR
+    paths = folder.glob("*.json") if pid == -1 else [progress_file(root, pid)]
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def in_flight(root: str | os.PathLike[str], stored: Iterable[str]) -> float:
+    """Σ over the progress files under ``root`` of fraction × (their runs not in ``stored``):
+    how many runs' worth of work the chunks in flight have done. Unreadable files count 0."""
+    held = set(stored)
+    total = 0.0
+    for path in sorted((Path(root) / PROGRESS_DIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            runs, fraction = list(data["runs"]), float(data["fraction"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        pending = sum(1 for rid in runs if rid not in held)
+        total += min(max(fraction, 0.0), HELD_BELOW) * pending
+    return total

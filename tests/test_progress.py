@@ -1,0 +1,137 @@
+"""Progress within a grid's chunks: the training loops' heartbeat, the step count a chunk
+needs, the workers' progress files and the bar they move (masq.grid.progress)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from masq import grid
+from masq.config import RunConfig
+from masq.grid import GroupJob, expand
+from masq.grid import progress as flight
+from masq.grid.executors import advance
+from masq.grid.plan import chunks, placement
+from masq.runid import run_id
+from masq.store import Store
+from masq.training import heartbeat
+from tests.test_grid import synthetic_tasks, tiny_grid
+
+
+def test_a_beat_without_a_listener_does_nothing_and_listeners_nest() -> None:
+    heartbeat.beat(3)  # no listener: nothing happens, nothing fails
+    outer: list[int] = []
+    inner: list[int] = []
+    with heartbeat.listening(outer.append):
+        heartbeat.beat()
+        with heartbeat.listening(inner.append):
+            heartbeat.beat(2)
+        heartbeat.beat(4)
+    heartbeat.beat(5)
+    assert outer == [1, 4] and inner == [2]
+
+
+def test_the_step_counter_reports_every_few_seconds_and_holds_below_one() -> None:
+    now = [0.0]
+    seen: list[tuple[tuple[str, ...], float]] = []
+    counter = flight.StepCounter(["a", "b"], 10, lambda r, f: seen.append((tuple(r), f)),
+                                 every=5.0, clock=lambda: now[0])  # fmt: skip
+    counter(3)
+    assert seen == []  # not 5 s yet
+    now[0] = 5.0
+    counter(2)
+    assert seen == [(("a", "b"), 0.5)]
+    now[0] = 11.0
+    counter(20)  # more steps than expected: held below 1 until the runs are stored
+    assert seen[-1] == (("a", "b"), flight.HELD_BELOW)
+
+
+def test_expected_steps_per_kind_of_chunk() -> None:
+    a = RunConfig(slt="D2-2-2-2-2", iters1=7, iters2=5)
+    b = RunConfig(slt="D5-5", iters1=7, iters2=3)
+    assert flight.expected_steps([a, a, a], "stack") == 4 * 5
+    assert flight.expected_steps([a, a], "alike") == 4 * 5
+    assert flight.expected_steps([a, b], "single") == 4 * 5 + 1 * 3
+    assert flight.expected_steps([a, b], "alone") == (7 + 20) + (7 + 3)
+    assert flight.expected_steps([], "stack") == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "kind"),
+    [
+        ({}, "stack"),  # stacks of EWC runs
+        ({"consolidation": ("mean-imm",), "lam": (0.0,)}, "alike"),  # runs trained alike
+        ({"importance": ("si",), "consolidation": ("online-ewc",)}, "alone"),  # from phase 1
+    ],
+)
+def test_every_chunk_takes_the_steps_it_expects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict[str, Any], kind: str
+) -> None:
+    """The steps the real loops beat while a chunk runs are exactly :func:`expected_steps`."""
+    values: dict[str, Any] = {"slt": ("D4-3-3",), "hidden": ((8,),), "lr2": (1e-2,)}
+    configs = expand(tiny_grid(**(values | changes)))
+    counters: list[flight.StepCounter] = []
+
+    class Kept(flight.StepCounter):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            counters.append(self)
+
+    monkeypatch.setattr(flight, "StepCounter", Kept)
+    reports: list[tuple[int, float]] = []
+    job = GroupJob(str(tmp_path), tuple(configs), stack=4, threads=1, tasks_fn=synthetic_tasks)
+    outcome = grid.run_group(job, None, None, lambda runs, f: reports.append((len(runs), f)))
+    assert not outcome.failed and len(outcome.done) == len(configs)
+    kinds = {placement(c, 4)[0] for c in configs}
+    assert kind in kinds and len(counters) == len(chunks(configs, 4)) >= 1
+    assert [c.steps for c in counters] == [c.total for c in counters]
+    assert reports[-1] == (0, 0.0)  # the last chunk's runs stored: nothing in flight
+
+
+def test_progress_files_count_the_runs_in_flight_not_yet_stored(tmp_path: Path) -> None:
+    folder = tmp_path / flight.PROGRESS_DIR
+    folder.mkdir()
+    (folder / "11.json").write_text(json.dumps({"runs": ["a", "b", "c"], "fraction": 0.5}))
+    (folder / "12.json").write_text(json.dumps({"runs": ["d"], "fraction": 2.0}))
+    (folder / "13.json").write_text("{half written")
+    assert flight.in_flight(tmp_path, set()) == pytest.approx(1.5 + flight.HELD_BELOW)
+    assert flight.in_flight(tmp_path, {"a", "d"}) == pytest.approx(1.0)
+    flight.clear(tmp_path, -1)
+    assert flight.in_flight(tmp_path, set()) == 0.0 and not list(folder.iterdir())
+    assert flight.in_flight(tmp_path / "nowhere", set()) == 0.0
+
+
+def test_a_worker_writes_its_progress_file_and_removes_it(tmp_path: Path) -> None:
+    report = flight.file_reporter(tmp_path)
+    report(["a", "b"], 0.25)
+    path = flight.progress_file(tmp_path)
+    assert json.loads(path.read_text()) == {"runs": ["a", "b"], "fraction": 0.25}
+    assert flight.in_flight(tmp_path, set()) == pytest.approx(0.5)
+    flight.clear(tmp_path)
+    assert not path.exists()
+
+
+def test_the_bar_only_moves_forward() -> None:
+    import io
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=6, file=io.StringIO())
+    advance(bar, 1.5)
+    advance(bar, 1.2)  # a stack's fraction gone before its runs are listed: no step back
+    advance(bar, 3.0)
+    assert bar.n == pytest.approx(3.0)
+
+
+def test_a_grid_in_a_pool_shows_its_stacks_in_flight(tmp_path: Path) -> None:
+    """Two workers: the files they write while a stack trains are read by the parent and
+    leave nothing behind once the grid has stored every run."""
+    configs = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,), iters2=(400,)))
+    summary = grid.execute(configs, tmp_path, workers=2, stack=4, progress=False, threads=1,
+                           tasks_fn=synthetic_tasks)  # fmt: skip
+    assert summary.done == len(configs) and not summary.failed
+    assert not list((tmp_path / flight.PROGRESS_DIR).glob("*.json"))
+    assert {run_id(c) for c in configs} <= Store(tmp_path).stored_ids()
