@@ -1246,6 +1246,26 @@ def test_estimate_calibrates_at_each_batch_size_of_the_grid(
     assert both.total == pytest.approx(est_small.total + est_large.total)
 
 
+def test_estimate_calibrates_at_the_grids_input_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A padded grid (--pad 2: 32×32 inputs) is timed on nets with 1,024 inputs."""
+    seen: list[int] = []
+
+    def by_inputs(hidden: tuple[int, ...], stack: int, *a: Any, **kw: Any) -> dict[str, float]:
+        seen.append(kw.get("in_features", 784))
+        return dict(UNIT)
+
+    monkeypatch.setattr(estimate_module, "measure", by_inputs)
+    plain = expand(tiny_grid(hidden=((8,),)))
+    padded = expand(tiny_grid(hidden=((8,),), pad=(2,)))
+    grid.estimate(grid.plan(plain + padded), 4, workers=1, threads=1)
+    assert sorted(seen) == [784, 1024]
+
+
+def test_measure_times_a_net_of_the_given_input_size() -> None:
+    costs = estimate_module.measure((8,), 2, short=1, long=2, in_features=1024)
+    assert costs and all(math.isfinite(v) and v >= 0 for v in costs.values())
+
+
 def test_per_iteration_is_the_median_of_its_timed_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     """(t(long) − t(short)) / (long − short) per pair, the median of three: one pair slowed by
     the machine does not move the estimate."""

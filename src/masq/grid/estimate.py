@@ -90,12 +90,13 @@ def measure(
     device: str = "cpu",
     measures: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int = 100,
+    in_features: int = 784,
 ) -> dict[str, float]:
     """Seconds per: D1 training iteration (mini-batches of ``batch_size``, Adam), D2
     iteration of a stack of ``stack`` runs with the EWC penalty ("d2_iter"; ``stack=1``: one
     run, ``train_task``) and of one run ("d2_iter_one"), evaluated sample (one model / a
     stack), and importance sample (batches of 1000, forward and backward, float32), timed on
-    random MNIST-shaped data (2,000 images, ``long - short`` iterations, the median of
+    random images of ``in_features`` pixels (2,000, ``long - short`` iterations, the median of
     :data:`REPEATS` pairs) in ``precision`` on ``device`` (the grid's).
 
     ``measures`` ({measure name: its settings}, those of the grid) adds, per measure computed
@@ -112,9 +113,9 @@ def measure(
     dev = resolve_device(device)
     prec = choice(Precision, precision, "precision")
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(2000, 784, generator=gen).to(dev)
+    x = torch.rand(2000, in_features, generator=gen).to(dev)
     y = torch.randint(0, 10, (2000,), generator=gen).to(dev)
-    model = mlp(hidden, seed=0).to(dev)
+    model = mlp(hidden, in_features=in_features, seed=0).to(dev)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     importance = {k: torch.rand_like(v) for k, v in state.items()}
     anchor = ewc.anchor(model, importance)
@@ -253,12 +254,18 @@ def calibrate(
     device: str = "cpu",
     measures: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int = 100,
+    in_features: int = 784,
 ) -> tuple[dict[tuple[int, ...], dict[str, float]], tuple[tuple[int, ...], ...]]:
     """Per architecture the costs of :func:`measure` (with ``measures``, mini-batches of
-    ``batch_size``), measured with ``threads`` torch threads for up to ``max_measured``
-    architectures (smallest, largest, middle by parameter count) and interpolated linearly in
-    the parameter count for the others; in ``precision`` on ``device``."""
-    distinct = sorted(set(archs), key=n_params)
+    ``batch_size``, inputs of ``in_features`` pixels), measured with ``threads`` torch threads
+    for up to ``max_measured`` architectures (smallest, largest, middle by parameter count)
+    and interpolated linearly in the parameter count for the others; in ``precision`` on
+    ``device``."""
+
+    def size(h: tuple[int, ...]) -> int:
+        return n_params(h, in_features)
+
+    distinct = sorted(set(archs), key=size)
     if len(distinct) <= max_measured:
         picked = distinct
     else:
@@ -279,16 +286,18 @@ def calibrate(
         )
         if measures:
             extra = {**extra, "measures": measures}
+        if in_features != 784:
+            extra = {**extra, "in_features": in_features}
         measured = {h: measure(h, stack, batch_size=batch_size, **extra) for h in picked}
     finally:
         torch.set_num_threads(before)
-    xs = [n_params(h) for h in picked]
+    xs = [size(h) for h in picked]
     out: dict[tuple[int, ...], dict[str, float]] = {}
     for h in distinct:
         if h in measured:
             out[h] = measured[h]
             continue
-        p = n_params(h)
+        p = size(h)
         out[h] = {
             key: _interp(p, xs, [measured[m][key] for m in picked]) for key in measured[picked[0]]
         }
@@ -405,9 +414,10 @@ def _makespan(
     return max(free)
 
 
-def _calibration_key(config: RunConfig) -> tuple[str, int]:
-    """What a calibration is measured at besides the architecture: (precision, batch size)."""
-    return str(config.precision), int(config.batch_size)
+def _calibration_key(config: RunConfig) -> tuple[str, int, int]:
+    """What a calibration is measured at besides the architecture: (precision, batch size,
+    input pixels (28 + 2·pad)²)."""
+    return str(config.precision), int(config.batch_size), (28 + 2 * int(config.pad)) ** 2
 
 
 def estimate(
@@ -431,12 +441,12 @@ def estimate(
             found = get_measure(config.importance)
             if found.compute is not None and found.name not in measures:
                 measures[found.name] = found.settings(config)
-    costs: dict[tuple[tuple[int, ...], str, int], dict[str, float]] = {}
+    costs: dict[tuple[tuple[int, ...], str, int, int], dict[str, float]] = {}
     picked: tuple[tuple[int, ...], ...] = ()
-    archs_at: dict[tuple[str, int], list[tuple[int, ...]]] = {}  # per calibration key
+    archs_at: dict[tuple[str, int, int], list[tuple[int, ...]]] = {}  # per calibration key
     for g in groups:
         archs_at.setdefault(_calibration_key(g.configs[0]), []).append(g.configs[0].hidden)
-    for (precision, batch), of_p in archs_at.items():
+    for (precision, batch, pixels), of_p in archs_at.items():
         kw: dict[str, Any] = (
             {}
             if (precision, device) == ("fp32", "cpu")
@@ -445,10 +455,12 @@ def estimate(
                 "device": device,
             }
         )
+        if pixels != 784:
+            kw["in_features"] = pixels
         measured, chosen = calibrate(
             of_p, stack, threads=threads, measures=measures, batch_size=batch, **kw
         )
-        costs |= {(h, precision, batch): v for h, v in measured.items()}
+        costs |= {(h, precision, batch, pixels): v for h, v in measured.items()}
         picked = tuple(dict.fromkeys((*picked, *chosen)))
     parts: list[list[tuple[tuple[RunConfig, ...], float]]] = []  # per group: (chunk, seconds)
     shared: list[float] = []  # per group: task-1 training and its importance passes
