@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -267,3 +268,33 @@ def test_the_records_page_names_every_field_of_every_stage() -> None:
     since = text.split("leaves out a field added after store format 1")[1].split(". A run")[0]
     named = set(re.findall(r"`([a-z0-9_]+)`", since))
     assert named == {f.name for f in FIELDS if f.since_v1}
+
+
+def test_the_padding_table_of_the_peers_page_is_the_committed_records() -> None:
+    """The peers page's 28×28-against-32×32 table (permuted MNIST, seed 0) shows what the
+    committed records give: each cell the mean over the 10 tasks of the test accuracies after
+    the last one, for the preset's runs with ``pad`` 0 and 2."""
+    from masq.archive import read_archive
+    from masq.grid import peers
+    from masq.runid import run_id
+
+    page = (DOCS / "results" / "peers.md").read_text(encoding="utf-8")
+    lines = page[page.index("| cell | 28×28 | 32×32 |") :].split("\n\n")[0].splitlines()[2:]
+    preset = peers.load_peer_preset("vdv2019-permuted")
+    wanted = {}  # run id -> (cell key, pad)
+    for pad in (0, 2):
+        cells = preset.cells({"seed": (0,), "pad": (pad,)}, ["None", "EWC", "Online EWC"])
+        for key, configs in cells.items():
+            for config in configs:
+                wanted[run_id(config)] = (key, pad)
+    finals: dict[tuple[str, int], str] = {}
+    for rid, text in read_archive(DOCS / "peers" / "records.jsonl.gz"):
+        if rid in wanted:
+            last = json.loads(text)["result"]["accuracy"][-1]
+            finals[wanted[rid]] = f"{100 * sum(last) / len(last):.2f}"
+    assert len(lines) == 6
+    for line in lines:
+        cell, small, padded, _ = split_row(line)
+        row, column = cell.split(", ")
+        key = f"{row} | {({'Task-IL': 'task', 'Domain-IL': 'domain'})[column]}"
+        assert (small, padded) == (finals[(key, 0)], finals[(key, 2)]), line
