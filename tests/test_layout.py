@@ -16,6 +16,7 @@ ORDER: tuple[str, ...] = (
     "registry",
     "plugins",  # imports the user's modules by name (they register into the registries)
     "choices",
+    "architecture",  # an MLP's layer sizes and parameter count
     "config",
     "defaults",
     "streams",
