@@ -31,6 +31,7 @@ CHANGES: dict[str, Any] = {
     "scenario": "task",
     "seed": 3,
     "class_order": "seeded",
+    "pad": 2,
     "hidden": (800, 400),
     "init": "tf",
     "lr1": 2e-3,
@@ -89,7 +90,7 @@ def test_run_id_is_sha256_of_the_sorted_config() -> None:
     d = config.to_dict()
     for name in ("device", "consolidation", "gamma", "eval_schedule", "precision", "transfer",
                  "transfer_lam", "drop_p", "alpha_step", "scenario", "fisher_samples",
-                 "si_damping", "si_gradient", "adam_state", "class_order",
+                 "si_damping", "si_gradient", "adam_state", "class_order", "pad",
                  "class_units"):  # fmt: skip
         del d[name]
     d["fisher_labels"] = "true"  # masq 0.1's name of the empirical Fisher, kept in ids
@@ -115,7 +116,7 @@ def test_fields_added_since_format_1_are_in_the_id_only_off_their_default() -> N
     since = {f.name for f in FIELDS if f.since_v1}
     assert since == {"consolidation", "gamma", "eval_schedule", "precision", "transfer",
                      "transfer_lam", "drop_p", "alpha_step", "scenario", "fisher_samples",
-                     "si_damping", "si_gradient", "adam_state", "class_order",
+                     "si_damping", "si_gradient", "adam_state", "class_order", "pad",
                      "class_units"}  # fmt: skip
     base = RunConfig(slt="D3-3-4")
     assert runid.id_dict(base).keys() == {f.name for f in FIELDS} - {"device"} - since
