@@ -123,10 +123,9 @@ def make(
             f"dataset: give a dataset name ('mnist', 'fashion-mnist') or a masq.data.Dataset, "
             f"got {type(dataset).__name__}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ConfigError(f"seed: must be an integer >= 0, got {seed!r}")
-    if isinstance(pad, bool) or not isinstance(pad, int | np.integer) or pad < 0:
-        raise ConfigError(f"pad: must be an integer >= 0 (pixels per side), got {pad!r}")
+    for name, value in (("seed", seed), ("pad", pad)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise ConfigError(f"{name}: must be an integer >= 0, got {value!r}")
     data = masq_data.load(dataset, data_dir=data_dir) if isinstance(dataset, str) else dataset
     parsed = parse_spec(spec, num_classes=data.num_classes)
     task_classes = parsed.task_classes

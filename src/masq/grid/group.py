@@ -14,6 +14,7 @@ size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback as tb
@@ -262,28 +263,22 @@ def run_group(
         if not math.isnan(importances[key][1]):
             runnable.append(config)
 
-    def clear_progress() -> None:
-        if on_progress is not None:
-            on_progress([], 0.0)
-        elif not job.return_records:
-            progress.clear(job.root)
-
+    report = on_progress  # where the chunk in flight reports; nothing in flight: report([], 0)
+    if report is None and not job.return_records:
+        report = progress.file_reporter(job.root)
     queue = deque(chunks(runnable, max(1, job.stack)))
     while queue:
         chunk = queue.popleft()
-        report = on_progress
-        if report is None and not job.return_records:
-            report = progress.file_reporter(job.root)
-        counter = progress.StepCounter(
-            [run_id(c) for c in chunk],
-            progress.expected_steps(chunk, placement(chunk[0], job.stack)[0]),
-            report or (lambda runs, fraction: None),
-        )
+        following: Any = contextlib.nullcontext()
+        if report is not None:
+            kind = placement(chunk[0], job.stack)[0]
+            following = heartbeat.listening(progress.StepCounter(
+                [run_id(c) for c in chunk], progress.expected_steps(chunk, kind), report
+            ))  # fmt: skip
         try:
-            with heartbeat.listening(counter):
+            with following:
                 results = _continue(chunk, d1, importances, key_of, tasks, job.stack)
         except Exception as err:
-            clear_progress()
             if is_out_of_memory(err) and len(chunk) > 1:
                 torch.cuda.empty_cache()
                 half = (len(chunk) + 1) // 2
@@ -292,8 +287,10 @@ def run_group(
                 continue
             fail(chunk, err)
             continue
+        finally:
+            if report is not None:
+                report([], 0.0)  # stored below, or failed: either way no longer in flight
         stored = 0
-        clear_progress()  # stored below, or failed: either way no longer in flight
         for result in results:
             try:
                 rid = store.write_result(result)

@@ -85,10 +85,14 @@ def progress_file(root: str | os.PathLike[str], pid: int | None = None) -> Path:
 
 def file_reporter(root: str | os.PathLike[str]) -> Callable[[Sequence[str], float], None]:
     """A report for :class:`StepCounter` that writes {"runs": [...], "fraction": f} to this
-    process's :func:`progress_file` (atomically; a failed write only costs the display)."""
+    process's :func:`progress_file` (atomically; a failed write only costs the display); no
+    runs (nothing in flight) removes the file."""
     path = progress_file(root)
 
     def report(runs: Sequence[str], fraction: float) -> None:
+        if not runs:
+            clear(root)
+            return
         with contextlib.suppress(OSError):
             path.parent.mkdir(exist_ok=True)
             atomic_write(path, json.dumps({"runs": list(runs), "fraction": fraction}))
