@@ -13,8 +13,8 @@ from masq import grid
 from masq.config import RunConfig
 from masq.grid import GroupJob, expand
 from masq.grid import progress as flight
-from masq.grid.executors import advance
 from masq.grid.plan import chunks, placement
+from masq.grid.progress import advance
 from masq.runid import run_id
 from masq.store import Store
 from masq.training import heartbeat

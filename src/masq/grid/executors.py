@@ -42,8 +42,8 @@ from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.connect import RAY_TIMEOUT, connect_ray
 from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
 from masq.grid.plan import one_by_one, plan, spread
+from masq.grid.progress import advance, in_flight, progress_bar
 from masq.grid.progress import clear as clear_progress
-from masq.grid.progress import in_flight
 from masq.runid import run_id
 from masq.runtime import default_threads, resolve_device
 from masq.store import NotStored, Store
@@ -257,7 +257,7 @@ def execute(
             for part in spread(plan(todo), pool, stack, order=ray or workers > 1)
         ]
         summary = Summary(len(all_ids), len(all_ids & stored), 0, {}, 0, 0, 0.0)
-        bar = _progress_bar(len(all_ids), len(all_ids & stored), progress)
+        bar = progress_bar(len(all_ids), len(all_ids & stored), progress)
         try:
             if ray:
                 outcomes = _run_ray(jobs, store, (address, ray_timeout), threads, bar, all_ids)
@@ -274,33 +274,6 @@ def execute(
         summary.importance_computed += outcome.importance_computed
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-
-
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
-    """Runs stored plus the fraction done of the stacks in flight (:mod:`masq.grid.progress`),
-    so the bar and its ETA move while a long stack trains."""
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc="grid",
-        unit="run",
-        disable=not enabled,
-        dynamic_ncols=True,
-        smoothing=0.05,
-        bar_format=BAR_FORMAT,
-    )
-
-
-def advance(bar: Any, runs: float) -> None:
-    """Move ``bar`` up to ``runs`` (stored runs plus the fractions in flight); it never goes
-    back (a stack's fraction ends where its runs are stored)."""
-    if runs > bar.n + 1e-9:
-        bar.update(runs - bar.n)
 
 
 def _poll(bar: Any, store: Store, ids: set[str]) -> None:

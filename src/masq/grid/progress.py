@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from masq.config import RunConfig
 from masq.fileio import atomic_write
@@ -124,3 +125,30 @@ def in_flight(root: str | os.PathLike[str], stored: Iterable[str]) -> float:
         pending = sum(1 for rid in runs if rid not in held)
         total += min(max(fraction, 0.0), HELD_BELOW) * pending
     return total
+
+
+BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    """Runs stored plus the fraction done of the stacks in flight (:mod:`masq.grid.progress`),
+    so the bar and its ETA move while a long stack trains."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="grid",
+        unit="run",
+        disable=not enabled,
+        dynamic_ncols=True,
+        smoothing=0.05,
+        bar_format=BAR_FORMAT,
+    )
+
+
+def advance(bar: Any, runs: float) -> None:
+    """Move ``bar`` up to ``runs`` (stored runs plus the fractions in flight); it never goes
+    back (a stack's fraction ends where its runs are stored)."""
+    if runs > bar.n + 1e-9:
+        bar.update(runs - bar.n)
