@@ -973,6 +973,22 @@ def test_spread_cuts_groups_by_chunks_until_every_worker_has_a_job() -> None:
     assert len(parts) == 4 and sorted(len(p) for p in parts) == [2, 2, 4, 4]  # stacks whole
 
 
+def test_spread_gives_each_run_that_trains_its_own_task_1_a_job_of_its_own() -> None:
+    """A group's SI runs share neither its task-1 state nor its importance: each is a job, so
+    a free worker takes it while another trains the group's stack (the group is one job)."""
+    stacked = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,)))  # one group, λ 0, 10, 1000
+    si = [stacked[1].with_(importance="si", lam=lam) for lam in (1.0, 2.0)]
+    groups = grid.plan([*stacked, *si])
+    assert len(groups) == 1  # one task-1 state: SI's own phase 1 trains alike
+    parts = grid.plan_spread(groups, 1, 4)
+    assert parts == [tuple(stacked), (si[0],), (si[1],)]  # even on one worker: jobs, same runs
+    parts = grid.plan_spread(groups, 2, 4, order=True)
+    assert parts[0] == tuple(stacked)  # the largest job first
+    assert sorted(parts[1:], key=lambda p: p[0].lam) == [(si[0],), (si[1],)]
+    just_si = grid.plan_spread(grid.plan(si), 4, 4)
+    assert just_si == [(si[0],), (si[1],)]  # nothing to cut further: a part of one run
+
+
 def test_job_weight_is_the_arithmetic_of_the_job() -> None:
     from masq.config import n_params
     from masq.grid.plan import job_weight
@@ -1009,6 +1025,19 @@ def test_estimate_is_the_wall_time_of_the_largest_job_when_it_dominates(
     assert grid.estimate(groups, 4, workers=1, threads=1).total == pytest.approx(a + b)
 
 
+def test_estimate_runs_a_groups_si_run_beside_its_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One group: a stack and an SI run (its own task 1). On two workers they run side by
+    side, so the wall time is the longer of the two jobs, each paying a task-1 training."""
+    monkeypatch.setattr(estimate_module, "measure", _fake_measure([]))
+    stacked = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,)))
+    si = [stacked[1].with_(importance="si")]
+    both = grid.plan([*stacked, *si])
+    a = grid.estimate(grid.plan(stacked), 4, workers=1, threads=1).total
+    b = grid.estimate(grid.plan(si), 4, workers=1, threads=1).total
+    assert grid.estimate(both, 4, workers=2, threads=1).total == pytest.approx(max(a, b))
+    assert grid.estimate(both, 4, workers=1, threads=1).total == pytest.approx(a + b)
+
+
 @pytest.mark.slow
 def test_one_group_of_single_runs_runs_on_every_worker(tmp_path: Path) -> None:
     configs = expand(tiny_grid(slt=("D3-3-4",), hidden=((8,),), lr2=(1e-2,),
@@ -1017,6 +1046,18 @@ def test_one_group_of_single_runs_runs_on_every_worker(tmp_path: Path) -> None:
     summary = _run(configs, tmp_path / "pool", workers=2, stack=1)
     assert summary.done == len(configs) == 3 and not summary.failed
     assert summary.d1_trained == 2  # each of the two parts trained (or loaded) task 1
+    a, b = _records(tmp_path / "inline"), _records(tmp_path / "pool")
+    assert {k: _comparable(v) for k, v in a.items()} == {k: _comparable(v) for k, v in b.items()}
+
+
+@pytest.mark.slow
+def test_a_groups_si_run_is_a_job_beside_its_stack(tmp_path: Path) -> None:
+    stacked = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,), lam=(0.0, 10.0)))
+    configs = [*stacked, stacked[1].with_(importance="si", consolidation="online-ewc")]
+    _run(configs, tmp_path / "inline")
+    summary = _run(configs, tmp_path / "pool", workers=2)
+    assert summary.done == len(configs) == 3 and not summary.failed
+    assert summary.d1_trained == 1  # the SI job trains its own phase 1, not the group's
     a, b = _records(tmp_path / "inline"), _records(tmp_path / "pool")
     assert {k: _comparable(v) for k, v in a.items()} == {k: _comparable(v) for k, v in b.items()}
 

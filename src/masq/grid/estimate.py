@@ -14,7 +14,16 @@ from masq import stacked
 from masq.config import Precision, RunConfig, choice, n_params
 from masq.consolidation import get_method
 from masq.consolidation.imm import sweep_shares
-from masq.grid.plan import Group, chunks, cut, importance_key, job_weight, placement
+from masq.grid.plan import (
+    Group,
+    alone,
+    chunks,
+    cut,
+    importance_key,
+    job_weight,
+    own_parts,
+    placement,
+)
 from masq.importance import get_measure
 from masq.runtime import default_threads
 from masq.slt import parse_spec
@@ -388,18 +397,28 @@ def _chunk_costs(
 
 def _makespan(
     parts: Sequence[Sequence[tuple[tuple[RunConfig, ...], float]]],
-    shared: Sequence[float],
+    shared: Sequence[tuple[float, float]],
     workers: int,
 ) -> float:
     """The wall time of the jobs the executor makes of ``parts`` (per group its chunks with
-    their seconds; :func:`masq.grid.plan.spread`): groups cut while fewer than ``workers``
-    (each part pays its group's ``shared`` seconds), taken largest first
-    (:func:`masq.grid.plan.longest_first`) by the first free worker; the time at which the
-    last worker finishes."""
-    owned = [[(g, *chunk) for chunk in group] for g, group in enumerate(parts)]
+    their seconds; :func:`masq.grid.plan.spread`): a run that trains its own task 1 a part
+    of its own, paying a task-1 training (its group's ``shared[g][0]`` seconds); groups cut
+    while fewer than ``workers``, each part paying its group's task-1 training and importance
+    passes (``shared[g]``); taken largest first (:func:`masq.grid.plan.longest_first`) by the
+    first free worker; the time at which the last worker finishes."""
+
+    def own(x: tuple[int, tuple[RunConfig, ...], float]) -> bool:
+        return alone(x[1][0]) is not None
+
+    owned = [
+        part
+        for g, group in enumerate(parts)
+        for part in own_parts([(g, *chunk) for chunk in group], own)
+    ]
     jobs = [
         (
-            shared[part[0][0]] + sum(seconds for _, _, seconds in part),
+            (shared[part[0][0]][0] if own(part[0]) else sum(shared[part[0][0]]))
+            + sum(seconds for _, _, seconds in part),
             tuple(x for _, chunk, _ in part for x in chunk),
         )
         for part in cut(owned, workers)
@@ -463,7 +482,7 @@ def estimate(
         costs |= {(h, precision, batch, pixels): v for h, v in measured.items()}
         picked = tuple(dict.fromkeys((*picked, *chosen)))
     parts: list[list[tuple[tuple[RunConfig, ...], float]]] = []  # per group: (chunk, seconds)
-    shared: list[float] = []  # per group: task-1 training and its importance passes
+    shared: list[tuple[float, float]] = []  # per group: task-1 training, importance passes
     d1 = imp = d2 = ev = 0.0
     for g in groups:
         first = g.configs[0]
@@ -478,7 +497,7 @@ def estimate(
             _, per_sample, samples = _run_costs(config, c, n_train)
             g_imp += samples * per_sample
         d1, imp, ev = d1 + g_d1, imp + g_imp, ev + e1
-        shared.append(g_d1 + g_imp)
+        shared.append((g_d1, g_imp))
         parts.append([])
         for chunk in chunks(g.configs, stack):
             i_s, d2_s, ev_s = _chunk_costs(chunk, stack, c, n_train, n_eval)

@@ -8,7 +8,7 @@ trained K at a time as one stacked model where the stacked engine takes them (:f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -175,16 +175,33 @@ def longest_first(jobs: Sequence[tuple[RunConfig, ...]]) -> list[tuple[RunConfig
     return sorted(jobs, key=job_weight, reverse=True)
 
 
+def own_parts(group_chunks: Sequence[T], alone_chunk: Callable[[T], bool]) -> list[list[T]]:
+    """A group's chunks as the parts of jobs: the chunks that share nothing with their group
+    (``alone_chunk``: a run that trains its own task 1, :func:`alone`) one part each, so that a
+    free worker takes them while another trains the group's stacks; the other chunks, which
+    share the group's task-1 state and importance, one part."""
+    together = [c for c in group_chunks if not alone_chunk(c)]
+    return ([together] if together else []) + [[c] for c in group_chunks if alone_chunk(c)]
+
+
 def spread(
     groups: Sequence[Group], workers: int, stack: int, order: bool = False
 ) -> list[tuple[RunConfig, ...]]:
-    """The runs of each job of a grid on ``workers`` workers: one group per job, except that
-    while there are fewer jobs than workers the job with the most chunks (:func:`chunks`) is
-    cut in two (:func:`cut`), so that no worker idles. The parts of a group each load its
-    task-1 state and importance from the cache or compute them (deterministic, written
-    atomically: at worst computed once per part); a stack is never cut. ``order``: the jobs
-    largest first (:func:`longest_first`), else in order of appearance."""
-    parts = cut([chunks(g.configs, stack) for g in groups], workers)
+    """The runs of each job of a grid on ``workers`` workers: one group per job, but each run
+    that trains its own task 1 a job of its own (:func:`own_parts`); and while there are fewer
+    jobs than workers the job with the most chunks (:func:`chunks`) is cut in two
+    (:func:`cut`), so that no worker idles. The parts of a group each load its task-1 state
+    and importance from the cache or compute them (deterministic, written atomically: at
+    worst computed once per part); a stack is never cut. ``order``: the jobs largest first
+    (:func:`longest_first`), else in order of appearance."""
+    parts = cut(
+        [
+            part
+            for g in groups
+            for part in own_parts(chunks(g.configs, stack), lambda c: alone(c[0]) is not None)
+        ],
+        workers,
+    )
     jobs = [tuple(c for chunk in part for c in chunk) for part in parts]
     return longest_first(jobs) if order else jobs
 
