@@ -298,3 +298,31 @@ def test_the_padding_table_of_the_peers_page_is_the_committed_records() -> None:
         row, column = cell.split(", ")
         key = f"{row} | {({'Task-IL': 'task', 'Domain-IL': 'domain'})[column]}"
         assert (small, padded) == (finals[(key, 0)], finals[(key, 2)]), line
+
+
+def test_the_peers_pages_masq_mean_and_sum_pairs_are_the_committed_records() -> None:
+    """The peers page's claim that MaSQ ``sum`` at λ is MaSQ ``mean`` at B·λ quotes seed 0's
+    runs of the 2025 table at B = 1,000: each number is the committed record's average test
+    accuracy after the last task, and the pairs it calls equal agree to 0.05 points."""
+    from masq.archive import read_archive
+    from masq.grid import peers
+    from masq.runid import run_id
+
+    preset = peers.load_peer_preset("vdv2025-fisher")
+    rows = ["MaSQ (mean), B = 1000", "MaSQ (sum), B = 1000"]
+    wanted = {}  # run id -> (scale, λ)
+    for configs in preset.cells({"seed": (0,)}, rows).values():
+        for config in configs:
+            wanted[run_id(config)] = (str(config.scale), config.lam)
+    final: dict[tuple[str, float], str] = {}
+    for rid, text in read_archive(DOCS / "peers" / "records.jsonl.gz"):
+        if rid in wanted:
+            last = json.loads(text)["result"]["accuracy"][-1]
+            final[wanted[rid]] = f"{100 * sum(last) / len(last):.2f}"
+    page = " ".join((DOCS / "results" / "peers.md").read_text(encoding="utf-8").split())
+    m11, m12, s8, s9 = (final[("mean", 1e11)], final[("mean", 1e12)], final[("sum", 1e8)],
+                        final[("sum", 1e9)])  # fmt: skip
+    assert (f"`mean` at λ 1e11 and 1e12 ends at {m11} and {m12}, `sum` at 1e8 and 1e9 at {s8} "
+            f"and {s9}") in page  # fmt: skip
+    assert abs(float(m11) - float(s8)) <= 0.05 and abs(float(m12) - float(s9)) <= 0.05
+    assert f"(`mean` at 1e7: {final[('mean', 1e7)]}, `sum` at 1e4: {final[('sum', 1e4)]})" in page
