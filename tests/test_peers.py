@@ -437,3 +437,16 @@ def test_peers_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "published tables (masq peers): " in capsys.readouterr().err
     assert main(["grid", "--rows", "EWC", "--dry-run"]) == 2
     assert "--rows selects rows of a published table's preset" in capsys.readouterr().err
+
+
+def test_grid_says_which_rows_and_columns_of_a_table_it_runs(
+    tmp_path: Path, tiny_data: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["grid", "--preset", "vdv2019-split", "--results", str(tmp_path / "peers"), "--seed",
+            "0", "--iters1", "10", "--iters2", "10", "--hidden", "8", "--batch-size", "20",
+            "--masq-batch", "50", "--workers", "1", "--threads", "1", "--dry-run",
+            "--no-progress"]  # fmt: skip
+    assert main([*argv, "--rows", "EWC", "SI", "--scenario", "class"]) == 0
+    assert "2 of its 10 rows × 1 of its 3 columns of " in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "(10 rows × 3 columns of " in capsys.readouterr().out

@@ -221,8 +221,10 @@ def run_grid(args: argparse.Namespace) -> int:
         cells = preset.cells(overrides, args.rows)
         configs = preset.configs(overrides, args.rows)
         n_rows = len(set(args.rows)) if args.rows else len(preset.rows)
+        n_cols = len({key.rsplit(" | ", 1)[1] for key in cells})
         of = f" of its {len(preset.rows)}" if n_rows < len(preset.rows) else ""
-        described = f"{n_rows}{of} rows × {len(preset.columns)} columns of {preset.title}"
+        of_cols = f" of its {len(preset.columns)}" if n_cols < len(preset.columns) else ""
+        described = f"{n_rows}{of} rows × {n_cols}{of_cols} columns of {preset.title}"
         size = sum(len(c) for c in cells.values())
     else:
         if args.rows is not None:
