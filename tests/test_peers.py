@@ -450,3 +450,6 @@ def test_grid_says_which_rows_and_columns_of_a_table_it_runs(
     assert "2 of its 10 rows × 1 of its 3 columns of " in capsys.readouterr().out
     assert main(argv) == 0
     assert "(10 rows × 3 columns of " in capsys.readouterr().out
+    one = ["grid", "--preset", "vdv2025-fisher", *argv[3:], "--rows", "EXACT"]
+    assert main(one) == 0
+    assert "(1 of its 10 rows × 1 column of " in capsys.readouterr().out

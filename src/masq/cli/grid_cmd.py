@@ -205,6 +205,13 @@ def describe_axes(grid: Any) -> str:
     return " × ".join(parts) if parts else "1 configuration"
 
 
+def _part_of(n: int, total: int, noun: str) -> str:
+    """E.g. "2 of its 10 rows", "3 columns", "1 column"."""
+    if n < total:
+        return f"{n} of its {total} {noun}s"
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def run_grid(args: argparse.Namespace) -> int:
     """``masq grid``."""
     from masq import grid as search
@@ -222,9 +229,9 @@ def run_grid(args: argparse.Namespace) -> int:
         configs = preset.configs(overrides, args.rows)
         n_rows = len(set(args.rows)) if args.rows else len(preset.rows)
         n_cols = len({key.rsplit(" | ", 1)[1] for key in cells})
-        of = f" of its {len(preset.rows)}" if n_rows < len(preset.rows) else ""
-        of_cols = f" of its {len(preset.columns)}" if n_cols < len(preset.columns) else ""
-        described = f"{n_rows}{of} rows × {n_cols}{of_cols} columns of {preset.title}"
+        rows_text = _part_of(n_rows, len(preset.rows), "row")
+        described = f"{rows_text} × {_part_of(n_cols, len(preset.columns), 'column')} of "
+        described += preset.title
         size = sum(len(c) for c in cells.values())
     else:
         if args.rows is not None:
