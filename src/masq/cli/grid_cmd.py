@@ -228,7 +228,7 @@ def run_grid(args: argparse.Namespace) -> int:
         cells = preset.cells(overrides, args.rows)
         configs = preset.configs(overrides, args.rows)
         n_rows = len(set(args.rows)) if args.rows else len(preset.rows)
-        n_cols = len({key.rsplit(" | ", 1)[1] for key in cells})
+        n_cols = len(preset.selected_columns(overrides))
         rows_text = _part_of(n_rows, len(preset.rows), "row")
         described = f"{rows_text} × {_part_of(n_cols, len(preset.columns), 'column')} of "
         described += preset.title

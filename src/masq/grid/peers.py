@@ -95,6 +95,22 @@ class PeerPreset:
         """The publication's name of ``column``."""
         return self.labels[self.columns.index(column)]
 
+    def selected_columns(self, overrides: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+        """The columns a value of the column field in ``overrides`` restricts the table to,
+        in the table's order (every column without one); a value that is not a column is a
+        one-line ConfigError."""
+        if not overrides or self.field not in overrides:
+            return self.columns
+        wanted = overrides[self.field]
+        wanted = [str(v) for v in (wanted if isinstance(wanted, list | tuple) else [wanted])]
+        unknown = [v for v in wanted if v not in self.columns]
+        if unknown:
+            raise ConfigError(
+                f"preset {self.name}: {self.field} {unknown[0]!r} is not a column of the "
+                f"table; its columns: {', '.join(self.columns)}"
+            )
+        return tuple(c for c in self.columns if c in wanted)
+
     def cell_grids(
         self, overrides: Mapping[str, Any] | None = None, rows: Sequence[str] | None = None
     ) -> list[tuple[str, str, Grid]]:
@@ -108,17 +124,8 @@ class PeerPreset:
                 f"preset {self.name}: no row {unknown_rows[0]!r}; its rows: "
                 + ", ".join(repr(r.name) for r in self.rows)
             )
-        columns = self.columns
-        if self.field in overrides:
-            wanted = overrides.pop(self.field)
-            wanted = [str(v) for v in (wanted if isinstance(wanted, list | tuple) else [wanted])]
-            unknown = [v for v in wanted if v not in self.columns]
-            if unknown:
-                raise ConfigError(
-                    f"preset {self.name}: {self.field} {unknown[0]!r} is not a column of the "
-                    f"table; its columns: {', '.join(self.columns)}"
-                )
-            columns = tuple(c for c in self.columns if c in wanted)
+        columns = self.selected_columns(overrides)
+        overrides.pop(self.field, None)
         cells = []
         for row in self.rows:
             if rows and row.name not in rows:
