@@ -438,6 +438,16 @@ def test_n_params() -> None:
     assert n_params((30,), in_features=4, classes=2) == 4 * 30 + 30 + 30 * 2 + 2
 
 
+def test_model_size_limit_counts_the_padded_inputs() -> None:
+    """A padded net has (28 + 2·pad)² inputs: one hidden layer of 2.2e6 units is 1.75e9
+    parameters at 784 inputs (allowed) and 2.28e9 at 1,024 (refused, naming 1024 inputs)."""
+    config = RunConfig(hidden=(2_200_000,))
+    assert config.in_features == 784 and config.with_(pad=2).in_features == 1024
+    config.validate()
+    with pytest.raises(ConfigError, match=r"MLP 1024-2200000-10 has 2\.28e"):
+        config.with_(pad=2).validate()
+
+
 @pytest.mark.parametrize(
     ("value", "sizes"),
     [

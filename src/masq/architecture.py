@@ -51,15 +51,16 @@ def hidden_text(hidden: Sequence[int]) -> str:
 MAX_PARAMS = 2_000_000_000
 
 
-def check_model_size(hidden: Sequence[int], flag: str = "--hidden") -> None:
-    """A one-line ConfigError when the 784-``hidden``-10 MLP has more than :data:`MAX_PARAMS`
-    parameters (:func:`n_params`), naming its size, the memory it needs and ``flag``."""
-    n = n_params(hidden)
+def check_model_size(hidden: Sequence[int], flag: str = "--hidden", in_features: int = 784) -> None:
+    """A one-line ConfigError when the ``in_features``-``hidden``-10 MLP has more than
+    :data:`MAX_PARAMS` parameters (:func:`n_params`), naming its size, the memory it needs and
+    ``flag``."""
+    n = n_params(hidden, in_features)
     if n > MAX_PARAMS:
         gb = 16 * n / 1e9  # float32 weights, gradients and Adam's two moments
         raise ConfigError(
-            f"hidden: the MLP {hidden_text(mlp_widths(hidden))} has {n:.3g} parameters (about "
-            f"{gb:.3g} GB to train), "
+            f"hidden: the MLP {hidden_text(mlp_widths(hidden, in_features))} has {n:.3g} "
+            f"parameters (about {gb:.3g} GB to train), "
             f"above masq's limit of {MAX_PARAMS:.0e}; give smaller layer sizes with {flag}"
         )
 

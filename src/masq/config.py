@@ -280,7 +280,7 @@ class RunConfig:
                 f"slt: a continual-learning run needs at least two tasks, got {self.slt!r}"
             )
         check_device_name(self.device)
-        check_model_size(self.hidden)
+        check_model_size(self.hidden, in_features=self.in_features)
         if self.class_units == ClassUnits.SEEN and self.scenario not in (
             Scenario.CLASS,
             Scenario.CLASS_BLOCKS,
@@ -299,6 +299,11 @@ class RunConfig:
         from masq.slt import parse_spec
 
         return len(parse_spec(self.slt).task_classes)
+
+    @property
+    def in_features(self) -> int:
+        """The network's input width, (28 + 2·pad)² pixels (every dataset's images are 28×28)."""
+        return (28 + 2 * int(self.pad)) ** 2
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: Enum members as their values, tuples as lists."""

@@ -436,7 +436,7 @@ def _makespan(
 def _calibration_key(config: RunConfig) -> tuple[str, int, int]:
     """What a calibration is measured at besides the architecture: (precision, batch size,
     input pixels (28 + 2·pad)²)."""
-    return str(config.precision), int(config.batch_size), (28 + 2 * int(config.pad)) ** 2
+    return str(config.precision), int(config.batch_size), config.in_features
 
 
 def estimate(
