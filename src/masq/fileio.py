@@ -22,7 +22,7 @@ RESCUE_PREFIX = "masq-rescued"
 TENSORS_FORMAT = "masq-tensors"
 
 
-def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
+def atomic_write(path: str | os.PathLike[str], data: str | bytes | memoryview) -> Path:
     """Write ``data`` to ``path`` atomically: a temp file beside it, fsync, then ``os.replace``.
 
     A reader never sees a half-written file, and an interruption (Ctrl-C, ``kill -9``) leaves

@@ -44,6 +44,7 @@ from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_gro
 from masq.grid.plan import one_by_one, plan, spread
 from masq.grid.progress import advance, in_flight, progress_bar
 from masq.grid.progress import clear as clear_progress
+from masq.protocol.resume import PHASES_DIR
 from masq.runid import run_id
 from masq.runtime import default_threads, resolve_device
 from masq.store import NotStored, Store
@@ -150,7 +151,15 @@ def results_lock(store: Store, *, wait: bool = False) -> Iterator[None]:
 
     try:
         with exclusive_lock(store.root / ".lock", wait=wait, on_wait=waiting):
-            for folder in (store.root, store.runs, store.errors, store.d1, store.importance):
+            phases = store.root / PHASES_DIR  # phase checkpoints (masq.protocol.resume)
+            for folder in (
+                store.root,
+                store.runs,
+                store.errors,
+                store.d1,
+                store.importance,
+                phases,
+            ):
                 for tmp in folder.glob(".*.tmp"):
                     tmp.unlink(missing_ok=True)
             clear_progress(store.root, -1)  # of workers of a grid that was stopped
@@ -409,7 +418,8 @@ def _stopped(
 
 def stop_workers(pool: cf.ProcessPoolExecutor, grace: float = 5.0) -> None:
     """Cancel what has not started and terminate the workers (SIGTERM, then SIGKILL after
-    ``grace`` seconds): a run in flight is lost, never half-written (atomic writes)."""
+    ``grace`` seconds): a run in flight is never half-written (atomic writes), and resumes
+    from its last phase checkpoint (:mod:`masq.protocol.resume`) when the grid runs again."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:

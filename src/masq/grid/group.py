@@ -21,6 +21,7 @@ import traceback as tb
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,12 +33,14 @@ from masq.grid import progress
 from masq.grid.plan import alone, chunks, d1_key, importance_key, needs_first_pass, placement
 from masq.plugins import load_from_env
 from masq.protocol import D1State
+from masq.protocol.resume import PhaseCheckpoint, phase_checkpoint
 from masq.runid import run_id
 from masq.store import NotStored, Store
 from masq.tasks import Task
 from masq.training import AdamMoments, heartbeat
 
 TasksFn = Callable[[RunConfig], list[Task]]
+CHECKPOINT_EVERY = 60.0  # seconds: a phase checkpoint at most this often (what a stop may lose)
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,18 @@ def is_out_of_memory(err: BaseException) -> bool:
     return (oom is not None and isinstance(err, oom)) or "CUDA out of memory" in str(err)
 
 
+def chunk_checkpoints(root: str, chunk: Sequence[RunConfig], stack: int) -> list[PhaseCheckpoint]:
+    """The phase checkpoints of a chunk's runs (:mod:`masq.protocol.resume`), saved at most
+    every :data:`CHECKPOINT_EVERY` seconds: one for a stack or runs trained alike, else one
+    per run."""
+    ids = [run_id(c) for c in chunk]
+    together = placement(chunk[0], stack)[0] in ("stack", "alike")
+    return [
+        phase_checkpoint(Path(root), part, CHECKPOINT_EVERY)
+        for part in ([ids] if together else [[i] for i in ids])
+    ]
+
+
 def _continue(
     chunk: list[RunConfig],
     d1: D1State | None,
@@ -176,24 +191,29 @@ def _continue(
     key_of: Callable[[RunConfig], str],
     tasks: list[Task],
     stack: int,
+    points: Sequence[PhaseCheckpoint],
 ) -> list[protocol.Result]:
     """The records of one chunk (:func:`masq.grid.plan.chunks`, its runs of one
     :func:`~masq.grid.plan.placement`): runs alone from their own phase 1, runs trained alike
-    through one phase loop, a stack, or one run."""
+    through one phase loop, a stack, or one run; each resuming from its phase checkpoint
+    (``points``, :func:`chunk_checkpoints`) where one was left."""
     kind, _ = placement(chunk[0], stack)
     if kind == "alone":
-        return [protocol.run(c, tasks=tasks, keep_weights=False) for c in chunk]
+        return [
+            protocol.run(c, tasks=tasks, keep_weights=False, checkpoint=point)
+            for c, point in zip(chunk, points, strict=True)
+        ]
     assert d1 is not None
     imps = [importances[key_of(c)] for c in chunk]
     if kind == "alike":
-        return protocol.continue_runs(chunk, d1, imps, tasks)
+        return protocol.continue_runs(chunk, d1, imps, tasks, checkpoint=points[0])
     if kind == "stack":
         return protocol.continue_stacked(
-            chunk, d1, [i for i, _ in imps], tasks, [s for _, s in imps]
+            chunk, d1, [i for i, _ in imps], tasks, [s for _, s in imps], checkpoint=points[0]
         )
     return [
-        protocol.continue_run(c, d1, imp, tasks, s, keep_weights=False)
-        for c, (imp, s) in zip(chunk, imps, strict=True)
+        protocol.continue_run(c, d1, imp, tasks, s, keep_weights=False, checkpoint=point)
+        for c, (imp, s), point in zip(chunk, imps, points, strict=True)
     ]
 
 
@@ -275,10 +295,13 @@ def run_group(
             following = heartbeat.listening(progress.StepCounter(
                 [run_id(c) for c in chunk], progress.expected_steps(chunk, kind), report
             ))  # fmt: skip
+        points = chunk_checkpoints(job.root, chunk, job.stack)
         try:
             with following:
-                results = _continue(chunk, d1, importances, key_of, tasks, job.stack)
-        except Exception as err:
+                results = _continue(chunk, d1, importances, key_of, tasks, job.stack, points)
+        except Exception as err:  # (a stop, KeyboardInterrupt or SIGTERM, keeps the checkpoints)
+            for point in points:
+                point.clear()
             if is_out_of_memory(err) and len(chunk) > 1:
                 torch.cuda.empty_cache()
                 half = (len(chunk) + 1) // 2
@@ -299,6 +322,8 @@ def run_group(
                 continue
             outcome.done.append(rid)
             stored += 1
+        for point in points:
+            point.clear()
             if job.return_records:
                 outcome.records[rid] = store.run_path(rid).read_text(encoding="utf-8")
         if on_done is not None:

@@ -36,6 +36,7 @@ from masq.fileio import warn
 from masq.importance import get_measure
 from masq.protocol.phases import Context, finish_record
 from masq.protocol.result import Result, finite_state, run_meta
+from masq.protocol.resume import PhaseCheckpoint
 from masq.protocol.run import (
     D1State,
     carried_adam,
@@ -53,7 +54,7 @@ from masq.stacked import train_stacked
 from masq.stacked.adam import compiled_step_active
 from masq.streams import batches_stream, stream_seed
 from masq.tasks import Task
-from masq.training import AdamMoments
+from masq.training import AdamMoments, heartbeat
 
 
 def stackable(config: RunConfig) -> str | None:
@@ -128,9 +129,12 @@ def continue_stacked(
     importance_seconds: Sequence[float] | None = None,
     *,
     keep_weights: bool = False,
+    checkpoint: PhaseCheckpoint | None = None,
 ) -> list[Result]:
     """:func:`~masq.protocol.phases.continue_run` for K configs sharing ``d1`` (module
-    docstring), each with its task-1 importance (and the seconds it took)."""
+    docstring), each with its task-1 importance (and the seconds it took). ``checkpoint``:
+    the loop's state is saved there between phases, and a state found there is resumed
+    (:mod:`masq.protocol.resume`)."""
     configs = [check_config(c) for c in configs]
     if not configs:
         return []
@@ -167,7 +171,20 @@ def continue_stacked(
     carried = carried_adam(first, d1)
     adam = None if carried is None else [carried] * k  # adam_state keep: each run's Adam state
     stack_seconds = 0.0
-    for phase in range(1, len(tasks)):
+    start = 1
+    loaded = None if checkpoint is None else checkpoint.load(device)
+    if loaded is not None:
+        done, saved = loaded
+        current, curves, train_s, weights = (
+            saved["current"],
+            saved["curves"],
+            saved["train_s"],
+            saved["weights"],
+        )
+        diverged, states, imp_seconds = saved["diverged"], saved["states"], saved["imp_seconds"]
+        adam, stack_seconds, start = saved["adam"], saved["stack_seconds"], done + 1
+        heartbeat.beat(done * first.iters2)  # the steps of the phases done before
+    for phase in range(start, len(tasks)):
         penalties = []
         for run, (c, method) in enumerate(zip(configs, methods, strict=True)):
             model.load_state_dict(current[run])
@@ -192,6 +209,22 @@ def continue_stacked(
                 imp, s = importance_of(c, model, phase_tasks(c, tasks, phase)[phase], phase, device)
                 imp_seconds[run].append(s)
             states[run] = method.after_phase(c, states[run], model, imp, phase)
+        if checkpoint is not None:
+            checkpoint.save(
+                phase,
+                {
+                    "current": current,
+                    "curves": curves,
+                    "train_s": train_s,
+                    "weights": weights,
+                    "diverged": diverged,
+                    "states": states,
+                    "imp_seconds": imp_seconds,
+                    "adam": adam,
+                    "stack_seconds": stack_seconds,
+                },
+                last=phase == len(tasks) - 1,
+            )
     compiled = compiled_step_active() and device.type == "cpu"
     meta = run_meta(device, stack=k, stack_seconds=stack_seconds, compiled_step=compiled)
     return [

@@ -22,6 +22,7 @@ from masq.consolidation import PhasePlan, check_config, get_method
 from masq.errors import ConfigError
 from masq.importance import Importance, get_measure
 from masq.protocol.result import Result, build_result, finite_state, run_meta
+from masq.protocol.resume import PhaseCheckpoint
 from masq.protocol.run import (
     D1State,
     build_model,
@@ -43,6 +44,7 @@ from masq.protocol.run import (
 from masq.runtime import resolve_device
 from masq.streams import stream_seed
 from masq.tasks import Task
+from masq.training import heartbeat
 
 
 @dataclass
@@ -107,9 +109,12 @@ def continue_runs(
     *,
     progress: bool = False,
     keep_weights: bool = False,
+    checkpoint: PhaseCheckpoint | None = None,
 ) -> list[Result]:
     """Phases 2..T of ``configs`` (which train alike) from the task-1 state ``d1``, each with
-    its task-1 (importance, seconds); the loop of the module docstring. One record each."""
+    its task-1 (importance, seconds); the loop of the module docstring. One record each.
+    ``checkpoint``: the loop's state is saved there between phases, and a state found there is
+    resumed (:mod:`masq.protocol.resume`)."""
     configs = [check_config(c) for c in configs]
     _check_alike(configs)
     for c in configs:
@@ -129,7 +134,19 @@ def continue_runs(
     curves, train_s = [d1.curve], [d1.seconds]
     weights = [dict(d1.state_dict)] if keep_weights else None
     lead_method, ctx = get_method(lead.consolidation), Context(lead, tasks, device)
-    for phase in range(1, len(tasks)):
+    start = 1
+    loaded = None if checkpoint is None else checkpoint.load(device)
+    if loaded is not None:
+        done, saved = loaded
+        model.load_state_dict(saved["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        for r, (state, seconds) in zip(runs, saved["runs"], strict=True):
+            r.state, r.seconds = state, seconds
+        curves, train_s, weights = saved["curves"], saved["train_s"], saved["weights"]
+        diverged, start = saved["diverged"], done + 1
+        heartbeat.beat(done * lead.iters2)  # the steps of the phases done before
+    for phase in range(start, len(tasks)):
         plan = lead_method.before_phase(lead, runs[0].state, model, phase, ctx)
         if diverged is not None:  # a non-finite state anchors nothing
             plan = PhasePlan(wrap=plan.wrap)
@@ -166,6 +183,20 @@ def continue_runs(
                 run.seconds.append(s)
             method = get_method(run.config.consolidation)
             run.state = method.after_phase(run.config, run.state, model, imp, phase)
+        if checkpoint is not None:
+            checkpoint.save(
+                phase,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": None if optimizer is None else optimizer.state_dict(),
+                    "runs": [(r.state, r.seconds) for r in runs],
+                    "curves": curves,
+                    "train_s": train_s,
+                    "weights": weights,
+                    "diverged": diverged,
+                },
+                last=phase == len(tasks) - 1,
+            )
     return [
         finish_record(
             r.config, r.state, r.first, r.seconds, curves, train_s, weights, diverged, ctx
@@ -219,10 +250,11 @@ def continue_run(
     *,
     progress: bool = False,
     keep_weights: bool = True,
+    checkpoint: PhaseCheckpoint | None = None,
 ) -> Result:
     """Phases 2..T of one run from the state ``d1`` with task 1's ``importance`` (module
     docstring of :mod:`masq.protocol.run`). ``keep_weights`` keeps the state at the end of
-    every phase in the result."""
+    every phase in the result; ``checkpoint`` as :func:`continue_runs`'."""
     return continue_runs(
         [config],
         d1,
@@ -230,6 +262,7 @@ def continue_run(
         tasks,
         progress=progress,
         keep_weights=keep_weights,
+        checkpoint=checkpoint,
     )[0]
 
 
@@ -240,16 +273,25 @@ def run(
     data_dir: str | None = None,
     tasks: list[Task] | None = None,
     keep_weights: bool = True,
+    checkpoint: PhaseCheckpoint | None = None,
 ) -> Result:
     """The whole protocol for one config: tasks, phase 1, task 1's importance, phases 2..T
-    and the method's end (IMM's merge)."""
+    and the method's end (IMM's merge). ``checkpoint`` as :func:`continue_runs`' (a resumed
+    run trains task 1 again: its state is not kept, and training it is deterministic)."""
     check_config(config)
     resolve_device(config.device)
     tasks = make_tasks(config, data_dir=data_dir) if tasks is None else tasks
     d1 = train_first(config, tasks, progress=progress)
     importance, seconds = compute_importance(config, d1, tasks)
     return continue_run(
-        config, d1, importance, tasks, seconds, progress=progress, keep_weights=keep_weights
+        config,
+        d1,
+        importance,
+        tasks,
+        seconds,
+        progress=progress,
+        keep_weights=keep_weights,
+        checkpoint=checkpoint,
     )
 
 
