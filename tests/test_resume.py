@@ -153,7 +153,10 @@ def test_si_alone_resumes_after_training_task_1_again(data_learnable: None, tmp_
 
 
 def test_a_grid_stopped_in_a_stack_resumes_it_and_clears_the_checkpoint(
-    data_learnable: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data_learnable: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A KeyboardInterrupt (Ctrl-C; SIGTERM is one in masq's command line) after phase 2 of a
     stack leaves its checkpoint; the grid run again resumes it (the stack trains phases 3-4
@@ -179,7 +182,9 @@ def test_a_grid_stopped_in_a_stack_resumes_it_and_clears_the_checkpoint(
         execute(configs, root, **kw)
     assert len(list((root / resume.PHASES_DIR).glob("*.pt"))) == 1
     assert not Store(root).stored_ids()
+    capsys.readouterr()
     execute(configs, root, **kw)
+    assert "grid: 3 run(s) resuming after phase 3 from " in capsys.readouterr().err
     assert phases == [1, 2, 3]  # resumed at phase 3 (0-based): 1 and 2 were not trained again
     assert not list((root / resume.PHASES_DIR).glob("*.pt"))
     whole, stopped = Store(tmp_path / "whole"), Store(root)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 import traceback as tb
 from collections import deque
@@ -179,9 +180,14 @@ def chunk_checkpoints(root: str, chunk: Sequence[RunConfig], stack: int) -> list
     ids = [run_id(c) for c in chunk]
     together = placement(chunk[0], stack)[0] in ("stack", "alike")
     return [
-        phase_checkpoint(Path(root), part, CHECKPOINT_EVERY)
+        phase_checkpoint(Path(root), part, CHECKPOINT_EVERY, _resuming(len(part)))
         for part in ([ids] if together else [[i] for i in ids])
     ]
+
+
+def _resuming(runs: int) -> Callable[[str], None]:
+    """What a grid prints when ``runs`` runs resume from their phase checkpoint."""
+    return lambda text: print(f"grid: {runs} run(s) {text}", file=sys.stderr, flush=True)
 
 
 def _continue(

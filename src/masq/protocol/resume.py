@@ -28,7 +28,7 @@ import hashlib
 import io
 import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -68,11 +68,12 @@ class _Pickle:
 class PhaseCheckpoint:
     """Where the runs ``key`` names keep their state between phases, saved at most every
     ``every`` seconds (0: after every phase; a phase shorter than that loses little when
-    stopped)."""
+    stopped); ``say`` is given a line when a saved state is resumed."""
 
     path: Path
     key: str
     every: float = 0.0
+    say: Callable[[str], None] | None = None  # told when a state is resumed
     _last: float = field(default_factory=time.perf_counter, repr=False)
     _broken: bool = field(default=False, repr=False)
 
@@ -94,6 +95,8 @@ class PhaseCheckpoint:
         )
         if not ok:
             return None
+        if self.say is not None:
+            self.say(f"resuming after phase {int(saved['phase']) + 1} from {self.path}")
         return int(saved["phase"]), saved["state"]
 
     def save(self, phase: int, state: dict[str, Any], last: bool = False) -> None:
@@ -125,11 +128,16 @@ def checkpoint_key(run_ids: Sequence[str]) -> str:
     return hashlib.sha256(",".join(run_ids).encode("ascii")).hexdigest()[:20]
 
 
-def phase_checkpoint(root: Path, run_ids: Sequence[str], every: float = 0.0) -> PhaseCheckpoint:
+def phase_checkpoint(
+    root: Path,
+    run_ids: Sequence[str],
+    every: float = 0.0,
+    say: Callable[[str], None] | None = None,
+) -> PhaseCheckpoint:
     """The checkpoint of the runs ``run_ids`` (trained together) in the results dir ``root``:
     ``root/phases/<key>.pt``."""
     key = checkpoint_key(run_ids)
-    return PhaseCheckpoint(Path(root) / PHASES_DIR / f"{key}.pt", key, every)
+    return PhaseCheckpoint(Path(root) / PHASES_DIR / f"{key}.pt", key, every, say)
 
 
 __all__ = ["PHASES_DIR", "PhaseCheckpoint", "checkpoint_key", "phase_checkpoint", "read_only"]
