@@ -228,3 +228,16 @@ def test_the_checkpoint_file_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     point.save(3, {})  # warned once: no more tries
     assert len(messages) == 2 and "No space left on device" in messages[1]
     assert not point.path.exists()
+
+
+def test_a_group_sending_its_records_back_sends_every_run_of_a_stack(
+    data_learnable: None, tmp_path: Path
+) -> None:
+    """Ray without a shared disk: every stored run's record travels back, not only the last
+    of its stack (the checkpoints are cleared after the stack, not per record)."""
+    base = RunConfig(**{**FOUR, "slt": "D5-5", "eval_val": False})
+    configs = tuple(base.with_(importance="fisher", lam=lam) for lam in (0.0, 10.0, 1e3))
+    job = group.GroupJob(str(tmp_path), configs, stack=4, threads=1, return_records=True)
+    outcome = group.run_group(job)
+    assert set(outcome.records) == set(outcome.done) == {run_id(c) for c in configs}
+    assert not list((tmp_path / resume.PHASES_DIR).glob("*.pt"))

@@ -328,10 +328,10 @@ def run_group(
                 continue
             outcome.done.append(rid)
             stored += 1
-        for point in points:
-            point.clear()
             if job.return_records:
                 outcome.records[rid] = store.run_path(rid).read_text(encoding="utf-8")
+        for point in points:
+            point.clear()
         if on_done is not None:
             on_done(stored)
     outcome.seconds = time.perf_counter() - start
