@@ -85,9 +85,16 @@ def test_grid_table_consistency_end_to_end(
     out = capsys.readouterr().out
     assert "grid: 8 runs (2 hidden × 2 lr2 × 2 λ; 8 combinations" in out
     assert "done: 8 runs now, 0 were stored, 0 failed; 2 task-1 trainings and 2 importance " in out
+    assert "phase checkpoint" not in out  # its own were deleted as its runs were stored
+    (Path(res) / "phases").mkdir(exist_ok=True)
+    (Path(res) / "phases" / "0123456789abcdef0123.pt").write_bytes(b"x" * 3_000_000)
     assert main(args) == 0  # resumed: nothing to do
     out = capsys.readouterr().out
     assert "done: 0 runs now, 8 were stored, 0 failed; 0 task-1 trainings and 0 importance" in out
+    assert (
+        f"grid: 1 phase checkpoint(s) of runs not in this grid remain in {res}/phases (3 MB): "
+        "they resume those runs when their grid runs again; delete them if it will not"
+    ) in out
 
     assert main(["table", "--results", res]) == 0
     out = capsys.readouterr().out

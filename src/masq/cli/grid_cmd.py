@@ -271,6 +271,7 @@ def run_grid(args: argparse.Namespace) -> int:
         if summary.failed:
             print_failed(summary.failed, args.results)
             return 1
+        _say_checkpoints_left(args.results)
         return 0
 
     rc = run_all(configs)
@@ -284,6 +285,19 @@ def run_grid(args: argparse.Namespace) -> int:
           f"{preset.tune_seeds} tuning seed(s)" + (f"; {waiting} sweep(s) not complete"
                                                    if waiting else ""))  # fmt: skip
     return run_all(held) if held else 0
+
+
+def _say_checkpoints_left(results: str) -> None:
+    """One line when phase checkpoints remain after a grid whose runs all ended: its own are
+    deleted as its runs are stored, so these belong to runs of other grids, stopped."""
+    from masq.protocol.resume import PHASES_DIR, checkpoints_left
+
+    count, size = checkpoints_left(Path(results))
+    if count:
+        where = Path(results) / PHASES_DIR
+        print(f"grid: {count} phase checkpoint(s) of runs not in this grid remain in {where} "
+              f"({size / 1e6:.0f} MB): they resume those runs when their grid runs again; "
+              "delete them if it will not")  # fmt: skip
 
 
 def _execute(

@@ -140,4 +140,24 @@ def phase_checkpoint(
     return PhaseCheckpoint(Path(root) / PHASES_DIR / f"{key}.pt", key, every, say)
 
 
-__all__ = ["PHASES_DIR", "PhaseCheckpoint", "checkpoint_key", "phase_checkpoint", "read_only"]
+def checkpoints_left(root: Path) -> tuple[int, int]:
+    """(how many phase checkpoints, their bytes) in the results dir ``root``: after a grid
+    whose runs all ended, those of other grids' stopped runs."""
+    files = sorted((Path(root) / PHASES_DIR).glob("*.pt"))
+    sizes = []
+    for path in files:
+        try:
+            sizes.append(path.stat().st_size)
+        except OSError:  # deleted meanwhile
+            continue
+    return len(sizes), sum(sizes)
+
+
+__all__ = [
+    "PHASES_DIR",
+    "PhaseCheckpoint",
+    "checkpoint_key",
+    "checkpoints_left",
+    "phase_checkpoint",
+    "read_only",
+]
