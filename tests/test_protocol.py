@@ -297,6 +297,28 @@ def test_lambda_zero_is_plain_retraining(synthetic: None) -> None:
     assert states_equal(results[0].weights[-1], results[1].weights[-1])
 
 
+def test_masq_sum_at_lambda_is_masq_mean_at_b_lambda_when_b_divides_the_task(
+    data_learnable: None,
+) -> None:
+    """MaSQ's two conventions differ by the factor B where every batch is full, so EWC with the
+    "sum" importance at λ trains as EWC with the "mean" one at Bλ (the float rounding of the
+    product aside): the reason a λ sweep over decades needs only one of the two rows when B, a
+    power of ten, divides each task's training set (permuted MNIST: 55,000 / 1,000)."""
+    tasks = pr.make_tasks(T3)
+    b = 60  # divides the 240 and 180 training samples of tasks 1 and 2 (the third's is not used)
+    assert all(int(t.train[0].shape[0]) % b == 0 for t in tasks[:-1])
+    mean = T3.with_(importance="masq", scale="mean", masq_batch=b, lam=2.0 * b)
+    total = mean.with_(scale="sum", lam=2.0)
+    d1 = pr.train_first(mean, tasks)
+    runs = [pr.continue_run(c, d1, pr.compute_importance(c, d1, tasks)[0], tasks)
+            for c in (mean, total)]  # fmt: skip
+    free = pr.continue_run(mean.with_(lam=0.0, importance="none"), d1, {}, tasks)
+    for key in runs[0].weights[-1]:
+        gap = float((runs[0].weights[-1][key] - runs[1].weights[-1][key]).abs().max())
+        moved = float((runs[0].weights[-1][key] - free.weights[-1][key]).abs().max())
+        assert gap < 1e-4 and (moved > 1e-2 or key.endswith("bias")), (key, gap, moved)
+
+
 def test_a_strong_penalty_holds_the_d1_state(synthetic: None) -> None:
     tasks = pr.make_tasks(TINY)
     config = TINY.with_(iters2=40, lr2=1e-2)
