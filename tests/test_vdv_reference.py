@@ -178,7 +178,7 @@ def reference_run(
 SI = {"importance": "si", "consolidation": "online-ewc", "gamma": 1.0, "si_gradient": "total"}
 FISHER = {"importance": "fisher"}
 ONLINE = {**FISHER, "consolidation": "online-ewc"}
-CASES = [  # (case, scenario, SLT, method): the preset's methods, smaller λ
+CASES = [  # (case, scenario, SLT, method): the presets' methods, λ sized for this small problem
     ("class-online-ewc", "class-blocks", "DP10-10-10", {**ONLINE, "lam": 5.0, "gamma": 1.0}),
     ("class-ewc", "class-blocks", "DP10-10-10", {**FISHER, "lam": 30.0}),
     ("class-none", "class-blocks", "DP10-10-10", {"importance": "none", "lam": 0.0}),
