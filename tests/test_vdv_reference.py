@@ -21,7 +21,6 @@ them); λ is masq's (λ_masq = γ λ_published for online EWC, 2c for SI).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from masq import protocol
 from masq.config import RunConfig
 from masq.tasks import Task
+from tests.test_wiring import sha_seed
 
 ITERS = 60
 BASE = {
@@ -46,12 +46,6 @@ BASE = {
     "fisher_labels": "predicted",
     "seed": 5,
 }
-
-
-def sha_seed(seed: int, name: str) -> int:
-    """A stream's seed written out: sha256("masq:<seed>:<name>")[:8] big-endian, 63 bits."""
-    digest = hashlib.sha256(f"masq:{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 def batch_order(n: int, size: int, iters: int, seed: int) -> Iterator[Tensor]:
@@ -142,12 +136,14 @@ def reference_run(
                 loss = loss + 0.5 * config.lam * sum(terms)
             adam.zero_grad()
             loss.backward()
+            if method != "si":
+                adam.step()
+                continue
             before = {n: p.detach().clone() for n, p in params.items()}
             grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
             adam.step()
-            if method == "si":
-                for n, p in params.items():
-                    w[n] += -grads[n] * (p.detach() - before[n])
+            for n, p in params.items():
+                w[n] += -grads[n] * (p.detach() - before[n])
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         if not penalised or phase == len(tasks) - 1:
             continue

@@ -143,9 +143,8 @@ def phase_checkpoint(
 def checkpoints_left(root: Path) -> tuple[int, int]:
     """(how many phase checkpoints, their bytes) in the results dir ``root``: after a grid
     whose runs all ended, those of other grids' stopped runs."""
-    files = sorted((Path(root) / PHASES_DIR).glob("*.pt"))
     sizes = []
-    for path in files:
+    for path in (Path(root) / PHASES_DIR).glob("*.pt"):
         try:
             sizes.append(path.stat().st_size)
         except OSError:  # deleted meanwhile
