@@ -8,7 +8,6 @@ from the phase-end weights and importances it computes itself.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import math
@@ -29,6 +28,7 @@ from masq.models import mlp
 from masq.protocol.result import load_weights, result_from_v1, transfer_metrics
 from masq.training import minibatch_indices
 from tests.synthetic import synthetic_dataset
+from tests.test_wiring import sha_seed
 
 run_module = importlib.import_module("masq.protocol.run")  # masq.protocol.run is the function
 
@@ -87,12 +87,6 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[Call]:
 
     monkeypatch.setattr(run_module, "train_task", spy)
     return seen
-
-
-def sha_seed(seed: int, name: str) -> int:
-    """The stream seed written out: sha256("masq:<seed>:<name>")[:8] big-endian, 63 bits."""
-    digest = hashlib.sha256(f"masq:{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 def comparable(result: pr.Result) -> dict[str, Any]:
