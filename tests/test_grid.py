@@ -1323,6 +1323,7 @@ def test_task_sizes() -> None:
     assert grid.task_sizes("D5-5", True) == (27_500, 15_000)
     assert grid.task_sizes("D3-3-4", False) == (16_500, 10_000)
     assert grid.task_sizes("DP10-10-10", True) == (55_000, 45_000)
+    assert grid.task_sizes("D5-5", False, train_on_val=True) == (30_000, 10_000)
 
 
 def test_a_results_dir_holds_one_device_kind(tmp_path: Path) -> None:
@@ -1435,3 +1436,23 @@ def test_adam_state_keep_through_the_grid_and_its_cache(
     alone = protocol.run(more[0], keep_weights=False).to_dict()
     rec = _records(tmp_path)[run_id(more[0])]
     _assert_close(_without_timings(rec), json.loads(json.dumps(_without_timings(alone))))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"pad": 2}, {"permute_first": True}, {"train_on_val": True}, {"dataset": "fashion-mnist"}],
+)
+def test_the_tasks_cache_builds_anew_when_any_data_field_changes(change: dict[str, Any]) -> None:
+    built: list[RunConfig] = []
+
+    def tasks_fn(config: RunConfig) -> list[masq_tasks.Task]:
+        built.append(config)
+        return []
+
+    cache = group_module.TasksCache()
+    base = RunConfig(slt="DP10-10", hidden=(8,))
+    cache.get(base, tasks_fn)
+    cache.get(dataclasses.replace(base, lam=5.0, hidden=(16,)), tasks_fn)  # not a data field
+    assert built == [base]
+    cache.get(dataclasses.replace(base, **change), tasks_fn)
+    assert built == [base, dataclasses.replace(base, **change)]

@@ -213,3 +213,68 @@ def test_pad_of_a_run_config_reaches_its_tasks_its_model_and_its_id(
     tasks = make_tasks(padded)
     assert tasks[0].train[0].shape[1] == 32 * 32
     assert build_model(padded, tasks)[0].in_features == 32 * 32
+
+
+def test_permute_first_gives_task_1_its_own_permutation_and_leaves_the_others() -> None:
+    plain = make("DP10-10-10", dataset=DATA, seed=5)
+    first = make("DP10-10-10", dataset=DATA, seed=5, first_seed=11)
+    other = make("DP10-10-10", dataset=DATA, seed=5, first_seed=12)
+    perm = first[0].permutation
+    assert plain[0].permutation is None and perm is not None
+    assert torch.equal(torch.sort(perm).values, torch.arange(784))
+    assert not torch.equal(perm, torch.arange(784))
+    assert not torch.equal(perm, other[0].permutation)  # seeded by first_seed
+    assert torch.equal(perm, make("DP10-10-10", dataset=DATA, seed=5, first_seed=11)[0].permutation)
+    for t in (1, 2):  # tasks 2..T as without it
+        assert torch.equal(first[t].permutation, plain[t].permutation)
+        assert torch.equal(first[t].train[0], plain[t].train[0])
+    for part in PARTS:
+        x0, y0 = getattr(plain[0], part)
+        x, y = getattr(first[0], part)
+        assert torch.equal(x, x0[:, perm]) and torch.equal(y, y0)
+
+
+def test_permute_first_on_a_class_split_is_a_one_line_config_error() -> None:
+    with pytest.raises(ConfigError, match="--permute-first: 'D5-5' is a class split") as err:
+        make("D5-5", dataset=DATA, first_seed=3)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("spec", ["D5-5", "DP10-10"])
+def test_train_on_val_trains_on_the_validation_samples_first_then_the_training_ones(
+    spec: str,
+) -> None:
+    plain = make(spec, dataset=DATA, seed=2)
+    both = make(spec, dataset=DATA, seed=2, train_on_val=True)
+    for p, b in zip(plain, both, strict=True):
+        assert torch.equal(b.train[0], torch.cat((p.val[0], p.train[0])))
+        assert torch.equal(b.train[1], torch.cat((p.val[1], p.train[1])))
+        for part in ("val", "test"):
+            assert all(
+                torch.equal(u, v) for u, v in zip(getattr(b, part), getattr(p, part), strict=True)
+            )
+
+
+def test_permute_first_and_train_on_val_of_a_run_config_reach_its_tasks_and_its_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from masq import data
+    from masq.config import RunConfig
+    from masq.protocol import make_tasks
+    from masq.runid import run_id
+    from masq.streams import stream_seed
+
+    monkeypatch.setattr(data, "load", lambda name="mnist", **kwargs: DATA)
+    base = RunConfig(slt="DP10-10", hidden=(8,), seed=4)
+    first = RunConfig(slt="DP10-10", hidden=(8,), seed=4, permute_first=True)
+    on_val = RunConfig(slt="DP10-10", hidden=(8,), seed=4, train_on_val=True)
+    ids = {run_id(base), run_id(first), run_id(on_val)}
+    assert len(ids) == 3  # each changes the id; at their defaults old ids stay as they were
+    assert run_id(base) == run_id(RunConfig(slt="DP10-10", hidden=(8,), seed=4, train_on_val=False))
+    expected = make(
+        "DP10-10", dataset=DATA, seed=stream_seed(4, "tasks"),
+        first_seed=stream_seed(4, "task1-permutation"),
+    )  # fmt: skip
+    assert torch.equal(make_tasks(first)[0].permutation, expected[0].permutation)
+    assert make_tasks(on_val)[1].train[0].shape[0] == len(DATA.train) + len(DATA.val)
+    assert make_tasks(base)[1].train[0].shape[0] == len(DATA.train)

@@ -111,9 +111,9 @@ D, F, IMP, L, R = Stage.DATA, Stage.FIRST, Stage.IMPORTANCE, Stage.LATER, Stage.
 Hidden: type[tuple[int, ...]] = tuple  # the element type of ``hidden``: a tuple of positive ints
 
 
-# Adding a configuration field is one line here: it then reaches its validation, the CLI flags
-# of `masq run` and `masq grid`, the grid's axes and TOML keys, the run id, the shared-work
-# keys of its stage and the report's columns (tests/test_config.py checks).
+# Adding a configuration field is one line here and its axis in masq.grid.Grid: it then reaches
+# its validation, the CLI flags of `masq run` and `masq grid`, the grid's TOML keys, the run id,
+# the shared-work keys of its stage and the report's columns (tests/test_config.py checks).
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one run: T tasks of an SLT in a scenario, task 1 at lr1 for
@@ -141,6 +141,20 @@ class RunConfig:
     pad: int = _field(0, D, "zero pixels added on every side of each image before any "
                       "permutation (2: the 32×32 inputs of van de Ven & Tolias's code)",
                       check="nonneg", since_v1=True)  # fmt: skip
+    permute_first: bool = _field(
+        False,
+        D,
+        "permuted SLTs: give task 1 its own seeded permutation too (van de Ven & Tolias's seeds "
+        "other than 0); tasks 2..T keep theirs",
+        since_v1=True,
+    )
+    train_on_val: bool = _field(
+        False,
+        D,
+        "train on the validation images too (all of MNIST's 60,000 training images, as van de "
+        "Ven & Tolias's code); validation curves then measure images trained on",
+        since_v1=True,
+    )
     hidden: tuple[int, ...] = _field((800, 800), F, "hidden layer sizes, e.g. 800-400-400")
     init: Init = _field(Init.TORCH, F, "initialization: torch | tf")
     lr1: float = _field(1e-3, F, "Adam learning rate on task 1 (ε1)", check="positive")
@@ -356,6 +370,7 @@ def fields_of(*stages: Stage) -> tuple[str, ...]:
 
 # The fields that determine the state after task 1 (what a grid's runs share), those that in
 # addition determine task 1's importance, and those of the run id (all but RUN).
+DATA_FIELDS: tuple[str, ...] = fields_of(Stage.DATA)  # what the tasks are built from
 FIRST_FIELDS: tuple[str, ...] = fields_of(Stage.DATA, Stage.FIRST)
 IMPORTANCE_FIELDS: tuple[str, ...] = fields_of(Stage.IMPORTANCE)
 ID_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.stage != Stage.RUN)
@@ -419,6 +434,7 @@ def lam_per_lr2(c: float, lr2: float) -> float:
 
 
 __all__ = [
+    "DATA_FIELDS",
     "DEVICE_HELP",
     "FIELD",
     "FIELDS",

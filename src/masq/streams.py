@@ -4,6 +4,8 @@
 big-endian integer, masked to 63 bits. Streams:
 
 - "tasks": the pixel permutations of permuted SLTs;
+- "task1-permutation": task 1's own permutation with ``permute_first`` (tasks 2..T keep
+  theirs from "tasks");
 - "class-order": the permutation of the classes of a class split with ``class_order``
   seeded (:func:`masq.tasks.seeded_blocks`);
 - "init": the initialization of the network;
@@ -24,6 +26,7 @@ import re
 
 STREAMS: tuple[str, ...] = (
     "tasks",
+    "task1-permutation",
     "class-order",
     "init",
     "d1-batches",
@@ -31,7 +34,7 @@ STREAMS: tuple[str, ...] = (
     "fisher-labels",
 )
 _STREAM_RE = re.compile(
-    r"^(tasks|class-order|init|d[1-9]\d*-(batches|drop)|fisher-labels(-d[2-9]|-d[1-9]\d+)?)$"
+    r"^(tasks|task1-permutation|class-order|init|d[1-9]\d*-(batches|drop)|fisher-labels(-d[2-9]|-d[1-9]\d+)?)$"
 )
 
 

@@ -53,10 +53,18 @@ class Task:
     units: tuple[int, ...] | None = None
 
 
-def permutations(n_tasks: int, pixels: int, seed: int) -> list[Tensor | None]:
-    """Per task its pixel permutation: None for task 1, then seeded ``randperm(pixels)``."""
+def permutations(
+    n_tasks: int, pixels: int, seed: int, first_seed: int | None = None
+) -> list[Tensor | None]:
+    """Per task its pixel permutation: for tasks 2..T ``randperm(pixels)`` drawn in turn from
+    one generator seeded with ``seed``; for task 1 None (unpermuted), or with ``first_seed``
+    ``randperm(pixels)`` from a generator of its own seeded with it, so that tasks 2..T are the
+    same either way."""
     generator = torch.Generator().manual_seed(seed)
-    perms: list[Tensor | None] = [None]
+    first = None
+    if first_seed is not None:
+        first = torch.randperm(pixels, generator=torch.Generator().manual_seed(first_seed))
+    perms: list[Tensor | None] = [first]
     perms += [torch.randperm(pixels, generator=generator) for _ in range(n_tasks - 1)]
     return perms
 
@@ -106,6 +114,8 @@ def make(
     data_dir: str | None = None,
     class_seed: int | None = None,
     pad: int = 0,
+    first_seed: int | None = None,
+    train_on_val: bool = False,
 ) -> list[Task]:
     """Build the tasks of SLT ``spec`` from ``dataset`` (a name for masq.data.load, or a Dataset).
 
@@ -115,6 +125,10 @@ def make(
     classes drawn from it (:func:`seeded_blocks`) instead of the spec's order; a one-line
     ConfigError for a permuted SLT or a spec with its own class order. ``pad``: zero pixels
     added on every side of each image before any permutation (:func:`to_xy`); an integer >= 0.
+    ``first_seed``: a permuted SLT's task 1 gets its own permutation drawn from it
+    (:func:`permutations`); a one-line ConfigError for a class split. ``train_on_val``: every
+    task trains on its validation samples too (the training file in its order, the validation
+    part first); the validation part stays as it is.
     """
     if not isinstance(spec, str):
         raise ConfigError(f"spec: give an SLT spec string such as 'D5-5', got {spec!r}")
@@ -137,10 +151,20 @@ def make(
                 + "; use --class-order fixed, or a class split without an order (e.g. D2-2-2-2-2)"
             )
         task_classes = seeded_blocks(task_classes, data.num_classes, class_seed)
+    if first_seed is not None and not parsed.permuted:
+        raise ConfigError(
+            f"--permute-first: {spec!r} is a class split without permutations; use it with a "
+            "permuted SLT (e.g. DP10-10)"
+        )
     parts = {name: to_xy(getattr(data, name), int(pad)) for name in ("train", "val", "test")}
+    if train_on_val:
+        parts["train"] = (
+            torch.cat((parts["val"][0], parts["train"][0])),
+            torch.cat((parts["val"][1], parts["train"][1])),
+        )
     pixels = parts["train"][0].shape[1]
     n_tasks = len(parsed.task_classes)
-    perms = permutations(n_tasks, pixels, seed) if parsed.permuted else [None] * n_tasks
+    perms = permutations(n_tasks, pixels, seed, first_seed) if parsed.permuted else [None] * n_tasks
     return [
         Task(
             name=f"D{i + 1}",

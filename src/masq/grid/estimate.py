@@ -45,16 +45,17 @@ class Estimate:
     architectures: int
 
 
-def task_sizes(slt: str, eval_val: bool) -> tuple[int, int]:
+def task_sizes(slt: str, eval_val: bool, train_on_val: bool = False) -> tuple[int, int]:
     """(D1 training samples, evaluated samples per evaluation) of an MNIST SLT, approximated
-    from the class fractions: train 55,000, test 10,000 and validation 5,000 images."""
+    from the class fractions: train 55,000 (60,000 with ``train_on_val``), test 10,000 and
+    validation 5,000 images."""
     spec = parse_spec(slt)
     n_tasks = len(spec.task_classes)
     frac1 = len(spec.task_classes[0]) / 10
     n_eval = 10_000 * (n_tasks if spec.permuted else 1)
     if eval_val:
         n_eval += 5_000 * (n_tasks if spec.permuted else 1)
-    return int(55_000 * frac1), n_eval
+    return int((60_000 if train_on_val else 55_000) * frac1), n_eval
 
 
 def _timeit(fn: Callable[[], Any], repeat: int) -> float:
@@ -487,7 +488,7 @@ def estimate(
     for g in groups:
         first = g.configs[0]
         c = costs[(first.hidden, *_calibration_key(first))]
-        n_train, n_eval = task_sizes(first.slt, first.eval_val)
+        n_train, n_eval = task_sizes(first.slt, first.eval_val, first.train_on_val)
         evals1 = len(eval_iterations(first.iters1, first.eval_every, first.eval_schedule))
         e1 = evals1 * n_eval * c["eval_sample_one"]
         g_d1 = first.iters1 * c["d1_iter"] + e1

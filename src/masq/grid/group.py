@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from masq import protocol
-from masq.config import RunConfig
+from masq.config import DATA_FIELDS, RunConfig
 from masq.fileio import error_text, warn
 from masq.grid import progress
 from masq.grid.plan import alone, chunks, d1_key, importance_key, needs_first_pass, placement
@@ -72,9 +72,10 @@ class GroupOutcome:
 
 @dataclass
 class TasksCache:
-    """The tasks of the last (SLT, dataset, scenario, seed) built, kept so that the groups of
-    one grid run in one process share them (building MNIST's tasks takes about 2 s). The
-    inline executor keeps one for the whole grid; a worker process's job gets its own."""
+    """The tasks last built, keyed by every field they are built from (``DATA_FIELDS``: SLT,
+    dataset, scenario, seed, padding, ...), kept so that the groups of one grid run in one
+    process share them (building MNIST's tasks takes about 2 s). The inline executor keeps one
+    for the whole grid; a worker process's job gets its own."""
 
     key: tuple[Any, ...] | None = None
     tasks: list[Task] = field(default_factory=list)
@@ -85,10 +86,7 @@ class TasksCache:
         key = (
             getattr(fn, "__module__", None),
             getattr(fn, "__qualname__", repr(fn)),
-            config.slt,
-            config.dataset,
-            str(config.scenario),
-            config.seed,
+            *(getattr(config, name) for name in DATA_FIELDS),
         )
         if key != self.key:
             self.key, self.tasks = None, []  # drop the old tasks before building the new

@@ -95,6 +95,8 @@ class Grid:
     seed: tuple[int, ...] = (0,)
     class_order: tuple[ClassOrder, ...] = (ClassOrder.FIXED,)
     pad: tuple[int, ...] = (0,)
+    permute_first: tuple[bool, ...] = (False,)
+    train_on_val: tuple[bool, ...] = (False,)
     hidden: tuple[tuple[int, ...], ...] = ((800, 800),)
     init: tuple[Init, ...] = (Init.TORCH,)
     lr1: tuple[float, ...] = (0.001,)

@@ -84,8 +84,9 @@ class D1State:
 
 def make_tasks(config: RunConfig, *, data_dir: str | None = None) -> list[Task]:
     """The SLT's tasks from ``config.dataset`` (images padded by ``config.pad`` zero pixels per
-    side; permutations seeded by the "tasks" stream; with
-    ``class_order`` seeded, a class split's classes permuted by the "class-order" stream),
+    side; permutations seeded by the "tasks" stream, task 1's with ``permute_first`` by the
+    "task1-permutation" stream; with ``class_order`` seeded, a class split's classes permuted by
+    the "class-order" stream; with ``train_on_val`` the validation images trained on too),
     relabelled for ``config.scenario`` (:func:`masq.scenarios.apply_scenario`)."""
     seeded = config.class_order == ClassOrder.SEEDED
     tasks = masq_tasks.make(
@@ -95,6 +96,8 @@ def make_tasks(config: RunConfig, *, data_dir: str | None = None) -> list[Task]:
         data_dir=data_dir,
         class_seed=stream_seed(config.seed, "class-order") if seeded else None,
         pad=config.pad,
+        first_seed=stream_seed(config.seed, "task1-permutation") if config.permute_first else None,
+        train_on_val=config.train_on_val,
     )
     return apply_scenario(tasks, config.scenario)
 
