@@ -68,6 +68,8 @@ COMPANIONS: dict[tuple[str, str], tuple[str, ...]] = {
     ("run", "si_damping"): ("--importance", "si"),
     ("run", "si_gradient"): ("--importance", "si"),
     ("run", "gamma"): ("--consolidation", "online-ewc"),
+    ("run", "permute_first"): ("--slt", "DP10-10"),
+    ("compare", "permute_first"): ("--slt", "DP10-10"),
     ("compare", "gamma"): ("--consolidation", "online-ewc"),
     **{
         (command, name): ("--consolidation", "mean-imm", *transfer)
@@ -80,6 +82,9 @@ COMPANIONS: dict[tuple[str, str], tuple[str, ...]] = {
         )
     },
 }
+
+# The other fields a field's non-default value needs (it is refused on the defaults' SLT).
+FIELD_COMPANIONS: dict[str, dict[str, Any]] = {"permute_first": {"slt": "DP10-10"}}
 
 IDS = [f.name for f in FIELDS]
 
@@ -134,7 +139,8 @@ def flags(name: str) -> set[str]:
 
 
 def changed(spec: FieldSpec) -> RunConfig:
-    return RunConfig().with_(**{spec.name: other_value(spec)}).validate()
+    companions = FIELD_COMPANIONS.get(spec.name, {})
+    return RunConfig().with_(**companions, **{spec.name: other_value(spec)}).validate()
 
 
 def record_of(config: RunConfig) -> dict[str, Any]:
@@ -339,6 +345,7 @@ def test_an_slt_of_one_task_and_a_bad_device_are_errors() -> None:
 def all_other() -> RunConfig:
     values = {f.name: other_value(f) for f in FIELDS}
     values["scenario"] = Scenario.CLASS_BLOCKS  # not the default, and class_units seen applies
+    values["slt"] = "DP10-10-10"  # not the default, and permute_first applies
     return RunConfig(**values).validate()
 
 

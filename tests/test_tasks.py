@@ -278,3 +278,12 @@ def test_permute_first_and_train_on_val_of_a_run_config_reach_its_tasks_and_its_
     assert torch.equal(make_tasks(first)[0].permutation, expected[0].permutation)
     assert make_tasks(on_val)[1].train[0].shape[0] == len(DATA.train) + len(DATA.val)
     assert make_tasks(base)[1].train[0].shape[0] == len(DATA.train)
+
+
+def test_a_run_config_refuses_permute_first_on_a_class_split() -> None:
+    from masq.config import RunConfig
+
+    with pytest.raises(ConfigError, match="permute_first: 'D5-5' is a class split") as err:
+        RunConfig(slt="D5-5", permute_first=True).validate()
+    assert "\n" not in str(err.value)
+    RunConfig(slt="DP10-10", permute_first=True).validate()

@@ -289,9 +289,15 @@ class RunConfig:
             if spec.kind in (int, float):
                 check_value(spec, value)
             check_registered(spec, value)
-        if len(parse_spec(self.slt).task_classes) < 2:
+        parsed = parse_spec(self.slt)
+        if len(parsed.task_classes) < 2:
             raise ConfigError(
                 f"slt: a continual-learning run needs at least two tasks, got {self.slt!r}"
+            )
+        if self.permute_first and not parsed.permuted:
+            raise ConfigError(
+                f"permute_first: {self.slt!r} is a class split without permutations; use it "
+                "with a permuted SLT (e.g. DP10-10), or leave it off"
             )
         check_device_name(self.device)
         check_model_size(self.hidden, in_features=self.in_features)
