@@ -210,6 +210,7 @@ def test_stream_names_of_phases_and_tasks() -> None:
     assert [pr.labels_stream(t) for t in (1, 2)] == ["fisher-labels-d2", "fisher-labels-d3"]
     assert set(pr.STREAMS) == {
         "tasks",
+        "task1-permutation",
         "class-order",
         "init",
         "d1-batches",

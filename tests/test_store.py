@@ -50,6 +50,8 @@ CHANGES: dict[str, Any] = {
     "si_damping": 0.5,
     "si_gradient": "total",
     "class_units": "seen",
+    "permute_first": True,
+    "train_on_val": True,
     "consolidation": "online-ewc",
     "gamma": 0.5,
     "transfer": "drop",
@@ -91,7 +93,7 @@ def test_run_id_is_sha256_of_the_sorted_config() -> None:
     for name in ("device", "consolidation", "gamma", "eval_schedule", "precision", "transfer",
                  "transfer_lam", "drop_p", "alpha_step", "scenario", "fisher_samples",
                  "si_damping", "si_gradient", "adam_state", "class_order", "pad",
-                 "class_units"):  # fmt: skip
+                 "permute_first", "train_on_val", "class_units"):  # fmt: skip
         del d[name]
     d["fisher_labels"] = "true"  # masq 0.1's name of the empirical Fisher, kept in ids
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
@@ -117,7 +119,7 @@ def test_fields_added_since_format_1_are_in_the_id_only_off_their_default() -> N
     assert since == {"consolidation", "gamma", "eval_schedule", "precision", "transfer",
                      "transfer_lam", "drop_p", "alpha_step", "scenario", "fisher_samples",
                      "si_damping", "si_gradient", "adam_state", "class_order", "pad",
-                     "class_units"}  # fmt: skip
+                     "permute_first", "train_on_val", "class_units"}  # fmt: skip
     base = RunConfig(slt="D3-3-4")
     assert runid.id_dict(base).keys() == {f.name for f in FIELDS} - {"device"} - since
     online = base.with_(consolidation="online-ewc", gamma=0.25)
