@@ -372,7 +372,7 @@ def test_held_at_chosen_asks_each_stored_sweep_once_and_counts_the_waiting() -> 
 
 def test_a_sweep_without_validation_is_refused() -> None:
     frame = frame_of({("MaSQ", "task"): [(1, math.nan, 70), (10, math.nan, 60)]})
-    with pytest.raises(ConfigError, match="eval_val = true"):
+    with pytest.raises(ConfigError, match=r"eval_val = true.*--train-on-val: sweep λ without it"):
         analysis.peer_table(frame, tiny())
 
 

@@ -391,6 +391,19 @@ def test_validation_columns(tmp_path: Path) -> None:
     assert row["best_val.iteration"] == 5 and row["last_val.iteration"] == 10
 
 
+def test_a_run_that_trained_on_its_validation_images_selects_nothing_on_them() -> None:
+    curve = {"iteration": [0, 5], "D1": [0.9, 0.6], "D2": [0.0, 0.5], "val:D1": [0.9, 0.7],
+             "val:D2": [0.0, 0.9], U2: [0.45, 0.55], f"val:{U2}": [0.45, 0.8]}  # fmt: skip
+    rows = {}
+    for on in (False, True):
+        config = RunConfig(eval_val=True, train_on_val=on)
+        record = {"run_id": run_id(config), "version": 2, "result": _record(config, [curve] * 2)}
+        rows[on] = store.flat_row(record)
+    assert rows[False]["last_val.val_union"] == 0.8
+    assert not [k for k in rows[True] if k.startswith(("best_val.", "last_val."))]
+    assert rows[True]["last.union"] == rows[False]["last.union"] == 0.55  # test metrics stay
+
+
 def test_flat_row_of_a_three_task_record() -> None:
     config = RunConfig(slt="D3-3-4", hidden=(30, 20), lam=10.0, consolidation="online-ewc",
                        gamma=0.5)  # fmt: skip

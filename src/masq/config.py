@@ -152,7 +152,8 @@ class RunConfig:
         False,
         D,
         "train on the validation images too (all of MNIST's 60,000 training images, as van de "
-        "Ven & Tolias's code); validation curves then measure images trained on",
+        "Ven & Tolias's code); validation curves then measure images trained on, and no table "
+        "selects λ or a point on them",
         since_v1=True,
     )
     hidden: tuple[int, ...] = _field((800, 800), F, "hidden layer sizes, e.g. 800-400-400")

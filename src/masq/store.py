@@ -453,7 +453,8 @@ def flat_row(record: Mapping[str, Any]) -> dict[str, Any]:
     ``hidden`` becomes a string "800-400-400" (with ``layers`` its length), ``tasks`` is T;
     ``best.union`` / ``last.union`` are the accuracy on the union of all tasks whatever T.
     With validation curves, ``best_val.*``/``last_val.*`` hold every set at the first maximum
-    / the end of the validation union (selection on validation data).
+    / the end of the validation union (selection on validation data); a run that trained on
+    its validation images (``train_on_val``) has none, so nothing selects on images it fitted.
     """
     result = record["result"]
     config = {f.name: f.default for f in FIELDS} | dict(result["config"])
@@ -470,7 +471,7 @@ def flat_row(record: Mapping[str, Any]) -> dict[str, Any]:
             row[f"{crit}.{k}"] = v
         row[f"{crit}.union"] = result[crit][union]
     final = curves[-1]
-    if final.get(VAL + union):
+    if final.get(VAL + union) and not config["train_on_val"]:
         best_i, last_i = best_and_last_indices(final, VAL + union)
         for crit, i in (("best_val", best_i), ("last_val", last_i)):
             for k, v in point(final, i).items():

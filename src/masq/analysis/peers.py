@@ -128,7 +128,8 @@ def _chosen(part: pd.DataFrame, tune_seeds: int = 0) -> tuple[float, bool]:
     if math.isnan(lam):
         raise ConfigError(
             "a λ sweep of the table has no validation accuracies: its runs evaluated no "
-            "validation set (set eval_val = true in the preset, or pass --eval-val true)"
+            "validation set (set eval_val = true in the preset, or pass --eval-val true) or "
+            "trained on it (--train-on-val: sweep λ without it)"
         )
     return lam, True
 
