@@ -1456,3 +1456,27 @@ def test_the_tasks_cache_builds_anew_when_any_data_field_changes(change: dict[st
     assert built == [base]
     cache.get(dataclasses.replace(base, **change), tasks_fn)
     assert built == [base, dataclasses.replace(base, **change)]
+
+
+def test_worker_seconds_count_a_shared_task_1_and_its_importance_pass_once() -> None:
+    from masq.grid.plan import worker_seconds
+
+    base = RunConfig(slt="D3-3-4", hidden=(8,), importance="fisher", lam=1.0)
+    shared = {"train": [5.0, 1.0, 1.0], "importance": [2.0, 3.0]}
+    runs = [
+        (base, shared),
+        (base.with_(lam=10.0), shared),  # same task 1, same task-1 Fisher
+        (base.with_(importance="none", lam=0.0), {"train": [5.0, 1.0, 1.0], "importance": []}),
+        (base.with_(importance="masq"), {"train": [5.0, 1.0, 1.0], "importance": [4.0, 3.0]}),
+        (base.with_(seed=1), shared),  # another task-1 state
+        (base.with_(importance="si", consolidation="online-ewc"),
+         {"train": [4.0, 1.0, 1.0], "importance": [0.5, 0.5]}),  # its own task 1
+        (base.with_(lam=100.0), {**shared, "merge": [0.25]}),
+    ]  # fmt: skip
+    # by hand: seed 0's task 1 (5) once, its Fisher pass (2) and MaSQ pass (4) once each,
+    # the later phases (2 per run) and later passes (3 per run that has one) of every run
+    seed0 = 5 + 2 + 4 + 5 * 2 + 4 * 3
+    seed1 = 5 + 2 + 2 + 3
+    si = 4 + 1 + 1 + 0.5 + 0.5
+    assert worker_seconds(runs) == pytest.approx(seed0 + seed1 + si + 0.25)
+    assert worker_seconds([]) == 0.0

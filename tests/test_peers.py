@@ -409,6 +409,10 @@ def test_grid_then_peers_end_to_end(
     out = capsys.readouterr().out
     total = sum(expected.values())
     assert f"{total} of {total} runs stored" in out
+    stored = len(list((res / "runs").glob("*.json")))
+    compute = json.loads((res / "vdv2025-fisher" / "peers.json").read_text())["compute"]
+    assert compute["runs"] == stored and compute["worker_seconds"] > 0
+    assert f"Compute: the {stored} runs stored for the table's cells" in out
     assert "partial:" not in out
     table = pd.read_csv(res / "vdv2025-fisher" / "peers.csv")
     preset = peers.load_peer_preset("vdv2025-fisher")

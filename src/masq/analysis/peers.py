@@ -364,6 +364,18 @@ def peer_figure(table: pd.DataFrame, preset: PeerPreset) -> Figure:
     return fig
 
 
+def compute_note(runs: int, worker_hours: float, read: int | None = None) -> str:
+    """The Markdown line that says what the runs stored for the table's cells cost (``read``:
+    how many of them the table reads, where fewer)."""
+    reads = f" (the table reads {read} of them)" if read is not None and read < runs else ""
+    return (
+        f"\nCompute: the {runs} runs stored for the table's cells{reads} took "
+        f"{worker_hours:.1f} worker-hours, the sum of the training and importance times their "
+        "records hold (a task-1 state or importance pass that runs share counted once; a "
+        "stack's runs split its time).\n"
+    )
+
+
 def write_outputs(
     table: pd.DataFrame,
     frame: pd.DataFrame,
@@ -372,12 +384,18 @@ def write_outputs(
     *,
     body: Mapping[str, Any] | None = None,
 ) -> tuple[str, list[Path]]:
-    """Write ``out``/peers.md (:func:`peer_markdown`, then :func:`paired_markdown`) and
+    """Write ``out``/peers.md (:func:`peer_markdown`, the :func:`compute_note` of
+    ``body["compute"]`` where given, then :func:`paired_markdown`) and
     peers.csv (:func:`peer_table`), peers_points.csv (every run), peers.png
     (:func:`peer_figure`) and the manifest peers.json (``body`` plus the preset, files and
     provenance); (the Markdown, the paths written)."""
     paired = paired_table(frame, preset)
     md = peer_markdown(table, preset)
+    compute = (body or {}).get("compute")
+    if compute:
+        read = (body or {}).get("runs")
+        hours = float(compute["worker_seconds"]) / 3600
+        md += compute_note(int(compute["runs"]), hours, None if read is None else int(read))
     if not paired.empty:
         md += "\n" + paired_markdown(paired, preset)
     own = {"preset": preset.name, "title": preset.title, "citation": preset.citation,
@@ -389,6 +407,7 @@ def write_outputs(
 
 __all__ = [
     "MARK",
+    "compute_note",
     "held_configs",
     "paired_markdown",
     "paired_table",

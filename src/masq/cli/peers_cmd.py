@@ -87,9 +87,26 @@ def _peers(args: argparse.Namespace) -> int:
         total = len(ids)
         done = len(set(df["run_id"]) & ids) if not df.empty else 0
     command = f"masq peers {preset.name} --results {shlex.quote(str(args.results))}"
-    body = {"runs": done, "expected": total, "command": command}
+    body = {"runs": done, "expected": total, "command": command,
+            "compute": _compute(args.results, cells)}  # fmt: skip
     md, written = analysis.write_outputs(table, frame, preset, out, body=body)
     print(md, end="")
     print(f"{done} of {total} runs stored; written: "
           f"{', '.join(str(p) for p in written)}")  # fmt: skip
     return 0
+
+
+def _compute(results: str, cells: dict[str, list[str]]) -> dict[str, float]:
+    """{"runs", "worker_seconds"}: the stored runs of the table's cells and the worker time
+    their records say they took together (:func:`masq.grid.plan.worker_seconds`)."""
+    from masq.config import RunConfig
+    from masq.grid.plan import worker_seconds
+    from masq.store import load_record, open_store
+
+    stored = open_store(results).stored_ids(repair=False)
+    ids = sorted({rid for rids in cells.values() for rid in rids} & stored)
+    runs = []
+    for rid in ids:
+        result = load_record(results, rid)["result"]
+        runs.append((RunConfig.from_dict(result["config"]), result.get("timings", {})))
+    return {"runs": len(ids), "worker_seconds": round(worker_seconds(runs), 1)}

@@ -8,7 +8,7 @@ trained K at a time as one stacked model where the stacked engine takes them (:f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -215,3 +215,36 @@ def one_by_one(configs: Sequence[RunConfig], stack: int = 16) -> dict[str, int]:
         if kind in ("alone", "single"):
             out[why] = out.get(why, 0) + 1
     return out
+
+
+def worker_seconds(runs: Sequence[tuple[RunConfig, Mapping[str, Sequence[float]]]]) -> float:
+    """The worker time that ``runs`` (config, the ``timings`` of its record) took together, in
+    seconds, counting what :func:`plan` shares once:
+
+        Σ_runs ( Σ_{t≥2} train_t + Σ_{passes after task 2..} importance + Σ other timings )
+          + Σ_{distinct d1_key} train_1 + Σ_{distinct importance_key} importance_1
+
+    where train_t is the record's time of phase t (a stacked run's share: the stack's time
+    / K, so a stack's runs sum to its time) and importance_1 the pass over task 1's data. A
+    run that trains its own task 1 (:func:`alone`) counts its train_1 and importance_1 itself.
+    Every run records the task-1 time of the state it started from, so a plain sum counts a
+    shared task 1 once per run."""
+    own = 0.0
+    first: dict[str, float] = {}
+    first_pass: dict[str, float] = {}
+    for config, timings in runs:
+        train = [float(s) for s in timings.get("train", ())]
+        passes = [float(s) for s in timings.get("importance", ())]
+        own += sum(float(s) for key, v in timings.items() if key not in ("train", "importance")
+                   for s in v)  # fmt: skip
+        if alone(config) is not None:
+            own += sum(train) + sum(passes)
+            continue
+        own += sum(train[1:])
+        if train:
+            first[d1_key(config)] = train[0]
+        if passes and needs_first_pass(config):
+            first_pass[importance_key(config)] = passes[0]
+            passes = passes[1:]
+        own += sum(passes)
+    return own + sum(first.values()) + sum(first_pass.values())
