@@ -326,3 +326,38 @@ def test_the_peers_pages_masq_mean_and_sum_pairs_are_the_committed_records() -> 
             f"and {s9}") in page  # fmt: skip
     assert abs(float(m11) - float(s8)) <= 0.05 and abs(float(m12) - float(s9)) <= 0.05
     assert f"(`mean` at 1e7: {final[('mean', 1e7)]}, `sum` at 1e4: {final[('sum', 1e4)]})" in page
+
+
+def test_the_code_s_way_table_of_the_peers_page_is_the_committed_records() -> None:
+    """The peers page's table of permuted MNIST run the code's way (``--permute-first
+    --train-on-val``) against the preset, seed 0: each number is the committed record's mean
+    over the 10 tasks of the test accuracies after the last one; published as in the preset."""
+    from masq.archive import read_archive
+    from masq.grid import peers
+    from masq.runid import run_id
+
+    page = (DOCS / "results" / "peers.md").read_text(encoding="utf-8")
+    header = "| cell | the preset | the code's way | published |"
+    lines = page[page.index(header) :].split("\n\n")[0].splitlines()[2:]
+    preset = peers.load_peer_preset("vdv2019-permuted")
+    ways = {"preset": {"seed": (0,)},
+            "code": {"seed": (0,), "permute_first": (True,), "train_on_val": (True,)}}  # fmt: skip
+    wanted = {}  # run id -> (cell key, way)
+    for way, overrides in ways.items():
+        for key, configs in preset.cells(overrides, ["None", "Online EWC"]).items():
+            for config in configs:
+                wanted[run_id(config)] = (key, way)
+    finals: dict[tuple[str, str], str] = {}
+    for rid, text in read_archive(DOCS / "peers" / "records.jsonl.gz"):
+        if rid in wanted:
+            last = json.loads(text)["result"]["accuracy"][-1]
+            finals[wanted[rid]] = f"{100 * sum(last) / len(last):.2f}"
+    columns = {"Task-IL": "task", "Class-IL": "class-blocks"}
+    assert len(lines) == 4
+    for line in lines:
+        cell, ours, code, published = split_row(line)[:4]
+        row, column = cell.removesuffix(" ◆").split(", ")
+        key = f"{row} | {columns[column]}"
+        assert (ours, code) == (finals[(key, "preset")], finals[(key, "code")]), line
+        mean, spread = next(r for r in preset.rows if r.name == row).published[columns[column]]
+        assert published == f"{mean:.2f} ± {spread:.2f}", line
