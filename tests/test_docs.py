@@ -9,7 +9,9 @@ import importlib
 import inspect
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -270,28 +272,39 @@ def test_the_records_page_names_every_field_of_every_stage() -> None:
     assert named == {f.name for f in FIELDS if f.since_v1}
 
 
-def test_the_padding_table_of_the_peers_page_is_the_committed_records() -> None:
-    """The peers page's 28×28-against-32×32 table (permuted MNIST, seed 0) shows what the
-    committed records give: each cell the mean over the 10 tasks of the test accuracies after
-    the last one, for the preset's runs with ``pad`` 0 and 2."""
+def committed_finals(
+    preset: Any, variants: Mapping[Any, Mapping[str, tuple[Any, ...]]], rows: list[str]
+) -> dict[tuple[str, Any], str]:
+    """{(cell key, variant): the mean over the tasks of the test accuracies after the last
+    one, in % to 2 decimals} of the committed records of ``rows`` of ``preset`` run with each
+    variant's grid overrides (absent where no record is committed)."""
     from masq.archive import read_archive
-    from masq.grid import peers
     from masq.runid import run_id
 
-    page = (DOCS / "results" / "peers.md").read_text(encoding="utf-8")
-    lines = page[page.index("| cell | 28×28 | 32×32 |") :].split("\n\n")[0].splitlines()[2:]
-    preset = peers.load_peer_preset("vdv2019-permuted")
-    wanted = {}  # run id -> (cell key, pad)
-    for pad in (0, 2):
-        cells = preset.cells({"seed": (0,), "pad": (pad,)}, ["None", "EWC", "Online EWC"])
-        for key, configs in cells.items():
+    wanted = {}  # run id -> (cell key, variant)
+    for variant, overrides in variants.items():
+        for key, configs in preset.cells(dict(overrides), rows).items():
             for config in configs:
-                wanted[run_id(config)] = (key, pad)
-    finals: dict[tuple[str, int], str] = {}
+                wanted[run_id(config)] = (key, variant)
+    finals = {}
     for rid, text in read_archive(DOCS / "peers" / "records.jsonl.gz"):
         if rid in wanted:
             last = json.loads(text)["result"]["accuracy"][-1]
             finals[wanted[rid]] = f"{100 * sum(last) / len(last):.2f}"
+    return finals
+
+
+def test_the_padding_table_of_the_peers_page_is_the_committed_records() -> None:
+    """The peers page's 28×28-against-32×32 table (permuted MNIST, seed 0) shows what the
+    committed records give: each cell the mean over the 10 tasks of the test accuracies after
+    the last one, for the preset's runs with ``pad`` 0 and 2."""
+    from masq.grid import peers
+
+    page = (DOCS / "results" / "peers.md").read_text(encoding="utf-8")
+    lines = page[page.index("| cell | 28×28 | 32×32 |") :].split("\n\n")[0].splitlines()[2:]
+    preset = peers.load_peer_preset("vdv2019-permuted")
+    variants = {pad: {"seed": (0,), "pad": (pad,)} for pad in (0, 2)}
+    finals = committed_finals(preset, variants, ["None", "EWC", "Online EWC"])
     assert len(lines) == 6
     for line in lines:
         cell, small, padded, _ = split_row(line)
@@ -332,9 +345,7 @@ def test_the_code_s_way_table_of_the_peers_page_is_the_committed_records() -> No
     """The peers page's table of permuted MNIST run the code's way (``--permute-first
     --train-on-val``) against the preset, seed 0: each number is the committed record's mean
     over the 10 tasks of the test accuracies after the last one; published as in the preset."""
-    from masq.archive import read_archive
     from masq.grid import peers
-    from masq.runid import run_id
 
     page = (DOCS / "results" / "peers.md").read_text(encoding="utf-8")
     header = "| cell | the preset | the code's way | published |"
@@ -342,16 +353,7 @@ def test_the_code_s_way_table_of_the_peers_page_is_the_committed_records() -> No
     preset = peers.load_peer_preset("vdv2019-permuted")
     ways = {"preset": {"seed": (0,)},
             "code": {"seed": (0,), "permute_first": (True,), "train_on_val": (True,)}}  # fmt: skip
-    wanted = {}  # run id -> (cell key, way)
-    for way, overrides in ways.items():
-        for key, configs in preset.cells(overrides, ["None", "Online EWC"]).items():
-            for config in configs:
-                wanted[run_id(config)] = (key, way)
-    finals: dict[tuple[str, str], str] = {}
-    for rid, text in read_archive(DOCS / "peers" / "records.jsonl.gz"):
-        if rid in wanted:
-            last = json.loads(text)["result"]["accuracy"][-1]
-            finals[wanted[rid]] = f"{100 * sum(last) / len(last):.2f}"
+    finals = committed_finals(preset, ways, ["None", "Online EWC"])
     columns = {"Task-IL": "task", "Class-IL": "class-blocks"}
     assert len(lines) == 4
     for line in lines:
