@@ -454,8 +454,7 @@ def flat_row(record: Mapping[str, Any]) -> dict[str, Any]:
     ``best.union`` / ``last.union`` are the accuracy on the union of all tasks whatever T.
     With validation curves, ``best_val.*``/``last_val.*`` hold every set at the first maximum
     / the end of the validation union (selection on validation data); a run that trained on
-    its validation images (``train_on_val``) has none, so nothing selects on images it fitted.
-    """
+    its validation images (``train_on_val``) has none, so nothing selects on images it fitted."""
     result = record["result"]
     config = {f.name: f.default for f in FIELDS} | dict(result["config"])
     config = config_dict(config)
