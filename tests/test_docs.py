@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import re
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -274,10 +276,10 @@ def test_the_records_page_names_every_field_of_every_stage() -> None:
 
 def committed_finals(
     preset: Any, variants: Mapping[Any, Mapping[str, tuple[Any, ...]]], rows: list[str]
-) -> dict[tuple[str, Any], str]:
+) -> dict[tuple[str, Any], float]:
     """{(cell key, variant): the mean over the tasks of the test accuracies after the last
-    one, in % to 2 decimals} of the committed records of ``rows`` of ``preset`` run with each
-    variant's grid overrides (absent where no record is committed)."""
+    one, in %} of the committed records of ``rows`` of ``preset`` run with each variant's grid
+    overrides (absent where no record is committed)."""
     from masq.archive import read_archive
     from masq.runid import run_id
 
@@ -290,7 +292,7 @@ def committed_finals(
     for rid, text in read_archive(DOCS / "peers" / "records.jsonl.gz"):
         if rid in wanted:
             last = json.loads(text)["result"]["accuracy"][-1]
-            finals[wanted[rid]] = f"{100 * sum(last) / len(last):.2f}"
+            finals[wanted[rid]] = 100 * sum(last) / len(last)
     return finals
 
 
@@ -310,7 +312,7 @@ def test_the_padding_table_of_the_peers_page_is_the_committed_records() -> None:
         cell, small, padded, _ = split_row(line)
         row, column = cell.split(", ")
         key = f"{row} | {({'Task-IL': 'task', 'Domain-IL': 'domain'})[column]}"
-        assert (small, padded) == (finals[(key, 0)], finals[(key, 2)]), line
+        assert (small, padded) == (f"{finals[(key, 0)]:.2f}", f"{finals[(key, 2)]:.2f}"), line
 
 
 def test_the_peers_pages_masq_mean_and_sum_pairs_are_the_committed_records() -> None:
@@ -343,23 +345,29 @@ def test_the_peers_pages_masq_mean_and_sum_pairs_are_the_committed_records() -> 
 
 def test_the_code_s_way_table_of_the_peers_page_is_the_committed_records() -> None:
     """The peers page's table of permuted MNIST run the code's way (``--permute-first
-    --train-on-val``) against the preset, seed 0: each number is the committed record's mean
-    over the 10 tasks of the test accuracies after the last one; published as in the preset."""
+    --train-on-val``) against the preset, seeds 0-2: each seed's number is the committed
+    record's mean over the 10 tasks of the test accuracies after the last one, then their mean
+    ± SEM; published as in the preset."""
     from masq.grid import peers
 
     page = (DOCS / "results" / "peers.md").read_text(encoding="utf-8")
-    header = "| cell | the preset | the code's way | published |"
+    header = "| cell | the preset, seeds 0-2 | mean ± SEM | the code's way, seeds 0-2 |"
     lines = page[page.index(header) :].split("\n\n")[0].splitlines()[2:]
     preset = peers.load_peer_preset("vdv2019-permuted")
-    ways = {"preset": {"seed": (0,)},
-            "code": {"seed": (0,), "permute_first": (True,), "train_on_val": (True,)}}  # fmt: skip
+    code = {"permute_first": (True,), "train_on_val": (True,)}
+    ways = {("preset", s): {"seed": (s,)} for s in range(3)}
+    ways |= {("code", s): {"seed": (s,), **code} for s in range(3)}
     finals = committed_finals(preset, ways, ["None", "Online EWC"])
     columns = {"Task-IL": "task", "Class-IL": "class-blocks"}
     assert len(lines) == 4
     for line in lines:
-        cell, ours, code, published = split_row(line)[:4]
+        cell, *cells, published = split_row(line)
         row, column = cell.removesuffix(" ◆").split(", ")
         key = f"{row} | {columns[column]}"
-        assert (ours, code) == (finals[(key, "preset")], finals[(key, "code")]), line
+        for way, seeds, mean in zip(("preset", "code"), cells[::2], cells[1::2], strict=True):
+            values = [finals[(key, (way, s))] for s in range(3)]
+            assert seeds == ", ".join(f"{v:.2f}" for v in values), line
+            sem = statistics.stdev(values) / math.sqrt(3)
+            assert mean == f"{statistics.fmean(values):.2f} ± {sem:.2f}", line
         mean, spread = next(r for r in preset.rows if r.name == row).published[columns[column]]
         assert published == f"{mean:.2f} ± {spread:.2f}", line
