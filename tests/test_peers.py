@@ -275,7 +275,8 @@ def test_rows_are_paired_by_seed_against_the_reference() -> None:
 
 def test_a_partial_cell_says_so_and_is_neither_marked_nor_at_an_edge() -> None:
     """A cell with part of its runs stored (its λ sweep or seeds still running) is shown as
-    partial: no ◆ and no ▲ / ▼, which would read a half-run sweep as a result."""
+    partial: no ◆, no ▲ / ▼ and no paired test, which would read a half-run sweep as a
+    result."""
     frame = frame_of({
         ("None", "task"): [(0, 0, 70.0), (0, 0, 71.0), (0, 0, 72.0)],  # 19 below: marked
         ("MaSQ", "task"): [(1, 80, 70), (1, 82, 71), (10, 90, 60), (10, 91, 61)],  # top: 10
@@ -286,6 +287,9 @@ def test_a_partial_cell_says_so_and_is_neither_marked_nor_at_an_edge() -> None:
     assert table.loc[("None", "task"), "marked"]  # complete: read as a result
     masq = table.loc[("MaSQ", "task")]
     assert (masq["runs"], masq["expected"], masq["edge"]) == (4, 6, "")
+    assert analysis.paired_table(frame, tiny()).empty  # nor is it paired against the reference
+    complete = frame.assign(expected=frame["expected"].where(frame["method"] != "MaSQ", 4))
+    assert list(analysis.paired_table(complete, tiny())["method"]) == ["MaSQ"]
     frame.loc[frame["method"] == "None", "expected"] = 5
     table = analysis.peer_table(frame, tiny())
     row = table.set_index(["method", "column"]).loc[("None", "task")]

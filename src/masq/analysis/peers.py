@@ -170,11 +170,7 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
             pub, spread = row.published.get(column, (math.nan, math.nan))
             diff = mean - pub
             bound = 2 * math.sqrt(np.nan_to_num(sem) ** 2 + np.nan_to_num(spread) ** 2)
-            expected = int(part["expected"].iloc[0]) if "expected" in part else len(part)
-            counted = len(part)
-            if preset.tune_seeds:  # the tuning sweep, and one run per other seed at its λ
-                others = at[~at["seed"].isin(tuned["seed"].unique())]
-                counted = len(tuned) + others["seed"].nunique()
+            counted, expected = _counted(part, lam, preset.tune_seeds)
             partial = counted < expected  # λ and seeds still missing: not read as a result
             rows.append(
                 {
@@ -206,14 +202,29 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _counted(part: pd.DataFrame, lam: float, tune_seeds: int) -> tuple[int, int]:
+    """(runs stored that count, runs the cell has once complete) of one cell at its λ: with
+    tuning seeds, the tuning sweep and one run per other seed at ``lam``."""
+    expected = int(part["expected"].iloc[0]) if "expected" in part else len(part)
+    if not tune_seeds:
+        return len(part), expected
+    tuned = tuning_runs(part, tune_seeds)
+    at = part[part["lam"] == lam]
+    return len(tuned) + at[~at["seed"].isin(tuned["seed"].unique())]["seed"].nunique(), expected
+
+
 def _at_chosen(
     frame: pd.DataFrame, method: str, column: str, tune_seeds: int = 0
 ) -> pd.Series | None:
-    """{seed: test accuracy} of one cell at its λ (finite values only), or None."""
+    """{seed: test accuracy} of one cell at its λ (finite values only), or None (also for a
+    partial cell: its λ or seeds are not all stored)."""
     part = frame[(frame["method"] == method) & (frame["column"] == column)]
     if part.empty:
         return None
     lam, _ = _chosen(part, tune_seeds)
+    counted, expected = _counted(part, lam, tune_seeds)
+    if counted < expected:
+        return None
     at = part[(part["lam"] == lam) & np.isfinite(part["test"].to_numpy(float))]
     series: pd.Series = at.set_index("seed")["test"]
     return series
@@ -222,7 +233,7 @@ def _at_chosen(
 def paired_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     """Per column and row other than the preset's ``reference``: the paired difference
     (row − reference, points) over the seeds both have, its 95 % CI and p (module
-    docstring); empty without a reference."""
+    docstring); empty without a reference. Partial cells are left out."""
     rows: list[dict[str, Any]] = []
     if not preset.reference:
         return pd.DataFrame(rows)
