@@ -275,10 +275,9 @@ def _analysis_caption(name: str, m: dict[str, Any]) -> str:
             f"{m.get('title')} ({m.get('citation')}); {m.get('runs')} of its "
             f"{m.get('expected')} runs stored; {m.get('marked')} cell(s) marked"
         )
-        compute = m.get("compute") or {}
-        if compute:
-            hours = float(compute.get("worker_seconds", 0.0)) / 3600
-            what += f"; its {compute.get('runs')} stored runs took {hours:.1f} worker-hours"
+        if compute := m.get("compute"):
+            hours = float(compute["worker_seconds"]) / 3600
+            what += f"; its {compute['runs']} stored runs took {hours:.1f} worker-hours"
     else:
         slts = ", ".join(
             f"{s['slt']} 784-{s['hidden']}-10 at ε2 = {s['lr2']:g}" for s in m.get("slts", [])
