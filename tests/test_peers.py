@@ -16,7 +16,7 @@ import masq.data
 from masq.analysis import peers as analysis
 from masq.cli import main
 from masq.errors import ConfigError
-from masq.grid import peers
+from masq.grid import peers, tune
 from masq.runid import run_id
 from tests.synthetic import learnable_dataset
 
@@ -303,13 +303,13 @@ def test_tuning_seeds_split_a_sweep_and_count_its_runs() -> None:
     tuned = peers.peer_preset_from_mapping({**TINY, "tune_seeds": 1, "axes": {
         **TINY["axes"], "seeds": 3}}, "test")  # fmt: skip
     cells = tuned.cells()
-    tuning, held = peers.tuning_split(cells["MaSQ | task"], 1)
+    tuning, held = tune.tuning_split(cells["MaSQ | task"], 1)
     assert {(c.seed, c.lam) for c in tuning} == {(0, 1.0), (0, 10.0), (0, 100.0)}
     assert {c.seed for c in held} == {1, 2} and len(held) == 6
-    assert peers.tuning_split(cells["EWC | task"], 1) == (cells["EWC | task"], [])  # one λ
-    assert peers.tuning_split(cells["MaSQ | task"], 3)[1] == []  # no seed left to hold
-    assert peers.held_count(cells, 1) == 2 * 2  # seeds 1 and 2 of the two MaSQ cells
-    expected = peers.expected_runs(cells, 1)
+    assert tune.tuning_split(cells["EWC | task"], 1) == (cells["EWC | task"], [])  # one λ
+    assert tune.tuning_split(cells["MaSQ | task"], 3)[1] == []  # no seed left to hold
+    assert tune.held_count(cells, 1) == 2 * 2  # seeds 1 and 2 of the two MaSQ cells
+    expected = tune.expected_runs(cells, 1)
     assert expected["MaSQ | task"] == 3 + 2 and expected["EWC | task"] == 3
     untuned = dataclasses.replace(tuned, tune_seeds=0)
     assert len(tuned.configs()) == len(untuned.configs()) - 2 * 6  # held runs wait
@@ -344,7 +344,7 @@ def test_a_tuned_cell_chooses_lambda_on_its_tuning_seeds_only() -> None:
 def test_held_runs_start_once_the_tuning_sweep_is_stored() -> None:
     tuned = peers.peer_preset_from_mapping({**TINY, "tune_seeds": 1}, "test")
     cells = {k: v for k, v in tuned.cells().items() if k == "MaSQ | task"}
-    tuning, _ = peers.tuning_split(cells["MaSQ | task"], 1)
+    tuning, _ = tune.tuning_split(cells["MaSQ | task"], 1)
     vals = {1.0: 0.5, 10.0: 0.9, 100.0: 0.7}
     records = [{"run_id": run_id(c), "lam": c.lam, "seed": c.seed, "consolidation": "ewc",
                 "importance": "masq", "tasks": 2, "average_accuracy": 0.8,
@@ -360,7 +360,7 @@ def test_held_runs_start_once_the_tuning_sweep_is_stored() -> None:
 def test_held_at_chosen_asks_each_stored_sweep_once_and_counts_the_waiting() -> None:
     tuned = peers.peer_preset_from_mapping({**TINY, "tune_seeds": 1}, "test")
     cells = tuned.cells()
-    sweeps = {key: peers.tuning_split(configs, 1) for key, configs in cells.items()}
+    sweeps = {key: tune.tuning_split(configs, 1) for key, configs in cells.items()}
     stored = {run_id(c) for c in sweeps["MaSQ | task"][0]}  # one sweep stored, one not
     asked: list[tuple[str, list[str]]] = []
 
@@ -368,7 +368,7 @@ def test_held_at_chosen_asks_each_stored_sweep_once_and_counts_the_waiting() -> 
         asked.append((key, ids))
         return 100.0
 
-    runs, waiting = peers.held_at_chosen(sweeps, stored, choose)
+    runs, waiting = tune.held_at_chosen(sweeps, stored, choose)
     assert [key for key, _ in asked] == ["MaSQ | task"] and set(asked[0][1]) == stored
     assert [(c.seed, c.lam) for c in runs] == [(1, 100.0)]
     assert waiting == sum(1 for _, held in sweeps.values() if held) - 1
@@ -461,3 +461,126 @@ def test_grid_says_which_rows_and_columns_of_a_table_it_runs(
     one = ["grid", "--preset", "vdv2025-fisher", *argv[3:], "--rows", "EXACT"]
     assert main(one) == 0
     assert "(1 of its 10 rows × 1 column of " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- tune_axes
+
+TUNED_AXES: dict[str, Any] = {
+    **TINY,
+    "tune_seeds": 1,
+    "tune_axes": {"train_on_val": False},
+    "axes": {**TINY["axes"], "seeds": 3, "train_on_val": True},
+}
+
+
+def test_tune_axes_give_a_sweep_tuning_runs_apart_from_its_table_runs() -> None:
+    """The publication's setting (here: training on the validation images) for every table
+    run; the sweep's tuning runs (seed 0 at every λ) alone take ``tune_axes``; the table runs
+    are every seed, seed 0 included, at the chosen λ."""
+    preset = peers.peer_preset_from_mapping(TUNED_AXES, "test")
+    cells = preset.cells()
+    tuning, held = tune.tuning_split(cells["MaSQ | task"], 1, preset.tune_axes)
+    assert {(c.seed, c.lam, c.train_on_val) for c in tuning} == {
+        (0, 1.0, False), (0, 10.0, False), (0, 100.0, False)
+    }  # fmt: skip
+    assert {(c.seed, c.train_on_val) for c in held} == {(0, True), (1, True), (2, True)}
+    assert len(held) == 9  # every seed at every λ; only those at the chosen λ run
+    assert {c.train_on_val for c in cells["EWC | task"]} == {True}  # one λ: no tuning runs
+    assert tune.tuning_split(cells["EWC | task"], 1, preset.tune_axes)[1] == []
+    assert tune.held_count(cells, 1, preset.tune_axes) == 2 * 3
+    expected = tune.expected_runs(cells, 1, preset.tune_axes)
+    assert expected["MaSQ | task"] == 3 + 3 and expected["EWC | task"] == 3
+    first = preset.configs()
+    assert {c.train_on_val for c in first if c.importance == "masq"} == {False}
+    assert len(first) == 2 * 3 + 2 * 3 + 2 * 3  # None, EWC (3 seeds each), 2 sweeps of 3 λ
+    untuned = dataclasses.replace(preset, tune_axes={})
+    assert peers.definition(preset) != peers.definition(untuned)
+    # tune_axes that the cells already have change nothing: tuning seeds as without them
+    same = {**TUNED_AXES, "axes": {**TUNED_AXES["axes"], "train_on_val": False}}
+    plain = peers.peer_preset_from_mapping(same, "test")
+    tuning, held = tune.tuning_split(plain.cells()["MaSQ | task"], 1, plain.tune_axes)
+    assert {c.seed for c in tuning} == {0} and {c.seed for c in held} == {1, 2}
+
+
+@pytest.mark.parametrize(
+    ("tune_axes", "problem"),
+    [
+        ({"lam": 1}, "tune_axes.lam: give fields of a run's configuration other than lam"),
+        ({"scenario": "class"}, "other than lam, seed and the column field 'scenario'"),
+        ({"train_on_val": [True, False]}, "tune_axes.train_on_val must be one value"),
+        ({"train_on_vall": True}, "unknown grid key 'train_on_vall' in 'tune_axes'"),
+        ([1], "'tune_axes' must be a table"),
+    ],
+)
+def test_bad_tune_axes_are_one_line_errors(tune_axes: Any, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        peers.peer_preset_from_mapping({**TUNED_AXES, "tune_axes": tune_axes}, "test")
+
+
+def test_a_table_with_tune_axes_reads_its_table_runs_and_chooses_on_its_tuning_runs() -> None:
+    """λ from seed 0's tuning runs (which fit no validation image); the mean ± SEM and the
+    pairs from the table runs at that λ, seed 0's included; a table run at another λ counts
+    for nothing, and the cell is partial until every seed's table run is stored."""
+    preset = peers.peer_preset_from_mapping(TUNED_AXES, "test")
+    tuning = frame_of({("MaSQ", "task"): [(1, 50, 10), (10, 80, 11), (100, 60, 12)]})
+    tuning["seed"], tuning["train_on_val"] = 0, False
+    table = frame_of({("MaSQ", "task"): [(10, math.nan, 70), (10, math.nan, 72),
+                                         (10, math.nan, 74), (100, math.nan, 99)]})  # fmt: skip
+    table["seed"], table["train_on_val"] = [0, 1, 2, 0], True
+    table["run_id"] += "t"
+    none = frame_of({("None", "task"): [(0, math.nan, 60), (0, math.nan, 61),
+                                        (0, math.nan, 62)]})  # fmt: skip
+    none["train_on_val"] = True
+    frame = pd.concat([tuning, table, none], ignore_index=True)
+    frame["expected"] = np.where(frame["method"] == "MaSQ", 6, 3)
+    got = analysis.peer_table(frame, preset).set_index(["method", "column"])
+    row = got.loc[("MaSQ", "task")]
+    assert row["lam"] == 10.0 and row["lam_chosen_on_val"] and row["lams"] == 3
+    assert row["mean"] == pytest.approx(72.0) and row["seeds"] == 3
+    assert row["sem"] == pytest.approx(2 / math.sqrt(3))
+    assert (row["runs"], row["expected"]) == (6, 6)
+    assert got.loc[("None", "task"), "mean"] == pytest.approx(61.0)
+    paired = analysis.paired_table(frame, preset).set_index("method")
+    assert paired.loc["MaSQ", "pairs"] == 3 and paired.loc["MaSQ", "diff"] == pytest.approx(11)
+    partial = frame[~((frame["seed"] == 2) & frame["train_on_val"])]
+    row = analysis.peer_table(partial, preset).set_index(["method", "column"])
+    assert row.loc[("MaSQ", "task"), "runs"] == 5  # seed 2's table run still to come
+    assert analysis.paired_table(partial, preset).empty
+
+
+def test_grid_then_peers_with_tune_axes_end_to_end(
+    tmp_path: Path,
+    tiny_data: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``masq grid --preset`` runs the sweep's tuning runs without the publication's setting,
+    then every seed's table run at the chosen λ with it; ``masq peers`` reads them so."""
+    data = {**TUNED_AXES, "name": "tuned", "rows": [TINY["rows"][0], TINY["rows"][2]],
+            "axes": {**TUNED_AXES["axes"], "seeds": 2}}  # fmt: skip
+    preset = peers.peer_preset_from_mapping(data, "test")
+    monkeypatch.setattr(peers, "is_peer_preset", lambda name: name == "tuned")
+    monkeypatch.setattr(peers, "load_peer_preset", lambda name: preset)
+    res = tmp_path / "peers"
+    argv = ["grid", "--preset", "tuned", "--results", str(res), "--scenario", "task",
+            "--workers", "1", "--threads", "1", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "grid: 5 runs" in dry  # None on 2 seeds, the sweep's 3 λ on seed 0
+    assert "then 2 runs: the table runs of each λ sweep at the λ chosen on its 1 tuning " in dry
+    assert "run with train_on_val = False" in dry
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "done: 5 runs now" in out and "done: 2 runs now" in out
+    assert main(["peers", "tuned", "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "7 of 7 runs stored" in out and "partial:" not in out
+    from masq.store import load
+
+    df = load(res).set_index("run_id")
+    masq_runs = df[df["importance"] == "masq"]
+    assert sorted(masq_runs["train_on_val"].value_counts().items()) == [(False, 3), (True, 2)]
+    table = pd.read_csv(res / "tuned" / "peers.csv").set_index("method")
+    at = masq_runs[masq_runs["train_on_val"] & (masq_runs["lam"] == table.loc["MaSQ", "lam"])]
+    assert table.loc["MaSQ", "seeds"] == 2
+    assert table.loc["MaSQ", "mean"] == pytest.approx(100 * at["average_accuracy"].mean())

@@ -11,7 +11,9 @@ field's tables report it. Per cell:
   highest mean over seeds of the same average accuracy on the tasks' validation parts
   (smallest on ties), and the test mean ± SEM is reported there, over every seed run at it;
   where the preset has ``tune_seeds`` k, the mean is over the cell's k smallest seeds (its
-  tuning seeds, :func:`masq.grid.peers.tuning_split`), which alone sweep λ;
+  tuning seeds, :func:`masq.grid.tune.tuning_split`), which alone sweep λ; where it has
+  ``tune_axes``, λ is chosen on the tuning runs (those with the ``tune_axes`` values) and the
+  test mean ± SEM is over the table runs (every seed at that λ, without them);
 - diverged runs (non-finite accuracies) are left out of the means and counted.
 
 Beside it: the published mean and spread, the difference Δ = ours − published, and a mark
@@ -51,7 +53,8 @@ from masq.config import RunConfig
 from masq.consolidation import get_method
 from masq.curves import VAL, task_name
 from masq.errors import ConfigError
-from masq.grid.peers import PeerPreset, cell_key, held_at_chosen, tuning_split
+from masq.grid.peers import PeerPreset, cell_key
+from masq.grid.tune import held_at_chosen, tuning_split
 
 MARK = "◆"  # a cell more than 1 point and two SEMs from the published value
 MIN_POINTS = 1.0
@@ -75,9 +78,10 @@ def peer_frame(
     expected: Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
     """One row per (cell, stored run): method (row), column, λ, seed, test and validation
-    average accuracy in % (NaN where a run diverged or evaluated no validation set), and the
+    average accuracy in % (NaN where a run diverged or evaluated no validation set), the
     number of runs the cell has once complete (``expected``, from the given mapping, else
-    every run of ``cells``: fewer stored is a partial cell)."""
+    every run of ``cells``: fewer stored is a partial cell) and the run's value of each of
+    the preset's ``tune_axes``."""
     if df.empty:
         raise ConfigError(f"no stored runs; run `masq grid --preset {preset.name}` first")
     df = df.set_index("run_id", drop=False)
@@ -106,6 +110,7 @@ def peer_frame(
                         "expected": (expected or {}).get(
                             cell_key(row.name, column), len(cells[cell_key(row.name, column)])
                         ),
+                        **{key: part[key].to_numpy() for key in preset.tune_axes},
                     }
                 )
             )
@@ -117,10 +122,30 @@ def peer_frame(
     return pd.concat(parts, ignore_index=True)
 
 
-def _chosen(part: pd.DataFrame, tune_seeds: int = 0) -> tuple[float, bool]:
-    """(λ of the cell, whether it was chosen on validation among several): on the runs of
-    its tuning seeds (:func:`masq.analysis.common.tuning_runs`)."""
-    part = tuning_runs(part, tune_seeds)
+def tuning_and_table(
+    part: pd.DataFrame, tune_seeds: int = 0, tune_axes: Mapping[str, Any] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(tuning runs, table runs) of one cell's stored runs, as
+    :func:`masq.grid.tune.tuning_split` splits its configurations: with ``tune_axes`` whose
+    values some run lacks, the tuning runs are the tuning seeds' runs that have them and the
+    table runs all others; else the tuning runs are those of the ``tune_seeds`` smallest seeds
+    (:func:`masq.analysis.common.tuning_runs`) and every run is a table run."""
+    has = np.ones(len(part), dtype=bool)
+    for key, value in (tune_axes or {}).items():
+        has &= (part[key] == value).to_numpy(bool)
+    if not has.all():
+        return tuning_runs(part[has], tune_seeds), part[~has]
+    return tuning_runs(part, tune_seeds), part
+
+
+def _chosen(
+    part: pd.DataFrame, tune_seeds: int = 0, tune_axes: Mapping[str, Any] | None = None
+) -> tuple[float, bool]:
+    """(λ of the cell, whether it was chosen on validation among several): on its tuning runs
+    (:func:`tuning_and_table`; on its table runs where none is stored, as in a cell with one
+    λ run apart from its tuning runs' settings)."""
+    tuning, table = tuning_and_table(part, tune_seeds, tune_axes)
+    part = tuning if not tuning.empty else table
     lams = sorted(part["lam"].unique())
     if len(lams) == 1:
         return float(lams[0]), False
@@ -138,11 +163,14 @@ def held_configs(
     preset: PeerPreset, cells: Mapping[str, Sequence[RunConfig]], df: pd.DataFrame
 ) -> tuple[list[RunConfig], int]:
     """(runs, cells waiting): for every cell with held seeds (the preset's ``tune_seeds``,
-    :func:`masq.grid.peers.tuning_split`) whose tuning runs are all stored in ``df``, the held
+    :func:`masq.grid.tune.tuning_split`) whose tuning runs are all stored in ``df``, the held
     seeds' runs at the λ chosen on the tuning runs' validation sets; and how many such cells
-    still wait for their tuning sweep (:func:`masq.grid.peers.held_at_chosen`)."""
+    still wait for their tuning sweep (:func:`masq.grid.tune.held_at_chosen`)."""
     stored = set() if df.empty else set(df["run_id"])
-    sweeps = {key: tuning_split(configs, preset.tune_seeds) for key, configs in cells.items()}
+    sweeps = {
+        key: tuning_split(configs, preset.tune_seeds, preset.tune_axes)
+        for key, configs in cells.items()
+    }
 
     def choose(key: str, ids: list[str]) -> float:
         return _chosen(peer_frame(df, {key: ids}, preset))[0]
@@ -158,10 +186,10 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
             part = frame[(frame["method"] == row.name) & (frame["column"] == column)]
             if part.empty:
                 continue
-            lam, swept = _chosen(part, preset.tune_seeds)
-            at = part[part["lam"] == lam]
-            tuned = tuning_runs(part, preset.tune_seeds)  # the runs that chose λ
-            swept_lams = tuned["lam"].tolist()
+            lam, swept = _chosen(part, preset.tune_seeds, preset.tune_axes)
+            tuned, table = tuning_and_table(part, preset.tune_seeds, preset.tune_axes)
+            at = table[table["lam"] == lam]
+            swept_lams = tuned["lam"].tolist()  # the runs that chose λ
             test = at["test"].to_numpy(float)
             ok = test[np.isfinite(test)]
             n = len(ok)
@@ -170,7 +198,7 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
             pub, spread = row.published.get(column, (math.nan, math.nan))
             diff = mean - pub
             bound = 2 * math.sqrt(np.nan_to_num(sem) ** 2 + np.nan_to_num(spread) ** 2)
-            counted, expected = _counted(part, lam, preset.tune_seeds)
+            counted, expected = _counted(part, lam, preset.tune_seeds, preset.tune_axes)
             partial = counted < expected  # λ and seeds still missing: not read as a result
             rows.append(
                 {
@@ -202,30 +230,36 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _counted(part: pd.DataFrame, lam: float, tune_seeds: int) -> tuple[int, int]:
+def _counted(
+    part: pd.DataFrame, lam: float, tune_seeds: int, tune_axes: Mapping[str, Any] | None = None
+) -> tuple[int, int]:
     """(runs stored that count, runs the cell has once complete) of one cell at its λ: with
-    tuning seeds, the tuning sweep and one run per other seed at ``lam``."""
+    tuning seeds or ``tune_axes``, the tuning runs and one table run per seed at ``lam`` (a
+    tuning run at ``lam`` stands for its seed where it is also a table run)."""
     expected = int(part["expected"].iloc[0]) if "expected" in part else len(part)
-    if not tune_seeds:
+    if not tune_seeds and not tune_axes:
         return len(part), expected
-    tuned = tuning_runs(part, tune_seeds)
-    at = part[part["lam"] == lam]
-    return len(tuned) + at[~at["seed"].isin(tuned["seed"].unique())]["seed"].nunique(), expected
+    tuned, table = tuning_and_table(part, tune_seeds, tune_axes)
+    at = table[table["lam"] == lam]
+    if table is part:  # the tuning runs are table runs too
+        at = at[~at["seed"].isin(tuned["seed"].unique())]
+    return len(tuned) + at["seed"].nunique(), expected
 
 
 def _at_chosen(
-    frame: pd.DataFrame, method: str, column: str, tune_seeds: int = 0
+    frame: pd.DataFrame, method: str, column: str, preset: PeerPreset
 ) -> pd.Series | None:
-    """{seed: test accuracy} of one cell at its λ (finite values only), or None (also for a
-    partial cell: its λ or seeds are not all stored)."""
+    """{seed: test accuracy} of one cell's table runs at its λ (finite values only), or None
+    (also for a partial cell: its λ or seeds are not all stored)."""
     part = frame[(frame["method"] == method) & (frame["column"] == column)]
     if part.empty:
         return None
-    lam, _ = _chosen(part, tune_seeds)
-    counted, expected = _counted(part, lam, tune_seeds)
+    lam, _ = _chosen(part, preset.tune_seeds, preset.tune_axes)
+    counted, expected = _counted(part, lam, preset.tune_seeds, preset.tune_axes)
     if counted < expected:
         return None
-    at = part[(part["lam"] == lam) & np.isfinite(part["test"].to_numpy(float))]
+    table = tuning_and_table(part, preset.tune_seeds, preset.tune_axes)[1]
+    at = table[(table["lam"] == lam) & np.isfinite(table["test"].to_numpy(float))]
     series: pd.Series = at.set_index("seed")["test"]
     return series
 
@@ -238,13 +272,13 @@ def paired_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     if not preset.reference:
         return pd.DataFrame(rows)
     for column in preset.columns:
-        base = _at_chosen(frame, preset.reference, column, preset.tune_seeds)
+        base = _at_chosen(frame, preset.reference, column, preset)
         if base is None:
             continue
         for row in preset.rows:
             if row.name == preset.reference:
                 continue
-            other = _at_chosen(frame, row.name, column, preset.tune_seeds)
+            other = _at_chosen(frame, row.name, column, preset)
             if other is None:
                 continue
             seeds = sorted(set(base.index) & set(other.index))
@@ -426,6 +460,7 @@ __all__ = [
     "peer_frame",
     "peer_markdown",
     "peer_table",
+    "tuning_and_table",
     "val_average",
     "write_outputs",
 ]

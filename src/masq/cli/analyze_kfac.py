@@ -204,9 +204,9 @@ def _sweeps(
     configs: list[RunConfig], tune_seeds: int
 ) -> list[tuple[list[RunConfig], list[RunConfig]]]:
     """(tuning runs, held runs) of each measure's λ sweep per SLT, net and scenario
-    (:func:`masq.grid.peers.tuning_split`; no EWC, one λ, runs on every seed)."""
+    (:func:`masq.grid.tune.tuning_split`; no EWC, one λ, runs on every seed)."""
     from masq.analysis.structure import structure_of
-    from masq.grid.peers import tuning_split
+    from masq.grid.tune import tuning_split
 
     groups: dict[tuple[str, str, str, str], list[RunConfig]] = {}
     for c in configs:
@@ -220,10 +220,10 @@ def _held_configs(
 ) -> list[RunConfig]:
     """The held seeds' runs at the λ each sweep chose on the validation sets of its tuning
     runs stored in ``df`` (the results dir's :func:`masq.store.load`;
-    :func:`masq.analysis.structure.chosen_lambda`, :func:`masq.grid.peers.held_at_chosen`); a
+    :func:`masq.analysis.structure.chosen_lambda`, :func:`masq.grid.tune.held_at_chosen`); a
     sweep not fully stored waits."""
     from masq.analysis import structure
-    from masq.grid.peers import held_at_chosen
+    from masq.grid.tune import held_at_chosen
 
     def choose(_: int, ids: list[str]) -> float:
         frame = structure.structure_frame(df[df["run_id"].isin(ids)])

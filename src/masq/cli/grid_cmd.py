@@ -250,7 +250,7 @@ def run_grid(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         print_plan(configs, args.results, stack=args.stack, workers=workers, threads=threads)
-        if preset is not None and preset.tune_seeds:
+        if preset is not None and preset.tunes:
             print(_held_text(preset, cells, args.results))
         return 0
     if args.results is None:
@@ -275,15 +275,15 @@ def run_grid(args: argparse.Namespace) -> int:
         return 0
 
     rc = run_all(configs)
-    if rc or preset is None or not preset.tune_seeds:
+    if rc or preset is None or not preset.tunes:
         return rc
     from masq.analysis import peers as peer_analysis
     from masq.store import load
 
     held, waiting = peer_analysis.held_configs(preset, cells, load(args.results))
-    print(f"grid: {len(held)} runs of the other seeds at each sweep's λ chosen on its "
-          f"{preset.tune_seeds} tuning seed(s)" + (f"; {waiting} sweep(s) not complete"
-                                                   if waiting else ""))  # fmt: skip
+    print(f"grid: {len(held)} table runs at each sweep's λ chosen on its "
+          f"{_tuning_text(preset)}" + (f"; {waiting} sweep(s) not complete"
+                                       if waiting else ""))  # fmt: skip
     return run_all(held) if held else 0
 
 
@@ -321,20 +321,30 @@ def _execute(
 def _held_text(preset: Any, cells: Mapping[str, Sequence[RunConfig]], results: Any) -> str:
     """What a peer preset with tuning seeds runs after its sweeps (the dry run's last line)."""
     from masq.analysis import peers as peer_analysis
-    from masq.grid import peers
+    from masq.grid import tune
     from masq.runid import run_id
     from masq.store import load
 
-    seeds = peers.held_count(cells, preset.tune_seeds)
+    seeds = tune.held_count(cells, preset.tune_seeds, preset.tune_axes)
     known = stored = 0
     if results is not None and Path(results).is_dir():
         df = load(results)
         held = peer_analysis.held_configs(preset, cells, df)[0]
         ids = set() if df.empty else set(df["run_id"])
         known, stored = len(held), sum(1 for c in held if run_id(c) in ids)
-    return (f"then {seeds} runs: the other seeds of each λ sweep at the λ chosen on its "
-            f"{preset.tune_seeds} tuning seed(s) (λ known for {known} of them, {stored} "
-            "stored)")  # fmt: skip
+    return (
+        f"then {seeds} runs: the table runs of each λ sweep at the λ chosen on its "
+        f"{_tuning_text(preset)} (λ known for {known} of them, {stored} stored)"
+    )
+
+
+def _tuning_text(preset: Any) -> str:
+    """What a peer preset's sweeps choose λ on, in words."""
+    seeds = f"{preset.tune_seeds} tuning seed(s)" if preset.tune_seeds else "seeds"
+    if not preset.tune_axes:
+        return seeds
+    axes = ", ".join(f"{k} = {v}" for k, v in preset.tune_axes.items())
+    return f"{seeds} run with {axes}"
 
 
 # ----------------------------------------------------------------------------- table

@@ -41,7 +41,7 @@ def _peers(args: argparse.Namespace) -> int:
     import numpy as np
 
     from masq.analysis import peers as analysis
-    from masq.grid import peers
+    from masq.grid import peers, tune
     from masq.runid import run_id
     from masq.runtime import check_out_dir
     from masq.store import load, open_store
@@ -49,8 +49,8 @@ def _peers(args: argparse.Namespace) -> int:
     if args.list:
         for name in peers.list_peer_presets():
             preset = peers.load_peer_preset(name)
-            held = peers.held_count(preset.cells(), preset.tune_seeds)
-            later = f" + {held} at the λ chosen on the tuning seeds" if held else ""
+            held = tune.held_count(preset.cells(), preset.tune_seeds, preset.tune_axes)
+            later = f" + {held} at the λ chosen on the tuning runs" if held else ""
             print(f"{name}: {preset.title} ({preset.citation}, {preset.source}); "
                   f"{len(preset.configs())} runs{later}")  # fmt: skip
         return 0
@@ -72,14 +72,14 @@ def _peers(args: argparse.Namespace) -> int:
     if manifest is None:
         shipped = preset.cells()
         cells = {key: [run_id(c) for c in configs] for key, configs in shipped.items()}
-        expected = peers.expected_runs(shipped, preset.tune_seeds)
+        expected = tune.expected_runs(shipped, preset.tune_seeds, preset.tune_axes)
     else:
         cells, expected = manifest.cells, manifest.expected
     df = load(args.results)
     frame = analysis.peer_frame(df, cells, preset, expected)
     table = analysis.peer_table(frame, preset)
     out = check_out_dir(args.out or Path(args.results) / preset.name)
-    if preset.tune_seeds and expected:  # the runs that count: tuning sweeps, chosen λ
+    if preset.tunes and expected:  # the runs that count: tuning sweeps, chosen λ
         total = sum(expected.values())
         done = int(np.minimum(table["runs"], table["expected"]).sum()) if len(table) else 0
     else:

@@ -18,8 +18,15 @@ with ``masq peers NAME``) states one table of a publication:
 - ``reference`` (optional): the row every other row is compared with, paired by seed;
 - ``tune_seeds`` (optional, default 0: every seed sweeps): a λ sweep runs on the first
   ``tune_seeds`` seeds of its cell only (the tuning seeds); its λ is chosen on their
-  validation sets, and the cell's other seeds run at that λ alone (:func:`tuning_split`;
-  ``masq grid --preset`` runs them once the tuning sweep is stored).
+  validation sets, and the cell's other seeds run at that λ alone
+  (:func:`~masq.grid.tune.tuning_split`; ``masq grid --preset`` runs them once the tuning
+  sweep is stored);
+- ``tune_axes`` (optional): grid keys (fields of a run's configuration, one value each) that
+  a λ sweep's tuning runs take and its table runs do not, e.g. ``{ train_on_val = false }``
+  where the publication trains on every image but a sweep must choose λ on images it did not
+  fit. A sweep cell then has tuning runs (its tuning seeds at every λ, with ``tune_axes``)
+  and table runs (every seed, the tuning seeds included, at the chosen λ, without them): the
+  table's mean and paired tests read the table runs alone.
 
 A cell's grid is ``axes``, then the column's ``columns.axes``, then the row's axes, then the
 row's column keys, then the column's own value, then ``overrides`` (the command line: e.g.
@@ -35,24 +42,24 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from masq.config import RunConfig
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
 from masq.grid.expand import expand
 from masq.grid.spec import GRID_KEYS, Grid, grid_from_mapping, toml_values
+from masq.grid.tune import expected_runs, tuning_split
 from masq.runid import key_of, run_id
 
 FOLDER = "peers"  # presets/peers/NAME.toml
 MANIFEST_FORMAT = "masq-peers"
 TOP_KEYS = ("name", "title", "citation", "source", "statistic", "spread", "notes", "columns",
-            "axes", "rows", "reference", "tune_seeds")  # fmt: skip
+            "axes", "rows", "reference", "tune_seeds", "tune_axes")  # fmt: skip
 ROW_KEYS = ("name", "axes", "columns", "published", "note")
-K = TypeVar("K")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +97,13 @@ class PeerPreset:
     reference: str = ""  # the row the others are compared with, paired by seed ("": none)
     column_axes: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     tune_seeds: int = 0  # a sweep's tuning seeds (module docstring); 0: every seed sweeps
+    tune_axes: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # tuning runs only
+
+    @property
+    def tunes(self) -> bool:
+        """Whether a λ sweep's runs split into tuning and table runs
+        (:func:`~masq.grid.tune.tuning_split`)."""
+        return bool(self.tune_seeds or self.tune_axes)
 
     def label(self, column: str) -> str:
         """The publication's name of ``column``."""
@@ -112,11 +126,16 @@ class PeerPreset:
         return tuple(c for c in self.columns if c in wanted)
 
     def cell_grids(
-        self, overrides: Mapping[str, Any] | None = None, rows: Sequence[str] | None = None
+        self,
+        overrides: Mapping[str, Any] | None = None,
+        rows: Sequence[str] | None = None,
+        *,
+        tuned: bool = False,
     ) -> list[tuple[str, str, Grid]]:
         """(row name, column value, grid) of every cell, in the table's order; ``overrides``
         (grid keys) apply to every cell, and a value of the column field restricts the
-        columns to the ones it names; ``rows`` (names) restricts the rows."""
+        columns to the ones it names; ``rows`` (names) restricts the rows; ``tuned``: with
+        the preset's ``tune_axes`` after the row's keys (the grids of tuning runs)."""
         overrides = dict(overrides or {})
         unknown_rows = sorted(set(rows or ()) - {r.name for r in self.rows})
         if unknown_rows:
@@ -132,7 +151,8 @@ class PeerPreset:
                 continue
             for column in columns:
                 values = {**self.axes, **self.column_axes.get(column, {}), **row.axes,
-                          **row.by_column.get(column, {})}  # fmt: skip
+                          **row.by_column.get(column, {}),
+                          **(self.tune_axes if tuned else {})}  # fmt: skip
                 for given, other in (("seed", "seeds"), ("seeds", "seed"), ("hidden", "layers"),
                                      ("hidden", "sizes"), ("layers", "hidden")):  # fmt: skip
                     if given in overrides:
@@ -145,79 +165,37 @@ class PeerPreset:
     def cells(
         self, overrides: Mapping[str, Any] | None = None, rows: Sequence[str] | None = None
     ) -> dict[str, list[RunConfig]]:
-        """{cell key (:func:`cell_key`): its run configurations}."""
-        return {
-            cell_key(row, column): expand(grid)
-            for row, column, grid in self.cell_grids(overrides, rows)
-        }
+        """{cell key (:func:`cell_key`): its run configurations}; with ``tune_axes``, a λ
+        sweep's are its table runs at every λ and then its tuning runs
+        (:func:`~masq.grid.tune.tuning_split` tells them apart)."""
+        out = {}
+        tuned = self.cell_grids(overrides, rows, tuned=True) if self.tune_axes else []
+        for i, (row, column, grid) in enumerate(self.cell_grids(overrides, rows)):
+            configs = expand(grid)
+            if tuned and len({c.lam for c in configs}) > 1:
+                seeds = sorted({c.seed for c in configs})
+                keep = set(seeds[: self.tune_seeds] if self.tune_seeds else seeds)
+                ids = {run_id(c) for c in configs}
+                configs += [c for c in expand(tuned[i][2])
+                            if c.seed in keep and run_id(c) not in ids]  # fmt: skip
+            out[cell_key(row, column)] = configs
+        return out
 
     def configs(
         self, overrides: Mapping[str, Any] | None = None, rows: Sequence[str] | None = None
     ) -> list[RunConfig]:
         """Every run the table starts with, once (the union of the cells' runs, first
-        occurrence kept; of a sweep with tuning seeds only their runs: :func:`tuning_split`)."""
+        occurrence kept; of a sweep with tuning seeds only their tuning runs:
+        :func:`~masq.grid.tune.tuning_split`)."""
         seen: set[str] = set()
         out = []
         for configs in self.cells(overrides, rows).values():
-            for config in tuning_split(configs, self.tune_seeds)[0]:
+            for config in tuning_split(configs, self.tune_seeds, self.tune_axes)[0]:
                 rid = run_id(config)
                 if rid not in seen:
                     seen.add(rid)
                     out.append(config)
         return out
-
-
-def tuning_split(
-    configs: Sequence[RunConfig], tune_seeds: int
-) -> tuple[list[RunConfig], list[RunConfig]]:
-    """(tuning runs, held runs) of one cell: for a λ sweep (two or more λ) over more than
-    ``tune_seeds`` > 0 seeds, the runs of its ``tune_seeds`` smallest seeds, and those of the
-    other seeds (of which only the ones at the λ chosen on the tuning runs' validation sets
-    are run); every other cell is all tuning runs, with no held ones."""
-    seeds = sorted({c.seed for c in configs})
-    if tune_seeds <= 0 or len({c.lam for c in configs}) < 2 or len(seeds) <= tune_seeds:
-        return list(configs), []
-    tuning = set(seeds[:tune_seeds])
-    return [c for c in configs if c.seed in tuning], [c for c in configs if c.seed not in tuning]
-
-
-def held_at_chosen(
-    sweeps: Mapping[K, tuple[Sequence[RunConfig], Sequence[RunConfig]]],
-    stored: Set[str],
-    choose: Callable[[K, list[str]], float],
-) -> tuple[list[RunConfig], int]:
-    """(runs, sweeps waiting): for every sweep ``key: (tuning runs, held runs)`` of
-    :func:`tuning_split` with held runs whose tuning runs' ids are all in ``stored``, the held
-    runs at λ = ``choose(key, tuning ids)`` (the λ chosen on their validation sets); and how
-    many such sweeps still wait for tuning runs to be stored."""
-    out: list[RunConfig] = []
-    waiting = 0
-    for key, (tuning, held) in sweeps.items():
-        if not held:
-            continue
-        ids = list(dict.fromkeys(run_id(c) for c in tuning))
-        if not set(ids) <= stored:
-            waiting += 1
-            continue
-        lam = choose(key, ids)
-        out += [c for c in held if c.lam == lam]
-    return out, waiting
-
-
-def expected_runs(cells: Mapping[str, Sequence[RunConfig]], tune_seeds: int) -> dict[str, int]:
-    """{cell key: the runs the cell has once complete}: its tuning runs (distinct ids) and one
-    run per held seed (:func:`tuning_split`)."""
-    out = {}
-    for key, configs in cells.items():
-        tuning, held = tuning_split(configs, tune_seeds)
-        out[key] = len({run_id(c) for c in tuning}) + len({c.seed for c in held})
-    return out
-
-
-def held_count(cells: Mapping[str, Sequence[RunConfig]], tune_seeds: int) -> int:
-    """How many runs the cells' held seeds add once their sweeps have chosen λ: one per held
-    seed of each cell (:func:`tuning_split`)."""
-    return sum(len({c.seed for c in tuning_split(cs, tune_seeds)[1]}) for cs in cells.values())
 
 
 def cell_key(row: str, column: str) -> str:
@@ -326,6 +304,7 @@ def peer_preset_from_mapping(data: Mapping[str, Any], where: str) -> PeerPreset:
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: two rows share a name; names: {names}")
+    tune_axes = _tune_axes(data.get("tune_axes", {}), field, where)
     reference = str(data.get("reference", ""))
     if reference and reference not in names:
         raise ConfigError(f"{where}: reference {reference!r} is not a row; rows: {names}")
@@ -345,7 +324,24 @@ def peer_preset_from_mapping(data: Mapping[str, Any], where: str) -> PeerPreset:
         reference=reference,
         column_axes=column_axes,
         tune_seeds=_count(data.get("tune_seeds", 0), "tune_seeds", where),
+        tune_axes=tune_axes,
     )
+
+
+def _tune_axes(value: Any, field: str, where: str) -> dict[str, Any]:
+    """The preset's ``tune_axes``: fields of a run configuration with one value each, other
+    than λ, the seed and the column field; else a one-line ConfigError."""
+    axes = _table(value, "tune_axes", where)
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for key, one in axes.items():
+        if key not in names or key in ("lam", "seed", field):
+            raise ConfigError(
+                f"{where}: tune_axes.{key}: give fields of a run's configuration other than "
+                f"lam, seed and the column field {field!r}"
+            )
+        if isinstance(one, list | dict):
+            raise ConfigError(f"{where}: tune_axes.{key} must be one value, got {one!r}")
+    return axes
 
 
 def load_peer_preset(name: str) -> PeerPreset:
@@ -373,6 +369,9 @@ def definition(preset: PeerPreset) -> str:
     """A fingerprint of what ``preset`` runs as shipped: the hash of its cells' run ids, which
     change with any setting that changes a number (an edited preset gets a new one)."""
     cells = {key: sorted(run_id(c) for c in cs) for key, cs in preset.cells().items()}
+    if preset.tune_axes:  # tuning runs apart from the table's: another table
+        return key_of({"cells": cells, "tune_seeds": preset.tune_seeds,
+                       "tune_axes": dict(preset.tune_axes)})  # fmt: skip
     if preset.tune_seeds:  # the sweeps run on fewer seeds: another table
         return key_of({"cells": cells, "tune_seeds": preset.tune_seeds})
     return key_of(cells)
@@ -453,7 +452,7 @@ def write_manifest(
         "definition": current,
         "overrides": {k: v for k, v in overrides.items()},
         "cells": {**earlier, **{key: [run_id(c) for c in cs] for key, cs in cells.items()}},
-        "expected": {**expected, **expected_runs(cells, preset.tune_seeds)},
+        "expected": {**expected, **expected_runs(cells, preset.tune_seeds, preset.tune_axes)},
     }
     text = json.dumps(body, indent=1, ensure_ascii=False, default=str)
     return atomic_write(manifest_path(results, preset.name), text + "\n")
@@ -471,9 +470,6 @@ __all__ = [
     "PeerRow",
     "cell_key",
     "definition",
-    "expected_runs",
-    "held_at_chosen",
-    "held_count",
     "is_peer_preset",
     "list_peer_presets",
     "load_manifest",
@@ -482,6 +478,5 @@ __all__ = [
     "manifest_path",
     "peer_preset_from_mapping",
     "read_manifest",
-    "tuning_split",
     "write_manifest",
 ]
