@@ -964,13 +964,48 @@ def test_spread_cuts_groups_by_chunks_until_every_worker_has_a_job() -> None:
     assert len(groups) == 1 and len(three) == 8  # one task-1 state; --stack 1: one by one
     assert grid.plan_spread(groups, 1, 1) == [tuple(three)]
     assert [len(p) for p in grid.plan_spread(groups, 3, 4)] == [4, 4]  # two stacks, never cut
-    parts = grid.plan_spread(groups, 3, 1)
-    assert len(parts) == 3 and sorted(run_id(c) for p in parts for c in p) == sorted(
+    parts = grid.plan_spread(groups, 3, 1)  # cut until no part holds more than 8 / (2·3)
+    assert len(parts) == 8 and sorted(run_id(c) for p in parts for c in p) == sorted(
         run_id(c) for c in three
     )  # every run once
     two = expand(tiny_grid())  # 2 groups of 6 two-task runs: stacks of 4 and 2 each
     parts = grid.plan_spread(grid.plan(two), 8, 4)
     assert len(parts) == 4 and sorted(len(p) for p in parts) == [2, 2, 4, 4]  # stacks whole
+
+
+def _three_groups_of_16() -> list[Any]:
+    """Three task-1 states (seeds 0-2), each with 16 runs that go one by one (--stack 1)."""
+    lams = tuple(float(10**k) for k in range(16))
+    configs = expand(tiny_grid(hidden=((8,),), lr2=(1e-2,), lam=lams, seed=(0, 1, 2)))
+    groups = grid.plan(configs)
+    assert [len(g.configs) for g in groups] == [16, 16, 16]
+    return groups
+
+
+def test_spread_cuts_few_large_groups_so_that_none_runs_alone_at_the_end() -> None:
+    """Three groups of 16 one-by-one runs on two workers: each is cut in two (no part above
+    48 / (2·2) runs), and every group's first half comes before any second half, so a second
+    half starts once its group's task-1 state is cached. On one worker nothing is cut."""
+    groups = _three_groups_of_16()
+    parts = grid.plan_spread(groups, 2, 1, order=True)
+    assert [len(p) for p in parts] == [8] * 6
+    seeds = [p[0].seed for p in parts]
+    assert seeds == [0, 1, 2, 0, 1, 2]
+    assert [c.lam for c in parts[0]] == [float(10**k) for k in range(0, 16, 2)]  # dealt alternately
+    assert len(grid.plan_spread(groups, 1, 1)) == 3
+
+
+def test_estimate_charges_a_groups_task_1_to_the_part_that_computes_it() -> None:
+    """The wall time of the six parts above (10 s per run, a task-1 state of 5 s per group)
+    on two workers: the parts that start after their group's first part has cached its task-1
+    state pay nothing for it; 250 s, where the three uncut groups take 330 s."""
+    from masq.grid.estimate import _makespan
+
+    groups = _three_groups_of_16()
+    parts = [[((c,), 10.0) for c in g.configs] for g in groups]
+    shared = [(5.0, 0.0)] * 3
+    assert _makespan(parts, shared, 2) == pytest.approx(250.0)
+    assert _makespan(parts, shared, 1) == pytest.approx(3 * (5 + 160))
 
 
 def test_spread_gives_each_run_that_trains_its_own_task_1_a_job_of_its_own() -> None:
@@ -1149,15 +1184,15 @@ def test_estimate_is_the_arithmetic_of_the_measured_costs(monkeypatch: pytest.Mo
     parts["three"][2] += 2 * (10 * cost(h, "d2_iter") + eval_stack) * (4 / 4 + 4 / 4 + 2 / 4)
     parts["three"][3] += 2 * eval_stack * (4 / 4 + 4 / 4 + 2 / 4)
     d1, imp, d2, ev = (sum(p[i] for p in parts.values()) for i in range(4))
-    # the wall time on 2 workers: the largest job first (the 10 three-task runs), then the
-    # (8,) group (more parameters than (6, 4)) on the other worker, then (6, 4) on whichever
-    # worker is free first
+    # on 2 workers, the groups uncut: the largest job first (the 10 three-task runs), then
+    # the (8,) group (more parameters than (6, 4)) on the other worker, then (6, 4) on
+    # whichever worker is free first; cut into their 7 chunks (none may hold more than 7/4),
+    # the parts after a group's first load its task-1 state: never longer, never below half
     seconds = {name: p[0] + p[1] + p[2] for name, p in parts.items()}
     free = [seconds["three"], seconds["two (8,)"]]
     free[free.index(min(free))] += seconds["two (6, 4)"]
-    wall = max(free)
-    assert wall > (d1 + imp + d2) / 2  # these groups do not divide evenly
-    assert est.total == pytest.approx(wall)
+    assert (d1 + imp + d2) / 2 < est.total < max(free)
+    wall = est.total
     share = wall / (d1 + imp + d2)  # the parts: the work's shares of the wall time
     assert est.d1 == pytest.approx(d1 * share)
     assert est.importance == pytest.approx(imp * share)

@@ -402,11 +402,12 @@ def _makespan(
     workers: int,
 ) -> float:
     """The wall time of the jobs the executor makes of ``parts`` (per group its chunks with
-    their seconds; :func:`masq.grid.plan.spread`): a run that trains its own task 1 a part
-    of its own, paying a task-1 training (its group's ``shared[g][0]`` seconds); groups cut
-    while fewer than ``workers``, each part paying its group's task-1 training and importance
-    passes (``shared[g]``); taken largest first (:func:`masq.grid.plan.longest_first`) by the
-    first free worker; the time at which the last worker finishes."""
+    their seconds; :func:`masq.grid.plan.spread`), taken largest first
+    (:func:`masq.grid.plan.longest_first`) by the first free worker: a run that trains its own
+    task 1 is a job of its own and pays a task-1 training (its group's ``shared[g][0]``
+    seconds); a part of a group cut (:func:`masq.grid.plan.cut`) pays the group's task-1
+    training and importance passes (``shared[g]``) unless it starts after another part has
+    cached them. The time at which the last worker finishes."""
 
     def own(x: tuple[int, tuple[RunConfig, ...], float]) -> bool:
         return alone(x[1][0]) is not None
@@ -416,21 +417,19 @@ def _makespan(
         for g, group in enumerate(parts)
         for part in own_parts([(g, *chunk) for chunk in group], own)
     ]
-    jobs = [
-        (
-            (shared[part[0][0]][0] if own(part[0]) else sum(shared[part[0][0]]))
-            + sum(seconds for _, _, seconds in part),
-            tuple(x for _, chunk, _ in part for x in chunk),
-        )
-        for part in cut(owned, workers)
-        if part
-    ]
+    jobs = [(sum(s for _, _, s in p), tuple(x for _, c, _ in p for x in c), p[0][0], own(p[0]))
+            for p in cut(owned, workers) if p]  # fmt: skip
     if workers > 1:
         jobs.sort(key=lambda job: job_weight(job[1]), reverse=True)
     free = [0.0] * max(1, workers)
-    for seconds, _ in jobs:
+    cached: dict[int, float] = {}  # group -> when its task-1 state and importance are cached
+    for seconds, _, g, alone_ in jobs:
         i = min(range(len(free)), key=free.__getitem__)
-        free[i] += seconds
+        start, first = free[i], shared[g][0] if alone_ else sum(shared[g])
+        if not alone_:
+            first = first if start < cached.get(g, float("inf")) else 0.0
+            cached[g] = min(cached.get(g, float("inf")), start + first)
+        free[i] = start + first + seconds
     return max(free)
 
 
