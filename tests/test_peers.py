@@ -569,9 +569,28 @@ def test_grid_then_peers_with_tune_axes_end_to_end(
     assert "grid: 5 runs" in dry  # None on 2 seeds, the sweep's 3 λ on seed 0
     assert "then 2 runs: the table runs of each λ sweep at the λ chosen on its 1 tuning " in dry
     assert "run with train_on_val = False" in dry
+    import fcntl
+    import os
+
+    choose = analysis.held_configs
+    between: list[bool] = []
+
+    def held_configs(*args: Any) -> Any:  # between the rounds: is the dir still locked?
+        fd = os.open(res / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            between.append(False)
+        except BlockingIOError:
+            between.append(True)
+        finally:
+            os.close(fd)
+        return choose(*args)
+
+    monkeypatch.setattr(analysis, "held_configs", held_configs)
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "done: 5 runs now" in out and "done: 2 runs now" in out
+    assert between == [True]  # no other grid can take the dir between the two rounds
     assert main(["peers", "tuned", "--results", str(res)]) == 0
     out = capsys.readouterr().out
     assert "7 of 7 runs stored" in out and "partial:" not in out

@@ -306,3 +306,33 @@ def test_wait_waits_for_the_other_grid(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"masq: waiting for process {holder.pid} to release {results}" in capsys.readouterr().err
     assert json.loads((results / "meta.json").read_text())["version"] == 2
     assert Store(results).stored_ids() == {run_id(c) for c in configs}
+
+
+def test_a_process_holding_the_lock_takes_it_again_and_others_still_wait(
+    tmp_path: Path,
+) -> None:
+    """A command of several rounds (a preset's tuning runs, then its table runs) holds the
+    results dir's lock across them: inside it, a round's own lock is taken at once, and
+    another process still finds the dir in use until the outer block ends."""
+    import fcntl
+
+    from masq.grid.executors import results_lock
+    from masq.store import Store
+
+    store = Store(tmp_path / "res")
+
+    def held_elsewhere() -> bool:  # a new open file description, as another process has
+        fd = os.open(store.root / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    with results_lock(store):
+        with results_lock(store):  # the second round
+            assert held_elsewhere()
+        assert held_elsewhere()  # the inner block's end does not release it
+    assert not held_elsewhere()

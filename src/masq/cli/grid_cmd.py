@@ -274,17 +274,23 @@ def run_grid(args: argparse.Namespace) -> int:
         _say_checkpoints_left(args.results)
         return 0
 
-    rc = run_all(configs)
-    if rc or preset is None or not preset.tunes:
-        return rc
-    from masq.analysis import peers as peer_analysis
-    from masq.store import load
+    def rounds() -> int:
+        rc = run_all(configs)
+        if rc or preset is None or not preset.tunes:
+            return rc
+        from masq.analysis import peers as peer_analysis
+        from masq.store import load
 
-    held, waiting = peer_analysis.held_configs(preset, cells, load(args.results))
-    print(f"grid: {len(held)} table runs at each sweep's λ chosen on its "
-          f"{_tuning_text(preset)}" + (f"; {waiting} sweep(s) not complete"
-                                       if waiting else ""))  # fmt: skip
-    return run_all(held) if held else 0
+        held, waiting = peer_analysis.held_configs(preset, cells, load(args.results))
+        print(f"grid: {len(held)} table runs at each sweep's λ chosen on its "
+              f"{_tuning_text(preset)}" + (f"; {waiting} sweep(s) not complete"
+                                           if waiting else ""))  # fmt: skip
+        return run_all(held) if held else 0
+
+    from masq.grid.executors import results_lock
+
+    with results_lock(Store(args.results), wait=args.wait):  # one lock for both rounds
+        return rounds()
 
 
 def _say_checkpoints_left(results: str) -> None:

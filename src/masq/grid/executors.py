@@ -32,6 +32,7 @@ import traceback as tb
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,7 +145,13 @@ def die_with_parent(parent: int, interval: float = 0.5) -> None:
 def results_lock(store: Store, *, wait: bool = False) -> Iterator[None]:
     """Hold DIR/.lock of ``store`` for the ``with`` block: one grid per results dir at a time.
     Held by another process: a one-line ConfigError naming its pid, or (``wait``) a line on
-    stderr and a wait. Temporary files left by a process killed mid-write are removed."""
+    stderr and a wait. Held by this process already (a command of several rounds, e.g. a
+    preset's tuning runs and then its table runs, holds it across them): nothing more to
+    do. Temporary files left by a process killed mid-write are removed."""
+    root = store.root.resolve()
+    if root in _HELD:
+        yield
+        return
 
     def waiting(pid: int | None) -> None:
         print(f"masq: waiting for process {pid} to release {store.root}", file=sys.stderr)
@@ -163,13 +170,20 @@ def results_lock(store: Store, *, wait: bool = False) -> Iterator[None]:
                 for tmp in folder.glob(".*.tmp"):
                     tmp.unlink(missing_ok=True)
             clear_progress(store.root, -1)  # of workers of a grid that was stopped
-            yield
+            _HELD.add(root)
+            try:
+                yield
+            finally:
+                _HELD.discard(root)
     except LockHeld as err:
         raise ConfigError(
             f"results dir {str(store.root)!r} is in use by another masq process (pid "
             f"{err.pid if err.pid is not None else 'unknown'}); wait for it to end (`masq "
             "grid --wait` waits by itself), or use another --results directory"
         ) from None
+
+
+_HELD: set[Path] = set()  # results dirs whose lock this process holds (:func:`results_lock`)
 
 
 def device_kind(device: str) -> str:
