@@ -197,11 +197,12 @@ def spread(
 ) -> list[tuple[RunConfig, ...]]:
     """The runs of each job of a grid on ``workers`` workers: one group per job, but each run
     that trains its own task 1 a job of its own (:func:`own_parts`); and while there are fewer
-    jobs than workers the job with the most chunks (:func:`chunks`) is cut in two
-    (:func:`cut`), so that no worker idles. The parts of a group each load its task-1 state
-    and importance from the cache or compute them (deterministic, written atomically: at
-    worst computed once per part); a stack is never cut. ``order``: the jobs largest first
-    (:func:`longest_first`), else in order of appearance."""
+    jobs than workers, or one holds more than 1/(2·workers) of the chunks (:func:`chunks`),
+    the job with the most is cut in two (:func:`cut`), so that no worker idles. The parts of
+    a group each load its task-1 state and importance from the cache or compute them
+    (deterministic, written atomically: at worst computed once per part); a stack is never
+    cut. ``order``: the jobs largest first (:func:`longest_first`), else in order of
+    appearance."""
     parts = cut(
         [
             part
