@@ -32,7 +32,7 @@ import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import pandas as pd
@@ -54,7 +54,7 @@ from masq.consolidation import get_method
 from masq.curves import VAL, task_name
 from masq.errors import ConfigError
 from masq.grid.peers import PeerPreset, cell_key
-from masq.grid.tune import held_at_chosen, tuning_split
+from masq.grid.tune import held_at_chosen, matches, tuning_split
 
 MARK = "◆"  # a cell more than 1 point and two SEMs from the published value
 MIN_POINTS = 1.0
@@ -122,30 +122,36 @@ def peer_frame(
     return pd.concat(parts, ignore_index=True)
 
 
+class CellRuns(NamedTuple):
+    """One cell's stored runs split as :func:`masq.grid.tune.tuning_split` splits its
+    configurations (:func:`tuning_and_table`)."""
+
+    tuning: pd.DataFrame  # the runs that choose λ
+    table: pd.DataFrame  # the runs the mean ± SEM reads, at the chosen λ
+    shared: bool  # the tuning runs are table runs too (no ``tune_axes`` split them off)
+
+
 def tuning_and_table(
     part: pd.DataFrame, tune_seeds: int = 0, tune_axes: Mapping[str, Any] | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(tuning runs, table runs) of one cell's stored runs, as
-    :func:`masq.grid.tune.tuning_split` splits its configurations: with ``tune_axes`` whose
-    values some run lacks, the tuning runs are the tuning seeds' runs that have them and the
-    table runs all others; else the tuning runs are those of the ``tune_seeds`` smallest seeds
-    (:func:`masq.analysis.common.tuning_runs`) and every run is a table run."""
-    has = np.ones(len(part), dtype=bool)
-    for key, value in (tune_axes or {}).items():
-        has &= (part[key] == value).to_numpy(bool)
+) -> CellRuns:
+    """One cell's stored runs as (tuning runs, table runs, shared), the rule of
+    :func:`masq.grid.tune.tuning_split`: with ``tune_axes`` whose values some run lacks
+    (:func:`masq.grid.tune.matches`), the tuning runs are the tuning seeds' runs that have them
+    and the table runs all others; else the tuning runs are those of the ``tune_seeds``
+    smallest seeds (:func:`masq.analysis.common.tuning_runs`) and every run is a table run."""
+    axes = dict(tune_axes or {})
+    values = cast(list[dict[str, Any]], part[list(axes)].to_dict("records"))
+    has = pd.Series([matches(v, axes) for v in values], index=part.index, dtype=bool)
     if not has.all():
-        return tuning_runs(part[has], tune_seeds), part[~has]
-    return tuning_runs(part, tune_seeds), part
+        return CellRuns(tuning_runs(part[has], tune_seeds), part[~has], shared=False)
+    return CellRuns(tuning_runs(part, tune_seeds), part, shared=True)
 
 
-def _chosen(
-    part: pd.DataFrame, tune_seeds: int = 0, tune_axes: Mapping[str, Any] | None = None
-) -> tuple[float, bool]:
+def _chosen(runs: CellRuns) -> tuple[float, bool]:
     """(λ of the cell, whether it was chosen on validation among several): on its tuning runs
-    (:func:`tuning_and_table`; on its table runs where none is stored, as in a cell with one
-    λ run apart from its tuning runs' settings)."""
-    tuning, table = tuning_and_table(part, tune_seeds, tune_axes)
-    part = tuning if not tuning.empty else table
+    (on its table runs where none is stored, as in a cell with one λ run apart from its
+    tuning runs' settings)."""
+    part = runs.tuning if not runs.tuning.empty else runs.table
     lams = sorted(part["lam"].unique())
     if len(lams) == 1:
         return float(lams[0]), False
@@ -173,7 +179,7 @@ def held_configs(
     }
 
     def choose(key: str, ids: list[str]) -> float:
-        return _chosen(peer_frame(df, {key: ids}, preset))[0]
+        return _chosen(tuning_and_table(peer_frame(df, {key: ids}, preset)))[0]
 
     return held_at_chosen(sweeps, stored, choose)
 
@@ -186,10 +192,10 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
             part = frame[(frame["method"] == row.name) & (frame["column"] == column)]
             if part.empty:
                 continue
-            lam, swept = _chosen(part, preset.tune_seeds, preset.tune_axes)
-            tuned, table = tuning_and_table(part, preset.tune_seeds, preset.tune_axes)
-            at = table[table["lam"] == lam]
-            swept_lams = tuned["lam"].tolist()  # the runs that chose λ
+            runs = tuning_and_table(part, preset.tune_seeds, preset.tune_axes)
+            lam, swept = _chosen(runs)
+            at = runs.table[runs.table["lam"] == lam]
+            swept_lams = runs.tuning["lam"].tolist()  # the runs that chose λ
             test = at["test"].to_numpy(float)
             ok = test[np.isfinite(test)]
             n = len(ok)
@@ -198,7 +204,7 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
             pub, spread = row.published.get(column, (math.nan, math.nan))
             diff = mean - pub
             bound = 2 * math.sqrt(np.nan_to_num(sem) ** 2 + np.nan_to_num(spread) ** 2)
-            counted, expected = _counted(part, lam, preset.tune_seeds, preset.tune_axes)
+            counted, expected = _counted(part, runs, lam, preset)
             partial = counted < expected  # λ and seeds still missing: not read as a result
             rows.append(
                 {
@@ -230,20 +236,17 @@ def peer_table(frame: pd.DataFrame, preset: PeerPreset) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _counted(
-    part: pd.DataFrame, lam: float, tune_seeds: int, tune_axes: Mapping[str, Any] | None = None
-) -> tuple[int, int]:
+def _counted(part: pd.DataFrame, runs: CellRuns, lam: float, preset: PeerPreset) -> tuple[int, int]:
     """(runs stored that count, runs the cell has once complete) of one cell at its λ: with
     tuning seeds or ``tune_axes``, the tuning runs and one table run per seed at ``lam`` (a
     tuning run at ``lam`` stands for its seed where it is also a table run)."""
     expected = int(part["expected"].iloc[0]) if "expected" in part else len(part)
-    if not tune_seeds and not tune_axes:
+    if not preset.tune_seeds and not preset.tune_axes:
         return len(part), expected
-    tuned, table = tuning_and_table(part, tune_seeds, tune_axes)
-    at = table[table["lam"] == lam]
-    if table is part:  # the tuning runs are table runs too
-        at = at[~at["seed"].isin(tuned["seed"].unique())]
-    return len(tuned) + at["seed"].nunique(), expected
+    at = runs.table[runs.table["lam"] == lam]
+    if runs.shared:
+        at = at[~at["seed"].isin(runs.tuning["seed"].unique())]
+    return len(runs.tuning) + at["seed"].nunique(), expected
 
 
 def _at_chosen(
@@ -254,11 +257,12 @@ def _at_chosen(
     part = frame[(frame["method"] == method) & (frame["column"] == column)]
     if part.empty:
         return None
-    lam, _ = _chosen(part, preset.tune_seeds, preset.tune_axes)
-    counted, expected = _counted(part, lam, preset.tune_seeds, preset.tune_axes)
+    runs = tuning_and_table(part, preset.tune_seeds, preset.tune_axes)
+    lam, _ = _chosen(runs)
+    counted, expected = _counted(part, runs, lam, preset)
     if counted < expected:
         return None
-    table = tuning_and_table(part, preset.tune_seeds, preset.tune_axes)[1]
+    table = runs.table
     at = table[(table["lam"] == lam) & np.isfinite(table["test"].to_numpy(float))]
     series: pd.Series = at.set_index("seed")["test"]
     return series

@@ -17,9 +17,11 @@ from masq.runid import run_id
 K = TypeVar("K")
 
 
-def matches(config: RunConfig, tune_axes: Mapping[str, Any]) -> bool:
-    """Whether ``config`` has every value of ``tune_axes`` (fields of a run configuration)."""
-    return all(getattr(config, key) == value for key, value in tune_axes.items())
+def matches(config: RunConfig | Mapping[str, Any], tune_axes: Mapping[str, Any]) -> bool:
+    """Whether ``config`` (a run configuration, or one stored run's values by field name) has
+    every value of ``tune_axes`` (fields of a run configuration)."""
+    get = config.get if isinstance(config, Mapping) else lambda key: getattr(config, key)
+    return all(get(key) == value for key, value in tune_axes.items())
 
 
 def tuning_split(
