@@ -999,13 +999,13 @@ def test_estimate_charges_a_groups_task_1_to_the_part_that_computes_it() -> None
     """The wall time of the six parts above (10 s per run, a task-1 state of 5 s per group)
     on two workers: the parts that start after their group's first part has cached its task-1
     state pay nothing for it; 250 s, where the three uncut groups take 330 s."""
-    from masq.grid.estimate import _makespan
+    from masq.grid.plan import makespan
 
     groups = _three_groups_of_16()
     parts = [[((c,), 10.0) for c in g.configs] for g in groups]
     shared = [(5.0, 0.0)] * 3
-    assert _makespan(parts, shared, 2) == pytest.approx(250.0)
-    assert _makespan(parts, shared, 1) == pytest.approx(3 * (5 + 160))
+    assert makespan(parts, shared, 2) == pytest.approx(250.0)
+    assert makespan(parts, shared, 1) == pytest.approx(3 * (5 + 160))
 
 
 def test_spread_gives_each_run_that_trains_its_own_task_1_a_job_of_its_own() -> None:

@@ -16,12 +16,9 @@ from masq.consolidation import get_method
 from masq.consolidation.imm import sweep_shares
 from masq.grid.plan import (
     Group,
-    alone,
     chunks,
-    cut,
     importance_key,
-    job_weight,
-    own_parts,
+    makespan,
     placement,
 )
 from masq.importance import get_measure
@@ -396,43 +393,6 @@ def _chunk_costs(
     return imp, phases * (chunk[0].iters2 * c["d2_iter"] + e2) * scale, phases * e2 * scale
 
 
-def _makespan(
-    parts: Sequence[Sequence[tuple[tuple[RunConfig, ...], float]]],
-    shared: Sequence[tuple[float, float]],
-    workers: int,
-) -> float:
-    """The wall time of the jobs the executor makes of ``parts`` (per group its chunks with
-    their seconds; :func:`masq.grid.plan.spread`), taken largest first
-    (:func:`masq.grid.plan.longest_first`) by the first free worker: a run that trains its own
-    task 1 is a job of its own and pays a task-1 training (its group's ``shared[g][0]``
-    seconds); a part of a group cut (:func:`masq.grid.plan.cut`) pays the group's task-1
-    training and importance passes (``shared[g]``) unless it starts after another part has
-    cached them. The time at which the last worker finishes."""
-
-    def own(x: tuple[int, tuple[RunConfig, ...], float]) -> bool:
-        return alone(x[1][0]) is not None
-
-    owned = [
-        part
-        for g, group in enumerate(parts)
-        for part in own_parts([(g, *chunk) for chunk in group], own)
-    ]
-    jobs = [(sum(s for _, _, s in p), tuple(x for _, c, _ in p for x in c), p[0][0], own(p[0]))
-            for p in cut(owned, workers) if p]  # fmt: skip
-    if workers > 1:
-        jobs.sort(key=lambda job: job_weight(job[1]), reverse=True)
-    free = [0.0] * max(1, workers)
-    cached: dict[int, float] = {}  # group -> when its task-1 state and importance are cached
-    for seconds, _, g, alone_ in jobs:
-        i = min(range(len(free)), key=free.__getitem__)
-        start, first = free[i], shared[g][0] if alone_ else sum(shared[g])
-        if not alone_:
-            first = first if start < cached.get(g, float("inf")) else 0.0
-            cached[g] = min(cached.get(g, float("inf")), start + first)
-        free[i] = start + first + seconds
-    return max(free)
-
-
 def _calibration_key(config: RunConfig) -> tuple[str, int, int]:
     """What a calibration is measured at besides the architecture: (precision, batch size,
     input pixels (28 + 2·pad)²)."""
@@ -445,10 +405,10 @@ def estimate(
     """Time to run ``groups`` with ``workers`` workers of ``threads`` threads, extrapolated
     from :func:`calibrate` per precision on the grid's device, with each group's evaluation
     schedule; IMM chunks as :func:`imm_chunk_seconds`. The total is the wall time of the
-    executor's jobs on ``workers`` workers (:func:`_makespan`: largest job first, each to the
-    first free worker), not the work divided by ``workers``: a grid whose largest job is
-    longer than the rest's share ends with that job alone. The parts (task-1 training,
-    importance, re-training, evaluation) are the work's shares of that wall time."""
+    executor's jobs on ``workers`` workers (:func:`masq.grid.plan.makespan`: largest job
+    first, each to the first free worker), not the work divided by ``workers``: a grid whose
+    largest job is longer than the rest's share ends with that job alone. The parts (task-1
+    training, importance, re-training, evaluation) are the work's shares of that wall time."""
     threads = default_threads(workers) if threads is None else threads
     archs = [c.hidden for g in groups for c in g.configs[:1]]
     if not archs:
@@ -504,7 +464,7 @@ def estimate(
             imp, d2, ev = imp + i_s, d2 + d2_s, ev + ev_s
             parts[-1].append((tuple(chunk), i_s + d2_s))
     work = d1 + imp + d2
-    wall = _makespan(parts, shared, workers)
+    wall = makespan(parts, shared, workers)
     share = wall / work if work > 0 else 0.0
     return Estimate(
         wall,

@@ -257,3 +257,40 @@ def worker_seconds(runs: Sequence[tuple[RunConfig, Mapping[str, Sequence[float]]
             passes = passes[1:]
         own += sum(passes)
     return own + sum(first.values()) + sum(first_pass.values())
+
+
+def makespan(
+    parts: Sequence[Sequence[tuple[tuple[RunConfig, ...], float]]],
+    shared: Sequence[tuple[float, float]],
+    workers: int,
+) -> float:
+    """The wall time of the jobs the executor makes of ``parts`` (per group its chunks with
+    their seconds; :func:`masq.grid.plan.spread`), taken largest first
+    (:func:`longest_first`) by the first free worker: a run that trains its own
+    task 1 is a job of its own and pays a task-1 training (its group's ``shared[g][0]``
+    seconds); a part of a group cut (:func:`cut`) pays the group's task-1
+    training and importance passes (``shared[g]``) unless it starts after another part has
+    cached them. The time at which the last worker finishes."""
+
+    def own(x: tuple[int, tuple[RunConfig, ...], float]) -> bool:
+        return alone(x[1][0]) is not None
+
+    owned = [
+        part
+        for g, group in enumerate(parts)
+        for part in own_parts([(g, *chunk) for chunk in group], own)
+    ]
+    jobs = [(sum(s for _, _, s in p), tuple(x for _, c, _ in p for x in c), p[0][0], own(p[0]))
+            for p in cut(owned, workers) if p]  # fmt: skip
+    if workers > 1:
+        jobs.sort(key=lambda job: job_weight(job[1]), reverse=True)
+    free = [0.0] * max(1, workers)
+    cached: dict[int, float] = {}  # group -> when its task-1 state and importance are cached
+    for seconds, _, g, alone_ in jobs:
+        i = min(range(len(free)), key=free.__getitem__)
+        start, first = free[i], shared[g][0] if alone_ else sum(shared[g])
+        if not alone_:
+            first = first if start < cached.get(g, float("inf")) else 0.0
+            cached[g] = min(cached.get(g, float("inf")), start + first)
+        free[i] = start + first + seconds
+    return max(free)
