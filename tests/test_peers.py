@@ -122,6 +122,30 @@ def test_rows_restrict_the_cells_and_the_manifest_keeps_earlier_cells(tmp_path: 
     assert set(peers.read_manifest(tmp_path, "tiny") or {}) == set(cells)
 
 
+def test_the_table_fills_cells_no_flagless_grid_ran_with_the_shipped_runs(
+    tmp_path: Path,
+) -> None:
+    """A grid of some rows only (no flags) leaves the other cells to the preset as shipped;
+    a grid run with flags tabulates its own cells alone; no manifest: every shipped cell."""
+    preset = tiny()
+    shipped = {key: [run_id(c) for c in cs] for key, cs in preset.cells().items()}
+    all_expected = tune.expected_runs(preset.cells(), preset.tune_seeds, preset.tune_axes)
+    assert peers.table_cells(preset, None) == (shipped, all_expected)
+    peers.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
+    cells, expected = peers.table_cells(preset, peers.load_manifest(tmp_path, "tiny"))
+    assert cells == shipped and expected == all_expected
+    flagged = preset.cells({"seed": [7]}, rows=["EWC"])
+    peers.write_manifest(tmp_path, preset, {"seed": [7]}, flagged)
+    cells, _ = peers.table_cells(preset, peers.load_manifest(tmp_path, "tiny"))
+    assert cells["EWC | task"] == [run_id(c) for c in flagged["EWC | task"]]
+    assert set(cells) == {"MaSQ | task", "MaSQ | class", "EWC | task", "EWC | class"}
+    old = peers.Manifest(cells={"EWC | task": ["x"]})  # written before `expected` existed
+    cells, expected = peers.table_cells(preset, old)
+    assert cells["EWC | task"] == ["x"] and len(cells) == len(shipped)
+    assert expected == {**all_expected, "EWC | task": 1}
+    assert peers.table_cells(preset, peers.Manifest(cells=shipped)) == (shipped, None)
+
+
 def test_a_changed_preset_does_not_tabulate_the_runs_of_its_old_definition(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -42,7 +42,6 @@ def _peers(args: argparse.Namespace) -> int:
 
     from masq.analysis import peers as analysis
     from masq.grid import peers, tune
-    from masq.runid import run_id
     from masq.runtime import check_out_dir
     from masq.store import load, open_store
 
@@ -68,13 +67,7 @@ def _peers(args: argparse.Namespace) -> int:
     elif manifest is None:
         print(f"masq peers: {where} is missing: tabulating the runs of the preset as shipped "
               "(no flags)", file=sys.stderr)  # fmt: skip
-    expected: dict[str, int] | None
-    if manifest is None:
-        shipped = preset.cells()
-        cells = {key: [run_id(c) for c in configs] for key, configs in shipped.items()}
-        expected = tune.expected_runs(shipped, preset.tune_seeds, preset.tune_axes)
-    else:
-        cells, expected = manifest.cells, manifest.expected
+    cells, expected = peers.table_cells(preset, manifest)
     df = load(args.results)
     frame = analysis.peer_frame(df, cells, preset, expected)
     table = analysis.peer_table(frame, preset)

@@ -458,6 +458,28 @@ def write_manifest(
     return atomic_write(manifest_path(results, preset.name), text + "\n")
 
 
+def table_cells(
+    preset: PeerPreset, manifest: Manifest | None
+) -> tuple[dict[str, list[str]], dict[str, int] | None]:
+    """({cell key: run ids}, {cell key: runs once complete}) that ``masq peers`` tabulates:
+    the manifest's (None for its expected runs where it predates recording them), and the
+    preset's shipped runs for every cell no grid ran, where the manifest's grids ran without
+    flags (a grid of some ``--rows``: the other cells' runs are the shipped ones); without a
+    manifest, the shipped runs of every cell."""
+    if manifest is not None and manifest.overrides:
+        return dict(manifest.cells), manifest.expected  # with flags: shipped runs are not these
+    cells = dict(manifest.cells) if manifest is not None else {}
+    missing = {key: cs for key, cs in preset.cells().items() if key not in cells}
+    if manifest is not None and not missing:
+        return cells, manifest.expected
+    cells.update({key: [run_id(c) for c in cs] for key, cs in missing.items()})
+    expected = expected_runs(missing, preset.tune_seeds, preset.tune_axes)
+    if manifest is None:
+        return cells, expected
+    earlier = manifest.expected or {key: len(ids) for key, ids in manifest.cells.items()}
+    return cells, {**earlier, **expected}
+
+
 def read_manifest(results: str | os.PathLike[str], name: str) -> dict[str, list[str]] | None:
     """{cell key: run ids} of :func:`load_manifest` (None when there is no manifest)."""
     manifest = load_manifest(results, name)
@@ -478,5 +500,6 @@ __all__ = [
     "manifest_path",
     "peer_preset_from_mapping",
     "read_manifest",
+    "table_cells",
     "write_manifest",
 ]
