@@ -128,12 +128,12 @@ def test_migrate_refuses_a_bad_record_and_leaves_the_dir_as_it_was(tmp_path: Pat
 def test_ctrl_c_at_the_commit_leaves_format_1_and_migrate_finishes_later(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from masq import store
+    from masq import migrate
 
     root, reference = tmp_path / "old", tmp_path / "ref"
     write_v1_dir(root)
     write_v1_dir(reference)
-    store.migrate(reference)
+    migrate.migrate(reference)
     before = snapshot(root)
 
     def interrupted(path: object, data: object) -> Path:
@@ -141,12 +141,12 @@ def test_ctrl_c_at_the_commit_leaves_format_1_and_migrate_finishes_later(
             raise KeyboardInterrupt  # runs/ swapped, meta.json (the commit) not written
         return atomic_write(path, data)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store, "atomic_write", interrupted)
+    monkeypatch.setattr(migrate, "atomic_write", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        store.migrate(root)
+        migrate.migrate(root)
     monkeypatch.undo()
     assert {k: v for k, v in snapshot(root).items() if k != ".lock"} == before
-    assert store.migrate(root) == 6
+    assert migrate.migrate(root) == 6
     assert snapshot(root / "runs") == snapshot(reference / "runs")
     assert snapshot(root).keys() == snapshot(reference).keys()
 
@@ -155,21 +155,21 @@ def test_ctrl_c_at_the_commit_leaves_format_1_and_migrate_finishes_later(
 def test_a_kill_during_the_swap_is_undone_by_the_next_migrate(
     tmp_path: Path, converted: bool
 ) -> None:
-    from masq import store
+    from masq import migrate
 
     root, reference = tmp_path / "old", tmp_path / "ref"
     write_v1_dir(root)
     write_v1_dir(reference)
-    store.migrate(reference)
+    migrate.migrate(reference)
     # killed after moving runs/ aside (and, with ``converted``, moving the converted copy in)
-    os.rename(root / "runs", root / store.MIGRATE_BACKUP)
+    os.rename(root / "runs", root / migrate.MIGRATE_BACKUP)
     if converted:
         (root / "runs").mkdir()
         for name, blob in snapshot(reference / "runs").items():
             (root / "runs" / name).write_bytes(blob)
     with pytest.raises(ConfigError, match="masq migrate"):
         Store(root)  # still format 1: nothing reads the half-done state
-    assert store.migrate(root) == 6
+    assert migrate.migrate(root) == 6
     assert snapshot(root / "runs") == snapshot(reference / "runs")
     assert snapshot(root).keys() == snapshot(reference).keys()
 

@@ -33,6 +33,7 @@ ORDER: tuple[str, ...] = (
     "protocol",
     "runid",
     "store",
+    "migrate",  # masq 0.1 results dirs converted to the store's format
     "archive",
     "grid",
     "analysis",

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masq import fileio, runid, store
+from masq import fileio, migrate, runid, store
 from masq.config import FIELDS, RunConfig, Stage
 from masq.errors import ConfigError
 from masq.protocol import Result, build_result
@@ -213,13 +213,13 @@ def test_other_format_versions_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="format version 99"):
         store.load(future)
     with pytest.raises(ConfigError, match="unknown format version 99"):
-        store.migrate(future)
+        migrate.migrate(future)
     alien = tmp_path / "alien"
     (alien / "runs").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"no meta\.json"):
         Store(alien)
     with pytest.raises(ConfigError, match=r"not a results directory \(no meta\.json\)"):
-        store.migrate(alien)
+        migrate.migrate(alien)
     other = tmp_path / "other"
     other.mkdir()
     (other / "meta.json").write_text('{"format": "something-else"}')
@@ -271,7 +271,7 @@ def test_a_format_1_dir_is_refused_with_one_line_naming_migrate(tmp_path: Path) 
 def test_migrate_converts_every_record_and_keeps_the_numbers(tmp_path: Path) -> None:
     root = tmp_path / "old"
     old = write_v1_dir(root)
-    assert store.migrate(root) == len(old) == 6
+    assert migrate.migrate(root) == len(old) == 6
     assert json.loads((root / "meta.json").read_text()) == {
         "format": "masq-results",
         "version": 2,
@@ -294,7 +294,7 @@ def test_migrate_converts_every_record_and_keeps_the_numbers(tmp_path: Path) -> 
         assert Result.from_dict(new).config == RunConfig.from_dict(before["config"])
     # idempotent: a second run converts nothing and rewrites nothing
     after = _runs(root)
-    assert store.migrate(root) == 0
+    assert migrate.migrate(root) == 0
     assert _runs(root) == after
     # the DataFrame gives the golden best/last numbers
     df = store.load(root).set_index("run_id")
@@ -316,12 +316,12 @@ def test_an_interrupted_migration_finishes_when_run_again(tmp_path: Path) -> Non
     old = write_v1_dir(root)
     reference = tmp_path / "ref"
     write_v1_dir(reference)
-    store.migrate(reference)
+    migrate.migrate(reference)
     # interrupted: two records converted, meta.json (written last) still says format 1
     for rid in sorted(old)[:2]:
         text = (reference / "runs" / f"{rid}.json").read_text(encoding="utf-8")
         (root / "runs" / f"{rid}.json").write_text(text, encoding="utf-8")
-    assert store.migrate(root) == len(old) - 2
+    assert migrate.migrate(root) == len(old) - 2
     assert _runs(root) == _runs(reference)
 
 

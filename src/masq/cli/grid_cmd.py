@@ -433,7 +433,7 @@ def _register_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run_migrate(args: argparse.Namespace) -> int:
     """``masq migrate``."""
-    from masq.store import migrate
+    from masq.migrate import migrate
 
     count = migrate(args.results)
     print(f"{args.results}: {count} record(s) converted to format 2" if count else
