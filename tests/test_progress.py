@@ -37,7 +37,7 @@ def test_a_beat_without_a_listener_does_nothing_and_listeners_nest() -> None:
 def test_the_step_counter_reports_every_few_seconds_and_holds_below_one() -> None:
     now = [0.0]
     seen: list[tuple[tuple[str, ...], float]] = []
-    counter = flight.StepCounter(["a", "b"], 10, lambda r, f: seen.append((tuple(r), f)),
+    counter = flight.StepCounter(["a", "b"], 10, lambda r, f, _: seen.append((tuple(r), f)),
                                  every=5.0, clock=lambda: now[0])  # fmt: skip
     counter(3)
     assert seen == []  # not 5 s yet
@@ -83,7 +83,7 @@ def test_every_chunk_takes_the_steps_it_expects(
     monkeypatch.setattr(flight, "StepCounter", Kept)
     reports: list[tuple[int, float]] = []
     job = GroupJob(str(tmp_path), tuple(configs), stack=4, threads=1, tasks_fn=synthetic_tasks)
-    outcome = grid.run_group(job, None, None, lambda runs, f: reports.append((len(runs), f)))
+    outcome = grid.run_group(job, None, None, lambda runs, f, _: reports.append((len(runs), f)))
     assert not outcome.failed and len(outcome.done) == len(configs)
     kinds = {placement(c, 4)[0] for c in configs}
     assert kind in kinds and len(counters) == len(chunks(configs, 4)) >= 1
@@ -97,19 +97,21 @@ def test_progress_files_count_the_runs_in_flight_not_yet_stored(tmp_path: Path) 
     (folder / "11.json").write_text(json.dumps({"runs": ["a", "b", "c"], "fraction": 0.5}))
     (folder / "12.json").write_text(json.dumps({"runs": ["d"], "fraction": 2.0}))
     (folder / "13.json").write_text("{half written")
-    assert flight.in_flight(tmp_path, set()) == pytest.approx(1.5 + flight.HELD_BELOW)
-    assert flight.in_flight(tmp_path, {"a", "d"}) == pytest.approx(1.0)
+    assert flight.in_flight(tmp_path, set()).work == pytest.approx(1.5 + flight.HELD_BELOW)
+    assert flight.in_flight(tmp_path, {"a", "d"}).work == pytest.approx(1.0)
     flight.clear(tmp_path, -1)
-    assert flight.in_flight(tmp_path, set()) == 0.0 and not list(folder.iterdir())
-    assert flight.in_flight(tmp_path / "nowhere", set()) == 0.0
+    assert flight.in_flight(tmp_path, set()) == (0.0, {}) and not list(folder.iterdir())
+    assert flight.in_flight(tmp_path / "nowhere", set()) == (0.0, {})
 
 
 def test_a_worker_writes_its_progress_file_and_removes_it(tmp_path: Path) -> None:
     report = flight.file_reporter(tmp_path)
-    report(["a", "b"], 0.25)
+    report(["a", "b"], 0.25, 0.125)
     path = flight.progress_file(tmp_path)
-    assert json.loads(path.read_text()) == {"runs": ["a", "b"], "fraction": 0.25}
-    assert flight.in_flight(tmp_path, set()) == pytest.approx(0.5)
+    body = {"runs": ["a", "b"], "fraction": 0.25, "restored": 0.125}
+    assert json.loads(path.read_text()) == body
+    assert flight.in_flight(tmp_path, set()) == (pytest.approx(0.5), {"a,b": 0.25})
+    assert flight.in_flight(tmp_path, {"a"}) == (pytest.approx(0.25), {"a,b": 0.125})
     flight.clear(tmp_path)
     assert not path.exists()
 
@@ -124,6 +126,41 @@ def test_the_bar_only_moves_forward() -> None:
     advance(bar, 1.2)  # a stack's fraction gone before its runs are listed: no step back
     advance(bar, 3.0)
     assert bar.n == pytest.approx(3.0)
+
+
+def test_a_beat_of_restored_steps_goes_to_the_listener_s_restored_method() -> None:
+    plain: list[int] = []
+    with heartbeat.listening(plain.append):
+        heartbeat.restored(40)  # a listener without `restored`: counted as steps
+    assert plain == [40]
+    reports: list[tuple[float, float]] = []
+    counter = flight.StepCounter(["a"], 100, lambda r, f, b: reports.append((f, b)), every=1e9)
+    with heartbeat.listening(counter):
+        heartbeat.restored(40)
+        heartbeat.beat(10)
+    assert (counter.steps, counter.restored_steps) == (50, 40)
+    assert reports == [(0.4, 0.4)]  # restored steps are reported at once
+
+
+def test_restored_work_is_on_the_bar_but_not_in_its_rate() -> None:
+    """Runs resumed from phase checkpoints move the bar without a rate: the work counts as
+    done before the grid, like the runs stored before it (tqdm's average rate reads
+    (n − initial) / elapsed, its smoothed one the steps update() is given)."""
+    import io
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=10, initial=2, file=io.StringIO(), smoothing=0)
+    seen: dict[str, float] = {}
+    back = flight.restored_total(seen, {"a,b": 1.5})  # two runs resumed at 75 %
+    advance(bar, 2 + 1.6, back)  # and 0.05 of each trained since
+    assert bar.n == pytest.approx(3.6) and bar.initial == pytest.approx(3.5)
+    assert flight.restored_total(seen, {}) == 1.5  # stored meanwhile: still done before
+    advance(bar, 4.0, 1.5)  # the runs stored: no restored work added twice
+    assert bar.n == pytest.approx(4.0) and bar.initial == pytest.approx(3.5)
+    assert flight.restored_total(seen, {"a,b": 1.0, "c": 0.5}) == 2.0
+    quiet = tqdm(total=10, disable=True)
+    advance(quiet, 3.0, 2.0)  # a disabled bar: nothing to show, nothing fails
 
 
 def test_a_grid_in_a_pool_shows_its_stacks_in_flight(tmp_path: Path) -> None:

@@ -125,6 +125,40 @@ def test_a_stopped_run_resumes_to_the_record_of_one_that_never_stopped(
     assert len(resumed.weights) == 4
 
 
+@pytest.mark.parametrize("stack", [True, False])
+def test_a_resumed_chunk_reports_its_earlier_steps_as_restored(
+    data_learnable: None, tmp_path: Path, stack: bool
+) -> None:
+    """The steps of the phases done before a stop reach the progress counter as restored (a
+    bar leaves them out of its rate); the steps trained after it as taken now."""
+    from masq.grid.progress import StepCounter
+    from masq.training import heartbeat
+
+    config = RunConfig(**FOUR, importance="fisher", lam=100.0)
+    configs = [config, config.with_(lam=10.0)] if stack else [config]
+    tasks = protocol.make_tasks(config)
+    d1 = protocol.train_first(config, tasks)
+    imp, seconds = protocol.compute_importance(config, d1, tasks)
+
+    def go(point: PhaseCheckpoint | None) -> Any:
+        if stack:
+            n = len(configs)
+            return protocol.continue_stacked(configs, d1, [imp] * n, tasks, [seconds] * n,
+                                             checkpoint=point)  # fmt: skip
+        return protocol.continue_run(config, d1, imp, tasks, seconds, checkpoint=point)
+
+    path, key = tmp_path / "phases" / "k.pt", "k"
+    with pytest.raises(Stop):
+        go(StopAfter(path, key, 2))
+    reports: list[tuple[float, float]] = []
+    counter = StepCounter(["a"], 3 * 20, lambda runs, f, r: reports.append((f, r)), every=1e9)
+    with heartbeat.listening(counter):
+        go(PhaseCheckpoint(path, key))
+    assert counter.restored_steps == 2 * 20  # phases 1 and 2 of 3 later ones, 20 steps each
+    assert counter.steps == 3 * 20
+    assert reports == [(2 / 3, 2 / 3)]  # at once; the rest waits for the next report
+
+
 def test_runs_trained_alike_resume_with_their_merges(data_learnable: None, tmp_path: Path) -> None:
     base = RunConfig(**{**FOUR, "slt": "D3-3-4"}, importance="fisher", alpha_step=0.25)
     configs = [base.with_(consolidation="mean-imm"), base.with_(consolidation="mode-imm")]

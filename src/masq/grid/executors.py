@@ -43,7 +43,7 @@ from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.connect import RAY_TIMEOUT, connect_ray
 from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
 from masq.grid.plan import one_by_one, plan, spread
-from masq.grid.progress import advance, in_flight, progress_bar
+from masq.grid.progress import advance, in_flight, progress_bar, restored_total
 from masq.grid.progress import clear as clear_progress
 from masq.protocol.resume import PHASES_DIR
 from masq.runid import run_id
@@ -299,9 +299,11 @@ def execute(
     return summary
 
 
-def _poll(bar: Any, store: Store, ids: set[str]) -> None:
+def _poll(bar: Any, store: Store, ids: set[str], seen: dict[str, float]) -> None:
+    """Move the bar to the runs stored and in flight (``seen``: restored work per chunk)."""
     stored = store.listed_ids() & ids
-    advance(bar, len(stored) + in_flight(store.root, stored))
+    flight = in_flight(store.root, stored)
+    advance(bar, len(stored) + flight.work, restored_total(seen, flight.restored))
 
 
 def _run_inline(
@@ -316,8 +318,11 @@ def _run_inline(
         stored[0] += n
         advance(bar, stored[0])
 
-    def moving(runs: Sequence[str], fraction: float) -> None:
-        advance(bar, stored[0] + fraction * len(runs))
+    seen: dict[str, float] = {}  # restored work per chunk (masq.grid.progress)
+
+    def moving(runs: Sequence[str], fraction: float, restored: float = 0.0) -> None:
+        back = restored_total(seen, {",".join(runs): restored * len(runs)})
+        advance(bar, stored[0] + fraction * len(runs), back)
 
     try:
         for job in jobs:
@@ -363,6 +368,7 @@ def _run_pool(
         futures = {pool.submit(run_group, job): job for job in jobs}
         pending = set(futures)
         workers_seen = dict(getattr(pool, "_processes", None) or {})
+        restored: dict[str, float] = {}  # per chunk in flight, for the bar (_poll)
         try:
             while pending:
                 finished, pending = cf.wait(pending, timeout=2.0, return_when=cf.FIRST_COMPLETED)
@@ -383,7 +389,7 @@ def _run_pool(
                         proc.join(timeout=0.2)  # before a loaded machine reaps it elsewhere
                     stop_workers(pool)
                     raise _stopped(store, jobs, out, list(workers_seen.values()))
-                _poll(bar, store, ids)
+                _poll(bar, store, ids, restored)
         except BaseException:  # Ctrl-C, SIGTERM (masq.cli), a stop: no worker goes on
             stop_workers(pool)
             raise
@@ -472,6 +478,7 @@ def _run_ray(
         remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=1)(run_group)
         refs = {remote.remote(job): job for job in jobs}
         pending = list(refs)
+        restored: dict[str, float] = {}  # per chunk in flight, for the bar (_poll)
         out: list[tuple[GroupJob, GroupOutcome]] = []
         while pending:
             finished, pending = ray.wait(pending, num_returns=1, timeout=2.0)
@@ -495,7 +502,7 @@ def _run_ray(
                 outcome.records = {}
                 out.append((job, outcome))
                 check_first(out)
-            _poll(bar, store, ids)
+            _poll(bar, store, ids, restored)
         return out
     finally:
         if started:

@@ -225,7 +225,7 @@ def run_group(
     job: GroupJob,
     on_done: Callable[[int], None] | None = None,
     cache: TasksCache | None = None,
-    on_progress: Callable[[Sequence[str], float], None] | None = None,
+    on_progress: Callable[[Sequence[str], float, float], None] | None = None,
 ) -> GroupOutcome:
     """Run one group: task 1 (cached), its importance passes (cached), the runs in stacks.
 
@@ -233,7 +233,8 @@ def run_group(
     its stack ends; a failure is recorded in DIR/errors for the runs it concerns (a failed
     task-1 training or importance pass fails every run that needs it) and never raised.
     ``on_done(n)`` is called after each stack with the number of runs it stored.
-    ``on_progress(run ids, fraction)`` every few seconds with how far the stack in flight is
+    ``on_progress(run ids, fraction, restored)`` every few seconds with how far the stack in
+    flight is, and how much of that was restored from its phase checkpoint
     (:mod:`masq.grid.progress`); without it a pool worker writes that to DIR/progress (Ray
     workers, whose results come back with them, report nothing).
     """
@@ -287,7 +288,7 @@ def run_group(
         if not math.isnan(importances[key][1]):
             runnable.append(config)
 
-    report = on_progress  # where the chunk in flight reports; nothing in flight: report([], 0)
+    report = on_progress  # where the chunk in flight reports; nothing in flight: report([], 0, 0)
     if report is None and not job.return_records:
         report = progress.file_reporter(job.root)
     queue = deque(chunks(runnable, max(1, job.stack)))
@@ -316,7 +317,7 @@ def run_group(
             continue
         finally:
             if report is not None:
-                report([], 0.0)  # stored below, or failed: either way no longer in flight
+                report([], 0.0, 0.0)  # stored below, or failed: either way no longer in flight
         stored = 0
         for result in results:
             try:

@@ -6,8 +6,10 @@ optimizer steps its training loops take (:mod:`masq.training.heartbeat`) against
 chunk needs (:func:`expected_steps`), and reports the fraction f: to a callback in the same
 process, or every few seconds to a small file DIR/progress/<pid>.json that the grid's parent
 reads (:func:`in_flight`). The bar then stands at stored + Σ f·(runs of the chunk), and tqdm's
-rate and ETA follow from it. The fraction counts steps only: evaluation and importance passes
-between phases move it not at all, so it is held below 1 until the chunk's runs are stored.
+rate and ETA follow from it; the steps of a chunk resumed from its phase checkpoint are
+reported apart (restored), shown on the bar but left out of its rate. The fraction counts
+steps only: evaluation and importance passes between phases move it not at all, so it is held
+below 1 until the chunk's runs are stored.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from masq.config import RunConfig
 from masq.fileio import atomic_write
@@ -45,16 +47,21 @@ def expected_steps(chunk: Sequence[RunConfig], kind: str) -> int:
     return sum(later(c) for c in chunk)
 
 
+Report = Callable[[Sequence[str], float, float], None]  # (run ids, fraction, restored)
+
+
 class StepCounter:
     """The heartbeat listener of one chunk of ``runs`` run ids needing ``total`` steps: every
-    ``every`` seconds (default :data:`WRITE_EVERY`) it passes ``report(runs, fraction)``, the
-    fraction held in [0, :data:`HELD_BELOW`]."""
+    ``every`` seconds (default :data:`WRITE_EVERY`) it passes ``report(runs, fraction,
+    restored)``, both held in [0, :data:`HELD_BELOW`]: the steps counted so far, and those of
+    them restored from a phase checkpoint (reported at once: a bar leaves them out of its
+    rate)."""
 
     def __init__(
         self,
         runs: Sequence[str],
         total: int,
-        report: Callable[[Sequence[str], float], None],
+        report: Report,
         *,
         every: float | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -63,6 +70,7 @@ class StepCounter:
         self.every = WRITE_EVERY if every is None else every
         self.clock = clock
         self.steps = 0
+        self.restored_steps = 0
         self._last = clock()
 
     @property
@@ -70,12 +78,25 @@ class StepCounter:
         """steps / total, held below :data:`HELD_BELOW`."""
         return min(self.steps / self.total, HELD_BELOW)
 
+    @property
+    def restored_fraction(self) -> float:
+        """restored steps / total, held below :data:`HELD_BELOW`."""
+        return min(self.restored_steps / self.total, HELD_BELOW)
+
     def __call__(self, steps: int) -> None:
         self.steps += steps
         now = self.clock()
         if now - self._last >= self.every:
             self._last = now
-            self.report(self.runs, self.fraction)
+            self.report(self.runs, self.fraction, self.restored_fraction)
+
+    def restored(self, steps: int) -> None:
+        """``steps`` steps restored from a phase checkpoint
+        (:func:`masq.training.heartbeat.restored`), reported at once."""
+        self.steps += steps
+        self.restored_steps += steps
+        self._last = self.clock()
+        self.report(self.runs, self.fraction, self.restored_fraction)
 
 
 def progress_file(root: str | os.PathLike[str], pid: int | None = None) -> Path:
@@ -84,19 +105,20 @@ def progress_file(root: str | os.PathLike[str], pid: int | None = None) -> Path:
     return Path(root) / PROGRESS_DIR / f"{os.getpid() if pid is None else pid}.json"
 
 
-def file_reporter(root: str | os.PathLike[str]) -> Callable[[Sequence[str], float], None]:
-    """A report for :class:`StepCounter` that writes {"runs": [...], "fraction": f} to this
-    process's :func:`progress_file` (atomically; a failed write only costs the display); no
-    runs (nothing in flight) removes the file."""
+def file_reporter(root: str | os.PathLike[str]) -> Report:
+    """A report for :class:`StepCounter` that writes {"runs": [...], "fraction": f,
+    "restored": r} to this process's :func:`progress_file` (atomically; a failed write only
+    costs the display); no runs (nothing in flight) removes the file."""
     path = progress_file(root)
 
-    def report(runs: Sequence[str], fraction: float) -> None:
+    def report(runs: Sequence[str], fraction: float, restored: float = 0.0) -> None:
         if not runs:
             clear(root)
             return
+        body = {"runs": list(runs), "fraction": fraction, "restored": restored}
         with contextlib.suppress(OSError):
             path.parent.mkdir(exist_ok=True)
-            atomic_write(path, json.dumps({"runs": list(runs), "fraction": fraction}))
+            atomic_write(path, json.dumps(body))
 
     return report
 
@@ -111,20 +133,41 @@ def clear(root: str | os.PathLike[str], pid: int | None = None) -> None:
             path.unlink()
 
 
-def in_flight(root: str | os.PathLike[str], stored: Iterable[str]) -> float:
+class InFlight(NamedTuple):
+    """The chunks in flight: their work done, in runs, and per chunk (its run ids joined by
+    commas) the part of it restored from phase checkpoints."""
+
+    work: float
+    restored: dict[str, float]
+
+
+def in_flight(root: str | os.PathLike[str], stored: Iterable[str]) -> InFlight:
     """Σ over the progress files under ``root`` of fraction × (their runs not in ``stored``):
-    how many runs' worth of work the chunks in flight have done. Unreadable files count 0."""
+    how many runs' worth of work the chunks in flight have done; and per chunk, restored ×
+    the same runs. Unreadable files count 0."""
     held = set(stored)
     total = 0.0
+    restored: dict[str, float] = {}
     for path in sorted((Path(root) / PROGRESS_DIR).glob("*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             runs, fraction = list(data["runs"]), float(data["fraction"])
-        except (OSError, ValueError, KeyError, TypeError):
+            back = float(data.get("restored", 0.0))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         pending = sum(1 for rid in runs if rid not in held)
         total += min(max(fraction, 0.0), HELD_BELOW) * pending
-    return total
+        restored[",".join(map(str, runs))] = min(max(back, 0.0), HELD_BELOW) * pending
+    return InFlight(total, restored)
+
+
+def restored_total(seen: dict[str, float], restored: Mapping[str, float]) -> float:
+    """Fold the chunks' restored work of one reading (:class:`InFlight`) into ``seen``, the
+    largest seen per chunk over a grid, and return its sum: the work on the bar that was done
+    before this grid started."""
+    for key, value in restored.items():
+        seen[key] = max(seen.get(key, 0.0), value)
+    return sum(seen.values())
 
 
 BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
@@ -147,8 +190,17 @@ def progress_bar(total: int, initial: int, enabled: bool) -> Any:
     )
 
 
-def advance(bar: Any, runs: float) -> None:
+def advance(bar: Any, runs: float, restored: float = 0.0) -> None:
     """Move ``bar`` up to ``runs`` (stored runs plus the fractions in flight); it never goes
-    back (a stack's fraction ends where its runs are stored)."""
+    back (a stack's fraction ends where its runs are stored). ``restored``: how much of that
+    work was done before this grid started (runs resumed from phase checkpoints, over the
+    grid so far, :func:`restored_total`); the bar shows it but leaves it out of its rate and
+    ETA, as it leaves out the runs stored before."""
+    extra = restored - getattr(bar, "restored", 0.0)
+    if extra > 1e-9 and not getattr(bar, "disable", False):
+        bar.restored = restored
+        bar.n += extra  # no update(): tqdm's rate would count it as work done now
+        bar.initial += extra
+        bar.last_print_n += extra
     if runs > bar.n + 1e-9:
         bar.update(runs - bar.n)

@@ -183,7 +183,7 @@ def continue_stacked(
         )
         diverged, states, imp_seconds = saved["diverged"], saved["states"], saved["imp_seconds"]
         adam, stack_seconds, start = saved["adam"], saved["stack_seconds"], done + 1
-        heartbeat.beat(done * first.iters2)  # the steps of the phases done before
+        heartbeat.restored(done * first.iters2)  # the steps of the phases done before
     for phase in range(start, len(tasks)):
         penalties = []
         for run, (c, method) in enumerate(zip(configs, methods, strict=True)):

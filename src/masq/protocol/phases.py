@@ -145,7 +145,7 @@ def continue_runs(
             r.state, r.seconds = state, seconds
         curves, train_s, weights = saved["curves"], saved["train_s"], saved["weights"]
         diverged, start = saved["diverged"], done + 1
-        heartbeat.beat(done * lead.iters2)  # the steps of the phases done before
+        heartbeat.restored(done * lead.iters2)  # the steps of the phases done before
     for phase in range(start, len(tasks)):
         plan = lead_method.before_phase(lead, runs[0].state, model, phase, ctx)
         if diverged is not None:  # a non-finite state anchors nothing

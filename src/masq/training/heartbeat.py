@@ -38,3 +38,13 @@ def beat(steps: int = 1) -> None:
     listener = _LISTENER.get()
     if listener is not None:
         listener(steps)
+
+
+def restored(steps: int) -> None:
+    """``steps`` optimizer steps that a resumed computation took before it stopped (restored
+    from its phase checkpoint, not taken now): told to the listener's ``restored`` method
+    where it has one (a progress bar shows them but leaves them out of its rate), else
+    counted as :func:`beat` counts them."""
+    listener = _LISTENER.get()
+    if listener is not None:
+        getattr(listener, "restored", listener)(steps)
