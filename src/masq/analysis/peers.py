@@ -22,8 +22,9 @@ a published value without a spread counts with ours alone).
 
 Where the preset names a ``reference`` row, :func:`paired_table` compares every other row
 with it per column, each at its own λ: runs of one seed share the task split, the
-initialisation and task 1's training, so the per-seed differences d = row − reference form
-pairs (:func:`masq.analysis.paired.paired_test`: mean of d, 95 % CI, two-sided p).
+initialisation and task 1's settings (its trained state too, where both start from one cached
+state), so the per-seed differences d = row − reference form pairs
+(:func:`masq.analysis.paired.paired_test`: mean of d, 95 % CI, two-sided p).
 """
 
 from __future__ import annotations
