@@ -455,6 +455,14 @@ def test_grid_then_peers_end_to_end(
     report = build_report([str(tmp_path / "o")], tmp_path / "report")
     part = next(p for p in report.parts if p.id == "peers")
     assert part.present and part.tables and part.figures
+    # every run of a seed started from its one cached task-1 state: no line says otherwise
+    assert "Task-1 states" not in (tmp_path / "o" / "peers.md").read_text(encoding="utf-8")
+    path = sorted((res / "runs").glob("*.json"))[0]
+    body = json.loads(path.read_text(encoding="utf-8"))
+    body["result"]["accuracy"][0][-1] += 0.001  # as if its task-1 state came from other code
+    path.write_text(json.dumps(body), encoding="utf-8")
+    assert main(again) == 0
+    assert "Task-1 states: in 1 of the 2 groups of runs" in capsys.readouterr().out
 
 
 def test_peers_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

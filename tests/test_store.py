@@ -428,6 +428,7 @@ def test_flat_row_of_a_three_task_record() -> None:
     assert row["bwt"] == pytest.approx(((0.4 - 0.9) + (0.5 - 0.8)) / 2)
     assert row["forgetting"] == pytest.approx(((0.9 - 0.4) + (0.8 - 0.5)) / 2)
     assert row["time.train"] == 6.0 and row["time.importance"] == 0.75
+    assert row["after_task1"] == "0.9|0.0|0.0"  # R's first row: what the task-1 state decides
     assert "best_val.union" not in row
 
 

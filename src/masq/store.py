@@ -397,6 +397,8 @@ def flat_row(record: Mapping[str, Any]) -> dict[str, Any]:
             row[f"{crit}.union"] = final[union][i]  # test accuracy at the selected point
             row[f"{crit}.val_union"] = final[VAL + union][i]  # what selects it
     row |= result.get("metrics", {})
+    first = result["accuracy"][0] if result["accuracy"] else []  # decided by the task-1 state
+    row["after_task1"] = "|".join(map(str, first)) if isinstance(first, list) else ""
     meta = result.get("meta", {})
     row["diverged"] = str(meta.get("diverged") or "")
     row["finished"] = str(meta.get("finished") or "")  # UTC ISO 8601; "" in older records
@@ -412,7 +414,8 @@ def load(root: str | os.PathLike[str]) -> pd.DataFrame:
     and ``tasks``), ``best.<set>`` / ``last.<set>`` (at the highest / the final accuracy on the
     union of all tasks during the final phase; ``best.iteration`` is where), ``best_val.*`` /
     ``last_val.*`` when runs evaluated the validation sets, ``average_accuracy``, ``bwt``,
-    ``forgetting``, and ``time.*`` in seconds. Curves: :func:`load_result`.
+    ``forgetting``, ``after_task1`` (the test accuracies after task 1 joined by "|", which
+    the task-1 state alone decides) and ``time.*`` in seconds. Curves: :func:`load_result`.
     """
     store = open_store(root)
     rows = [flat_row(check_record(store.run_path(rid))) for rid in sorted(store.listed_ids())]

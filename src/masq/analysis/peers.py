@@ -50,7 +50,7 @@ from masq.analysis.common import (
     write_analysis_files,
 )
 from masq.analysis.paired import paired_test
-from masq.config import RunConfig
+from masq.config import FIRST_FIELDS, RunConfig
 from masq.consolidation import get_method
 from masq.curves import VAL, task_name
 from masq.errors import ConfigError
@@ -112,6 +112,10 @@ def peer_frame(
                             cell_key(row.name, column), len(cells[cell_key(row.name, column)])
                         ),
                         **{key: part[key].to_numpy() for key in preset.tune_axes},
+                        "task1": part[[f for f in FIRST_FIELDS if f in part]]
+                        .astype(str)
+                        .agg("|".join, axis=1),
+                        "after_task1": part.get("after_task1", pd.Series("", part.index)),
                     }
                 )
             )
@@ -426,6 +430,33 @@ def compute_note(runs: int, worker_hours: float, read: int | None = None) -> str
     )
 
 
+def task1_states(frame: pd.DataFrame) -> tuple[int, int, int]:
+    """(groups of runs with the same task-1 settings whose accuracies after task 1 differ,
+    groups, runs in those groups): runs of one group start from one task-1 state where the
+    code that trained it is one, so their accuracies after task 1 are equal to the last digit;
+    a difference means states computed by different code (at least in float rounding)."""
+    runs = frame.drop_duplicates("run_id")
+    runs = runs[runs["after_task1"] != ""] if "after_task1" in runs else runs.iloc[:0]
+    if runs.empty:
+        return 0, 0, 0
+    states = runs.groupby("task1")["after_task1"].nunique()
+    mixed = states[states > 1].index
+    return len(mixed), len(states), int(runs["task1"].isin(mixed).sum())
+
+
+def task1_note(mixed: int, groups: int, runs: int) -> str:
+    """The line under a table whose runs start from more than one task-1 state per group
+    (:func:`task1_states`); "" where none does."""
+    if not mixed:
+        return ""
+    return (
+        f"\nTask-1 states: in {mixed} of the {groups} groups of runs with the same task-1 "
+        f"settings ({runs} runs), the accuracies after task 1 differ between runs: their task-1 "
+        "states were trained by different versions of masq (they differ at least in float "
+        "rounding, which later training amplifies), so those runs do not share one state.\n"
+    )
+
+
 def write_outputs(
     table: pd.DataFrame,
     frame: pd.DataFrame,
@@ -446,12 +477,16 @@ def write_outputs(
         read = (body or {}).get("runs")
         hours = float(compute["worker_seconds"]) / 3600
         md += compute_note(int(compute["runs"]), hours, None if read is None else int(read))
+    md += task1_note(*task1_states(frame))
     if not paired.empty:
         md += "\n" + paired_markdown(paired, preset)
     own = {"preset": preset.name, "title": preset.title, "citation": preset.citation,
            "marked": int(table["marked"].sum()) if not table.empty else 0}  # fmt: skip
     figures = [("peers.png", peer_figure(table, preset))]
-    written = write_analysis_files(out, "peers", md, table, frame, figures, {**(body or {}), **own})
+    points = frame.drop(columns=["task1", "after_task1"], errors="ignore")  # read above
+    written = write_analysis_files(
+        out, "peers", md, table, points, figures, {**(body or {}), **own}
+    )
     return md, written
 
 
@@ -465,6 +500,8 @@ __all__ = [
     "peer_frame",
     "peer_markdown",
     "peer_table",
+    "task1_note",
+    "task1_states",
     "tuning_and_table",
     "val_average",
     "write_outputs",
