@@ -14,7 +14,7 @@ from masq.config import RunConfig
 from masq.grid import GroupJob, expand
 from masq.grid import progress as flight
 from masq.grid.plan import chunks, placement
-from masq.grid.progress import advance
+from masq.grid.progress import GridBar
 from masq.runid import run_id
 from masq.store import Store
 from masq.training import heartbeat
@@ -116,15 +116,22 @@ def test_a_worker_writes_its_progress_file_and_removes_it(tmp_path: Path) -> Non
     assert not path.exists()
 
 
-def test_the_bar_only_moves_forward() -> None:
+def quiet_bar(total: int, initial: int = 0) -> GridBar:
+    """A shown bar that writes into a buffer (smoothing 0: its rate is (n − initial) / t)."""
     import io
 
     from tqdm import tqdm
 
-    bar = tqdm(total=6, file=io.StringIO())
-    advance(bar, 1.5)
-    advance(bar, 1.2)  # a stack's fraction gone before its runs are listed: no step back
-    advance(bar, 3.0)
+    bar = GridBar(total, initial, enabled=False)
+    bar.tqdm = tqdm(total=total, initial=initial, file=io.StringIO(), smoothing=0)
+    return bar
+
+
+def test_the_bar_only_moves_forward() -> None:
+    bar = quiet_bar(6)
+    bar.move(1.5)
+    bar.move(1.2)  # a stack's fraction gone before its runs are listed: no step back
+    bar.move(3.0)
     assert bar.n == pytest.approx(3.0)
 
 
@@ -146,21 +153,17 @@ def test_restored_work_is_on_the_bar_but_not_in_its_rate() -> None:
     """Runs resumed from phase checkpoints move the bar without a rate: the work counts as
     done before the grid, like the runs stored before it (tqdm's average rate reads
     (n − initial) / elapsed, its smoothed one the steps update() is given)."""
-    import io
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=10, initial=2, file=io.StringIO(), smoothing=0)
-    seen: dict[str, float] = {}
-    back = flight.restored_total(seen, {"a,b": 1.5})  # two runs resumed at 75 %
-    advance(bar, 2 + 1.6, back)  # and 0.05 of each trained since
-    assert bar.n == pytest.approx(3.6) and bar.initial == pytest.approx(3.5)
-    assert flight.restored_total(seen, {}) == 1.5  # stored meanwhile: still done before
-    advance(bar, 4.0, 1.5)  # the runs stored: no restored work added twice
-    assert bar.n == pytest.approx(4.0) and bar.initial == pytest.approx(3.5)
-    assert flight.restored_total(seen, {"a,b": 1.0, "c": 0.5}) == 2.0
-    quiet = tqdm(total=10, disable=True)
-    advance(quiet, 3.0, 2.0)  # a disabled bar: nothing to show, nothing fails
+    bar = quiet_bar(10, initial=2)
+    bar.move(2 + 1.6, {"a,b": 1.5})  # two runs resumed at 75 %, and 0.05 of each trained since
+    assert bar.n == pytest.approx(3.6) and bar.tqdm.initial == pytest.approx(3.5)
+    bar.move(4.0, {})  # the runs stored: their restored work still counts, not twice
+    assert bar.n == pytest.approx(4.0) and bar.tqdm.initial == pytest.approx(3.5)
+    bar.move(4.0, {"a,b": 1.0, "c": 0.5})  # a lower reading of a,b keeps its largest
+    assert bar.restored == {"a,b": 1.5, "c": 0.5}
+    assert bar.n == pytest.approx(4.5) and bar.tqdm.initial == pytest.approx(4.0)
+    hidden = GridBar(10, 0, enabled=False)
+    hidden.move(3.0, {"a": 2.0})  # a disabled bar: nothing to show, nothing fails
+    hidden.close()
 
 
 def test_a_grid_in_a_pool_shows_its_stacks_in_flight(tmp_path: Path) -> None:

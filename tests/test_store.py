@@ -3,6 +3,7 @@ records verified before they count, checksummed tensor caches, writes that fail.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from masq import fileio, migrate, runid, store
 from masq.config import FIELDS, RunConfig, Stage
 from masq.errors import ConfigError
+from masq.grid import d1_key
 from masq.protocol import Result, build_result
 from masq.runid import run_id
 from masq.store import Store
@@ -429,6 +431,11 @@ def test_flat_row_of_a_three_task_record() -> None:
     assert row["forgetting"] == pytest.approx(((0.9 - 0.4) + (0.8 - 0.5)) / 2)
     assert row["time.train"] == 6.0 and row["time.importance"] == 0.75
     assert row["after_task1"] == "0.9|0.0|0.0"  # R's first row: what the task-1 state decides
+    assert row["task1"] == d1_key(config)  # the grid's key of that state (d1 cache)
+    later = dataclasses.replace(config, lam=1e3, gamma=0.9)  # settings of later phases only
+    moved = dataclasses.replace(result, config=later).to_dict()
+    other = store.flat_row({"run_id": run_id(later), "version": 2, "result": moved})
+    assert other["task1"] == row["task1"] != d1_key(dataclasses.replace(config, seed=1))
     assert "best_val.union" not in row
 
 

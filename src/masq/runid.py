@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from masq.config import FIELD, LEGACY_ID_VALUES, Choice, Stage
+from masq.config import FIELD, FIRST_FIELDS, LEGACY_ID_VALUES, Choice, Stage
 
 ID_LENGTH = 20
 
@@ -70,3 +70,11 @@ def key_of(values: Mapping[str, Any]) -> str:
     """A stable short hash of any JSON-ready mapping (the task-1 and importance cache keys)."""
     text = json.dumps(dict(values), sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:ID_LENGTH]
+
+
+def d1_key(config: Any) -> str:
+    """The key of a run's task-1 state (its cache file, the group of runs that share it):
+    :func:`key_of` the ``FIRST_FIELDS`` of :func:`id_dict` (those added since store format 1
+    only where they differ from their defaults, as in run ids)."""
+    d = id_dict(config)
+    return key_of({name: d[name] for name in FIRST_FIELDS if name in d})

@@ -49,7 +49,7 @@ from masq.fileio import (
     writable_dir,
     write_tensors,
 )
-from masq.runid import config_dict, run_id
+from masq.runid import config_dict, d1_key, run_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from masq.protocol.result import Result
@@ -397,6 +397,7 @@ def flat_row(record: Mapping[str, Any]) -> dict[str, Any]:
             row[f"{crit}.union"] = final[union][i]  # test accuracy at the selected point
             row[f"{crit}.val_union"] = final[VAL + union][i]  # what selects it
     row |= result.get("metrics", {})
+    row["task1"] = d1_key(config)  # the runs that share its task-1 state (masq.grid.plan)
     first = result["accuracy"][0] if result["accuracy"] else []  # decided by the task-1 state
     row["after_task1"] = "|".join(map(str, first)) if isinstance(first, list) else ""
     meta = result.get("meta", {})
@@ -414,8 +415,9 @@ def load(root: str | os.PathLike[str]) -> pd.DataFrame:
     and ``tasks``), ``best.<set>`` / ``last.<set>`` (at the highest / the final accuracy on the
     union of all tasks during the final phase; ``best.iteration`` is where), ``best_val.*`` /
     ``last_val.*`` when runs evaluated the validation sets, ``average_accuracy``, ``bwt``,
-    ``forgetting``, ``after_task1`` (the test accuracies after task 1 joined by "|", which
-    the task-1 state alone decides) and ``time.*`` in seconds. Curves: :func:`load_result`.
+    ``forgetting``, ``task1`` (the key of the run's task-1 state, :func:`masq.runid.d1_key`),
+    ``after_task1`` (the test accuracies after task 1 joined by "|", which that state alone
+    decides) and ``time.*`` in seconds. Curves: :func:`load_result`.
     """
     store = open_store(root)
     rows = [flat_row(check_record(store.run_path(rid))) for rid in sorted(store.listed_ids())]

@@ -50,7 +50,7 @@ from masq.analysis.common import (
     write_analysis_files,
 )
 from masq.analysis.paired import paired_test
-from masq.config import FIRST_FIELDS, RunConfig
+from masq.config import RunConfig
 from masq.consolidation import get_method
 from masq.curves import VAL, task_name
 from masq.errors import ConfigError
@@ -112,9 +112,7 @@ def peer_frame(
                             cell_key(row.name, column), len(cells[cell_key(row.name, column)])
                         ),
                         **{key: part[key].to_numpy() for key in preset.tune_axes},
-                        "task1": part[[f for f in FIRST_FIELDS if f in part]]
-                        .astype(str)
-                        .agg("|".join, axis=1),
+                        "task1": part.get("task1", part["run_id"]),  # masq.runid.d1_key
                         "after_task1": part.get("after_task1", pd.Series("", part.index)),
                     }
                 )

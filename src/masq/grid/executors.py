@@ -43,7 +43,7 @@ from masq.fileio import LockHeld, atomic_write, exclusive_lock
 from masq.grid.connect import RAY_TIMEOUT, connect_ray
 from masq.grid.group import GroupJob, GroupOutcome, TasksCache, TasksFn, run_group
 from masq.grid.plan import one_by_one, plan, spread
-from masq.grid.progress import advance, in_flight, progress_bar, restored_total
+from masq.grid.progress import GridBar, in_flight
 from masq.grid.progress import clear as clear_progress
 from masq.protocol.resume import PHASES_DIR
 from masq.runid import run_id
@@ -280,7 +280,7 @@ def execute(
             for part in spread(plan(todo), pool, stack, order=ray or workers > 1)
         ]
         summary = Summary(len(all_ids), len(all_ids & stored), 0, {}, 0, 0, 0.0)
-        bar = progress_bar(len(all_ids), len(all_ids & stored), progress)
+        bar = GridBar(len(all_ids), len(all_ids & stored), progress)
         try:
             if ray:
                 outcomes = _run_ray(jobs, store, (address, ray_timeout), threads, bar, all_ids)
@@ -299,15 +299,15 @@ def execute(
     return summary
 
 
-def _poll(bar: Any, store: Store, ids: set[str], seen: dict[str, float]) -> None:
-    """Move the bar to the runs stored and in flight (``seen``: restored work per chunk)."""
+def _poll(bar: GridBar, store: Store, ids: set[str]) -> None:
+    """Move the bar to the runs stored and in flight."""
     stored = store.listed_ids() & ids
     flight = in_flight(store.root, stored)
-    advance(bar, len(stored) + flight.work, restored_total(seen, flight.restored))
+    bar.move(len(stored) + flight.work, flight.restored)
 
 
 def _run_inline(
-    jobs: list[GroupJob], threads: int, bar: Any
+    jobs: list[GroupJob], threads: int, bar: GridBar
 ) -> list[tuple[GroupJob, GroupOutcome]]:
     before = torch.get_num_threads()
     out = []
@@ -316,13 +316,10 @@ def _run_inline(
 
     def done(n: int) -> None:
         stored[0] += n
-        advance(bar, stored[0])
-
-    seen: dict[str, float] = {}  # restored work per chunk (masq.grid.progress)
+        bar.move(stored[0])
 
     def moving(runs: Sequence[str], fraction: float, restored: float = 0.0) -> None:
-        back = restored_total(seen, {",".join(runs): restored * len(runs)})
-        advance(bar, stored[0] + fraction * len(runs), back)
+        bar.move(stored[0] + fraction * len(runs), {",".join(runs): restored * len(runs)})
 
     try:
         for job in jobs:
@@ -353,7 +350,7 @@ def _failed_job(store: Store, job: GroupJob, err: BaseException | str) -> GroupO
 
 
 def _run_pool(
-    jobs: list[GroupJob], store: Store, workers: int, threads: int, bar: Any, ids: set[str]
+    jobs: list[GroupJob], store: Store, workers: int, threads: int, bar: GridBar, ids: set[str]
 ) -> list[tuple[GroupJob, GroupOutcome]]:
     context = multiprocessing.get_context("spawn")
     out: list[tuple[GroupJob, GroupOutcome]] = []
@@ -368,7 +365,6 @@ def _run_pool(
         futures = {pool.submit(run_group, job): job for job in jobs}
         pending = set(futures)
         workers_seen = dict(getattr(pool, "_processes", None) or {})
-        restored: dict[str, float] = {}  # per chunk in flight, for the bar (_poll)
         try:
             while pending:
                 finished, pending = cf.wait(pending, timeout=2.0, return_when=cf.FIRST_COMPLETED)
@@ -389,7 +385,7 @@ def _run_pool(
                         proc.join(timeout=0.2)  # before a loaded machine reaps it elsewhere
                     stop_workers(pool)
                     raise _stopped(store, jobs, out, list(workers_seen.values()))
-                _poll(bar, store, ids, restored)
+                _poll(bar, store, ids)
         except BaseException:  # Ctrl-C, SIGTERM (masq.cli), a stop: no worker goes on
             stop_workers(pool)
             raise
@@ -458,7 +454,7 @@ def _run_ray(
     store: Store,
     where: tuple[str | None, float],
     threads: int,
-    bar: Any,
+    bar: GridBar,
     ids: set[str],
 ) -> list[tuple[GroupJob, GroupOutcome]]:
     try:
@@ -478,7 +474,6 @@ def _run_ray(
         remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=1)(run_group)
         refs = {remote.remote(job): job for job in jobs}
         pending = list(refs)
-        restored: dict[str, float] = {}  # per chunk in flight, for the bar (_poll)
         out: list[tuple[GroupJob, GroupOutcome]] = []
         while pending:
             finished, pending = ray.wait(pending, num_returns=1, timeout=2.0)
@@ -502,7 +497,7 @@ def _run_ray(
                 outcome.records = {}
                 out.append((job, outcome))
                 check_first(out)
-            _poll(bar, store, ids, restored)
+            _poll(bar, store, ids)
         return out
     finally:
         if started:

@@ -16,16 +16,9 @@ from masq.config import FIRST_FIELDS, IMPORTANCE_FIELDS, RunConfig, n_params
 from masq.consolidation import get_method
 from masq.importance import get_measure
 from masq.protocol import stackable
-from masq.runid import id_dict, key_of
+from masq.runid import d1_key, id_dict, key_of
 
 T = TypeVar("T")
-
-
-def d1_key(config: RunConfig) -> str:
-    """The cache key of a task-1 state: a hash of the ``FIRST_FIELDS`` of ``config`` (those
-    added since store format 1 only where they differ from their defaults, as in run ids)."""
-    d = id_dict(config)
-    return key_of({name: d[name] for name in FIRST_FIELDS if name in d})
 
 
 def importance_key(config: RunConfig) -> str:

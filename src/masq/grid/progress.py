@@ -161,46 +161,57 @@ def in_flight(root: str | os.PathLike[str], stored: Iterable[str]) -> InFlight:
     return InFlight(total, restored)
 
 
-def restored_total(seen: dict[str, float], restored: Mapping[str, float]) -> float:
-    """Fold the chunks' restored work of one reading (:class:`InFlight`) into ``seen``, the
-    largest seen per chunk over a grid, and return its sum: the work on the bar that was done
-    before this grid started."""
-    for key, value in restored.items():
-        seen[key] = max(seen.get(key, 0.0), value)
-    return sum(seen.values())
-
-
 BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
-def progress_bar(total: int, initial: int, enabled: bool) -> Any:
-    """Runs stored plus the fraction done of the stacks in flight (:mod:`masq.grid.progress`),
-    so the bar and its ETA move while a long stack trains."""
-    from tqdm.auto import tqdm
+class GridBar:
+    """A grid's progress bar: runs stored plus the fraction done of the stacks in flight, so
+    the bar and its ETA move while a long stack trains.
 
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc="grid",
-        unit="run",
-        disable=not enabled,
-        dynamic_ncols=True,
-        smoothing=0.05,
-        bar_format=BAR_FORMAT,
-    )
+    Work restored from phase checkpoints (runs resumed, :class:`InFlight`) was done before
+    this grid started: the bar shows it but leaves it out of its rate and ETA, as it leaves
+    out the runs stored before. ``restored`` keeps the largest such work seen per chunk (its
+    run ids joined by commas) over the grid, so a chunk stored meanwhile still counts it.
+    """
 
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
 
-def advance(bar: Any, runs: float, restored: float = 0.0) -> None:
-    """Move ``bar`` up to ``runs`` (stored runs plus the fractions in flight); it never goes
-    back (a stack's fraction ends where its runs are stored). ``restored``: how much of that
-    work was done before this grid started (runs resumed from phase checkpoints, over the
-    grid so far, :func:`restored_total`); the bar shows it but leaves it out of its rate and
-    ETA, as it leaves out the runs stored before."""
-    extra = restored - getattr(bar, "restored", 0.0)
-    if extra > 1e-9 and not getattr(bar, "disable", False):
-        bar.restored = restored
-        bar.n += extra  # no update(): tqdm's rate would count it as work done now
-        bar.initial += extra
-        bar.last_print_n += extra
-    if runs > bar.n + 1e-9:
-        bar.update(runs - bar.n)
+        self.tqdm: Any = tqdm(
+            total=total,
+            initial=initial,
+            desc="grid",
+            unit="run",
+            disable=not enabled,
+            dynamic_ncols=True,
+            smoothing=0.05,
+            bar_format=BAR_FORMAT,
+        )
+        self.restored: dict[str, float] = {}
+        self.shown = 0.0  # the restored work already added to the bar
+
+    @property
+    def n(self) -> float:
+        """Where the bar stands, in runs."""
+        return float(self.tqdm.n)
+
+    def move(self, runs: float, restored: Mapping[str, float] | None = None) -> None:
+        """Move up to ``runs`` (stored runs plus the fractions in flight); never back (a
+        stack's fraction ends where its runs are stored). ``restored``: one reading of the
+        chunks' restored work (:attr:`InFlight.restored`), Σ max per chunk over the grid
+        added to tqdm's ``n`` and ``initial`` outside its rate."""
+        for key, value in (restored or {}).items():
+            self.restored[key] = max(self.restored.get(key, 0.0), value)
+        extra = sum(self.restored.values()) - self.shown
+        bar = self.tqdm
+        if extra > 1e-9 and not getattr(bar, "disable", False):
+            self.shown += extra
+            bar.n += extra  # no update(): tqdm's rate would count it as work done now
+            bar.initial += extra
+            bar.last_print_n += extra
+        if runs > bar.n + 1e-9:
+            bar.update(runs - bar.n)
+
+    def close(self) -> None:
+        """Close the bar (its last line stays)."""
+        self.tqdm.close()
