@@ -1202,7 +1202,7 @@ def test_estimate_is_the_arithmetic_of_the_measured_costs(monkeypatch: pytest.Mo
     one = grid.estimate(groups, 4, workers=1, threads=1)  # one worker: the work itself
     assert one.total == pytest.approx(d1 + imp + d2)
     assert (est.workers, est.threads, est.architectures) == (2, 1, 2)
-    assert est.measured == ((6, 4), (8,))  # by parameter count: 4,788 < 6,370
+    assert est.measured == ((784, 6, 4, 10), (784, 8, 10))  # by parameter count: 4,788 < 6,370
     assert grid.estimate([], 4, workers=1, threads=1).total == 0.0
     # no importance, no pass (a config as given, not canonicalized: λ > 0 with "none")
     plain = RunConfig(slt="D3-3-4", hidden=(8,), iters1=12, iters2=10, eval_every=5, lam=10.0,
@@ -1322,19 +1322,29 @@ def test_estimate_calibrates_at_each_batch_size_of_the_grid(
     assert both.total == pytest.approx(est_small.total + est_large.total)
 
 
-def test_estimate_calibrates_at_the_grids_input_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A padded grid (--pad 2: 32×32 inputs) is timed on nets with 1,024 inputs."""
-    seen: list[int] = []
+def test_estimate_calibrates_at_the_grids_input_and_head_sizes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A padded grid (--pad 2: 32×32 inputs) is timed on nets with 1,024 inputs; permuted
+    tasks in the task scenario on a head of T·10 units (the head the runs build), in the
+    domain scenario on 10."""
+    seen: list[tuple[int, int]] = []
 
-    def by_inputs(hidden: tuple[int, ...], stack: int, *a: Any, **kw: Any) -> dict[str, float]:
-        seen.append(kw.get("in_features", 784))
+    def by_size(hidden: tuple[int, ...], stack: int, *a: Any, **kw: Any) -> dict[str, float]:
+        seen.append((kw.get("in_features", 784), kw.get("classes", 10)))
         return dict(UNIT)
 
-    monkeypatch.setattr(estimate_module, "measure", by_inputs)
+    monkeypatch.setattr(estimate_module, "measure", by_size)
     plain = expand(tiny_grid(hidden=((8,),)))
     padded = expand(tiny_grid(hidden=((8,),), pad=(2,)))
-    grid.estimate(grid.plan(plain + padded), 4, workers=1, threads=1)
-    assert sorted(seen) == [784, 1024]
+    est = grid.estimate(grid.plan(plain + padded), 4, workers=1, threads=1)
+    assert sorted(seen) == [(784, 10), (1024, 10)]
+    assert sorted(est.measured) == [(784, 8, 10), (1024, 8, 10)]  # what the dry run prints
+    seen.clear()
+    permuted = expand(tiny_grid(slt=("DP10-10-10",), hidden=((8,),), scenario=("task", "domain")))
+    est = grid.estimate(grid.plan(permuted), 4, workers=1, threads=1)
+    assert sorted(seen) == [(784, 10), (784, 30)]
+    assert sorted(est.measured) == [(784, 8, 10), (784, 8, 30)]
 
 
 def test_measure_times_a_net_of_the_given_input_size() -> None:

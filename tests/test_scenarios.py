@@ -169,6 +169,17 @@ def test_n_outputs_covers_labels_and_units() -> None:
         scenarios.n_outputs([])
 
 
+@pytest.mark.parametrize("spec", ["D2-2-2-2-2", "D5-5", "D9-1", "DP10-10-10", "D3-3-4"])
+@pytest.mark.parametrize("kind", [s.value for s in Scenario])
+def test_head_size_without_images_is_the_head_of_the_built_tasks(spec: str, kind: str) -> None:
+    """The estimate's head (from the SLT's classes alone) is the one a run builds."""
+    from masq.slt import parse_spec
+
+    built = tasks.make(spec, dataset=synthetic_dataset(40, 20, 20), seed=0)
+    expected = scenarios.n_outputs(scenarios.apply_scenario(built, kind))
+    assert scenarios.head_size(parse_spec(spec).task_classes, kind) == expected
+
+
 def test_head_bias_refuses_units_outside_the_head() -> None:
     for bad in [(), (0, 5), (-1, 2)]:
         with pytest.raises(ConfigError, match="units"):

@@ -103,6 +103,14 @@ def n_outputs(tasks: Sequence[Task]) -> int:
     return 1 + max(max(_outputs_used(t)) for t in tasks)
 
 
+def head_size(task_classes: Sequence[Sequence[int]], scenario: Scenario | str) -> int:
+    """:func:`n_outputs` of tasks with these classes in ``scenario``, found without their
+    images (the head a run builds, for a time estimate before any data is loaded)."""
+    none = (torch.zeros(0, 1), torch.zeros(0, dtype=torch.int64))
+    tasks = [Task(str(i), tuple(c), None, none, none, none) for i, c in enumerate(task_classes)]
+    return n_outputs(apply_scenario(tasks, scenario))
+
+
 def _outputs_used(task: Task) -> tuple[int, ...]:
     """The output units ``task`` touches: its labels (its classes if not relabelled) and its
     active units."""

@@ -84,8 +84,7 @@ def plan_lines(
     if not todo:
         return lines, 0.0
     est = search.estimate(groups, stack, workers=workers, threads=threads)
-    inputs = "/".join(str(n) for n in sorted({c.in_features for c in todo}))  # (28 + 2·pad)²
-    measured = ", ".join(f"{inputs}-" + "-".join(map(str, h)) + "-10" for h in est.measured)
+    measured = ", ".join("-".join(map(str, widths)) for widths in est.measured)
     share = est.evaluation / est.total if est.total > 0 else 0.0
     lines += [
         f"calibration: a few iterations of {measured} on this machine ({len(est.measured)} of "

@@ -23,6 +23,7 @@ from masq.grid.plan import (
 )
 from masq.importance import get_measure
 from masq.runtime import default_threads
+from masq.scenarios import head_size
 from masq.slt import parse_spec
 from masq.training import eval_iterations
 
@@ -38,7 +39,7 @@ class Estimate:
     evaluation: float
     workers: int
     threads: int
-    measured: tuple[tuple[int, ...], ...]
+    measured: tuple[tuple[int, ...], ...]  # the widths of the nets timed, input to head
     architectures: int
 
 
@@ -98,13 +99,15 @@ def measure(
     measures: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int = 100,
     in_features: int = 784,
+    classes: int = 10,
 ) -> dict[str, float]:
     """Seconds per: D1 training iteration (mini-batches of ``batch_size``, Adam), D2
     iteration of a stack of ``stack`` runs with the EWC penalty ("d2_iter"; ``stack=1``: one
     run, ``train_task``) and of one run ("d2_iter_one"), evaluated sample (one model / a
     stack), and importance sample (batches of 1000, forward and backward, float32), timed on
-    random images of ``in_features`` pixels (2,000, ``long - short`` iterations, the median of
-    :data:`REPEATS` pairs) in ``precision`` on ``device`` (the grid's).
+    random images of ``in_features`` pixels with a head of ``classes`` units (2,000,
+    ``long - short`` iterations, the median of :data:`REPEATS` pairs) in ``precision`` on
+    ``device`` (the grid's).
 
     ``measures`` ({measure name: its settings}, those of the grid) adds, per measure computed
     after a phase, the seconds per sample of its own pass ("importance_sample:<name>") and,
@@ -122,7 +125,7 @@ def measure(
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(2000, in_features, generator=gen).to(dev)
     y = torch.randint(0, 10, (2000,), generator=gen).to(dev)
-    model = mlp(hidden, in_features=in_features, seed=0).to(dev)
+    model = mlp(hidden, in_features=in_features, classes=classes, seed=0).to(dev)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     importance = {k: torch.rand_like(v) for k, v in state.items()}
     anchor = ewc.anchor(model, importance)
@@ -262,15 +265,16 @@ def calibrate(
     measures: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int = 100,
     in_features: int = 784,
+    classes: int = 10,
 ) -> tuple[dict[tuple[int, ...], dict[str, float]], tuple[tuple[int, ...], ...]]:
     """Per architecture the costs of :func:`measure` (with ``measures``, mini-batches of
-    ``batch_size``, inputs of ``in_features`` pixels), measured with ``threads`` torch threads
-    for up to ``max_measured`` architectures (smallest, largest, middle by parameter count)
-    and interpolated linearly in the parameter count for the others; in ``precision`` on
-    ``device``."""
+    ``batch_size``, inputs of ``in_features`` pixels, a head of ``classes`` units), measured
+    with ``threads`` torch threads for up to ``max_measured`` architectures (smallest,
+    largest, middle by parameter count) and interpolated linearly in the parameter count
+    for the others; in ``precision`` on ``device``."""
 
     def size(h: tuple[int, ...]) -> int:
-        return n_params(h, in_features)
+        return n_params(h, in_features, classes)
 
     distinct = sorted(set(archs), key=size)
     if len(distinct) <= max_measured:
@@ -295,6 +299,8 @@ def calibrate(
             extra = {**extra, "measures": measures}
         if in_features != 784:
             extra = {**extra, "in_features": in_features}
+        if classes != 10:
+            extra = {**extra, "classes": classes}
         measured = {h: measure(h, stack, batch_size=batch_size, **extra) for h in picked}
     finally:
         torch.set_num_threads(before)
@@ -393,10 +399,12 @@ def _chunk_costs(
     return imp, phases * (chunk[0].iters2 * c["d2_iter"] + e2) * scale, phases * e2 * scale
 
 
-def _calibration_key(config: RunConfig) -> tuple[str, int, int]:
-    """What a calibration is measured at besides the architecture: (precision, batch size,
-    input pixels (28 + 2·pad)²)."""
-    return str(config.precision), int(config.batch_size), config.in_features
+def _calibration_key(config: RunConfig) -> tuple[str, int, int, int]:
+    """What a calibration is measured at besides the hidden layers: (precision, batch size,
+    input pixels (28 + 2·pad)², head units (:func:`masq.scenarios.head_size`: T·10 for
+    permuted MNIST's task and class-blocks scenarios))."""
+    classes = head_size(parse_spec(config.slt).task_classes, config.scenario)
+    return str(config.precision), int(config.batch_size), config.in_features, classes
 
 
 def estimate(
@@ -420,12 +428,12 @@ def estimate(
             found = get_measure(config.importance)
             if found.compute is not None and found.name not in measures:
                 measures[found.name] = found.settings(config)
-    costs: dict[tuple[tuple[int, ...], str, int, int], dict[str, float]] = {}
-    picked: tuple[tuple[int, ...], ...] = ()
-    archs_at: dict[tuple[str, int, int], list[tuple[int, ...]]] = {}  # per calibration key
+    costs: dict[tuple[tuple[int, ...], str, int, int, int], dict[str, float]] = {}
+    picked: tuple[tuple[int, ...], ...] = ()  # widths of the nets timed
+    archs_at: dict[tuple[str, int, int, int], list[tuple[int, ...]]] = {}  # per key
     for g in groups:
         archs_at.setdefault(_calibration_key(g.configs[0]), []).append(g.configs[0].hidden)
-    for (precision, batch, pixels), of_p in archs_at.items():
+    for (precision, batch, pixels, classes), of_p in archs_at.items():
         kw: dict[str, Any] = (
             {}
             if (precision, device) == ("fp32", "cpu")
@@ -436,11 +444,13 @@ def estimate(
         )
         if pixels != 784:
             kw["in_features"] = pixels
+        if classes != 10:
+            kw["classes"] = classes
         measured, chosen = calibrate(
             of_p, stack, threads=threads, measures=measures, batch_size=batch, **kw
         )
-        costs |= {(h, precision, batch, pixels): v for h, v in measured.items()}
-        picked = tuple(dict.fromkeys((*picked, *chosen)))
+        costs |= {(h, precision, batch, pixels, classes): v for h, v in measured.items()}
+        picked = tuple(dict.fromkeys((*picked, *((pixels, *h, classes) for h in chosen))))
     parts: list[list[tuple[tuple[RunConfig, ...], float]]] = []  # per group: (chunk, seconds)
     shared: list[tuple[float, float]] = []  # per group: task-1 training, importance passes
     d1 = imp = d2 = ev = 0.0
