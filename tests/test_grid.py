@@ -1345,6 +1345,7 @@ def test_estimate_calibrates_at_the_grids_input_and_head_sizes(
     est = grid.estimate(grid.plan(permuted), 4, workers=1, threads=1)
     assert sorted(seen) == [(784, 10), (784, 30)]
     assert sorted(est.measured) == [(784, 8, 10), (784, 8, 30)]
+    assert est.architectures == 2  # one hidden shape, two heads
 
 
 def test_measure_times_a_net_of_the_given_input_size() -> None:

@@ -40,7 +40,7 @@ class Estimate:
     workers: int
     threads: int
     measured: tuple[tuple[int, ...], ...]  # the widths of the nets timed, input to head
-    architectures: int
+    architectures: int  # distinct nets (input, hidden and head widths) among the groups
 
 
 def task_sizes(slt: str, eval_val: bool, train_on_val: bool = False) -> tuple[int, int]:
@@ -485,5 +485,5 @@ def estimate(
         workers,
         threads,
         picked,
-        len(set(archs)),
+        len({(k[2], *h, k[3]) for k, hs in archs_at.items() for h in hs}),  # distinct widths
     )
