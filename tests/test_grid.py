@@ -1348,8 +1348,10 @@ def test_estimate_calibrates_at_the_grids_input_and_head_sizes(
     assert est.architectures == 2  # one hidden shape, two heads
 
 
-def test_measure_times_a_net_of_the_given_input_size() -> None:
-    costs = estimate_module.measure((8,), 2, short=1, long=2, in_features=1024)
+@pytest.mark.parametrize(("pixels", "classes"), [(1024, 10), (784, 2), (784, 100)])
+def test_measure_times_a_net_of_the_given_input_and_head_sizes(pixels: int, classes: int) -> None:
+    """Its labels lie on the head (split MNIST's domain scenario: 2 units)."""
+    costs = estimate_module.measure((8,), 2, short=1, long=2, in_features=pixels, classes=classes)
     assert costs and all(math.isfinite(v) and v >= 0 for v in costs.values())
 
 

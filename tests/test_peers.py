@@ -15,9 +15,10 @@ import pytest
 import masq.data
 from masq.analysis import peers as analysis
 from masq.cli import main
+from masq.config import RunConfig
 from masq.errors import ConfigError
 from masq.grid import peers, tune
-from masq.runid import run_id
+from masq.runid import d1_key, run_id
 from tests.synthetic import learnable_dataset
 
 TINY: dict[str, Any] = {
@@ -457,9 +458,23 @@ def test_grid_then_peers_end_to_end(
     assert part.present and part.tables and part.figures
     # every run of a seed started from its one cached task-1 state: no line says otherwise
     assert "Task-1 states" not in (tmp_path / "o" / "peers.md").read_text(encoding="utf-8")
+    # each record names its task-1 state's fingerprint: one per group, stacked or one by one
+    prints: dict[str, set[str]] = {}
+    for record in sorted((res / "runs").glob("*.json")):
+        result = json.loads(record.read_text(encoding="utf-8"))["result"]
+        key = d1_key(RunConfig.from_dict(result["config"]))
+        prints.setdefault(key, set()).add(result["meta"]["task1_state"])
+    assert all(len(v) == 1 and "" not in v for v in prints.values())
+    assert len(set().union(*prints.values())) == len(prints) == 2
     path = sorted((res / "runs").glob("*.json"))[0]
-    body = json.loads(path.read_text(encoding="utf-8"))
-    body["result"]["accuracy"][0][-1] += 0.001  # as if its task-1 state came from other code
+    text = path.read_text(encoding="utf-8")
+    body = json.loads(text)
+    body["result"]["accuracy"][0][-1] += 0.001  # as if its task-1 state rounded differently
+    path.write_text(json.dumps(body), encoding="utf-8")
+    assert main(again) == 0
+    assert "Task-1 states: in 1 of the 2 groups of runs" in capsys.readouterr().out
+    body = json.loads(text)  # the same accuracies, another state's fingerprint
+    body["result"]["meta"]["task1_state"] = "0" * 16
     path.write_text(json.dumps(body), encoding="utf-8")
     assert main(again) == 0
     assert "Task-1 states: in 1 of the 2 groups of runs" in capsys.readouterr().out

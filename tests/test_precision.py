@@ -275,6 +275,20 @@ def test_a_record_says_which_wait_policy_ran(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     meta = run_meta(torch.device("cpu"))
     assert meta["omp_wait_policy"] == "PASSIVE" and meta["threads"] == torch.get_num_threads()
+    assert meta["cpu"] and meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_a_state_s_fingerprint_tells_bit_equal_states_apart() -> None:
+    from masq.protocol.result import state_fingerprint
+
+    state = {"b": torch.linspace(0, 1, 6).reshape(2, 3), "a": torch.ones(3)}
+    same = {"a": torch.ones(3), "b": torch.linspace(0, 1, 6).reshape(2, 3)}  # other order
+    assert state_fingerprint(state) == state_fingerprint(same)
+    assert len(state_fingerprint(state)) == 16
+    nudged = {**state, "b": torch.nextafter(state["b"], torch.tensor(2.0))}  # one ulp each
+    assert state_fingerprint(nudged) != state_fingerprint(state)
+    assert state_fingerprint({**state, "b": state["b"].reshape(3, 2)}) != state_fingerprint(state)
+    assert state_fingerprint({"c": state["a"], "b": state["b"]}) != state_fingerprint(state)
 
 
 def test_importing_the_cli_changes_no_environment_and_loads_no_torch() -> None:

@@ -41,6 +41,23 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux: the first "model name" of /proc/cpuinfo; else
+    :func:`platform.processor`), "unknown" where neither says. Float results of the same
+    code on the same data can differ between processors (their kernels round differently),
+    so records name it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def default_threads(workers: int) -> int:
     """The torch threads of each of ``workers`` local workers: the cores shared out, at
     least one."""

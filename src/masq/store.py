@@ -401,6 +401,7 @@ def flat_row(record: Mapping[str, Any]) -> dict[str, Any]:
     first = result["accuracy"][0] if result["accuracy"] else []  # decided by the task-1 state
     row["after_task1"] = "|".join(map(str, first)) if isinstance(first, list) else ""
     meta = result.get("meta", {})
+    row["task1_state"] = str(meta.get("task1_state") or "")  # "" in older records
     row["diverged"] = str(meta.get("diverged") or "")
     row["finished"] = str(meta.get("finished") or "")  # UTC ISO 8601; "" in older records
     for k, values in result.get("timings", {}).items():
@@ -415,9 +416,10 @@ def load(root: str | os.PathLike[str]) -> pd.DataFrame:
     and ``tasks``), ``best.<set>`` / ``last.<set>`` (at the highest / the final accuracy on the
     union of all tasks during the final phase; ``best.iteration`` is where), ``best_val.*`` /
     ``last_val.*`` when runs evaluated the validation sets, ``average_accuracy``, ``bwt``,
-    ``forgetting``, ``task1`` (the key of the run's task-1 state, :func:`masq.runid.d1_key`),
-    ``after_task1`` (the test accuracies after task 1 joined by "|", which that state alone
-    decides) and ``time.*`` in seconds. Curves: :func:`load_result`.
+    ``forgetting``, ``task1`` (the key of the run's task-1 settings, :func:`masq.runid.d1_key`),
+    ``after_task1`` (the test accuracies after task 1 joined by "|", which its task-1 state
+    alone decides), ``task1_state`` (that state's fingerprint, "" in older records) and
+    ``time.*`` in seconds. Curves: :func:`load_result`.
     """
     store = open_store(root)
     rows = [flat_row(check_record(store.run_path(rid))) for rid in sorted(store.listed_ids())]

@@ -114,6 +114,7 @@ def peer_frame(
                         **{key: part[key].to_numpy() for key in preset.tune_axes},
                         "task1": part.get("task1", part["run_id"]),  # masq.runid.d1_key
                         "after_task1": part.get("after_task1", pd.Series("", part.index)),
+                        "task1_state": part.get("task1_state", pd.Series("", part.index)),
                     }
                 )
             )
@@ -429,15 +430,19 @@ def compute_note(runs: int, worker_hours: float, read: int | None = None) -> str
 
 
 def task1_states(frame: pd.DataFrame) -> tuple[int, int, int]:
-    """(groups of runs with the same task-1 settings whose accuracies after task 1 differ,
-    groups, runs in those groups): runs of one group start from one task-1 state where the
-    code that trained it is one, so their accuracies after task 1 are equal to the last digit;
-    a difference means states computed by different code (at least in float rounding)."""
+    """(groups of runs with the same task-1 settings that started from more than one task-1
+    state, groups, runs in those groups). Runs of one group share one state where one machine
+    trained it once (the grid caches it), so their accuracies after task 1 agree to the last
+    digit and so do their states' fingerprints (``task1_state``, in records that hold one);
+    a difference in either means states that differ, at least in float rounding."""
     runs = frame.drop_duplicates("run_id")
     runs = runs[runs["after_task1"] != ""] if "after_task1" in runs else runs.iloc[:0]
     if runs.empty:
         return 0, 0, 0
     states = runs.groupby("task1")["after_task1"].nunique()
+    if "task1_state" in runs:
+        prints = runs[runs["task1_state"] != ""].groupby("task1")["task1_state"].nunique()
+        states = states.combine(prints, max, fill_value=0)
     mixed = states[states > 1].index
     return len(mixed), len(states), int(runs["task1"].isin(mixed).sum())
 
@@ -449,9 +454,10 @@ def task1_note(mixed: int, groups: int, runs: int) -> str:
         return ""
     return (
         f"\nTask-1 states: in {mixed} of the {groups} groups of runs with the same task-1 "
-        f"settings ({runs} runs), the accuracies after task 1 differ between runs: their task-1 "
-        "states were trained by different versions of masq (they differ at least in float "
-        "rounding, which later training amplifies), so those runs do not share one state.\n"
+        f"settings ({runs} runs), the runs did not all start from one task-1 state (their "
+        "accuracies after task 1 differ): the states were trained apart, in float arithmetic "
+        "that rounds differently (another processor or thread count), and later training "
+        "amplifies that rounding (docs/results/peers.md).\n"
     )
 
 
@@ -481,7 +487,8 @@ def write_outputs(
     own = {"preset": preset.name, "title": preset.title, "citation": preset.citation,
            "marked": int(table["marked"].sum()) if not table.empty else 0}  # fmt: skip
     figures = [("peers.png", peer_figure(table, preset))]
-    points = frame.drop(columns=["task1", "after_task1"], errors="ignore")  # read above
+    read = ["task1", "after_task1", "task1_state"]  # by task1_states above
+    points = frame.drop(columns=read, errors="ignore")
     written = write_analysis_files(
         out, "peers", md, table, points, figures, {**(body or {}), **own}
     )

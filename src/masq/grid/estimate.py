@@ -124,7 +124,7 @@ def measure(
     prec = choice(Precision, precision, "precision")
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(2000, in_features, generator=gen).to(dev)
-    y = torch.randint(0, 10, (2000,), generator=gen).to(dev)
+    y = torch.randint(0, classes, (2000,), generator=gen).to(dev)
     model = mlp(hidden, in_features=in_features, classes=classes, seed=0).to(dev)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     importance = {k: torch.rand_like(v) for k, v in state.items()}

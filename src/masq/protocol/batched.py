@@ -35,7 +35,7 @@ from masq.errors import ConfigError
 from masq.fileio import warn
 from masq.importance import get_measure
 from masq.protocol.phases import Context, finish_record
-from masq.protocol.result import Result, finite_state, run_meta
+from masq.protocol.result import Result, finite_state, run_meta, state_fingerprint
 from masq.protocol.resume import PhaseCheckpoint
 from masq.protocol.run import (
     D1State,
@@ -226,7 +226,13 @@ def continue_stacked(
                 last=phase == len(tasks) - 1,
             )
     compiled = compiled_step_active() and device.type == "cpu"
-    meta = run_meta(device, stack=k, stack_seconds=stack_seconds, compiled_step=compiled)
+    meta = run_meta(
+        device,
+        stack=k,
+        stack_seconds=stack_seconds,
+        compiled_step=compiled,
+        task1_state=state_fingerprint(d1.state_dict),
+    )
     return [
         finish_record(
             c,

@@ -21,7 +21,13 @@ from masq.config import RunConfig
 from masq.consolidation import PhasePlan, check_config, get_method
 from masq.errors import ConfigError
 from masq.importance import Importance, get_measure
-from masq.protocol.result import Result, build_result, finite_state, run_meta
+from masq.protocol.result import (
+    Result,
+    build_result,
+    finite_state,
+    run_meta,
+    state_fingerprint,
+)
 from masq.protocol.resume import PhaseCheckpoint
 from masq.protocol.run import (
     D1State,
@@ -197,9 +203,10 @@ def continue_runs(
                 },
                 last=phase == len(tasks) - 1,
             )
+    meta = run_meta(ctx.device, task1_state=state_fingerprint(d1.state_dict))
     return [
         finish_record(
-            r.config, r.state, r.first, r.seconds, curves, train_s, weights, diverged, ctx
+            r.config, r.state, r.first, r.seconds, curves, train_s, weights, diverged, ctx, meta
         )
         for r in runs
     ]

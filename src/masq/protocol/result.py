@@ -19,6 +19,7 @@ in memory only (:meth:`Result.save_weights` writes them as safetensors).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from masq.curves import Curve, best_and_last_indices, point, task_name, union_na
 from masq.errors import ConfigError
 from masq.fileio import atomic_write
 from masq.importance import summary as importance_summary
+from masq.runtime import cpu_model
 
 RECORD_KEYS: tuple[str, ...] = (
     "config",
@@ -180,16 +182,32 @@ def summarize(importance: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
     return {name: {k: float(stats[k]) for k in ("max", "mean")} for name, stats in full.items()}
 
 
+def state_fingerprint(state: Mapping[str, Tensor]) -> str:
+    """The first 16 hex digits of sha256 over ``state``'s tensors in name order (name, dtype,
+    shape and bytes): equal for bit-equal states, so two records with the same one started
+    from the same task-1 state."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_meta(device: torch.device, **extra: Any) -> dict[str, Any]:
-    """What produced a record and when: masq and torch versions, device, threads, OpenMP's
-    wait policy (``OMP_WAIT_POLICY`` as the environment set it, "default" where unset; the
-    command line sets PASSIVE on a busy machine, :mod:`masq.cli.waitpolicy`), ``finished``
-    (UTC, ISO 8601, to the second; the report's dates come from it), and ``extra``."""
+    """What produced a record and when: masq and torch versions, device, the processor
+    (:func:`masq.runtime.cpu_model`) and torch's CPU kernel level, threads, OpenMP's wait
+    policy (``OMP_WAIT_POLICY`` as the environment set it, "default" where unset; the command
+    line sets PASSIVE on a busy machine, :mod:`masq.cli.waitpolicy`), ``finished`` (UTC, ISO
+    8601, to the second; the report's dates come from it), and ``extra`` (the run loops add
+    ``task1_state``, :func:`state_fingerprint` of the task-1 state the run continued)."""
     finished = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     return {
         "masq_version": __version__,
         "torch_version": torch.__version__,
         "device": str(device),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "finished": finished.isoformat(),
