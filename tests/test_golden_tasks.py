@@ -18,8 +18,8 @@ import pytest
 
 from masq import protocol as pr
 from masq.config import RunConfig
-from masq.grid.plan import d1_key, importance_key
-from masq.runid import run_id
+from masq.grid.plan import importance_key
+from masq.runid import d1_key, run_id
 from tests.synthetic import assert_same_summary
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_t3_v2.json").read_text("utf-8"))

@@ -20,7 +20,7 @@ from masq.grid.group import (
     run_group,
     tasks_for,
 )
-from masq.grid.plan import Group, Work, chunks, d1_key, importance_key, plan, work
+from masq.grid.plan import Group, Work, chunks, importance_key, plan, work
 from masq.grid.plan import spread as plan_spread
 from masq.grid.spec import (
     GRID_KEYS,
@@ -32,6 +32,7 @@ from masq.grid.spec import (
     load_preset,
     read_toml,
 )
+from masq.runid import d1_key
 from masq.runtime import cpu_count
 
 __all__ = [

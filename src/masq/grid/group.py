@@ -31,11 +31,11 @@ from masq import protocol
 from masq.config import DATA_FIELDS, RunConfig
 from masq.fileio import error_text, warn
 from masq.grid import progress
-from masq.grid.plan import alone, chunks, d1_key, importance_key, needs_first_pass, placement
+from masq.grid.plan import alone, chunks, importance_key, needs_first_pass, placement
 from masq.plugins import load_from_env
 from masq.protocol import D1State
 from masq.protocol.resume import PhaseCheckpoint, phase_checkpoint
-from masq.runid import run_id
+from masq.runid import d1_key, run_id
 from masq.store import NotStored, Store
 from masq.tasks import Task
 from masq.training import AdamMoments, heartbeat
