@@ -302,3 +302,16 @@ def test_importing_the_cli_changes_no_environment_and_loads_no_torch() -> None:
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
     assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
+
+
+def test_the_processor_is_read_from_the_first_block_of_cpuinfo(tmp_path: Path) -> None:
+    from masq.runtime import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    first = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+    first += "model name\t: AMD EPYC 9654 96-Core Processor\nflags\t\t: avx512f\n\n"
+    info.write_text(first + first.replace("25", "23").replace("9654", "7B12"), encoding="utf-8")
+    assert cpu_model(str(info)) == "AMD EPYC 9654 96-Core Processor (family 25, model 17)"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\n", encoding="utf-8")
+    assert cpu_model(str(info)) == "Some CPU"  # no family or model numbers: the name alone
+    assert cpu_model(str(tmp_path / "missing"))  # elsewhere: platform's name, or "unknown"

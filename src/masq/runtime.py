@@ -41,21 +41,30 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_model() -> str:
-    """The processor's model name (Linux: the first "model name" of /proc/cpuinfo; else
-    :func:`platform.processor`), "unknown" where neither says. Float results of the same
-    code on the same data can differ between processors (their kernels round differently),
-    so records name it."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor: on Linux the first "model name" of ``cpuinfo`` with its family and
+    model numbers (e.g. "AMD EPYC (family 26, model 2)"; a virtual machine's name may not tell
+    generations apart, the numbers do); elsewhere :func:`platform.processor`; "unknown" where
+    neither says. Float results of the same code on the same data can differ between
+    processors (their kernels round differently), so records name it."""
     import platform
 
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(cpuinfo, encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:  # the first processor's block ends
+                    break
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def default_threads(workers: int) -> int:

@@ -28,7 +28,7 @@ import torch
 from masq import __version__
 from masq.errors import ConfigError
 from masq.fileio import atomic_write, save_png
-from masq.runtime import cpu_count
+from masq.runtime import cpu_count, cpu_model
 
 MANIFEST_FORMAT = "masq-analysis"
 ANALYSES: tuple[str, ...] = ("diagonality", "compare", "lambda", "kfac", "peers")
@@ -36,12 +36,12 @@ ANALYSES: tuple[str, ...] = ("diagonality", "compare", "lambda", "kfac", "peers"
 
 def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:
     """Where and when an analysis ran: date (UTC, ISO 8601), masq and torch versions, the
-    machine (architecture, cores, torch threads, device) and ``extra``."""
+    machine (architecture, processor, cores, torch threads, device) and ``extra``."""
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "masq_version": __version__,
         "torch_version": torch.__version__,
-        "machine": f"{platform.machine()}, {cpu_count()} cores, "
+        "machine": f"{platform.machine()}, {cpu_model()}, {cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, device {device}",
         **extra,
     }
