@@ -384,6 +384,9 @@ def _run_pool(
                     for proc in list(workers_seen.values()):  # the dead one's exit code now,
                         proc.join(timeout=0.2)  # before a loaded machine reaps it elsewhere
                     stop_workers(pool)
+                    deadline = time.monotonic() + 10.0  # a big process takes a while to go
+                    for proc in list(workers_seen.values()):  # on a loaded machine: every
+                        proc.join(max(0.0, deadline - time.monotonic()))  # one ended, reaped
                     raise _stopped(store, jobs, out, list(workers_seen.values()))
                 _poll(bar, store, ids)
         except BaseException:  # Ctrl-C, SIGTERM (masq.cli), a stop: no worker goes on
