@@ -152,3 +152,20 @@ sys.exit(seen != ["PASSIVE"])
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=False)
     assert done.returncode == 0, done.stderr.decode()
+
+
+@pytest.mark.parametrize("command", ["run", "grid"])
+def test_a_boolean_field_is_given_either_way_or_not_at_all(command: str) -> None:
+    """``--train-on-val`` gives True, ``--no-train-on-val`` False (which overrides a preset's
+    true), and neither leaves the field to the preset or the default."""
+    from masq.cli.options import given
+
+    def parsed(*flags: str) -> dict[str, object]:
+        return given(build_parser().parse_args([command, *flags]))
+
+    assert parsed("--train-on-val", "--no-permute-first") == {
+        "train_on_val": True,
+        "permute_first": False,
+    }
+    assert parsed("--no-eval-val")["eval_val"] is False
+    assert "train_on_val" not in parsed() and "eval_val" not in parsed()

@@ -167,8 +167,8 @@ def add_run_flags(
         text = f"{base} (default: {defaults[spec.name]})" if spec.name in defaults else None
         text = text or _help(dataclasses.replace(spec, help=base), spec.default)
         kw: dict[str, Any] = {"dest": dest(spec), "default": None, "help": text}
-        if spec.kind is bool:
-            group.add_argument(*names, action="store_true", **kw)
+        if spec.kind is bool:  # --eval-val / --no-eval-val: a preset's true can be overridden
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif spec.kind is Hidden:  # "*": a bare or repeated value is a one-line error
             group.add_argument(*names, nargs="*", metavar="ARCH", **kw)
         elif _is_choice(spec):
@@ -192,7 +192,7 @@ def add_grid_flags(parser: argparse.ArgumentParser) -> None:
         help_text = spec.help + HELP_NOTES.get(spec.name, "")
         kw: dict[str, Any] = {"dest": dest(spec), "default": None, "help": help_text}
         if spec.kind is bool:
-            group.add_argument(*names, action="store_true", **kw)
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif spec.kind is Hidden:
             kw["help"] = GRID_HIDDEN_HELP
             group.add_argument(*names, nargs="+", metavar="ARCH", **kw)
