@@ -140,12 +140,13 @@ peers: $(STAMP)
 	done; exit $$rc
 
 # The tables alone, from the committed records (nothing is run): `make peers-tables` remakes
-# every committed table (docs/peers/<preset>/peers.md); PEER_TABLES=NAME for another.
+# every committed table (docs/peers/<preset>/peers.md) from the presets' runs as shipped,
+# whatever grids with flags ran in $(PEERS); PEER_TABLES=NAME for another.
 PEER_TABLES ?= $(patsubst $(PEERS_DOCS)/%/peers.md,%,$(wildcard $(PEERS_DOCS)/*/peers.md))
 peers-tables: $(STAMP)
 	$(BIN)/masq import --from $(PEERS_RECORDS) --results $(PEERS)
 	for preset in $(PEER_TABLES); do \
-	  $(BIN)/masq peers $$preset --results $(PEERS) --out $(PEERS_DOCS)/$$preset || exit 1; \
+	  $(BIN)/masq peers $$preset --results $(PEERS) --out $(PEERS_DOCS)/$$preset --shipped || exit 1; \
 	done
 
 # One browsable page (REPORT/index.html, report.md, PNGs) from whatever of the above exists.

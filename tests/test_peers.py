@@ -108,9 +108,17 @@ def test_rows_restrict_the_cells_and_the_manifest_keeps_earlier_cells(tmp_path: 
     recorded = peers.read_manifest(tmp_path, "tiny")
     assert recorded is not None and set(recorded) == set(later)
     assert recorded["EWC | task"] == [run_id(c) for c in later["EWC | task"]]  # replaced
-    peers.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
+    peers.write_manifest(tmp_path, preset, {"seed": [7]}, preset.cells({"seed": [7]}, ["MaSQ"]))
     recorded = peers.read_manifest(tmp_path, "tiny")
-    assert recorded is not None and len(recorded) == 6  # the other rows' cells are kept
+    assert recorded is not None and len(recorded) == 6  # the same flags: the others are kept
+    peers.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
+    recorded = peers.read_manifest(tmp_path, "tiny")  # other flags: the seed-7 cells dropped
+    assert recorded is not None and set(recorded) == {"MaSQ | task", "MaSQ | class"}
+    task = preset.cells({"scenario": ["task"]}, rows=["EWC"])  # a column: as --rows, no flag
+    peers.write_manifest(tmp_path, preset, {"scenario": ["task"]}, task)
+    recorded = peers.read_manifest(tmp_path, "tiny")
+    assert recorded is not None and set(recorded) == {"MaSQ | task", "MaSQ | class", "EWC | task"}
+    peers.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
     manifest = peers.load_manifest(tmp_path, "tiny")
     assert manifest is not None and manifest.definition == peers.definition(preset)
     assert manifest.expected == {key: len(ids) for key, ids in recorded.items()}  # no tuning
@@ -139,7 +147,7 @@ def test_the_table_fills_cells_no_flagless_grid_ran_with_the_shipped_runs(
     peers.write_manifest(tmp_path, preset, {"seed": [7]}, flagged)
     cells, _ = peers.table_cells(preset, peers.load_manifest(tmp_path, "tiny"))
     assert cells["EWC | task"] == [run_id(c) for c in flagged["EWC | task"]]
-    assert set(cells) == {"MaSQ | task", "MaSQ | class", "EWC | task", "EWC | class"}
+    assert set(cells) == {"EWC | task", "EWC | class"}  # its own cells alone
     old = peers.Manifest(cells={"EWC | task": ["x"]})  # written before `expected` existed
     cells, expected = peers.table_cells(preset, old)
     assert cells["EWC | task"] == ["x"] and len(cells) == len(shipped)
@@ -178,6 +186,29 @@ def test_a_changed_preset_does_not_tabulate_the_runs_of_its_old_definition(
     out = ["--out", str(tmp_path / "o")]
     assert main(["peers", "vdv2025-fisher", "--results", str(res), *out]) == 2  # nothing stored
     assert "another definition of vdv2025-fisher" in capsys.readouterr().err
+
+
+def test_peers_names_the_flags_of_the_grid_it_tabulates_and_shipped_ignores_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest written by a grid with flags (more seeds for one cell) makes ``masq peers``
+    say so, with the flags; ``--shipped`` tabulates the preset's own runs instead and says
+    nothing of the manifest."""
+    from masq.store import Store
+
+    res = tmp_path / "res"
+    Store(res)
+    preset = peers.load_peer_preset("vdv2025-fisher")
+    flags = {"seed": [3, 4]}
+    peers.write_manifest(res, preset, flags, preset.cells(flags, rows=["EXACT"]))
+    out = ["--out", str(tmp_path / "o")]
+    assert main(["peers", "vdv2025-fisher", "--results", str(res), *out]) == 2  # nothing stored
+    err = capsys.readouterr().err
+    assert "tabulating the runs of the grid run with flags (seed = [3, 4])" in err
+    assert "--shipped tabulates the preset's own" in err
+    assert main(["peers", "vdv2025-fisher", "--results", str(res), *out, "--shipped"]) == 2
+    err = capsys.readouterr().err
+    assert err == "masq: error: no stored runs; run `masq grid --preset vdv2025-fisher` first\n"
 
 
 @pytest.mark.parametrize(
@@ -640,7 +671,8 @@ def test_grid_then_peers_with_tune_axes_end_to_end(
     assert between == [True]  # no other grid can take the dir between the two rounds
     assert main(["peers", "tuned", "--results", str(res)]) == 0
     out = capsys.readouterr().out
-    assert "7 of 7 runs stored" in out and "partial:" not in out
+    assert "7 of 14 runs stored" in out  # the class column (no grid ran it): not run yet
+    assert "not run yet" in out and "partial:" not in out
     from masq.store import load
 
     df = load(res).set_index("run_id")

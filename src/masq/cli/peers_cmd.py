@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--results", default=None, help="results directory of its runs")
     p.add_argument("--out", default=None, help="output directory (default: RESULTS/NAME)")
     p.add_argument("--list", action="store_true", help="list the peer presets and stop")
+    shipped = ("tabulate the preset's runs as shipped, whatever grids with flags (e.g. "
+               "--seed-list 3 4 for more seeds of a cell) recorded in --results")  # fmt: skip
+    p.add_argument("--shipped", action="store_true", help=shipped)
     p.set_defaults(func=_peers)
 
 
@@ -57,9 +60,11 @@ def _peers(args: argparse.Namespace) -> int:
         raise ConfigError("masq peers: give a preset NAME and --results DIR (or --list)")
     preset = peers.load_peer_preset(args.name)
     open_store(args.results)
-    manifest = peers.load_manifest(args.results, preset.name)
+    manifest = None if args.shipped else peers.load_manifest(args.results, preset.name)
     where = peers.manifest_path(args.results, preset.name)
-    if manifest is not None and manifest.definition != peers.definition(preset):
+    if args.shipped:
+        pass
+    elif manifest is not None and manifest.definition != peers.definition(preset):
         print(f"masq peers: {where} was written by another definition of {preset.name} (its "
               "settings have changed since): tabulating the runs of the preset as shipped",
               file=sys.stderr)  # fmt: skip
@@ -67,6 +72,11 @@ def _peers(args: argparse.Namespace) -> int:
     elif manifest is None:
         print(f"masq peers: {where} is missing: tabulating the runs of the preset as shipped "
               "(no flags)", file=sys.stderr)  # fmt: skip
+    elif manifest.overrides:
+        flags = ", ".join(f"{k} = {v}" for k, v in sorted(manifest.overrides.items()))
+        print(f"masq peers: tabulating the runs of the grid run with flags ({flags}) that "
+              f"{where} records; --shipped tabulates the preset's own",
+              file=sys.stderr)  # fmt: skip
     cells, expected = peers.table_cells(preset, manifest)
     df = load(args.results)
     frame = analysis.peer_frame(df, cells, preset, expected)

@@ -435,22 +435,26 @@ def write_manifest(
     """Record in ``results`` which runs make each cell of ``preset`` (run with
     ``overrides``) and how many runs each has once complete, so that ``masq peers`` tabulates
     exactly them. The cells of an earlier invocation that this one does not run (other rows
-    or columns) are kept, unless that invocation ran another definition of the preset
-    (:func:`definition`: the preset's settings have changed since), whose runs are not this
-    table's; a malformed manifest is replaced."""
+    or columns) are kept where that invocation ran the same definition of the preset
+    (:func:`definition`: its settings unchanged since) with the same flags (a value of the
+    column field only restricts the columns, as ``--rows`` the rows); otherwise its
+    cells are another table's (e.g. a grid of more seeds for one cell) and are dropped, so a
+    table never mixes cells of two flag sets. A malformed manifest is replaced."""
     current = definition(preset)
     try:
         old = load_manifest(results, preset.name)
     except ConfigError:
         old = None
-    same = old is not None and old.definition == current
+    settings = {k: v for k, v in overrides.items() if k != preset.field}  # columns: like rows
+    flags = json.loads(json.dumps(settings, ensure_ascii=False, default=str))
+    same = old is not None and old.definition == current and old.overrides == flags
     earlier = old.cells if old is not None and same else {}
     expected = (old.expected or {}) if old is not None and same else {}
     body = {
         "format": MANIFEST_FORMAT,
         "preset": preset.name,
         "definition": current,
-        "overrides": {k: v for k, v in overrides.items()},
+        "overrides": flags,
         "cells": {**earlier, **{key: [run_id(c) for c in cs] for key, cs in cells.items()}},
         "expected": {**expected, **expected_runs(cells, preset.tune_seeds, preset.tune_axes)},
     }
