@@ -368,3 +368,22 @@ def test_the_former_settings_table_of_the_peers_page_is_the_committed_records() 
             assert mean == f"{statistics.fmean(values):.2f} ± {sem:.2f}", line
         mean, spread = next(r for r in preset.rows if r.name == row).published[columns[column]]
         assert published == f"{mean:.2f} ± {spread:.2f}", line
+
+
+def test_the_peers_pages_more_seeds_of_ewc_in_class_il_are_the_committed_records() -> None:
+    """The permuted table's EWC Class-IL cell on seeds 3-6, quoted on the peers page, is what
+    the committed records give, and so are the mean ± SEM over seeds 0-6 and its SD."""
+    from masq.grid import peers
+
+    preset = peers.load_peer_preset("vdv2019-permuted")
+    ways = {s: {"seed": (s,), "scenario": ("class-blocks",)} for s in range(7)}
+    finals = committed_finals(preset, ways, ["EWC"])
+    values = [finals[("EWC | class-blocks", s)] for s in range(7)]
+    page = " ".join((DOCS / "results" / "peers.md").read_text(encoding="utf-8").split())
+    more = values[3:]
+    quoted = ", ".join(f"{v:.2f}" for v in more[:-1]) + f" and {more[-1]:.2f}"
+    sem = statistics.stdev(more) / 2
+    assert f"they end at {quoted}, so {statistics.fmean(more):.2f} ± {sem:.2f}" in page
+    sem = statistics.stdev(values) / math.sqrt(7)
+    spread = f"{statistics.fmean(values):.2f} ± {sem:.2f} (SD {statistics.stdev(values):.2f})"
+    assert f"Over seeds 0-6 the cell is {spread}" in page
