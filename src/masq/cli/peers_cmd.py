@@ -12,8 +12,12 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from masq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from masq.grid.peers import Manifest, PeerPreset
 
 HELP = "a published table beside ours (its runs: masq grid --preset NAME)"
 
@@ -60,23 +64,7 @@ def _peers(args: argparse.Namespace) -> int:
         raise ConfigError("masq peers: give a preset NAME and --results DIR (or --list)")
     preset = peers.load_peer_preset(args.name)
     open_store(args.results)
-    manifest = None if args.shipped else peers.load_manifest(args.results, preset.name)
-    where = peers.manifest_path(args.results, preset.name)
-    if args.shipped:
-        pass
-    elif manifest is not None and manifest.definition != peers.definition(preset):
-        print(f"masq peers: {where} was written by another definition of {preset.name} (its "
-              "settings have changed since): tabulating the runs of the preset as shipped",
-              file=sys.stderr)  # fmt: skip
-        manifest = None
-    elif manifest is None:
-        print(f"masq peers: {where} is missing: tabulating the runs of the preset as shipped "
-              "(no flags)", file=sys.stderr)  # fmt: skip
-    elif manifest.overrides:
-        flags = ", ".join(f"{k} = {v}" for k, v in sorted(manifest.overrides.items()))
-        print(f"masq peers: tabulating the runs of the grid run with flags ({flags}) that "
-              f"{where} records; --shipped tabulates the preset's own",
-              file=sys.stderr)  # fmt: skip
+    manifest = None if args.shipped else _manifest(args.results, preset)
     cells, expected = peers.table_cells(preset, manifest)
     df = load(args.results)
     frame = analysis.peer_frame(df, cells, preset, expected)
@@ -113,3 +101,26 @@ def _compute(results: str, cells: dict[str, list[str]]) -> dict[str, float]:
         result = load_record(results, rid)["result"]
         runs.append((RunConfig.from_dict(result["config"]), result.get("timings", {})))
     return {"runs": len(ids), "worker_seconds": round(worker_seconds(runs), 1)}
+
+
+def _manifest(results: str, preset: PeerPreset) -> Manifest | None:
+    """The manifest of the last grid run on `preset` in `results`, or None (with a line on
+    stderr saying why) when it is missing or another definition of the preset wrote it."""
+    from masq.grid import peers
+
+    manifest = peers.load_manifest(results, preset.name)
+    where = peers.manifest_path(results, preset.name)
+    if manifest is not None and manifest.definition != peers.definition(preset):
+        print(f"masq peers: {where} was written by another definition of {preset.name} (its "
+              "settings have changed since): tabulating the runs of the preset as shipped",
+              file=sys.stderr)  # fmt: skip
+        return None
+    if manifest is None:
+        print(f"masq peers: {where} is missing: tabulating the runs of the preset as shipped "
+              "(no flags)", file=sys.stderr)  # fmt: skip
+    elif manifest.overrides:
+        flags = ", ".join(f"{k} = {v}" for k, v in sorted(manifest.overrides.items()))
+        print(f"masq peers: tabulating the runs of the grid run with flags ({flags}) that "
+              f"{where} records; --shipped tabulates the preset's own",
+              file=sys.stderr)  # fmt: skip
+    return manifest
