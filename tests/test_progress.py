@@ -175,3 +175,26 @@ def test_a_grid_in_a_pool_shows_its_stacks_in_flight(tmp_path: Path) -> None:
     assert summary.done == len(configs) and not summary.failed
     assert not list((tmp_path / flight.PROGRESS_DIR).glob("*.json"))
     assert {run_id(c) for c in configs} <= Store(tmp_path).stored_ids()
+
+
+def test_the_wait_before_the_first_step_is_not_in_the_smoothed_rate() -> None:
+    """A grid's first fraction comes after data loading and task-1 work the steps do not
+    count; tqdm's smoothed rate starts at that first step, so an ETA read a few seconds later
+    is the steps'."""
+    import io
+
+    from tqdm import tqdm
+
+    now = [0.0]
+    bar = GridBar(10, 0, enabled=False)
+    bar.tqdm = tqdm(total=10, file=io.StringIO(), smoothing=0.05, mininterval=0.1)
+    bar.tqdm._time = lambda: now[0]
+    bar.tqdm.start_t = bar.tqdm.last_print_t = 0.0
+    now[0] = 600.0  # ten minutes before any step
+    bar.move(0.001)
+    for _ in range(3):
+        now[0] += 5.0
+        bar.move(bar.n + 0.01)  # 0.01 run every 5 s: 500 s per run
+    rate = bar.tqdm.format_dict["rate"]
+    assert 450 < 1 / rate < 500  # 0.011, 0.01, 0.01 run in 5 s each (the wait in: 18,000)
+    assert bar.tqdm.format_dict["elapsed"] == pytest.approx(615.0)  # elapsed stays true

@@ -189,6 +189,7 @@ class GridBar:
         )
         self.restored: dict[str, float] = {}
         self.shown = 0.0  # the restored work already added to the bar
+        self.moved = False  # whether the bar has moved since the grid started
 
     @property
     def n(self) -> float:
@@ -210,6 +211,12 @@ class GridBar:
             bar.initial += extra
             bar.last_print_n += extra
         if runs > bar.n + 1e-9:
+            if not self.moved and not getattr(bar, "disable", False):
+                # the first step comes after loading and task-1 work that steps do not count:
+                # its wait would seed tqdm's smoothed rate with hours per run (an ETA of
+                # hundreds of hours for minutes), so the rate starts from here, not elapsed
+                bar.last_print_t = bar._time()
+            self.moved = True
             bar.update(runs - bar.n)
 
     def close(self) -> None:
