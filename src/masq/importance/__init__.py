@@ -44,8 +44,9 @@ Modules: :mod:`~masq.importance.registry` (the registry of measures: what
 ``RunConfig.importance`` names, :class:`Measure`, :func:`register_measure`),
 :mod:`~masq.importance.measures` (the paper's: ``fisher``, ``masq``, ``none``),
 :mod:`~masq.importance.mas` (MAS, Aljundi et al. 2018), :mod:`~masq.importance.l2` (uniform),
-:mod:`~masq.importance.persample` (per-sample gradients: the closed form for ``nn.Linear``,
-torch.func otherwise), :mod:`~masq.importance.diagonal` (:func:`fisher`, :func:`masq`),
+:mod:`~masq.importance.gradients` (per-sample gradients: the closed form for ``nn.Linear``,
+torch.func otherwise), :mod:`~masq.importance.persample` (model handling and input checks
+shared by the measures), :mod:`~masq.importance.diagonal` (:func:`fisher`, :func:`masq`),
 :mod:`~masq.importance.blocks` (:func:`fisher_block_stats`), :mod:`~masq.importance.reference`
 (the naive twins).
 """

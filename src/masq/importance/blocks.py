@@ -6,7 +6,7 @@ the block is F_ij = (1/N) sum_n g_ni g_nj (i, j in 1..P); its diagonal is the
 maps and tests); :func:`fisher_block_stats` reports the sums and means of its diagonal, its
 off-diagonal part and the absolute values of the latter, without ever holding the N x P
 per-sample matrix (nor, for a linear layer's tensors, F itself). Both take the per-sample
-gradients from :mod:`~masq.importance.persample`; this module is the package's one builder of
+gradients from :mod:`~masq.importance.gradients`; this module is the package's one builder of
 Fisher blocks (:mod:`masq.analysis.diagonality` calls it).
 """
 
@@ -23,19 +23,21 @@ from torch import Tensor, nn
 
 from masq.errors import ConfigError
 from masq.importance.diagonal import cross_entropy
-from masq.importance.persample import (
-    DEFAULT_BUFFER_BYTES,
+from masq.importance.gradients import (
     LinearSite,
     LinearTap,
-    LossFn,
-    check_buffer_bytes,
-    evaluating,
     generic_grads,
     linear_deltas,
     linear_sites,
     paused,
-    per_sample_losses,
     tapped,
+)
+from masq.importance.persample import (
+    DEFAULT_BUFFER_BYTES,
+    LossFn,
+    check_buffer_bytes,
+    evaluating,
+    per_sample_losses,
     trainable_params,
 )
 

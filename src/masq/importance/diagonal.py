@@ -16,12 +16,19 @@ from torch import Tensor, nn
 
 from masq.config import FisherLabels, Scale, choice
 from masq.errors import ConfigError
+from masq.importance.gradients import (
+    LinearSite,
+    LinearTap,
+    generic_grads,
+    linear_deltas,
+    linear_sites,
+    paused,
+    tapped,
+)
 from masq.importance.persample import (
     DEFAULT_BUFFER_BYTES,
     ActiveOutputs,
     Importance,
-    LinearSite,
-    LinearTap,
     LossFn,
     active_outputs,
     check_batch,
@@ -29,13 +36,8 @@ from masq.importance.persample import (
     check_values,
     evaluating,
     finish_importance,
-    generic_grads,
     input_width,
-    linear_deltas,
-    linear_sites,
-    paused,
     per_sample_losses,
-    tapped,
     trainable_params,
 )
 

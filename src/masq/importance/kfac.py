@@ -56,21 +56,23 @@ from masq.errors import ConfigError
 
 # the label terms of the Fisher variants: one definition, shared with the diagonal Fisher
 from masq.importance.diagonal import batches, cross_entropy, label_terms, subset
+from masq.importance.gradients import (
+    LinearSite,
+    LinearTap,
+    linear_deltas,
+    linear_sites,
+    tapped,
+)
 from masq.importance.measures import fisher_label
 from masq.importance.persample import (
     ActiveOutputs,
     Importance,
-    LinearSite,
-    LinearTap,
     active_outputs,
     check_batch,
     check_values,
     evaluating,
     input_width,
-    linear_deltas,
-    linear_sites,
     per_sample_losses,
-    tapped,
     trainable_params,
 )
 from masq.importance.registry import Measure, MeasureContext, register_measure

@@ -21,12 +21,19 @@ import torch
 from torch import Tensor, nn
 
 from masq.importance import diagonal
+from masq.importance.gradients import (
+    LinearSite,
+    LinearTap,
+    generic_grads,
+    linear_deltas,
+    linear_sites,
+    paused,
+    tapped,
+)
 from masq.importance.persample import (
     DEFAULT_BUFFER_BYTES,
     ActiveOutputs,
     Importance,
-    LinearSite,
-    LinearTap,
     LossFn,
     active_outputs,
     check_batch,
@@ -34,13 +41,8 @@ from masq.importance.persample import (
     check_values,
     evaluating,
     finish_importance,
-    generic_grads,
     input_width,
-    linear_deltas,
-    linear_sites,
-    paused,
     per_sample_losses,
-    tapped,
     trainable_params,
 )
 from masq.importance.registry import Measure, MeasureContext, register_measure
