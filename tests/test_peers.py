@@ -640,6 +640,7 @@ def test_grid_then_peers_with_tune_axes_end_to_end(
     monkeypatch.setattr(peers, "is_peer_preset", lambda name: name == "tuned")
     monkeypatch.setattr(peers, "load_peer_preset", lambda name: preset)
     res = tmp_path / "peers"
+    res.mkdir()  # an empty directory: a dry run reads it as no runs stored
     argv = ["grid", "--preset", "tuned", "--results", str(res), "--scenario", "task",
             "--workers", "1", "--threads", "1", "--no-progress"]  # fmt: skip
     assert main([*argv, "--dry-run"]) == 0

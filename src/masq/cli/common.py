@@ -102,10 +102,18 @@ def stored_ids(results: str | os.PathLike[str] | None) -> set[str]:
     aside. A results dir of another format or a foreign one is a one-line ConfigError."""
     from masq.store import Store
 
-    root = Path(results) if results is not None else None
-    if root is None or not ((root / "meta.json").exists() or (root / "runs").exists()):
+    if results is None or not holds_results(results):
         return set()
-    return Store(root, create=False).stored_ids(repair=False)
+    return Store(results, create=False).stored_ids(repair=False)
+
+
+def holds_results(results: str | os.PathLike[str] | None) -> bool:
+    """Whether ``results`` is a results dir that holds runs (or did): a missing or empty
+    directory is where a grid will start one, which a dry run reads as no runs stored."""
+    if results is None:
+        return False
+    root = Path(results)
+    return (root / "meta.json").exists() or (root / "runs").exists()
 
 
 def print_plan(

@@ -21,6 +21,7 @@ from masq.cli.common import (
     at_least_one,
     done_text,
     execute,
+    holds_results,
     hours,
     print_failed,
     print_plan,
@@ -333,7 +334,7 @@ def _held_text(preset: Any, cells: Mapping[str, Sequence[RunConfig]], results: A
 
     seeds = tune.held_count(cells, preset.tune_seeds, preset.tune_axes)
     known = stored = 0
-    if results is not None and Path(results).is_dir():
+    if holds_results(results):
         df = load(results)
         held = peer_analysis.held_configs(preset, cells, df)[0]
         ids = set() if df.empty else set(df["run_id"])
