@@ -189,7 +189,6 @@ class GridBar:
         )
         self.restored: dict[str, float] = {}
         self.shown = 0.0  # the restored work already added to the bar
-        self.moved = False  # whether the bar has moved since the grid started
 
     @property
     def n(self) -> float:
@@ -211,12 +210,12 @@ class GridBar:
             bar.initial += extra
             bar.last_print_n += extra
         if runs > bar.n + 1e-9:
-            if not self.moved and not getattr(bar, "disable", False):
-                # the first step comes after loading and task-1 work that steps do not count:
-                # its wait would seed tqdm's smoothed rate with hours per run (an ETA of
-                # hundreds of hours for minutes), so the rate starts from here, not elapsed
+            if not getattr(bar, "disable", False) and bar.n <= bar.initial + 1e-9:
+                # the grid's first step (the bar still where it started, restored work aside)
+                # comes after loading and task-1 work that steps do not count: its wait would
+                # seed tqdm's smoothed rate with hours per run (an ETA of hundreds of hours for
+                # minutes), so the rate starts from here, not elapsed
                 bar.last_print_t = bar._time()
-            self.moved = True
             bar.update(runs - bar.n)
 
     def close(self) -> None:

@@ -37,11 +37,9 @@ __all__ = [
 
 # ------------------------------------------------------ per-sample gradients of nn.Linear layers
 #
-# For a linear layer z = W a + b applied once to a 2-D input [B, in], sample n's gradient is
-# g_n(W) = delta_n a_n^T and g_n(b) = delta_n, with delta_n = d l_n / d z_n. With the SUMMED loss
-# sum_n l_n one backward pass yields every delta_n (row n of dL/dz) unscaled. A forward hook keeps
-# a_n and registers a tensor hook on z that receives dL/dz; the hook is placed before any later
-# in-place operation (ReLU(inplace=True)), so it sees the gradient of the layer's own output.
+# The closed form of the module docstring. A forward hook keeps a_n and registers a tensor hook
+# on z that receives dL/dz; the hook is placed before any later in-place operation
+# (ReLU(inplace=True)), so it sees the gradient of the layer's own output.
 #
 # Use: sites = linear_sites(model, params); with tapped(sites) as taps: per batch, tap.reset()
 # for every tap, forward, keep the taps with tap.clean(B), linear_deltas(losses, clean, sites),
