@@ -1,7 +1,9 @@
-"""Peer presets (masq.grid.peers) and the published-table comparison (masq.analysis.peers)."""
+"""Peer presets (masq.grid.peers), the published-table comparison (masq.analysis.peers)
+and its files (masq.analysis.peer_files)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -13,6 +15,7 @@ import pandas as pd
 import pytest
 
 import masq.data
+from masq.analysis import peer_files
 from masq.analysis import peers as analysis
 from masq.cli import main
 from masq.config import RunConfig
@@ -211,6 +214,16 @@ def test_peers_names_the_flags_of_the_grid_it_tabulates_and_shipped_ignores_them
     assert err == "masq: error: no stored runs; run `masq grid --preset vdv2025-fisher` first\n"
 
 
+def test_the_remake_command_keeps_shipped() -> None:
+    """peers.json's command remakes the same table: with ``--shipped`` where it was given."""
+    from masq.cli.peers_cmd import remake_command
+
+    args = argparse.Namespace(name="vdv2019-split", results="my results", shipped=False)
+    assert remake_command(args) == "masq peers vdv2019-split --results 'my results'"
+    args.shipped = True
+    assert remake_command(args) == "masq peers vdv2019-split --results 'my results' --shipped"
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
@@ -278,7 +291,7 @@ def test_the_table_gives_mean_sem_difference_and_marks() -> None:
     masq_ = table.loc[("MaSQ", "task")]  # λ 10 has the best validation mean, not the best test
     assert masq_["lam"] == 10 and masq_["lam_chosen_on_val"] and masq_["mean"] == 60.5
     assert math.isnan(masq_["published"])
-    md = analysis.peer_markdown(table.reset_index(), tiny())
+    md = peer_files.peer_markdown(table.reset_index(), tiny())
     assert "| MaSQ (ours) | 60.50 ± 0.50 (λ 1e1 (val); n=2) | — | — |" in md
     assert "40.50 ± 0.50 (no λ; n=2, 1 diverged) | 50.00 ± 0.50 | -9.50 ◆" in md
     assert "| 30.00 |" in md  # a published value without a spread
@@ -298,11 +311,11 @@ def test_a_lam_chosen_at_the_edge_of_its_sweep_is_marked() -> None:
     assert table.loc[("MaSQ", "task"), "edge"] == "top"
     assert table.loc[("MaSQ", "class"), "edge"] == "bottom"
     assert table.loc[("EWC", "task"), "edge"] == ""
-    md = analysis.peer_markdown(table.reset_index(), tiny())
+    md = peer_files.peer_markdown(table.reset_index(), tiny())
     assert "(λ 1e2 ▲ (val); n=1)" in md and "(λ 1e0 ▼ (val); n=1)" in md
     assert "(λ 1e1; n=2)" in md
     assert "--preset tiny --rows ROW --lam" in md
-    plain = analysis.peer_markdown(
+    plain = peer_files.peer_markdown(
         table.drop(index=[("MaSQ", "task"), ("MaSQ", "class")]).reset_index(), tiny()
     )
     assert "▲" not in plain and "--lam" not in plain
@@ -321,7 +334,7 @@ def test_rows_are_paired_by_seed_against_the_reference() -> None:
     assert ewc["pairs"] == 3 and ewc["diff"] == pytest.approx(2.0)
     assert ewc["p"] == pytest.approx(0.0742, abs=1e-3)  # t = 2 / (1 / √3) on 2 df
     assert paired.loc["MaSQ", "diff"] == pytest.approx(4 / 3)  # at its λ (10): 1, 2, 1
-    md = analysis.paired_markdown(paired.reset_index(), tiny())
+    md = peer_files.paired_markdown(paired.reset_index(), tiny())
     assert "| Task | EWC | 3 | +2.00 |" in md
     no_reference = dataclasses.replace(tiny(), reference="")
     assert analysis.paired_table(frame, no_reference).empty
@@ -350,7 +363,7 @@ def test_a_partial_cell_says_so_and_is_neither_marked_nor_at_an_edge() -> None:
     table = analysis.peer_table(frame, tiny())
     row = table.set_index(["method", "column"]).loc[("None", "task")]
     assert not row["marked"]
-    md = analysis.peer_markdown(table, tiny())
+    md = peer_files.peer_markdown(table, tiny())
     assert "partial: 3 of 5 runs" in md and "partial: 4 of 6 runs" in md
     assert "◆" not in md.split("\n\n")[1]  # the table body carries no mark
 
@@ -482,6 +495,8 @@ def test_grid_then_peers_end_to_end(
     again = ["peers", "vdv2025-fisher", "--results", str(res), "--out", str(tmp_path / "o")]
     assert main(again) == 0  # tabulates only
     assert "done:" not in capsys.readouterr().out
+    command = json.loads((tmp_path / "o" / "peers.json").read_text())["command"]
+    assert command == f"masq peers vdv2025-fisher --results {res}"  # what remakes the table
     from masq.report import build_report
 
     report = build_report([str(tmp_path / "o")], tmp_path / "report")

@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _peers(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from masq.analysis import peer_files
     from masq.analysis import peers as analysis
     from masq.grid import peers, tune
     from masq.runtime import check_out_dir
@@ -77,14 +78,19 @@ def _peers(args: argparse.Namespace) -> int:
         ids = {rid for rids in cells.values() for rid in rids}
         total = len(ids)
         done = len(set(df["run_id"]) & ids) if not df.empty else 0
-    command = f"masq peers {preset.name} --results {shlex.quote(str(args.results))}"
-    body = {"runs": done, "expected": total, "command": command,
+    body = {"runs": done, "expected": total, "command": remake_command(args),
             "compute": _compute(args.results, cells)}  # fmt: skip
-    md, written = analysis.write_outputs(table, frame, preset, out, body=body)
+    md, written = peer_files.write_outputs(table, frame, preset, out, body=body)
     print(md, end="")
     print(f"{done} of {total} runs stored; written: "
           f"{', '.join(str(p) for p in written)}")  # fmt: skip
     return 0
+
+
+def remake_command(args: argparse.Namespace) -> str:
+    """The ``masq peers`` command line that remakes this table (peers.json's "command")."""
+    command = f"masq peers {args.name} --results {shlex.quote(str(args.results))}"
+    return command + (" --shipped" if args.shipped else "")
 
 
 def _compute(results: str, cells: dict[str, list[str]]) -> dict[str, float]:
