@@ -20,7 +20,7 @@ from masq.analysis import peers as analysis
 from masq.cli import main
 from masq.config import RunConfig
 from masq.errors import ConfigError
-from masq.grid import peers, tune
+from masq.grid import peer_manifest, peers, tune
 from masq.runid import d1_key, run_id
 from tests.synthetic import learnable_dataset
 
@@ -105,33 +105,37 @@ def test_rows_restrict_the_cells_and_the_manifest_keeps_earlier_cells(tmp_path: 
     assert list(cells) == ["EWC | task", "EWC | class"]
     with pytest.raises(ConfigError, match="no row 'Nope'; its rows: 'None', 'EWC', 'MaSQ'"):
         preset.cells(rows=["Nope"])
-    peers.write_manifest(tmp_path, preset, {}, cells)
+    peer_manifest.write_manifest(tmp_path, preset, {}, cells)
     later = preset.cells({"seed": [7]}, rows=["None", "EWC"])
-    peers.write_manifest(tmp_path, preset, {"seed": [7]}, later)
-    recorded = peers.read_manifest(tmp_path, "tiny")
+    peer_manifest.write_manifest(tmp_path, preset, {"seed": [7]}, later)
+    recorded = peer_manifest.read_manifest(tmp_path, "tiny")
     assert recorded is not None and set(recorded) == set(later)
     assert recorded["EWC | task"] == [run_id(c) for c in later["EWC | task"]]  # replaced
-    peers.write_manifest(tmp_path, preset, {"seed": [7]}, preset.cells({"seed": [7]}, ["MaSQ"]))
-    recorded = peers.read_manifest(tmp_path, "tiny")
+    peer_manifest.write_manifest(
+        tmp_path, preset, {"seed": [7]}, preset.cells({"seed": [7]}, ["MaSQ"])
+    )
+    recorded = peer_manifest.read_manifest(tmp_path, "tiny")
     assert recorded is not None and len(recorded) == 6  # the same flags: the others are kept
-    peers.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
-    recorded = peers.read_manifest(tmp_path, "tiny")  # other flags: the seed-7 cells dropped
+    peer_manifest.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
+    recorded = peer_manifest.read_manifest(
+        tmp_path, "tiny"
+    )  # other flags: the seed-7 cells dropped
     assert recorded is not None and set(recorded) == {"MaSQ | task", "MaSQ | class"}
     task = preset.cells({"scenario": ["task"]}, rows=["EWC"])  # a column: as --rows, no flag
-    peers.write_manifest(tmp_path, preset, {"scenario": ["task"]}, task)
-    recorded = peers.read_manifest(tmp_path, "tiny")
+    peer_manifest.write_manifest(tmp_path, preset, {"scenario": ["task"]}, task)
+    recorded = peer_manifest.read_manifest(tmp_path, "tiny")
     assert recorded is not None and set(recorded) == {"MaSQ | task", "MaSQ | class", "EWC | task"}
-    peers.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
-    manifest = peers.load_manifest(tmp_path, "tiny")
-    assert manifest is not None and manifest.definition == peers.definition(preset)
+    peer_manifest.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
+    manifest = peer_manifest.load_manifest(tmp_path, "tiny")
+    assert manifest is not None and manifest.definition == peer_manifest.definition(preset)
     assert manifest.expected == {key: len(ids) for key, ids in recorded.items()}  # no tuning
-    path = peers.manifest_path(tmp_path, "tiny")
+    path = peer_manifest.manifest_path(tmp_path, "tiny")
     path.write_text('{"format": "masq-peers", "cells": [1]}', encoding="utf-8")
     with pytest.raises(ConfigError, match="malformed peers manifest"):
-        peers.load_manifest(tmp_path, "tiny")
-    assert peers.manifest_definition(tmp_path, "tiny") is None
-    peers.write_manifest(tmp_path, preset, {}, cells)  # a malformed manifest is replaced
-    assert set(peers.read_manifest(tmp_path, "tiny") or {}) == set(cells)
+        peer_manifest.load_manifest(tmp_path, "tiny")
+    assert peer_manifest.manifest_definition(tmp_path, "tiny") is None
+    peer_manifest.write_manifest(tmp_path, preset, {}, cells)  # a malformed manifest is replaced
+    assert set(peer_manifest.read_manifest(tmp_path, "tiny") or {}) == set(cells)
 
 
 def test_the_table_fills_cells_no_flagless_grid_ran_with_the_shipped_runs(
@@ -142,20 +146,25 @@ def test_the_table_fills_cells_no_flagless_grid_ran_with_the_shipped_runs(
     preset = tiny()
     shipped = {key: [run_id(c) for c in cs] for key, cs in preset.cells().items()}
     all_expected = tune.expected_runs(preset.cells(), preset.tune_seeds, preset.tune_axes)
-    assert peers.table_cells(preset, None) == (shipped, all_expected)
-    peers.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
-    cells, expected = peers.table_cells(preset, peers.load_manifest(tmp_path, "tiny"))
+    assert peer_manifest.table_cells(preset, None) == (shipped, all_expected)
+    peer_manifest.write_manifest(tmp_path, preset, {}, preset.cells(rows=["MaSQ"]))
+    cells, expected = peer_manifest.table_cells(
+        preset, peer_manifest.load_manifest(tmp_path, "tiny")
+    )
     assert cells == shipped and expected == all_expected
     flagged = preset.cells({"seed": [7]}, rows=["EWC"])
-    peers.write_manifest(tmp_path, preset, {"seed": [7]}, flagged)
-    cells, _ = peers.table_cells(preset, peers.load_manifest(tmp_path, "tiny"))
+    peer_manifest.write_manifest(tmp_path, preset, {"seed": [7]}, flagged)
+    cells, _ = peer_manifest.table_cells(preset, peer_manifest.load_manifest(tmp_path, "tiny"))
     assert cells["EWC | task"] == [run_id(c) for c in flagged["EWC | task"]]
     assert set(cells) == {"EWC | task", "EWC | class"}  # its own cells alone
-    old = peers.Manifest(cells={"EWC | task": ["x"]})  # written before `expected` existed
-    cells, expected = peers.table_cells(preset, old)
+    old = peer_manifest.Manifest(cells={"EWC | task": ["x"]})  # written before `expected` existed
+    cells, expected = peer_manifest.table_cells(preset, old)
     assert cells["EWC | task"] == ["x"] and len(cells) == len(shipped)
     assert expected == {**all_expected, "EWC | task": 1}
-    assert peers.table_cells(preset, peers.Manifest(cells=shipped)) == (shipped, None)
+    assert peer_manifest.table_cells(preset, peer_manifest.Manifest(cells=shipped)) == (
+        shipped,
+        None,
+    )
 
 
 def test_a_changed_preset_does_not_tabulate_the_runs_of_its_old_definition(
@@ -165,14 +174,14 @@ def test_a_changed_preset_does_not_tabulate_the_runs_of_its_old_definition(
     Adam's state) are another table's: a new invocation drops them, and `masq peers` does not
     tabulate them."""
     old = tiny()
-    peers.write_manifest(tmp_path, old, {"seed": [7]}, old.cells({"seed": [7]}))
-    assert peers.manifest_definition(tmp_path, "tiny") == peers.definition(old)
+    peer_manifest.write_manifest(tmp_path, old, {"seed": [7]}, old.cells({"seed": [7]}))
+    assert peer_manifest.manifest_definition(tmp_path, "tiny") == peer_manifest.definition(old)
     edited = peers.peer_preset_from_mapping(
         {**TINY, "axes": {**TINY["axes"], "adam_state": "keep"}}, "test"
     )
-    assert peers.definition(edited) != peers.definition(old)
-    peers.write_manifest(tmp_path, edited, {}, edited.cells(rows=["MaSQ"]))
-    recorded = peers.read_manifest(tmp_path, "tiny")
+    assert peer_manifest.definition(edited) != peer_manifest.definition(old)
+    peer_manifest.write_manifest(tmp_path, edited, {}, edited.cells(rows=["MaSQ"]))
+    recorded = peer_manifest.read_manifest(tmp_path, "tiny")
     assert recorded is not None and set(recorded) == {"MaSQ | task", "MaSQ | class"}  # old gone
     assert recorded["MaSQ | task"] == [run_id(c) for c in edited.cells()["MaSQ | task"]]
     # `masq peers` with a manifest of another definition: the preset as shipped, and a line
@@ -182,8 +191,8 @@ def test_a_changed_preset_does_not_tabulate_the_runs_of_its_old_definition(
     Store(res)
     preset = peers.load_peer_preset("vdv2025-fisher")
     cells = preset.cells({"seed": [0]})
-    peers.write_manifest(res, preset, {"seed": [0]}, cells)
-    path = peers.manifest_path(res, "vdv2025-fisher")
+    peer_manifest.write_manifest(res, preset, {"seed": [0]}, cells)
+    path = peer_manifest.manifest_path(res, "vdv2025-fisher")
     body = json.loads(path.read_text(encoding="utf-8"))
     path.write_text(json.dumps({**body, "definition": "an-older-one"}), encoding="utf-8")
     out = ["--out", str(tmp_path / "o")]
@@ -203,7 +212,7 @@ def test_peers_names_the_flags_of_the_grid_it_tabulates_and_shipped_ignores_them
     Store(res)
     preset = peers.load_peer_preset("vdv2025-fisher")
     flags = {"seed": [3, 4]}
-    peers.write_manifest(res, preset, flags, preset.cells(flags, rows=["EXACT"]))
+    peer_manifest.write_manifest(res, preset, flags, preset.cells(flags, rows=["EXACT"]))
     out = ["--out", str(tmp_path / "o")]
     assert main(["peers", "vdv2025-fisher", "--results", str(res), *out]) == 2  # nothing stored
     err = capsys.readouterr().err
@@ -382,7 +391,7 @@ def test_tuning_seeds_split_a_sweep_and_count_its_runs() -> None:
     assert expected["MaSQ | task"] == 3 + 2 and expected["EWC | task"] == 3
     untuned = dataclasses.replace(tuned, tune_seeds=0)
     assert len(tuned.configs()) == len(untuned.configs()) - 2 * 6  # held runs wait
-    assert peers.definition(tuned) != peers.definition(untuned)
+    assert peer_manifest.definition(tuned) != peer_manifest.definition(untuned)
     with pytest.raises(ConfigError, match="tune_seeds must be a whole number"):
         peers.peer_preset_from_mapping({**TINY, "tune_seeds": -1}, "test")
 
@@ -587,7 +596,7 @@ def test_tune_axes_give_a_sweep_tuning_runs_apart_from_its_table_runs() -> None:
     assert {c.train_on_val for c in first if c.importance == "masq"} == {False}
     assert len(first) == 2 * 3 + 2 * 3 + 2 * 3  # None, EWC (3 seeds each), 2 sweeps of 3 λ
     untuned = dataclasses.replace(preset, tune_axes={})
-    assert peers.definition(preset) != peers.definition(untuned)
+    assert peer_manifest.definition(preset) != peer_manifest.definition(untuned)
     # tune_axes that the cells already have change nothing: tuning seeds as without them
     same = {**TUNED_AXES, "axes": {**TUNED_AXES["axes"], "train_on_val": False}}
     plain = peers.peer_preset_from_mapping(same, "test")

@@ -216,7 +216,7 @@ def _part_of(n: int, total: int, noun: str) -> str:
 def run_grid(args: argparse.Namespace) -> int:
     """``masq grid``."""
     from masq import grid as search
-    from masq.grid import peers
+    from masq.grid import peer_manifest, peers
     from masq.grid.executors import check_devices
     from masq.store import Store
 
@@ -258,7 +258,7 @@ def run_grid(args: argparse.Namespace) -> int:
         raise ConfigError("masq grid: give --results DIR (or --dry-run)")
     Store(args.results).check_writable()
     if preset is not None:  # before the runs: an interrupted campaign tabulates what it has
-        peers.write_manifest(args.results, preset, overrides, cells)
+        peer_manifest.write_manifest(args.results, preset, overrides, cells)
 
     def run_all(todo: list[RunConfig]) -> int:
         summary = _execute("grid", todo, args, workers, threads, wait=args.wait)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from masq.errors import ConfigError
 
 if TYPE_CHECKING:
-    from masq.grid.peers import Manifest, PeerPreset
+    from masq.grid.peer_manifest import Manifest
+    from masq.grid.peers import PeerPreset
 
 HELP = "a published table beside ours (its runs: masq grid --preset NAME)"
 
@@ -49,7 +50,7 @@ def _peers(args: argparse.Namespace) -> int:
 
     from masq.analysis import peer_files
     from masq.analysis import peers as analysis
-    from masq.grid import peers, tune
+    from masq.grid import peer_manifest, peers, tune
     from masq.runtime import check_out_dir
     from masq.store import load, open_store
 
@@ -66,7 +67,7 @@ def _peers(args: argparse.Namespace) -> int:
     preset = peers.load_peer_preset(args.name)
     open_store(args.results)
     manifest = None if args.shipped else _manifest(args.results, preset)
-    cells, expected = peers.table_cells(preset, manifest)
+    cells, expected = peer_manifest.table_cells(preset, manifest)
     df = load(args.results)
     frame = analysis.peer_frame(df, cells, preset, expected)
     table = analysis.peer_table(frame, preset)
@@ -112,11 +113,11 @@ def _compute(results: str, cells: dict[str, list[str]]) -> dict[str, float]:
 def _manifest(results: str, preset: PeerPreset) -> Manifest | None:
     """The manifest of the last grid run on `preset` in `results`, or None (with a line on
     stderr saying why) when it is missing or another definition of the preset wrote it."""
-    from masq.grid import peers
+    from masq.grid import peer_manifest
 
-    manifest = peers.load_manifest(results, preset.name)
-    where = peers.manifest_path(results, preset.name)
-    if manifest is not None and manifest.definition != peers.definition(preset):
+    manifest = peer_manifest.load_manifest(results, preset.name)
+    where = peer_manifest.manifest_path(results, preset.name)
+    if manifest is not None and manifest.definition != peer_manifest.definition(preset):
         print(f"masq peers: {where} was written by another definition of {preset.name} (its "
               "settings have changed since): tabulating the runs of the preset as shipped",
               file=sys.stderr)  # fmt: skip
