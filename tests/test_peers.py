@@ -223,6 +223,15 @@ def test_peers_names_the_flags_of_the_grid_it_tabulates_and_shipped_ignores_them
     assert err == "masq: error: no stored runs; run `masq grid --preset vdv2025-fisher` first\n"
 
 
+@pytest.mark.parametrize(
+    ("lam", "text"),
+    [(500.0, "5e2"), (250.0, "2.5e2"), (0.2, "2e-01"), (1.0, "1e0"), (1e12, "1e12"), (0.0, "0")],
+)
+def test_lambda_keeps_its_significant_digits(lam: float, text: str) -> None:
+    """λ 250 reads "2.5e2", not "2e2" (a one-digit format rounded it to half its value)."""
+    assert peer_files.lam_number(lam) == text
+
+
 def test_the_remake_command_keeps_shipped() -> None:
     """peers.json's command remakes the same table: with ``--shipped`` where it was given."""
     from masq.cli.peers_cmd import remake_command

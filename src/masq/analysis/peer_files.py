@@ -56,11 +56,20 @@ def _number(mean: float, spread: float) -> str:
     return f"{mean:.2f}" + ("" if not math.isfinite(spread) else f" ± {spread:.2f}")
 
 
+def lam_number(lam: float) -> str:
+    """λ as the tables print it: its significant digits in scientific notation, "5e2",
+    "2.5e2", "2e-01", "0"."""
+    if lam == 0:
+        return "0"
+    mantissa, exponent = f"{lam:.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{exponent}".replace("e+0", "e").replace("e+", "e")
+
+
 def _lam_text(r: Mapping[str, Any]) -> str:
     if not r.get("reads_lam", True):
         return "no λ"
-    lam = float(r["lam"])
-    text = "0" if lam == 0 else f"{lam:.0e}".replace("e+0", "e").replace("e+", "e")
+    text = lam_number(float(r["lam"]))
     edge = EDGE_MARKS.get(str(r.get("edge") or ""), "")
     return f"λ {text}{edge}" + (" (val)" if r["lam_chosen_on_val"] else "")
 
@@ -205,6 +214,7 @@ def write_outputs(
 
 __all__ = [
     "compute_note",
+    "lam_number",
     "paired_markdown",
     "peer_figure",
     "peer_markdown",
