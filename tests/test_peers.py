@@ -232,6 +232,20 @@ def test_lambda_keeps_its_significant_digits(lam: float, text: str) -> None:
     assert peer_files.lam_number(lam) == text
 
 
+@pytest.mark.parametrize(
+    ("p", "text"),
+    [
+        (0.0004, "< 0.001"),
+        (0.0009, "< 0.001"),
+        (0.001, "0.001"),
+        (0.4712, "0.471"),
+        (math.nan, "—"),
+    ],
+)
+def test_p_values_below_a_thousandth_do_not_read_zero(p: float, text: str) -> None:
+    assert peer_files.p_text(p) == text
+
+
 def test_the_remake_command_keeps_shipped() -> None:
     """peers.json's command remakes the same table: with ``--shipped`` where it was given."""
     from masq.cli.peers_cmd import remake_command

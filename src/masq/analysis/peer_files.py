@@ -37,7 +37,7 @@ def paired_markdown(paired: pd.DataFrame, preset: PeerPreset) -> str:
             "ci": "—"
             if not math.isfinite(r["ci_low"])
             else f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]",
-            "p": "—" if not math.isfinite(r["p"]) else f"{r['p']:.3f}",
+            "p": p_text(r["p"]),
         }
         for r in paired.to_dict("records")
     ]
@@ -48,6 +48,14 @@ def paired_markdown(paired: pd.DataFrame, preset: PeerPreset) -> str:
     columns = [("label", "column"), ("method", "method"), ("pairs", "seeds"),
                ("diff", f"− {preset.reference} (pp)"), ("ci", "95 % CI"), ("p", "p")]  # fmt: skip
     return markdown(records, columns, title)
+
+
+def p_text(p: float) -> str:
+    """A p-value as the paired tables print it: three decimals, "< 0.001" below that
+    (never "0.000"), "—" where there is none (fewer than two pairs)."""
+    if not math.isfinite(p):
+        return "—"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _number(mean: float, spread: float) -> str:
@@ -215,6 +223,7 @@ def write_outputs(
 __all__ = [
     "compute_note",
     "lam_number",
+    "p_text",
     "paired_markdown",
     "peer_figure",
     "peer_markdown",
